@@ -1,0 +1,143 @@
+"""The `tunelab` command: parse, load the RunConfig, call a stage function, print a summary.
+
+Heavy libraries (torch, transformers) are imported inside the stages, so config errors and --dry-run
+answer in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tunelab import __version__
+from tunelab.errors import TunelabError
+
+app = typer.Typer(
+    help="tunelab: examples -> fine-tuned, evaluated model, driven by one YAML config.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Data preparation.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+out = Console()
+
+ConfigArg = Annotated[Path, typer.Argument(help="Path to the YAML run config.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config key, e.g. --set train.learning_rate=1e-4 (repeatable)."),
+]
+
+
+def _load(config: Path, overrides: list[str] | None) -> Any:
+    from tunelab.config_file import load_config
+
+    return load_config(config, overrides or [])
+
+
+@app.command()
+def run(config: ConfigArg, set_: SetOpt = None, dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Validate the config and data, check model and device, print the resolved config; "
+        "load no weights.")] = False) -> None:
+    """Prepare data, train, and evaluate base vs tuned, in one go."""
+    from tunelab import pipeline
+    from tunelab.config_file import dump_config
+
+    cfg = _load(config, set_)
+    if dry_run:
+        for line in pipeline.preflight(cfg):
+            out.print(f"[green]ok[/] {line}")
+        out.print(dump_config(cfg), markup=False, highlight=False)
+        return
+    summary = pipeline.run_all(cfg)
+    _print_summary(summary.run.root, summary.train, summary.eval.metrics)
+
+
+@app.command()
+def train(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Prepare data (if needed) and fine-tune an adapter into output.dir."""
+    from tunelab import pipeline
+
+    cfg = _load(config, set_)
+    run_paths = pipeline.open_run(cfg, starting_training=True)
+    result = pipeline.stage_train(cfg, run_paths)
+    _print_summary(run_paths.root, result, None)
+
+
+@app.command("eval")
+def eval_(run_dir: Annotated[Path, typer.Argument(help="A run folder made by `tunelab train` or `run`.")],
+          max_examples: Annotated[int | None, typer.Option(help="Evaluate only the first N test examples.")] = None
+          ) -> None:
+    """Evaluate base vs tuned on the run's held-out split; writes RUN_DIR/eval/."""
+    from tunelab import pipeline
+
+    cfg, run_paths = pipeline.load_run_config(run_dir)
+    if max_examples:
+        cfg.eval.max_examples = max_examples
+    result = pipeline.stage_eval(cfg, run_paths)
+    _print_summary(run_paths.root, None, result.metrics)
+
+
+@data_app.command("prep")
+def data_prep(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Validate and split the data into output.dir/data."""
+    from tunelab import pipeline
+
+    cfg = _load(config, set_)
+    run_paths = pipeline.open_run(cfg, starting_training=False)
+    dataset = pipeline.stage_data(cfg, run_paths)
+    counts = dataset.counts()
+    out.print(f"wrote {run_paths.data}: {counts['train']} train / {counts['val']} val / {counts['test']} test")
+
+
+@app.command()
+def version() -> None:
+    """Print the tunelab version."""
+    out.print(__version__)
+
+
+def _print_summary(root: Path, train_result: Any, metrics: dict[str, Any] | None) -> None:
+    table = Table(title=f"tunelab run: {root}", show_header=True)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    if train_result is not None:
+        t = train_result
+        table.add_row("train steps", str(t.steps))
+        table.add_row("train loss first -> last", f"{t.first_loss:.4f} -> {t.last_loss:.4f}")
+        table.add_row("val loss", f"{t.val_loss:.4f}")
+        table.add_row("train time", f"{t.train_seconds:.1f} s")
+        table.add_row("train tokens/s", f"{t.tokens_per_second:.0f}")
+        table.add_row("peak memory", f"{t.peak_memory_mb:.0f} MiB")
+    if metrics is not None:
+        n = metrics["n_examples"]
+        for name, m in metrics["systems"].items():
+            table.add_row(f"{name} exact match (n={n})", f"{m['exact_match']:.1%}")
+            table.add_row(f"{name} eval loss / ppl", f"{m['eval_loss']:.4f} / {m['perplexity']:.2f}")
+        table.add_row("report", str(root / "eval" / "report.md"))
+    out.print(table)
+
+
+def main() -> None:
+    try:
+        code = app(standalone_mode=False)
+    except TunelabError as err:
+        for problem in err.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except click.exceptions.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

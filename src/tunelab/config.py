@@ -1,0 +1,119 @@
+"""The one typed config that drives every stage.
+
+`RunConfig` is validated once, from YAML plus `--set` overrides, and then passed down as an object;
+no stage reads a dict. Every field's description is its documentation (`tunelab config --help-fields`).
+Relative paths resolve against the current working folder, like every peer tool.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Section(BaseModel):
+    # extra="forbid": a misspelled key is an error with a did-you-mean, never silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="Base model: a bundled name (smollm2-135m-instruct), a local Hugging Face folder, "
+        "or a local .gguf file.",
+    )
+    cache_dir: Path | None = Field(
+        None,
+        description="Where converted models are cached. Default: $TUNELAB_CACHE or ~/.cache/tunelab.",
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="Compute device; auto picks cuda, then mps, then cpu."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Compute dtype. auto uses bf16 autocast where the hardware runs it fast "
+        "(CUDA with bf16, CPUs with AVX512-BF16/AMX), else float32. Weights stay float32 on CPU.",
+    )
+
+
+class DataConfig(Section):
+    train: list[Path] = Field(
+        ..., min_length=1, description="Training files (JSONL). A single path or a list."
+    )
+    test: list[Path] = Field(
+        default_factory=list,
+        description="Held-out test files. When empty, test_fraction of train is held out.",
+    )
+    format: Literal["auto", "messages", "alpaca"] = Field(
+        "auto", description="Row format: OpenAI messages, alpaca (instruction/input/output), or auto-detect."
+    )
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of train held out for eval loss.")
+    test_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of train held out as test when no test files are given."
+    )
+    seed: int = Field(42, description="Seed of the deterministic split.")
+    max_length: int = Field(
+        2048, gt=8, description="Max tokens per example; longer examples are dropped and counted."
+    )
+    system_prompt: str | None = Field(
+        None, description="System message added to examples that have none (train, eval and serving alike)."
+    )
+
+    @field_validator("train", "test", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, (str, Path)) else value
+
+
+class MethodConfig(Section):
+    type: Literal["lora"] = Field("lora", description="Fine-tuning method.")
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear",
+        description="Modules to adapt: all-linear (every linear projection but the output head) or names.",
+    )
+
+
+class TrainConfig(Section):
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Share of steps spent warming up.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training set (ignored if max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(8, gt=0, description="Examples per forward pass.")
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, description="Forward passes per optimizer step (effective batch = batch_size x this)."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(42, description="Seed for weight init, shuffling and dropout.")
+    logging_steps: int = Field(1, gt=0, description="Log loss every N optimizer steps.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, ~30% slower."
+    )
+
+
+class EvalConfig(Section):
+    max_new_tokens: int = Field(64, gt=0, description="Generation budget per answer.")
+    batch_size: int = Field(16, gt=0, description="Prompts generated together (left padded).")
+    max_examples: int | None = Field(None, gt=0, description="Evaluate only the first N test examples.")
+
+
+class OutputConfig(Section):
+    dir: Path = Field(Path("runs/default"), description="Run folder: config, data, adapter, metrics, eval.")
+    overwrite: bool = Field(False, description="Replace an existing run folder instead of refusing.")
+
+
+class RunConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)

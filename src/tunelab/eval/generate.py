@@ -1,0 +1,51 @@
+"""Batched greedy generation with left padding, shortest-first for less padding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tunelab.progress import progress_bar
+
+
+def stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
+    """End-of-turn ids: the tokenizer's eos plus any the model's generation config lists."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate_greedy(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int, label: str = "generate"
+) -> list[str]:
+    """Greedy answers to already-rendered `prompts`, in the same order."""
+    from transformers import GenerationConfig
+
+    model.eval()
+    device = next(model.parameters()).device
+    gen_config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=stop_token_ids(tokenizer, model),
+    )
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: list[str] = [""] * len(prompts)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # new tokens must follow each prompt directly
+    try:
+        with progress_bar() as bar:
+            task = bar.add_task(label, total=len(prompts), info="")
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                                add_special_tokens=False).to(device)
+                out = model.generate(**enc, generation_config=gen_config)
+                new_tokens = out[:, enc["input_ids"].shape[1]:]
+                for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                    answers[i] = text.strip()
+                bar.advance(task, len(idx))
+    finally:
+        tokenizer.padding_side = side
+    return answers

@@ -1,0 +1,96 @@
+"""The eval stage: base vs tuned on the held-out split -> eval/metrics.json, predictions, report.md.
+
+The base model is loaded once; "base" is the same weights with the adapter disabled, so both systems
+see the very same prompt, rendered with the chat template saved beside the adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tunelab.artifacts import RunPaths, atomic_dir, manifest, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from tunelab.chat import encode_records, render_prompt, with_system_prompt
+from tunelab.config import RunConfig
+from tunelab.data.prepare import load_dataset
+from tunelab.errors import RunFolderError
+from tunelab.eval.generate import generate_greedy
+from tunelab.eval.loss import mean_token_loss, perplexity
+from tunelab.eval.metrics import exact_match, exact_match_rate
+from tunelab.eval.report import render_markdown
+from tunelab.models import Precision, load_model, load_tokenizer, pick_device, resolve_model
+
+SYSTEMS = ("base", "tuned")
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]
+    rows: list[dict[str, Any]]
+
+
+def load_tuned(cfg: RunConfig, run: RunPaths, precision: Precision) -> tuple[Any, Any]:
+    """The base model with the run's adapter attached, and the tokenizer saved with that adapter."""
+    from peft import PeftModel
+
+    if not (run.adapter / "adapter_config.json").is_file():
+        raise RunFolderError(f"{run.root}: no trained adapter in {run.adapter}; run `tunelab train` first")
+    tokenizer = load_tokenizer(run.adapter)  # the exact template used in training
+    base = load_model(resolve_model(cfg.model), precision)
+    model = PeftModel.from_pretrained(base, run.adapter)
+    model.eval()
+    return model, tokenizer
+
+
+def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
+    import torch
+
+    # Evaluate in float32 without autocast: eval numbers must not depend on the training precision.
+    precision = Precision(pick_device(cfg.model.device), None, torch.float32)
+    model, tokenizer = load_tuned(cfg, run, precision)
+    test = load_dataset(run.data).test
+    if cfg.eval.max_examples:
+        test = test[: cfg.eval.max_examples]
+    if not test:
+        raise RunFolderError(f"{run.data}: the test split is empty; add data.test files or raise data.test_fraction")
+
+    conversations = [with_system_prompt(r.messages[:-1], cfg.data.system_prompt) for r in test]
+    prompts = [render_prompt(tokenizer, c) for c in conversations]
+    references = [r.messages[-1]["content"] for r in test]
+    encoded, _ = encode_records(tokenizer, test, cfg.data.system_prompt, max_length=10**9)
+
+    outputs: dict[str, list[str]] = {}
+    systems: dict[str, dict[str, float]] = {}
+    started = time.perf_counter()
+    for system in SYSTEMS:
+        with contextlib.nullcontext() if system == "tuned" else model.disable_adapter():
+            outputs[system] = generate_greedy(
+                model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size, label=f"eval {system}"
+            )
+            loss = mean_token_loss(model, encoded, tokenizer.pad_token_id, cfg.eval.batch_size)
+        systems[system] = {
+            "exact_match": exact_match_rate(outputs[system], references),
+            "eval_loss": loss,
+            "perplexity": perplexity(loss),
+        }
+    seconds = time.perf_counter() - started
+
+    rows = [
+        {
+            "id": record.id,
+            "prompt": conversations[i][-1]["content"],
+            "reference": references[i],
+            **{system: outputs[system][i] for system in SYSTEMS},
+            **{f"{system}_correct": exact_match(outputs[system][i], references[i]) for system in SYSTEMS},
+        }
+        for i, record in enumerate(test)
+    ]
+    metrics = manifest("eval", n_examples=len(test), systems=systems, eval_seconds=round(seconds, 2))
+    with atomic_dir(run.eval) as tmp:
+        write_json_atomic(tmp / "metrics.json", metrics)
+        write_jsonl_atomic(tmp / "predictions.jsonl", rows)
+        write_text_atomic(tmp / "report.md", render_markdown(metrics, rows, run.root.name))
+    return EvalResult(metrics=metrics, rows=rows)
+

@@ -1,0 +1,125 @@
+"""Stage orchestration: run folder set-up, pre-flight checks, and prepare -> train -> eval.
+
+Every stage is a plain function of (config, run folder); the CLI, tests and (later) cluster workers all
+call these same functions.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+from tunelab.artifacts import RunPaths, manifest, sha256_file, sha256_text, write_json_atomic, write_text_atomic
+from tunelab.config import RunConfig
+from tunelab.config_file import dump_config
+from tunelab.data.prepare import Dataset, build_dataset, load_dataset, prepare_data
+from tunelab.errors import RunFolderError
+from tunelab.models import locate_model, pick_precision
+
+
+def open_run(cfg: RunConfig, starting_training: bool) -> RunPaths:
+    """Create (or reuse) the run folder and write the resolved config into it.
+
+    A folder that already holds a trained adapter is never silently replaced: the user must opt in
+    with output.overwrite, and then the old run is removed before anything new is written.
+    """
+    run = RunPaths(cfg.output.dir)
+    if starting_training and run.adapter.exists():
+        if not cfg.output.overwrite:
+            raise RunFolderError(
+                f"output.dir: {run.root} already holds a trained run; choose another output.dir or pass "
+                "--set output.overwrite=true to replace it"
+            )
+        shutil.rmtree(run.root)
+    run.root.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run.config, dump_config(cfg))
+    return run
+
+
+def preflight(cfg: RunConfig) -> list[str]:
+    """Every check that needs no model weights: data rows, model source, device, output folder.
+
+    Returns human-readable lines describing what was checked; raises a TunelabError on the first failure.
+    """
+    dataset = build_dataset(cfg.data)
+    source = locate_model(cfg.model)
+    precision = pick_precision(cfg.model)
+    run = RunPaths(cfg.output.dir)
+    if run.adapter.exists() and not cfg.output.overwrite:
+        raise RunFolderError(
+            f"output.dir: {run.root} already holds a trained run; choose another output.dir or pass "
+            "--set output.overwrite=true to replace it"
+        )
+    counts = dataset.counts()
+    return [
+        f"data: {counts['train']} train / {counts['val']} val / {counts['test']} test examples, all rows valid",
+        f"model: {source.name} ({source.kind}: {source.path})",
+        f"precision: {precision.label}",
+        f"output: {run.root}",
+    ]
+
+
+def _data_fingerprint(cfg: RunConfig) -> str:
+    sources = [sha256_file(p) for p in [*cfg.data.train, *cfg.data.test]]
+    return sha256_text(json.dumps({"config": cfg.data.model_dump(mode="json"), "sources": sources}, sort_keys=True))
+
+
+def stage_data(cfg: RunConfig, run: RunPaths) -> Dataset:
+    """Prepare the Dataset folder, or reuse it when the sources and data config are unchanged."""
+    fingerprint = _data_fingerprint(cfg)
+    stamp = run.data / "fingerprint.txt"
+    if stamp.is_file() and stamp.read_text().strip() == fingerprint:
+        return load_dataset(run.data)
+    dataset = prepare_data(cfg.data, run.data)
+    write_text_atomic(stamp, fingerprint + "\n")
+    return dataset
+
+
+def stage_train(cfg: RunConfig, run: RunPaths) -> Any:
+    from tunelab.train.sft import train_sft
+
+    dataset = stage_data(cfg, run)
+    result = train_sft(cfg, run, dataset)
+    update_run_manifest(run, data=dataset.counts(), train=result.to_json())
+    return result
+
+
+def stage_eval(cfg: RunConfig, run: RunPaths) -> Any:
+    from tunelab.eval.run import evaluate_run
+
+    result = evaluate_run(cfg, run)
+    update_run_manifest(run, eval=result.metrics["systems"])
+    return result
+
+
+@dataclass
+class RunSummary:
+    run: RunPaths
+    train: Any
+    eval: Any
+
+
+def run_all(cfg: RunConfig) -> RunSummary:
+    """prepare -> train -> eval in one go."""
+    run = open_run(cfg, starting_training=True)
+    train_result = stage_train(cfg, run)
+    eval_result = stage_eval(cfg, run)
+    return RunSummary(run=run, train=train_result, eval=eval_result)
+
+
+def update_run_manifest(run: RunPaths, **sections: Any) -> None:
+    current = json.loads(run.manifest.read_text()) if run.manifest.is_file() else {}
+    current.update(manifest("run", config_sha256=sha256_file(run.config)), **sections)
+    write_json_atomic(run.manifest, current)
+
+
+def load_run_config(run_dir: Any) -> tuple[RunConfig, RunPaths]:
+    """The config a run folder was made with, for stages that take a run folder (eval, export, serve)."""
+    from tunelab.config_file import load_config
+
+    run = RunPaths(run_dir)
+    if not run.config.is_file():
+        raise RunFolderError(f"{run.root}: not a run folder (no config.yaml)")
+    return load_config(run.config), run

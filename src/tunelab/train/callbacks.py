@@ -1,0 +1,76 @@
+"""Trainer callbacks: the loss curve to metrics.jsonl and a live progress bar with the loss."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from tunelab.progress import progress_bar
+from tunelab.train.collate import PaddingCollator
+
+
+class MetricsCallback(TrainerCallback):
+    """Appends one JSON line per log event (step, loss, lr, grad norm, tokens/s) and drives the bar."""
+
+    def __init__(self, path: Path, collator: PaddingCollator) -> None:
+        self.path = path
+        self.collator = collator
+        self.losses: list[float] = []
+        self._bar: Any = None
+        self._task: Any = None
+        self._started = 0.0
+
+    def log_row(self, row: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == 0 and self.path.exists():
+            self.path.unlink()  # a fresh run starts a fresh curve
+        self._started = time.perf_counter()
+        self._bar = progress_bar()
+        self._bar.start()
+        self._task = self._bar.add_task("train", total=state.max_steps, completed=state.global_step, info="")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=state.global_step)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        logs = logs or {}
+        if "loss" not in logs:
+            return
+        elapsed = time.perf_counter() - self._started
+        loss = float(logs["loss"])
+        self.losses.append(loss)
+        row = {
+            "step": state.global_step,
+            "epoch": round(float(state.epoch or 0.0), 4),
+            "loss": loss,
+            "learning_rate": logs.get("learning_rate"),
+            "grad_norm": _finite_or_none(logs.get("grad_norm")),
+            "tokens_seen": self.collator.tokens_seen,
+            "tokens_per_second": round(self.collator.tokens_seen / elapsed, 1) if elapsed > 0 else None,
+            "elapsed_s": round(elapsed, 2),
+        }
+        self.log_row(row)
+        if self._bar is not None:
+            self._bar.update(self._task, info=f"loss {loss:.4f}  {row['tokens_per_second'] or 0:.0f} tok/s")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None

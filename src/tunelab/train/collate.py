@@ -1,0 +1,37 @@
+"""Turn tokenized examples into padded batches, counting the real (non-pad) tokens that pass through."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tunelab.chat import IGNORE_INDEX
+
+
+@dataclass
+class PaddingCollator:
+    """Right-pads a list of {"input_ids", "labels"} to the longest in the batch.
+
+    Padding positions get attention 0 and label IGNORE_INDEX, so the pad id never matters for the loss.
+    `tokens_seen` / `targets_seen` count non-pad and labelled tokens, for tokens/s reporting.
+    """
+
+    pad_token_id: int
+    tokens_seen: int = field(default=0, init=False)
+    targets_seen: int = field(default=0, init=False)
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(ex["input_ids"]) for ex in batch)
+        ids = torch.full((len(batch), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for row, ex in enumerate(batch):
+            n = len(ex["input_ids"])
+            ids[row, :n] = torch.tensor(ex["input_ids"])
+            labels[row, :n] = torch.tensor(ex["labels"])
+            mask[row, :n] = 1
+        self.tokens_seen += int(mask.sum())
+        self.targets_seen += int((labels != IGNORE_INDEX).sum())
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
