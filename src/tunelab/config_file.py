@@ -88,17 +88,17 @@ def _describe(
     err: ValidationError, source: str, lines: dict[tuple[str, ...], int], overridden: set[tuple[str, ...]]
 ) -> list[str]:
     seen: set[tuple[str, ...]] = set()
-    problems: list[str] = []
+    problems: list[tuple[float, str]] = []  # (line, message): reported in file order
     for e in err.errors():
         key_path, owner, annotation = _walk(e["loc"])
         if key_path in seen:  # a union reports once per member; one line per key is enough
             continue
         seen.add(key_path)
         dotted = ".".join(key_path) or "(top level)"
+        line = None if key_path in overridden else _nearest_line(lines, key_path)
         if key_path in overridden:
             where = f"{source} (--set {dotted})"
         else:
-            line = _nearest_line(lines, key_path)
             where = f"{source}:{line}" if line else source
         if e["type"] == "extra_forbidden":
             message = f"unknown key '{dotted}'" + _did_you_mean(key_path, owner)
@@ -108,8 +108,8 @@ def _describe(
             message = f"'{dotted}' expects {render_type(annotation)}, got {e['input']!r}"
         else:
             message = f"'{dotted}': {e['msg'][0].lower()}{e['msg'][1:]}, got {e.get('input')!r}"
-        problems.append(f"{where}: {message}")
-    return problems
+        problems.append((line or float("inf"), f"{where}: {message}"))
+    return [message for _, message in sorted(problems, key=lambda p: p[0])]
 
 
 def _walk(loc: tuple[Any, ...]) -> tuple[tuple[str, ...], type[BaseModel], Any]:

@@ -138,9 +138,9 @@ def _training_arguments(cfg: RunConfig, run: RunPaths, precision: Any) -> Any:
         bf16=precision.autocast_dtype == torch.bfloat16,
         fp16=precision.autocast_dtype == torch.float16,
         use_cpu=precision.device == "cpu",
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,
         # Non-reentrant checkpointing measured ~4x faster than reentrant with PEFT.
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )

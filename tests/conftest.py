@@ -1,0 +1,113 @@
+"""Shared fixtures: a tiny random Llama and a byte-level BPE tokenizer, both built in code (no download)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "Extract the animal from the sentence.", "The quick brown fox jumps over the lazy dog.",
+    "answer: cat", "answer: dog", "answer: fox", "answer: owl", "I saw a cat near the river today.",
+    "What is two plus two? Four.", "Hello there, how are you?", "system user assistant",
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,:;!?'\"-()[]{}",
+]
+
+
+def build_tokenizer(folder: Path, chat_template: str = CHATML):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>"]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    core.train_from_iterator(CORPUS, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<pad>"
+    )
+    tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama with hidden size 64 (init std 0.2 so LoRA can move the logits within a few steps) and its tokenizer, saved as a normal HF folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(folder)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, initializer_range=0.2, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir: Path):
+    from tunelab.models import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)
+
+
+ANIMALS = ["cat", "dog", "fox", "owl"]
+
+
+def animal_rows(n: int, seed: int = 0) -> list[dict]:
+    """A learnable toy task: name the animal in the sentence."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        animal = rng.choice(ANIMALS)
+        rows.append({
+            "id": f"ex-{i}",
+            "messages": [
+                {"role": "user", "content": f"Extract the animal: I saw a {animal} today."},
+                {"role": "assistant", "content": f"answer: {animal}"},
+            ],
+        })
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, tiny_model_dir: Path):
+    """A RunConfig for a fast run of the tiny model on the toy task, in a fresh folder."""
+    from tunelab.config_file import validate_config
+
+    train = write_jsonl(tmp_path / "train.jsonl", animal_rows(48))
+    test = write_jsonl(tmp_path / "test.jsonl", animal_rows(8, seed=1))
+    return validate_config({
+        "model": {"name": str(tiny_model_dir), "dtype": "float32"},
+        "data": {"train": str(train), "test": str(test), "val_fraction": 0.1},
+        "train": {"learning_rate": 1e-2, "max_steps": 12, "batch_size": 8, "warmup_ratio": 0.0},
+        "eval": {"max_new_tokens": 6, "batch_size": 4},
+        "output": {"dir": str(tmp_path / "run")},
+    })

@@ -1,0 +1,73 @@
+"""Chat rendering and assistant-only loss masks."""
+
+from __future__ import annotations
+
+import pytest
+
+from tunelab.chat import IGNORE_INDEX, render_prompt, tokenize_conversation, with_system_prompt
+from tunelab.errors import ModelError
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Name an animal."},
+    {"role": "assistant", "content": "answer: cat"},
+    {"role": "user", "content": "Another one?"},
+    {"role": "assistant", "content": "answer: owl"},
+]
+
+
+def labelled_runs(tokenizer, example) -> list[str]:
+    """Decode each maximal run of labelled tokens separately."""
+    runs, current = [], []
+    for token, label in zip(example.input_ids, example.labels):
+        if label == IGNORE_INDEX:
+            if current:
+                runs.append(tokenizer.decode(current))
+                current = []
+        else:
+            assert label == token  # labels are the tokens themselves (the model shifts internally)
+            current.append(token)
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs
+
+
+def test_mask_covers_exactly_each_answer_and_its_end_of_turn(tiny_tokenizer):
+    example = tokenize_conversation(tiny_tokenizer, CONVERSATION)
+    assert labelled_runs(tiny_tokenizer, example) == ["answer: cat<|im_end|>", "answer: owl<|im_end|>"]
+    # Everything else (system, user, role headers, the newline after end-of-turn) is masked.
+    text = tiny_tokenizer.decode(example.input_ids)
+    assert text == tiny_tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+
+
+def test_mask_on_a_single_turn_without_system(tiny_tokenizer):
+    example = tokenize_conversation(tiny_tokenizer, CONVERSATION[1:3])
+    assert labelled_runs(tiny_tokenizer, example) == ["answer: cat<|im_end|>"]
+    assert example.target_tokens == len(tiny_tokenizer("answer: cat<|im_end|>", add_special_tokens=False)["input_ids"])
+
+
+def test_training_prompt_is_the_inference_prompt(tiny_tokenizer):
+    example = tokenize_conversation(tiny_tokenizer, CONVERSATION)
+    labels = example.labels
+    last_answer_start = max(i for i in range(1, len(labels)) if labels[i] != IGNORE_INDEX and labels[i - 1] == IGNORE_INDEX)
+    # The tokens before the last answer are exactly the prompt that eval and serving render.
+    prompt_ids = tiny_tokenizer(render_prompt(tiny_tokenizer, CONVERSATION[:-1]), add_special_tokens=False)["input_ids"]
+    assert example.input_ids[:last_answer_start] == prompt_ids
+
+
+def test_system_prompt_is_added_only_when_missing():
+    user_only = [{"role": "user", "content": "hi"}]
+    assert with_system_prompt(user_only, "Be kind.")[0] == {"role": "system", "content": "Be kind."}
+    assert with_system_prompt(CONVERSATION, "Be kind.") == CONVERSATION
+    assert with_system_prompt(user_only, None) == user_only
+
+
+def test_template_that_rewrites_history_is_refused(tiny_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    # A template that prints the number of messages up front: earlier renderings are not prefixes.
+    tok.chat_template = ("{{ messages|length }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                         "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(ModelError, match="not prefix-stable"):
+        tokenize_conversation(tok, CONVERSATION[1:3])

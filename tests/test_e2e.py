@@ -1,0 +1,48 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct, bundled as GGUF): a shortened quickstart."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tunelab.config import ModelConfig
+from tunelab.models import locate_model, resolve_model
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e
+
+
+def test_bundled_name_and_its_gguf_file_resolve_to_the_same_verified_cache():
+    gguf = locate_model(ModelConfig()).path
+    assert gguf.suffix == ".gguf"
+    folder = resolve_model(ModelConfig())
+    assert resolve_model(ModelConfig(name=str(gguf))) == folder
+    meta = json.loads((folder / "tunelab_model.json").read_text())
+    assert set(meta["files"]) == {"model.safetensors"}
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (30, 576, 49152)
+
+
+def test_shortened_quickstart_changes_behaviour(tmp_path):
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, str(ROOT / "examples/order_extraction/generate.py"), "--out", str(data),
+                    "--train", "96", "--test", "12"], check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "tunelab", "run", str(ROOT / "examples/quickstart.yaml"),
+         "--set", f"data.train={data / 'train.jsonl'}", "--set", f"data.test={data / 'test.jsonl'}",
+         "--set", "train.max_steps=16", "--set", f"output.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run/eval/metrics.json").read_text())["systems"]
+    assert metrics["base"]["exact_match"] <= 0.1
+    assert metrics["tuned"]["exact_match"] >= 0.5
+    assert metrics["tuned"]["eval_loss"] < metrics["base"]["eval_loss"] / 4
+    assert "tuned exact match (n=12)" in result.stdout

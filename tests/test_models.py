@@ -1,0 +1,60 @@
+"""Model source resolution, the conversion cache's hash check, and device/precision choice."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tunelab.config import ModelConfig
+from tunelab.errors import ModelError
+from tunelab.models import _cache_is_valid, locate_model, pick_precision, resolve_model
+
+
+def test_local_folder_is_used_in_place(tiny_model_dir):
+    cfg = ModelConfig(name=str(tiny_model_dir))
+    assert locate_model(cfg).kind == "folder"
+    assert resolve_model(cfg) == tiny_model_dir
+
+
+def test_unknown_sources_name_the_key():
+    with pytest.raises(ModelError) as info:
+        locate_model(ModelConfig(name="no-such-model"))
+    assert info.value.problems == ["model.name: 'no-such-model' is not a bundled model (smollm2-135m-instruct), "
+                                   "a local .gguf file, or a local model folder"]
+    with pytest.raises(ModelError) as info:
+        locate_model(ModelConfig(name="/nowhere/model.gguf"))
+    assert info.value.problems == ["model.name: GGUF file /nowhere/model.gguf not found"]
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(ModelError, match="has no config.json"):
+        locate_model(ModelConfig(name=str(tmp_path)))
+
+
+def test_cache_hash_check_catches_a_corrupted_file(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    import hashlib
+
+    digest = hashlib.sha256(b"weights").hexdigest()
+    (tmp_path / "tunelab_model.json").write_text(json.dumps(
+        {"source_sha256": "abc", "files": {"model.safetensors": digest}}))
+    assert _cache_is_valid(tmp_path, "abc")
+    assert not _cache_is_valid(tmp_path, "other-source")
+    (tmp_path / "model.safetensors").write_bytes(b"weightz")
+    assert not _cache_is_valid(tmp_path, "abc")
+
+
+def test_precision_choices():
+    assert pick_precision(ModelConfig(device="cpu", dtype="float32")).autocast_dtype is None
+    assert pick_precision(ModelConfig(device="cpu", dtype="bfloat16")).autocast_dtype == torch.bfloat16
+    assert pick_precision(ModelConfig(device="cpu")).weights_dtype == torch.float32
+    with pytest.raises(ModelError, match="float16 is not supported on CPU"):
+        pick_precision(ModelConfig(device="cpu", dtype="float16"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when no GPU is present")
+def test_cuda_without_gpu_is_a_clear_error():
+    with pytest.raises(ModelError, match="no CUDA GPU is visible"):
+        pick_precision(ModelConfig(device="cuda"))
