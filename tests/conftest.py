@@ -76,16 +76,17 @@ def tiny_tokenizer(tiny_model_dir: Path):
 ANIMALS = ["cat", "dog", "fox", "owl"]
 
 
-def animal_rows(n: int, seed: int = 0) -> list[dict]:
-    """A learnable toy task: name the animal in the sentence."""
+def animal_rows(n: int, seed: int = 0, start: int = 0) -> list[dict]:
+    """A learnable toy task: name the animal in the sentence. Rows numbered from `start` are distinct,
+    so dedup keeps them all and disjoint ranges never count as contamination."""
     rng = random.Random(seed)
     rows = []
-    for i in range(n):
+    for i in range(start, start + n):
         animal = rng.choice(ANIMALS)
         rows.append({
             "id": f"ex-{i}",
             "messages": [
-                {"role": "user", "content": f"Extract the animal: I saw a {animal} today."},
+                {"role": "user", "content": f"Extract the animal: on day {i} I saw a {animal}."},
                 {"role": "assistant", "content": f"answer: {animal}"},
             ],
         })
@@ -103,7 +104,7 @@ def tiny_config(tmp_path: Path, tiny_model_dir: Path):
     from tunelab.config_file import validate_config
 
     train = write_jsonl(tmp_path / "train.jsonl", animal_rows(48))
-    test = write_jsonl(tmp_path / "test.jsonl", animal_rows(8, seed=1))
+    test = write_jsonl(tmp_path / "test.jsonl", animal_rows(8, seed=1, start=1000))
     return validate_config({
         "model": {"name": str(tiny_model_dir), "dtype": "float32"},
         "data": {"train": str(train), "test": str(test), "val_fraction": 0.1},

@@ -41,8 +41,9 @@ def test_defaults_are_the_seeds_recommendations():
 
 def test_single_path_becomes_a_list():
     cfg = validate_config({"data": {"train": "a.jsonl", "test": ["b.jsonl", "c.jsonl"]}})
-    assert cfg.data.train == [Path("a.jsonl")]
-    assert cfg.data.test == [Path("b.jsonl"), Path("c.jsonl")]
+    assert [s.path for s in cfg.data.train] == [Path("a.jsonl")]
+    assert [s.path for s in cfg.data.test] == [Path("b.jsonl"), Path("c.jsonl")]
+    assert cfg.data.train[0].weight == 1.0 and cfg.data.train[0].format is None
 
 
 def test_misspelled_key_names_path_line_and_suggestion(tmp_path):
@@ -108,8 +109,8 @@ def test_resolved_config_round_trips(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_example_config_parses(path):
     cfg = load_config(path)
-    for data_file in [*cfg.data.train, *cfg.data.test]:
-        assert (ROOT / data_file).is_file(), data_file
+    for source in [*cfg.data.train, *cfg.data.test]:
+        assert (ROOT / source.path).is_file(), source.path
 
 
 def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:

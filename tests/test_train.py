@@ -137,10 +137,27 @@ def test_dry_run_validates_everything_but_loads_no_weights(tiny_config, tiny_mod
     assert not RunPaths(tiny_config.output.dir).adapter.exists()
 
     # ...while a bad data row fails the dry run with the file and line.
-    train_file = tiny_config.data.train[0]
+    train_file = tiny_config.data.train[0].path
     train_file.write_text(train_file.read_text() + '{"messages": []}\n')
     result = subprocess.run([sys.executable, "-m", "tunelab", "run", str(config_path), "--dry-run"],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 2
     assert result.stderr.strip() == (f"error: {train_file}:49: field 'messages': expected a non-empty list of "
                                      "{role, content} objects")
+
+
+def test_training_with_packing_sees_every_token_once_per_epoch(tiny_config):
+    tiny_config.data.packing = True
+    tiny_config.data.max_length = 128
+    tiny_config.train.max_steps = None
+    tiny_config.train.epochs = 1
+    tiny_config.train.batch_size = 2
+    run = pipeline.open_run(tiny_config, starting_training=True)
+    result = pipeline.stage_train(tiny_config, run)
+    from tunelab.chat import encode_records
+    from tunelab.data.prepare import load_dataset
+
+    examples, _ = encode_records(load_tokenizer(run.adapter), load_dataset(run.data).train, None, 128)
+    assert result.tokens_seen == sum(len(e["input_ids"]) for e in examples)  # no padding, nothing twice
+    assert result.steps < len(examples) / 2  # several examples per row
+    assert result.last_loss < result.first_loss

@@ -92,15 +92,32 @@ def data_prep(config: ConfigArg, set_: SetOpt = None) -> None:
 
     cfg = _load(config, set_)
     run_paths = pipeline.open_run(cfg, starting_training=False)
-    dataset = pipeline.stage_data(cfg, run_paths)
-    counts = dataset.counts()
-    out.print(f"wrote {run_paths.data}: {counts['train']} train / {counts['val']} val / {counts['test']} test")
+    prepared = pipeline.stage_data(cfg, run_paths)
+    _print_data_summary(run_paths.data, prepared.report)
 
 
 @app.command()
 def version() -> None:
     """Print the tunelab version."""
     out.print(__version__)
+
+
+def _print_data_summary(folder: Path, report: dict[str, Any]) -> None:
+    table = Table(title=f"tunelab data: {folder}")
+    table.add_column("step")
+    table.add_column("rows", justify="right")
+    table.add_row("loaded", str(report["loaded"]))
+    table.add_row("skipped (bad rows)", str(report["skipped"]["count"]))
+    for name, n in report["filters"].items():
+        table.add_row(f"filter: {name}", str(n))
+    table.add_row("exact duplicates", str(report["dedup"]["exact"]))
+    table.add_row("near duplicates", str(report["dedup"]["near"]))
+    contamination = report["contamination"]
+    table.add_row(f"contaminated ({contamination['action']})", str(contamination["rows"]))
+    for name, n in report["counts"].items():
+        table.add_row(f"[bold]{name}[/]", f"[bold]{n}[/]")
+    out.print(table)
+    out.print(f"report: {folder / 'report.md'}")
 
 
 def _print_summary(root: Path, train_result: Any, metrics: dict[str, Any] | None) -> None:

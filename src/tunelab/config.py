@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -38,33 +38,108 @@ class ModelConfig(Section):
     )
 
 
+Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "preference", "kto", "text"]
+
+
+class SourceConfig(Section):
+    path: Path = Field(..., description="A .jsonl, .json, .csv or .parquet file, or a datasets save_to_disk folder.")
+    format: Format | None = Field(None, description="Row format of this source; default: data.format.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map our field names to this file's columns, e.g. {instruction: question, output: answer}.",
+    )
+    weight: float = Field(
+        1.0, gt=0, description="Mixing weight for training: 2 repeats the source twice, 0.5 keeps half (by seed)."
+    )
+
+
+class CleanConfig(Section):
+    normalize_whitespace: bool = Field(True, description="Trim and collapse runs of spaces; keep line breaks.")
+    min_tokens: int = Field(1, ge=0, description="Drop examples with fewer tokens (chat template included).")
+    max_tokens: int | None = Field(None, gt=0, description="Drop longer examples; default: data.max_length.")
+    exclude_regex: list[str] = Field(default_factory=list, description="Drop examples matching any pattern.")
+    exclude_keywords: list[str] = Field(
+        default_factory=list, description="Drop examples containing any keyword (case-insensitive)."
+    )
+    scrub_pii: bool = Field(False, description="Replace e-mail addresses and phone numbers with placeholders.")
+
+
+class DedupConfig(Section):
+    exact: bool = Field(True, description="Drop exact duplicates (after case/space/punctuation normalization).")
+    near: bool = Field(True, description="Drop near-duplicates found with MinHash LSH.")
+    threshold: float = Field(0.85, gt=0, le=1, description="Jaccard similarity at which two examples are twins.")
+    ngram: int = Field(5, gt=0, description="Word n-gram shingle size for MinHash.")
+    num_perm: int = Field(128, ge=16, description="MinHash permutations (more: finer estimates, slower).")
+    fields: Literal["all", "prompt", "answer"] = Field("all", description="Which text is compared.")
+
+
+class ContaminationConfig(Section):
+    action: Literal["fail", "drop", "warn"] = Field(
+        "fail", description="On a training row that overlaps val/test/benchmarks: stop, drop it, or warn."
+    )
+    ngram: int = Field(13, gt=0, description="Word n-gram length that counts as overlap (13, as in GPT-3).")
+    min_coverage: float = Field(
+        0.8, gt=0, le=1,
+        description="A training row leaks an eval row when shared n-grams cover this share of the eval row's "
+        "words (or of its prompt's).",
+    )
+    benchmarks: list[Path] = Field(
+        default_factory=list, description="Eval benchmark files to check training rows against (any loader format)."
+    )
+    ignore_common: float = Field(
+        0.05, ge=0, le=1,
+        description="Ignore n-grams found in more than this share of eval rows (shared boilerplate, not leaks).",
+    )
+
+    @field_validator("benchmarks", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, (str, Path)) else value
+
+
 class DataConfig(Section):
-    train: list[Path] = Field(
-        ..., min_length=1, description="Training files (JSONL). A single path or a list."
+    train: list[SourceConfig] = Field(
+        ..., min_length=1, description="Training sources: paths, or {path, format, columns, weight} mappings."
     )
-    test: list[Path] = Field(
+    test: list[SourceConfig] = Field(
         default_factory=list,
-        description="Held-out test files. When empty, test_fraction of train is held out.",
+        description="Held-out test sources. When empty, test_fraction of train is held out.",
     )
-    format: Literal["auto", "messages", "alpaca"] = Field(
-        "auto", description="Row format: OpenAI messages, alpaca (instruction/input/output), or auto-detect."
+    format: Format = Field("auto", description="Default row format of every source; auto detects it per row.")
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="A bad row stops preparation (fail) or is counted and reported (skip)."
     )
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of train held out for eval loss.")
     test_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of train held out as test when no test files are given."
     )
-    seed: int = Field(42, description="Seed of the deterministic split.")
+    seed: int = Field(42, description="Seed of the deterministic split and of source weighting.")
+    stratify_by: str | None = Field(None, description="A column whose value shares are kept equal across splits.")
+    group_by: str | None = Field(None, description="A column whose groups never straddle splits (e.g. user id).")
     max_length: int = Field(
         2048, gt=8, description="Max tokens per example; longer examples are dropped and counted."
     )
     system_prompt: str | None = Field(
         None, description="System message added to examples that have none (train, eval and serving alike)."
     )
+    packing: bool = Field(
+        False, description="Pack several examples into each max_length row (position ids restart per example)."
+    )
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    contamination: ContaminationConfig = Field(default_factory=ContaminationConfig)
 
     @field_validator("train", "test", mode="before")
     @classmethod
-    def _one_or_many(cls, value: object) -> object:
-        return [value] if isinstance(value, (str, Path)) else value
+    def _sources(cls, value: object) -> object:
+        items = value if isinstance(value, list) else [value]
+        return [{"path": item} if isinstance(item, (str, Path)) else item for item in items]
+
+    @model_validator(mode="after")
+    def _split_options(self) -> DataConfig:
+        if self.stratify_by and self.group_by:
+            raise ValueError("use either data.stratify_by or data.group_by, not both")
+        return self
 
 
 class MethodConfig(Section):

@@ -218,3 +218,25 @@ def load_model(folder: Path, precision: Precision, **kwargs: Any) -> PreTrainedM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=precision.weights_dtype, **kwargs)
     return model.to(precision.device)
+
+
+def tokenizer_for(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The model's tokenizer (with a chat template) without loading or converting any weights."""
+    from transformers import AutoTokenizer
+
+    from tunelab.chat import ensure_chat_template
+
+    source = locate_model(cfg)
+    if source.kind == "folder":
+        tokenizer = load_tokenizer(source.path)
+    else:
+        cached = cache_root(cfg) / "models"
+        folders = [p for p in cached.glob(f"*-{sha256_file(source.path)[:16]}") if (p / _CACHE_MANIFEST).is_file()]
+        if folders:
+            tokenizer = load_tokenizer(folders[0])
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+    ensure_chat_template(tokenizer)
+    return tokenizer

@@ -11,10 +11,10 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
-from tunelab.artifacts import RunPaths, manifest, sha256_file, sha256_text, write_json_atomic, write_text_atomic
+from tunelab.artifacts import RunPaths, manifest, sha256_file, write_json_atomic, write_text_atomic
 from tunelab.config import RunConfig
 from tunelab.config_file import dump_config
-from tunelab.data.prepare import Dataset, build_dataset, load_dataset, prepare_data
+from tunelab.data.prepare import Prepared, build_dataset, prepare_data
 from tunelab.errors import RunFolderError
 from tunelab.models import locate_model, pick_precision
 
@@ -43,8 +43,8 @@ def preflight(cfg: RunConfig) -> list[str]:
 
     Returns human-readable lines describing what was checked; raises a TunelabError on the first failure.
     """
-    dataset = build_dataset(cfg.data)
     source = locate_model(cfg.model)
+    dataset = build_dataset(cfg).dataset
     precision = pick_precision(cfg.model)
     run = RunPaths(cfg.output.dir)
     if run.adapter.exists() and not cfg.output.overwrite:
@@ -61,26 +61,15 @@ def preflight(cfg: RunConfig) -> list[str]:
     ]
 
 
-def _data_fingerprint(cfg: RunConfig) -> str:
-    sources = [sha256_file(p) for p in [*cfg.data.train, *cfg.data.test]]
-    return sha256_text(json.dumps({"config": cfg.data.model_dump(mode="json"), "sources": sources}, sort_keys=True))
-
-
-def stage_data(cfg: RunConfig, run: RunPaths) -> Dataset:
-    """Prepare the Dataset folder, or reuse it when the sources and data config are unchanged."""
-    fingerprint = _data_fingerprint(cfg)
-    stamp = run.data / "fingerprint.txt"
-    if stamp.is_file() and stamp.read_text().strip() == fingerprint:
-        return load_dataset(run.data)
-    dataset = prepare_data(cfg.data, run.data)
-    write_text_atomic(stamp, fingerprint + "\n")
-    return dataset
+def stage_data(cfg: RunConfig, run: RunPaths) -> Prepared:
+    """Prepare the Dataset folder (reused as is when sources and data config are unchanged)."""
+    return prepare_data(cfg, run.data)
 
 
 def stage_train(cfg: RunConfig, run: RunPaths) -> Any:
     from tunelab.train.sft import train_sft
 
-    dataset = stage_data(cfg, run)
+    dataset = stage_data(cfg, run).dataset
     result = train_sft(cfg, run, dataset)
     update_run_manifest(run, data=dataset.counts(), train=result.to_json())
     return result

@@ -1,67 +1,95 @@
-"""Read example files into normalized records, naming file, line and field for every bad row."""
+"""Read a source (any supported file, any format, optional column mapping) into Records.
+
+A bad row is an error naming file, line/row and field; with `on_error: skip` it is counted and reported
+instead, so one broken line does not cost a 100k-row dataset.
+"""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.formats import PARSERS, RowError, detect_format
+from tunelab.data.formats import FORMATS, RowError, detect_format, parse_row
+from tunelab.data.readers import BadRow, read_rows
+from tunelab.data.records import Record
 from tunelab.errors import DataError
+
+# Columns each format reads; other scalar columns are kept as `meta` (for stratify_by / group_by).
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "input", "output"),
+    "prompt_completion": ("prompt", "completion"), "preference": ("prompt", "chosen", "rejected"),
+    "kto": ("prompt", "completion", "label"), "text": ("text",),
+}
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"), "preference": ("chosen", "rejected"),
+    "kto": ("prompt", "completion", "label"), "text": ("text",),
+}
+TABLES = (".csv", ".parquet")
 
 
 @dataclass
-class Record:
-    """One normalized example: a conversation ending in the assistant's answer."""
-
-    id: str
-    messages: list[dict[str, str]]
-    source: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "messages": self.messages, "source": self.source}
-
-    @classmethod
-    def from_json(cls, row: dict[str, Any]) -> Record:
-        return cls(id=row["id"], messages=row["messages"], source=row.get("source", ""))
+class Skipped:
+    where: str
+    problem: str
 
 
-def read_jsonl_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; errors name the file and line."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    rows = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {err.start}); re-save the file as UTF-8") from None
-            if not line.strip():
+@dataclass
+class Loaded:
+    records: list[Record] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def load_source(path: Path, fmt: str = "auto", columns: dict[str, str] | None = None,
+                on_error: str = "fail") -> Loaded:
+    """Parse every row of `path`. `columns` maps our field names to the file's (e.g. output: answer)."""
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DataError(f"{path}: unknown format {fmt!r}; expected auto or one of {', '.join(FORMATS)}")
+    rename = {theirs: ours for ours, theirs in (columns or {}).items()}
+    out = Loaded()
+    for n, (where, raw) in enumerate(read_rows(path)):
+        if isinstance(raw, BadRow):
+            if on_error != "skip":
+                raise DataError(f"{where}: {raw}")
+            out.skipped.append(Skipped(where, str(raw)))
+            continue
+        row = {rename.get(k, k): v for k, v in raw.items()}
+        if n == 0 and fmt != "auto" and (path.is_dir() or path.suffix.lower() in TABLES):
+            _check_columns(path, row, fmt, columns or {})
+        try:
+            row_format = detect_format(row) if fmt == "auto" else fmt
+            record = parse_row(row, row_format, _record_id(row, path, where), where)
+        except RowError as err:
+            if on_error == "skip":
+                out.skipped.append(Skipped(where, str(err)))
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: invalid JSON: {err.msg} at column {err.colno}") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            rows.append((lineno, row))
-    if not rows:
-        raise DataError(f"{path}: the file has no rows")
-    return rows
+            raise DataError(f"{where}: {err}") from None
+        record.meta = _meta(row, row_format)
+        out.records.append(record)
+    return out
+
+
+def _check_columns(path: Path, row: dict[str, Any], fmt: str, columns: dict[str, str]) -> None:
+    for needed in REQUIRED[fmt]:
+        if needed not in row:
+            shown = columns.get(needed, needed)
+            raise DataError(f"{path}: missing column '{shown}' needed by format {fmt} "
+                            f"(columns: {', '.join(sorted(row))}); map yours with `columns:`")
+
+
+def _record_id(row: dict[str, Any], path: Path, where: str) -> str:
+    if row.get("id") is not None:
+        return str(row["id"])
+    # "train.jsonl:12" / "data.csv row 7" -> a stable id from the file name and position
+    return f"{path.name}:{where[len(str(path)):].strip(': ').replace('row ', '').replace('item ', '')}"
+
+
+def _meta(row: dict[str, Any], fmt: str) -> dict[str, Any]:
+    used = set(COLUMNS[fmt]) | {"id"}
+    return {k: v for k, v in row.items() if k not in used and isinstance(v, (str, int, float, bool))}
 
 
 def load_records(path: Path, fmt: str = "auto") -> list[Record]:
-    """Parse every row of a JSONL file in `fmt` (or auto-detected per row) into Records."""
-    records = []
-    for lineno, row in read_jsonl_rows(path):
-        try:
-            row_format = detect_format(row) if fmt == "auto" else fmt
-            messages = PARSERS[row_format](row)
-        except RowError as err:
-            raise DataError(f"{path}:{lineno}: {err}") from None
-        row_id = row.get("id")
-        record_id = str(row_id) if row_id is not None else f"{path.stem}:{lineno}"
-        records.append(Record(record_id, messages, f"{path.name}:{lineno}"))
-    return records
+    """All rows of one file, failing on the first bad one."""
+    return load_source(path, fmt).records

@@ -1,20 +1,30 @@
-"""The data stage: source files -> a Dataset folder (train/val/test JSONL + manifest).
+"""The data stage: sources -> load -> clean -> dedup -> split -> contamination -> weights -> Dataset folder.
 
-The split is deterministic by seed. Output is written to a temporary folder and renamed into place,
-so a bad row anywhere leaves no partial Dataset folder behind.
+Eval rows are the ones that must stay trustworthy, so dedup runs within each pool and the contamination
+check compares every training row with every val, test and benchmark row. The folder is written to a
+temporary path and renamed into place: a bad row anywhere leaves no partial Dataset folder behind.
 """
 
 from __future__ import annotations
 
 import json
-import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from tunelab.artifacts import atomic_dir, manifest, sha256_file, write_json_atomic, write_jsonl_atomic
-from tunelab.config import DataConfig
-from tunelab.data.load import Record, load_records
+from tunelab.artifacts import atomic_dir, manifest, sha256_file, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from tunelab.config import RunConfig, SourceConfig
+from tunelab.data.clean import clean_records
+from tunelab.data.contamination import EvalText, benchmark_texts, find_contamination
+from tunelab.data.dedup import deduplicate
+from tunelab.data.load import Skipped, load_source
+from tunelab.data.records import Record
+from tunelab.data.report import EXAMPLES_SHOWN, length_histogram, render_summary, role_counts
+from tunelab.data.split import apply_weights, split_records
+from tunelab.data.tokens import token_counter
 from tunelab.errors import DataError
+from tunelab.progress import console
 
 SPLITS = ("train", "val", "test")
 
@@ -28,36 +38,140 @@ class Dataset:
     def counts(self) -> dict[str, int]:
         return {name: len(getattr(self, name)) for name in SPLITS}
 
+    @property
+    def kind(self) -> str:
+        return next((r.kind for split in (self.train, self.val, self.test) for r in split), "chat")
 
-def build_dataset(cfg: DataConfig) -> Dataset:
-    """Load and validate every source file, then split."""
-    pool = [r for path in cfg.train for r in load_records(path, cfg.format)]
-    test = [r for path in cfg.test for r in load_records(path, cfg.format)]
-    order = list(range(len(pool)))
-    random.Random(cfg.seed).shuffle(order)
-    pool = [pool[i] for i in order]
-    if not cfg.test:
-        n_test = round(len(pool) * cfg.test_fraction)
-        test, pool = pool[:n_test], pool[n_test:]
-    n_val = round(len(pool) * cfg.val_fraction)
-    val, train = pool[:n_val], pool[n_val:]
+
+@dataclass
+class Prepared:
+    dataset: Dataset
+    report: dict[str, Any]
+
+
+def _load_all(sources: list[SourceConfig], cfg: RunConfig, skipped: list[Skipped],
+              weights: dict[int, float]) -> list[Record]:
+    records = []
+    for source in sources:
+        loaded = load_source(source.path, source.format or cfg.data.format, source.columns, cfg.data.on_error)
+        skipped += loaded.skipped
+        for record in loaded.records:
+            weights[id(record)] = source.weight
+        records += loaded.records
+    return records
+
+
+def build_dataset(cfg: RunConfig, tokenizer: Any = None) -> Prepared:
+    """Everything but the writing: returns the splits and the report."""
+    from tunelab.models import tokenizer_for
+
+    data = cfg.data
+    skipped: list[Skipped] = []
+    weights: dict[int, float] = {}
+    pool = _load_all(data.train, cfg, skipped, weights)
+    given_test = _load_all(data.test, cfg, skipped, weights)
+    loaded = len(pool) + len(given_test)
+    kinds = Counter(r.kind for r in [*pool, *given_test])
+    if len(kinds) > 1:
+        raise DataError(f"data: the sources mix row kinds ({', '.join(f'{k}: {n}' for k, n in kinds.items())}); "
+                        "one dataset holds one kind (chat, preference, kto or text)")
+
+    counter = token_counter(tokenizer or tokenizer_for(cfg.model), data.system_prompt)
+    max_tokens = data.clean.max_tokens or data.max_length
+    cleaned = [clean_records(records, data.clean, max_tokens, counter) for records in (pool, given_test)]
+    deduped = [deduplicate(c.kept, data.dedup) for c in cleaned]
+    pool, given_test = deduped[0].kept, deduped[1].kept
+
+    test_fraction = 0.0 if data.test else data.test_fraction
+    train, val, test = split_records(pool, data.val_fraction, test_fraction, data.seed, data.stratify_by, data.group_by)
+    test = given_test if data.test else test
+
+    evals = [EvalText.of(r, "val") for r in val] + [EvalText.of(r, "test") for r in test]
+    for path in data.contamination.benchmarks:
+        evals += benchmark_texts(path)
+    contamination = find_contamination(train, evals, data.contamination, data.dedup)
+    leaked = contamination.train_ids
+    if leaked and data.contamination.action == "fail":
+        shown = "; ".join(f"{h.train_id} ~ {h.eval_source} {h.eval_id} ({h.kind})" for h in contamination.hits[:5])
+        raise DataError(f"data.contamination: {len(leaked)} training rows overlap eval data: {shown}"
+                        f"{' ...' if len(leaked) > 5 else ''}; remove them, or set data.contamination.action "
+                        "to drop or warn")
+    if leaked and data.contamination.action == "drop":
+        train = [r for r in train if r.id not in leaked]
+    if leaked and data.contamination.action == "warn":
+        console.print(f"[yellow]warning:[/] {len(leaked)} training rows overlap eval data (kept: action is warn)")
+    train = apply_weights(train, lambda r: weights.get(id(r), 1.0), data.seed)
     if not train:
-        raise DataError(f"data.train: no training examples left after holding out val/test from {len(order)} rows")
-    return Dataset(train=train, val=val, test=test)
+        raise DataError(f"data.train: no training examples left from {loaded} rows; see the filters in the report")
+
+    dataset = Dataset(train=train, val=val, test=test)
+    report = {
+        "kind": dataset.kind,
+        "loaded": loaded,
+        "counts": dataset.counts(),
+        "skipped": {"count": len(skipped), "examples": [s.__dict__ for s in skipped[:EXAMPLES_SHOWN]]},
+        "rewritten": {k: sum(c.changed.get(k, 0) for c in cleaned) for k in ("whitespace", "pii")},
+        "filters": {name: sum(len(c.removed[name]) for c in cleaned) for name in cleaned[0].removed},
+        "removed_ids": {name: [i for c in cleaned for i in c.removed[name]][:EXAMPLES_SHOWN] for name in cleaned[0].removed},
+        "dedup": {
+            "exact": sum(len(d.exact_pairs) for d in deduped),
+            "near": sum(len(d.near_pairs) for d in deduped),
+            "pairs": [{"kept": k, "removed": r, "how": "exact"} for d in deduped for k, r in d.exact_pairs]
+            + [{"kept": k, "removed": r, "how": f"near, similarity {s}"} for d in deduped for k, r, s in d.near_pairs],
+        },
+        "contamination": {
+            "action": data.contamination.action, "ngram": data.contamination.ngram,
+            "rows": len(leaked), "dropped": len(leaked) if data.contamination.action == "drop" else 0,
+            "per_source": contamination.per_source(), "hits": [h.to_json() for h in contamination.hits],
+        },
+        "token_lengths": length_histogram({name: counter(getattr(dataset, name)) for name in SPLITS}),
+        "roles": role_counts([*train, *val, *test]),
+    }
+    return Prepared(dataset, report)
 
 
-def prepare_data(cfg: DataConfig, folder: Path) -> Dataset:
-    """Write the Dataset folder for `cfg` at `folder` and return the split records."""
-    dataset = build_dataset(cfg)
+def prepare_data(cfg: RunConfig, folder: Path, tokenizer: Any = None) -> Prepared:
+    """Write the Dataset folder for `cfg` at `folder`, or reuse it when inputs and config are unchanged."""
+    fingerprint = data_fingerprint(cfg)
+    stamp = folder / "manifest.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
+        return Prepared(load_dataset(folder), json.loads((folder / "report.json").read_text()))
+    prepared = build_dataset(cfg, tokenizer)
     with atomic_dir(folder) as tmp:
         for name in SPLITS:
-            write_jsonl_atomic(tmp / f"{name}.jsonl", [r.to_json() for r in getattr(dataset, name)])
-        sources = [{"path": str(p), "sha256": sha256_file(p)} for p in [*cfg.train, *cfg.test]]
-        write_json_atomic(
-            tmp / "manifest.json",
-            manifest("dataset", sources=sources, counts=dataset.counts(), config=cfg.model_dump(mode="json")),
-        )
-    return dataset
+            write_jsonl_atomic(tmp / f"{name}.jsonl", [r.to_json() for r in getattr(prepared.dataset, name)])
+        write_json_atomic(tmp / "report.json", prepared.report)
+        write_text_atomic(tmp / "report.md", render_summary(prepared.report))
+        sources = [{"path": str(p), "sha256": _hash_source(p)} for p in _source_paths(cfg)]
+        write_json_atomic(tmp / "manifest.json", manifest(
+            "dataset", fingerprint=fingerprint, sources=sources, counts=prepared.dataset.counts(),
+            model=cfg.model.name, config=cfg.data.model_dump(mode="json"),
+        ))
+    return prepared
+
+
+def _source_paths(cfg: RunConfig) -> list[Path]:
+    return [*(s.path for s in cfg.data.train), *(s.path for s in cfg.data.test), *cfg.data.contamination.benchmarks]
+
+
+def _hash_source(path: Path) -> str:
+    if path.is_dir():  # a datasets folder: hash its files in a stable order
+        from tunelab.artifacts import sha256_text
+
+        return sha256_text("".join(f"{p.relative_to(path)}:{sha256_file(p)}" for p in sorted(path.rglob("*")) if p.is_file()))
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    return sha256_file(path)
+
+
+def data_fingerprint(cfg: RunConfig) -> str:
+    """Changes whenever a source file, the data config, or the tokenizer's model changes."""
+    from tunelab import __version__
+    from tunelab.artifacts import sha256_text
+
+    parts = {"config": cfg.data.model_dump(mode="json"), "model": cfg.model.name, "version": __version__,
+             "sources": [_hash_source(p) for p in _source_paths(cfg)]}
+    return sha256_text(json.dumps(parts, sort_keys=True, default=str))
 
 
 def load_dataset(folder: Path) -> Dataset:

@@ -11,13 +11,14 @@ from typing import Any
 from transformers import TrainerCallback
 
 from tunelab.progress import progress_bar
+from tunelab.data.pack import PackedCollator
 from tunelab.train.collate import PaddingCollator
 
 
 class MetricsCallback(TrainerCallback):
     """Appends one JSON line per log event (step, loss, lr, grad norm, tokens/s) and drives the bar."""
 
-    def __init__(self, path: Path, collator: PaddingCollator) -> None:
+    def __init__(self, path: Path, collator: PaddingCollator | PackedCollator) -> None:
         self.path = path
         self.collator = collator
         self.losses: list[float] = []

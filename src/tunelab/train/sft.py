@@ -14,6 +14,7 @@ from typing import Any
 from tunelab.artifacts import RunPaths, atomic_dir, write_text_atomic
 from tunelab.chat import encode_records, ensure_chat_template
 from tunelab.config import RunConfig
+from tunelab.data.pack import PackedCollator, pack_examples
 from tunelab.data.prepare import Dataset
 from tunelab.errors import DataError
 from tunelab.eval.loss import mean_token_loss
@@ -55,6 +56,8 @@ def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset) -> TrainResult:
     tokenizer = load_tokenizer(base_path)
     ensure_chat_template(tokenizer)
 
+    if dataset.kind != "chat":
+        raise DataError(f"data: supervised fine-tuning needs chat rows, but the dataset holds {dataset.kind} rows")
     train_examples, dropped = encode_records(tokenizer, dataset.train, cfg.data.system_prompt, cfg.data.max_length)
     val_examples, _ = encode_records(tokenizer, dataset.val, cfg.data.system_prompt, cfg.data.max_length)
     if dropped:
@@ -69,12 +72,18 @@ def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset) -> TrainResult:
     console.print(f"Training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%) "
                   f"on {len(train_examples)} examples [{precision.label}]")
 
-    collator = PaddingCollator(tokenizer.pad_token_id)
+    model.config.use_cache = False  # a KV cache is useless in training and would disable packed attention
+    collator: Any = PaddingCollator(tokenizer.pad_token_id)
+    rows: list[dict[str, Any]] = train_examples
+    if cfg.data.packing:
+        rows = pack_examples(train_examples, cfg.data.max_length)
+        collator = PackedCollator(tokenizer.pad_token_id)
+        console.print(f"Packed {len(train_examples)} examples into {len(rows)} rows of up to {cfg.data.max_length} tokens")
     callback = MetricsCallback(run.metrics, collator)
     trainer = Trainer(
         model=model,
         args=_training_arguments(cfg, run, precision),
-        train_dataset=_Examples(train_examples),
+        train_dataset=_Examples(rows),
         data_collator=collator,
         callbacks=[callback],
     )

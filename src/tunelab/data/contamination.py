@@ -1,0 +1,148 @@
+"""Contamination check: does any training row overlap an eval row (val, test, or a benchmark file)?
+
+Overlap is an exact match of the normalized text or prompt; shared word n-grams (13 by default, as in
+GPT-3's decontamination) that cover most of an eval row (80% by default: Llama 2's "dirty" line), so a
+templated dataset's shared phrasing alone is not a leak; or a near-twin (MinHash, as in dedup). N-grams that occur in many eval rows are shared boilerplate (an instruction every row
+repeats), not leaks, and are ignored above `ignore_common` of the eval rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunelab.config import ContaminationConfig, DedupConfig
+from tunelab.data.dedup import NearIndex, normalize_for_match
+from tunelab.data.formats import RowError, parse_row
+from tunelab.data.readers import BadRow, read_rows
+from tunelab.errors import DataError
+from tunelab.data.records import Record
+
+# A repeated eval prompt this short ("hello") is a coincidence, not a leak; longer ones count.
+MIN_EXACT_WORDS = 5
+
+
+@dataclass
+class EvalText:
+    id: str
+    source: str  # "val", "test", or a benchmark file name
+    text: str
+    prompt: str = ""  # the question alone: a training row that repeats it leaks it, whatever its answer
+
+    @classmethod
+    def of(cls, record: Record, source: str) -> EvalText:
+        return cls(record.id, source, record.all_text(), record.prompt_text())
+
+
+@dataclass
+class Hit:
+    train_id: str
+    eval_id: str
+    eval_source: str
+    kind: str  # "exact" or "ngram"
+    overlap: str  # the matching text (or n-gram), for people to judge
+
+    def to_json(self) -> dict[str, str]:
+        return self.__dict__.copy()
+
+
+@dataclass
+class ContaminationResult:
+    hits: list[Hit] = field(default_factory=list)
+
+    @property
+    def train_ids(self) -> set[str]:
+        return {h.train_id for h in self.hits}
+
+    def per_source(self) -> dict[str, int]:
+        """Distinct contaminated training rows per eval source."""
+        return dict(Counter(source for source, _ in {(h.eval_source, h.train_id) for h in self.hits}))
+
+
+def _gram_keys(words: list[str], n: int) -> list[str]:
+    """A short hash of the word n-gram starting at each position (hashes keep the index small)."""
+    return [hashlib.blake2b(" ".join(words[i : i + n]).encode(), digest_size=8).hexdigest()
+            for i in range(len(words) - n + 1)]
+
+
+def _coverage(starts: set[int], n: int, lo: int, hi: int) -> float:
+    """Share of word positions [lo, hi) covered by n-grams starting at `starts`."""
+    if hi <= lo:
+        return 0.0
+    covered = {p for s in starts for p in range(s, s + n) if lo <= p < hi}
+    return len(covered) / (hi - lo)
+
+
+def benchmark_texts(path: Path) -> list[EvalText]:
+    """Rows of a benchmark file in any supported format; unknown layouts use all their string fields."""
+    out = []
+    for where, row in read_rows(path):
+        if isinstance(row, BadRow):
+            raise DataError(f"{where}: {row}")
+        try:
+            out.append(EvalText.of(parse_row(row, "auto", str(row.get("id", where)), where), path.name))
+        except RowError:
+            text = "\n".join(str(v) for v in row.values() if isinstance(v, str))
+            out.append(EvalText(str(row.get("id", where)), path.name, text))
+    return out
+
+
+def find_contamination(train: list[Record], evals: list[EvalText], cfg: ContaminationConfig,
+                       near: DedupConfig | None = None) -> ContaminationResult:
+    """Training rows that overlap an eval row: the same text or prompt, long n-grams shared with it that
+    cover at least `cfg.min_coverage` of its words (or of its prompt's), or (when `near` is given) a
+    near-twin by MinHash, the same test dedup applies within a split."""
+    exact: dict[str, EvalText] = {}
+    index: dict[str, list[tuple[int, int]]] = defaultdict(list)  # n-gram -> (eval row, position)
+    words_of: list[list[str]] = []
+    prompt_len: list[int] = []
+    for e, item in enumerate(evals):
+        normalized = normalize_for_match(item.text)
+        prompt = normalize_for_match(item.prompt)
+        for whole in (normalized, prompt):
+            if len(whole.split()) >= MIN_EXACT_WORDS or whole == normalized and whole:
+                exact.setdefault(whole, item)
+        words = normalized.split()
+        words_of.append(words)
+        prompt_len.append(len(prompt.split()) if normalized.startswith(prompt) else 0)
+        for position, key in enumerate(_gram_keys(words, cfg.ngram)):
+            index[key].append((e, position))
+    limit = max(3, cfg.ignore_common * len(evals))
+    index = {k: v for k, v in index.items() if len({e for e, _ in v}) <= limit}
+    twins = None
+    if near is not None and near.near:
+        twins = NearIndex(near.threshold, near.ngram, near.num_perm)
+        for e, item in enumerate(evals):
+            twins.add(e, twins.signature(item.text))
+
+    result = ContaminationResult()
+    for record in train:
+        normalized = normalize_for_match(record.all_text())
+        whole = next((t for t in (normalized, normalize_for_match(record.prompt_text())) if t in exact), None)
+        if whole is not None:
+            item = exact[whole]
+            result.hits.append(Hit(record.id, item.id, item.source, "exact", whole[:200]))
+            continue
+        matched: dict[int, set[int]] = defaultdict(set)
+        for key in set(_gram_keys(normalized.split(), cfg.ngram)):
+            for e, position in index.get(key, ()):
+                matched[e].add(position)
+        hit = None
+        for e, starts in matched.items():
+            n_words = len(words_of[e])
+            cover = max(_coverage(starts, cfg.ngram, 0, n_words), _coverage(starts, cfg.ngram, 0, prompt_len[e]))
+            if cover >= cfg.min_coverage:
+                first = min(starts)
+                hit = Hit(record.id, evals[e].id, evals[e].source, "ngram",
+                          f"{cover:.0%} covered: " + " ".join(words_of[e][first : first + cfg.ngram]))
+                break
+        if hit is not None:
+            result.hits.append(hit)
+            continue
+        twin = twins.find(twins.signature(record.all_text())) if twins is not None else None
+        if twin is not None:
+            item = evals[twin[0]]
+            result.hits.append(Hit(record.id, item.id, item.source, "near", f"similarity {twin[1]:.2f}"))
+    return result

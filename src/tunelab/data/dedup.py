@@ -1,0 +1,126 @@
+"""Duplicate removal: exact (normalized hash) and near-duplicate (MinHash LSH over word n-gram shingles).
+
+Records are visited in priority order and the first of a pair is kept, so callers put the rows they
+must keep (eval rows) first. Every removal is reported as a (kept id, removed id) pair.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tunelab.config import DedupConfig
+from tunelab.data.records import Record
+
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def normalize_for_match(text: str) -> str:
+    """Lower case, punctuation removed, whitespace collapsed: what counts as 'the same text'."""
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+def text_of(record: Record, fields: str) -> str:
+    if fields == "prompt":
+        return record.prompt_text()
+    if fields == "answer":
+        return record.answer_text()
+    return record.all_text()
+
+
+def shingles(text: str, n: int) -> set[bytes]:
+    """Word n-grams of the normalized text (the whole text when it is shorter than n words)."""
+    words = normalize_for_match(text).split()
+    if len(words) <= n:
+        return {" ".join(words).encode()}
+    return {" ".join(words[i : i + n]).encode() for i in range(len(words) - n + 1)}
+
+
+@dataclass
+class DedupResult:
+    kept: list[Record]
+    exact_pairs: list[tuple[str, str]] = field(default_factory=list)
+    near_pairs: list[tuple[str, str, float]] = field(default_factory=list)
+
+
+def deduplicate(records: list[Record], cfg: DedupConfig,
+                progress: Callable[[int], None] | None = None) -> DedupResult:
+    result = DedupResult(kept=records)
+    if cfg.exact:
+        result.kept, result.exact_pairs = _exact(result.kept, cfg.fields)
+    if cfg.near:
+        result.kept, result.near_pairs = _near(result.kept, cfg, progress)
+    return result
+
+
+def _exact(records: list[Record], fields: str) -> tuple[list[Record], list[tuple[str, str]]]:
+    first: dict[str, str] = {}
+    kept, pairs = [], []
+    for record in records:
+        key = hashlib.sha1(normalize_for_match(text_of(record, fields)).encode()).hexdigest()
+        if key in first:
+            pairs.append((first[key], record.id))
+        else:
+            first[key] = record.id
+            kept.append(record)
+    return kept, pairs
+
+
+def _hash32(data: bytes) -> int:
+    import xxhash
+
+    return xxhash.xxh32_intdigest(data)
+
+
+class NearIndex:
+    """MinHash LSH over word n-gram shingles: add texts, then ask for a near-twin of another text."""
+
+    def __init__(self, threshold: float, ngram: int, num_perm: int) -> None:
+        from datasketch import MinHash, MinHashLSH
+
+        self.threshold, self.ngram, self.num_perm = threshold, ngram, num_perm
+        self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        # One shared permutation table: datasketch would otherwise draw it again for every MinHash.
+        self._template = MinHash(num_perm=num_perm, hashfunc=_hash32, seed=1)
+        self._signatures: dict[int, np.ndarray] = {}
+
+    def signature(self, text: str) -> object:
+        from datasketch import MinHash
+
+        m = MinHash(num_perm=self.num_perm, hashfunc=_hash32, permutations=self._template.permutations,
+                    scheme=self._template.scheme)
+        m.update_batch(list(shingles(text, self.ngram)))
+        return m
+
+    def find(self, signature: object) -> tuple[int, float] | None:
+        """The first indexed key whose estimated Jaccard similarity reaches the threshold."""
+        for key in self._lsh.query(signature):
+            similarity = float(np.mean(self._signatures[key] == signature.hashvalues))
+            if similarity >= self.threshold:
+                return key, similarity
+        return None
+
+    def add(self, key: int, signature: object) -> None:
+        self._lsh.insert(key, signature, check_duplication=False)
+        self._signatures[key] = signature.hashvalues
+
+
+def _near(records: list[Record], cfg: DedupConfig,
+          progress: Callable[[int], None] | None) -> tuple[list[Record], list[tuple[str, str, float]]]:
+    index = NearIndex(cfg.threshold, cfg.ngram, cfg.num_perm)
+    kept, pairs = [], []
+    for i, record in enumerate(records):
+        signature = index.signature(text_of(record, cfg.fields))
+        twin = index.find(signature)
+        if twin is None:
+            index.add(i, signature)
+            kept.append(record)
+        else:
+            pairs.append((records[twin[0]].id, record.id, round(twin[1], 3)))
+        if progress is not None and i % 1000 == 999:
+            progress(1000)
+    return kept, pairs

@@ -1,0 +1,76 @@
+"""Packing: several tokenized examples per row, with position ids that restart for each example.
+
+With `attention_mask` left out and restarting `position_ids`, transformers builds a block-diagonal causal
+mask, so attention never crosses from one example into the next: the loss of a packed batch equals the
+loss of the same examples unpacked (a test proves it). Packing removes padding, the largest waste when
+example lengths vary as much as real instruction data does.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tunelab.chat import IGNORE_INDEX
+
+
+def pack_examples(examples: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
+    """Best-fit-decreasing bin packing of examples into rows of at most `max_length` tokens."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (free space, bin index)
+    for i in order:
+        size = len(examples[i]["input_ids"])
+        if size > max_length:
+            raise ValueError(f"example {examples[i].get('id')} has {size} tokens, more than max_length {max_length}")
+        slot = bisect.bisect_left(free, (size, -1))
+        if slot < len(free):
+            space, b = free.pop(slot)
+        else:
+            space, b = max_length, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if space - size > 0:
+            bisect.insort(free, (space - size, b))
+    return [_concat([examples[i] for i in members]) for members in bins]
+
+
+def _concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    input_ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for part in parts:
+        n = len(part["input_ids"])
+        input_ids += part["input_ids"]
+        # The first token of an example is never a target: predicting it would use the previous example.
+        labels += [IGNORE_INDEX, *part["labels"][1:]]
+        positions += list(range(n))
+    return {"input_ids": input_ids, "labels": labels, "position_ids": positions,
+            "ids": [p.get("id") for p in parts]}
+
+
+@dataclass
+class PackedCollator:
+    """Batches packed rows. Padding forms its own position-0 segment and carries no labels."""
+
+    pad_token_id: int
+    tokens_seen: int = field(default=0, init=False)
+    targets_seen: int = field(default=0, init=False)
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(row["input_ids"]) for row in batch)
+        ids = torch.full((len(batch), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.zeros((len(batch), longest), dtype=torch.long)
+        for r, row in enumerate(batch):
+            n = len(row["input_ids"])
+            ids[r, :n] = torch.tensor(row["input_ids"])
+            labels[r, :n] = torch.tensor(row["labels"])
+            positions[r, :n] = torch.tensor(row["position_ids"])
+            positions[r, n:] = torch.arange(longest - n)
+            self.tokens_seen += n
+        self.targets_seen += int((labels != IGNORE_INDEX).sum())
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}

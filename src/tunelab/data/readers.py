@@ -1,0 +1,153 @@
+"""File readers: each yields (where, row) pairs, `where` being what an error message should name.
+
+JSONL and JSON name lines ("train.jsonl:12"); tables name rows ("data.csv row 7", counting the header as
+row 1 as a spreadsheet does; "data.parquet row 3"). Bad bytes and bad syntax are errors naming the place.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import DataError
+
+Row = dict[str, Any]
+
+
+class BadRow(str):
+    """A row that cannot be read (broken JSON, bad bytes): yielded in place of the row, so the loader
+    decides between failing and skipping, as it does for rows that read but do not validate."""
+
+
+def read_rows(path: Path) -> Iterator[tuple[str, Row | BadRow]]:
+    """Rows of any supported source, by file type; raises DataError when the whole file is unusable."""
+    if path.is_dir():
+        yield from _read_hf_folder(path)
+        return
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    if suffix not in readers:
+        raise DataError(f"{path}: unsupported file type '{suffix}'; use .jsonl, .json, .csv, .parquet or a "
+                        "datasets folder (save_to_disk)")
+    count = 0
+    for item in readers[suffix](path):
+        count += 1
+        yield item
+    if count == 0:
+        raise DataError(f"{path}: the file has no rows")
+
+
+def _utf8_problem(path: Path, err: UnicodeDecodeError) -> str:
+    return f"not valid UTF-8 (byte {err.start}); re-save {path.name} as UTF-8"
+
+
+def _decode(path: Path, raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{where}: {_utf8_problem(path, err)}") from None
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, Row | BadRow]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield where, BadRow(_utf8_problem(path, err))
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                yield where, BadRow(f"invalid JSON: {err.msg} at column {err.colno}")
+                continue
+            if not isinstance(row, dict):
+                yield where, BadRow(f"expected a JSON object per line, got {type(row).__name__}")
+                continue
+            yield where, row
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, Row | BadRow]]:
+    text = _decode(path, path.read_bytes(), str(path))
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        # Many ".json" files are really JSON Lines; read them as such rather than failing.
+        if err.msg == "Extra data":
+            yield from _read_jsonl(path)
+            return
+        raise DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg} at column {err.colno}") from None
+    if isinstance(data, dict):  # {"data": [...]} or {"rows": [...]} wrappers
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a JSON array of objects (or an object holding one array)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
+    for i, row in enumerate(data, start=1):
+        if not isinstance(row, dict):
+            yield f"{path} item {i}", BadRow(f"expected an object, got {type(row).__name__}")
+            continue
+        yield f"{path} item {i}", row
+
+
+def _read_csv(path: Path) -> Iterator[tuple[str, Row | BadRow]]:
+    text = _decode(path, path.read_bytes(), str(path))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if not header:
+        return
+    for rowno, values in enumerate(reader, start=2):
+        if not any(v.strip() for v in values):
+            continue
+        if len(values) != len(header):
+            yield f"{path} row {rowno}", BadRow(f"has {len(values)} fields but the header has {len(header)}")
+            continue
+        yield f"{path} row {rowno}", {k: _csv_value(v) for k, v in zip(header, values)}
+
+
+def _csv_value(value: str) -> Any:
+    """CSV cells are strings; JSON-looking cells (message lists) are decoded so chat columns work too."""
+    stripped = value.strip()
+    if stripped[:1] in "[{":
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, Row]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{path}: cannot read Parquet: {err}") from None
+    for i, row in enumerate(table.to_pylist(), start=1):
+        yield f"{path} row {i}", row
+
+
+def _read_hf_folder(path: Path) -> Iterator[tuple[str, Row]]:
+    if not ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+        raise DataError(f"{path}: a folder source must be a datasets folder written by save_to_disk")
+    from datasets import DatasetDict, load_from_disk
+
+    data = load_from_disk(str(path))
+    if isinstance(data, DatasetDict):
+        if "train" not in data:
+            raise DataError(f"{path}: a DatasetDict source needs a 'train' split (has {', '.join(data)})")
+        data = data["train"]
+    if len(data) == 0:
+        raise DataError(f"{path}: the dataset has no rows")
+    for i, row in enumerate(data, start=1):
+        yield f"{path} row {i}", dict(row)

@@ -1,0 +1,82 @@
+"""Cleaning filters and both kinds of dedup, each counted."""
+
+from __future__ import annotations
+
+import random
+
+from tunelab.config import CleanConfig, DedupConfig
+from tunelab.data.clean import clean_records, normalize_whitespace, scrub_pii
+from tunelab.data.dedup import deduplicate
+from tunelab.data.records import Record
+
+
+def chat(i: int | str, prompt: str, answer: str = "ok") -> Record:
+    return Record(str(i), f"t.jsonl:{i}", "chat", [{"role": "user", "content": prompt},
+                                                    {"role": "assistant", "content": answer}])
+
+
+def word_count(records: list[Record]) -> list[int]:
+    return [len(r.all_text().split()) for r in records]
+
+
+def test_whitespace_normalization_keeps_line_breaks():
+    assert normalize_whitespace("  a \t b  \r\n\n\n\n  c  ") == "a b\n\nc"
+
+
+def test_pii_scrub_replaces_emails_and_phone_numbers_only():
+    text = "Mail jane.doe@example.com or call +1 415-555-0199, or (020) 7946 0958. Order 42 on 2024-05-01."
+    assert scrub_pii(text) == "Mail <EMAIL> or call <PHONE>, or <PHONE>. Order 42 on 2024-05-01."
+
+
+def test_each_filter_counts_what_it_removed():
+    records = [
+        chat(1, "fine example here"),
+        chat(2, "this one mentions FORBIDDEN words"),
+        chat(3, "ticket #12345 should be removed by regex"),
+        chat(4, "hi"),
+        chat(5, " ".join(["long"] * 50)),
+        chat(6, "  spaced   out  text  "),
+    ]
+    cfg = CleanConfig(min_tokens=4, exclude_regex=[r"#\d{5}"], exclude_keywords=["forbidden"])
+    result = clean_records(records, cfg, max_tokens=20, count_tokens=word_count)
+    assert [r.id for r in result.kept] == ["1", "6"]
+    assert result.removed == {"empty": [], "regex": ["3"], "keyword": ["2"], "too_short": ["4"], "too_long": ["5"]}
+    assert result.changed["whitespace"] == 1
+    assert result.kept[1].messages[0]["content"] == "spaced out text"
+
+
+def test_pii_scrub_is_counted_when_on():
+    records = [chat(1, "write to a@b.io please"), chat(2, "nothing personal")]
+    result = clean_records(records, CleanConfig(scrub_pii=True), 100, word_count)
+    assert result.changed["pii"] == 1 and result.kept[0].messages[0]["content"] == "write to <EMAIL> please"
+
+
+def test_exact_dedup_ignores_case_space_and_punctuation():
+    records = [chat(1, "What is the capital of France?", "Paris."), chat(2, "what is the capital of france", "paris"),
+               chat(3, "What is the capital of Spain?", "Madrid")]
+    result = deduplicate(records, DedupConfig(near=False))
+    assert [r.id for r in result.kept] == ["1", "3"] and result.exact_pairs == [("1", "2")]
+
+
+def test_near_dedup_finds_planted_twins_and_keeps_distinct_rows():
+    rng = random.Random(0)
+    vocab = [f"w{i}" for i in range(400)]
+    originals = [chat(f"o{i}", " ".join(rng.choice(vocab) for _ in range(60))) for i in range(200)]
+    twins = []
+    for i, original in enumerate(originals[:50]):
+        words = original.messages[0]["content"].split()
+        words[-1] = "changed"  # one word at the end: Jaccard of 5-gram shingles stays ~0.97
+        twins.append(chat(f"t{i}", " ".join(words)))
+    result = deduplicate(originals + twins, DedupConfig(exact=False))
+    removed = {removed for _, removed, _ in result.near_pairs}
+    # MinHash estimates similarity, so recall is high but not certain; no original may ever be removed.
+    assert removed <= {f"t{i}" for i in range(50)}
+    assert len(removed) >= 47
+    assert all(kept == f"o{r[1:]}" and similarity >= 0.85 for kept, r, similarity in result.near_pairs)
+
+
+def test_near_dedup_threshold_and_fields_are_honoured():
+    a = chat(1, "alpha beta gamma delta epsilon zeta eta theta iota kappa", "first answer entirely")
+    b = chat(2, "alpha beta gamma delta epsilon zeta eta theta iota kappa", "another reply wholly different")
+    assert len(deduplicate([a, b], DedupConfig(exact=False, fields="prompt")).kept) == 1
+    assert len(deduplicate([a, b], DedupConfig(exact=False, fields="answer")).kept) == 2

@@ -1,0 +1,71 @@
+"""Contamination: planted leaks are found (exact, prompt, 13-gram, near-twin); boilerplate is not a leak."""
+
+from __future__ import annotations
+
+import json
+
+from tests.data.test_clean_dedup import chat
+from tunelab.config import ContaminationConfig, DedupConfig
+from tunelab.data.contamination import EvalText, benchmark_texts, find_contamination
+
+LONG_QUESTION = ("In the novel the old lighthouse keeper counted seventeen ships passing the northern cape "
+                 "before the storm finally broke over the harbour")
+
+
+def evals() -> list[EvalText]:
+    return [
+        EvalText.of(chat("e1", LONG_QUESTION, "seventeen"), "test"),
+        EvalText.of(chat("e2", "Name the largest moon of Saturn in our solar system", "Titan"), "test"),
+        EvalText.of(chat("e3", "hi", "hello"), "val"),
+    ]
+
+
+def test_planted_leaks_are_found_by_the_right_rule():
+    train = [
+        chat("clean", "Write a haiku about autumn leaves falling slowly", "Leaves drift..."),
+        chat("ngram", f"Summarize: {LONG_QUESTION} and nothing else matters", "A summary"),
+        chat("prompt", "Name the largest moon of Saturn in our solar system", "It is Titan"),
+        chat("exact", "hi", "hello"),
+    ]
+    result = find_contamination(train, evals(), ContaminationConfig())
+    found = {h.train_id: (h.kind, h.eval_id, h.eval_source) for h in result.hits}
+    assert found == {"ngram": ("ngram", "e1", "test"), "prompt": ("exact", "e2", "test"),
+                     "exact": ("exact", "e3", "val")}
+    assert result.per_source() == {"test": 2, "val": 1}
+
+
+def test_near_twin_of_a_short_eval_row_is_found_only_with_minhash():
+    # Too short for a 13-gram, prompt too short to match alone, texts not equal: only MinHash sees it.
+    eval_rows = [EvalText.of(chat("e", "French: grey cat sleeps", "le petit chat gris dort tranquillement ce soir"), "test")]
+    train = [chat("t", "French: grey cat sleeps", "le petit chat gris dort tranquillement ce soir encore")]
+    assert find_contamination(train, eval_rows, ContaminationConfig()).hits == []
+    hits = find_contamination(train, eval_rows, ContaminationConfig(), DedupConfig(threshold=0.8)).hits
+    assert [(h.train_id, h.kind, h.eval_id) for h in hits] == [("t", "near", "e")]
+
+
+def test_shared_boilerplate_is_not_a_leak():
+    boilerplate = "You are a careful assistant. Read the passage below and answer the question that follows it"
+    eval_rows = [EvalText.of(chat(f"e{i}", f"{boilerplate}. Passage {i}: topic {i * 7}", str(i)), "test")
+                 for i in range(40)]
+    train = [chat("t", f"{boilerplate}. Passage: something else entirely", "x")]
+    assert find_contamination(train, eval_rows, ContaminationConfig()).hits == []
+    assert find_contamination(train, eval_rows, ContaminationConfig(ignore_common=1.0)).hits != []
+
+
+def test_benchmark_files_in_any_layout(tmp_path):
+    path = tmp_path / "bench.jsonl"
+    path.write_text(json.dumps({"question": LONG_QUESTION, "answer": "17", "id": "q1"}) + "\n")
+    texts = benchmark_texts(path)
+    assert [(t.id, t.source) for t in texts] == [("q1", "bench.jsonl")]
+    hits = find_contamination([chat("t", LONG_QUESTION, "x")], texts, ContaminationConfig()).hits
+    assert [(h.train_id, h.eval_id, h.eval_source) for h in hits] == [("t", "q1", "bench.jsonl")]
+
+
+def test_partial_templated_overlap_is_not_a_leak_unless_coverage_says_so():
+    shared = "Extract the order from this customer message Hi please send 26 boxes of"
+    eval_rows = [EvalText.of(chat("e", f"{shared} notebooks to our store in Raleigh", "notebooks 26 Raleigh"), "val")]
+    train = [chat("t", f"{shared} markers to our store in Tarbra", "markers 26 Tarbra")]
+    assert find_contamination(train, eval_rows, ContaminationConfig()).hits == []
+    hits = find_contamination(train, eval_rows, ContaminationConfig(min_coverage=0.5)).hits
+    assert [(h.train_id, h.kind) for h in hits] == [("t", "ngram")]
+    assert hits[0].overlap.startswith("6") and "covered: extract the order" in hits[0].overlap

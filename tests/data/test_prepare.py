@@ -1,0 +1,120 @@
+"""The whole data stage: sources in, Dataset folder + report out; cached; contamination policy enforced."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import animal_rows, write_jsonl
+from tunelab.config_file import dump_config, validate_config
+from tunelab.data.prepare import load_dataset, prepare_data
+from tunelab.errors import DataError
+
+LEAK = "In the novel the old lighthouse keeper counted seventeen ships passing the northern cape before the storm"
+
+
+def distinct_rows(n: int, start: int = 0) -> list[dict]:
+    return [{"id": f"q{i}", "instruction": f"Question number {i}: what is {i} plus {i * 3}?", "output": str(4 * i),
+             "topic": "even" if i % 2 == 0 else "odd"} for i in range(start, start + n)]
+
+
+def config(tmp_path, tiny_model_dir, **data):
+    return validate_config({"model": {"name": str(tiny_model_dir)}, "data": data,
+                            "output": {"dir": str(tmp_path / "run")}})
+
+
+def test_mixed_sources_weights_and_report(tmp_path, tiny_model_dir):
+    main = write_jsonl(tmp_path / "main.jsonl", distinct_rows(60) + [distinct_rows(1, 5)[0] | {"id": "dup5"}])
+    extra = tmp_path / "extra.csv"
+    extra.write_text("question,answer\n" + "".join(f"Extra item {i} please,{i}\n" for i in range(20)))
+    cfg = config(tmp_path, tiny_model_dir, train=[
+        {"path": str(main)},
+        {"path": str(extra), "format": "alpaca", "columns": {"instruction": "question", "output": "answer"},
+         "weight": 2.0},
+    ], val_fraction=0.1, test_fraction=0.1, clean={"exclude_keywords": ["item 3 "]})
+    folder = tmp_path / "run" / "data"
+    prepared = prepare_data(cfg, folder)
+    report = prepared.report
+    assert report["loaded"] == 81
+    assert report["filters"]["keyword"] == 1
+    assert report["dedup"]["exact"] == 1 and report["dedup"]["pairs"][0] == {"kept": "q5", "removed": "dup5", "how": "exact"}
+    # 79 rows split 63/8/8; the 16 or so extra.csv rows in train appear twice.
+    counts = report["counts"]
+    assert counts["val"] + counts["test"] == 16
+    extra_train = [r for r in prepared.dataset.train if r.source.startswith(str(extra))]
+    assert len(extra_train) == 2 * len({r.id.split("#")[0] for r in extra_train})
+    assert report["roles"]["user"] == report["roles"]["assistant"] == sum(counts.values())
+    assert set(report["token_lengths"]["counts"]) == {"train", "val", "test"}
+    assert sum(report["token_lengths"]["counts"]["train"]) == counts["train"]
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl", "report.json", "report.md", "manifest.json"):
+        assert (folder / name).is_file()
+    assert load_dataset(folder).counts() == counts
+    assert "| near duplicates |" in (folder / "report.md").read_text()
+
+
+def test_rerun_on_unchanged_inputs_does_no_work(tmp_path, tiny_model_dir):
+    path = write_jsonl(tmp_path / "t.jsonl", distinct_rows(30))
+    cfg = config(tmp_path, tiny_model_dir, train=str(path))
+    folder = tmp_path / "run" / "data"
+    prepare_data(cfg, folder)
+    stamp = (folder / "report.json").stat().st_mtime_ns
+    prepare_data(cfg, folder)
+    assert (folder / "report.json").stat().st_mtime_ns == stamp
+    write_jsonl(path, distinct_rows(31))
+    assert prepare_data(cfg, folder).report["loaded"] == 31
+
+
+def test_contamination_fails_by_default_and_names_rows(tmp_path, tiny_model_dir):
+    train = write_jsonl(tmp_path / "train.jsonl", distinct_rows(20) + [{"id": "leaky", "instruction": f"Recall: {LEAK}",
+                                                                          "output": "x"}])
+    test = write_jsonl(tmp_path / "test.jsonl", [{"id": "t1", "instruction": LEAK, "output": "17"}])
+    cfg = config(tmp_path, tiny_model_dir, train=str(train), test=str(test))
+    with pytest.raises(DataError) as info:
+        prepare_data(cfg, tmp_path / "run" / "data")
+    assert "data.contamination: 1 training rows overlap eval data: leaky ~ test t1 (ngram)" in info.value.problems[0]
+    assert not (tmp_path / "run" / "data").exists()
+
+    cfg.data.contamination.action = "drop"
+    prepared = prepare_data(cfg, tmp_path / "run" / "data")
+    assert "leaky" not in {r.id for r in prepared.dataset.train}
+    assert prepared.report["contamination"]["dropped"] == 1
+    assert prepared.report["contamination"]["per_source"] == {"test": 1}
+
+
+def test_benchmark_files_are_checked(tmp_path, tiny_model_dir):
+    train = write_jsonl(tmp_path / "train.jsonl", distinct_rows(20) + [{"id": "leaky", "instruction": LEAK, "output": "x"}])
+    bench = write_jsonl(tmp_path / "bench.jsonl", [{"question": LEAK, "answer": "17"}])
+    cfg = config(tmp_path, tiny_model_dir, train=str(train), contamination={"benchmarks": str(bench), "action": "warn"})
+    report = prepare_data(cfg, tmp_path / "run" / "data").report
+    assert report["contamination"]["per_source"] == {"bench.jsonl": 1}
+    assert report["contamination"]["dropped"] == 0
+
+
+def test_mixed_row_kinds_are_refused(tmp_path, tiny_model_dir):
+    chat_rows = write_jsonl(tmp_path / "a.jsonl", animal_rows(5))
+    prefs = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match=r"the sources mix row kinds \(chat: 5, preference: 1\)"):
+        prepare_data(config(tmp_path, tiny_model_dir, train=[str(chat_rows), str(prefs)]), tmp_path / "d")
+
+
+def test_cli_data_prep_prints_summary_and_fails_cleanly(tmp_path, tiny_model_dir):
+    path = write_jsonl(tmp_path / "t.jsonl", distinct_rows(40))
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(dump_config(config(tmp_path, tiny_model_dir, train=str(path))))
+    env = {**os.environ, "COLUMNS": "200"}
+    result = subprocess.run([sys.executable, "-m", "tunelab", "data", "prep", str(config_path)],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "near duplicates" in result.stdout and "train" in result.stdout
+    assert json.loads((tmp_path / "run/data/report.json").read_text())["counts"]["train"] == 32
+
+    path.write_text(path.read_text() + "{oops\n")
+    result = subprocess.run([sys.executable, "-m", "tunelab", "data", "prep", str(config_path)],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {path}:41: invalid JSON: Expecting property name enclosed in double quotes at column 2"
+    assert json.loads((tmp_path / "run/data/report.json").read_text())["counts"]["train"] == 32  # old data intact
