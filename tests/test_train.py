@@ -45,20 +45,12 @@ def test_adapter_reloads_with_plain_peft_to_identical_logits(trained):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunelab.models import Precision, load_model
-    from tunelab.train.adapters import attach_adapter
-
-    cfg, run, _ = trained
-    # Build the trained model again by loading the saved weights into a fresh adapter...
-    fresh = attach_adapter(load_model(cfg.model.name and run_base(cfg), Precision("cpu", None, torch.float32)),
-                           cfg.method)
-    fresh.load_adapter(run.adapter, adapter_name="default")
-    # ...and compare with what any PEFT user gets from the folder.
+    cfg, run, result = trained
     base = AutoModelForCausalLM.from_pretrained(run_base(cfg), dtype=torch.float32)
     reloaded = PeftModel.from_pretrained(base, run.adapter).eval()
     ids = torch.tensor([[5, 17, 33, 2, 40, 41]])
     with torch.no_grad():
-        a, b = fresh.eval()(input_ids=ids).logits, reloaded(input_ids=ids).logits
+        a, b = result.model.eval()(input_ids=ids).logits, reloaded(input_ids=ids).logits
         with reloaded.disable_adapter():
             untouched = reloaded(input_ids=ids).logits
     assert torch.equal(a, b)

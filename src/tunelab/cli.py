@@ -61,13 +61,14 @@ def run(config: ConfigArg, set_: SetOpt = None, dry_run: Annotated[bool, typer.O
 
 
 @app.command()
-def train(config: ConfigArg, set_: SetOpt = None) -> None:
+def train(config: ConfigArg, set_: SetOpt = None, resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue from the last complete checkpoint in output.dir.")] = False) -> None:
     """Prepare data (if needed) and fine-tune an adapter into output.dir."""
     from tunelab import pipeline
 
     cfg = _load(config, set_)
-    run_paths = pipeline.open_run(cfg, starting_training=True)
-    result = pipeline.stage_train(cfg, run_paths)
+    run_paths = pipeline.open_run(cfg, starting_training=True, resume=resume)
+    result = pipeline.stage_train(cfg, run_paths, resume=resume)
     _print_summary(run_paths.root, result, None)
 
 

@@ -143,14 +143,40 @@ class DataConfig(Section):
 
 
 class MethodConfig(Section):
-    type: Literal["lora"] = Field("lora", description="Fine-tuning method.")
+    type: Literal["lora", "qlora", "ia3", "prompt_tuning", "prefix_tuning", "full"] = Field(
+        "lora",
+        description="lora (and DoRA/rsLoRA/LoRA+ via the flags), qlora (4-bit NF4 base + LoRA), ia3, "
+        "prompt_tuning, prefix_tuning, or full fine-tuning.",
+    )
     r: int = Field(16, gt=0, description="LoRA rank.")
-    alpha: int = Field(32, gt=0, description="LoRA alpha (scale = alpha / r).")
+    alpha: int = Field(32, gt=0, description="LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
     target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear",
         description="Modules to adapt: all-linear (every linear projection but the output head) or names.",
     )
+    use_dora: bool = Field(False, description="DoRA: learn magnitude and direction separately (LoRA/QLoRA).")
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r), stable at high ranks.")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: the B matrices learn this many times faster than A (e.g. 16)."
+    )
+    feedforward_modules: list[str] | None = Field(
+        None, description="IA3 only: which target modules are feed-forward (default: PEFT's for the model)."
+    )
+    num_virtual_tokens: int = Field(20, gt=0, description="Prompt/prefix tuning: learned virtual tokens.")
+    prompt_init_text: str | None = Field(
+        None, description="Prompt tuning: initialize the virtual tokens from this text instead of randomly."
+    )
+
+    @model_validator(mode="after")
+    def _flags_fit_the_method(self) -> MethodConfig:
+        lora_only = {"use_dora": self.use_dora, "use_rslora": self.use_rslora,
+                     "loraplus_lr_ratio": self.loraplus_lr_ratio is not None}
+        if self.type not in ("lora", "qlora"):
+            for name, used in lora_only.items():
+                if used:
+                    raise ValueError(f"method.{name} applies to lora and qlora, not {self.type}")
+        return self
 
 
 class TrainConfig(Section):
@@ -172,6 +198,35 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward: less memory, ~30% slower."
     )
+    save_steps: int | None = Field(
+        100, gt=0, description="Write a checkpoint every N steps (atomically), for --resume. null: never."
+    )
+    keep_checkpoints: int = Field(2, gt=0, description="How many of the newest checkpoints to keep.")
+    eval_steps: int | None = Field(None, gt=0, description="Compute val loss every N steps (logged to metrics.jsonl).")
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop after this many evals without a lower val loss (needs eval_steps)."
+    )
+    neftune_noise_alpha: float | None = Field(
+        None, gt=0, description="NEFTune: add uniform noise of this scale to embeddings while training (e.g. 5)."
+    )
+    max_time_minutes: float | None = Field(
+        None, gt=0, description="Wall-time budget: stop with a checkpoint after this long (resume later)."
+    )
+    liger_kernel: bool = Field(
+        False, description="Fused Liger kernels (CUDA only): less memory, faster; needs the gpu extra."
+    )
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_evals(self) -> TrainConfig:
+        if self.early_stopping_patience and not self.eval_steps:
+            raise ValueError("train.early_stopping_patience needs train.eval_steps (how often to measure val loss)")
+        return self
+
+
+class ObjectiveConfig(Section):
+    type: Literal["sft", "cpt"] = Field(
+        "sft", description="sft: loss on assistant answers of chat rows; cpt: loss on every token of text rows."
+    )
 
 
 class EvalConfig(Section):
@@ -186,9 +241,15 @@ class OutputConfig(Section):
 
 
 class RunConfig(Section):
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective_shorthand(cls, value: object) -> object:
+        return {"type": value} if isinstance(value, str) else value
+
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     method: MethodConfig = Field(default_factory=MethodConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)

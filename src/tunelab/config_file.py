@@ -104,6 +104,8 @@ def _describe(
             message = f"unknown key '{dotted}'" + _did_you_mean(key_path, owner)
         elif e["type"] == "missing":
             message = f"'{dotted}' is required but missing"
+        elif e["type"] == "value_error":  # our own cross-field checks: their text already names the keys
+            message = str(e.get("ctx", {}).get("error", e["msg"]))
         elif e["type"] in _TYPE_ERRORS and annotation is not None:
             message = f"'{dotted}' expects {render_type(annotation)}, got {e['input']!r}"
         else:

@@ -19,14 +19,14 @@ from tunelab.errors import RunFolderError
 from tunelab.models import locate_model, pick_precision
 
 
-def open_run(cfg: RunConfig, starting_training: bool) -> RunPaths:
+def open_run(cfg: RunConfig, starting_training: bool, resume: bool = False) -> RunPaths:
     """Create (or reuse) the run folder and write the resolved config into it.
 
     A folder that already holds a trained adapter is never silently replaced: the user must opt in
     with output.overwrite, and then the old run is removed before anything new is written.
     """
     run = RunPaths(cfg.output.dir)
-    if starting_training and run.adapter.exists():
+    if starting_training and not resume and _is_trained(run):
         if not cfg.output.overwrite:
             raise RunFolderError(
                 f"output.dir: {run.root} already holds a trained run; choose another output.dir or pass "
@@ -47,7 +47,7 @@ def preflight(cfg: RunConfig) -> list[str]:
     dataset = build_dataset(cfg).dataset
     precision = pick_precision(cfg.model)
     run = RunPaths(cfg.output.dir)
-    if run.adapter.exists() and not cfg.output.overwrite:
+    if _is_trained(run) and not cfg.output.overwrite:
         raise RunFolderError(
             f"output.dir: {run.root} already holds a trained run; choose another output.dir or pass "
             "--set output.overwrite=true to replace it"
@@ -66,11 +66,15 @@ def stage_data(cfg: RunConfig, run: RunPaths) -> Prepared:
     return prepare_data(cfg, run.data)
 
 
-def stage_train(cfg: RunConfig, run: RunPaths) -> Any:
+def _is_trained(run: RunPaths) -> bool:
+    return run.adapter.exists() or (run.root / "model").exists() or run.checkpoints.exists()
+
+
+def stage_train(cfg: RunConfig, run: RunPaths, resume: bool = False) -> Any:
     from tunelab.train.sft import train_sft
 
     dataset = stage_data(cfg, run).dataset
-    result = train_sft(cfg, run, dataset)
+    result = train_sft(cfg, run, dataset, resume=resume)
     update_run_manifest(run, data=dataset.counts(), train=result.to_json())
     return result
 

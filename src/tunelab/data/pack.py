@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from tunelab.chat import IGNORE_INDEX
+from tunelab.train.collate import with_example_index
 
 
 def pack_examples(examples: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
@@ -73,4 +74,4 @@ class PackedCollator:
             positions[r, n:] = torch.arange(longest - n)
             self.tokens_seen += n
         self.targets_seen += int((labels != IGNORE_INDEX).sum())
-        return {"input_ids": ids, "labels": labels, "position_ids": positions}
+        return with_example_index({"input_ids": ids, "labels": labels, "position_ids": positions}, batch)

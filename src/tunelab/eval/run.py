@@ -20,7 +20,8 @@ from tunelab.eval.generate import generate_greedy
 from tunelab.eval.loss import mean_token_loss, perplexity
 from tunelab.eval.metrics import exact_match, exact_match_rate
 from tunelab.eval.report import render_markdown
-from tunelab.models import Precision, load_model, load_tokenizer, pick_device, resolve_model
+from tunelab.models import Precision, load_tokenizer, pick_device, resolve_model
+from tunelab.train.adapters import load_trained
 
 SYSTEMS = ("base", "tuned")
 
@@ -31,17 +32,9 @@ class EvalResult:
     rows: list[dict[str, Any]]
 
 
-def load_tuned(cfg: RunConfig, run: RunPaths, precision: Precision) -> tuple[Any, Any]:
-    """The base model with the run's adapter attached, and the tokenizer saved with that adapter."""
-    from peft import PeftModel
-
-    if not (run.adapter / "adapter_config.json").is_file():
-        raise RunFolderError(f"{run.root}: no trained adapter in {run.adapter}; run `tunelab train` first")
-    tokenizer = load_tokenizer(run.adapter)  # the exact template used in training
-    base = load_model(resolve_model(cfg.model), precision)
-    model = PeftModel.from_pretrained(base, run.adapter)
-    model.eval()
-    return model, tokenizer
+def trained_folder(run: RunPaths) -> Any:
+    """Where the run's trained weights and their tokenizer live: adapter/ (PEFT) or model/ (full)."""
+    return run.adapter if (run.adapter / "adapter_config.json").is_file() else run.root / "model"
 
 
 def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
@@ -49,7 +42,8 @@ def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
 
     # Evaluate in float32 without autocast: eval numbers must not depend on the training precision.
     precision = Precision(pick_device(cfg.model.device), None, torch.float32)
-    model, tokenizer = load_tuned(cfg, run, precision)
+    model, separate_base = load_trained(cfg, run.root, resolve_model(cfg.model), precision)
+    tokenizer = load_tokenizer(trained_folder(run))  # the exact template used in training
     test = load_dataset(run.data).test
     if cfg.eval.max_examples:
         test = test[: cfg.eval.max_examples]
@@ -65,11 +59,14 @@ def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
     systems: dict[str, dict[str, float]] = {}
     started = time.perf_counter()
     for system in SYSTEMS:
-        with contextlib.nullcontext() if system == "tuned" else model.disable_adapter():
+        # PEFT runs: "base" is the same model with its adapter switched off; full fine-tunes: a second model.
+        net = separate_base if system == "base" and separate_base is not None else model
+        off = system == "base" and separate_base is None
+        with model.disable_adapter() if off else contextlib.nullcontext():
             outputs[system] = generate_greedy(
-                model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size, label=f"eval {system}"
+                net, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size, label=f"eval {system}"
             )
-            loss = mean_token_loss(model, encoded, tokenizer.pad_token_id, cfg.eval.batch_size)
+            loss = mean_token_loss(net, encoded, tokenizer.pad_token_id, cfg.eval.batch_size)
         systems[system] = {
             "exact_match": exact_match_rate(outputs[system], references),
             "eval_loss": loss,

@@ -1,29 +1,96 @@
-"""Build the PEFT adapter for `method` and attach it to a loaded base model."""
+"""Methods: build the trainable model for `method.type`, and load a trained one back.
+
+PEFT methods (LoRA and its variants, QLoRA, IA3, prompt and prefix tuning) save a standard PEFT adapter
+folder; full fine-tuning saves a whole model folder. Everything downstream (eval, export, serve) goes
+through `load_trained`, so it never needs to know which method made a run.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from tunelab.config import MethodConfig
+from tunelab.config import MethodConfig, RunConfig
+from tunelab.errors import RunFolderError
+from tunelab.models import Precision, load_model
+
+PEFT_METHODS = ("lora", "qlora", "ia3", "prompt_tuning", "prefix_tuning")
 
 
-def attach_adapter(model: Any, method: MethodConfig) -> Any:
-    """Wrap `model` in a PeftModel with a fresh, trainable adapter; the base weights stay frozen."""
-    from peft import LoraConfig, get_peft_model
+def load_base(folder: Path, method: MethodConfig, precision: Precision) -> Any:
+    """The frozen base model as the method needs it: 4-bit NF4 for QLoRA, full precision otherwise."""
+    if method.type != "qlora":
+        return load_model(folder, precision)
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    config = LoraConfig(
-        r=method.r,
-        lora_alpha=method.alpha,
-        lora_dropout=method.dropout,
-        # "all-linear" adapts every linear projection except the output head (PEFT's own rule).
-        target_modules=method.target_modules,
-        task_type="CAUSAL_LM",
+    compute = torch.bfloat16 if precision.device == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
     )
-    return get_peft_model(model, config)
+    return AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=quantization, dtype=torch.float32, device_map={"": precision.device}
+    )
+
+
+def peft_config(method: MethodConfig, base_folder: Path) -> Any:
+    import peft
+
+    if method.type in ("lora", "qlora"):
+        return peft.LoraConfig(
+            r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
+            # "all-linear" adapts every linear projection except the output head (PEFT's own rule).
+            target_modules=method.target_modules, use_dora=method.use_dora, use_rslora=method.use_rslora,
+            task_type="CAUSAL_LM",
+        )
+    if method.type == "ia3":
+        # PEFT knows which projections are attention and which feed-forward for common architectures.
+        targets = None if method.target_modules == "all-linear" else method.target_modules
+        return peft.IA3Config(target_modules=targets, feedforward_modules=method.feedforward_modules,
+                              task_type="CAUSAL_LM")
+    if method.type == "prompt_tuning":
+        init = {"prompt_tuning_init": peft.PromptTuningInit.RANDOM}
+        if method.prompt_init_text:
+            init = {"prompt_tuning_init": peft.PromptTuningInit.TEXT, "prompt_tuning_init_text": method.prompt_init_text,
+                    "tokenizer_name_or_path": str(base_folder)}
+        return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=method.num_virtual_tokens, **init)
+    if method.type == "prefix_tuning":
+        return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=method.num_virtual_tokens)
+    raise ValueError(f"no PEFT config for method {method.type}")
+
+
+def build_trainable(cfg: RunConfig, base_folder: Path, precision: Precision) -> Any:
+    """Load the base and make exactly the method's parameters trainable."""
+    model = load_base(base_folder, cfg.method, precision)
+    if cfg.method.type == "full":
+        model.requires_grad_(True)
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.method.type == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    return get_peft_model(model, peft_config(cfg.method, base_folder))
+
+
+def load_trained(cfg: RunConfig, run_root: Path, base_folder: Path, precision: Precision) -> tuple[Any, Any]:
+    """(tuned model, base model or None). For PEFT runs the base is the tuned model with its adapter
+    disabled (one copy in memory); for full fine-tuning the base is a second model."""
+    adapter, full = run_root / "adapter", run_root / "model"
+    if (adapter / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_base(base_folder, cfg.method, precision), adapter)
+        return model.eval(), None
+    if (full / "config.json").is_file():
+        return load_model(full, precision).eval(), load_model(base_folder, precision).eval()
+    raise RunFolderError(f"{run_root}: no trained adapter or model; run `tunelab train` first")
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts; 4-bit weights count as the parameters they stand for."""
+    trainable, total = 0, 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)  # two 4-bit values per byte
+        total += n
+        trainable += n if p.requires_grad else 0
     return trainable, total

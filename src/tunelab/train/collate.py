@@ -34,4 +34,12 @@ class PaddingCollator:
             mask[row, :n] = 1
         self.tokens_seen += int(mask.sum())
         self.targets_seen += int((labels != IGNORE_INDEX).sum())
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return with_example_index(out, batch)
+
+
+def with_example_index(out: dict[str, torch.Tensor], batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Carry each row's position in the training set, so a NaN loss can name its examples."""
+    if all("index" in ex for ex in batch):
+        out["example_index"] = torch.tensor([ex["index"] for ex in batch])
+    return out

@@ -1,14 +1,15 @@
-"""The train stage for supervised fine-tuning: Dataset folder + base model -> adapter in the run folder.
+"""The train stage for supervised objectives: sft (loss on assistant answers) and cpt (loss on every token).
 
-Built on the transformers Trainer (schedules, accumulation normalized by target tokens, checkpoint
-machinery) with our own tokenization, masks and collator; the output is a plain PEFT adapter folder.
+Built on the transformers Trainer (schedules, accumulation normalized by target tokens, checkpoints,
+resume) with our own tokenization, masks, collators and guards; the output is a plain PEFT adapter folder
+(or a full model folder for method.type: full).
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from tunelab.artifacts import RunPaths, atomic_dir, write_text_atomic
@@ -19,11 +20,13 @@ from tunelab.data.prepare import Dataset
 from tunelab.errors import DataError
 from tunelab.eval.loss import mean_token_loss
 from tunelab.measure import peak_memory_mb
-from tunelab.models import load_model, load_tokenizer, pick_precision, resolve_model
+from tunelab.models import load_tokenizer, pick_precision, resolve_model
 from tunelab.progress import console
-from tunelab.train.adapters import attach_adapter, count_parameters
+from tunelab.train.adapters import build_trainable, count_parameters
+from tunelab.train.args import training_arguments
 from tunelab.train.callbacks import MetricsCallback
 from tunelab.train.collate import PaddingCollator
+from tunelab.train.trainer import TrainingError, TunelabTrainer, UnpackAfterEval, WallTimeBudget, complete_checkpoints
 
 
 @dataclass
@@ -41,14 +44,34 @@ class TrainResult:
     total_params: int
     dropped_too_long: int
     precision: str
+    stopped_early: bool = False
+    model: Any = field(default=None, repr=False, compare=False)  # the trained model, still in memory
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
 
 
-def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset) -> TrainResult:
-    """Fine-tune an adapter on `dataset.train`; write adapter, chat template and metrics into `run`."""
-    from transformers import Trainer, set_seed
+def encode_split(cfg: RunConfig, tokenizer: Any, records: list[Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Token ids + labels for a split: assistant-only labels for chat rows, every token for raw text."""
+    if cfg.objective.type == "cpt":
+        if any(r.kind != "text" for r in records):
+            raise DataError("objective.type: cpt trains on raw text rows ({\"text\": ...}); the dataset holds chat rows")
+        examples, dropped = [], []
+        for r in records:
+            ids = tokenizer(r.text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+            if len(ids) > cfg.data.max_length:
+                dropped.append(r.id)
+            else:
+                examples.append({"id": r.id, "input_ids": ids, "labels": list(ids)})
+        return examples, dropped
+    if any(r.kind != "chat" for r in records):
+        raise DataError(f"objective.type: sft needs chat rows, but the dataset holds {records[0].kind} rows")
+    return encode_records(tokenizer, records, cfg.data.system_prompt, cfg.data.max_length)
+
+
+def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = False) -> TrainResult:
+    """Fine-tune on `dataset.train`; write the adapter (or model), chat template and metrics into `run`."""
+    from transformers import EarlyStoppingCallback, set_seed
     from transformers.trainer_callback import PrinterCallback
 
     precision = pick_precision(cfg.model)
@@ -56,106 +79,98 @@ def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset) -> TrainResult:
     tokenizer = load_tokenizer(base_path)
     ensure_chat_template(tokenizer)
 
-    if dataset.kind != "chat":
-        raise DataError(f"data: supervised fine-tuning needs chat rows, but the dataset holds {dataset.kind} rows")
-    train_examples, dropped = encode_records(tokenizer, dataset.train, cfg.data.system_prompt, cfg.data.max_length)
-    val_examples, _ = encode_records(tokenizer, dataset.val, cfg.data.system_prompt, cfg.data.max_length)
+    train_examples, dropped = encode_split(cfg, tokenizer, dataset.train)
+    val_examples, _ = encode_split(cfg, tokenizer, dataset.val) if dataset.val else ([], [])
     if dropped:
         console.print(f"[yellow]warning:[/] dropped {len(dropped)} training examples longer than "
                       f"data.max_length={cfg.data.max_length} tokens (first: {dropped[0]})")
     if not train_examples:
         raise DataError(f"data.max_length: every training example is longer than {cfg.data.max_length} tokens")
 
-    set_seed(cfg.train.seed)  # before the adapter exists: LoRA's init is drawn from this seed
-    model = attach_adapter(load_model(base_path, precision), cfg.method)
-    trainable, total = count_parameters(model)
-    console.print(f"Training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%) "
-                  f"on {len(train_examples)} examples [{precision.label}]")
-
+    set_seed(cfg.train.seed)  # before the adapter exists: its initialization is drawn from this seed
+    model = build_trainable(cfg, base_path, precision)
     model.config.use_cache = False  # a KV cache is useless in training and would disable packed attention
-    collator: Any = PaddingCollator(tokenizer.pad_token_id)
-    rows: list[dict[str, Any]] = train_examples
-    if cfg.data.packing:
-        rows = pack_examples(train_examples, cfg.data.max_length)
-        collator = PackedCollator(tokenizer.pad_token_id)
-        console.print(f"Packed {len(train_examples)} examples into {len(rows)} rows of up to {cfg.data.max_length} tokens")
+    trainable, total = count_parameters(model)
+    console.print(f"Training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%) with "
+                  f"{cfg.method.type} on {len(train_examples)} examples [{precision.label}]")
+
+    rows = pack_examples(train_examples, cfg.data.max_length) if cfg.data.packing else train_examples
+    collator: Any = PackedCollator(tokenizer.pad_token_id) if cfg.data.packing else PaddingCollator(tokenizer.pad_token_id)
+    rows = [{**row, "index": i} for i, row in enumerate(rows)]
+    example_ids = [row.get("ids") or [row["id"]] for row in rows]
+    eval_rows = [{**row, "index": -1} for row in val_examples] if cfg.train.eval_steps else None
+
     callback = MetricsCallback(run.metrics, collator)
-    trainer = Trainer(
+    budget = WallTimeBudget(cfg.train.max_time_minutes) if cfg.train.max_time_minutes else None
+    extra = [c for c in (budget, UnpackAfterEval() if cfg.method.type == "qlora" else None) if c is not None]
+    if cfg.train.early_stopping_patience:
+        extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    trainer = TunelabTrainer(
         model=model,
-        args=_training_arguments(cfg, run, precision),
-        train_dataset=_Examples(rows),
+        args=training_arguments(cfg, run, precision, has_eval=eval_rows is not None),
+        train_dataset=_Rows(rows),
+        eval_dataset=_Rows(eval_rows) if eval_rows else None,
         data_collator=collator,
-        callbacks=[callback],
+        callbacks=[callback, *extra],
+        optimizers=(_loraplus_optimizer(cfg, model), None),
+        example_ids=example_ids,
+        keep_checkpoints=cfg.train.keep_checkpoints,
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; our bar shows the loss instead
+
+    checkpoint = _resume_point(run) if resume else None
     started = time.perf_counter()
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - started
 
     val_loss = mean_token_loss(model, val_examples, tokenizer.pad_token_id, cfg.train.batch_size)
     callback.log_row({"step": output.global_step, "val_loss": val_loss})
-    save_adapter(model, tokenizer, run)
+    save_trained(cfg, model, tokenizer, run)
 
     losses = callback.losses or [float("nan")]
     return TrainResult(
-        steps=output.global_step,
-        train_loss=float(output.training_loss),
-        first_loss=losses[0],
-        last_loss=losses[-1],
-        val_loss=val_loss,
-        train_seconds=round(seconds, 2),
-        tokens_seen=collator.tokens_seen,
-        tokens_per_second=round(collator.tokens_seen / seconds, 1),
-        peak_memory_mb=round(peak_memory_mb(precision.device), 1),
-        trainable_params=trainable,
-        total_params=total,
-        dropped_too_long=len(dropped),
-        precision=precision.label,
+        steps=output.global_step, train_loss=float(output.training_loss), first_loss=losses[0],
+        last_loss=losses[-1], val_loss=val_loss, train_seconds=round(seconds, 2),
+        tokens_seen=collator.tokens_seen, tokens_per_second=round(collator.tokens_seen / seconds, 1),
+        peak_memory_mb=round(peak_memory_mb(precision.device), 1), trainable_params=trainable,
+        total_params=total, dropped_too_long=len(dropped), precision=precision.label,
+        stopped_early=bool(budget and budget.stopped_early), model=model,
     )
 
 
-def save_adapter(model: Any, tokenizer: Any, run: RunPaths) -> None:
-    """Write the adapter (standard PEFT layout) with the exact tokenizer and chat template it was trained with."""
-    with atomic_dir(run.adapter) as tmp:
+def _resume_point(run: RunPaths) -> Path:
+    found = complete_checkpoints(run.checkpoints)
+    if not found:
+        raise TrainingError(f"--resume: no complete checkpoint in {run.checkpoints}; train without --resume")
+    console.print(f"Resuming from {found[-1]}")
+    return found[-1]
+
+
+def _loraplus_optimizer(cfg: RunConfig, model: Any) -> Any:
+    """LoRA+ sets a higher learning rate for the B matrices; None lets the Trainer build AdamW."""
+    if cfg.method.loraplus_lr_ratio is None:
+        return None
+    import torch
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(
+        model=model, optimizer_cls=torch.optim.AdamW, lr=cfg.train.learning_rate,
+        loraplus_lr_ratio=cfg.method.loraplus_lr_ratio, weight_decay=cfg.train.weight_decay,
+    )
+
+
+def save_trained(cfg: RunConfig, model: Any, tokenizer: Any, run: RunPaths) -> None:
+    """Write the adapter (standard PEFT layout) or the full model, with the exact tokenizer and chat
+    template it was trained with."""
+    target = run.root / "model" if cfg.method.type == "full" else run.adapter
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
     write_text_atomic(run.chat_template, tokenizer.chat_template)
 
 
-def _training_arguments(cfg: RunConfig, run: RunPaths, precision: Any) -> Any:
-    import torch
-    from transformers import TrainingArguments
-
-    t = cfg.train
-    return TrainingArguments(
-        output_dir=str(run.checkpoints),
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of total steps in transformers 5
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        seed=t.seed,
-        logging_steps=t.logging_steps,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,  # our own progress bar shows loss
-        bf16=precision.autocast_dtype == torch.bfloat16,
-        fp16=precision.autocast_dtype == torch.float16,
-        use_cpu=precision.device == "cpu",
-        activation_checkpointing=t.gradient_checkpointing,
-        # Non-reentrant checkpointing measured ~4x faster than reentrant with PEFT.
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-    )
-
-
-class _Examples:
+class _Rows:
     """A list as a map-style dataset (the Trainer needs only __len__ and __getitem__)."""
 
     def __init__(self, rows: list[dict[str, Any]]) -> None:
@@ -166,8 +181,3 @@ class _Examples:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.rows[i]
-
-
-def read_metrics(path: Any) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,111 @@
+"""The transformers Trainer with the three guarantees peers lack, added by small overrides:
+
+- checkpoints are written to a staging folder and renamed into place, so a kill mid-save never leaves a
+  half-written checkpoint for `--resume` to trip on; only the last `keep` complete ones are kept;
+- a NaN or inf loss stops the run at once, naming the step and the examples in the batch (the stock
+  Trainer silently replaces it with the running average);
+- batches carry the index of each example, for that message, and it is removed before the model sees it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from tunelab.errors import TunelabError
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+STAGING = ".staging"
+
+
+class TrainingError(TunelabError):
+    """Training had to stop for a reason the user can act on."""
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Staging folders (a save that was cut short) never count."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+class TunelabTrainer(Trainer):
+    def __init__(self, *args: Any, example_ids: list[list[str]], keep_checkpoints: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.example_ids = example_ids
+        self.keep_checkpoints = keep_checkpoints
+        self._staging = False
+
+    # --- atomic checkpoints -------------------------------------------------------------------------
+    def _get_output_dir(self, trial: Any) -> str:
+        real = super()._get_output_dir(trial)
+        return os.path.join(real, STAGING) if self._staging else real
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        root = Path(super()._get_output_dir(trial))
+        shutil.rmtree(root / STAGING, ignore_errors=True)  # leftovers of a save that was killed
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        name = f"checkpoint-{self.state.global_step}"
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(root / STAGING / name, final)
+        shutil.rmtree(root / STAGING, ignore_errors=True)
+        for old in complete_checkpoints(root)[: -self.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # --- loss guard ---------------------------------------------------------------------------------
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        indices = inputs.pop("example_index", None)
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        loss = result[0] if isinstance(result, tuple) else result
+        if model.training and not torch.isfinite(loss.detach()).all():
+            names = [] if indices is None else [i for k in indices.tolist() for i in self.example_ids[k]]
+            shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+            raise TrainingError(
+                f"training stopped: the loss is {loss.item()} at step {self.state.global_step + 1} "
+                f"(examples: {shown}); lower train.learning_rate, use float32 (model.dtype), or check those rows"
+            )
+        return result
+
+
+class WallTimeBudget(TrainerCallback):
+    """Stop (with a checkpoint, so `--resume` can continue) once `minutes` of training have passed."""
+
+    def __init__(self, minutes: float) -> None:
+        self.seconds = minutes * 60
+        self.started = 0.0
+        self.stopped_early = False
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.started = time.monotonic()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if time.monotonic() - self.started >= self.seconds:
+            self.stopped_early = True
+            control.should_training_stop = True
+            control.should_save = True
+
+
+class UnpackAfterEval(TrainerCallback):
+    """QLoRA on CPU: an eval-mode forward makes bitsandbytes repack 4-bit weights into a layout whose
+    forward has no autograd, so later training steps would silently get no input gradients. Calling
+    state_dict() restores the trainable layout."""
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if model is not None:
+            model.state_dict()
