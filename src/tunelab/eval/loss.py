@@ -23,13 +23,11 @@ def mean_token_loss(model: Any, examples: list[dict[str, Any]], pad_token_id: in
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
-        total += float(torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum",
-        ))
-        count += int((shift_labels != IGNORE_INDEX).sum())
+        # The model's own loss (mean over this batch's targets) handles methods that add virtual tokens.
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        total += float(loss) * targets
+        count += targets
     model.train(was_training)
     return total / max(count, 1)
 
