@@ -1,0 +1,132 @@
+"""Robust training: kill-and-resume equals an uninterrupted run; accumulation equals a large batch;
+NaN stops loudly; early stopping, wall-time budget and NEFTune do what they say."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tunelab import pipeline
+from tunelab.config_file import dump_config
+from tunelab.train.trainer import TrainingError, complete_checkpoints
+
+
+def adapter_tensors(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def test_sigkill_then_resume_reaches_the_uninterrupted_result(tiny_config, tmp_path):
+    tiny_config.train.max_steps = 160
+    tiny_config.train.save_steps = 10
+    tiny_config.train.batch_size = 4
+    tiny_config.train.learning_rate = 1e-3
+    tiny_config.train.keep_checkpoints = 2
+    tiny_config.output.dir = tmp_path / "uninterrupted"
+    reference = pipeline.stage_train(tiny_config, pipeline.open_run(tiny_config, starting_training=True))
+    assert reference.steps == 160
+
+    tiny_config.output.dir = tmp_path / "killed"
+    config_path = tmp_path / "killed.yaml"
+    config_path.write_text(dump_config(tiny_config))
+    command = [sys.executable, "-m", "tunelab", "train", str(config_path)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not any(int(p.name.split("-")[1]) >= 30 for p in complete_checkpoints(checkpoints)):
+        assert process.poll() is None, "training finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "adapter").exists()
+    assert len(complete_checkpoints(checkpoints)) <= 2  # only the newest are kept
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Resuming from" in resumed.stderr
+    a, b = adapter_tensors(tmp_path / "uninterrupted"), adapter_tensors(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tiny_config):
+    run = pipeline.open_run(tiny_config, starting_training=True, resume=True)
+    with pytest.raises(TrainingError, match="--resume: no complete checkpoint in"):
+        pipeline.stage_train(tiny_config, run, resume=True)
+
+
+def test_accumulated_small_batches_equal_one_large_batch(tiny_config, tmp_path):
+    """The loss is normalized by all target tokens of the accumulated step, not averaged per micro-batch
+    (which weights short examples more: the bug peers shipped for years)."""
+    tiny_config.method.dropout = 0.0
+    tiny_config.train.max_steps = 1
+    tiny_config.train.warmup_ratio = 0.0
+    tiny_config.train.save_steps = None
+    results = {}
+    for batch, accumulate in ((8, 1), (2, 4)):
+        tiny_config.train.batch_size, tiny_config.train.gradient_accumulation_steps = batch, accumulate
+        tiny_config.output.dir = tmp_path / f"bs{batch}"
+        results[batch] = pipeline.stage_train(tiny_config, pipeline.open_run(tiny_config, starting_training=True))
+    assert results[8].first_loss == pytest.approx(results[2].first_loss, rel=1e-5)
+    a, b = adapter_tensors(tmp_path / "bs8"), adapter_tensors(tmp_path / "bs2")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_nan_loss_stops_naming_step_and_examples(tiny_config):
+    tiny_config.train.learning_rate = 1e30  # weights overflow float32 within a step or two
+    tiny_config.train.max_grad_norm = 1e30
+    tiny_config.train.warmup_ratio = 0.0
+    tiny_config.train.lr_scheduler = "constant"
+    run = pipeline.open_run(tiny_config, starting_training=True)
+    with pytest.raises(TrainingError) as info:
+        pipeline.stage_train(tiny_config, run)
+    (message,) = info.value.problems
+    assert message.startswith("training stopped: the loss is ")
+    assert " at step " in message and "(examples: ex-" in message
+    assert not run.adapter.exists()
+
+
+def test_early_stopping_stops_when_val_loss_stalls(tiny_config):
+    tiny_config.train.learning_rate = 1e-12  # nothing moves: val loss never improves after the first eval
+    tiny_config.train.lr_scheduler = "constant"
+    tiny_config.train.max_steps = 40
+    tiny_config.train.eval_steps = 2
+    tiny_config.train.early_stopping_patience = 2
+    result = pipeline.stage_train(tiny_config, pipeline.open_run(tiny_config, starting_training=True))
+    assert result.steps == 6
+
+
+def test_wall_time_budget_stops_with_a_checkpoint_that_resumes(tiny_config):
+    tiny_config.train.max_steps = 400
+    tiny_config.train.max_time_minutes = 0.01  # 0.6 s
+    run = pipeline.open_run(tiny_config, starting_training=True)
+    first = pipeline.stage_train(tiny_config, run)
+    assert first.stopped_early and first.steps < 400
+    assert complete_checkpoints(run.checkpoints)[-1].name == f"checkpoint-{first.steps}"
+    tiny_config.train.max_time_minutes = None
+    second = pipeline.stage_train(tiny_config, run, resume=True)
+    assert second.steps == 400
+
+
+def test_neftune_adds_noise_only_while_training(tiny_config, tmp_path):
+    losses = {}
+    for alpha in (None, 5.0):
+        tiny_config.train.neftune_noise_alpha = alpha
+        tiny_config.train.max_steps = 1
+        tiny_config.output.dir = tmp_path / f"neft{alpha}"
+        result = pipeline.stage_train(tiny_config, pipeline.open_run(tiny_config, starting_training=True))
+        losses[alpha] = (result.first_loss, result.model)
+    assert losses[None][0] != losses[5.0][0]  # noisy embeddings change the training loss
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():  # and leave no hook behind: eval-mode embeddings are noise-free
+        emb = losses[5.0][1].get_input_embeddings()
+        assert torch.equal(emb(ids), emb(ids))
