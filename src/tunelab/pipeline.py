@@ -17,6 +17,7 @@ from tunelab.config_file import dump_config
 from tunelab.data.prepare import Prepared, build_dataset, prepare_data
 from tunelab.errors import RunFolderError
 from tunelab.models import locate_model, pick_precision
+from tunelab.preflight import check_compatibility
 
 
 def open_run(cfg: RunConfig, starting_training: bool, resume: bool = False) -> RunPaths:
@@ -44,8 +45,9 @@ def preflight(cfg: RunConfig) -> list[str]:
     Returns human-readable lines describing what was checked; raises a TunelabError on the first failure.
     """
     source = locate_model(cfg.model)
-    dataset = build_dataset(cfg).dataset
     precision = pick_precision(cfg.model)
+    check_compatibility(cfg, precision.device, source)
+    dataset = build_dataset(cfg).dataset
     run = RunPaths(cfg.output.dir)
     if _is_trained(run) and not cfg.output.overwrite:
         raise RunFolderError(
@@ -73,6 +75,7 @@ def _is_trained(run: RunPaths) -> bool:
 def stage_train(cfg: RunConfig, run: RunPaths, resume: bool = False) -> Any:
     from tunelab.train.sft import train_sft
 
+    check_compatibility(cfg, pick_precision(cfg.model).device, locate_model(cfg.model))
     dataset = stage_data(cfg, run).dataset
     result = train_sft(cfg, run, dataset, resume=resume)
     update_run_manifest(run, data=dataset.counts(), train=result.to_json())

@@ -1,0 +1,42 @@
+"""Pre-flight: combinations that cannot work, refused before any weights load, each with what to change."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+from tunelab.config import RunConfig
+from tunelab.errors import ConfigError
+from tunelab.models import ModelSource
+
+PACKABLE_OBJECTIVES = ("sft", "cpt")
+
+
+def check_compatibility(cfg: RunConfig, device: str, source: ModelSource | None = None) -> None:
+    """Raise ConfigError listing every incompatible choice in `cfg` for `device`."""
+    problems = []
+    method, train, data = cfg.method, cfg.train, cfg.data
+    if method.type == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("method.type: qlora needs bitsandbytes; install it (pip install bitsandbytes==0.50.2) "
+                        "or use method.type: lora")
+    if data.packing and cfg.objective.type not in PACKABLE_OBJECTIVES:
+        problems.append(f"data.packing: objective {cfg.objective.type} compares whole sequences and cannot pack; "
+                        "set data.packing: false")
+    if data.packing and method.type in ("prompt_tuning", "prefix_tuning"):
+        problems.append(f"data.packing: {method.type} prepends virtual tokens to each row, which breaks packed "
+                        "position ids; set data.packing: false")
+    if method.type == "prefix_tuning" and train.gradient_checkpointing:
+        problems.append("train.gradient_checkpointing: prefix tuning feeds past key/values that checkpointing "
+                        "cannot recompute; set it to false")
+    if method.type == "prefix_tuning" and source is not None and source.kind == "folder":
+        config = json.loads((source.path / "config.json").read_text())
+        if not all(k in config for k in ("num_attention_heads", "num_hidden_layers", "hidden_size")):
+            problems.append(f"method.type: prefix tuning needs a decoder with attention heads, and "
+                            f"{source.path} ({config.get('model_type')}) has none; use lora")
+    if train.liger_kernel and device != "cuda":
+        problems.append(f"train.liger_kernel: Liger kernels run on CUDA GPUs only (this run is on {device}); "
+                        "set it to false")
+    if train.early_stopping_patience and not data.val_fraction:
+        problems.append("train.early_stopping_patience: needs a val split; set data.val_fraction above 0")
+    if problems:
+        raise ConfigError(*problems)
