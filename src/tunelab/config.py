@@ -223,10 +223,24 @@ class TrainConfig(Section):
         return self
 
 
+PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo", "kto")
+
+
 class ObjectiveConfig(Section):
-    type: Literal["sft", "cpt"] = Field(
-        "sft", description="sft: loss on assistant answers of chat rows; cpt: loss on every token of text rows."
+    type: Literal["sft", "cpt", "dpo", "simpo", "orpo", "kto"] = Field(
+        "sft",
+        description="sft: loss on assistant answers (chat rows); cpt: loss on every token (text rows); "
+        "dpo / simpo / orpo: preference pairs; kto: answers labelled good or bad.",
     )
+    beta: float = Field(
+        0.1, gt=0, description="Preference objectives: how far the policy may move from the reference (DPO beta; "
+        "SimPO/ORPO/KTO's own scale)."
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down"] = Field(
+        "sigmoid", description="DPO loss: sigmoid (the original DPO), ipo, hinge, robust, apo_zero, apo_down."
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO: target reward margin (gamma / beta ratio).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO/robust: assumed share of flipped labels.")
 
 
 class EvalConfig(Section):

@@ -25,6 +25,8 @@ def token_counter(tokenizer: Any, system_prompt: str | None) -> Callable[[list[R
     def count(records: list[Record]) -> list[int]:
         groups = [_texts(r, tokenizer, system_prompt) for r in records]
         flat = [t for group in groups for t in group]
+        if not flat:
+            return []
         # One batched call: the Rust tokenizer is far faster on a list than text by text.
         lengths = iter(len(ids) for ids in tokenizer(flat, add_special_tokens=False)["input_ids"])
         return [max(next(lengths) for _ in group) for group in groups]

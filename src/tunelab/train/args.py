@@ -10,11 +10,17 @@ from tunelab.models import Precision
 
 
 def training_arguments(cfg: RunConfig, run: RunPaths, precision: Precision, has_eval: bool) -> Any:
-    import torch
     from transformers import TrainingArguments
 
+    return TrainingArguments(**training_kwargs(cfg, run, precision, has_eval))
+
+
+def training_kwargs(cfg: RunConfig, run: RunPaths, precision: Precision, has_eval: bool) -> dict[str, Any]:
+    """Keyword arguments shared by TrainingArguments and every TRL config (they subclass it)."""
+    import torch
+
     t = cfg.train
-    return TrainingArguments(
+    return dict(
         output_dir=str(run.checkpoints),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
@@ -48,4 +54,5 @@ def training_arguments(cfg: RunConfig, run: RunPaths, precision: Precision, has_
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
     )

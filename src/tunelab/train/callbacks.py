@@ -18,7 +18,7 @@ from tunelab.train.collate import PaddingCollator
 class MetricsCallback(TrainerCallback):
     """Appends one JSON line per log event (step, loss, lr, grad norm, tokens/s) and drives the bar."""
 
-    def __init__(self, path: Path, collator: PaddingCollator | PackedCollator) -> None:
+    def __init__(self, path: Path, collator: PaddingCollator | PackedCollator | None) -> None:
         self.path = path
         self.collator = collator
         self.losses: list[float] = []
@@ -50,16 +50,21 @@ class MetricsCallback(TrainerCallback):
         elapsed = time.perf_counter() - self._started
         loss = float(logs["loss"])
         self.losses.append(loss)
+        # Our collators count real tokens; TRL's trainers report theirs in the state.
+        tokens = self.collator.tokens_seen if self.collator is not None else (state.num_input_tokens_seen or None)
         row = {
             "step": state.global_step,
             "epoch": round(float(state.epoch or 0.0), 4),
             "loss": loss,
             "learning_rate": logs.get("learning_rate"),
             "grad_norm": _finite_or_none(logs.get("grad_norm")),
-            "tokens_seen": self.collator.tokens_seen,
-            "tokens_per_second": round(self.collator.tokens_seen / elapsed, 1) if elapsed > 0 else None,
+            "tokens_seen": tokens,
+            "tokens_per_second": round(tokens / elapsed, 1) if tokens and elapsed > 0 else None,
             "elapsed_s": round(elapsed, 2),
         }
+        # Objective-specific numbers (DPO reward margins and accuracy, KTO's KL, ...) go in as logged.
+        row.update({k: float(v) for k, v in logs.items() if k not in row and isinstance(v, (int, float))
+                    and k not in ("epoch", "num_input_tokens_seen", "train_tokens_per_second")})
         self.log_row(row)
         if self._bar is not None:
             self._bar.update(self._task, info=f"loss {loss:.4f}  {row['tokens_per_second'] or 0:.0f} tok/s")

@@ -1,0 +1,119 @@
+"""The train stage for preference objectives (DPO and its loss variants, SimPO, ORPO, KTO), on TRL.
+
+The reference model for DPO and KTO is the base with the adapter switched off (TRL does this when it is
+given a PeftModel and no ref_model), so there is never a second copy of the model in memory. TRL's own
+metrics (reward margins, preference accuracy) flow into metrics.jsonl with the loss.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tunelab.artifacts import RunPaths
+from tunelab.chat import ensure_chat_template, with_system_prompt
+from tunelab.config import RunConfig
+from tunelab.data.prepare import Dataset
+from tunelab.data.tokens import token_counter
+from tunelab.errors import DataError
+from tunelab.measure import peak_memory_mb
+from tunelab.models import load_tokenizer, pick_precision, resolve_model
+from tunelab.progress import console
+from tunelab.train.adapters import build_trainable, count_parameters
+from tunelab.train.args import training_kwargs
+from tunelab.train.callbacks import MetricsCallback
+from tunelab.train.sft import TrainResult, _resume_point, save_trained
+from tunelab.train.trainer import WallTimeBudget
+
+NEEDS_KIND = {"dpo": "preference", "simpo": "preference", "orpo": "preference", "kto": "kto"}
+
+
+def to_trl_rows(cfg: RunConfig, records: list[Any]) -> list[dict[str, Any]]:
+    """Records -> TRL's conversational preference / unpaired-preference rows."""
+    objective = cfg.objective.type
+    rows = []
+    for r in records:
+        if r.kind != NEEDS_KIND[objective]:
+            raise DataError(f"objective.type: {objective} needs {NEEDS_KIND[objective]} rows, but row {r.id} is {r.kind}")
+        prompt = with_system_prompt(r.messages, cfg.data.system_prompt)
+        if r.kind == "preference":
+            rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": r.chosen}],
+                         "rejected": [{"role": "assistant", "content": r.rejected}]})
+        else:
+            rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": r.completion}],
+                         "label": bool(r.label)})
+    return rows
+
+
+def make_trainer(cfg: RunConfig, run: RunPaths, model: Any, tokenizer: Any, train_rows: list[dict[str, Any]],
+                 callbacks: list[Any]) -> Any:
+    """The TRL trainer for cfg.objective, configured from the same RunConfig as every other stage."""
+    from datasets import Dataset as HFDataset
+
+    precision = pick_precision(cfg.model)
+    common = {**training_kwargs(cfg, run, precision, has_eval=False), "max_length": cfg.data.max_length,
+              # TRL's batches have no single input key to count; tokens are counted from the data instead.
+              "include_num_input_tokens_seen": "no"}
+    objective, o = cfg.objective.type, cfg.objective
+    data = HFDataset.from_list(train_rows)
+    if objective == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(**common, beta=o.beta, loss_type=o.loss_type, label_smoothing=o.label_smoothing)
+        return DPOTrainer(model=model, ref_model=None, args=args, train_dataset=data, processing_class=tokenizer,
+                          callbacks=callbacks)
+    if objective == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        args = KTOConfig(**common, beta=o.beta)
+        return KTOTrainer(model=model, ref_model=None, args=args, train_dataset=data, processing_class=tokenizer,
+                          callbacks=callbacks)
+    if objective == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        args = ORPOConfig(**common, beta=o.beta)
+        return ORPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=callbacks)
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    # SimPO is CPO's loss with a length-normalized reward and no NLL term (cpo_alpha=0), per the SimPO paper.
+    args = CPOConfig(**common, beta=o.beta, loss_type="simpo", cpo_alpha=0.0, simpo_gamma=o.simpo_gamma)
+    return CPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=callbacks)
+
+
+def train_preference(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = False) -> TrainResult:
+    from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback
+
+    precision = pick_precision(cfg.model)
+    base_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(base_path)
+    ensure_chat_template(tokenizer)
+    train_rows = to_trl_rows(cfg, dataset.train)
+
+    set_seed(cfg.train.seed)
+    model = build_trainable(cfg, base_path, precision)
+    trainable, total = count_parameters(model)
+    console.print(f"Training {trainable:,} of {total:,} parameters with {cfg.method.type} + "
+                  f"{cfg.objective.type} on {len(train_rows)} rows [{precision.label}]")
+    callback = MetricsCallback(run.metrics, None)
+    budget = WallTimeBudget(cfg.train.max_time_minutes) if cfg.train.max_time_minutes else None
+    trainer = make_trainer(cfg, run, model, tokenizer, train_rows, [callback, *([budget] if budget else [])])
+    trainer.remove_callback(PrinterCallback)
+
+    checkpoint = _resume_point(run) if resume else None
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    seconds = time.perf_counter() - started
+    save_trained(cfg, model, tokenizer, run)
+    # Every row is read once per epoch: both answers of a pair (or the one of a KTO row) with the prompt.
+    per_epoch = sum(token_counter(tokenizer, cfg.data.system_prompt)(dataset.train))
+    per_epoch *= 2 if cfg.objective.type != "kto" else 1
+    tokens = int(per_epoch * float(trainer.state.epoch or 0))
+    losses = callback.losses or [float("nan")]
+    return TrainResult(
+        steps=output.global_step, train_loss=float(output.training_loss), first_loss=losses[0],
+        last_loss=losses[-1], val_loss=float("nan"), train_seconds=round(seconds, 2), tokens_seen=tokens,
+        tokens_per_second=round(tokens / seconds, 1), peak_memory_mb=round(peak_memory_mb(precision.device), 1),
+        trainable_params=trainable, total_params=total, dropped_too_long=0, precision=precision.label,
+        stopped_early=bool(budget and budget.stopped_early), model=model,
+    )
