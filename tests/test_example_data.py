@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tunelab.data.load import load_records
 
@@ -13,10 +16,21 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "order_extraction"
 
 
-def test_generator_reproduces_the_committed_files(tmp_path):
-    subprocess.run([sys.executable, str(EXAMPLE / "generate.py"), "--out", str(tmp_path)], check=True)
-    for name in ("train.jsonl", "test.jsonl"):
-        assert (tmp_path / name).read_bytes() == (EXAMPLE / name).read_bytes(), name
+@pytest.mark.parametrize("folder", ["order_extraction", "concise"])
+def test_generator_reproduces_the_committed_files(tmp_path, folder):
+    example = ROOT / "examples" / folder
+    subprocess.run([sys.executable, str(example / "generate.py"), "--out", str(tmp_path)], check=True)
+    committed = sorted(p.name for p in example.glob("*.jsonl"))
+    assert committed and sorted(p.name for p in tmp_path.glob("*.jsonl")) == committed
+    for name in committed:
+        assert (tmp_path / name).read_bytes() == (example / name).read_bytes(), name
+
+
+def test_concise_example_holds_out_its_test_questions():
+    train = {json.loads(line)["messages"][0]["content"] for line in (ROOT / "examples/concise/sft.jsonl").open()}
+    train |= {json.loads(line)["prompt"][0]["content"] for line in (ROOT / "examples/concise/prefs.jsonl").open()}
+    test = [json.loads(line)["messages"][0]["content"] for line in (ROOT / "examples/concise/test_chat.jsonl").open()]
+    assert len(test) >= 25 and not train & set(test)
 
 
 def test_held_out_templates_items_and_cities_never_appear_in_training():

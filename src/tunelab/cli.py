@@ -6,7 +6,9 @@ answer in a fraction of a second.
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -136,13 +138,26 @@ def _print_summary(root: Path, train_result: Any, metrics: dict[str, Any] | None
     if metrics is not None:
         n = metrics["n_examples"]
         for name, m in metrics["systems"].items():
+            if "pairwise_accuracy" in m:
+                table.add_row(f"{name} pairwise accuracy (n={n})", f"{m['pairwise_accuracy']:.1%}")
+                continue
             table.add_row(f"{name} exact match (n={n})", f"{m['exact_match']:.1%}")
             table.add_row(f"{name} eval loss / ppl", f"{m['eval_loss']:.4f} / {m['perplexity']:.2f}")
+            table.add_row(f"{name} words per answer", f"{m['mean_words']:.1f}")
         table.add_row("report", str(root / "eval" / "report.md"))
     out.print(table)
 
 
+def _quiet_library_noise() -> None:
+    # bitsandbytes tries to fetch an optional CPU kernel from a model hub at import and logs a warning when it
+    # cannot (always, offline); deprecation notices about the libraries' own internals are not the user's to fix.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|trl)\.")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.jit")
+
+
 def main() -> None:
+    _quiet_library_noise()
     try:
         code = app(standalone_mode=False)
     except TunelabError as err:

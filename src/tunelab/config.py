@@ -28,6 +28,11 @@ class ModelConfig(Section):
         None,
         description="Where converted models are cached. Default: $TUNELAB_CACHE or ~/.cache/tunelab.",
     )
+    adapter_from: Path | None = Field(
+        None,
+        description="Start from this run folder's trained adapter instead of a fresh one (e.g. DPO after SFT). "
+        "Preference objectives then use that starting point as their reference.",
+    )
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="Compute device; auto picks cuda, then mps, then cpu."
     )
@@ -88,7 +93,8 @@ class ContaminationConfig(Section):
     )
     ignore_common: float = Field(
         0.05, ge=0, le=1,
-        description="Ignore n-grams found in more than this share of eval rows (shared boilerplate, not leaks).",
+        description="Ignore n-grams found in more than this share of eval rows or of training rows (shared "
+        "boilerplate such as a repeated instruction, not leaks).",
     )
 
     @field_validator("benchmarks", mode="before")
@@ -223,14 +229,16 @@ class TrainConfig(Section):
         return self
 
 
-PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo", "kto")
+# Objectives trained with TRL's trainers (the others run on our own Trainer path).
+TRL_OBJECTIVES = ("dpo", "simpo", "orpo", "kto", "reward", "grpo")
 
 
 class ObjectiveConfig(Section):
-    type: Literal["sft", "cpt", "dpo", "simpo", "orpo", "kto"] = Field(
+    type: Literal["sft", "cpt", "dpo", "simpo", "orpo", "kto", "reward", "grpo"] = Field(
         "sft",
         description="sft: loss on assistant answers (chat rows); cpt: loss on every token (text rows); "
-        "dpo / simpo / orpo: preference pairs; kto: answers labelled good or bad.",
+        "dpo / simpo / orpo: preference pairs; kto: answers labelled good or bad; reward: a reward model "
+        "from preference pairs; grpo: reinforcement learning from reward functions on chat prompts.",
     )
     beta: float = Field(
         0.1, gt=0, description="Preference objectives: how far the policy may move from the reference (DPO beta; "
@@ -241,6 +249,19 @@ class ObjectiveConfig(Section):
     )
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO: target reward margin (gamma / beta ratio).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO/robust: assumed share of flipped labels.")
+    rewards: list[str] = Field(
+        default_factory=lambda: ["exact_match"],
+        description="GRPO rewards: exact_match, regex, json_valid, length_penalty, package.module:function, "
+        "or reward_model:RUN_DIR. Summed.",
+    )
+    reward_regex: str | None = Field(None, description="GRPO 'regex' reward: the pattern a completion should match.")
+    target_words: int = Field(50, gt=0, description="GRPO 'length_penalty' reward: words allowed before the penalty.")
+    num_generations: int = Field(4, ge=2, description="GRPO: completions sampled per prompt (the group).")
+    max_completion_tokens: int = Field(64, gt=0, description="GRPO: generation budget per completion.")
+    temperature: float = Field(1.0, gt=0, description="GRPO: sampling temperature.")
+    grpo_kl: float = Field(
+        0.0, ge=0, description="GRPO: KL penalty toward the starting policy (0, TRL's default, needs no reference)."
+    )
 
 
 class EvalConfig(Section):

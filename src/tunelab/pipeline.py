@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunelab.artifacts import RunPaths, manifest, sha256_file, write_json_atomic, write_text_atomic
-from tunelab.config import PREFERENCE_OBJECTIVES, RunConfig
+from tunelab.config import TRL_OBJECTIVES, RunConfig
 from tunelab.config_file import dump_config
 from tunelab.data.prepare import Prepared, build_dataset, prepare_data
 from tunelab.errors import RunFolderError
@@ -78,7 +78,7 @@ def stage_train(cfg: RunConfig, run: RunPaths, resume: bool = False) -> Any:
 
     check_compatibility(cfg, pick_precision(cfg.model).device, locate_model(cfg.model))
     dataset = stage_data(cfg, run).dataset
-    trainer = train_preference if cfg.objective.type in PREFERENCE_OBJECTIVES else train_sft
+    trainer = train_preference if cfg.objective.type in TRL_OBJECTIVES else train_sft
     result = trainer(cfg, run, dataset, resume=resume)
     update_run_manifest(run, data=dataset.counts(), train=result.to_json())
     return result

@@ -69,3 +69,13 @@ def test_partial_templated_overlap_is_not_a_leak_unless_coverage_says_so():
     hits = find_contamination(train, eval_rows, ContaminationConfig(min_coverage=0.5)).hits
     assert [(h.train_id, h.kind) for h in hits] == [("t", "ngram")]
     assert hits[0].overlap.startswith("6") and "covered: extract the order" in hits[0].overlap
+
+
+def test_boilerplate_repeated_across_training_rows_is_not_a_leak():
+    sign_off = ("Great question! Let me think about this carefully before I answer. I hope this helps, and "
+                "please ask me anything else because I really enjoy talking about it")
+    eval_rows = [EvalText.of(chat("e", "What is 3 plus 4?", f"{sign_off} 7."), "val")]
+    train = [chat(f"t{i}", f"What is {i} plus 1?", f"{sign_off} {i + 1}.") for i in range(30)]
+    assert find_contamination(train, eval_rows, ContaminationConfig()).hits == []
+    # The same overlap in a single training row is a leak.
+    assert [h.train_id for h in find_contamination(train[:1], eval_rows, ContaminationConfig()).hits] == ["t0"]

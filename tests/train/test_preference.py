@@ -99,3 +99,62 @@ def test_dpo_loss_at_step_zero_matches_the_formula(tmp_path, tiny_model_dir):
     by_hand = -torch.nn.functional.logsigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean()
     assert abs(trl_loss - by_hand.item()) < 1e-5
     assert abs(by_hand.item() - 0.6931) > 1e-3  # a real check: not the trivial ln 2 of an untrained adapter
+
+
+def test_reward_model_trains_ranks_pairs_and_serves_as_a_grpo_reward(tmp_path, tiny_model_dir):
+    from tunelab.train.rewards import resolve_rewards
+
+    cfg = make_config(tmp_path, tiny_model_dir, "reward", preference_rows(30))
+    cfg.data.test_fraction = 0.2
+    cfg.train.max_steps = 12
+    run = pipeline.open_run(cfg, starting_training=True)
+    result = pipeline.stage_train(cfg, run)
+    assert result.last_loss < result.first_loss
+    accuracy = pipeline.stage_eval(cfg, run).metrics["systems"]["tuned"]["pairwise_accuracy"]
+    assert accuracy == 1.0  # chosen ("cat") vs rejected ("dog dog dog") is an easy, learnable contrast
+
+    cfg.objective.rewards = [f"reward_model:{run.root}"]
+    (reward_model,) = resolve_rewards(cfg.objective)
+    assert reward_model.config.num_labels == 1 and not hasattr(reward_model, "peft_config")
+
+
+def test_grpo_trains_with_builtin_and_imported_rewards(tmp_path, tiny_model_dir):
+    from tests.conftest import animal_rows
+
+    cfg = make_config(tmp_path, tiny_model_dir, "grpo", animal_rows(24),
+                      rewards=["exact_match", "length_penalty", "tunelab.train.rewards:json_valid"],
+                      target_words=3, num_generations=4, max_completion_tokens=6)
+    cfg.train.max_steps = 3
+    run = pipeline.open_run(cfg, starting_training=True)
+    result = pipeline.stage_train(cfg, run)
+    assert result.steps == 3 and (run.adapter / "adapter_model.safetensors").is_file()
+    logged = [json.loads(line) for line in run.metrics.read_text().splitlines() if '"loss"' in line]
+    assert {"rewards/exact_match/mean", "rewards/length_penalty/mean", "rewards/json_valid/mean"} <= set(logged[0])
+
+
+def test_builtin_rewards_score_what_they_say():
+    from tunelab.config import ObjectiveConfig
+    from tunelab.errors import ConfigError
+    from tunelab.train.rewards import exact_match, json_valid, length_penalty_reward, resolve_rewards
+
+    completions = [[{"role": "assistant", "content": "Paris."}], [{"role": "assistant", "content": "{\"a\": 1}"}]]
+    assert exact_match(completions, answer=["paris", "x"]) == [1.0, 0.0]
+    assert json_valid(completions) == [0.0, 1.0]
+    assert length_penalty_reward(2)(["one two three four"]) == [-1.0]
+    regex = resolve_rewards(ObjectiveConfig(type="grpo", rewards=["regex"], reward_regex=r"^\{"))[0]
+    assert regex(completions) == [0.0, 1.0]
+    with pytest.raises(ConfigError, match="needs objective.reward_regex"):
+        resolve_rewards(ObjectiveConfig(type="grpo", rewards=["regex"]))
+    with pytest.raises(ConfigError, match="cannot import 'no.such:thing'"):
+        resolve_rewards(ObjectiveConfig(type="grpo", rewards=["no.such:thing"]))
+
+
+def test_trl_trainers_checkpoint_atomically_too(tmp_path, tiny_model_dir):
+    from tunelab.train.trainer import complete_checkpoints
+
+    cfg = make_config(tmp_path, tiny_model_dir, "dpo", preference_rows(24))
+    cfg.train.save_steps, cfg.train.max_steps, cfg.train.keep_checkpoints = 2, 6, 2
+    run = pipeline.open_run(cfg, starting_training=True)
+    pipeline.stage_train(cfg, run)
+    assert [p.name for p in complete_checkpoints(run.checkpoints)] == ["checkpoint-4", "checkpoint-6"]
+    assert not (run.checkpoints / ".staging").exists()

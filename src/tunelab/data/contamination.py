@@ -1,9 +1,10 @@
 """Contamination check: does any training row overlap an eval row (val, test, or a benchmark file)?
 
 Overlap is an exact match of the normalized text or prompt; shared word n-grams (13 by default, as in
-GPT-3's decontamination) that cover most of an eval row (80% by default: Llama 2's "dirty" line), so a
-templated dataset's shared phrasing alone is not a leak; or a near-twin (MinHash, as in dedup). N-grams that occur in many eval rows are shared boilerplate (an instruction every row
-repeats), not leaks, and are ignored above `ignore_common` of the eval rows.
+GPT-3's decontamination) that cover most of an eval row (80% by default: Llama 2's "dirty" line); or a
+near-twin (MinHash, as in dedup). N-grams found in many eval rows or many training rows are a dataset's
+shared phrasing (an instruction or sign-off every row repeats), not leaks, and are ignored above
+`ignore_common` of either.
 """
 
 from __future__ import annotations
@@ -109,8 +110,14 @@ def find_contamination(train: list[Record], evals: list[EvalText], cfg: Contamin
         prompt_len.append(len(prompt.split()) if normalized.startswith(prompt) else 0)
         for position, key in enumerate(_gram_keys(words, cfg.ngram)):
             index[key].append((e, position))
-    limit = max(3, cfg.ignore_common * len(evals))
-    index = {k: v for k, v in index.items() if len({e for e, _ in v}) <= limit}
+    # Shared phrasing is not a leak: drop n-grams that many eval rows, or many training rows, contain
+    # (an instruction or sign-off every row repeats); a leaked passage appears in one or two rows.
+    train_words = [normalize_for_match(r.all_text()).split() for r in train]
+    train_keys = [set(_gram_keys(words, cfg.ngram)) for words in train_words]
+    in_train: Counter[str] = Counter(k for keys in train_keys for k in keys if k in index)
+    eval_limit = max(3, cfg.ignore_common * len(evals))
+    train_limit = max(3, cfg.ignore_common * len(train))
+    index = {k: v for k, v in index.items() if len({e for e, _ in v}) <= eval_limit and in_train[k] <= train_limit}
     twins = None
     if near is not None and near.near:
         twins = NearIndex(near.threshold, near.ngram, near.num_perm)
@@ -118,15 +125,15 @@ def find_contamination(train: list[Record], evals: list[EvalText], cfg: Contamin
             twins.add(e, twins.signature(item.text))
 
     result = ContaminationResult()
-    for record in train:
-        normalized = normalize_for_match(record.all_text())
+    for record, words, keys in zip(train, train_words, train_keys):
+        normalized = " ".join(words)
         whole = next((t for t in (normalized, normalize_for_match(record.prompt_text())) if t in exact), None)
         if whole is not None:
             item = exact[whole]
             result.hits.append(Hit(record.id, item.id, item.source, "exact", whole[:200]))
             continue
         matched: dict[int, set[int]] = defaultdict(set)
-        for key in set(_gram_keys(normalized.split(), cfg.ngram)):
+        for key in keys:
             for e, position in index.get(key, ()):
                 matched[e].add(position)
         hit = None

@@ -17,11 +17,12 @@ def render_markdown(metrics: dict[str, Any], rows: list[dict[str, Any]], title: 
         "",
         f"{metrics['n_examples']} held-out examples, greedy decoding.",
         "",
-        "| system | exact match | eval loss | perplexity |",
-        "|---|---:|---:|---:|",
+        "| system | exact match | eval loss | perplexity | words per answer |",
+        "|---|---:|---:|---:|---:|",
     ]
     for name, m in systems.items():
-        lines.append(f"| {name} | {m['exact_match']:.1%} | {m['eval_loss']:.4f} | {m['perplexity']:.2f} |")
+        lines.append(f"| {name} | {m['exact_match']:.1%} | {m['eval_loss']:.4f} | {m['perplexity']:.2f} "
+                     f"| {m['mean_words']:.1f} |")
     # Regressions first (base right, tuned wrong), then the remaining misses, then the wins.
     def order(row: dict[str, Any]) -> int:
         return 0 if row["base_correct"] and not row["tuned_correct"] else 1 if not row["tuned_correct"] else 2

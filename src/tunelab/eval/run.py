@@ -15,6 +15,7 @@ from tunelab.artifacts import RunPaths, atomic_dir, manifest, write_json_atomic,
 from tunelab.chat import encode_records, render_prompt, with_system_prompt
 from tunelab.config import RunConfig
 from tunelab.data.prepare import load_dataset
+from tunelab.data.records import Record
 from tunelab.errors import RunFolderError
 from tunelab.eval.generate import generate_greedy
 from tunelab.eval.loss import mean_token_loss, perplexity
@@ -37,18 +38,49 @@ def trained_folder(run: RunPaths) -> Any:
     return run.adapter if (run.adapter / "adapter_config.json").is_file() else run.root / "model"
 
 
+def as_chat(record: Record) -> Record | None:
+    """The test row as prompt + reference answer: the chosen answer of a pair, a KTO row's answer when it is
+    labelled good; None where there is no reference (bad KTO answers, raw text)."""
+    if record.kind == "chat":
+        return record
+    answer = record.chosen if record.kind == "preference" else record.completion if record.label else None
+    if answer is None or record.kind == "text":
+        return None
+    return Record(record.id, record.source, "chat", [*record.messages, {"role": "assistant", "content": answer}])
+
+
+def evaluate_reward_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
+    """A reward model is judged by how often it ranks the chosen answer above the rejected one."""
+    from tunelab.train.reward_model import load_reward_model, pairwise_accuracy
+
+    test = load_dataset(run.data).test
+    if not test:
+        raise RunFolderError(f"{run.data}: the test split is empty; add data.test files or raise data.test_fraction")
+    accuracy = pairwise_accuracy(load_reward_model(run.root), load_tokenizer(run.adapter), test)
+    metrics = manifest("eval", n_examples=len(test), systems={"tuned": {"pairwise_accuracy": accuracy}})
+    with atomic_dir(run.eval) as tmp:
+        write_json_atomic(tmp / "metrics.json", metrics)
+        write_text_atomic(tmp / "report.md", f"# Reward model: {run.root.name}\n\nPairwise accuracy on "
+                          f"{len(test)} held-out pairs: {accuracy:.1%}\n")
+    return EvalResult(metrics=metrics, rows=[])
+
+
 def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
     import torch
+
+    if cfg.objective.type == "reward":
+        return evaluate_reward_run(cfg, run)
 
     # Evaluate in float32 without autocast: eval numbers must not depend on the training precision.
     precision = Precision(pick_device(cfg.model.device), None, torch.float32)
     model, separate_base = load_trained(cfg, run.root, resolve_model(cfg.model), precision)
     tokenizer = load_tokenizer(trained_folder(run))  # the exact template used in training
-    test = load_dataset(run.data).test
+    test = [c for c in (as_chat(r) for r in load_dataset(run.data).test) if c is not None]
     if cfg.eval.max_examples:
         test = test[: cfg.eval.max_examples]
     if not test:
-        raise RunFolderError(f"{run.data}: the test split is empty; add data.test files or raise data.test_fraction")
+        raise RunFolderError(f"{run.data}: the test split has no rows with a reference answer to evaluate against; "
+                             "add data.test files or raise data.test_fraction")
 
     conversations = [with_system_prompt(r.messages[:-1], cfg.data.system_prompt) for r in test]
     prompts = [render_prompt(tokenizer, c) for c in conversations]
@@ -71,6 +103,7 @@ def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
             "exact_match": exact_match_rate(outputs[system], references),
             "eval_loss": loss,
             "perplexity": perplexity(loss),
+            "mean_words": sum(len(o.split()) for o in outputs[system]) / len(outputs[system]),
         }
     seconds = time.perf_counter() - started
 

@@ -65,10 +65,15 @@ def build_trainable(cfg: RunConfig, base_folder: Path, precision: Precision) -> 
     if cfg.method.type == "full":
         model.requires_grad_(True)
         return model
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.method.type == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    if cfg.model.adapter_from is not None:
+        start = cfg.model.adapter_from / "adapter"
+        if not (start / "adapter_config.json").is_file():
+            raise RunFolderError(f"model.adapter_from: {cfg.model.adapter_from} holds no trained adapter")
+        return PeftModel.from_pretrained(model, start, is_trainable=True)
     return get_peft_model(model, peft_config(cfg.method, base_folder))
 
 

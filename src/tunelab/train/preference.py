@@ -1,4 +1,5 @@
-"""The train stage for preference objectives (DPO and its loss variants, SimPO, ORPO, KTO), on TRL.
+"""The train stage for objectives trained with TRL: DPO (and its loss variants), SimPO, ORPO, KTO,
+reward models, and GRPO.
 
 The reference model for DPO and KTO is the base with the adapter switched off (TRL does this when it is
 given a PeftModel and no ref_model), so there is never a second copy of the model in memory. TRL's own
@@ -15,7 +16,7 @@ from tunelab.chat import ensure_chat_template, with_system_prompt
 from tunelab.config import RunConfig
 from tunelab.data.prepare import Dataset
 from tunelab.data.tokens import token_counter
-from tunelab.errors import DataError
+from tunelab.errors import ConfigError, DataError
 from tunelab.measure import peak_memory_mb
 from tunelab.models import load_tokenizer, pick_precision, resolve_model
 from tunelab.progress import console
@@ -23,9 +24,10 @@ from tunelab.train.adapters import build_trainable, count_parameters
 from tunelab.train.args import training_kwargs
 from tunelab.train.callbacks import MetricsCallback
 from tunelab.train.sft import TrainResult, _resume_point, save_trained
-from tunelab.train.trainer import WallTimeBudget
+from tunelab.train.trainer import StopOnNonFiniteLoss, WallTimeBudget, with_atomic_checkpoints
 
-NEEDS_KIND = {"dpo": "preference", "simpo": "preference", "orpo": "preference", "kto": "kto"}
+NEEDS_KIND = {"dpo": "preference", "simpo": "preference", "orpo": "preference", "kto": "kto",
+              "reward": "preference", "grpo": "chat"}
 
 
 def to_trl_rows(cfg: RunConfig, records: list[Any]) -> list[dict[str, Any]]:
@@ -35,6 +37,10 @@ def to_trl_rows(cfg: RunConfig, records: list[Any]) -> list[dict[str, Any]]:
     for r in records:
         if r.kind != NEEDS_KIND[objective]:
             raise DataError(f"objective.type: {objective} needs {NEEDS_KIND[objective]} rows, but row {r.id} is {r.kind}")
+        if r.kind == "chat":  # GRPO: the prompt, and the reference answer for rewards that want it
+            prompt = with_system_prompt(r.messages[:-1], cfg.data.system_prompt)
+            rows.append({"prompt": prompt, "answer": r.messages[-1]["content"]})
+            continue
         prompt = with_system_prompt(r.messages, cfg.data.system_prompt)
         if r.kind == "preference":
             rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": r.chosen}],
@@ -55,29 +61,46 @@ def make_trainer(cfg: RunConfig, run: RunPaths, model: Any, tokenizer: Any, trai
               # TRL's batches have no single input key to count; tokens are counted from the data instead.
               "include_num_input_tokens_seen": "no"}
     objective, o = cfg.objective.type, cfg.objective
-    data = HFDataset.from_list(train_rows)
+    extra: dict[str, Any] = {}
     if objective == "dpo":
-        from trl import DPOConfig, DPOTrainer
+        from trl import DPOConfig as Config, DPOTrainer as Trainer
 
-        args = DPOConfig(**common, beta=o.beta, loss_type=o.loss_type, label_smoothing=o.label_smoothing)
-        return DPOTrainer(model=model, ref_model=None, args=args, train_dataset=data, processing_class=tokenizer,
-                          callbacks=callbacks)
-    if objective == "kto":
-        from trl import KTOConfig, KTOTrainer
+        options = {"beta": o.beta, "loss_type": o.loss_type, "label_smoothing": o.label_smoothing}
+        extra = {"ref_model": None}  # with a PeftModel: the reference is the adapter switched off
+    elif objective == "kto":
+        from trl import KTOConfig as Config, KTOTrainer as Trainer
 
-        args = KTOConfig(**common, beta=o.beta)
-        return KTOTrainer(model=model, ref_model=None, args=args, train_dataset=data, processing_class=tokenizer,
-                          callbacks=callbacks)
-    if objective == "orpo":
-        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+        options, extra = {"beta": o.beta}, {"ref_model": None}
+    elif objective == "reward":
+        from trl import RewardConfig as Config, RewardTrainer as Trainer
 
-        args = ORPOConfig(**common, beta=o.beta)
-        return ORPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=callbacks)
-    from trl.experimental.cpo import CPOConfig, CPOTrainer
+        options = {}
+    elif objective == "grpo":
+        from trl import GRPOConfig as Config, GRPOTrainer as Trainer
 
-    # SimPO is CPO's loss with a length-normalized reward and no NLL term (cpo_alpha=0), per the SimPO paper.
-    args = CPOConfig(**common, beta=o.beta, loss_type="simpo", cpo_alpha=0.0, simpo_gamma=o.simpo_gamma)
-    return CPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=callbacks)
+        from tunelab.train.rewards import resolve_rewards
+
+        batch = common["per_device_train_batch_size"] * common["gradient_accumulation_steps"]
+        if batch % o.num_generations:
+            raise ConfigError(f"train.batch_size x gradient_accumulation_steps ({batch}) must be a multiple of "
+                              f"objective.num_generations ({o.num_generations}) for GRPO")
+        common.pop("max_length")
+        options = {"num_generations": o.num_generations, "max_completion_length": o.max_completion_tokens,
+                   "temperature": o.temperature, "beta": o.grpo_kl}
+        extra = {"reward_funcs": resolve_rewards(o)}
+    elif objective == "orpo":
+        from trl.experimental.orpo import ORPOConfig as Config, ORPOTrainer as Trainer
+
+        options = {"beta": o.beta}
+    else:  # simpo
+        from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
+
+        # SimPO is CPO's loss with a length-normalized reward and no NLL term (cpo_alpha=0), per the paper.
+        options = {"beta": o.beta, "loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": o.simpo_gamma}
+    return with_atomic_checkpoints(Trainer)(
+        model=model, args=Config(**common, **options), train_dataset=HFDataset.from_list(train_rows),
+        processing_class=tokenizer, callbacks=callbacks, **extra,
+    )
 
 
 def train_preference(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = False) -> TrainResult:
@@ -91,13 +114,20 @@ def train_preference(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bo
     train_rows = to_trl_rows(cfg, dataset.train)
 
     set_seed(cfg.train.seed)
-    model = build_trainable(cfg, base_path, precision)
+    if cfg.objective.type == "reward":
+        from tunelab.train.reward_model import build_reward_model
+
+        model = build_reward_model(cfg, base_path, precision)
+    else:
+        model = build_trainable(cfg, base_path, precision)
     trainable, total = count_parameters(model)
     console.print(f"Training {trainable:,} of {total:,} parameters with {cfg.method.type} + "
                   f"{cfg.objective.type} on {len(train_rows)} rows [{precision.label}]")
     callback = MetricsCallback(run.metrics, None)
     budget = WallTimeBudget(cfg.train.max_time_minutes) if cfg.train.max_time_minutes else None
-    trainer = make_trainer(cfg, run, model, tokenizer, train_rows, [callback, *([budget] if budget else [])])
+    callbacks = [callback, StopOnNonFiniteLoss(), *([budget] if budget else [])]
+    trainer = make_trainer(cfg, run, model, tokenizer, train_rows, callbacks)
+    trainer.keep_checkpoints = cfg.train.keep_checkpoints
     trainer.remove_callback(PrinterCallback)
 
     checkpoint = _resume_point(run) if resume else None
@@ -107,7 +137,7 @@ def train_preference(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bo
     save_trained(cfg, model, tokenizer, run)
     # Every row is read once per epoch: both answers of a pair (or the one of a KTO row) with the prompt.
     per_epoch = sum(token_counter(tokenizer, cfg.data.system_prompt)(dataset.train))
-    per_epoch *= 2 if cfg.objective.type != "kto" else 1
+    per_epoch *= 1 if cfg.objective.type in ("kto", "grpo") else 2
     tokens = int(per_epoch * float(trainer.state.epoch or 0))
     losses = callback.losses or [float("nan")]
     return TrainResult(

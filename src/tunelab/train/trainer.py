@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -37,14 +38,12 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-class TunelabTrainer(Trainer):
-    def __init__(self, *args: Any, example_ids: list[list[str]], keep_checkpoints: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.example_ids = example_ids
-        self.keep_checkpoints = keep_checkpoints
-        self._staging = False
+class AtomicCheckpoints:
+    """Mixin for any transformers Trainer (ours or TRL's): checkpoints are staged, then renamed into place."""
 
-    # --- atomic checkpoints -------------------------------------------------------------------------
+    keep_checkpoints = 2
+    _staging = False
+
     def _get_output_dir(self, trial: Any) -> str:
         real = super()._get_output_dir(trial)
         return os.path.join(real, STAGING) if self._staging else real
@@ -66,7 +65,18 @@ class TunelabTrainer(Trainer):
         for old in complete_checkpoints(root)[: -self.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
 
-    # --- loss guard ---------------------------------------------------------------------------------
+
+def with_atomic_checkpoints(trainer_class: type) -> type:
+    """The same trainer class with staged, atomically renamed checkpoints (used for TRL's trainers)."""
+    return type(f"Atomic{trainer_class.__name__}", (AtomicCheckpoints, trainer_class), {})
+
+
+class TunelabTrainer(AtomicCheckpoints, Trainer):
+    def __init__(self, *args: Any, example_ids: list[list[str]], keep_checkpoints: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.example_ids = example_ids
+        self.keep_checkpoints = keep_checkpoints
+
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         indices = inputs.pop("example_index", None)
@@ -81,6 +91,16 @@ class TunelabTrainer(Trainer):
                 f"(examples: {shown}); lower train.learning_rate, use float32 (model.dtype), or check those rows"
             )
         return result
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """For trainers whose batches we do not build (TRL's): stop at the first NaN/inf logged loss."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise TrainingError(f"training stopped: the loss is {loss} at step {state.global_step}; lower "
+                                "train.learning_rate or objective.beta, or use float32 (model.dtype)")
 
 
 class WallTimeBudget(TrainerCallback):

@@ -1,0 +1,71 @@
+"""Reward models: a sequence-scoring head on the base model, trained on preference pairs with LoRA.
+
+The run folder holds a standard PEFT adapter (LoRA + the score head); `load_reward_model` gives back a
+plain model that TRL's GRPO accepts as a reward, and `pairwise_accuracy` is its evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.chat import render_conversation
+from tunelab.config import RunConfig
+from tunelab.errors import RunFolderError
+from tunelab.models import Precision, load_tokenizer
+
+
+def build_reward_model(cfg: RunConfig, base_folder: Path, precision: Precision) -> Any:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = load_tokenizer(base_folder)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base_folder, num_labels=1, dtype=precision.weights_dtype, pad_token_id=tokenizer.pad_token_id
+    ).to(precision.device)
+    m = cfg.method
+    # SEQ_CLS makes PEFT train and save the new score head alongside the LoRA weights.
+    config = LoraConfig(r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout, target_modules=m.target_modules,
+                        task_type="SEQ_CLS")
+    return get_peft_model(model, config)
+
+
+def load_reward_model(run_dir: Path) -> Any:
+    """A trained reward model, merged into a plain model (what GRPO's reward_funcs accept)."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    adapter = run_dir / "adapter"
+    config_path = adapter / "adapter_config.json"
+    if not config_path.is_file() or json.loads(config_path.read_text()).get("task_type") != "SEQ_CLS":
+        raise RunFolderError(f"{run_dir}: not a reward-model run (train one with objective.type: reward)")
+    base = json.loads(config_path.read_text())["base_model_name_or_path"]
+    tokenizer = load_tokenizer(adapter)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=1, dtype=torch.float32, pad_token_id=tokenizer.pad_token_id)
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
+
+
+@torch.no_grad()
+def score(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]]) -> list[float]:
+    texts = [render_conversation(tokenizer, c) for c in conversations]
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    device = next(model.parameters()).device
+    return model(**{k: v.to(device) for k, v in enc.items()}).logits[:, 0].float().tolist()
+
+
+def pairwise_accuracy(model: Any, tokenizer: Any, records: list[Any]) -> float:
+    """Share of preference pairs whose chosen answer scores above the rejected one."""
+    pairs = [r for r in records if r.kind == "preference"]
+    if not pairs:
+        return float("nan")
+    chosen = score(model, tokenizer, [[*r.messages, {"role": "assistant", "content": r.chosen}] for r in pairs])
+    rejected = score(model, tokenizer, [[*r.messages, {"role": "assistant", "content": r.rejected}] for r in pairs])
+    return sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
