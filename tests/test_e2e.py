@@ -41,8 +41,8 @@ def test_shortened_quickstart_changes_behaviour(tmp_path):
         capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "run/eval/metrics.json").read_text())["systems"]
+    metrics = json.loads((tmp_path / "run/eval/metrics.json").read_text())["suites"]["test"]["systems"]
     assert metrics["base"]["exact_match"] <= 0.1
     assert metrics["tuned"]["exact_match"] >= 0.5
     assert metrics["tuned"]["eval_loss"] < metrics["base"]["eval_loss"] / 4
-    assert "tuned exact match (n=12)" in result.stdout
+    assert "test tuned exact_match (n=12)" in result.stdout

@@ -72,17 +72,18 @@ def test_saved_template_renders_the_training_prompt(trained):
     assert render_prompt(trained_tok, messages) == render_prompt(base_tok, messages)
 
 
-def test_eval_compares_base_and_tuned(trained):
+def test_eval_compares_base_few_shot_and_tuned(trained):
     cfg, run, _ = trained
     result = pipeline.stage_eval(cfg, run)
-    systems = result.metrics["systems"]
-    assert set(systems) == {"base", "tuned"}
+    systems = result.metrics["suites"]["test"]["systems"]
+    assert set(systems) == {"base", "few_shot", "tuned"}
     assert systems["tuned"]["eval_loss"] < systems["base"]["eval_loss"]
-    assert result.metrics["n_examples"] == 8
+    assert result.metrics["suites"]["test"]["n_examples"] == 8
     predictions = [json.loads(line) for line in (run.eval / "predictions.jsonl").read_text().splitlines()]
-    assert len(predictions) == 8 and {"prompt", "reference", "base", "tuned"} <= set(predictions[0])
+    assert len(predictions) == 8 and set(predictions[0]["outputs"]) == {"base", "few_shot", "tuned"}
     report = (run.eval / "report.md").read_text()
     assert "| base |" in report and "| tuned |" in report
+    assert (run.eval / "report.html").read_text().count("<svg") >= 3
 
 
 def test_existing_run_is_never_overwritten_silently(trained):
@@ -104,7 +105,7 @@ def test_cli_run_end_to_end_on_the_tiny_model(tiny_config, tmp_path):
     result = subprocess.run([sys.executable, "-m", "tunelab", "run", str(config_path), "--set", "train.max_steps=4"],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
-    assert "tuned exact match (n=8)" in result.stdout
+    assert "test tuned exact_match (n=8)" in result.stdout
     run = RunPaths(tiny_config.output.dir)
     assert json.loads(run.manifest.read_text())["train"]["steps"] == 4
 

@@ -60,6 +60,7 @@ def run(config: ConfigArg, set_: SetOpt = None, dry_run: Annotated[bool, typer.O
         return
     summary = pipeline.run_all(cfg)
     _print_summary(summary.run.root, summary.train, summary.eval.metrics)
+    _exit_on_failed_gate(summary.eval.metrics)
 
 
 @app.command()
@@ -76,16 +77,18 @@ def train(config: ConfigArg, set_: SetOpt = None, resume: Annotated[bool, typer.
 
 @app.command("eval")
 def eval_(run_dir: Annotated[Path, typer.Argument(help="A run folder made by `tunelab train` or `run`.")],
+          set_: SetOpt = None,
           max_examples: Annotated[int | None, typer.Option(help="Evaluate only the first N test examples.")] = None
           ) -> None:
-    """Evaluate base vs tuned on the run's held-out split; writes RUN_DIR/eval/."""
+    """Evaluate base, few-shot and tuned on every suite; writes RUN_DIR/eval/; exits 1 if the gate fails."""
     from tunelab import pipeline
 
-    cfg, run_paths = pipeline.load_run_config(run_dir)
+    cfg, run_paths = pipeline.load_run_config(run_dir, set_)
     if max_examples:
         cfg.eval.max_examples = max_examples
     result = pipeline.stage_eval(cfg, run_paths)
     _print_summary(run_paths.root, None, result.metrics)
+    _exit_on_failed_gate(result.metrics)
 
 
 @data_app.command("prep")
@@ -136,16 +139,30 @@ def _print_summary(root: Path, train_result: Any, metrics: dict[str, Any] | None
         table.add_row("train tokens/s", f"{t.tokens_per_second:.0f}")
         table.add_row("peak memory", f"{t.peak_memory_mb:.0f} MiB")
     if metrics is not None:
-        n = metrics["n_examples"]
-        for name, m in metrics["systems"].items():
-            if "pairwise_accuracy" in m:
-                table.add_row(f"{name} pairwise accuracy (n={n})", f"{m['pairwise_accuracy']:.1%}")
-                continue
-            table.add_row(f"{name} exact match (n={n})", f"{m['exact_match']:.1%}")
-            table.add_row(f"{name} eval loss / ppl", f"{m['eval_loss']:.4f} / {m['perplexity']:.2f}")
-            table.add_row(f"{name} words per answer", f"{m['mean_words']:.1f}")
-        table.add_row("report", str(root / "eval" / "report.md"))
+        for suite, result in metrics["suites"].items():
+            for system, values in result["systems"].items():
+                for metric in ("exact_match", "pairwise_accuracy", "contains", "eval_loss", "mean_words"):
+                    if metric in values:
+                        shown = f"{values[metric]:.4f}" if metric in ("eval_loss", "mean_words") else f"{values[metric]:.1%}"
+                        table.add_row(f"{suite} {system} {metric} (n={result['n_examples']})", shown)
+        forgetting = metrics.get("forgetting") or {}
+        if "drop" in forgetting:
+            table.add_row("forgetting probes base -> tuned",
+                          f"{forgetting['base']['overall']:.0%} -> {forgetting['tuned']['overall']:.0%}")
+        for rule in metrics.get("gate", []):
+            verdict = "[green]PASS[/]" if rule["passed"] else "[red]FAIL[/]"
+            table.add_row(f"gate: {rule['rule']}", f"{verdict} ({rule['left']:.3f} vs {rule['right']:.3f})")
+        if (root / "eval" / "report.html").is_file():
+            table.add_row("report", str(root / "eval" / "report.html"))
     out.print(table)
+
+
+def _exit_on_failed_gate(metrics: dict[str, Any]) -> None:
+    failed = [g for g in metrics.get("gate", []) if not g["passed"]]
+    for g in failed:
+        print(f"gate failed: {g['rule']} (measured {g['left']:.4f}, needed {g['right']:.4f})", file=sys.stderr)
+    if failed:
+        sys.exit(1)
 
 
 def _quiet_library_noise() -> None:

@@ -264,10 +264,74 @@ class ObjectiveConfig(Section):
     )
 
 
+DEFAULT_METRICS = ["exact_match", "contains", "token_f1", "rouge_l", "eval_loss"]
+
+
+class SuiteConfig(Section):
+    name: str = Field("test", description="Suite name, used in the report and in gate rules.")
+    files: list[Path] = Field(
+        default_factory=list, description="Eval files (any data format with reference answers); empty: the test split."
+    )
+    metrics: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_METRICS),
+        description="exact_match, contains, regex, token_f1, rouge_l, bleu, json_valid, json_schema, eval_loss, "
+        "or package.module:function(prediction, reference) -> float.",
+    )
+    regex: str | None = Field(None, description="Pattern for the regex metric.")
+    json_schema: Path | None = Field(None, description="JSON Schema file for the json_schema metric.")
+    max_examples: int | None = Field(None, gt=0, description="Score only the first N examples.")
+
+    @field_validator("files", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, (str, Path)) else value
+
+
+class JudgeConfig(Section):
+    base_url: str = Field(..., description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1.")
+    model: str = Field(..., description="Judge model name at that endpoint.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
+    rubric: str = Field(
+        "Score the answer from 1 (wrong or unhelpful) to 5 (correct, complete and concise) against the reference.",
+        description="What the judge scores; it must answer with a number from 1 to 5.",
+    )
+    max_examples: int = Field(50, gt=0, description="Judge at most this many examples per system.")
+
+
 class EvalConfig(Section):
+    suites: list[SuiteConfig] = Field(default_factory=lambda: [SuiteConfig()], description="What to evaluate on.")
+    systems: list[Literal["base", "few_shot", "tuned"]] = Field(
+        default_factory=lambda: ["base", "few_shot", "tuned"],
+        description="Compared systems: the base model zero-shot, the base with few_shot_k examples, the tuned model.",
+    )
+    few_shot_k: int = Field(3, ge=1, description="Examples from the train split shown to the few-shot base.")
+    compare_runs: list[Path] = Field(
+        default_factory=list, description="Other run folders (same base model) evaluated alongside, as systems."
+    )
+    forgetting: bool = Field(True, description="Run the bundled general-capability probes on base and tuned.")
     max_new_tokens: int = Field(64, gt=0, description="Generation budget per answer.")
     batch_size: int = Field(16, gt=0, description="Prompts generated together (left padded).")
-    max_examples: int | None = Field(None, gt=0, description="Evaluate only the first N test examples.")
+    max_examples: int | None = Field(None, gt=0, description="Evaluate only the first N examples of each suite.")
+    seed: int = Field(0, description="Seed for few-shot example choice (generation is greedy).")
+    gate: list[str] = Field(
+        default_factory=list,
+        description="Rules that must hold, e.g. 'tuned.exact_match >= base.exact_match + 0.2' or "
+        "'forgetting.drop <= 0.02'; `tunelab eval` exits non-zero when one fails.",
+    )
+    judge: JudgeConfig | None = Field(None, description="Optional LLM-as-judge scoring (1-5) of each system.")
+
+    @field_validator("gate")
+    @classmethod
+    def _rules_parse(cls, rules: list[str]) -> list[str]:
+        from tunelab.errors import ConfigError
+        from tunelab.eval.gate import check_syntax
+
+        for rule in rules:
+            try:
+                check_syntax(rule)
+            except ConfigError as err:
+                raise ValueError(err.problems[0]) from None
+        return rules
 
 
 class OutputConfig(Section):

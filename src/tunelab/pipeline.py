@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,8 +89,17 @@ def stage_eval(cfg: RunConfig, run: RunPaths) -> Any:
     from tunelab.eval.run import evaluate_run
 
     result = evaluate_run(cfg, run)
-    update_run_manifest(run, eval=result.metrics["systems"])
+    suites = result.metrics["suites"]
+    update_run_manifest(run, eval={name: suite["systems"] for name, suite in suites.items()},
+                        forgetting=_forgetting_summary(result.metrics.get("forgetting")),
+                        gate=result.metrics.get("gate", []), gate_passed=result.gate_passed)
     return result
+
+
+def _forgetting_summary(forgetting: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not forgetting:
+        return None
+    return {k: v for k, v in forgetting.items() if k != "outputs"}
 
 
 @dataclass
@@ -113,11 +123,11 @@ def update_run_manifest(run: RunPaths, **sections: Any) -> None:
     write_json_atomic(run.manifest, current)
 
 
-def load_run_config(run_dir: Any) -> tuple[RunConfig, RunPaths]:
-    """The config a run folder was made with, for stages that take a run folder (eval, export, serve)."""
+def load_run_config(run_dir: Any, overrides: list[str] | None = None) -> tuple[RunConfig, RunPaths]:
+    """The config a run folder was made with (plus `--set` overrides), for stages that take a run folder."""
     from tunelab.config_file import load_config
 
-    run = RunPaths(run_dir)
+    run = RunPaths(Path(run_dir))
     if not run.config.is_file():
         raise RunFolderError(f"{run.root}: not a run folder (no config.yaml)")
-    return load_config(run.config), run
+    return load_config(run.config, overrides), run

@@ -65,5 +65,6 @@ def test_method_trains_saves_reloads_and_evaluates(name, tiny_config):
         else:
             assert torch.equal(result.model.eval()(input_ids=ids).logits, again)
 
-    metrics = pipeline.stage_eval(tiny_config, run).metrics["systems"]
+    tiny_config.eval.systems, tiny_config.eval.forgetting = ["base", "tuned"], False
+    metrics = pipeline.stage_eval(tiny_config, run).metrics["suites"]["test"]["systems"]
     assert metrics["tuned"]["eval_loss"] < metrics["base"]["eval_loss"]

@@ -110,7 +110,7 @@ def test_reward_model_trains_ranks_pairs_and_serves_as_a_grpo_reward(tmp_path, t
     run = pipeline.open_run(cfg, starting_training=True)
     result = pipeline.stage_train(cfg, run)
     assert result.last_loss < result.first_loss
-    accuracy = pipeline.stage_eval(cfg, run).metrics["systems"]["tuned"]["pairwise_accuracy"]
+    accuracy = pipeline.stage_eval(cfg, run).metrics["suites"]["test"]["systems"]["tuned"]["pairwise_accuracy"]
     assert accuracy == 1.0  # chosen ("cat") vs rejected ("dog dog dog") is an easy, learnable contrast
 
     cfg.objective.rewards = [f"reward_model:{run.root}"]

@@ -1,8 +1,41 @@
-"""The Markdown eval report: a summary table, then every example with base and tuned side by side."""
+"""report.md: the summary tables, forgetting, the gate, then every example side by side, regressions first."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+from tunelab.eval.probes import CATEGORIES
+
+PERCENT_METRICS = {"exact_match", "contains", "regex", "token_f1", "rouge_l", "bleu", "json_valid", "json_schema"}
+
+
+def row_passed(row: dict[str, Any], system: str) -> bool | None:
+    """Whether `system` passes the row's first metric (score >= 0.5); None when the suite has no metric."""
+    metric = row.get("primary_metric")
+    if metric is None:
+        return None
+    return row["scores"][system][metric] >= 0.5
+
+
+def order_rows(rows: list[dict[str, Any]], systems: list[str]) -> list[dict[str, Any]]:
+    """Worst regressions first: base right and tuned wrong, then the tuned misses, then the rest."""
+    if "tuned" not in systems or not rows or rows[0].get("primary_metric") is None:
+        return rows
+    metric = rows[0]["primary_metric"]
+    base = "base" if "base" in systems else systems[0]
+
+    def key(row: dict[str, Any]) -> tuple[float, float]:
+        tuned, before = row["scores"]["tuned"][metric], row["scores"][base][metric]
+        return (tuned - before, tuned)
+
+    return sorted(rows, key=key)
+
+
+def _fmt(value: float | None, metric: str) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{value:.1%}" if metric in PERCENT_METRICS else f"{value:.4g}"
 
 
 def _cell(text: str, limit: int = 160) -> str:
@@ -12,26 +45,42 @@ def _cell(text: str, limit: int = 160) -> str:
 
 def render_markdown(metrics: dict[str, Any], rows: list[dict[str, Any]], title: str) -> str:
     systems = metrics["systems"]
-    lines = [
-        f"# Evaluation: {title}",
-        "",
-        f"{metrics['n_examples']} held-out examples, greedy decoding.",
-        "",
-        "| system | exact match | eval loss | perplexity | words per answer |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name, m in systems.items():
-        lines.append(f"| {name} | {m['exact_match']:.1%} | {m['eval_loss']:.4f} | {m['perplexity']:.2f} "
-                     f"| {m['mean_words']:.1f} |")
-    # Regressions first (base right, tuned wrong), then the remaining misses, then the wins.
-    def order(row: dict[str, Any]) -> int:
-        return 0 if row["base_correct"] and not row["tuned_correct"] else 1 if not row["tuned_correct"] else 2
-
-    lines += ["", "## Examples", "", "| id | prompt | reference | base | tuned |", "|---|---|---|---|---|"]
-    for row in sorted(rows, key=order):
-        marks = {s: ("✅ " if row[f"{s}_correct"] else "❌ ") + _cell(row[s]) for s in ("base", "tuned")}
-        lines.append(
-            f"| {_cell(row['id'], 40)} | {_cell(row['prompt'])} | {_cell(row['reference'])} "
-            f"| {marks['base']} | {marks['tuned']} |"
-        )
-    return "\n".join(lines) + "\n"
+    lines = [f"# Evaluation: {title}", "",
+             f"{metrics['timing']['prompts_generated']} answers generated in {metrics['timing']['seconds']:.0f} s, "
+             "greedy decoding. The HTML report (report.html) has the charts.", ""]
+    for g in metrics.get("gate", []):
+        lines.append(f"- {'PASS' if g['passed'] else 'FAIL'} `{g['rule']}` ({g['left']:.4f} vs {g['right']:.4f})")
+    if metrics.get("gate"):
+        lines.append("")
+    for suite, result in metrics["suites"].items():
+        names = list(next(iter(result["systems"].values())))
+        lines += [f"## Suite: {suite} ({result['n_examples']} examples)", "",
+                  "| system | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        for system, values in result["systems"].items():
+            lines.append(f"| {system} | " + " | ".join(_fmt(values.get(m), m) for m in names) + " |")
+        lines.append("")
+    forgetting = metrics.get("forgetting")
+    if forgetting and "base" in forgetting and "tuned" in forgetting:
+        lines += [f"## Forgetting probes ({forgetting['n_probes']})", "", "| category | base | tuned | drop |",
+                  "|---|---:|---:|---:|"]
+        for c in (*CATEGORIES, "overall"):
+            drop = forgetting["drop"] if c == "overall" else forgetting[f"{c}_drop"]
+            lines.append(f"| {c} | {forgetting['base'][c]:.0%} | {forgetting['tuned'][c]:.0%} | {drop:+.0%} |")
+        lines.append("")
+    if metrics.get("judge"):
+        lines += ["## LLM judge (1-5)", "", "| system | mean | judged |", "|---|---:|---:|"]
+        lines += [f"| {s} | {j['mean']:.2f} | {j['n']} |" for s, j in metrics["judge"].items()]
+        lines.append("")
+    for suite in dict.fromkeys(r["suite"] for r in rows):
+        lines += [f"## Examples: {suite} (regressions first)", "",
+                  "| id | prompt | reference | " + " | ".join(systems) + " |", "|---|---|---|" + "---|" * len(systems)]
+        for row in order_rows([r for r in rows if r["suite"] == suite], systems):
+            cells = []
+            for s in systems:
+                passed = row_passed(row, s)
+                mark = "" if passed is None else ("✅ " if passed else "❌ ")
+                cells.append(mark + _cell(row["outputs"][s]))
+            lines.append(f"| {_cell(row['id'], 40)} | {_cell(row['prompt'])} | {_cell(row['reference'])} | "
+                         + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,30 +1,34 @@
-"""The eval stage: base vs tuned on the held-out split -> eval/metrics.json, predictions, report.md.
+"""The eval stage: every suite x every system, forgetting probes, optional judge, gate, and the report.
 
-The base model is loaded once; "base" is the same weights with the adapter disabled, so both systems
-see the very same prompt, rendered with the chat template saved beside the adapter.
+The base model is loaded once. "base" is the tuned model with its adapter switched off, "few_shot" is that
+base shown training examples first, other runs are extra adapters: all see prompts rendered with the chat
+template saved beside the adapter, so no system gets a different template than it was trained with.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tunelab.artifacts import RunPaths, atomic_dir, manifest, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from tunelab.chat import encode_records, render_prompt, with_system_prompt
-from tunelab.config import RunConfig
+from tunelab.config import RunConfig, SuiteConfig
+from tunelab.data.load import load_source
 from tunelab.data.prepare import load_dataset
 from tunelab.data.records import Record
 from tunelab.errors import RunFolderError
+from tunelab.eval.gate import evaluate_gate
 from tunelab.eval.generate import generate_greedy
+from tunelab.eval.html import render_html
 from tunelab.eval.loss import mean_token_loss, perplexity
-from tunelab.eval.metrics import exact_match, exact_match_rate
+from tunelab.eval.metrics import corpus_bleu, resolve_metric
+from tunelab.eval.probes import CATEGORIES, PROBES
 from tunelab.eval.report import render_markdown
+from tunelab.eval.systems import Models, System, build_systems, few_shot_examples
 from tunelab.models import Precision, load_tokenizer, pick_device, resolve_model
 from tunelab.train.adapters import load_trained
-
-SYSTEMS = ("base", "tuned")
 
 
 @dataclass
@@ -32,95 +36,169 @@ class EvalResult:
     metrics: dict[str, Any]
     rows: list[dict[str, Any]]
 
+    @property
+    def gate_passed(self) -> bool:
+        return all(rule["passed"] for rule in self.metrics.get("gate", []))
 
-def trained_folder(run: RunPaths) -> Any:
+
+def trained_folder(run: RunPaths) -> Path:
     """Where the run's trained weights and their tokenizer live: adapter/ (PEFT) or model/ (full)."""
     return run.adapter if (run.adapter / "adapter_config.json").is_file() else run.root / "model"
 
 
 def as_chat(record: Record) -> Record | None:
-    """The test row as prompt + reference answer: the chosen answer of a pair, a KTO row's answer when it is
+    """The row as prompt + reference answer: the chosen answer of a pair, a KTO row's answer when it is
     labelled good; None where there is no reference (bad KTO answers, raw text)."""
     if record.kind == "chat":
         return record
+    if record.kind == "text":
+        return None
     answer = record.chosen if record.kind == "preference" else record.completion if record.label else None
-    if answer is None or record.kind == "text":
+    if answer is None:
         return None
     return Record(record.id, record.source, "chat", [*record.messages, {"role": "assistant", "content": answer}])
 
 
-def evaluate_reward_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
-    """A reward model is judged by how often it ranks the chosen answer above the rejected one."""
-    from tunelab.train.reward_model import load_reward_model, pairwise_accuracy
-
-    test = load_dataset(run.data).test
-    if not test:
-        raise RunFolderError(f"{run.data}: the test split is empty; add data.test files or raise data.test_fraction")
-    accuracy = pairwise_accuracy(load_reward_model(run.root), load_tokenizer(run.adapter), test)
-    metrics = manifest("eval", n_examples=len(test), systems={"tuned": {"pairwise_accuracy": accuracy}})
-    with atomic_dir(run.eval) as tmp:
-        write_json_atomic(tmp / "metrics.json", metrics)
-        write_text_atomic(tmp / "report.md", f"# Reward model: {run.root.name}\n\nPairwise accuracy on "
-                          f"{len(test)} held-out pairs: {accuracy:.1%}\n")
-    return EvalResult(metrics=metrics, rows=[])
+def suite_records(cfg: RunConfig, suite: SuiteConfig, run: RunPaths) -> list[Record]:
+    if suite.files:
+        raw = [r for path in suite.files for r in load_source(path).records]
+    else:
+        raw = load_dataset(run.data).test
+    records = [c for c in (as_chat(r) for r in raw) if c is not None]
+    limit = suite.max_examples or cfg.eval.max_examples
+    return records[:limit] if limit else records
 
 
-def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
+def evaluate_run(cfg: RunConfig, run: RunPaths, write: bool = True) -> EvalResult:
     import torch
 
     if cfg.objective.type == "reward":
-        return evaluate_reward_run(cfg, run)
+        from tunelab.eval.reward import evaluate_reward_run
 
+        return evaluate_reward_run(cfg, run)
     # Evaluate in float32 without autocast: eval numbers must not depend on the training precision.
     precision = Precision(pick_device(cfg.model.device), None, torch.float32)
-    model, separate_base = load_trained(cfg, run.root, resolve_model(cfg.model), precision)
+    tuned, separate_base = load_trained(cfg, run.root, resolve_model(cfg.model), precision)
+    models = Models(tuned, separate_base)
     tokenizer = load_tokenizer(trained_folder(run))  # the exact template used in training
-    test = [c for c in (as_chat(r) for r in load_dataset(run.data).test) if c is not None]
-    if cfg.eval.max_examples:
-        test = test[: cfg.eval.max_examples]
-    if not test:
-        raise RunFolderError(f"{run.data}: the test split has no rows with a reference answer to evaluate against; "
-                             "add data.test files or raise data.test_fraction")
+    systems = build_systems(cfg, models)
+    shots = few_shot_examples(load_dataset(run.data).train, cfg.eval.few_shot_k, cfg.eval.seed)
+    torch.manual_seed(cfg.eval.seed)
 
-    conversations = [with_system_prompt(r.messages[:-1], cfg.data.system_prompt) for r in test]
-    prompts = [render_prompt(tokenizer, c) for c in conversations]
-    references = [r.messages[-1]["content"] for r in test]
-    encoded, _ = encode_records(tokenizer, test, cfg.data.system_prompt, max_length=10**9)
+    started, prompts_generated = time.perf_counter(), 0
+    suites: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    for suite in cfg.eval.suites:
+        records = suite_records(cfg, suite, run)
+        if not records:
+            raise RunFolderError(f"eval suite '{suite.name}': no examples with a reference answer (an empty test "
+                                 "split? add data.test files or eval suite files)")
+        result, suite_rows = _run_suite(cfg, suite, records, systems, models, tokenizer, shots)
+        suites[suite.name] = result
+        rows += suite_rows
+        prompts_generated += len(records) * len(systems)
 
-    outputs: dict[str, list[str]] = {}
-    systems: dict[str, dict[str, float]] = {}
-    started = time.perf_counter()
-    for system in SYSTEMS:
-        # PEFT runs: "base" is the same model with its adapter switched off; full fine-tunes: a second model.
-        net = separate_base if system == "base" and separate_base is not None else model
-        off = system == "base" and separate_base is None
-        with model.disable_adapter() if off else contextlib.nullcontext():
-            outputs[system] = generate_greedy(
-                net, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size, label=f"eval {system}"
-            )
-            loss = mean_token_loss(net, encoded, tokenizer.pad_token_id, cfg.eval.batch_size)
-        systems[system] = {
-            "exact_match": exact_match_rate(outputs[system], references),
-            "eval_loss": loss,
-            "perplexity": perplexity(loss),
-            "mean_words": sum(len(o.split()) for o in outputs[system]) / len(outputs[system]),
-        }
+    forgetting = _forgetting(cfg, systems, models, tokenizer) if cfg.eval.forgetting else None
     seconds = time.perf_counter() - started
+    metrics = manifest("eval", systems=[s.name for s in systems], suites=suites, forgetting=forgetting,
+                       timing={"seconds": round(seconds, 2), "prompts_generated": prompts_generated})
+    if cfg.eval.judge is not None:
+        from tunelab.eval.judge import judge_rows
 
-    rows = [
-        {
-            "id": record.id,
-            "prompt": conversations[i][-1]["content"],
-            "reference": references[i],
-            **{system: outputs[system][i] for system in SYSTEMS},
-            **{f"{system}_correct": exact_match(outputs[system][i], references[i]) for system in SYSTEMS},
-        }
-        for i, record in enumerate(test)
-    ]
-    metrics = manifest("eval", n_examples=len(test), systems=systems, eval_seconds=round(seconds, 2))
-    with atomic_dir(run.eval) as tmp:
-        write_json_atomic(tmp / "metrics.json", metrics)
-        write_jsonl_atomic(tmp / "predictions.jsonl", rows)
-        write_text_atomic(tmp / "report.md", render_markdown(metrics, rows, run.root.name))
+        metrics["judge"] = judge_rows(cfg.eval.judge, rows, [s.name for s in systems])
+    gate = evaluate_gate(cfg.eval.gate, metrics)
+    metrics["gate"] = [{"rule": g.rule, "passed": g.passed, "left": g.left, "right": g.right} for g in gate]
+    if write:
+        history = _read_metrics(run.metrics)
+        with atomic_dir(run.eval) as tmp:
+            write_json_atomic(tmp / "metrics.json", metrics)
+            write_jsonl_atomic(tmp / "predictions.jsonl", rows)
+            write_text_atomic(tmp / "report.md", render_markdown(metrics, rows, run.root.name))
+            write_text_atomic(tmp / "report.html", render_html(metrics, rows, history, run.root.name))
     return EvalResult(metrics=metrics, rows=rows)
 
+
+def _run_suite(cfg: RunConfig, suite: SuiteConfig, records: list[Record], systems: list[System], models: Models,
+               tokenizer: Any, shots: list[dict[str, str]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    conversations = [with_system_prompt(r.messages[:-1], cfg.data.system_prompt) for r in records]
+    references = [r.messages[-1]["content"] for r in records]
+    scorers = {m: resolve_metric(m, suite.regex, suite.json_schema) for m in suite.metrics if m not in ("bleu", "eval_loss")}
+    outputs: dict[str, list[str]] = {}
+    scores: dict[str, dict[str, list[float]]] = {}
+    summary: dict[str, dict[str, float]] = {}
+    for system in systems:
+        shown = [_with_shots(c, shots) for c in conversations] if system.few_shot else conversations
+        prompts = [render_prompt(tokenizer, c) for c in shown]
+        with models.use(system) as net:
+            outputs[system.name] = generate_greedy(net, tokenizer, prompts, cfg.eval.max_new_tokens,
+                                                   cfg.eval.batch_size, label=f"{suite.name}: {system.name}")
+            loss = None
+            if "eval_loss" in suite.metrics:
+                with_answers = [Record(r.id, r.source, "chat", [*s, r.messages[-1]]) for r, s in zip(records, shown)]
+                encoded, _ = encode_records(tokenizer, with_answers, None, max_length=10**9)
+                loss = mean_token_loss(net, encoded, tokenizer.pad_token_id, cfg.eval.batch_size)
+        scores[system.name] = {m: [fn(o, ref) for o, ref in zip(outputs[system.name], references)]
+                               for m, fn in scorers.items()}
+        summary[system.name] = {m: sum(v) / len(v) for m, v in scores[system.name].items()}
+        if "bleu" in suite.metrics:
+            summary[system.name]["bleu"] = corpus_bleu(outputs[system.name], references)
+        if loss is not None:
+            summary[system.name].update(eval_loss=loss, perplexity=perplexity(loss))
+        summary[system.name]["mean_words"] = sum(len(o.split()) for o in outputs[system.name]) / len(records)
+    primary = next(iter(scorers), None)
+    rows = [
+        {
+            "suite": suite.name, "id": record.id, "prompt": conversations[i][-1]["content"],
+            "reference": references[i],
+            "outputs": {s.name: outputs[s.name][i] for s in systems},
+            "scores": {s.name: {m: scores[s.name][m][i] for m in scorers} for s in systems},
+            "primary_metric": primary,
+        }
+        for i, record in enumerate(records)
+    ]
+    return {"n_examples": len(records), "metrics": list(suite.metrics), "systems": summary}, rows
+
+
+def _with_shots(conversation: list[dict[str, str]], shots: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Few-shot examples go after any system message and before the question."""
+    if conversation and conversation[0]["role"] == "system":
+        return [conversation[0], *shots, *conversation[1:]]
+    return [*shots, *conversation]
+
+
+def _forgetting(cfg: RunConfig, systems: list[System], models: Models, tokenizer: Any) -> dict[str, Any]:
+    """Pass rates of base and tuned on the bundled probes, per category, and the drops between them."""
+    chosen = [s for s in systems if s.name in ("base", "tuned")]
+    prompts = [render_prompt(tokenizer, with_system_prompt([{"role": "user", "content": p.prompt}],
+                                                           cfg.data.system_prompt)) for p in PROBES]
+    out: dict[str, Any] = {"n_probes": len(PROBES), "outputs": {}}
+    for system in chosen:
+        with models.use(system) as net:
+            answers = generate_greedy(net, tokenizer, prompts, 48, cfg.eval.batch_size, label=f"probes: {system.name}")
+        passed = [p.passed(a) for p, a in zip(PROBES, answers)]
+        rates = {c: _rate([ok for p, ok in zip(PROBES, passed) if p.category == c]) for c in CATEGORIES}
+        out[system.name] = {**rates, "overall": _rate(passed)}
+        out["outputs"][system.name] = answers
+    if "base" in out and "tuned" in out:
+        out["drop"] = out["base"]["overall"] - out["tuned"]["overall"]
+        for c in CATEGORIES:
+            out[f"{c}_drop"] = out["base"][c] - out["tuned"][c]
+    return out
+
+
+def _rate(flags: list[bool]) -> float:
+    return sum(flags) / len(flags) if flags else float("nan")
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    import json
+
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line cut short by a killed run
+            continue
+    return rows

@@ -1,0 +1,86 @@
+"""The systems an evaluation compares, all sharing one base model in memory where they can.
+
+- base:     the base model, zero-shot (the tuned model with its adapter switched off);
+- few_shot: the base model shown `few_shot_k` training examples before each question;
+- tuned:    the run's model;
+- other runs named in `eval.compare_runs`: their adapters loaded beside the run's own, by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import RunConfig
+from tunelab.data.records import Record
+from tunelab.errors import RunFolderError
+
+
+@dataclass
+class System:
+    name: str
+    few_shot: bool = False
+    adapter: str | None = None  # PEFT adapter to activate; None = adapter off (base)
+    model: Any = None  # a separate model (full fine-tuning) instead of the shared one
+
+
+class Models:
+    """The tuned model plus what is needed to switch between systems on it."""
+
+    def __init__(self, tuned: Any, separate_base: Any) -> None:
+        self.tuned = tuned
+        self.separate_base = separate_base
+
+    @contextlib.contextmanager
+    def use(self, system: System) -> Iterator[Any]:
+        """Yield the network that plays `system`, with the right adapter active."""
+        if system.model is not None:
+            yield system.model
+            return
+        if self.separate_base is not None:  # full fine-tuning: base is a second model
+            yield self.separate_base if system.adapter is None else self.tuned
+            return
+        if system.adapter is None:
+            with self.tuned.disable_adapter():
+                yield self.tuned
+            return
+        self.tuned.set_adapter(system.adapter)
+        try:
+            yield self.tuned
+        finally:
+            self.tuned.set_adapter("default")
+
+
+def build_systems(cfg: RunConfig, models: Models) -> list[System]:
+    systems = []
+    for name in cfg.eval.systems:
+        if name == "base":
+            systems.append(System("base"))
+        elif name == "few_shot":
+            systems.append(System("few_shot", few_shot=True))
+        else:
+            systems.append(System("tuned", adapter="default"))
+    for run_dir in cfg.eval.compare_runs:
+        adapter = Path(run_dir) / "adapter"
+        if models.separate_base is not None or not (adapter / "adapter_config.json").is_file():
+            raise RunFolderError(f"eval.compare_runs: {run_dir} holds no adapter that can share this run's base model")
+        name = Path(run_dir).name
+        models.tuned.load_adapter(str(adapter), adapter_name=name)
+        systems.append(System(name, adapter=name))
+    return systems
+
+
+def few_shot_examples(train: list[Record], k: int, seed: int) -> list[dict[str, str]]:
+    """k training examples as alternating user/assistant turns, the same for every question."""
+    chats = [r for r in train if r.kind == "chat" and len(r.messages) >= 2]
+    if not chats:
+        return []
+    picked = random.Random(seed).sample(chats, min(k, len(chats)))
+    turns: list[dict[str, str]] = []
+    for record in picked:
+        turns += [m for m in record.messages if m["role"] != "system"]
+    return turns

@@ -1,0 +1,128 @@
+"""The eval stage on the tiny model: suites, systems, forgetting, judge, gate, report, CLI exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from tests.conftest import animal_rows, write_jsonl
+from tunelab import pipeline
+from tunelab.config import JudgeConfig, SuiteConfig
+from tunelab.eval.probes import PROBES
+
+
+@pytest.fixture
+def trained(tiny_config):
+    run = pipeline.open_run(tiny_config, starting_training=True)
+    pipeline.stage_train(tiny_config, run)
+    return tiny_config, run
+
+
+def test_suites_systems_forgetting_and_compare_runs(trained, tmp_path):
+    cfg, run = trained
+    other = cfg.model_copy(deep=True)
+    other.output.dir = tmp_path / "other-run"
+    other.train.max_steps = 2
+    pipeline.stage_train(other, pipeline.open_run(other, starting_training=True))
+
+    extra = write_jsonl(tmp_path / "extra.jsonl", animal_rows(4, start=500))
+    cfg.eval.suites = [SuiteConfig(), SuiteConfig(name="extra", files=[extra], metrics=["exact_match", "bleu", "regex"],
+                                                  regex=r"answer: \w+")]
+    cfg.eval.compare_runs = [other.output.dir]
+    cfg.eval.forgetting = True
+    cfg.eval.gate = ["tuned.eval_loss <= base.eval_loss", "extra/tuned.regex >= 0.0", "forgetting.drop <= 1"]
+    result = pipeline.stage_eval(cfg, run)
+    metrics = result.metrics
+    assert metrics["systems"] == ["base", "few_shot", "tuned", "other-run"]
+    assert set(metrics["suites"]) == {"test", "extra"}
+    assert set(metrics["suites"]["extra"]["systems"]["tuned"]) == {"exact_match", "regex", "bleu", "mean_words"}
+    assert metrics["suites"]["test"]["n_examples"] == 8 and metrics["suites"]["extra"]["n_examples"] == 4
+    forgetting = metrics["forgetting"]
+    assert forgetting["n_probes"] == len(PROBES) == 100
+    assert set(forgetting["base"]) == {"arithmetic", "facts", "instructions", "formats", "overall"}
+    assert forgetting["drop"] == pytest.approx(forgetting["base"]["overall"] - forgetting["tuned"]["overall"])
+    assert result.gate_passed and len(metrics["gate"]) == 3
+    # The compared run really is a different model.
+    rows = [r for r in result.rows if r["suite"] == "test"]
+    loss = {s: metrics["suites"]["test"]["systems"][s]["eval_loss"] for s in ("tuned", "other-run", "base")}
+    assert len(set(loss.values())) == 3 and len(rows) == 8
+    html = (run.eval / "report.html").read_text()
+    for needle in ("Forgetting probes", "Loss curves", "Gate", "Examples (regressions first)"):
+        assert needle in html
+    assert "<script" not in html and "src=" not in html and "<link" not in html  # self-contained, offline
+
+
+def test_few_shot_prompts_show_training_examples(trained):
+    from tunelab.chat import render_prompt
+    from tunelab.data.prepare import load_dataset
+    from tunelab.eval.run import _with_shots
+    from tunelab.eval.systems import few_shot_examples
+    from tunelab.models import load_tokenizer
+
+    cfg, run = trained
+    shots = few_shot_examples(load_dataset(run.data).train, 2, seed=0)
+    assert [m["role"] for m in shots] == ["user", "assistant", "user", "assistant"]
+    question = [{"role": "user", "content": "Extract the animal: on day 9999 I saw a owl."}]
+    prompt = render_prompt(load_tokenizer(run.adapter), _with_shots(question, shots))
+    assert prompt.count("<|im_start|>user") == 3 and prompt.index(shots[0]["content"]) < prompt.index("day 9999")
+    assert few_shot_examples(load_dataset(run.data).train, 2, seed=0) == shots  # seeded
+
+
+class _Judge(BaseHTTPRequestHandler):
+    """A minimal OpenAI-compatible endpoint that scores 5 when the answer contains the reference, else 1."""
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        text = body["messages"][0]["content"]
+        reference = text.split("Reference answer:\n")[1].split("\n")[0]
+        answer = text.split("Answer to score:\n")[1].split("\n\nReply")[0]
+        score = "5" if reference.lower() in answer.lower() else "1"
+        reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                 "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": score}}]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_llm_judge_scores_each_system_through_an_openai_compatible_endpoint(trained):
+    cfg, run = trained
+    server = HTTPServer(("127.0.0.1", 0), _Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg.eval.systems = ["base", "tuned"]
+        cfg.eval.judge = JudgeConfig(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="judge",
+                                     max_examples=8)
+        result = pipeline.stage_eval(cfg, run)
+    finally:
+        server.shutdown()
+    judge = result.metrics["judge"]
+    assert set(judge) == {"base", "tuned"} and judge["tuned"]["n"] == 8
+    expected = {s: sum(5 if r["reference"].lower() in r["outputs"][s].lower() else 1 for r in result.rows) / 8
+                for s in ("base", "tuned")}
+    assert judge["base"]["mean"] == expected["base"] and judge["tuned"]["mean"] == expected["tuned"]
+
+
+def test_cli_eval_exits_non_zero_when_the_gate_fails(trained):
+    cfg, run = trained
+    env = {**os.environ, "COLUMNS": "200"}
+    command = [sys.executable, "-m", "tunelab", "eval", str(run.root), "--set", "eval.systems=[base, tuned]"]
+    failing = subprocess.run([*command, "--set", "eval.gate=['tuned.exact_match >= base.exact_match + 2']"],
+                             capture_output=True, text=True, env=env)
+    assert failing.returncode == 1, failing.stderr[-2000:]
+    assert "gate failed: tuned.exact_match >= base.exact_match + 2 (measured" in failing.stderr
+    passing = subprocess.run([*command, "--set", "eval.gate=['tuned.eval_loss <= base.eval_loss']"],
+                             capture_output=True, text=True, env=env)
+    assert passing.returncode == 0, passing.stderr[-2000:]
+    assert json.loads((run.eval / "metrics.json").read_text())["gate"][0]["passed"] is True

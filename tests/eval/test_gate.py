@@ -1,0 +1,43 @@
+"""Gate rules: parsed at config time, evaluated against the measured numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from tunelab.config_file import validate_config
+from tunelab.errors import ConfigError
+from tunelab.eval.gate import evaluate_gate
+
+METRICS = {
+    "suites": {
+        "test": {"systems": {"base": {"exact_match": 0.1}, "tuned": {"exact_match": 0.6}, "few_shot": {"exact_match": 0.3}}},
+        "json": {"systems": {"tuned": {"json_valid": 0.9}}},
+    },
+    "forgetting": {"drop": 0.05, "facts_drop": 0.0},
+}
+
+
+def test_rules_compare_metrics_numbers_and_offsets():
+    results = evaluate_gate([
+        "tuned.exact_match >= base.exact_match + 0.2",
+        "tuned.exact_match > few_shot.exact_match",
+        "json/tuned.json_valid >= 0.95",
+        "forgetting.drop <= 0.02",
+        "forgetting.facts_drop <= 0",
+    ], METRICS)
+    assert [r.passed for r in results] == [True, True, False, False, True]
+    assert (results[0].left, results[0].right) == (0.6, pytest.approx(0.3))
+    assert results[3].describe() == "FAIL forgetting.drop <= 0.02  (0.0500 vs 0.0200)"
+
+
+def test_unmeasured_numbers_are_named():
+    with pytest.raises(ConfigError, match="'tuned.rouge_l' was not measured"):
+        evaluate_gate(["tuned.rouge_l >= 0.5"], METRICS)
+    with pytest.raises(ConfigError, match="'forgetting.drop' is not measured"):
+        evaluate_gate(["forgetting.drop <= 0.1"], {"suites": METRICS["suites"], "forgetting": None})
+
+
+def test_unreadable_rules_fail_at_config_time():
+    with pytest.raises(ConfigError) as info:
+        validate_config({"data": {"train": "a.jsonl"}, "eval": {"gate": ["tuned is better than base"]}})
+    assert "eval.gate: cannot read rule 'tuned is better than base'" in info.value.problems[0]
