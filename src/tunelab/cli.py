@@ -91,6 +91,16 @@ def eval_(run_dir: Annotated[Path, typer.Argument(help="A run folder made by `tu
     _exit_on_failed_gate(result.metrics)
 
 
+@app.command()
+def chat(run_dir: Annotated[Path, typer.Argument(help="A run folder made by `tunelab train` or `run`.")],
+         side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Answer with base and tuned.")] = False,
+         max_new_tokens: Annotated[int, typer.Option(help="Generation budget per answer.")] = 256) -> None:
+    """Chat with the tuned model in the terminal (greedy decoding, the run's chat template)."""
+    from tunelab.eval.chat import chat_loop
+
+    chat_loop(run_dir, side_by_side, max_new_tokens)
+
+
 @data_app.command("prep")
 def data_prep(config: ConfigArg, set_: SetOpt = None) -> None:
     """Validate and split the data into output.dir/data."""

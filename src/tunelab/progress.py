@@ -8,7 +8,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 console = Console(stderr=True)
 
 
-def progress_bar() -> Progress:
+def progress_bar(disable: bool = False) -> Progress:
     """A bar with count, elapsed and remaining time, and a free-text field for live numbers (loss)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -19,4 +19,5 @@ def progress_bar() -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=False,
+        disable=disable,
     )

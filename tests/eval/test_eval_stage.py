@@ -126,3 +126,14 @@ def test_cli_eval_exits_non_zero_when_the_gate_fails(trained):
                              capture_output=True, text=True, env=env)
     assert passing.returncode == 0, passing.stderr[-2000:]
     assert json.loads((run.eval / "metrics.json").read_text())["gate"][0]["passed"] is True
+
+
+def test_chat_answers_with_base_and_tuned_side_by_side(trained):
+    cfg, run = trained
+    lines = "Extract the animal: on day 4242 I saw a cat.\n/reset\n\nExtract the animal: on day 7 I saw a fox.\n/exit\n"
+    result = subprocess.run([sys.executable, "-m", "tunelab", "chat", str(run.root), "--side-by-side",
+                             "--max-new-tokens", "8"], input=lines, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    replies = [line for line in result.stdout.splitlines() if line.startswith(("base> ", "tuned> "))]
+    assert [r.split(">")[0] for r in replies] == ["base", "tuned", "base", "tuned"]
+    assert "(new conversation)" in result.stdout

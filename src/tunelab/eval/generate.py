@@ -19,7 +19,8 @@ def stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
 
 @torch.no_grad()
 def generate_greedy(
-    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int, label: str = "generate"
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int, label: str = "generate",
+    show_progress: bool = True,
 ) -> list[str]:
     """Greedy answers to already-rendered `prompts`, in the same order."""
     from transformers import GenerationConfig
@@ -35,7 +36,7 @@ def generate_greedy(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # new tokens must follow each prompt directly
     try:
-        with progress_bar() as bar:
+        with progress_bar(disable=not show_progress) as bar:
             task = bar.add_task(label, total=len(prompts), info="")
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
