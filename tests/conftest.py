@@ -110,5 +110,6 @@ def tiny_config(tmp_path: Path, tiny_model_dir: Path):
         "data": {"train": str(train), "test": str(test), "val_fraction": 0.1},
         "train": {"learning_rate": 1e-2, "max_steps": 12, "batch_size": 8, "warmup_ratio": 0.0},
         "eval": {"max_new_tokens": 6, "batch_size": 4, "few_shot_k": 2, "forgetting": False},
+        "track": {"enabled": False},  # the tracking tests turn it on; a fresh MLflow store per test costs seconds
         "output": {"dir": str(tmp_path / "run")},
     })

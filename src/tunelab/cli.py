@@ -28,6 +28,11 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Data preparation.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+registry_app = typer.Typer(help="The MLflow model registry: register, promote on evidence, list, show.",
+                           no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+runs_app = typer.Typer(help="Tracked runs: list, compare, sync buffered tracking.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
 
 out = Console()
 
@@ -76,14 +81,16 @@ def train(config: ConfigArg, set_: SetOpt = None, resume: Annotated[bool, typer.
 
 
 @app.command("eval")
-def eval_(run_dir: Annotated[Path, typer.Argument(help="A run folder made by `tunelab train` or `run`.")],
+def eval_(run_dir: Annotated[str, typer.Argument(help="A run folder, or models:/NAME@ALIAS (or models:/NAME/VERSION).")],
           set_: SetOpt = None,
           max_examples: Annotated[int | None, typer.Option(help="Evaluate only the first N test examples.")] = None
           ) -> None:
     """Evaluate base, few-shot and tuned on every suite; writes RUN_DIR/eval/; exits 1 if the gate fails."""
     from tunelab import pipeline
 
-    cfg, run_paths = pipeline.load_run_config(run_dir, set_)
+    from tunelab.registry import resolve_run_dir
+
+    cfg, run_paths = pipeline.load_run_config(resolve_run_dir(run_dir), set_)
     if max_examples:
         cfg.eval.max_examples = max_examples
     result = pipeline.stage_eval(cfg, run_paths)
@@ -92,13 +99,14 @@ def eval_(run_dir: Annotated[Path, typer.Argument(help="A run folder made by `tu
 
 
 @app.command()
-def chat(run_dir: Annotated[Path, typer.Argument(help="A run folder made by `tunelab train` or `run`.")],
+def chat(run_dir: Annotated[str, typer.Argument(help="A run folder, or models:/NAME@ALIAS.")],
          side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Answer with base and tuned.")] = False,
          max_new_tokens: Annotated[int, typer.Option(help="Generation budget per answer.")] = 256) -> None:
     """Chat with the tuned model in the terminal (greedy decoding, the run's chat template)."""
     from tunelab.eval.chat import chat_loop
+    from tunelab.registry import resolve_run_dir
 
-    chat_loop(run_dir, side_by_side, max_new_tokens)
+    chat_loop(resolve_run_dir(run_dir), side_by_side, max_new_tokens)
 
 
 @data_app.command("prep")
@@ -110,6 +118,100 @@ def data_prep(config: ConfigArg, set_: SetOpt = None) -> None:
     run_paths = pipeline.open_run(cfg, starting_training=False)
     prepared = pipeline.stage_data(cfg, run_paths)
     _print_data_summary(run_paths.data, prepared.report)
+
+
+UriOpt = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow tracking/registry URI "
+                                           "(default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db).")]
+
+
+@registry_app.command("register")
+def registry_register(run_dir: Annotated[Path, typer.Argument(help="A trained run folder.")],
+                      name: Annotated[str, typer.Option("--name", help="Registered model name.")]) -> None:
+    """Register the run's adapter as a new model version (with base model, chat template, eval metrics)."""
+    from tunelab.registry import register
+
+    mv = register(run_dir, name)
+    out.print(f"registered {name} version {mv.version} (gate passed: {mv.tags.get('tunelab.gate_passed')})")
+
+
+@registry_app.command("promote")
+def registry_promote(name: str, version: str,
+                     alias: Annotated[str, typer.Option("--alias", help="Alias to set, e.g. champion.")] = "champion",
+                     force: Annotated[bool, typer.Option("--force", help="Promote even if the gate failed.")] = False,
+                     reason: Annotated[str | None, typer.Option("--reason", help="Why, recorded with --force.")] = None,
+                     tracking_uri: UriOpt = None) -> None:
+    """Point ALIAS at VERSION, only if that version passed its eval gate (or with --force --reason)."""
+    from tunelab.registry import default_tracking_uri, promote
+
+    promote(name, version, alias, force, reason, tracking_uri or default_tracking_uri())
+    out.print(f"{name}@{alias} -> version {version}")
+
+
+@registry_app.command("list")
+def registry_list(tracking_uri: UriOpt = None) -> None:
+    """Registered models with their version counts and aliases."""
+    from tunelab.registry import default_tracking_uri, list_models
+
+    table = Table("model", "versions", "aliases", "base model")
+    for m in list_models(tracking_uri or default_tracking_uri()):
+        table.add_row(m["name"], str(m["versions"]), ", ".join(f"{a}->{v}" for a, v in m["aliases"].items()),
+                      m["base_model"])
+    out.print(table)
+
+
+@registry_app.command("show")
+def registry_show(name: str, tracking_uri: UriOpt = None) -> None:
+    """Every version of NAME: aliases, gate result, forced promotions, eval metrics."""
+    from tunelab.registry import default_tracking_uri, show
+
+    table = Table("version", "aliases", "gate passed", "forced because", "metrics")
+    for row in show(name, tracking_uri or default_tracking_uri()):
+        metrics = ", ".join(f"{k[5:]}={v}" for k, v in sorted(row["metrics"].items()) if "exact_match" in k)
+        table.add_row(row["version"], ", ".join(row["aliases"]), str(row["gate_passed"]), row["forced"] or "",
+                      metrics)
+    out.print(table)
+
+
+@runs_app.command("list")
+def runs_list(tracking_uri: UriOpt = None,
+              experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "tunelab") -> None:
+    """Tracked runs with their key numbers."""
+    from tunelab.runs import list_runs
+    from tunelab.registry import default_tracking_uri
+
+    table = Table("run", "status", "method", "objective", "train loss", "tuned exact match", "gate")
+    for r in list_runs(tracking_uri or default_tracking_uri(), experiment):
+        table.add_row(r["name"], r["status"], r["method"], r["objective"], r["loss"], r["exact_match"], r["gate"])
+    out.print(table)
+
+
+@runs_app.command("compare")
+def runs_compare(run_a: Path, run_b: Path) -> None:
+    """Metrics and config differences between two run folders."""
+    from tunelab.runs import compare
+
+    metrics, config = compare(run_a, run_b)
+    table = Table("metric", run_a.name, run_b.name, "delta")
+    for name, a, b in metrics:
+        delta = f"{b - a:+.4g}" if isinstance(a, float) and isinstance(b, float) else ""
+        table.add_row(name, _num(a), _num(b), delta)
+    out.print(table)
+    table = Table("config key", run_a.name, run_b.name)
+    for key, a, b in config:
+        table.add_row(key, str(a), str(b))
+    out.print(table)
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@runs_app.command("sync")
+def runs_sync(run_dir: Path) -> None:
+    """Upload tracking that was buffered while the MLflow server was away."""
+    from tunelab.track import sync
+
+    out.print(f"uploaded {sync(run_dir)} buffered tracking operations from {run_dir}")
 
 
 @app.command()
@@ -179,6 +281,8 @@ def _quiet_library_noise() -> None:
     # bitsandbytes tries to fetch an optional CPU kernel from a model hub at import and logs a warning when it
     # cannot (always, offline); deprecation notices about the libraries' own internals are not the user's to fix.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines (creating tables...) are noise here
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|trl)\.")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.jit")
 

@@ -334,6 +334,15 @@ class EvalConfig(Section):
         return rules
 
 
+class TrackConfig(Section):
+    enabled: bool = Field(True, description="Log every stage to MLflow.")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking server (http://...) or store URI; default: an embedded sqlite store "
+        "(mlflow.db) and artifact folder (mlartifacts/) beside the run folder."
+    )
+    experiment: str = Field("tunelab", description="MLflow experiment name.")
+
+
 class OutputConfig(Section):
     dir: Path = Field(Path("runs/default"), description="Run folder: config, data, adapter, metrics, eval.")
     overwrite: bool = Field(False, description="Replace an existing run folder instead of refusing.")
@@ -351,4 +360,5 @@ class RunConfig(Section):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    track: TrackConfig = Field(default_factory=TrackConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)

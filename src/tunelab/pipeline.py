@@ -73,15 +73,39 @@ def _is_trained(run: RunPaths) -> bool:
     return run.adapter.exists() or (run.root / "model").exists() or run.checkpoints.exists()
 
 
+def tracker_for(cfg: RunConfig, run: RunPaths) -> Any:
+    """The MLflow tracker of this run folder, or None when tracking is off."""
+    if not cfg.track.enabled:
+        return None
+    from tunelab.track import Tracker
+
+    return Tracker(cfg, run)
+
+
 def stage_train(cfg: RunConfig, run: RunPaths, resume: bool = False) -> Any:
     from tunelab.train.preference import train_preference
     from tunelab.train.sft import train_sft
 
     check_compatibility(cfg, pick_precision(cfg.model).device, locate_model(cfg.model))
     dataset = stage_data(cfg, run).dataset
+    tracker = tracker_for(cfg, run)
+    if tracker is not None:
+        tracker.log_config()
+        tracker.log_dataset(json.loads((run.data / "manifest.json").read_text()))
     trainer = train_preference if cfg.objective.type in TRL_OBJECTIVES else train_sft
-    result = trainer(cfg, run, dataset, resume=resume)
+    try:
+        result = trainer(cfg, run, dataset, resume=resume, on_metrics=tracker.log_metrics if tracker else None)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")
+        raise
     update_run_manifest(run, data=dataset.counts(), train=result.to_json())
+    if tracker is not None:
+        tracker.log_metrics({"step": result.steps, "train_seconds": result.train_seconds,
+                             "train_tokens_per_second": result.tokens_per_second,
+                             "peak_memory_mb": result.peak_memory_mb, "trainable_params": result.trainable_params})
+        tracker.log_trained()
+        tracker.finish()
     return result
 
 
@@ -93,6 +117,10 @@ def stage_eval(cfg: RunConfig, run: RunPaths) -> Any:
     update_run_manifest(run, eval={name: suite["systems"] for name, suite in suites.items()},
                         forgetting=_forgetting_summary(result.metrics.get("forgetting")),
                         gate=result.metrics.get("gate", []), gate_passed=result.gate_passed)
+    tracker = tracker_for(cfg, run)
+    if tracker is not None:
+        tracker.log_eval(result.metrics)
+        tracker.finish()
     return result
 
 

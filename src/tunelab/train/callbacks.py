@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,11 @@ from tunelab.train.collate import PaddingCollator
 class MetricsCallback(TrainerCallback):
     """Appends one JSON line per log event (step, loss, lr, grad norm, tokens/s) and drives the bar."""
 
-    def __init__(self, path: Path, collator: PaddingCollator | PackedCollator | None) -> None:
+    def __init__(self, path: Path, collator: PaddingCollator | PackedCollator | None,
+                 sink: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.path = path
         self.collator = collator
+        self.sink = sink  # e.g. the MLflow tracker
         self.losses: list[float] = []
         self._bar: Any = None
         self._task: Any = None
@@ -30,6 +33,8 @@ class MetricsCallback(TrainerCallback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+        if self.sink is not None:
+            self.sink(row)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step == 0 and self.path.exists():

@@ -103,7 +103,8 @@ def make_trainer(cfg: RunConfig, run: RunPaths, model: Any, tokenizer: Any, trai
     )
 
 
-def train_preference(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = False) -> TrainResult:
+def train_preference(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = False,
+              on_metrics: Any = None) -> TrainResult:
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback
 
@@ -123,7 +124,7 @@ def train_preference(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bo
     trainable, total = count_parameters(model)
     console.print(f"Training {trainable:,} of {total:,} parameters with {cfg.method.type} + "
                   f"{cfg.objective.type} on {len(train_rows)} rows [{precision.label}]")
-    callback = MetricsCallback(run.metrics, None)
+    callback = MetricsCallback(run.metrics, None, on_metrics)
     budget = WallTimeBudget(cfg.train.max_time_minutes) if cfg.train.max_time_minutes else None
     callbacks = [callback, StopOnNonFiniteLoss(), *([budget] if budget else [])]
     trainer = make_trainer(cfg, run, model, tokenizer, train_rows, callbacks)

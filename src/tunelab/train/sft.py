@@ -69,7 +69,8 @@ def encode_split(cfg: RunConfig, tokenizer: Any, records: list[Any]) -> tuple[li
     return encode_records(tokenizer, records, cfg.data.system_prompt, cfg.data.max_length)
 
 
-def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = False) -> TrainResult:
+def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = False,
+              on_metrics: Any = None) -> TrainResult:
     """Fine-tune on `dataset.train`; write the adapter (or model), chat template and metrics into `run`."""
     from transformers import EarlyStoppingCallback, set_seed
     from transformers.trainer_callback import PrinterCallback
@@ -100,7 +101,7 @@ def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = Fa
     example_ids = [row.get("ids") or [row["id"]] for row in rows]
     eval_rows = [{**row, "index": -1} for row in val_examples] if cfg.train.eval_steps else None
 
-    callback = MetricsCallback(run.metrics, collator)
+    callback = MetricsCallback(run.metrics, collator, on_metrics)
     budget = WallTimeBudget(cfg.train.max_time_minutes) if cfg.train.max_time_minutes else None
     extra = [c for c in (budget, UnpackAfterEval() if cfg.method.type == "qlora" else None) if c is not None]
     if cfg.train.early_stopping_patience:

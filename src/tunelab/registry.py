@@ -1,0 +1,150 @@
+"""The MLflow model registry: register a run's adapter, promote it only on evidence, resolve models:/ URIs.
+
+A version carries what a consumer needs to use it right: the base model reference, the chat template it was
+trained with, its eval metrics and whether its eval gate passed. `promote` refuses a version whose gate did
+not pass unless forced with a recorded reason. `models:/NAME@alias` (or `models:/NAME/VERSION`) resolves to a
+local run folder, so it works wherever a run folder does (eval, export, serve).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tunelab.artifacts import atomic_dir
+from tunelab.errors import TunelabError
+
+DEFAULT_URI_ENV = "MLFLOW_TRACKING_URI"
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get(DEFAULT_URI_ENV) or f"sqlite:///{Path('runs').resolve() / 'mlflow.db'}"
+
+
+def _client(uri: str) -> Any:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def register(run_dir: Path, name: str) -> Any:
+    """Create a model version from a run folder's adapter (logging the run first if it never was)."""
+    from tunelab.pipeline import load_run_config
+    from tunelab.track import Tracker, tracking_uri
+
+    cfg, run = load_run_config(run_dir)
+    if not (run.adapter / "adapter_config.json").is_file():
+        raise TunelabError(f"registry register: {run.root} has no trained adapter to register")
+    tracker = Tracker(cfg, run)
+    if tracker.run_id is None or tracker.offline:
+        raise TunelabError(f"registry register: MLflow at {tracking_uri(cfg)} is not answering")
+    client = _client(tracking_uri(cfg))
+    logged = {a.path for a in client.list_artifacts(tracker.run_id)}
+    if "adapter" not in logged:  # trained with tracking off: log it now
+        tracker.log_trained()
+    if "data" not in logged:
+        tracker._call("artifacts", path=str(run.data), artifact_path="data")
+    if run.eval.is_dir() and "eval" not in logged:
+        tracker._call("artifacts", path=str(run.eval), artifact_path="eval")
+    tags = {"tunelab.base_model": cfg.model.name, "tunelab.method": cfg.method.type,
+            "tunelab.objective": cfg.objective.type, "tunelab.run_dir": str(run.root.resolve()),
+            "tunelab.chat_template": run.chat_template.read_text(encoding="utf-8")[:7000]}
+    metrics_path = run.eval / "metrics.json"
+    if metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text())
+        tags["tunelab.gate_passed"] = str(all(g["passed"] for g in metrics.get("gate", []))).lower()
+        tags["tunelab.gate"] = json.dumps([g["rule"] for g in metrics.get("gate", [])])
+        for suite, result in metrics["suites"].items():
+            for system, values in result["systems"].items():
+                for metric, value in values.items():
+                    tags[f"eval.{suite}.{system}.{metric}"] = f"{value:.6g}"
+    else:
+        tags["tunelab.gate_passed"] = "false"  # no evidence yet: promotion needs an eval first
+    try:
+        client.get_registered_model(name)
+    except Exception:  # noqa: BLE001 - "does not exist" is reported differently by each store
+        client.create_registered_model(name, tags={"tunelab.base_model": cfg.model.name})
+    source = f"{client.get_run(tracker.run_id).info.artifact_uri}/adapter"
+    return client.create_model_version(name, source, run_id=tracker.run_id, tags=tags)
+
+
+def promote(name: str, version: str, alias: str, force: bool, reason: str | None, uri: str) -> Any:
+    client = _client(uri)
+    mv = _version(client, name, version)
+    passed = mv.tags.get("tunelab.gate_passed") == "true"
+    if not passed and not force:
+        rules = mv.tags.get("tunelab.gate", "[]")
+        raise TunelabError(f"registry promote: {name} version {version} did not pass its eval gate (rules: {rules}); "
+                           "evaluate it again, or pass --force --reason \"...\" to promote it anyway")
+    if force and not passed:
+        if not reason:
+            raise TunelabError("registry promote: --force needs --reason \"why\"; the reason is recorded on the version")
+        client.set_model_version_tag(name, version, "tunelab.forced_promotion", reason)
+    client.set_registered_model_alias(name, alias, version)
+    return client.get_model_version(name, version)
+
+
+def _version(client: Any, name: str, version: str) -> Any:
+    try:
+        return client.get_model_version(name, version)
+    except Exception:  # noqa: BLE001
+        raise TunelabError(f"registry: no version {version} of model '{name}'") from None
+
+
+def list_models(uri: str) -> list[dict[str, Any]]:
+    client = _client(uri)
+    out = []
+    for model in client.search_registered_models():
+        versions = client.search_model_versions(f"name='{model.name}'")
+        out.append({"name": model.name, "versions": len(versions), "aliases": dict(model.aliases or {}),
+                    "base_model": (model.tags or {}).get("tunelab.base_model", "")})
+    return out
+
+
+def show(name: str, uri: str) -> list[dict[str, Any]]:
+    client = _client(uri)
+    aliases: dict[str, list[str]] = {}
+    for alias, version in (client.get_registered_model(name).aliases or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
+    rows = []
+    for mv in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
+        rows.append({"version": str(mv.version), "aliases": aliases.get(str(mv.version), []), "run_id": mv.run_id,
+                     "gate_passed": mv.tags.get("tunelab.gate_passed"), "forced": mv.tags.get("tunelab.forced_promotion"),
+                     "metrics": {k: v for k, v in mv.tags.items() if k.startswith("eval.")}})
+    return rows
+
+
+def resolve_run_dir(ref: str | Path, uri: str | None = None) -> Path:
+    """A run folder for `ref`: itself, or the local copy of a registered version for models:/NAME@alias."""
+    text = str(ref)
+    if not text.startswith("models:/"):
+        return Path(text)
+    client = _client(uri or default_tracking_uri())
+    spec = text[len("models:/"):]
+    if "@" in spec:
+        name, alias = spec.split("@", 1)
+        try:
+            mv = client.get_model_version_by_alias(name, alias)
+        except Exception:  # noqa: BLE001
+            raise TunelabError(f"{text}: no model '{name}' with alias '{alias}' in the registry") from None
+    else:
+        name, _, version = spec.partition("/")
+        mv = _version(client, name, version)
+    from tunelab.config import ModelConfig
+    from tunelab.models import cache_root
+
+    folder = cache_root(ModelConfig()) / "registry" / name / str(mv.version)
+    if not (folder / "config.yaml").is_file():
+        with atomic_dir(folder) as tmp:
+            for item in ("adapter", "config.yaml", "data", "eval"):
+                try:
+                    client.download_artifacts(mv.run_id, item, str(tmp))
+                except Exception:  # noqa: BLE001 - eval/ may be missing for an unevaluated version
+                    if item in ("adapter", "config.yaml"):
+                        raise TunelabError(f"{text}: run {mv.run_id} lacks its {item} artifact") from None
+            shutil.copy(tmp / "adapter" / "chat_template.jinja", tmp / "chat_template.jinja")
+    return folder

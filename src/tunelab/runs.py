@@ -1,0 +1,56 @@
+"""`tunelab runs`: list tracked runs, and compare two run folders' metrics and configs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunelab.errors import RunFolderError
+from tunelab.track import flatten
+
+
+def list_runs(uri: str, experiment: str) -> list[dict[str, str]]:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    rows = []
+    for run in client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"]):
+        m, p, t = run.data.metrics, run.data.params, run.data.tags
+        exact = next((v for k, v in m.items() if k.endswith(".tuned.exact_match")), None)
+        rows.append({"name": run.info.run_name or run.info.run_id, "status": run.info.status,
+                     "method": p.get("method.type", ""), "objective": p.get("objective.type", ""),
+                     "loss": f"{m['loss']:.4f}" if "loss" in m else "", "exact_match": "" if exact is None else f"{exact:.1%}",
+                     "gate": {"true": "pass", "false": "FAIL"}.get(t.get("tunelab.gate_passed", ""), "")})
+    return rows
+
+
+def _numbers(run_dir: Path) -> dict[str, Any]:
+    manifest_path = run_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise RunFolderError(f"{run_dir}: not a run folder (no manifest.json)")
+    manifest = json.loads(manifest_path.read_text())
+    numbers = {f"train.{k}": v for k, v in (manifest.get("train") or {}).items() if isinstance(v, (int, float))}
+    for suite, systems in (manifest.get("eval") or {}).items():
+        for system, values in systems.items():
+            numbers.update({f"{suite}.{system}.{k}": v for k, v in values.items()})
+    forgetting = manifest.get("forgetting") or {}
+    numbers.update({f"forgetting.{k}": v for k, v in forgetting.items() if isinstance(v, (int, float))})
+    return {k: float(v) for k, v in numbers.items() if not isinstance(v, bool)}
+
+
+def compare(run_a: Path, run_b: Path) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+    a, b = _numbers(run_a), _numbers(run_b)
+    metrics = [(k, a.get(k, ""), b.get(k, "")) for k in sorted(set(a) | set(b))]
+    config_a = flatten(yaml.safe_load((run_a / "config.yaml").read_text()))
+    config_b = flatten(yaml.safe_load((run_b / "config.yaml").read_text()))
+    config = [(k, config_a.get(k, ""), config_b.get(k, "")) for k in sorted(set(config_a) | set(config_b))
+              if config_a.get(k) != config_b.get(k)]
+    return metrics, config

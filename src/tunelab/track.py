@@ -1,0 +1,200 @@
+"""MLflow tracking: every stage logs to one MLflow run per run folder.
+
+Default: embedded, nothing to start (a sqlite store and an artifact folder beside the run folders).
+`track.tracking_uri` points at a server instead. Tracking never costs training: when the store stops
+answering, what would have been logged is appended to RUN_DIR/tracking_buffer.jsonl, a warning says so
+once, and `tunelab runs sync RUN_DIR` uploads it later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from tunelab.artifacts import RunPaths
+from tunelab.config import RunConfig
+from tunelab.progress import console
+
+BUFFER = "tracking_buffer.jsonl"
+RUN_ID_FILE = "mlflow_run.json"
+
+
+def tracking_uri(cfg: RunConfig) -> str:
+    if cfg.track.tracking_uri:
+        return cfg.track.tracking_uri
+    return f"sqlite:///{(Path(cfg.output.dir).resolve().parent / 'mlflow.db')}"
+
+
+def artifact_root(cfg: RunConfig) -> str:
+    return (Path(cfg.output.dir).resolve().parent / "mlartifacts").as_uri()
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"train.learning_rate": "0.0002", ...} (MLflow params are flat strings)."""
+    if isinstance(data, dict):
+        out: dict[str, str] = {}
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): json.dumps(data) if isinstance(data, (list, dict)) else str(data)}
+
+
+class Tracker:
+    """Logs one run folder's stages to its MLflow run; falls back to a local buffer when MLflow is away."""
+
+    def __init__(self, cfg: RunConfig, run: RunPaths) -> None:
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        # MLflow's client retries a dead server with exponential backoff for minutes by default; a tracker
+        # should notice within seconds, buffer, and let training go on.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        from mlflow import MlflowClient
+
+        self.cfg, self.run = cfg, run
+        self.client = MlflowClient(tracking_uri=tracking_uri(cfg))
+        self.offline = False
+        self.run_id = self._run_id()
+
+    # -- run identity -------------------------------------------------------------------------------
+    def _run_id(self) -> str | None:
+        stamp = self.run.root / RUN_ID_FILE
+        if stamp.is_file():
+            return json.loads(stamp.read_text())["run_id"]
+        try:
+            experiment = self.client.get_experiment_by_name(self.cfg.track.experiment)
+            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
+                self.cfg.track.experiment, artifact_location=None if self.cfg.track.tracking_uri else artifact_root(self.cfg))
+            created = self.client.create_run(experiment_id, run_name=self.run.root.name,
+                                             tags={"tunelab.run_dir": str(self.run.root.resolve())})
+        except Exception as err:  # noqa: BLE001 - any store failure means: keep training, buffer
+            self._go_offline(err)
+            return None
+        stamp.write_text(json.dumps({"run_id": created.info.run_id, "tracking_uri": tracking_uri(self.cfg)}))
+        return created.info.run_id
+
+    # -- logging with a safety net --------------------------------------------------------------------
+    def _call(self, op: str, **payload: Any) -> None:
+        if self.offline or self.run_id is None:
+            self._buffer(op, payload)
+            return
+        try:
+            _apply(self.client, self.run_id, op, payload)
+        except Exception as err:  # noqa: BLE001
+            self._go_offline(err)
+            self._buffer(op, payload)
+
+    def _go_offline(self, err: Exception) -> None:
+        if not self.offline:
+            console.print(f"[yellow]warning:[/] MLflow at {tracking_uri(self.cfg)} is not answering ({type(err).__name__}); "
+                          f"training goes on and tracking is buffered in {self.run.root / BUFFER}; upload it later "
+                          f"with `tunelab runs sync {self.run.root}`")
+        self.offline = True
+
+    def _buffer(self, op: str, payload: dict[str, Any]) -> None:
+        with open(self.run.root / BUFFER, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"op": op, "time": time.time(), **payload}) + "\n")
+
+    # -- what the stages log ----------------------------------------------------------------------------
+    def log_config(self) -> None:
+        params = flatten(self.cfg.model_dump(mode="json"))
+        self._call("params", params=params)
+        self._call("tags", tags={"tunelab.base_model": self.cfg.model.name, "tunelab.method": self.cfg.method.type,
+                                 "tunelab.objective": self.cfg.objective.type})
+
+    def log_dataset(self, manifest: dict[str, Any]) -> None:
+        self._call("dataset", name=f"{self.run.root.name}-data", digest=manifest.get("fingerprint", "")[:32],
+                   source=str(self.run.data.resolve()), counts=manifest.get("counts", {}))
+
+    def log_metrics(self, row: dict[str, Any]) -> None:
+        step = int(row.get("step", 0))
+        values = {k.replace("/", "_"): float(v) for k, v in row.items()
+                  if k != "step" and isinstance(v, (int, float)) and v == v}  # v == v drops NaN
+        if values:
+            self._call("metrics", step=step, metrics=values)
+
+    def log_eval(self, metrics: dict[str, Any]) -> None:
+        flat = {}
+        for suite, result in metrics.get("suites", {}).items():
+            for system, values in result["systems"].items():
+                flat.update({f"eval.{suite}.{system}.{k}": float(v) for k, v in values.items() if v == v})
+        forgetting = metrics.get("forgetting") or {}
+        flat.update({f"forgetting.{k}": float(v) for k, v in forgetting.items() if isinstance(v, (int, float))})
+        self._call("metrics", step=0, metrics=flat)
+        passed = all(g["passed"] for g in metrics.get("gate", []))
+        self._call("tags", tags={"tunelab.gate_passed": str(passed).lower(),
+                                 "tunelab.gate": json.dumps([g["rule"] for g in metrics.get("gate", [])])})
+        self._call("artifacts", path=str(self.run.eval), artifact_path="eval")
+
+    def log_trained(self) -> None:
+        for name in ("adapter", "model"):
+            if (self.run.root / name).is_dir():
+                self._call("artifacts", path=str(self.run.root / name), artifact_path=name)
+        self._call("artifacts", path=str(self.run.config), artifact_path=None)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._call("terminate", status=status)
+
+
+def _apply(client: Any, run_id: str, op: str, payload: dict[str, Any]) -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
+    if op == "params":
+        items = list(payload["params"].items())
+        for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in items[start : start + 100]])
+    elif op == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in payload["tags"].items()])
+    elif op == "metrics":
+        stamp = int(payload.get("time", time.time()) * 1000)
+        metrics = [Metric(k, v, stamp, payload["step"]) for k, v in payload["metrics"].items()]
+        for start in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[start : start + 1000])
+    elif op == "dataset":
+        from mlflow.data import get_source  # noqa: F401 - registers the built-in source types
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        source = resolve_dataset_source(Path(payload["source"]).as_uri())
+        dataset = MetaDataset(source=source, name=payload["name"], digest=payload["digest"])
+        client.log_inputs(run_id, datasets=[_dataset_input(dataset)])
+    elif op == "artifacts" and Path(payload["path"]).is_dir():
+        client.log_artifacts(run_id, payload["path"], payload["artifact_path"])
+    elif op == "artifacts":
+        client.log_artifact(run_id, payload["path"], payload["artifact_path"])
+    elif op == "terminate":
+        client.set_terminated(run_id, payload["status"])
+    else:
+        raise ValueError(f"unknown tracking op {op}")
+
+
+def _dataset_input(dataset: Any) -> Any:
+    from mlflow.entities import DatasetInput
+
+    return DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[])
+
+
+def sync(run_dir: Path) -> int:
+    """Upload what a run buffered while MLflow was away; returns the number of operations sent."""
+    from mlflow import MlflowClient
+
+    from tunelab.pipeline import load_run_config
+
+    cfg, run = load_run_config(run_dir)
+    buffer = run.root / BUFFER
+    if not buffer.is_file():
+        return 0
+    tracker = Tracker(cfg, run)
+    if tracker.run_id is None or tracker.offline:
+        from tunelab.errors import TunelabError
+
+        raise TunelabError(f"runs sync: MLflow at {tracking_uri(cfg)} is still not answering; nothing was uploaded")
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    ops = [json.loads(line) for line in buffer.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for op in ops:
+        _apply(client, tracker.run_id, op.pop("op"), op)
+    buffer.rename(buffer.with_suffix(".synced.jsonl"))
+    return len(ops)

@@ -1,0 +1,163 @@
+"""MLflow tracking and registry, against the embedded sqlite store and a real `mlflow server` process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunelab import pipeline
+from tunelab.errors import TunelabError
+
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+
+def client_for(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def run_id(run_dir: Path) -> str:
+    return json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+
+
+def tracked_run(cfg, name: str, gate: list[str], uri: str | None = None):
+    cfg = cfg.model_copy(deep=True)
+    cfg.track.enabled = True
+    cfg.track.tracking_uri = uri
+    cfg.output.dir = Path(cfg.output.dir).parent / name
+    cfg.eval.systems = ["base", "tuned"]
+    cfg.eval.gate = gate
+    summary = pipeline.run_all(cfg)
+    return cfg, summary
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
+
+
+def test_embedded_tracking_logs_everything_and_the_adapter_reloads_exactly(tiny_config, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg, summary = tracked_run(tiny_config, "tracked", ["tuned.eval_loss <= base.eval_loss"])
+    uri = f"sqlite:///{Path(cfg.output.dir).parent / 'mlflow.db'}"
+    client = client_for(uri)
+    run = client.get_run(run_id(Path(cfg.output.dir)))
+    assert run.data.params["train.learning_rate"] == str(cfg.train.learning_rate)
+    assert run.data.params["method.r"] == "16"
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 12
+    assert "eval.test.tuned.eval_loss" in run.data.metrics and run.data.tags["tunelab.gate_passed"] == "true"
+    assert run.inputs.dataset_inputs[0].dataset.name == "tracked-data"
+    assert {"adapter", "eval", "config.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    downloaded = client.download_artifacts(run.info.run_id, "adapter", str(tmp_path / "dl"))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ids = torch.tensor([[5, 17, 33, 2, 40]])
+    assert torch.equal(logits(summary.train.model, ids), logits(PeftModel.from_pretrained(base, downloaded), ids))
+
+
+def test_registry_promotes_only_on_evidence_and_resolves_models_uris(tiny_config):
+    from tunelab.registry import promote, register, resolve_run_dir, show
+
+    good_cfg, _ = tracked_run(tiny_config, "good", ["tuned.eval_loss <= base.eval_loss"])
+    bad_cfg, _ = tracked_run(tiny_config, "bad", ["tuned.exact_match >= 2"])
+    uri = f"sqlite:///{Path(good_cfg.output.dir).parent / 'mlflow.db'}"
+    good = register(Path(good_cfg.output.dir), "animals")
+    bad = register(Path(bad_cfg.output.dir), "animals")
+    assert (str(good.version), str(bad.version)) == ("1", "2")
+    assert good.tags["tunelab.base_model"] == str(good_cfg.model.name)
+    assert "<|im_start|>" in good.tags["tunelab.chat_template"] and "eval.test.tuned.eval_loss" in good.tags
+
+    promote("animals", "1", "champion", force=False, reason=None, uri=uri)
+    with pytest.raises(TunelabError, match="version 2 did not pass its eval gate"):
+        promote("animals", "2", "champion", force=False, reason=None, uri=uri)
+    with pytest.raises(TunelabError, match="--force needs --reason"):
+        promote("animals", "2", "champion", force=True, reason=None, uri=uri)
+    promote("animals", "2", "challenger", force=True, reason="A/B test on 5% of traffic", uri=uri)
+    versions = {row["version"]: row for row in show("animals", uri)}
+    assert versions["1"]["aliases"] == ["champion"] and versions["2"]["forced"] == "A/B test on 5% of traffic"
+
+    folder = resolve_run_dir("models:/animals@champion", uri)
+    cfg, run = pipeline.load_run_config(folder)
+    cfg.track.enabled = False
+    cfg.eval.systems = ["base", "tuned"]
+    metrics = pipeline.stage_eval(cfg, run).metrics
+    original = json.loads((Path(good_cfg.output.dir) / "eval/metrics.json").read_text())
+    assert metrics["suites"]["test"]["systems"]["tuned"] == original["suites"]["test"]["systems"]["tuned"]
+    with pytest.raises(TunelabError, match="no model 'animals' with alias 'nope'"):
+        resolve_run_dir("models:/animals@nope", uri)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(store: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "art")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return process
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("mlflow server did not start")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, 9)
+    process.wait()
+
+
+@pytest.mark.e2e
+def test_real_server_tracking_registry_and_buffering_when_it_goes_away(tiny_config, tmp_path):
+    store, port = tmp_path / "server", free_port()
+    store.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(store, port)
+    try:
+        cfg, _ = tracked_run(tiny_config, "remote", ["tuned.eval_loss <= base.eval_loss"], uri=uri)
+        result = subprocess.run([sys.executable, "-m", "tunelab", "registry", "register", str(cfg.output.dir),
+                                 "--name", "remote-model"], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        result = subprocess.run([sys.executable, "-m", "tunelab", "registry", "promote", "remote-model", "1",
+                                 "--alias", "champion", "--tracking-uri", uri], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert str(client_for(uri).get_model_version_by_alias("remote-model", "champion").version) == "1"
+
+        # The server goes away before the next run: training goes on, tracking is buffered, then synced.
+        stop_server(server)
+        offline = tiny_config.model_copy(deep=True)
+        offline.track.enabled, offline.track.tracking_uri = True, uri
+        offline.output.dir = tmp_path / "offline"
+        result = pipeline.stage_train(offline, pipeline.open_run(offline, starting_training=True))
+        assert result.steps == 12 and (offline.output.dir / "adapter").is_dir()
+        buffered = (offline.output.dir / "tracking_buffer.jsonl").read_text().splitlines()
+        assert sum(json.loads(line)["op"] == "metrics" for line in buffered) >= 12
+        server = start_server(store, port)
+        synced = subprocess.run([sys.executable, "-m", "tunelab", "runs", "sync", str(offline.output.dir)],
+                                capture_output=True, text=True)
+        assert synced.returncode == 0, synced.stderr[-2000:]
+        history = client_for(uri).get_metric_history(run_id(offline.output.dir), "loss")
+        assert [m.step for m in history] == list(range(1, 13))
+    finally:
+        stop_server(server)
