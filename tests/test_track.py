@@ -60,6 +60,7 @@ def test_embedded_tracking_logs_everything_and_the_adapter_reloads_exactly(tiny_
     assert "eval.test.tuned.eval_loss" in run.data.metrics and run.data.tags["tunelab.gate_passed"] == "true"
     assert run.inputs.dataset_inputs[0].dataset.name == "tracked-data"
     assert {"adapter", "eval", "config.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert any(k.startswith("system/") for k in run.data.metrics)  # CPU/memory sampled while training
 
     downloaded = client.download_artifacts(run.info.run_id, "adapter", str(tmp_path / "dl"))
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -97,6 +98,15 @@ def test_registry_promotes_only_on_evidence_and_resolves_models_uris(tiny_config
     assert metrics["suites"]["test"]["systems"]["tuned"] == original["suites"]["test"]["systems"]["tuned"]
     with pytest.raises(TunelabError, match="no model 'animals' with alias 'nope'"):
         resolve_run_dir("models:/animals@nope", uri)
+
+    env = {**os.environ, "COLUMNS": "250"}
+    listed = subprocess.run([sys.executable, "-m", "tunelab", "runs", "list", "--tracking-uri", uri],
+                            capture_output=True, text=True, env=env)
+    assert listed.returncode == 0 and "good" in listed.stdout and "FAIL" in listed.stdout
+    compared = subprocess.run([sys.executable, "-m", "tunelab", "runs", "compare", str(good_cfg.output.dir),
+                               str(bad_cfg.output.dir)], capture_output=True, text=True, env=env)
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    assert "eval.gate" in compared.stdout and "test.tuned.eval_loss" in compared.stdout
 
 
 def free_port() -> int:

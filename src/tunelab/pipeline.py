@@ -93,12 +93,16 @@ def stage_train(cfg: RunConfig, run: RunPaths, resume: bool = False) -> Any:
         tracker.log_config()
         tracker.log_dataset(json.loads((run.data / "manifest.json").read_text()))
     trainer = train_preference if cfg.objective.type in TRL_OBJECTIVES else train_sft
+    monitor = tracker.system_metrics() if tracker is not None else None
     try:
         result = trainer(cfg, run, dataset, resume=resume, on_metrics=tracker.log_metrics if tracker else None)
     except BaseException:
         if tracker is not None:
             tracker.finish("FAILED")
         raise
+    finally:
+        if monitor is not None:
+            tracker.stop_system_metrics(monitor)
     update_run_manifest(run, data=dataset.counts(), train=result.to_json())
     if tracker is not None:
         tracker.log_metrics({"step": result.steps, "train_seconds": result.train_seconds,

@@ -137,7 +137,8 @@ def resolve_run_dir(ref: str | Path, uri: str | None = None) -> Path:
     from tunelab.config import ModelConfig
     from tunelab.models import cache_root
 
-    folder = cache_root(ModelConfig()) / "registry" / name / str(mv.version)
+    # Keyed by run id too: two stores (or a re-created one) can both hold a "version 1".
+    folder = cache_root(ModelConfig()) / "registry" / name / f"{mv.version}-{mv.run_id[:12]}"
     if not (folder / "config.yaml").is_file():
         with atomic_dir(folder) as tmp:
             for item in ("adapter", "config.yaml", "data", "eval"):

@@ -135,6 +135,26 @@ class Tracker:
                 self._call("artifacts", path=str(self.run.root / name), artifact_path=name)
         self._call("artifacts", path=str(self.run.config), artifact_path=None)
 
+    def system_metrics(self) -> Any:
+        """MLflow's CPU/memory/GPU sampler for the duration of training (None when offline)."""
+        if self.offline or self.run_id is None:
+            return None
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=5, tracking_uri=tracking_uri(self.cfg))
+        monitor.start()
+        return monitor
+
+    @staticmethod
+    def stop_system_metrics(monitor: Any) -> None:
+        """Log one last sample (a short run may end before the first interval) and stop the sampler."""
+        try:
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+        except Exception:  # noqa: BLE001 - system metrics are a nicety; never fail training over them
+            pass
+        monitor.finish()
+
     def finish(self, status: str = "FINISHED") -> None:
         self._call("terminate", status=status)
 
