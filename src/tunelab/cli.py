@@ -33,6 +33,8 @@ registry_app = typer.Typer(help="The MLflow model registry: register, promote on
 app.add_typer(registry_app, name="registry")
 runs_app = typer.Typer(help="Tracked runs: list, compare, sync buffered tracking.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
+export_app = typer.Typer(help="Export a trained run for other consumers.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
 
 out = Console()
 
@@ -212,6 +214,24 @@ def runs_sync(run_dir: Path) -> None:
     from tunelab.track import sync
 
     out.print(f"uploaded {sync(run_dir)} buffered tracking operations from {run_dir}")
+
+
+@export_app.command("merge")
+def export_merge(run_dir: Annotated[str, typer.Argument(help="A run folder, or models:/NAME@ALIAS.")],
+                 dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+                 out_dir: Annotated[Path | None, typer.Option("--out", help="Default: RUN_DIR/export/merged.")] = None,
+                 max_diff: Annotated[float, typer.Option(help="Largest allowed logit difference.")] = 1e-3) -> None:
+    """Merge the adapter into the base in float32, verify the logits, then cast and save a plain HF folder."""
+    from tunelab import pipeline
+    from tunelab.export.merge import ExportError, merge_run
+    from tunelab.registry import resolve_run_dir
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ExportError(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
+    cfg, run = pipeline.load_run_config(resolve_run_dir(run_dir))
+    result = merge_run(cfg, run, out_dir or run.root / "export" / "merged", dtype, max_diff)
+    out.print(f"wrote {result.folder} ({result.dtype}); merged vs adapter max logit diff {result.max_diff:.2e}, "
+              f"reloaded {result.reload_diff:.2e}")
 
 
 @app.command()

@@ -1,0 +1,53 @@
+"""Export merge: fp32 merge verified against the adapter; refused where merging cannot work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tunelab import pipeline
+from tunelab.export.merge import ExportError, merge_run, probe_batch
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "ia3"])
+def test_merged_model_loads_with_plain_transformers_and_matches_the_adapter(tiny_config, method):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models import load_tokenizer, resolve_model
+
+    tiny_config.method.type = method
+    if method == "ia3":
+        tiny_config.train.learning_rate = 0.1
+    run = pipeline.open_run(tiny_config, starting_training=True)
+    pipeline.stage_train(tiny_config, run)
+    out = run.root / "export" / "merged"
+    result = merge_run(tiny_config, run, out)
+    assert result.max_diff <= 1e-3 and result.reload_diff <= 1e-3
+
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(tiny_config.model), dtype=torch.float32)
+    adapter = PeftModel.from_pretrained(base, run.adapter).eval()
+    batch = probe_batch(tiny_config, run, load_tokenizer(out))
+    with torch.no_grad():
+        a, b = adapter(**batch).logits, merged(**batch).logits
+    assert (a - b).abs().max() < 1e-3
+    assert json.loads((out / "tunelab_export.json").read_text())["dtype"] == "float32"
+    assert (out / "chat_template.jinja").is_file()
+
+
+def test_bf16_export_and_methods_that_cannot_merge(tiny_config):
+    run = pipeline.open_run(tiny_config, starting_training=True)
+    pipeline.stage_train(tiny_config, run)
+    result = subprocess.run([sys.executable, "-m", "tunelab", "export", "merge", str(run.root), "--dtype", "bfloat16"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((run.root / "export" / "merged" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    tiny_config.method.type = "prompt_tuning"
+    with pytest.raises(ExportError, match="cannot be folded into the weights"):
+        merge_run(tiny_config, run, run.root / "x")
