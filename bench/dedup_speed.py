@@ -2,7 +2,8 @@
 
     python bench/dedup_speed.py [--n 100000] [--dup-rate 0.1]
 
-Plants near-duplicates (last word changed, case and punctuation changed) at --dup-rate and reports wall time and recall on them.
+Plants near-duplicates (last word changed, case and punctuation changed) at --dup-rate and
+reports wall time and recall on them.
 """
 
 from __future__ import annotations

@@ -45,7 +45,9 @@ def build_tokenizer(folder: Path, chat_template: str = CHATML):
 
 
 def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer Llama with hidden size 64 (init std 0.2 so LoRA can move the logits within a few steps) and its tokenizer, saved as a normal HF folder."""
+    """A 2-layer Llama with hidden size 64 and its tokenizer, saved as a normal HF folder.
+
+    Init std 0.2 (not 0.02) so that LoRA can move the logits within a few steps."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from tunelab.chat import IGNORE_INDEX, render_prompt, tokenize_conversation, with_system_prompt
+from tunelab.chat import (
+    IGNORE_INDEX,
+    render_prompt,
+    tokenize_conversation,
+    with_system_prompt,
+)
 from tunelab.errors import ModelError
 
 CONVERSATION = [

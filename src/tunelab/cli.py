@@ -89,7 +89,6 @@ def eval_(run_dir: Annotated[str, typer.Argument(help="A run folder, or models:/
           ) -> None:
     """Evaluate base, few-shot and tuned on every suite; writes RUN_DIR/eval/; exits 1 if the gate fails."""
     from tunelab import pipeline
-
     from tunelab.registry import resolve_run_dir
 
     cfg, run_paths = pipeline.load_run_config(resolve_run_dir(run_dir), set_)
@@ -178,8 +177,8 @@ def registry_show(name: str, tracking_uri: UriOpt = None) -> None:
 def runs_list(tracking_uri: UriOpt = None,
               experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "tunelab") -> None:
     """Tracked runs with their key numbers."""
-    from tunelab.runs import list_runs
     from tunelab.registry import default_tracking_uri
+    from tunelab.runs import list_runs
 
     table = Table("run", "status", "method", "objective", "train loss", "tuned exact match", "gate")
     for r in list_runs(tracking_uri or default_tracking_uri(), experiment):

@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from tunelab.artifacts import RunPaths, manifest, sha256_file, write_json_atomic, write_text_atomic
+from tunelab.artifacts import (
+    RunPaths,
+    manifest,
+    sha256_file,
+    write_json_atomic,
+    write_text_atomic,
+)
 from tunelab.config import TRL_OBJECTIVES, RunConfig
 from tunelab.config_file import dump_config
 from tunelab.data.prepare import Prepared, build_dataset, prepare_data

@@ -27,7 +27,8 @@ def list_runs(uri: str, experiment: str) -> list[dict[str, str]]:
         exact = next((v for k, v in m.items() if k.endswith(".tuned.exact_match")), None)
         rows.append({"name": run.info.run_name or run.info.run_id, "status": run.info.status,
                      "method": p.get("method.type", ""), "objective": p.get("objective.type", ""),
-                     "loss": f"{m['loss']:.4f}" if "loss" in m else "", "exact_match": "" if exact is None else f"{exact:.1%}",
+                     "loss": f"{m['loss']:.4f}" if "loss" in m else "",
+                     "exact_match": "" if exact is None else f"{exact:.1%}",
                      "gate": {"true": "pass", "false": "FAIL"}.get(t.get("tunelab.gate_passed", ""), "")})
     return rows
 

@@ -66,8 +66,9 @@ class Tracker:
             return json.loads(stamp.read_text())["run_id"]
         try:
             experiment = self.client.get_experiment_by_name(self.cfg.track.experiment)
+            location = None if self.cfg.track.tracking_uri else artifact_root(self.cfg)
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
-                self.cfg.track.experiment, artifact_location=None if self.cfg.track.tracking_uri else artifact_root(self.cfg))
+                self.cfg.track.experiment, artifact_location=location)
             created = self.client.create_run(experiment_id, run_name=self.run.root.name,
                                              tags={"tunelab.run_dir": str(self.run.root.resolve())})
         except Exception as err:  # noqa: BLE001 - any store failure means: keep training, buffer

@@ -116,5 +116,6 @@ def test_cli_data_prep_prints_summary_and_fails_cleanly(tmp_path, tiny_model_dir
     result = subprocess.run([sys.executable, "-m", "tunelab", "data", "prep", str(config_path)],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {path}:41: invalid JSON: Expecting property name enclosed in double quotes at column 2"
+    assert result.stderr.strip() == (f"error: {path}:41: invalid JSON: Expecting property name enclosed in double "
+                                     "quotes at column 2")
     assert json.loads((tmp_path / "run/data/report.json").read_text())["counts"]["train"] == 32  # old data intact

@@ -7,7 +7,14 @@ import json
 import pytest
 
 from tunelab.errors import ConfigError
-from tunelab.eval.metrics import contains, corpus_bleu, exact_match, resolve_metric, rouge_l, token_f1
+from tunelab.eval.metrics import (
+    contains,
+    corpus_bleu,
+    exact_match,
+    resolve_metric,
+    rouge_l,
+    token_f1,
+)
 
 
 def test_exact_match_and_contains_normalize_case_space_and_final_stop():

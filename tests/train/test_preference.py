@@ -135,7 +135,12 @@ def test_grpo_trains_with_builtin_and_imported_rewards(tmp_path, tiny_model_dir)
 def test_builtin_rewards_score_what_they_say():
     from tunelab.config import ObjectiveConfig
     from tunelab.errors import ConfigError
-    from tunelab.train.rewards import exact_match, json_valid, length_penalty_reward, resolve_rewards
+    from tunelab.train.rewards import (
+        exact_match,
+        json_valid,
+        length_penalty_reward,
+        resolve_rewards,
+    )
 
     completions = [[{"role": "assistant", "content": "Paris."}], [{"role": "assistant", "content": "{\"a\": 1}"}]]
     assert exact_match(completions, answer=["paris", "x"]) == [1.0, 0.0]

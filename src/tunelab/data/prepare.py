@@ -13,14 +13,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.artifacts import atomic_dir, manifest, sha256_file, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from tunelab.artifacts import (
+    atomic_dir,
+    manifest,
+    sha256_file,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
 from tunelab.config import RunConfig, SourceConfig
 from tunelab.data.clean import clean_records
 from tunelab.data.contamination import EvalText, benchmark_texts, find_contamination
 from tunelab.data.dedup import deduplicate
 from tunelab.data.load import Skipped, load_source
 from tunelab.data.records import Record
-from tunelab.data.report import EXAMPLES_SHOWN, length_histogram, render_summary, role_counts
+from tunelab.data.report import (
+    EXAMPLES_SHOWN,
+    length_histogram,
+    render_summary,
+    role_counts,
+)
 from tunelab.data.split import apply_weights, split_records
 from tunelab.data.tokens import token_counter
 from tunelab.errors import DataError
@@ -158,7 +170,8 @@ def _hash_source(path: Path) -> str:
     if path.is_dir():  # a datasets folder: hash its files in a stable order
         from tunelab.artifacts import sha256_text
 
-        return sha256_text("".join(f"{p.relative_to(path)}:{sha256_file(p)}" for p in sorted(path.rglob("*")) if p.is_file()))
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return sha256_text("".join(f"{p.relative_to(path)}:{sha256_file(p)}" for p in files))
     if not path.exists():
         raise DataError(f"{path}: file not found")
     return sha256_file(path)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.artifacts import RunPaths, atomic_dir, manifest, write_json_atomic, write_text_atomic
+from tunelab.artifacts import (
+    RunPaths,
+    atomic_dir,
+    manifest,
+    write_json_atomic,
+    write_text_atomic,
+)
 from tunelab.config import RunConfig
 from tunelab.data.prepare import load_dataset
 from tunelab.errors import RunFolderError

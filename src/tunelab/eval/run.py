@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.artifacts import RunPaths, atomic_dir, manifest, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from tunelab.artifacts import (
+    RunPaths,
+    atomic_dir,
+    manifest,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
 from tunelab.chat import encode_records, render_prompt, with_system_prompt
 from tunelab.config import RunConfig, SuiteConfig
 from tunelab.data.load import load_source

@@ -11,8 +11,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from tunelab.progress import progress_bar
 from tunelab.data.pack import PackedCollator
+from tunelab.progress import progress_bar
 from tunelab.train.collate import PaddingCollator
 
 

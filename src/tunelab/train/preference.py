@@ -24,7 +24,11 @@ from tunelab.train.adapters import build_trainable, count_parameters
 from tunelab.train.args import training_kwargs
 from tunelab.train.callbacks import MetricsCallback
 from tunelab.train.sft import TrainResult, _resume_point, save_trained
-from tunelab.train.trainer import StopOnNonFiniteLoss, WallTimeBudget, with_atomic_checkpoints
+from tunelab.train.trainer import (
+    StopOnNonFiniteLoss,
+    WallTimeBudget,
+    with_atomic_checkpoints,
+)
 
 NEEDS_KIND = {"dpo": "preference", "simpo": "preference", "orpo": "preference", "kto": "kto",
               "reward": "preference", "grpo": "chat"}
@@ -63,20 +67,24 @@ def make_trainer(cfg: RunConfig, run: RunPaths, model: Any, tokenizer: Any, trai
     objective, o = cfg.objective.type, cfg.objective
     extra: dict[str, Any] = {}
     if objective == "dpo":
-        from trl import DPOConfig as Config, DPOTrainer as Trainer
+        from trl import DPOConfig as Config
+        from trl import DPOTrainer as Trainer
 
         options = {"beta": o.beta, "loss_type": o.loss_type, "label_smoothing": o.label_smoothing}
         extra = {"ref_model": None}  # with a PeftModel: the reference is the adapter switched off
     elif objective == "kto":
-        from trl import KTOConfig as Config, KTOTrainer as Trainer
+        from trl import KTOConfig as Config
+        from trl import KTOTrainer as Trainer
 
         options, extra = {"beta": o.beta}, {"ref_model": None}
     elif objective == "reward":
-        from trl import RewardConfig as Config, RewardTrainer as Trainer
+        from trl import RewardConfig as Config
+        from trl import RewardTrainer as Trainer
 
         options = {}
     elif objective == "grpo":
-        from trl import GRPOConfig as Config, GRPOTrainer as Trainer
+        from trl import GRPOConfig as Config
+        from trl import GRPOTrainer as Trainer
 
         from tunelab.train.rewards import resolve_rewards
 
@@ -89,11 +97,13 @@ def make_trainer(cfg: RunConfig, run: RunPaths, model: Any, tokenizer: Any, trai
                    "temperature": o.temperature, "beta": o.grpo_kl}
         extra = {"reward_funcs": resolve_rewards(o)}
     elif objective == "orpo":
-        from trl.experimental.orpo import ORPOConfig as Config, ORPOTrainer as Trainer
+        from trl.experimental.orpo import ORPOConfig as Config
+        from trl.experimental.orpo import ORPOTrainer as Trainer
 
         options = {"beta": o.beta}
     else:  # simpo
-        from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
+        from trl.experimental.cpo import CPOConfig as Config
+        from trl.experimental.cpo import CPOTrainer as Trainer
 
         # SimPO is CPO's loss with a length-normalized reward and no NLL term (cpo_alpha=0), per the paper.
         options = {"beta": o.beta, "loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": o.simpo_gamma}

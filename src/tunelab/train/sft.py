@@ -26,7 +26,13 @@ from tunelab.train.adapters import build_trainable, count_parameters
 from tunelab.train.args import training_arguments
 from tunelab.train.callbacks import MetricsCallback
 from tunelab.train.collate import PaddingCollator
-from tunelab.train.trainer import TrainingError, TunelabTrainer, UnpackAfterEval, WallTimeBudget, complete_checkpoints
+from tunelab.train.trainer import (
+    TrainingError,
+    TunelabTrainer,
+    UnpackAfterEval,
+    WallTimeBudget,
+    complete_checkpoints,
+)
 
 
 @dataclass
