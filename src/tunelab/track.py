@@ -9,6 +9,7 @@ once, and `tunelab runs sync RUN_DIR` uploads it later.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -54,6 +55,8 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         from mlflow import MlflowClient
 
+        # MLflow sets its own loggers to INFO on import; its "creating tables" and sampler notices are noise here.
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.cfg, self.run = cfg, run
         self.client = MlflowClient(tracking_uri=tracking_uri(cfg))
         self.offline = False
