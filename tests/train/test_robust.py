@@ -38,7 +38,7 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_result(tiny_config, tmp_p
     command = [sys.executable, "-m", "tunelab", "train", str(config_path)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "killed" / "checkpoints"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # generous: a busy machine slows start-up, not the check
     while not any(int(p.name.split("-")[1]) >= 30 for p in complete_checkpoints(checkpoints)):
         assert process.poll() is None, "training finished before it could be killed"
         assert time.monotonic() < deadline

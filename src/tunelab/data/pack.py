@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from tunelab.chat import IGNORE_INDEX
-from tunelab.train.collate import with_example_index
+from tunelab.train.collate import pad_right, with_example_index
 
 
 def pack_examples(examples: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
@@ -62,16 +62,12 @@ class PackedCollator:
     targets_seen: int = field(default=0, init=False)
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        longest = max(len(row["input_ids"]) for row in batch)
-        ids = torch.full((len(batch), longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
+        ids, labels, lengths = pad_right(batch, self.pad_token_id)
+        longest = ids.shape[1]
         positions = torch.zeros((len(batch), longest), dtype=torch.long)
-        for r, row in enumerate(batch):
-            n = len(row["input_ids"])
-            ids[r, :n] = torch.tensor(row["input_ids"])
-            labels[r, :n] = torch.tensor(row["labels"])
+        for r, (row, n) in enumerate(zip(batch, lengths)):
             positions[r, :n] = torch.tensor(row["position_ids"])
             positions[r, n:] = torch.arange(longest - n)
-            self.tokens_seen += n
+        self.tokens_seen += sum(lengths)
         self.targets_seen += int((labels != IGNORE_INDEX).sum())
         return with_example_index({"input_ids": ids, "labels": labels, "position_ids": positions}, batch)

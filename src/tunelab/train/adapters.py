@@ -17,6 +17,18 @@ from tunelab.models import Precision, load_model
 PEFT_METHODS = ("lora", "qlora", "ia3", "prompt_tuning", "prefix_tuning")
 
 
+def training_inputs(cfg: RunConfig) -> tuple[Precision, Path, Any]:
+    """What every trainer starts from: the precision, the base model's folder, and its tokenizer (with a
+    chat template: the one that will be saved beside the adapter)."""
+    from tunelab.chat import ensure_chat_template
+    from tunelab.models import load_tokenizer, pick_precision, resolve_model
+
+    base_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(base_path)
+    ensure_chat_template(tokenizer)
+    return pick_precision(cfg.model), base_path, tokenizer
+
+
 def load_base(folder: Path, method: MethodConfig, precision: Precision) -> Any:
     """The frozen base model as the method needs it: 4-bit NF4 for QLoRA, full precision otherwise."""
     if method.type != "qlora":

@@ -23,19 +23,23 @@ class PaddingCollator:
     targets_seen: int = field(default=0, init=False)
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        longest = max(len(ex["input_ids"]) for ex in batch)
-        ids = torch.full((len(batch), longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, ex in enumerate(batch):
-            n = len(ex["input_ids"])
-            ids[row, :n] = torch.tensor(ex["input_ids"])
-            labels[row, :n] = torch.tensor(ex["labels"])
-            mask[row, :n] = 1
-        self.tokens_seen += int(mask.sum())
+        ids, labels, lengths = pad_right(batch, self.pad_token_id)
+        mask = (torch.arange(ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]).long()
+        self.tokens_seen += sum(lengths)
         self.targets_seen += int((labels != IGNORE_INDEX).sum())
         out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         return with_example_index(out, batch)
+
+
+def pad_right(batch: list[dict[str, Any]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """input_ids padded with pad_token_id and labels with IGNORE_INDEX to the longest row; row lengths."""
+    lengths = [len(ex["input_ids"]) for ex in batch]
+    ids = torch.full((len(batch), max(lengths)), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), max(lengths)), IGNORE_INDEX, dtype=torch.long)
+    for row, (ex, n) in enumerate(zip(batch, lengths)):
+        ids[row, :n] = torch.tensor(ex["input_ids"])
+        labels[row, :n] = torch.tensor(ex["labels"])
+    return ids, labels, lengths
 
 
 def with_example_index(out: dict[str, torch.Tensor], batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

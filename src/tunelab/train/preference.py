@@ -12,15 +12,15 @@ import time
 from typing import Any
 
 from tunelab.artifacts import RunPaths
-from tunelab.chat import ensure_chat_template, with_system_prompt
+from tunelab.chat import with_system_prompt
 from tunelab.config import RunConfig
 from tunelab.data.prepare import Dataset
 from tunelab.data.tokens import token_counter
 from tunelab.errors import ConfigError, DataError
 from tunelab.measure import peak_memory_mb
-from tunelab.models import load_tokenizer, pick_precision, resolve_model
+from tunelab.models import pick_precision
 from tunelab.progress import console
-from tunelab.train.adapters import build_trainable, count_parameters
+from tunelab.train.adapters import build_trainable, count_parameters, training_inputs
 from tunelab.train.args import training_kwargs
 from tunelab.train.callbacks import MetricsCallback
 from tunelab.train.sft import TrainResult, _resume_point, save_trained
@@ -114,14 +114,11 @@ def make_trainer(cfg: RunConfig, run: RunPaths, model: Any, tokenizer: Any, trai
 
 
 def train_preference(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = False,
-              on_metrics: Any = None) -> TrainResult:
+                     on_metrics: Any = None) -> TrainResult:
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback
 
-    precision = pick_precision(cfg.model)
-    base_path = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(base_path)
-    ensure_chat_template(tokenizer)
+    precision, base_path, tokenizer = training_inputs(cfg)
     train_rows = to_trl_rows(cfg, dataset.train)
 
     set_seed(cfg.train.seed)

@@ -13,16 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.artifacts import RunPaths, atomic_dir, write_text_atomic
-from tunelab.chat import encode_records, ensure_chat_template
+from tunelab.chat import encode_records
 from tunelab.config import RunConfig
 from tunelab.data.pack import PackedCollator, pack_examples
 from tunelab.data.prepare import Dataset
 from tunelab.errors import DataError
 from tunelab.eval.loss import mean_token_loss
 from tunelab.measure import peak_memory_mb
-from tunelab.models import load_tokenizer, pick_precision, resolve_model
 from tunelab.progress import console
-from tunelab.train.adapters import build_trainable, count_parameters
+from tunelab.train.adapters import build_trainable, count_parameters, training_inputs
 from tunelab.train.args import training_arguments
 from tunelab.train.callbacks import MetricsCallback
 from tunelab.train.collate import PaddingCollator
@@ -81,10 +80,7 @@ def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = Fa
     from transformers import EarlyStoppingCallback, set_seed
     from transformers.trainer_callback import PrinterCallback
 
-    precision = pick_precision(cfg.model)
-    base_path = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(base_path)
-    ensure_chat_template(tokenizer)
+    precision, base_path, tokenizer = training_inputs(cfg)
 
     train_examples, dropped = encode_split(cfg, tokenizer, dataset.train)
     val_examples, _ = encode_split(cfg, tokenizer, dataset.val) if dataset.val else ([], [])
