@@ -36,10 +36,7 @@ def open_run(cfg: RunConfig, starting_training: bool, resume: bool = False) -> R
     run = RunPaths(cfg.output.dir)
     if starting_training and not resume and _is_trained(run):
         if not cfg.output.overwrite:
-            raise RunFolderError(
-                f"output.dir: {run.root} already holds a trained run; choose another output.dir or pass "
-                "--set output.overwrite=true to replace it"
-            )
+            raise _already_trained(run)
         shutil.rmtree(run.root)
     run.root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run.config, dump_config(cfg))
@@ -57,10 +54,7 @@ def preflight(cfg: RunConfig) -> list[str]:
     dataset = build_dataset(cfg).dataset
     run = RunPaths(cfg.output.dir)
     if _is_trained(run) and not cfg.output.overwrite:
-        raise RunFolderError(
-            f"output.dir: {run.root} already holds a trained run; choose another output.dir or pass "
-            "--set output.overwrite=true to replace it"
-        )
+        raise _already_trained(run)
     counts = dataset.counts()
     return [
         f"data: {counts['train']} train / {counts['val']} val / {counts['test']} test examples, all rows valid",
@@ -73,6 +67,11 @@ def preflight(cfg: RunConfig) -> list[str]:
 def stage_data(cfg: RunConfig, run: RunPaths) -> Prepared:
     """Prepare the Dataset folder (reused as is when sources and data config are unchanged)."""
     return prepare_data(cfg, run.data)
+
+
+def _already_trained(run: RunPaths) -> RunFolderError:
+    return RunFolderError(f"output.dir: {run.root} already holds a trained run; choose another output.dir or pass "
+                          "--set output.overwrite=true to replace it")
 
 
 def _is_trained(run: RunPaths) -> bool:
