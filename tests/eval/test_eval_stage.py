@@ -137,3 +137,14 @@ def test_chat_answers_with_base_and_tuned_side_by_side(trained):
     replies = [line for line in result.stdout.splitlines() if line.startswith(("base> ", "tuned> "))]
     assert [r.split(">")[0] for r in replies] == ["base", "tuned", "base", "tuned"]
     assert "(new conversation)" in result.stdout
+
+
+def test_a_gate_rule_on_an_unmeasured_number_keeps_the_eval(trained):
+    from tunelab.errors import ConfigError
+
+    cfg, run = trained
+    cfg.eval.systems = ["base", "tuned"]
+    cfg.eval.gate = ["tuned.rouge_2 >= 0.5"]
+    with pytest.raises(ConfigError, match="'tuned.rouge_2' was not measured"):
+        pipeline.stage_eval(cfg, run)
+    assert json.loads((run.eval / "metrics.json").read_text())["suites"]["test"]["n_examples"] == 8

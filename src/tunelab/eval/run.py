@@ -25,7 +25,7 @@ from tunelab.config import RunConfig, SuiteConfig
 from tunelab.data.load import load_source
 from tunelab.data.prepare import load_dataset
 from tunelab.data.records import Record
-from tunelab.errors import RunFolderError
+from tunelab.errors import ConfigError, RunFolderError
 from tunelab.eval.gate import evaluate_gate
 from tunelab.eval.generate import generate_greedy
 from tunelab.eval.html import render_html
@@ -76,7 +76,7 @@ def suite_records(cfg: RunConfig, suite: SuiteConfig, run: RunPaths) -> list[Rec
     return records[:limit] if limit else records
 
 
-def evaluate_run(cfg: RunConfig, run: RunPaths, write: bool = True) -> EvalResult:
+def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
     import torch
 
     if cfg.objective.type == "reward":
@@ -113,15 +113,20 @@ def evaluate_run(cfg: RunConfig, run: RunPaths, write: bool = True) -> EvalResul
         from tunelab.eval.judge import judge_rows
 
         metrics["judge"] = judge_rows(cfg.eval.judge, rows, [s.name for s in systems])
-    gate = evaluate_gate(cfg.eval.gate, metrics)
+    gate_error = None
+    try:
+        gate = evaluate_gate(cfg.eval.gate, metrics)
+    except ConfigError as err:  # a rule naming an unmeasured number: keep the eval, then say so
+        gate, gate_error = [], err
     metrics["gate"] = [{"rule": g.rule, "passed": g.passed, "left": g.left, "right": g.right} for g in gate]
-    if write:
-        history = _read_metrics(run.metrics)
-        with atomic_dir(run.eval) as tmp:
-            write_json_atomic(tmp / "metrics.json", metrics)
-            write_jsonl_atomic(tmp / "predictions.jsonl", rows)
-            write_text_atomic(tmp / "report.md", render_markdown(metrics, rows, run.root.name))
-            write_text_atomic(tmp / "report.html", render_html(metrics, rows, history, run.root.name))
+    history = _read_metrics(run.metrics)
+    with atomic_dir(run.eval) as tmp:
+        write_json_atomic(tmp / "metrics.json", metrics)
+        write_jsonl_atomic(tmp / "predictions.jsonl", rows)
+        write_text_atomic(tmp / "report.md", render_markdown(metrics, rows, run.root.name))
+        write_text_atomic(tmp / "report.html", render_html(metrics, rows, history, run.root.name))
+    if gate_error is not None:
+        raise gate_error
     return EvalResult(metrics=metrics, rows=rows)
 
 
