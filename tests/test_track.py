@@ -171,3 +171,12 @@ def test_real_server_tracking_registry_and_buffering_when_it_goes_away(tiny_conf
         assert [m.step for m in history] == list(range(1, 13))
     finally:
         stop_server(server)
+
+
+def test_registry_errors_are_one_line(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "COLUMNS": "250"}
+    result = subprocess.run([sys.executable, "-m", "tunelab", "registry", "show", "nope", "--tracking-uri", uri],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: registry show: Registered Model with name=nope")

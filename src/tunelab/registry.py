@@ -8,9 +8,12 @@ local run folder, so it works wherever a run folder does (eval, export, serve).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,20 @@ def _client(uri: str) -> Any:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow import MlflowClient
 
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # set to INFO by MLflow on import
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextlib.contextmanager
+def _registry_errors(what: str, uri: str) -> Iterator[None]:
+    """MLflow's own errors (unknown model, unreachable store) become one line naming the command."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TunelabError(f"registry {what}: {first} (registry at {uri})") from None
 
 
 def register(run_dir: Path, name: str) -> Any:
@@ -73,7 +89,11 @@ def register(run_dir: Path, name: str) -> Any:
 
 
 def promote(name: str, version: str, alias: str, force: bool, reason: str | None, uri: str) -> Any:
-    client = _client(uri)
+    with _registry_errors("promote", uri):
+        return _promote(_client(uri), name, version, alias, force, reason)
+
+
+def _promote(client: Any, name: str, version: str, alias: str, force: bool, reason: str | None) -> Any:
     mv = _version(client, name, version)
     passed = mv.tags.get("tunelab.gate_passed") == "true"
     if not passed and not force:
@@ -96,7 +116,11 @@ def _version(client: Any, name: str, version: str) -> Any:
 
 
 def list_models(uri: str) -> list[dict[str, Any]]:
-    client = _client(uri)
+    with _registry_errors("list", uri):
+        return _list_models(_client(uri))
+
+
+def _list_models(client: Any) -> list[dict[str, Any]]:
     out = []
     for model in client.search_registered_models():
         versions = client.search_model_versions(f"name='{model.name}'")
@@ -106,7 +130,11 @@ def list_models(uri: str) -> list[dict[str, Any]]:
 
 
 def show(name: str, uri: str) -> list[dict[str, Any]]:
-    client = _client(uri)
+    with _registry_errors("show", uri):
+        return _show(_client(uri), name)
+
+
+def _show(client: Any, name: str) -> list[dict[str, Any]]:
     aliases: dict[str, list[str]] = {}
     for alias, version in (client.get_registered_model(name).aliases or {}).items():
         aliases.setdefault(str(version), []).append(alias)
