@@ -63,9 +63,9 @@ def register(run_dir: Path, name: str) -> Any:
     if "adapter" not in logged:  # trained with tracking off: log it now
         tracker.log_trained()
     if "data" not in logged:
-        tracker._call("artifacts", path=str(run.data), artifact_path="data")
+        tracker.log_folder(run.data, "data")
     if run.eval.is_dir() and "eval" not in logged:
-        tracker._call("artifacts", path=str(run.eval), artifact_path="eval")
+        tracker.log_folder(run.eval, "eval")
     tags = {"tunelab.base_model": cfg.model.name, "tunelab.method": cfg.method.type,
             "tunelab.objective": cfg.objective.type, "tunelab.run_dir": str(run.root.resolve()),
             "tunelab.chat_template": run.chat_template.read_text(encoding="utf-8")[:7000]}

@@ -131,13 +131,17 @@ class Tracker:
         passed = all(g["passed"] for g in metrics.get("gate", []))
         self._call("tags", tags={"tunelab.gate_passed": str(passed).lower(),
                                  "tunelab.gate": json.dumps([g["rule"] for g in metrics.get("gate", [])])})
-        self._call("artifacts", path=str(self.run.eval), artifact_path="eval")
+        self.log_folder(self.run.eval, "eval")
+
+    def log_folder(self, path: Path, artifact_path: str | None) -> None:
+        """A folder (or file) of the run as MLflow artifacts."""
+        self._call("artifacts", path=str(path), artifact_path=artifact_path)
 
     def log_trained(self) -> None:
         for name in ("adapter", "model"):
             if (self.run.root / name).is_dir():
-                self._call("artifacts", path=str(self.run.root / name), artifact_path=name)
-        self._call("artifacts", path=str(self.run.config), artifact_path=None)
+                self.log_folder(self.run.root / name, name)
+        self.log_folder(self.run.config, None)
 
     def system_metrics(self) -> Any:
         """MLflow's CPU/memory/GPU sampler for the duration of training (None when offline)."""
