@@ -98,6 +98,10 @@ def stage_train(cfg: RunConfig, run: RunPaths, resume: bool = False) -> Any:
         tracker.log_config()
         tracker.log_dataset(json.loads((run.data / "manifest.json").read_text()))
     trainer = train_preference if cfg.objective.type in TRL_OBJECTIVES else train_sft
+    if cfg.cluster.backend == "ray":
+        from tunelab.cluster.ray_runner import train_on_ray
+
+        trainer = train_on_ray
     monitor = tracker.system_metrics() if tracker is not None else None
     try:
         result = trainer(cfg, run, dataset, resume=resume, on_metrics=tracker.log_metrics if tracker else None)

@@ -9,10 +9,12 @@ from tunelab.config import RunConfig
 from tunelab.models import Precision
 
 
-def training_arguments(cfg: RunConfig, run: RunPaths, precision: Precision, has_eval: bool) -> Any:
+def training_arguments(cfg: RunConfig, run: RunPaths, precision: Precision, has_eval: bool,
+                       **overrides: Any) -> Any:
+    """`overrides` replace single arguments (the cluster runner's FSDP settings)."""
     from transformers import TrainingArguments
 
-    return TrainingArguments(**training_kwargs(cfg, run, precision, has_eval))
+    return TrainingArguments(**{**training_kwargs(cfg, run, precision, has_eval), **overrides})
 
 
 def training_kwargs(cfg: RunConfig, run: RunPaths, precision: Precision, has_eval: bool) -> dict[str, Any]:

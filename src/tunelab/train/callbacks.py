@@ -28,8 +28,11 @@ class MetricsCallback(TrainerCallback):
         self._bar: Any = None
         self._task: Any = None
         self._started = 0.0
+        self.writer = True  # false on every distributed rank but 0: one curve, one bar, one MLflow writer
 
     def log_row(self, row: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
@@ -37,6 +40,9 @@ class MetricsCallback(TrainerCallback):
             self.sink(row)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.writer = state.is_world_process_zero
+        if not self.writer:
+            return
         if state.global_step == 0 and self.path.exists():
             self.path.unlink()  # a fresh run starts a fresh curve
         self._started = time.perf_counter()

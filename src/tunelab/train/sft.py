@@ -75,8 +75,12 @@ def encode_split(cfg: RunConfig, tokenizer: Any, records: list[Any]) -> tuple[li
 
 
 def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = False,
-              on_metrics: Any = None) -> TrainResult:
-    """Fine-tune on `dataset.train`; write the adapter (or model), chat template and metrics into `run`."""
+              on_metrics: Any = None, training_overrides: dict[str, Any] | None = None) -> TrainResult:
+    """Fine-tune on `dataset.train`; write the adapter (or model), chat template and metrics into `run`.
+
+    Also the body of each distributed worker (tunelab.cluster.ray_runner): the Trainer shards batches across
+    the process group, and only the world's rank 0 writes files. `training_overrides` replace single
+    TrainingArguments (FSDP settings)."""
     from transformers import EarlyStoppingCallback, set_seed
     from transformers.trainer_callback import PrinterCallback
 
@@ -110,7 +114,7 @@ def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = Fa
         extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     trainer = TunelabTrainer(
         model=model,
-        args=training_arguments(cfg, run, precision, has_eval=eval_rows is not None),
+        args=training_arguments(cfg, run, precision, has_eval=eval_rows is not None, **(training_overrides or {})),
         train_dataset=_Rows(rows),
         eval_dataset=_Rows(eval_rows) if eval_rows else None,
         data_collator=collator,
@@ -128,7 +132,10 @@ def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = Fa
 
     val_loss = mean_token_loss(model, val_examples, tokenizer.pad_token_id, cfg.train.batch_size)
     callback.log_row({"step": output.global_step, "val_loss": val_loss})
-    save_trained(cfg, model, tokenizer, run)
+    # FSDP holds each parameter in shards: gathering them is a collective every rank joins.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+    if trainer.is_world_process_zero():
+        save_trained(cfg, model, tokenizer, run, state_dict)
 
     losses = callback.losses or [float("nan")]
     return TrainResult(
@@ -162,12 +169,12 @@ def _loraplus_optimizer(cfg: RunConfig, model: Any) -> Any:
     )
 
 
-def save_trained(cfg: RunConfig, model: Any, tokenizer: Any, run: RunPaths) -> None:
+def save_trained(cfg: RunConfig, model: Any, tokenizer: Any, run: RunPaths, state_dict: Any = None) -> None:
     """Write the adapter (standard PEFT layout) or the full model, with the exact tokenizer and chat
-    template it was trained with."""
+    template it was trained with. `state_dict`: the gathered weights of a sharded (FSDP) model."""
     target = run.root / "model" if cfg.method.type == "full" else run.adapter
     with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(tmp)
         (tmp / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
     write_text_atomic(run.chat_template, tokenizer.chat_template)

@@ -50,12 +50,19 @@ class AtomicCheckpoints:
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         root = Path(super()._get_output_dir(trial))
-        shutil.rmtree(root / STAGING, ignore_errors=True)  # leftovers of a save that was killed
+        if self.args.should_save:
+            shutil.rmtree(root / STAGING, ignore_errors=True)  # leftovers of a save that was killed
+        # Distributed runs: every rank writes into staging (its RNG state, FSDP shards), so no rank may
+        # start before staging is cleared, and rank 0 renames only once all have finished. No-ops alone.
+        self.accelerator.wait_for_everyone()
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = False
+        self.accelerator.wait_for_everyone()
+        if not self.args.should_save:
+            return
         name = f"checkpoint-{self.state.global_step}"
         final = root / name
         if final.exists():
