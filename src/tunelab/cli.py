@@ -233,6 +233,70 @@ def export_merge(run_dir: Annotated[str, typer.Argument(help="A run folder, or m
               f"reloaded {result.reload_diff:.2e}")
 
 
+@export_app.command("gguf")
+def export_gguf(run_dir: Annotated[str, typer.Argument(help="A run folder, or models:/NAME@ALIAS.")],
+                quant: Annotated[str, typer.Option(help="f16, q8_0 or q4_k_m (adapter-only: f16 or q8_0).")] = "q8_0",
+                out_dir: Annotated[Path | None, typer.Option(
+                    "--out", help="Default: RUN_DIR/export/gguf-QUANT (adapter-only: gguf-lora-QUANT).")] = None,
+                adapter_only: Annotated[bool, typer.Option(
+                    "--adapter-only", help="Only the LoRA adapter, as a GGUF LoRA for a base GGUF.")] = False,
+                modelfile: Annotated[bool, typer.Option(help="Write an Ollama Modelfile.")] = True) -> None:
+    """A GGUF for llama.cpp / Ollama, made and quantized by llama.cpp's tools, checked in llama.cpp."""
+    from tunelab import pipeline
+    from tunelab.export.gguf import export_gguf as run_export
+    from tunelab.registry import resolve_run_dir
+
+    cfg, run = pipeline.load_run_config(resolve_run_dir(run_dir))
+    default = run.root / "export" / (f"gguf-lora-{quant}" if adapter_only else f"gguf-{quant}")
+    result = run_export(cfg, run, quant, out_dir or default, adapter_only, modelfile)
+    v = result.verification
+    out.print(f"wrote {result.gguf} ({v['bytes'] / 2**20:.1f} MiB) in {result.seconds:.0f} s; llama.cpp vs "
+              f"transformers: {v['exact_continuations']}/{v['prompts']} identical greedy continuations, top-1 "
+              f"agreement {v['top1_agreement']:.1%}")
+
+
+@app.command()
+def serve(
+    adapters: Annotated[list[str] | None, typer.Argument(
+        help="LoRA runs to serve: a run folder or models:/NAME@ALIAS, optionally named NAME=RUN.")] = None,
+    base: Annotated[str | None, typer.Option(
+        help="Base model name or folder; default: the base the first adapter was trained on.")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; beyond loopback an API key is required.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key.")] = "TUNELAB_API_KEY",
+    allow_root: Annotated[list[Path] | None, typer.Option(
+        help="Folder admin-loaded adapters may come from (repeatable); default: ./runs and the given runs' folders.")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Requests decoded together in one batch.")] = 16,
+    max_queue: Annotated[int, typer.Option(min=1, help="Waiting requests before new ones get 429.")] = 64,
+    request_timeout: Annotated[float, typer.Option(min=1, help="Seconds before a request is abandoned.")] = 120.0,
+    max_tokens_limit: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 1024,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Weights dtype: auto (fp32 on CPU, bf16 on GPU), float32, bfloat16.")] = "auto",
+    tracking_uri: UriOpt = None,
+    engine: Annotated[str, typer.Option(help="hf (this server) or vllm (print the equivalent vLLM command).")] = "hf",
+    launch: Annotated[bool, typer.Option(help="With --engine vllm: run the command instead of printing it.")] = False,
+) -> None:
+    """Serve the base model and many LoRA adapters behind an OpenAI-compatible API (plus a playground at /)."""
+    from tunelab.serve.server import ServeOptions, launch_vllm, printable, serve as run_server, vllm_command
+
+    if engine not in ("hf", "vllm"):
+        raise TunelabError(f"--engine {engine}: choose hf or vllm")
+    options = ServeOptions(
+        adapters=adapters or [], base=base, host=host, port=port, api_key_env=api_key_env,
+        allow_roots=allow_root or [], max_batch=max_batch, max_queue=max_queue, request_timeout=request_timeout,
+        max_tokens_limit=max_tokens_limit, device=device, dtype=dtype, tracking_uri=tracking_uri,
+    )
+    if engine == "vllm":
+        command, notes = vllm_command(options)
+        for note in notes:
+            print(note, file=sys.stderr)
+        if launch:
+            launch_vllm(command, options)
+        print(printable(command))
+        return
+    run_server(options)
+
+
 @app.command()
 def version() -> None:
     """Print the tunelab version."""

@@ -1,0 +1,115 @@
+"""What the server may load: adapter names, where their run folders may live, and whether they fit the base.
+
+An adapter is a trained LoRA run folder (or a `models:/NAME@ALIAS` registry URI, resolved to a local copy).
+It is served with its own chat template and system prompt, read from the run, so a request to an adapter
+renders exactly the prompt that adapter was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import TunelabError
+
+BASE_NAME = "base"
+# Letters, digits, dot, dash, underscore; no slashes, so a name can never become a path.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ServeError(TunelabError):
+    """A serving request or set-up that cannot be honoured; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+@dataclass
+class AdapterSpec:
+    name: str
+    run_dir: Path  # the run folder (for registry URIs: the local copy)
+    source: str  # what the user gave: a path or a models:/ URI
+    adapter_dir: Path
+    base_folder: Path
+    system_prompt: str | None
+    rank: int
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "run_dir": str(self.run_dir), "rank": self.rank}
+
+
+def check_name(name: str) -> str:
+    if name == BASE_NAME or name == "__base__":
+        raise ServeError(f"adapter name '{name}' is reserved for the base model")
+    if not NAME_PATTERN.match(name):
+        raise ServeError(f"adapter name '{name}': use 1-64 letters, digits, '.', '-' or '_', starting with a letter "
+                         "or digit")
+    return name
+
+
+def inside_allowed_roots(path: Path, roots: list[Path]) -> Path:
+    """`path` with symlinks and '..' resolved, if it lies inside one of `roots`; refuses anything else."""
+    real = path.expanduser().resolve()
+    for root in roots:
+        if real == root.resolve() or real.is_relative_to(root.resolve()):
+            return real
+    allowed = ", ".join(str(r) for r in roots) or "(none)"
+    raise ServeError(f"adapter path {path}: outside the allowed roots ({allowed}); start the server with "
+                     "--allow-root to permit it", status=403, code="forbidden_path")
+
+
+def default_name(source: str) -> str:
+    """Name for an adapter given without one: the registry model name, or the run folder's name."""
+    if source.startswith("models:/"):
+        spec = source[len("models:/"):]
+        return spec.replace("@", "-").replace("/", "-")
+    return Path(source).expanduser().resolve().name
+
+
+def parse_adapter_arg(text: str) -> tuple[str, str]:
+    """'NAME=RUN' or 'RUN' -> (name, source)."""
+    name, sep, source = text.partition("=")
+    if sep and not name.startswith("models:") and "/" not in name:
+        return check_name(name), source
+    return check_name(default_name(text)), text
+
+
+def resolve_adapter(name: str, source: str, roots: list[Path], tracking_uri: str | None = None) -> AdapterSpec:
+    """Validate a run folder (or registry URI) as a servable LoRA adapter."""
+    from tunelab.models import resolve_model
+    from tunelab.pipeline import load_run_config
+    from tunelab.registry import resolve_run_dir
+
+    check_name(name)
+    if source.startswith("models:/"):
+        run_dir = resolve_run_dir(source, tracking_uri)  # a verified local copy in tunelab's cache
+    else:
+        run_dir = inside_allowed_roots(Path(source), roots)
+    adapter_dir = run_dir / "adapter"
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        raise ServeError(f"{source}: no trained adapter (adapter/adapter_config.json); serve full fine-tunes with "
+                         "--base RUN/model", status=404, code="adapter_not_found")
+    adapter_config = json.loads(config_file.read_text())
+    if adapter_config.get("peft_type") != "LORA":
+        raise ServeError(f"{source}: a {adapter_config.get('peft_type')} adapter; only LoRA adapters can share a "
+                         "batch with others (merge it with `tunelab export merge` and serve it as --base)")
+    if adapter_config.get("use_dora"):
+        raise ServeError(f"{source}: a DoRA adapter; PEFT cannot batch DoRA with other adapters (merge it with "
+                         "`tunelab export merge` and serve it as --base)")
+    cfg, _ = load_run_config(run_dir)
+    return AdapterSpec(
+        name=name, run_dir=run_dir, source=source, adapter_dir=adapter_dir, base_folder=resolve_model(cfg.model),
+        system_prompt=cfg.data.system_prompt, rank=int(adapter_config.get("r", 8)),
+    )
+
+
+def check_same_base(spec: AdapterSpec, base_folder: Path | None) -> None:
+    if base_folder is not None and spec.base_folder.resolve() != base_folder.resolve():
+        raise ServeError(f"{spec.source}: trained on {spec.base_folder}, but this server's base is {base_folder}",
+                         409, "base_mismatch")

@@ -1,0 +1,250 @@
+"""The generation engine: one base model in memory, LoRA adapters chosen per row, requests batched together.
+
+One worker thread owns the model. Requests wait in a bounded queue; the worker takes up to `max_batch` of
+them, whatever adapters they name, and decodes them as one batch: PEFT's mixed-adapter forward applies each
+row's own adapter (`adapter_names`), so no request ever runs under another's adapter and nothing is switched
+globally. Loading and unloading adapters takes the same lock as a batch, so it happens between batches.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunelab.serve.adapters import BASE_NAME, AdapterSpec, ServeError
+from tunelab.serve.metrics import Metrics
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class GenRequest:
+    """One completion to produce. `emit(kind, payload)` is called from the worker thread: kind is "delta"
+    (new text), "done" (finish reason) or "error" (a ServeError)."""
+
+    model: str
+    prompt_ids: list[int]
+    max_tokens: int
+    emit: Callable[[str, Any], None]
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    deadline: float = float("inf")
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    id: int = field(default_factory=lambda: next(_ids))
+    # Filled in while decoding.
+    tokens: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of the answer already emitted
+    finish_reason: str | None = None
+
+
+class Engine:
+    def __init__(self, base: Any, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 64,
+                 metrics: Metrics | None = None) -> None:
+        self.base = base.eval()
+        self.peft: Any = None  # a PeftModel around `base` once the first adapter is loaded
+        self.tokenizer = tokenizer
+        self.adapters: dict[str, AdapterSpec] = {}
+        self.max_batch = max_batch
+        self.metrics = metrics or Metrics()
+        self.pending: queue.Queue[GenRequest] = queue.Queue(maxsize=max_queue)
+        self.lock = threading.Lock()
+        self.device = next(base.parameters()).device
+        self.stop_ids = _stop_ids(tokenizer, base)
+        self.max_positions = int(getattr(base.config, "max_position_embeddings", 2048))
+        self._worker = threading.Thread(target=self._loop, name="tunelab-engine", daemon=True)
+        self._running = True
+        self._worker.start()
+
+    # -- adapters -------------------------------------------------------------------------------------
+    def load_adapter(self, spec: AdapterSpec) -> None:
+        from peft import PeftModel
+
+        with self.lock:
+            if spec.name in self.adapters:
+                raise ServeError(f"adapter '{spec.name}' is already loaded; unload it first", 409, "adapter_exists")
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.base, spec.adapter_dir, adapter_name=spec.name).eval()
+            else:
+                self.peft.load_adapter(spec.adapter_dir, adapter_name=spec.name)
+                self.peft.eval()
+            self.adapters[spec.name] = spec
+            self.metrics.set_gauge("tunelab_adapters_loaded", len(self.adapters))
+
+    def unload_adapter(self, name: str) -> None:
+        with self.lock:
+            if name not in self.adapters:
+                raise ServeError(f"no adapter named '{name}' is loaded", 404, "model_not_found")
+            self.peft.delete_adapter(name)
+            del self.adapters[name]
+            self.metrics.set_gauge("tunelab_adapters_loaded", len(self.adapters))
+
+    def model_names(self) -> list[str]:
+        return [BASE_NAME, *self.adapters]
+
+    # -- requests -------------------------------------------------------------------------------------
+    def submit(self, request: GenRequest) -> None:
+        if request.model != BASE_NAME and request.model not in self.adapters:
+            raise ServeError(f"model '{request.model}' does not exist; loaded: {', '.join(self.model_names())}",
+                             404, "model_not_found")
+        if len(request.prompt_ids) + request.max_tokens > self.max_positions:
+            raise ServeError(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds "
+                             f"the model's context of {self.max_positions} tokens", 400, "context_length_exceeded")
+        try:
+            self.pending.put_nowait(request)
+        except queue.Full:
+            self.metrics.inc("tunelab_rejected_total", reason="queue_full")
+            raise ServeError(f"server busy: {self.pending.maxsize} requests already waiting; retry later",
+                             429, "queue_full") from None
+        self.metrics.set_gauge("tunelab_queue_depth", self.pending.qsize())
+
+    def shutdown(self) -> None:
+        self._running = False
+        self.pending.put(GenRequest(model=BASE_NAME, prompt_ids=[], max_tokens=0, emit=lambda *_: None))
+
+    def _loop(self) -> None:
+        while self._running:
+            batch = [self.pending.get()]
+            if not self._running:
+                return
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.pending.get_nowait())
+                except queue.Empty:
+                    break
+            self.metrics.set_gauge("tunelab_queue_depth", self.pending.qsize())
+            with self.lock:
+                live = [r for r in batch if self._admit(r)]
+                if live:
+                    try:
+                        self._decode(live)
+                    except Exception as err:  # noqa: BLE001 - one bad batch must not kill the server
+                        for r in live:
+                            if r.finish_reason is None:
+                                r.finish_reason = "error"
+                                r.emit("error", ServeError(f"generation failed: {err}", 500, "internal_error"))
+
+    def _admit(self, r: GenRequest) -> bool:
+        """Whether a dequeued request still wants an answer (the adapter may have been unloaded meanwhile)."""
+        if r.cancelled.is_set():
+            return False
+        if time.monotonic() > r.deadline:
+            r.emit("error", ServeError("request timed out while queued", 504, "timeout"))
+            self.metrics.inc("tunelab_rejected_total", reason="timeout")
+            return False
+        if r.model != BASE_NAME and r.model not in self.adapters:
+            r.emit("error", ServeError(f"model '{r.model}' was unloaded", 404, "model_not_found"))
+            return False
+        return True
+
+    # -- decoding -------------------------------------------------------------------------------------
+    def _decode(self, batch: list[GenRequest]) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        started = time.monotonic()
+        self.metrics.observe("tunelab_batch_size", len(batch))
+        pad = self.tokenizer.pad_token_id
+        width = max(len(r.prompt_ids) for r in batch)
+        # Left padding: every row's next token lands in the same (last) column.
+        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch],
+                            device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        model = self.peft if self.peft is not None else self.base
+        extra = {"adapter_names": [r.model if r.model != BASE_NAME else "__base__" for r in batch]} if self.peft else {}
+        generators = [_generator(r) for r in batch]
+        cache = DynamicCache()
+        with torch.inference_mode():
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                        use_cache=True, logits_to_keep=1, **extra)
+            for _ in range(max(r.max_tokens for r in batch)):
+                logits = out.logits[:, -1, :].float()
+                chosen = [self._choose(logits[i], r, generators[i]) for i, r in enumerate(batch)]
+                for r, token in zip(batch, chosen):
+                    if r.finish_reason is None:
+                        self._advance(r, token)
+                if all(r.finish_reason is not None for r in batch):
+                    break
+                step = torch.tensor([[t] for t in chosen], device=self.device)
+                mask = torch.cat([mask, mask.new_ones((len(batch), 1))], dim=1)
+                positions = positions[:, -1:] + 1
+                out = model(input_ids=step, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=True, **extra)
+        elapsed = time.monotonic() - started
+        self.metrics.observe("tunelab_batch_seconds", elapsed)
+
+    def _choose(self, logits: Any, r: GenRequest, generator: Any) -> int:
+        import torch
+
+        if r.finish_reason is not None:
+            return self.tokenizer.pad_token_id
+        if r.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.cpu() / r.temperature, dim=-1)  # the seeded generator lives on the CPU
+        if r.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            keep = sorted_probs.cumsum(-1) - sorted_probs < r.top_p  # always keeps the most likely token
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    def _advance(self, r: GenRequest, token: int) -> None:
+        """Append one token to `r`, emit the new text that is certain, and finish it if it is done."""
+        if r.cancelled.is_set():
+            r.finish_reason = "cancelled"
+            return
+        if time.monotonic() > r.deadline:
+            r.finish_reason = "timeout"
+            r.emit("error", ServeError("request timed out", 504, "timeout"))
+            return
+        finish = None
+        if token in self.stop_ids:
+            finish = "stop"
+        else:
+            r.tokens.append(token)
+            self.metrics.inc("tunelab_generated_tokens_total", model=r.model)
+            if len(r.tokens) >= r.max_tokens:
+                finish = "length"
+        text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
+        cut = _first_stop(text, r.stop)
+        if cut is not None:
+            text, finish = text[:cut], "stop"
+        if finish is None:
+            # Hold back an incomplete UTF-8 character and anything that could still become a stop string.
+            safe = len(text.rstrip("\ufffd")) - max((len(s) - 1 for s in r.stop), default=0)
+            if safe > r.sent:
+                r.emit("delta", text[r.sent:safe])
+                r.sent = safe
+            return
+        if len(text) > r.sent:
+            r.emit("delta", text[r.sent:])
+            r.sent = len(text)
+        r.finish_reason = finish
+        r.emit("done", {"finish_reason": finish, "completion_tokens": len(r.tokens)})
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _generator(r: GenRequest) -> Any:
+    import torch
+
+    if r.temperature <= 0:
+        return None
+    g = torch.Generator()
+    g.manual_seed(r.seed if r.seed is not None else int(time.time_ns() % (2**63)))
+    return g
+
+
+def _stop_ids(tokenizer: Any, model: Any) -> set[int]:
+    from tunelab.eval.generate import stop_token_ids
+
+    return set(stop_token_ids(tokenizer, model))

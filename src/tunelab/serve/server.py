@@ -1,0 +1,180 @@
+"""`tunelab serve`: resolve the base and the adapters, load them once, and serve them over HTTP.
+
+With `--engine vllm` the same choice of base and adapters becomes a `vllm serve` command line instead
+(printed, or run with --launch), for GPU users who want vLLM's paged attention and multi-LoRA kernels.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shlex
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunelab.serve.adapters import AdapterSpec, ServeError, check_same_base, parse_adapter_arg, resolve_adapter
+
+LOOPBACK_NAMES = {"localhost"}
+
+
+@dataclass
+class ServeOptions:
+    adapters: list[str] = field(default_factory=list)  # "NAME=RUN" or "RUN" (a run folder or models:/ URI)
+    base: str | None = None  # model name or folder; default: the base the first adapter was trained on
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key_env: str = "TUNELAB_API_KEY"
+    allow_roots: list[Path] = field(default_factory=list)
+    max_batch: int = 16
+    max_queue: int = 64
+    request_timeout: float = 120.0
+    default_max_tokens: int = 256
+    max_tokens_limit: int = 1024
+    device: str = "auto"
+    dtype: str = "auto"
+    tracking_uri: str | None = None
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def api_key_for(options: ServeOptions) -> str | None:
+    key = os.environ.get(options.api_key_env) or None
+    if key is None and not is_loopback(options.host):
+        raise ServeError(f"--host {options.host} reaches beyond this machine: set an API key in "
+                         f"${options.api_key_env} (clients send it as 'Authorization: Bearer KEY')")
+    return key
+
+
+def allowed_roots(options: ServeOptions) -> list[Path]:
+    """Where admin-loaded adapters may come from: --allow-root folders, else ./runs and the folders holding
+    the adapters given at start-up."""
+    if options.allow_roots:
+        return [p.expanduser().resolve() for p in options.allow_roots]
+    roots = [Path("runs").resolve()]
+    for text in options.adapters:
+        _, source = parse_adapter_arg(text)
+        if not source.startswith("models:/"):
+            roots.append(Path(source).expanduser().resolve().parent)
+    return list(dict.fromkeys(roots))
+
+
+def resolve_setup(options: ServeOptions) -> tuple[Path, list[AdapterSpec]]:
+    """(base folder, adapters), checked: names unique, every adapter a LoRA trained on that base."""
+    from tunelab.config import ModelConfig
+    from tunelab.models import resolve_model
+
+    specs: list[AdapterSpec] = []
+    for text in options.adapters:
+        name, source = parse_adapter_arg(text)
+        if any(s.name == name for s in specs):
+            raise ServeError(f"two adapters are named '{name}'; name them with NAME=RUN")
+        # Adapters named on the command line are the operator's own choice: their own folder is allowed.
+        own_root = [] if source.startswith("models:/") else [Path(source).expanduser().resolve()]
+        specs.append(resolve_adapter(name, source, own_root, options.tracking_uri))
+    if options.base is not None:
+        base_folder = resolve_model(ModelConfig(name=options.base))
+    elif specs:
+        base_folder = specs[0].base_folder
+    else:
+        base_folder = resolve_model(ModelConfig())
+    for spec in specs:
+        check_same_base(spec, base_folder)
+    return base_folder, specs
+
+
+def build_server(options: ServeOptions) -> tuple[Any, Any]:
+    """(FastAPI app, Engine) with the base and every adapter loaded."""
+    import torch
+
+    from tunelab.artifacts import RunPaths
+    from tunelab.chat import ensure_chat_template
+    from tunelab.eval.run import trained_folder
+    from tunelab.models import Precision, load_model, load_tokenizer, pick_device
+    from tunelab.serve.api import ServerSettings, create_app
+    from tunelab.serve.engine import Engine
+
+    key = api_key_for(options)
+    base_folder, specs = resolve_setup(options)
+    device = pick_device(options.device)
+    # fp32 on CPU by default: batched and one-at-a-time answers then agree token for token.
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        options.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
+    base_tokenizer = load_tokenizer(base_folder)
+    ensure_chat_template(base_tokenizer)
+    engine = Engine(load_model(base_folder, Precision(device, None, dtype)), base_tokenizer,
+                    max_batch=options.max_batch, max_queue=options.max_queue)
+    tokenizers: dict[str, Any] = {"base": base_tokenizer}
+    for spec in specs:
+        engine.load_adapter(spec)
+        tokenizers[spec.name] = load_tokenizer(trained_folder(RunPaths(spec.run_dir)))
+    settings = ServerSettings(
+        api_key=key, allowed_roots=allowed_roots(options), default_max_tokens=options.default_max_tokens,
+        max_tokens_limit=options.max_tokens_limit, request_timeout=options.request_timeout,
+        tracking_uri=options.tracking_uri, base_folder=base_folder,
+    )
+    return create_app(engine, settings, tokenizers), engine
+
+
+def serve(options: ServeOptions) -> None:
+    import uvicorn
+
+    from tunelab.progress import console
+
+    app, engine = build_server(options)
+    url = f"http://{options.host}:{options.port}"
+    console.print(f"serving {', '.join(engine.model_names())} at {url}/v1 (playground: {url}/)"
+                  + ("" if os.environ.get(options.api_key_env) else "; no API key (loopback only)"))
+    try:
+        uvicorn.run(app, host=options.host, port=options.port, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        engine.shutdown()
+
+
+def vllm_command(options: ServeOptions) -> tuple[list[str], list[str]]:
+    """The `vllm serve` command line that serves the same base and adapters, and notes for the operator."""
+    base_folder, specs = resolve_setup(options)
+    command = ["vllm", "serve", str(base_folder), "--served-model-name", "base", "--host", options.host,
+               "--port", str(options.port), "--max-num-seqs", str(options.max_batch)]
+    templates = {(s.run_dir / "chat_template.jinja").read_text() for s in specs
+                 if (s.run_dir / "chat_template.jinja").is_file()}
+    if len(templates) > 1:
+        raise ServeError("these adapters were trained with different chat templates; vLLM applies one template "
+                         "to every model it serves: start one vLLM server per template")
+    if specs:
+        command += ["--enable-lora", "--max-loras", str(len(specs)), "--max-lora-rank",
+                    str(_vllm_rank(max(s.rank for s in specs))), "--lora-modules"]
+        command += [f"{s.name}={s.adapter_dir}" for s in specs]
+        chat_template = specs[0].run_dir / "chat_template.jinja"
+        if chat_template.is_file():
+            # The template the adapters were trained with, not whatever the base folder carries.
+            command += ["--chat-template", str(chat_template)]
+    if os.environ.get(options.api_key_env):
+        command += ["--api-key", f"${options.api_key_env}"]
+    notes = [f"note: adapter '{s.name}' was trained with a system prompt; vLLM will not add it: send it as the "
+             "first message" for s in specs if s.system_prompt]
+    return command, notes
+
+
+def _vllm_rank(rank: int) -> int:
+    # vLLM accepts only these --max-lora-rank values.
+    return next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank)
+
+
+def launch_vllm(command: list[str], options: ServeOptions) -> None:
+    if shutil.which("vllm") is None:
+        raise ServeError("--launch: no `vllm` on PATH; install vLLM (GPU) or run the printed command elsewhere")
+    argv = [os.environ.get(options.api_key_env, "") if a == f"${options.api_key_env}" else a for a in command]
+    os.execvp(argv[0], argv)
+
+
+def printable(command: list[str]) -> str:
+    return " ".join(a if a.startswith("$") else shlex.quote(a) for a in command)

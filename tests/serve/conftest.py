@@ -1,0 +1,99 @@
+"""Fixtures for serving: LoRA run folders on the tiny model, and a real server process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import animal_rows, write_jsonl
+
+API_KEY = "test-secret-key"
+
+
+def make_lora_run(root: Path, base_dir: Path, seed: int, *, dora: bool = False, system_prompt: str | None = None) -> Path:
+    """A run folder whose adapter has random non-zero weights (so each adapter answers differently)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.config_file import dump_config, validate_config
+    from tunelab.models import load_tokenizer
+
+    root.mkdir(parents=True)
+    train = write_jsonl(root / "train.jsonl", animal_rows(16))
+    cfg = validate_config({
+        "model": {"name": str(base_dir), "dtype": "float32"},
+        "data": {"train": str(train), "system_prompt": system_prompt},
+        "method": {"type": "lora", "r": 8, "use_dora": dora},
+        "track": {"enabled": False}, "output": {"dir": str(root)},
+    })
+    (root / "config.yaml").write_text(dump_config(cfg))
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(
+        r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, use_dora=dora, task_type="CAUSAL_LM"))
+    model.save_pretrained(root / "adapter")
+    tokenizer = load_tokenizer(base_dir)
+    tokenizer.save_pretrained(root / "adapter")
+    (root / "chat_template.jinja").write_text(tokenizer.chat_template)
+    return root
+
+
+@pytest.fixture(scope="session")
+def lora_runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serve-runs")
+    return {
+        "alpha": make_lora_run(root / "alpha", tiny_model_dir, 1),
+        "beta": make_lora_run(root / "beta", tiny_model_dir, 2, system_prompt="Answer in one word."),
+        "gamma": make_lora_run(root / "gamma", tiny_model_dir, 3),  # loaded later through the admin endpoint
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    import httpx2 as httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}: {process.stderr.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError("server did not become healthy")
+
+
+@pytest.fixture(scope="session")
+def server(lora_runs: dict[str, Path]):
+    """`tunelab serve alpha=... beta=...` as a real process, with an API key."""
+    port = free_port()
+    env = {**os.environ, "TUNELAB_API_KEY": API_KEY}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tunelab", "serve", f"alpha={lora_runs['alpha']}", f"beta={lora_runs['beta']}",
+         "--port", str(port), "--max-batch", "16", "--max-queue", "128", "--allow-root",
+         str(lora_runs["gamma"].parent)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, process)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()

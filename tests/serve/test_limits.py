@@ -1,0 +1,120 @@
+"""Back-pressure, timeouts and start-up refusals. The 429 and timeout cases hold the engine's lock from the
+test (as a long batch would), so the queue fills deterministically; the server is still real HTTP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.serve.conftest import free_port, make_lora_run
+
+
+@pytest.fixture
+def live_server(lora_runs: dict[str, Path]):
+    """A server in this process (uvicorn in a thread) so the test can reach its engine."""
+    import uvicorn
+
+    from tunelab.serve.server import ServeOptions, build_server
+
+    def start(**overrides):
+        options = ServeOptions(adapters=[f"alpha={lora_runs['alpha']}"], port=free_port(), **overrides)
+        app, engine = build_server(options)
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=options.port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.05)
+        started.append((server, thread, engine))
+        return f"http://127.0.0.1:{options.port}", engine
+
+    started: list = []
+    yield start
+    for server, thread, engine in started:
+        server.should_exit = True
+        thread.join(timeout=10)
+        engine.shutdown()
+
+
+def ask(url: str, max_tokens: int = 4) -> str:
+    c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+    return c.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}],
+                                     max_tokens=max_tokens).choices[0].message.content
+
+
+def test_full_queue_answers_429_and_then_recovers(live_server) -> None:
+    url, engine = live_server(max_queue=2, max_batch=1)
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        with engine.lock:  # the engine is busy: one request gets picked up and blocks, two wait, the rest bounce
+            futures = [pool.submit(ask, url) for _ in range(6)]
+            time.sleep(1.5)
+            done = [f for f in futures if f.done()]
+        assert len(done) == 3
+        assert all(isinstance(f.exception(), openai.RateLimitError) for f in done)
+        waiting = [f for f in futures if f not in done]
+        assert all(isinstance(f.result(timeout=60), str) for f in waiting)
+    assert isinstance(ask(url), str)  # capacity is back
+
+
+def test_request_that_waits_past_its_timeout_gets_504(live_server) -> None:
+    url, engine = live_server(request_timeout=1.0)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        with engine.lock:
+            future = pool.submit(ask, url)
+            time.sleep(1.5)
+        with pytest.raises(openai.APIStatusError) as info:
+            future.result(timeout=60)
+    assert info.value.status_code == 504 and "timed out" in str(info.value)
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def test_binding_beyond_loopback_needs_an_api_key(lora_runs: dict[str, Path]) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TUNELAB_API_KEY"}
+    result = subprocess.run([sys.executable, "-m", "tunelab", "serve", str(lora_runs["alpha"]), "--host", "0.0.0.0"],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --host 0.0.0.0 reaches beyond this machine: set an API key in $TUNELAB_API_KEY "
+        "(clients send it as 'Authorization: Bearer KEY')"]
+
+
+def test_dora_and_wrong_base_adapters_are_refused(tmp_path: Path, tiny_model_dir: Path, lora_runs: dict[str, Path]) -> None:
+    from tests.conftest import build_tiny_llama
+
+    dora = make_lora_run(tmp_path / "dora", tiny_model_dir, 4, dora=True)
+    result = run_cli("serve", str(dora), "--engine", "vllm")
+    assert result.returncode == 2 and "a DoRA adapter; PEFT cannot batch DoRA" in result.stderr
+    other_base = build_tiny_llama(tmp_path / "other-base", seed=9)
+    result = run_cli("serve", str(lora_runs["alpha"]), "--base", str(other_base), "--engine", "vllm")
+    assert result.returncode == 2 and "but this server's base is" in result.stderr
+    result = run_cli("serve", f"x={lora_runs['alpha']}", f"x={lora_runs['beta']}", "--engine", "vllm")
+    assert result.returncode == 2 and "two adapters are named 'x'" in result.stderr
+    result = run_cli("serve", str(tmp_path / "missing"), "--engine", "vllm")
+    assert result.returncode == 2 and result.stderr.startswith("error: ")
+
+
+def test_vllm_command_names_every_adapter(lora_runs: dict[str, Path], tiny_model_dir: Path) -> None:
+    result = run_cli("serve", f"alpha={lora_runs['alpha']}", f"beta={lora_runs['beta']}", "--engine", "vllm",
+                     "--port", "9000", env={"TUNELAB_API_KEY": "k"})
+    assert result.returncode == 0, result.stderr
+    words = result.stdout.split()
+    assert words[:3] == ["vllm", "serve", str(tiny_model_dir.resolve())]
+    assert "--enable-lora" in words and words[words.index("--max-lora-rank") + 1] == "8"
+    i = words.index("--lora-modules")
+    assert words[i + 1:i + 3] == [f"alpha={lora_runs['alpha'] / 'adapter'}", f"beta={lora_runs['beta'] / 'adapter'}"]
+    assert words[words.index("--chat-template") + 1] == str(lora_runs["alpha"] / "chat_template.jinja")
+    assert words[words.index("--api-key") + 1] == "$TUNELAB_API_KEY"  # the key itself is never printed
+    assert "system prompt" in result.stderr  # beta's system prompt is something vLLM will not add
+    launch = run_cli("serve", str(lora_runs["alpha"]), "--engine", "vllm", "--launch", env={"PATH": "/nonexistent"})
+    assert launch.returncode == 2 and "no `vllm` on PATH" in launch.stderr

@@ -1,0 +1,173 @@
+"""`tunelab serve` as a real process, driven by the official openai client over HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx2 as httpx
+import openai
+import pytest
+
+from tests.serve.conftest import API_KEY
+
+PROMPTS = ["Extract the animal: I saw a cat.", "Hello there, how are you?", "What is two plus two?",
+           "Extract the animal: on day 3 I saw a fox."]
+
+
+def client(url: str, key: str | None = API_KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key or "none", max_retries=0, timeout=120)
+
+
+def reference_answer(run: Path | None, base_dir: Path, prompt: str, max_tokens: int, system: str | None = None) -> str:
+    """Greedy answer computed in-process with PEFT, one prompt at a time: what the server must return."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.chat import render_prompt, with_system_prompt
+    from tunelab.eval.generate import generate_greedy
+    from tunelab.models import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if run is not None:
+        model = PeftModel.from_pretrained(model, run / "adapter")
+    tokenizer = load_tokenizer(base_dir)
+    text = render_prompt(tokenizer, with_system_prompt([{"role": "user", "content": prompt}], system))
+    (answer,) = generate_greedy(model, tokenizer, [text], max_tokens, 1, show_progress=False)
+    return answer
+
+
+def test_models_lists_base_and_adapters(server: str) -> None:
+    ids = [m.id for m in client(server).models.list().data]
+    assert ids[0] == "base" and {"alpha", "beta"} <= set(ids)
+
+
+def test_each_model_answers_with_its_own_adapter(server: str, lora_runs: dict[str, Path], tiny_model_dir: Path) -> None:
+    c = client(server)
+    prompt = PROMPTS[0]
+    answers = {}
+    for name, run, system in [("base", None, None), ("alpha", lora_runs["alpha"], None),
+                              ("beta", lora_runs["beta"], "Answer in one word.")]:
+        reply = c.chat.completions.create(model=name, messages=[{"role": "user", "content": prompt}], max_tokens=12)
+        expected = reference_answer(run, tiny_model_dir, prompt, 12, system)
+        assert reply.choices[0].message.content.strip() == expected, name
+        assert reply.usage.completion_tokens > 0 and reply.model == name
+        answers[name] = expected
+    assert len(set(answers.values())) == 3  # the adapters really change the answer
+
+
+def test_streaming_chat_equals_the_whole_answer(server: str) -> None:
+    c = client(server)
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    whole = c.chat.completions.create(model="alpha", messages=messages, max_tokens=16)
+    chunks = list(c.chat.completions.create(model="alpha", messages=messages, max_tokens=16, stream=True))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    assert text == whole.choices[0].message.content
+    assert len(chunks) > 3  # the answer arrived in pieces, not at once
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_completions_endpoint_streaming_and_not(server: str) -> None:
+    c = client(server)
+    whole = c.completions.create(model="beta", prompt="The quick brown fox", max_tokens=10)
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="beta", prompt="The quick brown fox", max_tokens=10, stream=True))
+    assert whole.choices[0].text == streamed and whole.object == "text_completion"
+    assert whole.choices[0].finish_reason in ("stop", "length")
+
+
+def test_stop_strings_and_max_tokens(server: str) -> None:
+    c = client(server)
+    full = c.completions.create(model="base", prompt="Hello there", max_tokens=20).choices[0].text
+    assert len(full) > 2
+    stop = full[1:3]
+    cut = c.completions.create(model="base", prompt="Hello there", max_tokens=20, stop=[stop]).choices[0]
+    assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
+    one = c.completions.create(model="base", prompt="Hello there", max_tokens=1)
+    assert one.usage.completion_tokens <= 1
+
+
+def test_missing_or_wrong_api_key_is_401(server: str) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        client(server, key="wrong").models.list()
+    assert httpx.get(f"{server}/v1/models").status_code == 401
+    assert httpx.get(f"{server}/health").status_code == 200  # liveness needs no key
+
+
+def test_unknown_model_is_404(server: str) -> None:
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client(server).chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_malformed_bodies_are_400(server: str) -> None:
+    c = client(server)
+    with pytest.raises(openai.BadRequestError, match="role"):
+        c.chat.completions.create(model="alpha", messages=[{"role": "wizard", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        c.chat.completions.create(model="alpha", messages=[])
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        c.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=10**6)
+    raw = httpx.post(f"{server}/v1/chat/completions", content=b"{not json",
+                     headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert raw.status_code == 400 and raw.json()["error"]["code"] == "invalid_request"
+
+
+def test_64_concurrent_mixed_adapter_requests_equal_sequential(server: str) -> None:
+    c = client(server)
+    jobs = [(["base", "alpha", "beta"][i % 3], PROMPTS[i % len(PROMPTS)]) for i in range(64)]
+
+    def ask(job: tuple[str, str]) -> str:
+        model, prompt = job
+        reply = c.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=12)
+        return reply.choices[0].message.content
+
+    sequential = {job: ask(job) for job in dict.fromkeys(jobs)}  # one at a time: 12 distinct requests
+    before = _histogram_count(server, "tunelab_batch_size")
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        concurrent = list(pool.map(ask, jobs))
+    assert concurrent == [sequential[job] for job in jobs]
+    batches = _histogram_count(server, "tunelab_batch_size") - before
+    assert batches < 64  # requests were decoded together, not one by one
+
+
+def test_admin_load_use_and_unload(server: str, lora_runs: dict[str, Path], tiny_model_dir: Path) -> None:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    loaded = httpx.post(f"{server}/admin/adapters", json={"name": "gamma", "path": str(lora_runs["gamma"])},
+                        headers=headers, timeout=60)
+    assert loaded.status_code == 200, loaded.text
+    reply = client(server).chat.completions.create(
+        model="gamma", messages=[{"role": "user", "content": PROMPTS[2]}], max_tokens=8)
+    assert reply.choices[0].message.content.strip() == reference_answer(lora_runs["gamma"], tiny_model_dir, PROMPTS[2], 8)
+    again = httpx.post(f"{server}/admin/adapters", json={"name": "gamma", "path": str(lora_runs["gamma"])},
+                       headers=headers, timeout=60)
+    assert again.status_code == 409
+    assert httpx.delete(f"{server}/admin/adapters/gamma", headers=headers).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client(server).chat.completions.create(model="gamma", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_admin_refuses_traversal_and_bad_names(server: str, lora_runs: dict[str, Path]) -> None:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    outside = f"{lora_runs['gamma'].parent}/../../../etc"
+    r = httpx.post(f"{server}/admin/adapters", json={"name": "evil", "path": outside}, headers=headers)
+    assert r.status_code == 403 and "outside the allowed roots" in r.json()["error"]["message"]
+    r = httpx.post(f"{server}/admin/adapters", json={"name": "../x", "path": str(lora_runs["gamma"])}, headers=headers)
+    assert r.status_code == 400
+    r = httpx.post(f"{server}/admin/adapters", json={"name": "base", "path": str(lora_runs["gamma"])}, headers=headers)
+    assert r.status_code == 400 and "reserved" in r.json()["error"]["message"]
+
+
+def test_metrics_in_prometheus_text_format(server: str) -> None:
+    client(server).chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    text = httpx.get(f"{server}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    assert "# TYPE tunelab_requests_total counter" in text
+    assert 'tunelab_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
+    assert 'tunelab_generated_tokens_total{model="alpha"}' in text
+    assert "tunelab_adapters_loaded 2" in text or "tunelab_adapters_loaded 3" in text
+
+
+def _histogram_count(url: str, name: str) -> int:
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    line = next(line for line in text.splitlines() if line.startswith(f"{name}_count "))
+    return int(float(line.split()[1]))
