@@ -35,6 +35,9 @@ runs_app = typer.Typer(help="Tracked runs: list, compare, sync buffered tracking
 app.add_typer(runs_app, name="runs")
 export_app = typer.Typer(help="Export a trained run for other consumers.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
+k8s_app = typer.Typer(help="Kubernetes manifests: a KubeRay RayJob that trains, a KServe InferenceService that serves.",
+                      no_args_is_help=True)
+app.add_typer(k8s_app, name="k8s")
 
 out = Console()
 
@@ -295,6 +298,66 @@ def serve(
         print(printable(command))
         return
     run_server(options)
+
+
+OutFileOpt = Annotated[Path | None, typer.Option("--out", help="Write the YAML here instead of to stdout.")]
+
+
+@k8s_app.command("rayjob")
+def k8s_rayjob(config: ConfigArg, set_: SetOpt = None, out_file: OutFileOpt = None) -> None:
+    """A ConfigMap with the run config and a KubeRay RayJob running `tunelab train` on it (cluster.*, k8s.*)."""
+    from tunelab.cluster.k8s import dump_yaml, job_config, rayjob_manifests
+    from tunelab.config_file import dump_config
+
+    job = job_config(_load(config, set_))
+    _emit(dump_yaml(rayjob_manifests(job, dump_config(job))), out_file)
+
+
+@k8s_app.command("kserve")
+def k8s_kserve(names: Annotated[list[str], typer.Argument(help="Registered adapters: NAME (its champion), "
+                                                         "models:/NAME@ALIAS or models:/NAME/VERSION.")],
+               config: Annotated[Path | None, typer.Option("--config", help="Run config whose k8s section to use "
+                                                           "(default: the first adapter's run config).")] = None,
+               service: Annotated[str | None, typer.Option("--name", help="InferenceService name "
+                                                           "(default: the first adapter's name).")] = None,
+               base_uri: Annotated[str | None, typer.Option("--base-uri", help="Where the serving pod downloads "
+                                                            "the base model (hf://, s3://, pvc://).")] = None,
+               runtime: Annotated[str | None, typer.Option("--runtime", help="ServingRuntime name; default: "
+                                                           "KServe picks the one for the huggingface format.")] = None,
+               tracking_uri: UriOpt = None, out_file: OutFileOpt = None) -> None:
+    """A KServe InferenceService serving the base model on vLLM with the registered LoRA adapters."""
+    from tunelab import pipeline
+    from tunelab.cluster.k8s import adapter_reference, dump_yaml, inference_service
+    from tunelab.registry import default_tracking_uri, lookup_version, resolve_run_dir
+
+    uri = tracking_uri or default_tracking_uri()
+    refs = [adapter_reference(n) for n in names]
+    versions = [lookup_version(ref, uri) for ref in refs]
+    adapters = [(mv.name if sum(v.name == mv.name for v in versions) == 1 else f"{mv.name}-v{mv.version}", mv)
+                for mv in versions]
+    cfg = _load(config, None) if config else pipeline.load_run_config(resolve_run_dir(refs[0], uri))[0]
+    rank = max((_adapter_rank(mv) for mv in versions), default=None)
+    manifest = inference_service(cfg, service or versions[0].name, adapters, base_uri, runtime, rank)
+    _emit(dump_yaml([manifest]), out_file)
+
+
+def _adapter_rank(mv: Any) -> int:
+    import json
+
+    from tunelab.registry import resolve_run_dir
+
+    folder = resolve_run_dir(f"models:/{mv.name}/{mv.version}")
+    return int(json.loads((folder / "adapter" / "adapter_config.json").read_text()).get("r") or 0)
+
+
+def _emit(text: str, out_file: Path | None) -> None:
+    if out_file is None:
+        print(text, end="")
+        return
+    from tunelab.artifacts import write_text_atomic
+
+    write_text_atomic(out_file, text)
+    out.print(f"wrote {out_file}")
 
 
 @app.command()

@@ -152,16 +152,8 @@ def resolve_run_dir(ref: str | Path, uri: str | None = None) -> Path:
     if not text.startswith("models:/"):
         return Path(text)
     client = _client(uri or default_tracking_uri())
-    spec = text[len("models:/"):]
-    if "@" in spec:
-        name, alias = spec.split("@", 1)
-        try:
-            mv = client.get_model_version_by_alias(name, alias)
-        except Exception:  # noqa: BLE001
-            raise TunelabError(f"{text}: no model '{name}' with alias '{alias}' in the registry") from None
-    else:
-        name, _, version = spec.partition("/")
-        mv = _version(client, name, version)
+    mv = _lookup(client, text)
+    name = mv.name
     from tunelab.config import ModelConfig
     from tunelab.models import cache_root
 
@@ -177,3 +169,22 @@ def resolve_run_dir(ref: str | Path, uri: str | None = None) -> Path:
                         raise TunelabError(f"{text}: run {mv.run_id} lacks its {item} artifact") from None
             shutil.copy(tmp / "adapter" / "chat_template.jinja", tmp / "chat_template.jinja")
     return folder
+
+
+def lookup_version(ref: str, uri: str | None = None) -> Any:
+    """The model version a models:/NAME@ALIAS or models:/NAME/VERSION reference names (with its tags)."""
+    return _lookup(_client(uri or default_tracking_uri()), ref)
+
+
+def _lookup(client: Any, text: str) -> Any:
+    spec = text[len("models:/"):] if text.startswith("models:/") else text
+    if "@" in spec:
+        name, alias = spec.split("@", 1)
+        try:
+            return client.get_model_version_by_alias(name, alias)
+        except Exception:  # noqa: BLE001
+            raise TunelabError(f"{text}: no model '{name}' with alias '{alias}' in the registry") from None
+    name, _, version = spec.partition("/")
+    if not version:
+        raise TunelabError(f"{text}: name a version or an alias: models:/{name}@champion or models:/{name}/1")
+    return _version(client, name, version)

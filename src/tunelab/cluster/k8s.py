@@ -1,0 +1,267 @@
+"""Kubernetes manifests, from the run config: a KubeRay RayJob that runs `tunelab train`, and a KServe
+InferenceService that serves the base model with registered LoRA adapters on vLLM.
+
+Both are plain dicts (no Kubernetes client needed) written as YAML; their shape follows the published APIs
+(KubeRay ray.io/v1 RayJob with its RayClusterSpec, KServe serving.kserve.io/v1beta1 InferenceService), and
+tests validate them against JSON Schemas written from those CRDs. Combinations that cannot work are refused
+with one line each, before anything is written.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+
+from tunelab.config import RunConfig
+from tunelab.errors import ConfigError
+
+CONFIG_MOUNT = "/etc/tunelab"
+CONFIG_KEY = "config.yaml"
+# KubeRay derives the RayCluster, head service and pod names from the RayJob's name by appending suffixes;
+# a short name keeps every derived one within the 63 characters Kubernetes allows.
+MAX_NAME = 40
+# Where each bundled model comes from for a serving runtime that downloads it (KServe's hf:// storage).
+BASE_MODEL_URIS = {"smollm2-135m-instruct": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"}
+GPU = "nvidia.com/gpu"
+
+
+def k8s_name(text: str) -> str:
+    """A DNS-1123 label from any text: lower case, [a-z0-9-], starting with a letter."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    slug = re.sub(r"-{2,}", "-", slug)
+    if not slug or not slug[0].isalpha():
+        slug = f"tl-{slug}".rstrip("-")
+    return slug[:MAX_NAME].rstrip("-")
+
+
+def check_rayjob(cfg: RunConfig) -> None:
+    """Every reason the RayJob could not run, one line each."""
+    k, c = cfg.k8s, cfg.cluster
+    problems = []
+    if not k.image:
+        problems.append("k8s.image: set the container image that has tunelab installed "
+                        "(e.g. registry.example.com/tunelab:0.1.0)")
+    if c.use_gpu and k.gpu_per_worker == 0:
+        problems.append("k8s.gpu_per_worker: is 0 but cluster.use_gpu is true; give each worker pod at least one GPU")
+    wanted = c.worker_resources().get("GPU", 0)
+    if c.use_gpu and wanted > k.gpu_per_worker > 0:
+        problems.append(f"cluster.resources_per_worker: asks {wanted:g} GPUs per worker but a worker pod has "
+                        f"k8s.gpu_per_worker={k.gpu_per_worker}")
+    if k.storage.uri and cfg.track.enabled and not cfg.track.tracking_uri:
+        problems.append("track.tracking_uri: with k8s.storage.uri the pods share no volume, so the default sqlite "
+                        "store would vanish with the head pod; set an MLflow server (http://...)")
+    if k.storage.uri and "://" not in k.storage.uri:
+        problems.append(f"k8s.storage.uri: expected an object-store URI such as s3://bucket/prefix, got {k.storage.uri!r}")
+    if problems:
+        raise ConfigError(*problems)
+
+
+def job_config(cfg: RunConfig) -> RunConfig:
+    """The config the job runs: Ray backend on the job's own cluster, Ray storage on the object store if any."""
+    job = cfg.model_copy(deep=True)
+    job.cluster.backend = "ray"
+    job.cluster.ray_address = "auto"  # the RayJob's driver runs on the head of its own cluster
+    if cfg.k8s.storage.uri:
+        job.cluster.storage_path = cfg.k8s.storage.uri
+    return job
+
+
+def rayjob_manifests(cfg: RunConfig, config_yaml: str) -> list[dict[str, Any]]:
+    """[ConfigMap with the run config, RayJob running `tunelab train` on it]."""
+    check_rayjob(cfg)
+    k, c = cfg.k8s, cfg.cluster
+    name = k8s_name(k.name or Path(cfg.output.dir).name)
+    labels = {"app.kubernetes.io/name": "tunelab", "app.kubernetes.io/instance": name}
+    config_map = {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": f"{name}-config", "namespace": k.namespace, "labels": labels},
+        "data": {CONFIG_KEY: config_yaml},
+    }
+    env = [{"name": key, "value": value} for key, value in sorted(_env(cfg).items())]
+    volumes: list[dict[str, Any]] = [{"name": "tunelab-config", "configMap": {"name": f"{name}-config"}}]
+    mounts: list[dict[str, Any]] = [{"name": "tunelab-config", "mountPath": CONFIG_MOUNT, "readOnly": True}]
+    if k.storage.pvc:
+        volumes.append({"name": "tunelab-data", "persistentVolumeClaim": {"claimName": k.storage.pvc}})
+        mounts.append({"name": "tunelab-data", "mountPath": k.storage.mount_path})
+    head = _pod_template(cfg, "ray-head", {"cpu": k.head_cpu, "memory": k.head_memory}, env, volumes, mounts,
+                         ports=[{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
+                                {"containerPort": 10001, "name": "client"}], labels=labels)
+    worker_resources = {"cpu": k.cpu_per_worker, "memory": k.memory_per_worker}
+    if c.use_gpu:
+        worker_resources[GPU] = str(k.gpu_per_worker)
+    worker = _pod_template(cfg, "ray-worker", worker_resources, env, volumes, mounts, ports=None, labels=labels)
+    if k.node_selector:
+        worker["spec"]["nodeSelector"] = dict(k.node_selector)
+    replicas = _worker_pods(cfg)
+    workdir = k.storage.mount_path if k.storage.pvc else None
+    command = f"tunelab train {shlex.quote(f'{CONFIG_MOUNT}/{CONFIG_KEY}')}"
+    spec: dict[str, Any] = {
+        "entrypoint": f"cd {shlex.quote(workdir)} && {command}" if workdir else command,
+        "submissionMode": "K8sJobMode",
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": k.ttl_seconds_after_finished,
+        "backoffLimit": 0,  # a retry would start a second run into the same run folder
+        "rayClusterSpec": {
+            "rayVersion": k.ray_version,
+            "headGroupSpec": {
+                # The head runs the driver (data prep, tracking), never a training worker.
+                "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
+                "template": head,
+            },
+            "workerGroupSpecs": [{
+                "groupName": "gpu-workers" if c.use_gpu else "cpu-workers",
+                "replicas": replicas, "minReplicas": replicas, "maxReplicas": replicas,
+                "rayStartParams": {},
+                "template": worker,
+            }],
+        },
+    }
+    if k.active_deadline_seconds:
+        spec["activeDeadlineSeconds"] = k.active_deadline_seconds
+    rayjob = {"apiVersion": "ray.io/v1", "kind": "RayJob",
+              "metadata": {"name": name, "namespace": k.namespace, "labels": labels}, "spec": spec}
+    return [config_map, rayjob]
+
+
+def _worker_pods(cfg: RunConfig) -> int:
+    """Pods for cluster.num_workers training workers: as many workers per pod as its GPUs hold (one on CPU)."""
+    c, k = cfg.cluster, cfg.k8s
+    if not c.use_gpu:
+        return c.num_workers
+    per_pod = max(1, int(k.gpu_per_worker // c.worker_resources().get("GPU", 1)))
+    return math.ceil(c.num_workers / per_pod)
+
+
+def _env(cfg: RunConfig) -> dict[str, str]:
+    env = {"TUNELAB_CACHE": f"{cfg.k8s.storage.mount_path}/.cache/tunelab"} if cfg.k8s.storage.pvc else {}
+    if cfg.track.tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = cfg.track.tracking_uri
+    env.update(cfg.k8s.env)
+    return env
+
+
+def _pod_template(cfg: RunConfig, container: str, resources: dict[str, str], env: list[dict[str, str]],
+                  volumes: list[dict[str, Any]], mounts: list[dict[str, Any]], ports: list[dict[str, Any]] | None,
+                  labels: dict[str, str]) -> dict[str, Any]:
+    main: dict[str, Any] = {
+        "name": container, "image": cfg.k8s.image,
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
+        "env": env, "volumeMounts": mounts,
+    }
+    if ports:
+        main["ports"] = ports
+    pod: dict[str, Any] = {"containers": [main], "volumes": volumes}
+    if cfg.k8s.service_account:
+        pod["serviceAccountName"] = cfg.k8s.service_account
+    return {"metadata": {"labels": dict(labels)}, "spec": pod}
+
+
+# -- KServe -------------------------------------------------------------------------------------------
+
+
+def adapter_reference(ref: str) -> str:
+    """NAME means its champion; models:/NAME@ALIAS and models:/NAME/VERSION are used as given."""
+    if ref.startswith("models:/"):
+        return ref
+    return f"models:/{ref}" if ("@" in ref or "/" in ref) else f"models:/{ref}@champion"
+
+
+def inference_service(cfg: RunConfig, name: str, adapters: list[tuple[str, Any]], base_uri: str | None = None,
+                      runtime: str | None = None, max_lora_rank: int | None = None) -> dict[str, Any]:
+    """A KServe InferenceService serving the base model on vLLM (huggingface model format) with LoRA adapters.
+
+    `adapters`: (served name, registered model version) pairs; every version must come from the same base.
+    The adapters are read from the shared volume (k8s.storage.pvc), where `tunelab k8s rayjob` trains."""
+    k = cfg.k8s
+    bases = {mv.tags.get("tunelab.base_model", "") for _, mv in adapters}
+    problems = []
+    if len(bases) > 1:
+        problems.append(f"kserve: the adapters were trained on different base models ({', '.join(sorted(bases))}); "
+                        "one InferenceService serves one base")
+    base = bases.pop() if len(bases) == 1 else cfg.model.name
+    storage_uri = base_uri or BASE_MODEL_URIS.get(base)
+    if storage_uri is None:
+        problems.append(f"kserve: no download location known for base model {base!r}; pass --base-uri "
+                        "(hf://ORG/MODEL, s3://..., or pvc://CLAIM/path)")
+    if not k.storage.pvc:
+        problems.append("k8s.storage.pvc: the adapters are served from the shared volume the training job wrote; "
+                        "set the PersistentVolumeClaim")
+    lora_modules = []
+    for served, mv in adapters:
+        path = _adapter_path(mv, k.storage.mount_path)
+        if path is None:
+            problems.append(f"kserve: {mv.name} version {mv.version} was trained in {mv.tags.get('tunelab.run_dir')}, "
+                            f"outside the shared volume at {k.storage.mount_path}; train it with tunelab k8s rayjob "
+                            "(or copy its run folder onto the volume)")
+        else:
+            lora_modules.append(f"{served}={path}")
+    if problems:
+        raise ConfigError(*problems)
+    args = ["--model_name", name, "--backend", "vllm", "--enable-lora", "--lora-modules", *lora_modules]
+    if max_lora_rank:
+        args += ["--max-lora-rank", str(max_lora_rank)]
+    gpus = k.gpu_per_worker if k.gpu_per_worker > 0 else None
+    resources = {"cpu": k.cpu_per_worker, "memory": k.memory_per_worker}
+    if gpus:
+        resources[GPU] = str(gpus)
+    model: dict[str, Any] = {
+        "modelFormat": {"name": "huggingface"},
+        "storageUri": storage_uri,
+        "args": args,
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
+        "volumeMounts": [{"name": "tunelab-data", "mountPath": k.storage.mount_path, "readOnly": True}],
+    }
+    if runtime:
+        model["runtime"] = runtime
+    env = [{"name": key, "value": value} for key, value in sorted(k.env.items())]
+    if env:
+        model["env"] = env
+    predictor: dict[str, Any] = {
+        "minReplicas": 1,
+        "model": model,
+        "volumes": [{"name": "tunelab-data", "persistentVolumeClaim": {"claimName": k.storage.pvc, "readOnly": True}}],
+    }
+    if k.service_account:
+        predictor["serviceAccountName"] = k.service_account
+    if k.node_selector:
+        predictor["nodeSelector"] = dict(k.node_selector)
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
+        "metadata": {"name": k8s_name(name), "namespace": k.namespace,
+                     "labels": {"app.kubernetes.io/name": "tunelab", "app.kubernetes.io/component": "serving"}},
+        "spec": {"predictor": predictor},
+    }
+
+
+def _adapter_path(mv: Any, mount_path: str) -> str | None:
+    """The adapter folder of a registered version as the serving pod sees it (None: not on the shared volume)."""
+    run_dir = mv.tags.get("tunelab.run_dir")
+    if not run_dir:
+        return None
+    folder = PurePosixPath(run_dir) / "adapter"
+    mount = PurePosixPath(mount_path)
+    return str(folder) if folder.is_relative_to(mount) else None
+
+
+class _ManifestDumper(yaml.SafeDumper):
+    """Plain YAML for kubectl: no &anchors for repeated lists, multi-line strings (the config) as | blocks."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _string(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in text else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
+
+
+_ManifestDumper.add_representer(str, _string)
+
+
+def dump_yaml(documents: list[dict[str, Any]]) -> str:
+    return yaml.dump_all(documents, Dumper=_ManifestDumper, sort_keys=False, default_flow_style=False, width=120)

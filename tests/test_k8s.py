@@ -1,0 +1,216 @@
+"""`tunelab k8s rayjob` / `tunelab k8s kserve`: emitted manifests validate against JSON Schemas written from the
+KubeRay and KServe APIs (tests/cluster_schemas.py), carry what the config says, and impossible combinations
+are refused with one line each."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.cluster_schemas import CONFIG_MAP, INFERENCE_SERVICE, RAY_JOB
+from tunelab.cluster.k8s import dump_yaml, inference_service, job_config, rayjob_manifests
+from tunelab.config_file import dump_config, validate_config
+from tunelab.errors import ConfigError
+
+GPU_CONFIG = {
+    "data": {"train": "data/train.jsonl"},
+    "output": {"dir": "runs/Order Extractor"},
+    "cluster": {"num_workers": 4, "use_gpu": True, "strategy": "fsdp", "resources_per_worker": {"CPU": 4, "GPU": 1}},
+    "track": {"tracking_uri": "http://mlflow.ml.svc:5000"},
+    "k8s": {"image": "registry.example.com/tunelab:0.1.0", "namespace": "ml", "service_account": "trainer",
+            "gpu_per_worker": 2, "node_selector": {"gpu": "h100"}, "storage": {"pvc": "tunelab-data"},
+            "active_deadline_seconds": 7200},
+}
+
+
+def config(**changes):
+    raw = copy.deepcopy(GPU_CONFIG)
+    for dotted, value in changes.items():
+        *parents, key = dotted.split("__")
+        node = raw
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[key] = value
+    return validate_config(raw)
+
+
+def emit(cfg) -> list[dict]:
+    job = job_config(cfg)
+    return list(yaml.safe_load_all(dump_yaml(rayjob_manifests(job, dump_config(job)))))
+
+
+def test_rayjob_and_configmap_match_the_kuberay_api_and_carry_the_config():
+    config_map, rayjob = emit(config())
+    jsonschema.validate(config_map, CONFIG_MAP)
+    jsonschema.validate(rayjob, RAY_JOB)
+
+    spec = rayjob["spec"]
+    assert rayjob["metadata"] == {"name": "order-extractor", "namespace": "ml", "labels": {
+        "app.kubernetes.io/name": "tunelab", "app.kubernetes.io/instance": "order-extractor"}}
+    assert spec["entrypoint"] == "cd /mnt/tunelab && tunelab train /etc/tunelab/config.yaml"
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] == 3600
+    assert spec["activeDeadlineSeconds"] == 7200 and spec["submissionMode"] == "K8sJobMode"
+
+    # The job's config is the user's, switched to the Ray backend on the job's own cluster.
+    shipped = validate_config(yaml.safe_load(config_map["data"]["config.yaml"]))
+    assert (shipped.cluster.backend, shipped.cluster.ray_address, shipped.cluster.strategy) == ("ray", "auto", "fsdp")
+    assert shipped.train == config().train and shipped.data == config().data
+
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == "2.60.0"
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    [group] = cluster["workerGroupSpecs"]
+    worker = group["template"]["spec"]
+    # 4 training workers of 1 GPU each on pods of 2 GPUs: 2 pods.
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2
+    limits = worker["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "2" and worker["nodeSelector"] == {"gpu": "h100"}
+    assert "nvidia.com/gpu" not in head["containers"][0]["resources"]["limits"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no training on the head
+    for pod in (head, worker):
+        assert pod["serviceAccountName"] == "trainer"
+        assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow.ml.svc:5000"} in pod["containers"][0]["env"]
+        assert {"name": "tunelab-data", "persistentVolumeClaim": {"claimName": "tunelab-data"}} in pod["volumes"]
+        assert {"name": "tunelab-data", "mountPath": "/mnt/tunelab"} in pod["containers"][0]["volumeMounts"]
+    assert {"name": "tunelab-config", "configMap": {"name": "order-extractor-config"}} in head["volumes"]
+
+
+def test_cpu_job_with_object_store_storage():
+    cfg = config(cluster={"num_workers": 3}, k8s__storage={"uri": "s3://bucket/tunelab"})
+    config_map, rayjob = emit(cfg)
+    jsonschema.validate(rayjob, RAY_JOB)
+    [group] = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == 3 and group["groupName"] == "cpu-workers"
+    assert "nvidia.com/gpu" not in group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert rayjob["spec"]["entrypoint"] == "tunelab train /etc/tunelab/config.yaml"
+    assert validate_config(yaml.safe_load(config_map["data"]["config.yaml"])).cluster.storage_path == "s3://bucket/tunelab"
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d["spec"].update(ttlSecondsAfterFinished="1h"),
+    lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].pop("groupName"),
+    lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"].update(rayStartParam={}),
+    lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"][
+        "limits"].update(memory="lots"),
+    lambda d: d["spec"].update(submissionMode="Batch"),
+], ids=["ttl-type", "missing-groupName", "misspelled-field", "bad-quantity", "bad-enum"])
+def test_the_rayjob_schema_refuses_what_the_api_would(mutate):
+    rayjob = emit(config())[1]
+    mutate(rayjob)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(rayjob, RAY_JOB)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"k8s__image": None}, "k8s.image: set the container image"),
+    ({"k8s__gpu_per_worker": 0}, "k8s.gpu_per_worker: is 0 but cluster.use_gpu is true"),
+    ({"cluster__resources_per_worker": {"GPU": 4}}, "asks 4 GPUs per worker but a worker pod has k8s.gpu_per_worker=2"),
+    ({"k8s__storage": {"uri": "s3://b/x"}, "track__tracking_uri": None}, "track.tracking_uri: with k8s.storage.uri"),
+])
+def test_rayjob_refuses_combinations_that_cannot_run(changes, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        emit(config(**changes))
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"cluster__use_gpu": False}, "cluster.strategy: fsdp shards the model across GPUs and needs cluster.use_gpu"),
+    ({"k8s__storage": {"pvc": "data", "uri": "s3://b/x"}}, "k8s.storage: set either pvc"),
+    ({"cluster__use_gpu": False, "cluster__strategy": "ddp"}, "cluster.resources_per_worker: reserves GPUs"),
+])
+def test_config_refuses_impossible_cluster_settings(changes, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        config(**changes)
+
+
+def test_cli_writes_the_rayjob_and_refuses_with_one_line(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(GPU_CONFIG))
+    out = tmp_path / "rayjob.yaml"
+    run = [sys.executable, "-m", "tunelab", "k8s", "rayjob", str(path)]
+    done = subprocess.run([*run, "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert [d["kind"] for d in yaml.safe_load_all(out.read_text())] == ["ConfigMap", "RayJob"]
+    refused = subprocess.run([*run, "--set", "k8s.image=null"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.splitlines() == ["error: k8s.image: set the container image that has tunelab installed "
+                                           "(e.g. registry.example.com/tunelab:0.1.0)"]
+
+
+# -- KServe, from a real MLflow registry -------------------------------------------------------------
+
+
+@pytest.fixture
+def registry(tmp_path):
+    """A sqlite MLflow registry with two registered adapters trained on the shared volume, and one trained elsewhere."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    for name, run_dir, base in (("order-extractor", "/mnt/tunelab/runs/orders", "smollm2-135m-instruct"),
+                                ("ticket-router", "/mnt/tunelab/runs/t", "smollm2-135m-instruct"),
+                                ("laptop-run", "/home/me/runs/x", "smollm2-135m-instruct"),
+                                ("local-base", "/mnt/tunelab/runs/l", "/models/llama")):
+        client.create_registered_model(name)
+        mv = client.create_model_version(name, f"s3://artifacts/{name}/adapter", tags={
+            "tunelab.base_model": base, "tunelab.run_dir": run_dir})
+        client.set_registered_model_alias(name, "champion", mv.version)
+    return uri
+
+
+def test_inference_service_serves_registered_adapters_on_vllm(registry):
+    from tunelab.cluster.k8s import adapter_reference
+    from tunelab.registry import lookup_version
+
+    versions = [lookup_version(adapter_reference(n), registry) for n in ("order-extractor", "models:/ticket-router/1")]
+    isvc = inference_service(config(), "orders", [(mv.name, mv) for mv in versions], max_lora_rank=16)
+    isvc = yaml.safe_load(dump_yaml([isvc]))
+    jsonschema.validate(isvc, INFERENCE_SERVICE)
+
+    predictor = isvc["spec"]["predictor"]
+    model = predictor["model"]
+    assert model["modelFormat"] == {"name": "huggingface"}
+    assert model["storageUri"] == "hf://HuggingFaceTB/SmolLM2-135M-Instruct"
+    args = model["args"]
+    assert args[args.index("--backend") + 1] == "vllm" and "--enable-lora" in args
+    start = args.index("--lora-modules") + 1
+    assert args[start:start + 2] == ["order-extractor=/mnt/tunelab/runs/orders/adapter",
+                                     "ticket-router=/mnt/tunelab/runs/t/adapter"]
+    assert args[args.index("--max-lora-rank") + 1] == "16"
+    assert model["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert {"name": "tunelab-data", "persistentVolumeClaim": {"claimName": "tunelab-data", "readOnly": True}} in (
+        predictor["volumes"])
+    assert predictor["serviceAccountName"] == "trainer"
+
+
+def test_inference_service_refuses_adapters_it_cannot_reach(registry):
+    from tunelab.errors import TunelabError
+    from tunelab.registry import lookup_version
+
+    laptop = lookup_version("models:/laptop-run@champion", registry)
+    with pytest.raises(ConfigError, match="outside the shared volume at /mnt/tunelab"):
+        inference_service(config(), "x", [("laptop-run", laptop)])
+    ok = lookup_version("models:/order-extractor@champion", registry)
+    with pytest.raises(ConfigError, match="k8s.storage.pvc: the adapters are served from the shared volume"):
+        inference_service(config(k8s__storage={"uri": "s3://b/x"}), "x", [("order-extractor", ok)])
+    local = lookup_version("models:/local-base@champion", registry)
+    with pytest.raises(ConfigError, match="no download location known for base model '/models/llama'; pass --base-uri"):
+        inference_service(config(), "x", [("local-base", local)])
+    with pytest.raises(ConfigError, match="trained on different base models"):
+        inference_service(config(), "x", [("local-base", local), ("order-extractor", ok)])
+    with pytest.raises(TunelabError, match="no model 'nope' with alias 'champion'"):
+        lookup_version("models:/nope@champion", registry)
+
+
+def test_the_inference_service_schema_refuses_a_misplaced_field(registry):
+    from tunelab.registry import lookup_version
+
+    mv = lookup_version("models:/order-extractor@champion", registry)
+    isvc = inference_service(config(), "orders", [(mv.name, mv)])
+    isvc["spec"]["predictor"]["model"]["modelformat"] = isvc["spec"]["predictor"]["model"].pop("modelFormat")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(isvc, INFERENCE_SERVICE)
