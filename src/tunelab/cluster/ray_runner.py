@@ -54,7 +54,9 @@ def distributed_overrides(cfg: RunConfig) -> dict[str, Any]:
     """TrainingArguments that differ from a single-process run: FSDP2 for strategy fsdp, nothing for ddp
     (the Trainer wraps the model in DistributedDataParallel by itself once a process group exists)."""
     if cfg.cluster.strategy != "fsdp":
-        return {}
+        # Every trainable parameter gets a gradient each step; the Trainer's default (search for unused ones)
+        # costs an extra pass over the autograd graph per step.
+        return {"ddp_find_unused_parameters": False}
     return {
         "fsdp": True,
         # FULL_STATE_DICT: checkpoints and the adapter are ordinary single files, gathered on rank 0.
@@ -137,6 +139,7 @@ def train_worker(config: dict[str, Any]) -> None:
     result = train_sft(cfg, run, config["dataset"], resume=config["resume"],
                        on_metrics=tracker.log_metrics if tracker is not None else None,
                        training_overrides=config["overrides"])
+    result = _global_tokens(result)
     # Every worker must report the same number of times; only rank 0's checkpoint carries anything.
     if rank != 0:
         ray.train.report({"rank": rank}, checkpoint=None)
@@ -150,6 +153,22 @@ def train_worker(config: dict[str, Any]) -> None:
             if run.metrics.is_file():
                 shutil.copy2(run.metrics, folder / run.metrics.name)
         ray.train.report({"rank": 0, "steps": result.steps}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _global_tokens(result: TrainResult) -> TrainResult:
+    """Each worker counted the tokens of its own batches; the run's throughput is their sum (a collective)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return result
+    total = torch.tensor([result.tokens_seen], dtype=torch.long)
+    if dist.get_backend() == "nccl":
+        total = total.cuda()
+    dist.all_reduce(total)
+    result.tokens_seen = int(total.item())
+    result.tokens_per_second = round(result.tokens_seen / result.train_seconds, 1) if result.train_seconds else 0.0
+    return result
 
 
 def _worker_tracker(cfg: RunConfig, run: RunPaths, stamp: str | None) -> Any:
@@ -204,9 +223,11 @@ def _connect(cfg: RunConfig) -> bool:
         return False
     address = cfg.cluster.ray_address
     if address is None:
-        # A cluster that lives only for this run, on this machine: no token to write or share.
+        # A cluster that lives only for this run, on this machine: no token to write or share, and no dashboard
+        # (it needs packages ray[train] does not bring).
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(include_dashboard=False, log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": "tunelab.cluster.ray_runner.quiet_worker_logs"})
         return True
     try:
         ray.init(address=address)
@@ -216,6 +237,14 @@ def _connect(cfg: RunConfig) -> bool:
     return True
 
 
+def quiet_worker_logs() -> None:
+    """Runs in every Ray worker process of a local cluster: without a dashboard, Ray Train's placement-group
+    watcher cannot query actor state and warns about it every few seconds, burying the training output."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
 def _fit(trainer: Any) -> Any:
     """trainer.fit(), with a worker's TunelabError (bad data, NaN loss) surfacing as itself, one line."""
     from ray.train import TrainingFailedError
@@ -223,20 +252,35 @@ def _fit(trainer: Any) -> Any:
     try:
         return trainer.fit()
     except TrainingFailedError as err:
-        for failure in (getattr(err, "worker_failures", None) or {}).values():
-            cause = _user_error(failure)
-            if cause is not None:
-                raise cause from None
-        raise
+        raise training_failure(err) from None
+
+
+def training_failure(err: BaseException) -> TunelabError:
+    """The error to show for a failed fit: a worker's own TunelabError as it was raised (a bad row, a NaN
+    loss), else one line per failed worker (killed for memory, a lost node; details are in the Ray log)."""
+    failures = getattr(err, "worker_failures", None) or {}
+    for failure in failures.values():
+        cause = _user_error(failure)
+        if cause is not None:
+            return cause
+    lines = [f"cluster: Ray worker {rank} failed: {_first_line(failure)}" for rank, failure in sorted(failures.items())]
+    return TunelabError(*(lines or [f"cluster: Ray training failed: {_first_line(err)}"]))
+
+
+def _first_line(err: BaseException) -> str:
+    cause = getattr(err, "cause", None)
+    err = cause if isinstance(cause, BaseException) else err
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _user_error(failure: BaseException) -> TunelabError | None:
     """Find a TunelabError inside a worker failure (Ray wraps it in its own exception types)."""
     seen: BaseException | None = failure
     while seen is not None:
-        if isinstance(seen, TunelabError):
+        cause = getattr(seen, "cause", None)  # RayTaskError: the original exception (its class mixes both in)
+        if isinstance(seen, TunelabError) and not isinstance(cause, TunelabError):
             return seen
-        cause = getattr(seen, "cause", None)
         seen = cause if isinstance(cause, BaseException) else seen.__cause__
     return None
 

@@ -1,0 +1,89 @@
+"""The cluster section and the Ray runner's pure parts (no Ray cluster started here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tunelab.cluster.ray_runner import _portable, check_cluster, distributed_overrides, training_failure
+from tunelab.config_file import validate_config
+from tunelab.errors import ConfigError, DataError
+
+
+def cfg(**sections):
+    return validate_config({"data": {"train": "train.jsonl"}, "model": {"dtype": "float32"}, **sections})
+
+
+def test_defaults_train_locally_and_workers_reserve_one_cpu_or_one_gpu():
+    assert cfg().cluster.backend == "local"
+    assert cfg(cluster={"backend": "ray"}).cluster.worker_resources() == {"CPU": 1.0}
+    assert cfg(cluster={"use_gpu": True}).cluster.worker_resources() == {"CPU": 1.0, "GPU": 1.0}
+    assert cfg(cluster={"use_gpu": True, "resources_per_worker": {"CPU": 8, "GPU": 2}}).cluster.worker_resources() == {
+        "CPU": 8, "GPU": 2}
+
+
+@pytest.mark.parametrize(("cluster", "message"), [
+    ({"strategy": "fsdp"}, "cluster.strategy: fsdp shards the model across GPUs and needs cluster.use_gpu: true"),
+    ({"use_gpu": True, "resources_per_worker": {"GPU": 0}}, "GPU must be above 0 with cluster.use_gpu: true"),
+    ({"resources_per_worker": {"GPU": 1}}, "reserves GPUs but cluster.use_gpu is false"),
+    ({"backend": "slurm"}, "cluster.backend"),
+])
+def test_impossible_cluster_settings_are_refused(cluster, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        cfg(cluster=cluster)
+
+
+def test_ray_backend_refuses_what_it_cannot_train():
+    with pytest.raises(ConfigError, match="objective dpo runs with cluster.backend: local"):
+        check_cluster(cfg(cluster={"backend": "ray"}, objective="dpo"))
+    with pytest.raises(ConfigError, match="fsdp cannot shard method qlora"):
+        check_cluster(cfg(cluster={"backend": "ray", "use_gpu": True, "strategy": "fsdp"}, method={"type": "qlora"}))
+    check_cluster(cfg(cluster={"backend": "ray"}, objective="cpt"))
+
+
+def test_ddp_skips_the_unused_parameter_search_and_fsdp_becomes_fsdp2_in_the_trainer():
+    from transformers import TrainingArguments
+
+    from tunelab.artifacts import RunPaths
+    from tunelab.models import pick_precision
+    from tunelab.train.args import training_kwargs
+
+    assert distributed_overrides(cfg(cluster={"backend": "ray"})) == {"ddp_find_unused_parameters": False}
+    fsdp = cfg(cluster={"backend": "ray", "use_gpu": True, "strategy": "fsdp"}, train={"gradient_checkpointing": True})
+    args = TrainingArguments(**{**training_kwargs(fsdp, RunPaths(Path("run")), pick_precision(fsdp.model), False),
+                                **distributed_overrides(fsdp)})
+    # What the Trainer hands accelerate's FSDP plugin (accelerate applies it on GPU process groups only, which
+    # is why the config refuses fsdp without use_gpu).
+    plugin = args._process_fsdp_args()
+    assert plugin["fsdp_version"] == 2 and plugin["state_dict_type"] == "FULL_STATE_DICT"
+    assert plugin["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and plugin["activation_checkpointing"] is True
+    assert args.activation_checkpointing is False  # checkpointing inside FSDP, not a second time around it
+
+
+def test_workers_get_absolute_paths_and_the_model_loss_under_ddp(tmp_path, monkeypatch):
+    from tunelab.artifacts import RunPaths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    config = cfg(cluster={"backend": "ray", "num_workers": 2}, model={"name": "models/base"},
+                 output={"dir": "runs/a"})
+    shipped = _portable(config, RunPaths(config.output.dir))
+    assert shipped.output.dir == tmp_path / "runs" / "a" and shipped.model.name == str(tmp_path / "models" / "base")
+    if hasattr(config.train, "chunked_loss"):
+        assert config.train.chunked_loss and not shipped.train.chunked_loss
+
+
+def test_a_worker_error_of_the_user_comes_back_as_itself_and_others_as_one_line_per_worker():
+    from ray.exceptions import RayTaskError
+    from ray.train import WorkerGroupError
+
+    bad_row = DataError("train.jsonl:3: field 'messages': missing")
+    assert training_failure(WorkerGroupError("x", {1: bad_row, 0: RuntimeError("peer gone")})) is bad_row
+    wrapped = RayTaskError("train_worker", "traceback...", bad_row).as_instanceof_cause()
+    assert isinstance(wrapped, DataError) and training_failure(WorkerGroupError("x", {0: wrapped})) is bad_row
+
+    failure = training_failure(WorkerGroupError("x", {0: MemoryError("6 worker(s) were killed\nmore"),
+                                                      1: RuntimeError("")}))
+    assert failure.problems == ["cluster: Ray worker 0 failed: MemoryError: 6 worker(s) were killed",
+                                "cluster: Ray worker 1 failed: RuntimeError"]
