@@ -13,7 +13,6 @@ from tests.serve.conftest import API_KEY
 from tests.serve.test_server import client
 
 
-
 def test_playground_page_is_served_without_a_key(server: str) -> None:
     page = httpx.get(f"{server}/")
     assert page.status_code == 200 and "tunelab playground" in page.text and "/v1/chat/completions" in page.text

@@ -46,12 +46,13 @@ class GenRequest:
 
 class Engine:
     def __init__(self, base: Any, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 64,
-                 metrics: Metrics | None = None) -> None:
+                 batch_window: float = 0.02, metrics: Metrics | None = None) -> None:
         self.base = base.eval()
         self.peft: Any = None  # a PeftModel around `base` once the first adapter is loaded
         self.tokenizer = tokenizer
         self.adapters: dict[str, AdapterSpec] = {}
         self.max_batch = max_batch
+        self.batch_window = batch_window
         self.metrics = metrics or Metrics()
         self.pending: queue.Queue[GenRequest] = queue.Queue(maxsize=max_queue)
         self.lock = threading.Lock()
@@ -113,9 +114,12 @@ class Engine:
             batch = [self.pending.get()]
             if not self._running:
                 return
+            # A short gathering window: requests sent together (a playground comparison, a client's parallel
+            # calls) land in one batch instead of the second waiting for the whole first answer.
+            gather_until = time.monotonic() + self.batch_window
             while len(batch) < self.max_batch:
                 try:
-                    batch.append(self.pending.get_nowait())
+                    batch.append(self.pending.get(timeout=max(0.0, gather_until - time.monotonic())))
                 except queue.Empty:
                     break
             self.metrics.set_gauge("tunelab_queue_depth", self.pending.qsize())
