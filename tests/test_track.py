@@ -99,6 +99,13 @@ def test_registry_promotes_only_on_evidence_and_resolves_models_uris(tiny_config
     with pytest.raises(TunelabError, match="no model 'animals' with alias 'nope'"):
         resolve_run_dir("models:/animals@nope", uri)
 
+    # The server takes the same URI: the registered adapter, on the base it was trained on.
+    from tunelab.serve.server import ServeOptions, resolve_setup
+
+    base_folder, (spec,) = resolve_setup(ServeOptions(adapters=["models:/animals@champion"], tracking_uri=uri))
+    assert spec.name == "animals-champion" and spec.run_dir == folder
+    assert base_folder == Path(good_cfg.model.name) and (spec.adapter_dir / "adapter_config.json").is_file()
+
     env = {**os.environ, "COLUMNS": "250"}
     listed = subprocess.run([sys.executable, "-m", "tunelab", "runs", "list", "--tracking-uri", uri],
                             capture_output=True, text=True, env=env)
