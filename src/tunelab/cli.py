@@ -258,6 +258,55 @@ def export_gguf(run_dir: Annotated[str, typer.Argument(help="A run folder, or mo
               f"agreement {v['top1_agreement']:.1%}")
 
 
+@export_app.command("int4")
+def export_int4(run_dir: Annotated[str, typer.Argument(help="A run folder, or models:/NAME@ALIAS.")],
+                out_dir: Annotated[Path | None, typer.Option("--out", help="Default: RUN_DIR/export/int4.")] = None
+                ) -> None:
+    """The merged model in bitsandbytes 4-bit NF4, for transformers and vLLM, compared with float32."""
+    from tunelab import pipeline
+    from tunelab.export.int4 import export_int4 as run_export
+    from tunelab.registry import resolve_run_dir
+
+    cfg, run = pipeline.load_run_config(resolve_run_dir(run_dir))
+    result = run_export(cfg, run, out_dir or run.root / "export" / "int4")
+    r = result.report
+    out.print(f"wrote {result.folder} ({r['weights_bytes'] / 2**20:.1f} MiB of weights); vs float32: "
+              f"{r['exact_continuations']}/{r['prompts']} identical greedy continuations, top-1 agreement "
+              f"{r['top1_agreement']:.1%}")
+
+
+@export_app.command("combine")
+def export_combine(run_dirs: Annotated[list[str], typer.Argument(help="Two or more run folders (or models:/ URIs).")],
+                   out_dir: Annotated[Path, typer.Option("--out", help="The new run folder for the combined adapter.")],
+                   how: Annotated[str, typer.Option(help="linear, cat, ties, dare (= dare_ties) or dare_linear.")
+                                  ] = "linear",
+                   weights: Annotated[str | None, typer.Option(help="Comma-separated, one per run; default equal.")
+                                      ] = None,
+                   density: Annotated[float | None, typer.Option(
+                       help="ties/dare: fraction of each update kept (default 0.5).")] = None,
+                   evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate the blend.")] = True
+                   ) -> None:
+    """Blend LoRA adapters trained on one base into one adapter (PEFT add_weighted_adapter), as a run folder."""
+    from tunelab import pipeline
+    from tunelab.export.combine import HOW, NEEDS_DENSITY, combine_runs, load_source
+    from tunelab.export.merge import ExportError
+    from tunelab.registry import resolve_run_dir
+
+    try:
+        parsed = [float(w) for w in weights.split(",")] if weights else [1.0 / len(run_dirs)] * len(run_dirs)
+    except ValueError:
+        raise ExportError(f"--weights: expected comma-separated numbers, got {weights!r}") from None
+    if density is None and HOW.get(how) in NEEDS_DENSITY:
+        density = 0.5
+    sources = [load_source(*pipeline.load_run_config(resolve_run_dir(d))) for d in run_dirs]
+    run = combine_runs(sources, how, parsed, out_dir, density)
+    out.print(f"wrote the combined run {run.root}")
+    if evaluate:
+        cfg, run = pipeline.load_run_config(run.root)
+        result = pipeline.stage_eval(cfg, run)
+        _print_summary(run.root, None, result.metrics)
+
+
 @app.command()
 def serve(
     adapters: Annotated[list[str] | None, typer.Argument(

@@ -1,0 +1,80 @@
+"""export combine: PEFT's weighted adapter blends as a run folder that eval accepts; one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tunelab import pipeline
+from tunelab.export.combine import Source, combine_runs, load_source
+from tunelab.export.merge import ExportError, probe_batch
+
+
+def _trained(cfg, folder, lr):
+    cfg = cfg.model_copy(deep=True)
+    cfg.output.dir = folder
+    cfg.train.learning_rate = lr
+    run = pipeline.open_run(cfg, starting_training=True)
+    pipeline.stage_train(cfg, run)
+    return load_source(cfg, run)
+
+
+def _logits(cfg, adapter, batch):
+    from peft import PeftModel
+
+    from tunelab.models import Precision, load_model, resolve_model
+
+    base = load_model(resolve_model(cfg.model), Precision("cpu", None, torch.float32))
+    with torch.no_grad():
+        return PeftModel.from_pretrained(base, adapter).eval()(**batch).logits
+
+
+def test_combined_adapter_is_a_run_folder_eval_accepts(tiny_config, tmp_path):
+    a = _trained(tiny_config, tmp_path / "run_a", 1e-2)
+    b = _trained(tiny_config, tmp_path / "run_b", 3e-2)
+
+    # Weights 1, 0 keep exactly adapter A (linear folds A's scaling into its weights): the blend is real math.
+    only_a = combine_runs([a, b], "linear", [1.0, 0.0], tmp_path / "only_a")
+    from tunelab.models import load_tokenizer
+
+    batch = probe_batch(a.cfg, a.run, load_tokenizer(a.run.adapter))
+    assert (_logits(a.cfg, only_a.adapter, batch) - _logits(a.cfg, a.run.adapter, batch)).abs().max() < 1e-4
+    half = combine_runs([a, b], "linear", [0.5, 0.5], tmp_path / "half")
+    assert (_logits(a.cfg, half.adapter, batch) - _logits(a.cfg, a.run.adapter, batch)).abs().max() > 1e-3
+
+    result = subprocess.run([sys.executable, "-m", "tunelab", "export", "combine", str(a.run.root), str(b.run.root),
+                             "--how", "ties", "--density", "0.7", "--out", str(tmp_path / "ties")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    combined = json.loads((tmp_path / "ties" / "manifest.json").read_text())
+    assert combined["combined"]["how"] == "ties" and len(combined["combined"]["sources"]) == 2
+    metrics = json.loads((tmp_path / "ties" / "eval" / "metrics.json").read_text())
+    assert set(metrics["suites"]) == {"run_a_test", "run_b_test"}
+    systems = metrics["suites"]["run_a_test"]["systems"]
+    assert {"base", "tuned"} <= set(systems) and len(systems) >= 4  # the two source runs evaluated beside it
+
+
+def test_refusals_are_one_line(tiny_config, tmp_path):
+    from tests.conftest import build_tiny_llama
+
+    a = _trained(tiny_config, tmp_path / "a", 1e-2)
+    with pytest.raises(ExportError, match="needs adapters of one rank"):
+        combine_runs([a, Source(a.cfg, a.run, a.rank // 2)], "linear", [0.5, 0.5], tmp_path / "x")
+    other_base = tiny_config.model_copy(deep=True)
+    other_base.model.name = str(build_tiny_llama(tmp_path / "other-base", seed=1))
+    other_base.method.type = "ia3"
+    other_base.output.dir = tmp_path / "ia3"
+    ia3 = pipeline.open_run(other_base, starting_training=False)
+    result = subprocess.run([sys.executable, "-m", "tunelab", "export", "combine", str(a.run.root), str(ia3.root),
+                             "--out", str(tmp_path / "y")], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "was trained with method 'ia3'; only LoRA adapters can be combined" in result.stderr
+    other_base.method.type = "lora"
+    c = load_source(other_base, a.run)  # LoRA config, but another base
+    with pytest.raises(ExportError, match="adapters combine only on the same base model"):
+        combine_runs([a, c], "cat", [0.5, 0.5], tmp_path / "z")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
