@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -214,3 +215,34 @@ def test_the_inference_service_schema_refuses_a_misplaced_field(registry):
     isvc["spec"]["predictor"]["model"]["modelformat"] = isvc["spec"]["predictor"]["model"].pop("modelFormat")
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(isvc, INFERENCE_SERVICE)
+
+
+def test_cli_kserve_resolves_a_trained_registered_run(tiny_config, tmp_path):
+    """End to end: a run trained on the 'shared volume' (here tmp_path), registered, then emitted by the CLI."""
+    from mlflow import MlflowClient
+
+    from tunelab import pipeline
+    from tunelab.registry import register
+
+    cfg = tiny_config.model_copy(deep=True)
+    cfg.track.enabled = True
+    cfg.train.max_steps = 2
+    cfg.k8s.storage.pvc = "tunelab-data"
+    cfg.k8s.storage.mount_path = str(tmp_path)
+    cfg.k8s.gpu_per_worker = 0  # a CPU vLLM pod: no GPU requested
+    pipeline.stage_train(cfg, pipeline.open_run(cfg, starting_training=True))
+    mv = register(Path(cfg.output.dir), "animals")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias("animals", "champion", mv.version)
+
+    out = tmp_path / "isvc.yaml"
+    command = [sys.executable, "-m", "tunelab", "k8s", "kserve", "animals", "--tracking-uri", uri, "--out", str(out)]
+    done = subprocess.run([*command, "--base-uri", "pvc://models/tiny"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [isvc] = yaml.safe_load_all(out.read_text())
+    jsonschema.validate(isvc, INFERENCE_SERVICE)
+    model = isvc["spec"]["predictor"]["model"]
+    args = model["args"]
+    assert isvc["metadata"]["name"] == "animals" and model["storageUri"] == "pvc://models/tiny"
+    assert args[args.index("--lora-modules") + 1] == f"animals={Path(cfg.output.dir).resolve() / 'adapter'}"
+    assert args[args.index("--max-lora-rank") + 1] == "16" and "nvidia.com/gpu" not in model["resources"]["limits"]

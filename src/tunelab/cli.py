@@ -385,17 +385,18 @@ def k8s_kserve(names: Annotated[list[str], typer.Argument(help="Registered adapt
     adapters = [(mv.name if sum(v.name == mv.name for v in versions) == 1 else f"{mv.name}-v{mv.version}", mv)
                 for mv in versions]
     cfg = _load(config, None) if config else pipeline.load_run_config(resolve_run_dir(refs[0], uri))[0]
-    rank = max((_adapter_rank(mv) for mv in versions), default=None)
+    rank = max((_adapter_rank(mv, uri) for mv in versions), default=None)
     manifest = inference_service(cfg, service or versions[0].name, adapters, base_uri, runtime, rank)
     _emit(dump_yaml([manifest]), out_file)
 
 
-def _adapter_rank(mv: Any) -> int:
+def _adapter_rank(mv: Any, uri: str) -> int:
+    """The LoRA rank of a registered adapter: vLLM refuses adapters above --max-lora-rank (default 16)."""
     import json
 
     from tunelab.registry import resolve_run_dir
 
-    folder = resolve_run_dir(f"models:/{mv.name}/{mv.version}")
+    folder = resolve_run_dir(f"models:/{mv.name}/{mv.version}", uri)
     return int(json.loads((folder / "adapter" / "adapter_config.json").read_text()).get("r") or 0)
 
 
