@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -19,10 +20,10 @@ import pytest
 pytestmark = pytest.mark.ray
 
 # Measured (2 CPU workers vs 1 process, 6 steps of lr 1e-2): per-step losses within 1.4e-6, adapter weights
-# within 8.1e-5 (2.2e-4 with the DDP process group started by hand; weights up to 0.15). The two runs sum the same gradients in a different order (an
-# all-reduce of two half-batch gradients vs one batch), and Adam divides each step by sqrt(v): rounding in
-# coordinates whose gradient is near zero becomes a visible weight difference. A run whose gradients are
-# not synchronized misses by 0.065 (measured), far outside these bounds.
+# within 8.1e-5 (2.2e-4 with the DDP process group started by hand; weights up to 0.15). The two runs sum the
+# same gradients in a different order (an all-reduce of two half-batch gradients vs one batch), and Adam
+# divides each step by sqrt(v): rounding in coordinates whose gradient is near zero becomes a visible weight
+# difference. A run whose gradients are not synchronized misses by 0.065 (measured), far outside these bounds.
 LOSS_TOLERANCE = 1e-4
 WEIGHT_TOLERANCE = 1e-3
 
@@ -53,7 +54,7 @@ def _curve(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_ray_workers_train_like_one_process_with_the_same_global_batch(tiny_config, tmp_path, ray_session):
+def test_two_ray_workers_train_like_one_process_and_resume_to_the_same_adapter(tiny_config, tmp_path, ray_session):
     import torch
     from safetensors.torch import load_file
 
@@ -105,3 +106,11 @@ def test_two_ray_workers_train_like_one_process_with_the_same_global_batch(tiny_
     assert sorted(m.step for m in losses) == [1, 2, 3, 4, 5, 6]
     assert "train_seconds" in client.get_run(stamp["run_id"]).data.metrics
     assert len(client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])) == 1
+
+    # Cut short after the first checkpoint (adapter and later checkpoint gone, as after a kill), then --resume:
+    # both workers restore their own RNG state and the run ends with the same adapter (measured: identical).
+    shutil.rmtree(run / "adapter")
+    shutil.rmtree(checkpoints / "checkpoint-6")
+    pipeline.stage_train(ddp, pipeline.open_run(ddp, starting_training=True, resume=True), resume=True)
+    resumed = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert max((resumed[k] - b[k]).abs().max().item() for k in b) < 1e-6
