@@ -8,7 +8,7 @@ import pytest
 
 from tunelab.cluster.ray_runner import _portable, check_cluster, distributed_overrides, training_failure
 from tunelab.config_file import validate_config
-from tunelab.errors import ConfigError, DataError
+from tunelab.errors import ConfigError, DataError, TunelabError
 
 
 def cfg(**sections):
@@ -87,3 +87,42 @@ def test_a_worker_error_of_the_user_comes_back_as_itself_and_others_as_one_line_
                                                       1: RuntimeError("")}))
     assert failure.problems == ["cluster: Ray worker 0 failed: MemoryError: 6 worker(s) were killed",
                                 "cluster: Ray worker 1 failed: RuntimeError"]
+
+
+def test_dry_run_checks_the_ray_backend_and_says_where_training_runs(tiny_config):
+    from tunelab import pipeline
+
+    tiny_config.cluster.backend = "ray"
+    assert "training: 2 Ray CPU workers (ddp) on a local Ray cluster started for the run" in pipeline.preflight(tiny_config)
+    tiny_config.objective.type = "kto"
+    with pytest.raises(ConfigError, match="objective kto runs with cluster.backend: local"):
+        pipeline.preflight(tiny_config)
+
+
+def test_the_adapter_and_curve_come_back_through_ray_storage_when_the_run_folder_is_not_shared(tmp_path):
+    import json
+
+    from ray.train import Checkpoint
+
+    from tunelab.artifacts import RunPaths
+    from tunelab.cluster.ray_runner import RESULT_FILE, _collect
+
+    reported = tmp_path / "reported"  # what rank 0 reported from its own disk
+    (reported / "adapter").mkdir(parents=True)
+    (reported / "adapter" / "adapter_config.json").write_text("{}")
+    (reported / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    result = {"steps": 1, "train_loss": 2.0, "first_loss": 2.0, "last_loss": 2.0, "val_loss": 1.5, "train_seconds": 1.0,
+              "tokens_seen": 10, "tokens_per_second": 10.0, "peak_memory_mb": 1.0, "trainable_params": 1,
+              "total_params": 2, "dropped_too_long": 0, "precision": "cpu", "stopped_early": False}
+    (reported / RESULT_FILE).write_text(json.dumps(result))
+    run = RunPaths(tmp_path / "run")
+    run.root.mkdir()
+
+    collected = _collect(Checkpoint.from_directory(str(reported)), run)
+    assert collected.to_json() == result
+    assert (run.adapter / "adapter_config.json").is_file() and run.metrics.read_text() == '{"step": 1, "loss": 2.0}\n'
+    # Nothing to collect and nothing in the run folder: said plainly, not a missing-file traceback later.
+    (reported / "adapter" / "adapter_config.json").unlink()
+    (reported / "adapter").rmdir()
+    with pytest.raises(TunelabError, match="holds no adapter; put the run folder on storage every node shares"):
+        _collect(Checkpoint.from_directory(str(reported)), RunPaths(tmp_path / "elsewhere"))

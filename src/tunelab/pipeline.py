@@ -51,6 +51,10 @@ def preflight(cfg: RunConfig) -> list[str]:
     source = locate_model(cfg.model)
     precision = pick_precision(cfg.model)
     check_compatibility(cfg, precision.device, source)
+    if cfg.cluster.backend == "ray":
+        from tunelab.cluster.ray_runner import check_cluster
+
+        check_cluster(cfg)
     dataset = build_dataset(cfg).dataset
     run = RunPaths(cfg.output.dir)
     if _is_trained(run) and not cfg.output.overwrite:
@@ -60,8 +64,17 @@ def preflight(cfg: RunConfig) -> list[str]:
         f"data: {counts['train']} train / {counts['val']} val / {counts['test']} test examples, all rows valid",
         f"model: {source.name} ({source.kind}: {source.path})",
         f"precision: {precision.label}",
+        f"training: {_training_place(cfg)}",
         f"output: {run.root}",
     ]
+
+
+def _training_place(cfg: RunConfig) -> str:
+    c = cfg.cluster
+    if c.backend == "local":
+        return "this process"
+    where = c.ray_address or "a local Ray cluster started for the run"
+    return f"{c.num_workers} Ray {'GPU' if c.use_gpu else 'CPU'} workers ({c.strategy}) on {where}"
 
 
 def stage_data(cfg: RunConfig, run: RunPaths) -> Prepared:

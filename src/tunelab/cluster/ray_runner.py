@@ -289,6 +289,7 @@ def _collect(checkpoint: Any, run: RunPaths) -> TrainResult:
     """Rank 0's TrainResult, and the adapter and loss curve if they did not land in this run folder already."""
     if checkpoint is None:
         raise TunelabError(f"cluster: training finished without a result from rank 0 (run folder {run.root})")
+    run.root.mkdir(parents=True, exist_ok=True)
     with checkpoint.as_directory() as folder:
         folder = Path(folder)
         data = json.loads((folder / RESULT_FILE).read_text())
