@@ -85,6 +85,9 @@ class Verification:
             problems.append(f"llama.cpp's top-1 within transformers' top {TOP_K} {self.top5_rate:.1%} < {top5:.0%}")
         return problems
 
+    def _answered(self, side: str) -> int:
+        return sum(p.expected is not None and getattr(p, side).strip() == p.expected.strip() for p in self.probes)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "quant": self.quant, "probe_tokens": PROBE_TOKENS, "tie_margin": TIE_MARGIN,
@@ -97,6 +100,11 @@ class Verification:
             "exact_continuations": sum(p.common_prefix == len(p.reference_tokens) for p in self.probes),
             "near_ties": sum(p.tie_at is not None for p in self.probes),
             "top1_agreement": round(self.top1_agreement, 4), f"top{TOP_K}_rate": round(self.top5_rate, 4),
+            # Informative only (answers longer than PROBE_TOKENS are cut): probes whose continuation is the
+            # test row's reference answer, for transformers and for llama.cpp.
+            "reference_answers": {"transformers": self._answered("reference_text"),
+                                  "llama_cpp": self._answered("llama_text"),
+                                  "of": sum(p.expected is not None for p in self.probes)},
             "probes": [vars(p) for p in self.probes],
         }
 
