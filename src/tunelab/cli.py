@@ -317,7 +317,8 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key.")] = "TUNELAB_API_KEY",
     allow_root: Annotated[list[Path] | None, typer.Option(
-        help="Folder admin-loaded adapters may come from (repeatable); default: ./runs and the given runs' folders.")] = None,
+        help="Folder admin-loaded adapters may come from (repeatable); default: ./runs and the given runs' "
+        "folders.")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Requests decoded together in one batch.")] = 16,
     max_queue: Annotated[int, typer.Option(min=1, help="Waiting requests before new ones get 429.")] = 64,
     request_timeout: Annotated[float, typer.Option(min=1, help="Seconds before a request is abandoned.")] = 120.0,
@@ -329,7 +330,8 @@ def serve(
     launch: Annotated[bool, typer.Option(help="With --engine vllm: run the command instead of printing it.")] = False,
 ) -> None:
     """Serve the base model and many LoRA adapters behind an OpenAI-compatible API (plus a playground at /)."""
-    from tunelab.serve.server import ServeOptions, launch_vllm, printable, serve as run_server, vllm_command
+    from tunelab.serve.server import ServeOptions, launch_vllm, printable, vllm_command
+    from tunelab.serve.server import serve as run_server
 
     if engine not in ("hf", "vllm"):
         raise TunelabError(f"--engine {engine}: choose hf or vllm")
