@@ -27,11 +27,12 @@ def main() -> None:
     parser.add_argument("gguf", type=Path)
     parser.add_argument("--lora", type=Path)
     parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     cfg, run = load_run_config(args.run)
     tokenizer = load_tokenizer(run.adapter)
     rows = [r for r in load_dataset(run.data).test if r.kind == "chat"]
-    llm = gguf_check.open_llama(args.gguf, args.lora, n_ctx=1024)
+    llm = gguf_check.open_llama(args.gguf, args.lora, n_ctx=1024, threads=args.threads)
     eos = {tokenizer.eos_token_id}
     hits, started = 0, time.perf_counter()
     for row in rows:
