@@ -221,6 +221,17 @@ class TrainConfig(Section):
     liger_kernel: bool = Field(
         False, description="Fused Liger kernels (CUDA only): less memory, faster; needs the gpu extra."
     )
+    padding_free: bool = Field(
+        True,
+        description="Each batch goes in as one row, examples end to end with position ids restarting per example "
+        "(attention stays within each example): no padding, the same examples per step. sft/cpt with LoRA, QLoRA, "
+        "IA3 or full; off with NEFTune (its noise scales with the row length).",
+    )
+    chunked_loss: bool = Field(
+        True,
+        description="Cross-entropy on target tokens only, in chunks, gradients computed in the same pass: the "
+        "full-vocabulary logits are never held in memory (Liger's fused loss does this on CUDA when liger_kernel).",
+    )
 
     @model_validator(mode="after")
     def _early_stopping_needs_evals(self) -> TrainConfig:
@@ -249,6 +260,10 @@ class ObjectiveConfig(Section):
     )
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO: target reward margin (gamma / beta ratio).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO/robust: assumed share of flipped labels.")
+    precompute_ref: bool = Field(
+        True, description="DPO: compute the reference log-probs in one no-grad pass before training instead of "
+        "alongside every step (TRL's precompute_ref_log_probs)."
+    )
     rewards: list[str] = Field(
         default_factory=lambda: ["exact_match"],
         description="GRPO rewards: exact_match, regex, json_valid, length_penalty, package.module:function, "

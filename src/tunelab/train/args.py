@@ -56,5 +56,7 @@ def training_kwargs(cfg: RunConfig, run: RunPaths, precision: Precision, has_eva
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        include_num_input_tokens_seen="non_padding",
+        # Padding-free rows carry no attention_mask and no pad: every token counts (and "non_padding" would
+        # warn at every step that it cannot tell padding apart).
+        include_num_input_tokens_seen="all" if t.padding_free else "non_padding",
     )

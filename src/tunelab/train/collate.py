@@ -47,3 +47,34 @@ def with_example_index(out: dict[str, torch.Tensor], batch: list[dict[str, Any]]
     if all("index" in ex for ex in batch):
         out["example_index"] = torch.tensor([ex["index"] for ex in batch])
     return out
+
+
+@dataclass
+class PaddingFreeCollator:
+    """Puts a whole batch into one row, examples end to end, with position ids that restart per example.
+
+    The batch holds the same examples as PaddingCollator's (same steps, same loss), but not one pad token.
+    With no attention_mask and restarting position ids, transformers builds a block-diagonal causal mask
+    (masking_utils.find_packed_sequence_indices), so no example attends to another; flash-attention
+    kernels use the same position ids for variable-length attention. The first token of each example is
+    never a target (it would be predicted from the previous example).
+    """
+
+    pad_token_id: int  # unused (nothing is padded); kept so every collator is built the same way
+    tokens_seen: int = field(default=0, init=False)
+    targets_seen: int = field(default=0, init=False)
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for ex in batch:
+            n = len(ex["input_ids"])
+            ids += ex["input_ids"]
+            labels += [IGNORE_INDEX, *ex["labels"][1:]]
+            positions += ex["position_ids"] if "position_ids" in ex else range(n)
+        labels_t = torch.tensor([labels])
+        self.tokens_seen += len(ids)
+        self.targets_seen += int((labels_t != IGNORE_INDEX).sum())
+        out = {"input_ids": torch.tensor([ids]), "labels": labels_t, "position_ids": torch.tensor([positions])}
+        return with_example_index(out, batch)

@@ -70,7 +70,8 @@ def make_trainer(cfg: RunConfig, run: RunPaths, model: Any, tokenizer: Any, trai
         from trl import DPOConfig as Config
         from trl import DPOTrainer as Trainer
 
-        options = {"beta": o.beta, "loss_type": o.loss_type, "label_smoothing": o.label_smoothing}
+        options = {"beta": o.beta, "loss_type": o.loss_type, "label_smoothing": o.label_smoothing,
+                   "precompute_ref_log_probs": o.precompute_ref}
         extra = {"ref_model": None}  # with a PeftModel: the reference is the adapter switched off
     elif objective == "kto":
         from trl import KTOConfig as Config

@@ -24,7 +24,7 @@ from tunelab.progress import console
 from tunelab.train.adapters import build_trainable, count_parameters, training_inputs
 from tunelab.train.args import training_arguments
 from tunelab.train.callbacks import MetricsCallback
-from tunelab.train.collate import PaddingCollator
+from tunelab.train.collate import PaddingCollator, PaddingFreeCollator
 from tunelab.train.trainer import (
     TrainingError,
     TunelabTrainer,
@@ -102,7 +102,7 @@ def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = Fa
                   f"{cfg.method.type} on {len(train_examples)} examples [{precision.label}]")
 
     rows = pack_examples(train_examples, cfg.data.max_length) if cfg.data.packing else train_examples
-    collator: Any = PackedCollator(tokenizer.pad_token_id) if cfg.data.packing else PaddingCollator(tokenizer.pad_token_id)
+    collator = make_collator(cfg, tokenizer.pad_token_id)
     rows = [{**row, "index": i} for i, row in enumerate(rows)]
     example_ids = [row.get("ids") or [row["id"]] for row in rows]
     eval_rows = [{**row, "index": -1} for row in val_examples] if cfg.train.eval_steps else None
@@ -122,6 +122,7 @@ def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = Fa
         optimizers=(_loraplus_optimizer(cfg, model), None),
         example_ids=example_ids,
         keep_checkpoints=cfg.train.keep_checkpoints,
+        chunked_loss=uses_chunked_loss(cfg, model),
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; our bar shows the loss instead
 
@@ -146,6 +147,27 @@ def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = Fa
         total_params=total, dropped_too_long=len(dropped), precision=precision.label,
         stopped_early=bool(budget and budget.stopped_early), model=model,
     )
+
+
+def uses_padding_free(cfg: RunConfig) -> bool:
+    """Padding-free batches need position ids the model sees unchanged: not with virtual-token methods
+    (they prepend to each row), and not with NEFTune (its noise scale depends on the row length)."""
+    return (cfg.train.padding_free and cfg.method.type not in ("prompt_tuning", "prefix_tuning")
+            and cfg.train.neftune_noise_alpha is None)
+
+
+def make_collator(cfg: RunConfig, pad_token_id: int) -> PaddingFreeCollator | PackedCollator | PaddingCollator:
+    if uses_padding_free(cfg):
+        return PaddingFreeCollator(pad_token_id)
+    return PackedCollator(pad_token_id) if cfg.data.packing else PaddingCollator(pad_token_id)
+
+
+def uses_chunked_loss(cfg: RunConfig, model: Any) -> bool:
+    """Liger's kernels bring their own fused loss; virtual-token methods change what the decoder sees."""
+    from tunelab.train.loss import supports_chunked_loss
+
+    return (cfg.train.chunked_loss and not cfg.train.liger_kernel
+            and cfg.method.type not in ("prompt_tuning", "prefix_tuning") and supports_chunked_loss(model))
 
 
 def _resume_point(run: RunPaths) -> Path:

@@ -5,6 +5,9 @@
 - a NaN or inf loss stops the run at once, naming the step and the examples in the batch (the stock
   Trainer silently replaces it with the running average);
 - batches carry the index of each example, for that message, and it is removed before the model sees it.
+
+With `chunked_loss`, training batches take the loss of tunelab.train.loss (targets only, in chunks, no
+full-vocabulary logits); evaluation keeps the model's own loss.
 """
 
 from __future__ import annotations
@@ -79,16 +82,21 @@ def with_atomic_checkpoints(trainer_class: type) -> type:
 
 
 class TunelabTrainer(AtomicCheckpoints, Trainer):
-    def __init__(self, *args: Any, example_ids: list[list[str]], keep_checkpoints: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, example_ids: list[list[str]], keep_checkpoints: int, chunked_loss: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.example_ids = example_ids
         self.keep_checkpoints = keep_checkpoints
+        self.chunked_loss = chunked_loss
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         indices = inputs.pop("example_index", None)
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                      num_items_in_batch=num_items_in_batch)
+        if self.chunked_loss and model.training and not return_outputs:
+            result = self._chunked_loss(model, inputs, num_items_in_batch)
+        else:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
         loss = result[0] if isinstance(result, tuple) else result
         if model.training and not torch.isfinite(loss.detach()).all():
             names = [] if indices is None else [i for k in indices.tolist() for i in self.example_ids[k]]
@@ -98,6 +106,17 @@ class TunelabTrainer(AtomicCheckpoints, Trainer):
                 f"(examples: {shown}); lower train.learning_rate, use float32 (model.dtype), or check those rows"
             )
         return result
+
+    def _chunked_loss(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
+        from tunelab.train.loss import chunked_causal_lm_loss
+
+        # The Trainer counts num_items_in_batch (and treats the loss as already scaled for gradient
+        # accumulation) exactly when the model accepts loss kwargs; follow the same rule.
+        items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        loss = chunked_causal_lm_loss(self.accelerator.unwrap_model(model), inputs, items)
+        if self.args.average_tokens_across_devices and items is not None:
+            loss = loss * self.accelerator.num_processes
+        return loss
 
 
 class StopOnNonFiniteLoss(TrainerCallback):

@@ -1,0 +1,264 @@
+"""Benchmark: SFT throughput, memory and loss, the plain recipe against tunelab's defaults, side by side.
+
+    python bench/train_throughput.py [--target-tokens 24000] [--repeats 2] [--batch-size 8] [--out ...json]
+    python bench/train_throughput.py --variants plain tunelab "fp32-padfree=model.dtype=float32,train.chunked_loss=false"
+
+Both sides train the default model (LoRA r=16, alpha 32, dropout 0.05 on all linear projections, batch 8,
+lr 2e-4 cosine, 3% warmup, seed 42, one epoch) on the same deterministic chat data whose lengths are
+long-tailed between 20 and 600 tokens, so both see exactly the same examples and target tokens:
+
+- plain: transformers Trainer + PEFT, the collator `tokenizer.pad(batch, padding=True)` (labels padded with
+  -100), default TrainingArguments (float32 on CPU), no packing;
+- tunelab: `tunelab.train.sft.train_sft` with a default RunConfig (only the shared hyperparameters above set);
+- any other variant: tunelab with `--set`-style overrides (the ablation).
+
+Each side runs in its own process (peak RSS is per process), variants interleaved per repeat (a, b, a, b)
+because other work shares the cores; the JSON keeps every repeat and the median. Reported: non-pad
+tokens/s over the training loop, peak memory (RSS on CPU, max allocated on CUDA), mean train loss, and
+eval loss on 64 held-out examples computed the same way for every side (float32, padded batches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("apple river stone cloud tiger window garden silver mountain candle paper orange music rocket "
+         "forest yellow bridge castle dragon pencil summer winter ocean planet violet copper lemon "
+         "falcon harbor meadow thunder marble velvet shadow crystal lantern island compass").split()
+HYPER = {"learning_rate": 2e-4, "batch_size": 8, "epochs": 1, "lr_scheduler": "cosine", "warmup_ratio": 0.03,
+         "seed": 42}
+LORA = {"type": "lora", "r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
+
+
+def make_rows(n_rows: int, seed: int) -> list[dict[str, Any]]:
+    """Chat rows whose length (prompt + answer, about 1 token a word, plus ~40 for the template and default
+    system prompt) follows a log-normal distribution clipped to 20..600 tokens: median ~115, a long tail, as
+    in real instruction sets. The task (write the words back in reverse order) is learnable: the loss falls."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n_rows):
+        tokens = min(600, max(20, int(rng.lognormvariate(math.log(110), 0.75))))
+        n_words = max(1, (tokens - 40) // 2)  # ~1 token a word, half prompt, half answer; template + system ~40
+        words = [rng.choice(WORDS) for _ in range(n_words)]
+        rows.append({"id": f"row-{seed}-{i}", "messages": [
+            {"role": "user", "content": "Write these words in reverse order: " + " ".join(words)},
+            {"role": "assistant", "content": " ".join(reversed(words))},
+        ]})
+    return rows
+
+
+def write_data(folder: Path, target_tokens: int) -> dict[str, Any]:
+    """train.jsonl holding just enough rows for `target_tokens` assistant tokens, and eval.jsonl (64 rows)."""
+    from tunelab.chat import encode_records
+    from tunelab.config import ModelConfig
+    from tunelab.data.load import load_records
+    from tunelab.models import tokenizer_for
+
+    tokenizer = tokenizer_for(ModelConfig())
+    candidates = make_rows(20000, seed=1)
+    (folder / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in candidates))
+    examples, _ = encode_records(tokenizer, load_records(folder / "all.jsonl"), None, 2048)
+    kept, targets = [], 0
+    for row, ex in zip(candidates, examples):
+        if targets >= target_tokens:
+            break
+        kept.append((row, ex))
+        targets += sum(1 for label in ex["labels"][1:] if label != -100)
+    (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row, _ in kept))
+    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(64, seed=2)))
+    lengths = sorted(len(ex["input_ids"]) for _, ex in kept)
+    return {"examples": len(kept), "target_tokens": targets, "tokens": sum(lengths), "min": lengths[0],
+            "median": lengths[len(lengths) // 2], "p90": lengths[int(0.9 * len(lengths))], "max": lengths[-1]}
+
+
+# ------------------------------------------------------------------------------------------ one side
+
+
+def eval_loss(model: Any, tokenizer: Any, data: Path) -> float:
+    import torch
+
+    from tunelab.chat import encode_records
+    from tunelab.data.load import load_records
+    from tunelab.eval.loss import mean_token_loss
+
+    examples, _ = encode_records(tokenizer, load_records(data / "eval.jsonl"), None, 2048)
+    model.float()
+    with torch.autocast("cpu", enabled=False):
+        return mean_token_loss(model, examples, tokenizer.pad_token_id, batch_size=8)
+
+
+def run_plain(data: Path, work: Path) -> dict[str, Any]:
+    """The plain recipe: Trainer + PEFT LoRA, pad to the longest in each batch, default TrainingArguments."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from tunelab.chat import encode_records
+    from tunelab.config import ModelConfig
+    from tunelab.data.load import load_records
+    from tunelab.models import Precision, load_model, load_tokenizer, resolve_model
+
+    base = resolve_model(ModelConfig())
+    tokenizer = load_tokenizer(base)
+    examples, _ = encode_records(tokenizer, load_records(data / "train.jsonl"), None, 2048)
+    rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+    counted = {"tokens": 0}
+
+    def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+        padded = tokenizer.pad([{"input_ids": b["input_ids"]} for b in batch], padding=True, return_tensors="pt")
+        width = padded["input_ids"].shape[1]
+        padded["labels"] = torch.tensor([b["labels"] + [-100] * (width - len(b["labels"])) for b in batch])
+        counted["tokens"] += int(padded["attention_mask"].sum())
+        return padded
+
+    set_seed(HYPER["seed"])
+    model = load_model(base, Precision("cpu", None, torch.float32))
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    args = TrainingArguments(
+        output_dir=str(work / "plain"), per_device_train_batch_size=HYPER["batch_size"],
+        learning_rate=HYPER["learning_rate"], lr_scheduler_type=HYPER["lr_scheduler"],
+        warmup_steps=HYPER["warmup_ratio"], num_train_epochs=HYPER["epochs"], seed=HYPER["seed"],
+        data_seed=HYPER["seed"], logging_steps=1, save_strategy="no", report_to="none",
+        remove_unused_columns=False, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
+    started = time.perf_counter()
+    output = trainer.train()
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "tokens": counted["tokens"], "steps": output.global_step,
+            "train_loss": float(output.training_loss), "eval_loss": eval_loss(model, tokenizer, data),
+            "precision": "cpu, float32"}
+
+
+def run_tunelab(data: Path, work: Path, overrides: list[str]) -> dict[str, Any]:
+    """tunelab's SFT path as a user gets it: train_sft with a RunConfig built from defaults."""
+    from tunelab.artifacts import RunPaths
+    from tunelab.config_file import validate_config
+    from tunelab.data.load import load_records
+    from tunelab.data.prepare import Dataset
+    from tunelab.train.sft import train_sft
+
+    config = {"data": {"train": str(data / "train.jsonl")}, "method": LORA, "train": {**HYPER, "save_steps": None},
+              "track": {"enabled": False}, "output": {"dir": str(work / "tunelab")}}
+    for item in overrides:
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        config.setdefault(section, {})[name] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
+    cfg = validate_config(config)
+    result = train_sft(cfg, RunPaths(cfg.output.dir), Dataset(load_records(data / "train.jsonl"), [], []))
+    from tunelab.models import load_tokenizer
+
+    tokenizer = load_tokenizer(RunPaths(cfg.output.dir).adapter)
+    return {"seconds": result.train_seconds, "tokens": result.tokens_seen, "steps": result.steps,
+            "train_loss": result.train_loss, "eval_loss": eval_loss(result.model, tokenizer, data),
+            "precision": result.precision}
+
+
+def one_side(name: str, overrides: list[str], data: Path) -> None:
+    import torch
+
+    from tunelab.measure import peak_memory_mb
+
+    work = Path(tempfile.mkdtemp(prefix=f"tunelab-bench-{name}-"))
+    out = run_plain(data, work) if name == "plain" else run_tunelab(data, work, overrides)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out.update(peak_memory_mb=round(peak_memory_mb(device), 1), threads=torch.get_num_threads(),
+               tokens_per_second=round(out["tokens"] / out["seconds"], 1))
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+def parse_variants(specs: list[str]) -> dict[str, list[str]]:
+    """"plain", "tunelab", or "NAME=section.key=value,section.key=value" (tunelab with overrides)."""
+    variants = {}
+    for spec in specs:
+        if spec in ("plain", "tunelab"):
+            variants[spec] = []
+        else:
+            name, _, rest = spec.partition("=")
+            variants[name] = [s for s in rest.split(",") if s]
+    return variants
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = ("tokens_per_second", "peak_memory_mb", "train_loss", "eval_loss", "seconds")
+    out: dict[str, Any] = {k: round(statistics.median(r[k] for r in runs), 4) for k in keys}
+    out["tokens_per_second_range"] = [min(r["tokens_per_second"] for r in runs), max(r["tokens_per_second"] for r in runs)]
+    out.update(steps=runs[0]["steps"], tokens=runs[0]["tokens"], precision=runs[0]["precision"], repeats=runs)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--target-tokens", type=int, default=24000, help="assistant (target) tokens per side")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=HYPER["batch_size"])
+    parser.add_argument("--variants", nargs="*", default=["plain", "tunelab"])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_throughput.json")
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", nargs="*", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    HYPER["batch_size"] = args.batch_size
+    if args.side:
+        one_side(args.side, args.overrides, args.data)
+        return
+
+    variants = parse_variants(args.variants)
+    data = Path(tempfile.mkdtemp(prefix="tunelab-bench-data-"))
+    shape = write_data(data, args.target_tokens)
+    print(f"data: {json.dumps(shape)}", flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for repeat in range(args.repeats):
+        for name, overrides in variants.items():
+            command = [sys.executable, __file__, "--side", "plain" if name == "plain" else "tunelab",
+                       "--data", str(data), "--batch-size", str(args.batch_size), "--overrides", *overrides]
+            done = subprocess.run(command, capture_output=True, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode != 0 or not lines:
+                sys.exit(f"{name} failed (exit {done.returncode}; -9 is the out-of-memory killer):\n{done.stderr[-3000:]}")
+            runs[name].append(json.loads(lines[-1][len("RESULT "):]))
+            r = runs[name][-1]
+            print(f"[{repeat + 1}/{args.repeats}] {name}: {r['tokens_per_second']:.0f} tok/s, "
+                  f"{r['peak_memory_mb']:.0f} MiB, train loss {r['train_loss']:.4f}, eval loss {r['eval_loss']:.4f}, "
+                  f"{r['steps']} steps in {r['seconds']:.0f} s", flush=True)
+
+    summary = {name: summarize(rs) for name, rs in runs.items()}
+    result: dict[str, Any] = {"data": shape, "hyperparameters": HYPER, "lora": LORA,
+                              "variants": {n: o for n, o in variants.items()}, "results": summary}
+    if "plain" in summary:
+        plain = summary["plain"]
+        result["vs_plain"] = {
+            name: {"tokens_per_second_x": round(s["tokens_per_second"] / plain["tokens_per_second"], 2),
+                   "peak_memory_x": round(s["peak_memory_mb"] / plain["peak_memory_mb"], 2),
+                   "eval_loss_diff_pct": round(100 * (s["eval_loss"] / plain["eval_loss"] - 1), 2)}
+            for name, s in summary.items() if name != "plain"}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print("\n| side | non-pad tok/s (median, range) | peak MiB | train loss | eval loss | steps |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, s in summary.items():
+        low, high = s["tokens_per_second_range"]
+        print(f"| {name} | {s['tokens_per_second']:.0f} ({low:.0f}-{high:.0f}) | {s['peak_memory_mb']:.0f} "
+              f"| {s['train_loss']:.4f} | {s['eval_loss']:.4f} | {s['steps']} |")
+    for name, ratio in result.get("vs_plain", {}).items():
+        print(f"{name} vs plain: {ratio['tokens_per_second_x']}x tokens/s, {ratio['peak_memory_x']}x peak memory, "
+              f"eval loss {ratio['eval_loss_diff_pct']:+.2f}%")
+
+
+if __name__ == "__main__":
+    main()

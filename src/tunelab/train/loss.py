@@ -1,0 +1,98 @@
+"""Causal-LM loss without the full-vocabulary logits.
+
+The stock loss projects every position of every row onto the whole vocabulary (49k for SmolLM2) and keeps
+those logits, their float32 copy and their gradient alive until backward: for a batch of 8 x 600 tokens
+that is several GB, most of it for prompt and padding positions that are never targets. Here the decoder's
+hidden states are taken at the target positions only, and the output projection + cross-entropy run over
+them in chunks, with each chunk's gradient computed in the same pass (as Liger's fused kernel does on GPU):
+at most one chunk of logits exists at a time, nothing is recomputed, and the loss and gradients equal the
+stock ones within floating-point tolerance (tests/train/test_loss.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.chat import IGNORE_INDEX
+
+CHUNK_TOKENS = 1024  # 1024 x 49k float32 logits = 200 MB: the most this loss holds at once
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of cross_entropy(hidden @ weight.T, targets), gradients computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                compute_dtype: torch.dtype) -> torch.Tensor:
+        w = weight.to(compute_dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk].to(compute_dtype)
+            y = targets[start : start + chunk]
+            logits = F.linear(h, w).float()  # the same rounding as the model's head under autocast
+            log_z = torch.logsumexp(logits, dim=-1)
+            total += (log_z - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            # d(sum of losses)/d(logits) = softmax - one_hot, built in place in the logits buffer.
+            grad_logits = logits.sub_(log_z[:, None]).exp_()
+            grad_logits[torch.arange(len(y), device=y.device), y] -= 1.0
+            grad_logits = grad_logits.to(compute_dtype)
+            grad_hidden[start : start + chunk] = (grad_logits @ w).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
+        ctx.weight_dtype = weight.dtype
+        ctx.weight_grad = grad_weight is not None
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        dw = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.weight_grad else None
+        return grad_hidden * grad_output.to(grad_hidden.dtype), dw, None, None, None
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+    """Sum of cross-entropy losses of `hidden` [N, d] projected by `weight` [V, d] against `targets` [N],
+    never holding more than `chunk` rows of logits. Honors an enclosing autocast like the model's head does."""
+    device = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    with torch.autocast(device_type=device, enabled=False):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, compute_dtype)
+
+
+def supports_chunked_loss(model: Any) -> bool:
+    """Models whose logits are exactly `lm_head(decoder(x))`: a plain bias-free Linear head, no logit
+    scaling or soft-capping (those would have to be repeated here), reachable as decoder + head."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if config is None or not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return False
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+        return False
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    return hasattr(base, "get_decoder") and base.get_decoder() is not None
+
+
+def chunked_causal_lm_loss(model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None) -> torch.Tensor:
+    """The causal-LM loss of `inputs` (input_ids, labels, and attention_mask or position_ids), normalized
+    like the model's own: by `num_items_in_batch` when given (gradient accumulation), else by this batch's
+    target count. The decoder runs as usual (LoRA layers, checkpointing and NEFTune hooks included)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    labels = inputs["labels"]
+    decoder_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    hidden = base.get_decoder()(**decoder_inputs, use_cache=False).last_hidden_state
+    shifted = labels[:, 1:]
+    keep = shifted != IGNORE_INDEX
+    total = linear_cross_entropy_sum(hidden[:, :-1][keep], base.get_output_embeddings().weight, shifted[keep])
+    divisor = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
+    if torch.is_tensor(divisor):
+        divisor = divisor.to(total.device)
+    return total / divisor
