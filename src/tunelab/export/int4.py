@@ -54,7 +54,10 @@ def export_int4(cfg: RunConfig, run: RunPaths, out: Path) -> Int4Result:
         console.print("Quantizing to bitsandbytes NF4 (double quantization) ...")
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(merged_dir, quantization_config=quant, device_map="cpu")
+        # bf16 for what stays unquantized (embeddings, norms): in fp32 the tied embeddings alone would outweigh
+        # every 4-bit layer of a small model.
+        model = AutoModelForCausalLM.from_pretrained(merged_dir, quantization_config=quant, device_map="cpu",
+                                                     dtype=torch.bfloat16)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
@@ -71,7 +74,8 @@ def export_int4(cfg: RunConfig, run: RunPaths, out: Path) -> Int4Result:
         shutil.rmtree(work, ignore_errors=True)
         bytes_on_disk = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         report = manifest("int4", run=str(run.root.resolve()), base_model=cfg.model.name,
-                          format="bitsandbytes nf4, double quantization, bf16 compute", linear4bit_layers=packed,
+                          format="bitsandbytes nf4, double quantization, bf16 compute and unquantized weights",
+                          linear4bit_layers=packed,
                           weights_bytes=bytes_on_disk, **agreement)
         failures = []
         if agreement["top1_agreement"] < FLOORS[0]:
