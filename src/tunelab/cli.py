@@ -413,6 +413,30 @@ def _emit(text: str, out_file: Path | None) -> None:
 
 
 @app.command()
+def estimate(config: ConfigArg, set_: SetOpt = None,
+             probe: Annotated[bool, typer.Option("--probe/--no-probe", help="Time a few real training steps on this "
+                                                 "machine (loads the model) to estimate time and cost.")] = True,
+             gpu: Annotated[str | None, typer.Option(help="Estimate for this GPU (H100, A100-80G, L4, ...): memory "
+                                                     "fit, and time from its bf16 throughput.")] = None,
+             price_per_hour: Annotated[float | None, typer.Option(help="Your USD per hour, instead of the table's.")] = None,
+             prices: Annotated[Path | None, typer.Option(help="YAML file of NAME: {memory_gib, bf16_tflops, "
+                                                         "usd_per_hour} added to the price table.")] = None,
+             as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
+    """Predict peak memory, time per run and cost of CONFIG before training it."""
+    import json
+
+    from tunelab.estimate import estimate_run
+    from tunelab.estimate.render import print_estimate
+
+    result = estimate_run(_load(config, set_), gpu=gpu, probe=probe, price_per_hour=price_per_hour,
+                          prices_file=prices)
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print_estimate(result, out)
+
+
+@app.command()
 def version() -> None:
     """Print the tunelab version."""
     out.print(__version__)

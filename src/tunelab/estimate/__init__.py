@@ -1,0 +1,222 @@
+"""`tunelab estimate`: peak memory, time per epoch and cost of a run config, before running it.
+
+Memory comes from a formula over the model's shapes (memory.py) with parameters counted exactly on a
+meta-device copy (shape.py) and the framework's idle memory measured (probe.py); the batch it is evaluated
+at is the largest the training set can produce. Time comes from a few real training steps on this machine
+(optional) scaled to the training set's tokens, or, for a GPU that is not here, from its bf16 throughput
+at an assumed utilization. Cost is time x the GPU's hourly price (prices.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import TRL_OBJECTIVES, RunConfig
+from tunelab.estimate.memory import MemoryBreakdown, ModelShape, Workload, breakdown
+from tunelab.estimate.prices import CPU_USD_PER_HOUR, PRICES_DATE, PRICES_SOURCE, Accelerator, find_gpu, load_table
+from tunelab.estimate.probe import ProbeResult, baseline_rss_bytes, probe_training
+
+# A GPU that is not here is timed from its peak bf16 throughput at this share of it (model FLOPs
+# utilization); small models on large GPUs reach less (kernel launches dominate), hence the floor below.
+ASSUMED_MFU = 0.30
+MIN_SECONDS_PER_LAYER_STEP = 1e-3  # forward + backward launch latency floor per decoder layer
+CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context + allocator slack: outside torch.cuda.max_memory_allocated
+PAIRED_OBJECTIVES = ("dpo", "simpo", "orpo", "reward")
+
+
+@dataclass(frozen=True)
+class DataStats:
+    examples: int
+    tokens: int  # real tokens in one epoch
+    padded_tokens: int  # tokens the model processes in one epoch (padding included)
+    steps_per_epoch: int
+    peak_tokens: int  # tokens in the largest forward pass
+    attention_span: int
+    peak_targets: int
+    max_length: int
+
+
+@dataclass
+class Estimate:
+    device: str
+    precision: str
+    shape: ModelShape
+    data: DataStats
+    memory: MemoryBreakdown
+    memory_limit_gib: float | None
+    steps: int
+    seconds: float | None
+    time_source: str
+    usd_per_hour: float
+    price_source: str
+    probe: ProbeResult | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def cost_usd(self) -> float | None:
+        return None if self.seconds is None else self.seconds / 3600 * self.usd_per_hour
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.memory_limit_gib is None else self.memory.peak <= self.memory_limit_gib * 2**30
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "device": self.device, "precision": self.precision,
+            "params": {"base": self.shape.base_params, "trainable": self.shape.trainable_params,
+                       "adapter": self.shape.adapter_params, "quantizable_linear": self.shape.linear_params},
+            "data": self.data.__dict__,
+            "memory_bytes": self.memory.to_json(),
+            "peak_memory_mib": round(self.memory.peak / 2**20, 1),
+            "memory_limit_gib": self.memory_limit_gib, "fits": self.fits,
+            "steps": self.steps, "seconds": self.seconds,
+            "time_source": self.time_source,
+            "probe": None if self.probe is None else {"steps": self.probe.steps, "tokens": self.probe.tokens,
+                                                      "seconds": round(self.probe.seconds, 2),
+                                                      "tokens_per_second": round(self.probe.tokens_per_second, 1)},
+            "usd_per_hour": self.usd_per_hour, "price_source": self.price_source,
+            "cost_usd": self.cost_usd,
+            "notes": self.notes,
+        }
+
+
+def estimate_run(cfg: RunConfig, gpu: str | None = None, probe: bool = True, probe_steps: int = 3,
+                 price_per_hour: float | None = None, prices_file: Path | None = None) -> Estimate:
+    from tunelab.estimate.shape import model_shape
+    from tunelab.models import pick_precision, resolve_model, tokenizer_for
+    from tunelab.preflight import check_compatibility
+
+    table = load_table(prices_file)
+    accelerator = find_gpu(gpu, table) if gpu else None
+    notes: list[str] = []
+    if accelerator is not None:
+        device, compute_bytes = "cuda", 2  # bf16 (fp16 on T4) autocast, as tunelab picks on CUDA
+        if cfg.model.dtype == "float32":
+            compute_bytes = 4
+        precision = f"{accelerator.name}, weights float32, autocast {'off' if compute_bytes == 4 else 'bf16'}"
+    else:
+        chosen = pick_precision(cfg.model)
+        check_compatibility(cfg, chosen.device, None)
+        device, precision = chosen.device, chosen.label
+        compute_bytes = 4 if chosen.autocast_dtype is None else 2
+
+    tokenizer = tokenizer_for(cfg.model)
+    records, stats = _data_stats(cfg, tokenizer, notes)
+    folder = resolve_model(cfg.model)
+    shape = model_shape(folder, cfg.method)
+    work = Workload(
+        method=cfg.method.type, tokens=stats.peak_tokens, attention_span=stats.attention_span,
+        target_tokens=stats.peak_targets, compute_bytes=compute_bytes,
+        gradient_checkpointing=cfg.train.gradient_checkpointing, chunked_loss=_chunked_loss(cfg, device),
+        lora_dropout=cfg.method.dropout > 0,
+    )
+    if device == "cuda":
+        overhead = CUDA_CONTEXT_BYTES
+        notes.append("GPU peak = torch.cuda.max_memory_allocated (what tunelab records) + ~0.6 GiB CUDA context")
+    else:
+        overhead = baseline_rss_bytes(cfg.track.enabled, cfg.method.type == "qlora", folder)
+    memory = breakdown(shape, work, overhead, cpu_heap=device == "cpu")
+
+    steps = cfg.train.max_steps or math.ceil(stats.steps_per_epoch * cfg.train.epochs)
+    epoch_share = steps / max(stats.steps_per_epoch, 1)
+    run_tokens = stats.padded_tokens * epoch_share if not _padding_free(cfg) else stats.tokens * epoch_share
+    seconds: float | None = None
+    result: ProbeResult | None = None
+    if accelerator is not None:
+        seconds = _gpu_seconds(shape, cfg, run_tokens, steps, accelerator)
+        source = f"{accelerator.name} bf16 peak at {ASSUMED_MFU:.0%} utilization (not measured here)"
+    elif probe and cfg.objective.type not in TRL_OBJECTIVES:
+        result = probe_training(cfg, records, probe_steps)
+        seconds = run_tokens / result.tokens_per_second if result.tokens_per_second else None
+        source = f"probe: {result.steps} measured steps, {result.tokens_per_second:.0f} tokens/s on this machine"
+    else:
+        source = "not estimated (--no-probe)" if not probe else f"no probe for objective {cfg.objective.type}"
+    if price_per_hour is not None:
+        usd, price_source = price_per_hour, "--price-per-hour"
+    elif accelerator is not None:
+        usd, price_source = accelerator.usd_per_hour, f"{PRICES_SOURCE}, {PRICES_DATE}"
+    else:
+        usd, price_source = CPU_USD_PER_HOUR, f"a 2-vCPU instance, indicative on-demand price, {PRICES_DATE}"
+    return Estimate(device=device, precision=precision, shape=shape, data=stats, memory=memory,
+                    memory_limit_gib=accelerator.memory_gib if accelerator else None, steps=steps, seconds=seconds,
+                    time_source=source, usd_per_hour=usd, price_source=price_source, probe=result, notes=notes)
+
+
+def _padding_free(cfg: RunConfig) -> bool:
+    # Mirrors tunelab.train.sft.uses_padding_free: one row per batch, examples end to end.
+    return (bool(getattr(cfg.train, "padding_free", False)) and cfg.objective.type not in TRL_OBJECTIVES
+            and cfg.method.type not in ("prompt_tuning", "prefix_tuning") and cfg.train.neftune_noise_alpha is None)
+
+
+def _chunked_loss(cfg: RunConfig, device: str) -> bool:
+    # Mirrors tunelab.train.sft.uses_chunked_loss (Liger's fused loss on CUDA is as frugal).
+    if cfg.train.liger_kernel and device == "cuda":
+        return True
+    return (bool(getattr(cfg.train, "chunked_loss", False)) and cfg.objective.type not in TRL_OBJECTIVES
+            and cfg.method.type not in ("prompt_tuning", "prefix_tuning"))
+
+
+def _data_stats(cfg: RunConfig, tokenizer: Any, notes: list[str]) -> tuple[list[Any], DataStats]:
+    """Token lengths of the training split exactly as training will see it (same validation, cleaning,
+    dedup, split and tokenization), and the largest batch they can form."""
+    from tunelab.data.prepare import build_dataset
+    from tunelab.data.tokens import token_counter
+
+    dataset = build_dataset(cfg, tokenizer).dataset
+    records = dataset.train
+    if cfg.objective.type in ("sft", "cpt"):
+        from tunelab.train.sft import encode_split
+
+        encoded, _ = encode_split(cfg, tokenizer, records)
+        lengths = [len(e["input_ids"]) for e in encoded]
+        targets = [sum(1 for t in e["labels"] if t != -100) for e in encoded]
+    else:
+        lengths = [min(n, cfg.data.max_length) for n in token_counter(tokenizer, cfg.data.system_prompt)(records)]
+        targets = list(lengths)
+        if cfg.objective.type in PAIRED_OBJECTIVES:
+            lengths, targets = [2 * n for n in lengths], [2 * n for n in targets]  # chosen and rejected
+        notes.append(f"objective {cfg.objective.type}: memory approximated from sequence lengths (TRL trainer)")
+    if cfg.data.packing and cfg.objective.type in ("sft", "cpt"):
+        rows = math.ceil(sum(lengths) / cfg.data.max_length)
+        lengths, targets = [cfg.data.max_length] * rows, [cfg.data.max_length] * rows
+    if cfg.method.type in ("prompt_tuning", "prefix_tuning"):
+        lengths = [n + cfg.method.num_virtual_tokens for n in lengths]
+    b = cfg.train.batch_size
+    longest = sorted(range(len(lengths)), key=lambda k: lengths[k], reverse=True)[:b]
+    if _padding_free(cfg):
+        peak_tokens = sum(lengths[k] for k in longest)
+        span = peak_tokens
+    else:
+        span = max(lengths)
+        peak_tokens = min(b, len(lengths)) * span
+    per_step = b * cfg.train.gradient_accumulation_steps
+    stats = DataStats(
+        examples=len(lengths), tokens=sum(lengths), padded_tokens=_padded_tokens(lengths, b, cfg.train.seed),
+        steps_per_epoch=max(1, math.ceil(len(lengths) / per_step)), peak_tokens=peak_tokens, attention_span=span,
+        peak_targets=sum(targets[k] for k in longest), max_length=max(lengths),
+    )
+    return records, stats
+
+
+def _padded_tokens(lengths: list[int], batch_size: int, seed: int) -> int:
+    """Tokens processed in an epoch of shuffled, padded batches (each batch as long as its longest row)."""
+    import random
+
+    order = list(lengths)
+    random.Random(seed).shuffle(order)
+    return sum(batch_size * max(order[i:i + batch_size]) for i in range(0, len(order), batch_size))
+
+
+def _gpu_seconds(shape: ModelShape, cfg: RunConfig, tokens: float, steps: int, gpu: Accelerator) -> float:
+    """Matmul FLOPs per token: forward 2 x weights; backward 2 x weights for the input gradient, plus 2 x for
+    the weight gradient of what trains; recomputation repeats the forward under checkpointing."""
+    weights = shape.base_params
+    flops_per_token = 2 * weights + 2 * weights + 2 * shape.trainable_params
+    if cfg.train.gradient_checkpointing:
+        flops_per_token += 2 * weights
+    compute = tokens * flops_per_token / (gpu.bf16_tflops * 1e12 * ASSUMED_MFU)
+    floor = steps * cfg.train.gradient_accumulation_steps * shape.layers * MIN_SECONDS_PER_LAYER_STEP
+    return max(compute, floor)

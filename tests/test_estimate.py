@@ -1,0 +1,231 @@
+"""tunelab estimate: the memory formula against what torch really keeps, exact parameter counts, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tunelab.config import MethodConfig
+from tunelab.config_file import dump_config
+from tunelab.estimate.memory import (
+    FP32,
+    ModelShape,
+    Workload,
+    activation_bytes,
+    breakdown,
+    nf4_bytes,
+    weight_bytes,
+    weight_copy_bytes,
+)
+from tunelab.estimate.shape import model_shape
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama wide enough that per-token activations dominate the small fixed terms."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import build_tokenizer
+
+    folder = tmp_path_factory.mktemp("wide-llama")
+    tokenizer = build_tokenizer(folder)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method", [
+    MethodConfig(type="lora"), MethodConfig(type="lora", r=4, target_modules=["q_proj", "v_proj"]),
+    MethodConfig(type="ia3"), MethodConfig(type="prompt_tuning", num_virtual_tokens=7), MethodConfig(type="full"),
+], ids=["lora", "lora-qv", "ia3", "prompt", "full"])
+def test_meta_device_counts_equal_the_real_models(tiny_model_dir, method):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.train.adapters import peft_config
+
+    shape = model_shape(tiny_model_dir, method)
+    real = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base = sum(p.numel() for p in real.parameters())
+    if method.type != "full":
+        real = get_peft_model(real, peft_config(method, tiny_model_dir))
+    assert shape.base_params == base
+    assert shape.trainable_params == sum(p.numel() for p in real.parameters() if p.requires_grad)
+    assert shape.adapter_params == sum(p.numel() for p in real.parameters()) - base
+    assert (shape.layers, shape.hidden, shape.intermediate, shape.heads, shape.kv_heads) == (2, 64, 128, 4, 2)
+
+
+def test_lora_adapted_inputs_follow_target_modules(tiny_model_dir):
+    every = model_shape(tiny_model_dir, MethodConfig(type="lora")).adapted_inputs
+    qv = model_shape(tiny_model_dir, MethodConfig(type="lora", target_modules=["q_proj", "v_proj"])).adapted_inputs
+    assert every == 6 * 64 + 128  # q, k, v, o, gate, up take the hidden size; down the intermediate size
+    assert qv == 2 * 64
+
+
+def test_nf4_bytes_equal_what_bitsandbytes_stores():
+    torch = pytest.importorskip("torch")
+    functional = pytest.importorskip("bitsandbytes.functional")
+
+    weight = torch.randn(512, 1024)
+    packed, state = functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+    stored = packed.numel() * packed.element_size() + state.absmax.numel() * state.absmax.element_size()
+    stored += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    assert abs(nf4_bytes(weight.numel()) - stored) / stored < 0.01
+    packed, state = functional.quantize_4bit(weight, quant_type="nf4", compress_statistics=False)
+    stored = packed.numel() * packed.element_size() + state.absmax.numel() * state.absmax.element_size()
+    assert abs(nf4_bytes(weight.numel(), double_quant=False) - stored) / stored < 0.01
+
+
+SHAPE = ModelShape(layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152,
+                   base_params=134_515_008, linear_params=106_168_320, head_params=28_311_552,
+                   trainable_params=4_884_480, adapter_params=4_884_480, adapted_inputs=6 * 576 + 1536)
+WORK = Workload(method="lora", tokens=8 * 256, attention_span=256, target_tokens=8 * 64, compute_bytes=2)
+
+
+def test_nf4_is_smaller_than_bf16_smaller_than_fp32():
+    n = SHAPE.linear_params
+    assert nf4_bytes(n) < 2 * n < FP32 * n
+    assert nf4_bytes(n) < nf4_bytes(n, double_quant=False)
+    qlora, lora = weight_bytes(SHAPE, "qlora"), weight_bytes(SHAPE, "lora")
+    # NF4 linears, but embeddings and norms stay fp32 (SmolLM2: ~160 MiB measured, against 513 MiB).
+    assert 150 * 2**20 < qlora < 170 * 2**20 < lora
+
+
+def test_checkpointing_lowers_and_batch_raises_activations():
+    plain = activation_bytes(SHAPE, WORK)
+    assert activation_bytes(SHAPE, replace(WORK, gradient_checkpointing=True)) < plain / 5
+    doubled = replace(WORK, tokens=2 * WORK.tokens, target_tokens=2 * WORK.target_tokens)
+    assert activation_bytes(SHAPE, doubled) > 1.9 * plain
+    assert breakdown(SHAPE, doubled, 0).peak > breakdown(SHAPE, WORK, 0).peak
+
+
+def test_float32_keeps_more_activations_but_no_weight_copies():
+    fp32 = replace(WORK, compute_bytes=4)
+    assert activation_bytes(SHAPE, fp32) > activation_bytes(SHAPE, WORK)
+    assert weight_copy_bytes(SHAPE, fp32) == 0 < weight_copy_bytes(SHAPE, WORK)
+
+
+def test_full_fine_tuning_needs_optimizer_states_for_every_weight():
+    full = replace(SHAPE, trainable_params=SHAPE.base_params, adapter_params=0, adapted_inputs=0)
+    m = breakdown(full, replace(WORK, method="full"), 0)
+    assert m.optimizer == 2 * m.gradients == 8 * SHAPE.base_params
+    assert m.peak > breakdown(SHAPE, WORK, 0).peak
+
+
+def test_chunked_loss_holds_far_less_than_full_logits():
+    from tunelab.estimate.memory import loss_bytes
+
+    assert loss_bytes(SHAPE, WORK) * 5 < loss_bytes(SHAPE, replace(WORK, chunked_loss=False))
+
+
+def _saved_for_backward(model, batch, autocast: bool) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward (parameters themselves excluded)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model(**batch).loss.backward()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("method,autocast", [("lora", True), ("lora", False), ("full", True)],
+                         ids=["lora-bf16", "lora-fp32", "full-bf16"])
+def test_formula_matches_what_autograd_saves(wide_model_dir, method, autocast):
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.train.adapters import peft_config
+    from tunelab.train.collate import PaddingCollator
+
+    cfg = MethodConfig(type=method)
+    shape = model_shape(wide_model_dir, cfg)
+    model = AutoModelForCausalLM.from_pretrained(wide_model_dir, dtype=torch.float32)
+    model = model if method == "full" else get_peft_model(model, peft_config(cfg, wide_model_dir))
+    model.config.use_cache = False
+    model.train()
+    rows, longest = 6, 96
+    lengths = [longest - 5 * k for k in range(rows)]  # unequal rows: padded, with an attention mask
+    batch = PaddingCollator(0)([{"input_ids": list(range(3, 3 + n)), "labels": list(range(3, 3 + n))}
+                                for n in lengths])
+    measured = _saved_for_backward(model, batch, autocast)
+    work = Workload(method=method, tokens=rows * longest, attention_span=longest, target_tokens=sum(lengths),
+                    compute_bytes=2 if autocast else 4, chunked_loss=False)
+    # The stock loss saves its fp32 log-softmax over the whole vocabulary.
+    predicted = activation_bytes(shape, work) + weight_copy_bytes(shape, work) + FP32 * work.tokens * shape.vocab
+    assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
+
+
+def _write_config(tiny_config, path: Path) -> Path:
+    path.write_text(dump_config(tiny_config), encoding="utf-8")
+    return path
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160"}
+    return subprocess.run([sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, cwd=ROOT, env=env)
+
+
+def test_cli_prints_the_table_and_json(tiny_config, tmp_path):
+    config = _write_config(tiny_config, tmp_path / "run.yaml")
+    shown = run_cli("estimate", str(config), "--no-probe")
+    assert shown.returncode == 0, shown.stderr
+    for row in ("peak memory", "AdamW states", "activations saved for backward", "trainable"):
+        assert row in shown.stdout
+    as_json = run_cli("estimate", str(config), "--no-probe", "--json", "--gpu", "L4", "--set", "train.batch_size=4")
+    assert as_json.returncode == 0, as_json.stderr
+    result = json.loads(as_json.stdout)
+    memory = result["memory_bytes"]
+    assert memory["peak"] > memory["weights"] > 0
+    assert result["fits"] is True and result["memory_limit_gib"] == 24
+    assert result["seconds"] > 0 and result["cost_usd"] > 0 and result["usd_per_hour"] == 0.80
+    assert result["params"]["trainable"] < result["params"]["base"]
+
+
+def test_cli_errors_cleanly(tiny_config, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  train: a.jsonl\ntrain:\n  batch_size: lots\n", encoding="utf-8")
+    result = run_cli("estimate", str(bad), "--no-probe")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: {bad}:4: 'train.batch_size' expects an integer, got 'lots'"
+    config = _write_config(tiny_config, tmp_path / "run.yaml")
+    result = run_cli("estimate", str(config), "--no-probe", "--gpu", "B9000")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: --gpu: unknown accelerator 'B9000'; known: H200, H100")
+
+
+def test_probe_times_real_steps_and_scales_to_the_epoch(tiny_config):
+    from tunelab.estimate import estimate_run
+
+    tiny_config.train.max_steps = None
+    tiny_config.train.epochs = 2
+    result = estimate_run(tiny_config, probe=True, probe_steps=2, price_per_hour=1.5)
+    assert result.probe is not None and result.probe.steps == 2 and result.probe.tokens > 0
+    tokens_per_step = result.probe.tokens / result.probe.steps
+    assert result.steps == 2 * result.data.steps_per_epoch
+    # Time = the run's tokens at the measured rate; cost = time x price.
+    assert result.seconds == pytest.approx(result.steps * tokens_per_step / result.probe.tokens_per_second, rel=0.5)
+    assert result.cost_usd == pytest.approx(result.seconds / 3600 * 1.5)
+    assert not Path(tiny_config.output.dir).exists()  # the probe trains in a throw-away folder
