@@ -14,7 +14,8 @@ long-tailed between 20 and 600 tokens, so both see exactly the same examples and
 
 Each side runs in its own process (peak RSS is per process), variants interleaved per repeat (a, b, a, b)
 because other work shares the cores; the JSON keeps every repeat and the median. Reported: non-pad
-tokens/s over the training loop, peak memory (RSS on CPU, max allocated on CUDA), mean train loss, and
+tokens/s over the training loop, peak memory (RSS on CPU, max allocated on CUDA; over the whole process and,
+as peak_memory_train_mb, before the shared float32 eval pass), mean train loss, and
 eval loss on 64 held-out examples computed the same way for every side (float32, padded batches).
 """
 
@@ -107,6 +108,7 @@ def run_plain(data: Path, work: Path) -> dict[str, Any]:
     from tunelab.chat import encode_records
     from tunelab.config import ModelConfig
     from tunelab.data.load import load_records
+    from tunelab.measure import peak_memory_mb
     from tunelab.models import Precision, load_model, load_tokenizer, resolve_model
 
     base = resolve_model(ModelConfig())
@@ -137,7 +139,8 @@ def run_plain(data: Path, work: Path) -> dict[str, Any]:
     started = time.perf_counter()
     output = trainer.train()
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "tokens": counted["tokens"], "steps": output.global_step,
+    return {"seconds": seconds, "peak_memory_train_mb": round(peak_memory_mb("cpu"), 1),
+            "tokens": counted["tokens"], "steps": output.global_step,
             "train_loss": float(output.training_loss), "eval_loss": eval_loss(model, tokenizer, data),
             "precision": "cpu, float32"}
 
@@ -161,7 +164,8 @@ def run_tunelab(data: Path, work: Path, overrides: list[str]) -> dict[str, Any]:
     from tunelab.models import load_tokenizer
 
     tokenizer = load_tokenizer(RunPaths(cfg.output.dir).adapter)
-    return {"seconds": result.train_seconds, "tokens": result.tokens_seen, "steps": result.steps,
+    return {"seconds": result.train_seconds, "peak_memory_train_mb": result.peak_memory_mb,
+            "tokens": result.tokens_seen, "steps": result.steps,
             "train_loss": result.train_loss, "eval_loss": eval_loss(result.model, tokenizer, data),
             "precision": result.precision}
 
@@ -236,10 +240,24 @@ def main() -> None:
             print(f"[{repeat + 1}/{args.repeats}] {name}: {r['tokens_per_second']:.0f} tok/s, "
                   f"{r['peak_memory_mb']:.0f} MiB, train loss {r['train_loss']:.4f}, eval loss {r['eval_loss']:.4f}, "
                   f"{r['steps']} steps in {r['seconds']:.0f} s", flush=True)
+            # Written after every side, so a run cut short still leaves what it measured.
+            result = report(args.out, shape, variants, {n: rs for n, rs in runs.items() if rs})
+    print("\n| side | non-pad tok/s (median, range) | peak MiB | train loss | eval loss | steps |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, s in result["results"].items():
+        low, high = s["tokens_per_second_range"]
+        print(f"| {name} | {s['tokens_per_second']:.0f} ({low:.0f}-{high:.0f}) | {s['peak_memory_mb']:.0f} "
+              f"| {s['train_loss']:.4f} | {s['eval_loss']:.4f} | {s['steps']} |")
+    for name, ratio in result.get("vs_plain", {}).items():
+        print(f"{name} vs plain: {ratio['tokens_per_second_x']}x tokens/s, {ratio['peak_memory_x']}x peak memory, "
+              f"eval loss {ratio['eval_loss_diff_pct']:+.2f}%")
 
+
+def report(out: Path, shape: dict[str, Any], variants: dict[str, list[str]],
+           runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     summary = {name: summarize(rs) for name, rs in runs.items()}
-    result: dict[str, Any] = {"data": shape, "hyperparameters": HYPER, "lora": LORA,
-                              "variants": {n: o for n, o in variants.items()}, "results": summary}
+    result: dict[str, Any] = {"data": shape, "hyperparameters": HYPER, "lora": LORA, "variants": variants,
+                              "results": summary}
     if "plain" in summary:
         plain = summary["plain"]
         result["vs_plain"] = {
@@ -247,17 +265,9 @@ def main() -> None:
                    "peak_memory_x": round(s["peak_memory_mb"] / plain["peak_memory_mb"], 2),
                    "eval_loss_diff_pct": round(100 * (s["eval_loss"] / plain["eval_loss"] - 1), 2)}
             for name, s in summary.items() if name != "plain"}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print("\n| side | non-pad tok/s (median, range) | peak MiB | train loss | eval loss | steps |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, s in summary.items():
-        low, high = s["tokens_per_second_range"]
-        print(f"| {name} | {s['tokens_per_second']:.0f} ({low:.0f}-{high:.0f}) | {s['peak_memory_mb']:.0f} "
-              f"| {s['train_loss']:.4f} | {s['eval_loss']:.4f} | {s['steps']} |")
-    for name, ratio in result.get("vs_plain", {}).items():
-        print(f"{name} vs plain: {ratio['tokens_per_second_x']}x tokens/s, {ratio['peak_memory_x']}x peak memory, "
-              f"eval loss {ratio['eval_loss_diff_pct']:+.2f}%")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 if __name__ == "__main__":
