@@ -92,7 +92,9 @@ class TunelabTrainer(AtomicCheckpoints, Trainer):
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         indices = inputs.pop("example_index", None)
-        if self.chunked_loss and model.training and not return_outputs:
+        # The chunked loss calls the decoder outside the DistributedDataParallel wrapper, whose forward is what
+        # arms gradient averaging: with several processes the plain loss keeps the replicas in step.
+        if self.chunked_loss and model.training and not return_outputs and self.accelerator.num_processes == 1:
             result = self._chunked_loss(model, inputs, num_items_in_batch)
         else:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs,
