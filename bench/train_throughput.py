@@ -145,6 +145,14 @@ def run_plain(data: Path, work: Path) -> dict[str, Any]:
             "precision": "cpu, float32"}
 
 
+def _value(text: str) -> object:
+    """An override's value: JSON where it parses (numbers, true, lists), else the string (float32)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def run_tunelab(data: Path, work: Path, overrides: list[str]) -> dict[str, Any]:
     """tunelab's SFT path as a user gets it: train_sft with a RunConfig built from defaults."""
     from tunelab.artifacts import RunPaths
@@ -158,7 +166,7 @@ def run_tunelab(data: Path, work: Path, overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         key, value = item.split("=", 1)
         section, name = key.split(".", 1)
-        config.setdefault(section, {})[name] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
+        config.setdefault(section, {})[name] = _value(value)
     cfg = validate_config(config)
     result = train_sft(cfg, RunPaths(cfg.output.dir), Dataset(load_records(data / "train.jsonl"), [], []))
     from tunelab.models import load_tokenizer
