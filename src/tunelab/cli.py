@@ -14,10 +14,12 @@ from typing import Annotated, Any
 
 import click
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from tunelab import __version__
+from tunelab.cli_common import ConfigArg, SetOpt, UriOpt, out
+from tunelab.cli_common import load as _load
+from tunelab.cli_ship import export_app, k8s_app, serve
 from tunelab.errors import TunelabError
 
 app = typer.Typer(
@@ -33,25 +35,9 @@ registry_app = typer.Typer(help="The MLflow model registry: register, promote on
 app.add_typer(registry_app, name="registry")
 runs_app = typer.Typer(help="Tracked runs: list, compare, sync buffered tracking.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
-export_app = typer.Typer(help="Export a trained run for other consumers.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
-k8s_app = typer.Typer(help="Kubernetes manifests: a KubeRay RayJob that trains, a KServe InferenceService that serves.",
-                      no_args_is_help=True)
 app.add_typer(k8s_app, name="k8s")
-
-out = Console()
-
-ConfigArg = Annotated[Path, typer.Argument(help="Path to the YAML run config.")]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override a config key, e.g. --set train.learning_rate=1e-4 (repeatable)."),
-]
-
-
-def _load(config: Path, overrides: list[str] | None) -> Any:
-    from tunelab.config_file import load_config
-
-    return load_config(config, overrides or [])
+app.command()(serve)
 
 
 @app.command()
@@ -124,8 +110,6 @@ def data_prep(config: ConfigArg, set_: SetOpt = None) -> None:
     _print_data_summary(run_paths.data, prepared.report)
 
 
-UriOpt = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow tracking/registry URI "
-                                           "(default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db).")]
 
 
 @registry_app.command("register")
@@ -216,200 +200,6 @@ def runs_sync(run_dir: Path) -> None:
     from tunelab.track import sync
 
     out.print(f"uploaded {sync(run_dir)} buffered tracking operations from {run_dir}")
-
-
-@export_app.command("merge")
-def export_merge(run_dir: Annotated[str, typer.Argument(help="A run folder, or models:/NAME@ALIAS.")],
-                 dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
-                 out_dir: Annotated[Path | None, typer.Option("--out", help="Default: RUN_DIR/export/merged.")] = None,
-                 max_diff: Annotated[float, typer.Option(help="Largest allowed logit difference.")] = 1e-3) -> None:
-    """Merge the adapter into the base in float32, verify the logits, then cast and save a plain HF folder."""
-    from tunelab import pipeline
-    from tunelab.export.merge import ExportError, merge_run
-    from tunelab.registry import resolve_run_dir
-
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ExportError(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
-    cfg, run = pipeline.load_run_config(resolve_run_dir(run_dir))
-    result = merge_run(cfg, run, out_dir or run.root / "export" / "merged", dtype, max_diff)
-    out.print(f"wrote {result.folder} ({result.dtype}); merged vs adapter max logit diff {result.max_diff:.2e}, "
-              f"reloaded {result.reload_diff:.2e}")
-
-
-@export_app.command("gguf")
-def export_gguf(run_dir: Annotated[str, typer.Argument(help="A run folder, or models:/NAME@ALIAS.")],
-                quant: Annotated[str, typer.Option(help="f16, q8_0 or q4_k_m (adapter-only: f16 or q8_0).")] = "q8_0",
-                out_dir: Annotated[Path | None, typer.Option(
-                    "--out", help="Default: RUN_DIR/export/gguf-QUANT (adapter-only: gguf-lora-QUANT).")] = None,
-                adapter_only: Annotated[bool, typer.Option(
-                    "--adapter-only", help="Only the LoRA adapter, as a GGUF LoRA for a base GGUF.")] = False,
-                modelfile: Annotated[bool, typer.Option(help="Write an Ollama Modelfile.")] = True) -> None:
-    """A GGUF for llama.cpp / Ollama, made and quantized by llama.cpp's tools, checked in llama.cpp."""
-    from tunelab import pipeline
-    from tunelab.export.gguf import export_gguf as run_export
-    from tunelab.registry import resolve_run_dir
-
-    cfg, run = pipeline.load_run_config(resolve_run_dir(run_dir))
-    default = run.root / "export" / (f"gguf-lora-{quant}" if adapter_only else f"gguf-{quant}")
-    result = run_export(cfg, run, quant, out_dir or default, adapter_only, modelfile)
-    v = result.verification
-    out.print(f"wrote {result.gguf} ({v['bytes'] / 2**20:.1f} MiB) in {result.seconds:.0f} s; llama.cpp vs "
-              f"transformers: {v['exact_continuations']}/{v['prompts']} identical greedy continuations, top-1 "
-              f"agreement {v['top1_agreement']:.1%}")
-
-
-@export_app.command("int4")
-def export_int4(run_dir: Annotated[str, typer.Argument(help="A run folder, or models:/NAME@ALIAS.")],
-                out_dir: Annotated[Path | None, typer.Option("--out", help="Default: RUN_DIR/export/int4.")] = None
-                ) -> None:
-    """The merged model in bitsandbytes 4-bit NF4, for transformers and vLLM, compared with float32."""
-    from tunelab import pipeline
-    from tunelab.export.int4 import export_int4 as run_export
-    from tunelab.registry import resolve_run_dir
-
-    cfg, run = pipeline.load_run_config(resolve_run_dir(run_dir))
-    result = run_export(cfg, run, out_dir or run.root / "export" / "int4")
-    r = result.report
-    out.print(f"wrote {result.folder} ({r['weights_bytes'] / 2**20:.1f} MiB of weights); vs float32: "
-              f"{r['exact_continuations']}/{r['prompts']} identical greedy continuations, top-1 agreement "
-              f"{r['top1_agreement']:.1%}")
-
-
-@export_app.command("combine")
-def export_combine(run_dirs: Annotated[list[str], typer.Argument(help="Two or more run folders (or models:/ URIs).")],
-                   out_dir: Annotated[Path, typer.Option("--out", help="The new run folder for the combined adapter.")],
-                   how: Annotated[str, typer.Option(help="linear, cat, ties, dare (= dare_ties) or dare_linear.")
-                                  ] = "linear",
-                   weights: Annotated[str | None, typer.Option(help="Comma-separated, one per run; default equal.")
-                                      ] = None,
-                   density: Annotated[float | None, typer.Option(
-                       help="ties/dare: fraction of each update kept (default 0.5).")] = None,
-                   evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate the blend.")] = True
-                   ) -> None:
-    """Blend LoRA adapters trained on one base into one adapter (PEFT add_weighted_adapter), as a run folder."""
-    from tunelab import pipeline
-    from tunelab.export.combine import HOW, NEEDS_DENSITY, combine_runs, load_source
-    from tunelab.export.merge import ExportError
-    from tunelab.registry import resolve_run_dir
-
-    try:
-        parsed = [float(w) for w in weights.split(",")] if weights else [1.0 / len(run_dirs)] * len(run_dirs)
-    except ValueError:
-        raise ExportError(f"--weights: expected comma-separated numbers, got {weights!r}") from None
-    if density is None and HOW.get(how) in NEEDS_DENSITY:
-        density = 0.5
-    sources = [load_source(*pipeline.load_run_config(resolve_run_dir(d))) for d in run_dirs]
-    run = combine_runs(sources, how, parsed, out_dir, density)
-    out.print(f"wrote the combined run {run.root}")
-    if evaluate:
-        cfg, run = pipeline.load_run_config(run.root)
-        result = pipeline.stage_eval(cfg, run)
-        _print_summary(run.root, None, result.metrics)
-
-
-@app.command()
-def serve(
-    adapters: Annotated[list[str] | None, typer.Argument(
-        help="LoRA runs to serve: a run folder or models:/NAME@ALIAS, optionally named NAME=RUN.")] = None,
-    base: Annotated[str | None, typer.Option(
-        help="Base model name or folder; default: the base the first adapter was trained on.")] = None,
-    host: Annotated[str, typer.Option(help="Address to bind; beyond loopback an API key is required.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key.")] = "TUNELAB_API_KEY",
-    allow_root: Annotated[list[Path] | None, typer.Option(
-        help="Folder admin-loaded adapters may come from (repeatable); default: ./runs and the given runs' "
-        "folders.")] = None,
-    max_batch: Annotated[int, typer.Option(min=1, help="Requests decoded together in one batch.")] = 16,
-    max_queue: Annotated[int, typer.Option(min=1, help="Waiting requests before new ones get 429.")] = 64,
-    request_timeout: Annotated[float, typer.Option(min=1, help="Seconds before a request is abandoned.")] = 120.0,
-    max_tokens_limit: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 1024,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="Weights dtype: auto (fp32 on CPU, bf16 on GPU), float32, bfloat16.")] = "auto",
-    tracking_uri: UriOpt = None,
-    engine: Annotated[str, typer.Option(help="hf (this server) or vllm (print the equivalent vLLM command).")] = "hf",
-    launch: Annotated[bool, typer.Option(help="With --engine vllm: run the command instead of printing it.")] = False,
-) -> None:
-    """Serve the base model and many LoRA adapters behind an OpenAI-compatible API (plus a playground at /)."""
-    from tunelab.serve.server import ServeOptions, launch_vllm, printable, vllm_command
-    from tunelab.serve.server import serve as run_server
-
-    if engine not in ("hf", "vllm"):
-        raise TunelabError(f"--engine {engine}: choose hf or vllm")
-    options = ServeOptions(
-        adapters=adapters or [], base=base, host=host, port=port, api_key_env=api_key_env,
-        allow_roots=allow_root or [], max_batch=max_batch, max_queue=max_queue, request_timeout=request_timeout,
-        max_tokens_limit=max_tokens_limit, device=device, dtype=dtype, tracking_uri=tracking_uri,
-    )
-    if engine == "vllm":
-        command, notes = vllm_command(options)
-        for note in notes:
-            print(note, file=sys.stderr)
-        if launch:
-            launch_vllm(command, options)
-        print(printable(command))
-        return
-    run_server(options)
-
-
-OutFileOpt = Annotated[Path | None, typer.Option("--out", help="Write the YAML here instead of to stdout.")]
-
-
-@k8s_app.command("rayjob")
-def k8s_rayjob(config: ConfigArg, set_: SetOpt = None, out_file: OutFileOpt = None) -> None:
-    """A ConfigMap with the run config and a KubeRay RayJob running `tunelab train` on it (cluster.*, k8s.*)."""
-    from tunelab.cluster.k8s import dump_yaml, job_config, rayjob_manifests
-    from tunelab.config_file import dump_config
-
-    job = job_config(_load(config, set_))
-    _emit(dump_yaml(rayjob_manifests(job, dump_config(job))), out_file)
-
-
-@k8s_app.command("kserve")
-def k8s_kserve(names: Annotated[list[str], typer.Argument(help="Registered adapters: NAME (its champion), "
-                                                         "models:/NAME@ALIAS or models:/NAME/VERSION.")],
-               config: Annotated[Path | None, typer.Option("--config", help="Run config whose k8s section to use "
-                                                           "(default: the first adapter's run config).")] = None,
-               service: Annotated[str | None, typer.Option("--name", help="InferenceService name "
-                                                           "(default: the first adapter's name).")] = None,
-               base_uri: Annotated[str | None, typer.Option("--base-uri", help="Where the serving pod downloads "
-                                                            "the base model (hf://, s3://, pvc://).")] = None,
-               runtime: Annotated[str | None, typer.Option("--runtime", help="ServingRuntime name; default: "
-                                                           "KServe picks the one for the huggingface format.")] = None,
-               tracking_uri: UriOpt = None, out_file: OutFileOpt = None) -> None:
-    """A KServe InferenceService serving the base model on vLLM with the registered LoRA adapters."""
-    from tunelab import pipeline
-    from tunelab.cluster.k8s import adapter_reference, dump_yaml, inference_service
-    from tunelab.registry import default_tracking_uri, lookup_version, resolve_run_dir
-
-    uri = tracking_uri or default_tracking_uri()
-    refs = [adapter_reference(n) for n in names]
-    versions = [lookup_version(ref, uri) for ref in refs]
-    adapters = [(mv.name if sum(v.name == mv.name for v in versions) == 1 else f"{mv.name}-v{mv.version}", mv)
-                for mv in versions]
-    cfg = _load(config, None) if config else pipeline.load_run_config(resolve_run_dir(refs[0], uri))[0]
-    rank = max((_adapter_rank(mv, uri) for mv in versions), default=None)
-    manifest = inference_service(cfg, service or versions[0].name, adapters, base_uri, runtime, rank)
-    _emit(dump_yaml([manifest]), out_file)
-
-
-def _adapter_rank(mv: Any, uri: str) -> int:
-    """The LoRA rank of a registered adapter: vLLM refuses adapters above --max-lora-rank (default 16)."""
-    import json
-
-    from tunelab.registry import resolve_run_dir
-
-    folder = resolve_run_dir(f"models:/{mv.name}/{mv.version}", uri)
-    return int(json.loads((folder / "adapter" / "adapter_config.json").read_text()).get("r") or 0)
-
-
-def _emit(text: str, out_file: Path | None) -> None:
-    if out_file is None:
-        print(text, end="")
-        return
-    from tunelab.artifacts import write_text_atomic
-
-    write_text_atomic(out_file, text)
-    out.print(f"wrote {out_file}")
 
 
 @app.command()
