@@ -8,6 +8,7 @@ resume) with our own tokenization, masks, collators and guards; the output is a 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from tunelab.measure import peak_memory_mb
 from tunelab.progress import console
 from tunelab.train.adapters import build_trainable, count_parameters, training_inputs
 from tunelab.train.args import training_arguments
+from tunelab.train.attention import padding_free_attention
 from tunelab.train.callbacks import MetricsCallback
 from tunelab.train.collate import PaddingCollator, PaddingFreeCollator
 from tunelab.train.trainer import (
@@ -128,7 +130,8 @@ def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = Fa
 
     checkpoint = _resume_point(run) if resume else None
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with padding_free_attention(model) if uses_padding_free(cfg) else nullcontext():
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - started
 
     val_loss = mean_token_loss(model, val_examples, tokenizer.pad_token_id, cfg.train.batch_size)

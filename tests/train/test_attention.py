@@ -1,0 +1,89 @@
+"""Per-example attention for padding-free rows gives the stock block-diagonal SDPA result, and only while
+training padding-free."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunelab.train.attention import NAME, padding_free_attention, segment_lengths
+
+
+def test_segment_lengths_follow_position_resets():
+    assert segment_lengths(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])) == [3, 2, 4]
+    assert segment_lengths(torch.tensor([[0, 1, 2, 3]])) == [4]
+
+
+def _row(lengths: list[int], vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (1, sum(lengths)), generator=generator)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    return ids, positions
+
+
+def _loss_and_grads(model, ids, positions):
+    model.zero_grad()
+    out = model(input_ids=ids, position_ids=positions, use_cache=False)  # a cache turns off the block mask
+    logits = out.logits.float()
+    loss = logits.logsumexp(-1).mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_block_diagonal_sdpa(tiny_model_dir, dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype, attn_implementation="sdpa")
+    model.train()  # dropout is 0 in the config: the comparison stays deterministic
+    ids, positions = _row([5, 17, 1, 9, 30], model.config.vocab_size)
+
+    stock_logits, stock_grads = _loss_and_grads(model, ids, positions)
+    with padding_free_attention(model):
+        assert model.config._attn_implementation == NAME
+        ours_logits, ours_grads = _loss_and_grads(model, ids, positions)
+    assert model.config._attn_implementation == "sdpa"
+
+    # bf16: the two paths sum in different orders, so allow a few units of bf16 rounding (~0.4%) on average
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert _relative_error(ours_logits, stock_logits) < tol
+    assert stock_grads.keys() == ours_grads.keys()
+    for name, grad in stock_grads.items():
+        assert _relative_error(ours_grads[name], grad) < tol, name
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().mean() / b.float().abs().mean().clamp(min=1e-12))
+
+
+def test_examples_do_not_see_each_other(tiny_model_dir):
+    """Changing the first example leaves the second one's logits untouched."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids, positions = _row([8, 6], model.config.vocab_size)
+    other = ids.clone()
+    other[0, :8] = torch.flip(ids[0, :8], [0])
+    with padding_free_attention(model), torch.no_grad():
+        a = model(input_ids=ids, position_ids=positions).logits
+        b = model(input_ids=other, position_ids=positions).logits
+    assert torch.allclose(a[0, 8:], b[0, 8:], atol=1e-6)
+    assert not torch.allclose(a[0, :8], b[0, :8])
+
+
+def test_leaves_other_attention_implementations_alone(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+    with padding_free_attention(model):
+        assert model.config._attn_implementation == "eager"
+
+
+def test_refuses_padded_batches(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.randint(3, 50, (2, 6))
+    with padding_free_attention(model), pytest.raises(ValueError, match="one padding-free row"):
+        model(input_ids=ids)
