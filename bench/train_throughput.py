@@ -96,7 +96,9 @@ def eval_loss(model: Any, tokenizer: Any, data: Path) -> float:
     examples, _ = encode_records(tokenizer, load_records(data / "eval.jsonl"), None, 2048)
     model.float()
     with torch.autocast("cpu", enabled=False):
-        return mean_token_loss(model, examples, tokenizer.pad_token_id, batch_size=8)
+        # One example at a time: the eval pass must not set either side's peak memory (8 padded rows of fp32
+        # logits over a 49k vocabulary take ~2 GB, more than tunelab's whole training step).
+        return mean_token_loss(model, examples, tokenizer.pad_token_id, batch_size=1)
 
 
 def run_plain(data: Path, work: Path) -> dict[str, Any]:

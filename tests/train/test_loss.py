@@ -113,3 +113,40 @@ def test_chunked_loss_divides_by_the_accumulated_target_count(lora_model, tiny_t
         mean = chunked_causal_lm_loss(lora_model, batch)
         over_more = chunked_causal_lm_loss(lora_model, batch, num_items_in_batch=torch.tensor(3 * targets))
     torch.testing.assert_close(over_more * 3, mean)
+
+
+def test_no_grad_computes_the_same_loss_without_gradients():
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(50, 16, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 50, (37,), generator=generator)
+    with_grad = linear_cross_entropy_sum(hidden, weight, targets, chunk=8)
+    with torch.no_grad():
+        without = linear_cross_entropy_sum(hidden, weight, targets, chunk=8)
+    assert not without.requires_grad and with_grad.requires_grad
+    assert torch.allclose(with_grad, without)
+    assert torch.allclose(with_grad, torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum"))
+
+
+@pytest.mark.parametrize("dtype, expected", [("bfloat16", torch.bfloat16), ("float32", None)])
+def test_training_runs_the_chunked_loss_under_the_configured_autocast(tiny_config, monkeypatch, dtype, expected):
+    """The chunked loss calls the decoder directly, past the forward the accelerator wrapped in autocast:
+    bf16 training must still compute in bf16 (it once silently ran in float32)."""
+    from tunelab import pipeline
+    from tunelab.train import loss as loss_module
+
+    seen = []
+    original = loss_module.linear_cross_entropy_sum
+
+    def spy(hidden, weight, targets, *args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return original(hidden, weight, targets, *args, **kwargs)
+
+    monkeypatch.setattr(loss_module, "linear_cross_entropy_sum", spy)
+    cfg = tiny_config.model_copy(update={
+        "model": tiny_config.model.model_copy(update={"dtype": dtype}),
+        "train": tiny_config.train.model_copy(update={"max_steps": 2}),
+    })
+    run = pipeline.open_run(cfg, starting_training=True)
+    pipeline.stage_train(cfg, run)
+    assert seen[:2] == [expected, expected]  # the two training steps (the val pass after runs in float32)

@@ -26,10 +26,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                compute_dtype: torch.dtype) -> torch.Tensor:
+                compute_dtype: torch.dtype, with_grads: bool) -> torch.Tensor:
         w = weight.to(compute_dtype)
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        # Under no_grad (evaluation) neither gradient is needed: only the loss is computed.
+        grad_hidden = torch.empty_like(hidden) if with_grads and hidden.requires_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grads and weight.requires_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk].to(compute_dtype)
@@ -37,23 +38,29 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = F.linear(h, w).float()  # the same rounding as the model's head under autocast
             log_z = torch.logsumexp(logits, dim=-1)
             total += (log_z - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
             # d(sum of losses)/d(logits) = softmax - one_hot, built in place in the logits buffer.
             grad_logits = logits.sub_(log_z[:, None]).exp_()
             grad_logits[torch.arange(len(y), device=y.device), y] -= 1.0
             grad_logits = grad_logits.to(compute_dtype)
-            grad_hidden[start : start + chunk] = (grad_logits @ w).to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start : start + chunk] = (grad_logits @ w).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += (grad_logits.T @ h).float()
-        ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
+        empty = torch.empty(0)
+        ctx.save_for_backward(grad_hidden if grad_hidden is not None else empty,
+                              grad_weight if grad_weight is not None else empty)
         ctx.weight_dtype = weight.dtype
-        ctx.weight_grad = grad_weight is not None
+        ctx.hidden_grad, ctx.weight_grad = grad_hidden is not None, grad_weight is not None
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
         grad_hidden, grad_weight = ctx.saved_tensors
         dw = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.weight_grad else None
-        return grad_hidden * grad_output.to(grad_hidden.dtype), dw, None, None, None
+        dh = grad_hidden * grad_output.to(grad_hidden.dtype) if ctx.hidden_grad else None
+        return dh, dw, None, None, None, None
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -62,8 +69,9 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     never holding more than `chunk` rows of logits. Honors an enclosing autocast like the model's head does."""
     device = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    with_grads = torch.is_grad_enabled()  # read here: inside forward, grad mode is always off
     with torch.autocast(device_type=device, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, compute_dtype)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, compute_dtype, with_grads)
 
 
 def supports_chunked_loss(model: Any) -> bool:

@@ -115,7 +115,10 @@ class TunelabTrainer(AtomicCheckpoints, Trainer):
         # The Trainer counts num_items_in_batch (and treats the loss as already scaled for gradient
         # accumulation) exactly when the model accepts loss kwargs; follow the same rule.
         items = num_items_in_batch if self.model_accepts_loss_kwargs else None
-        loss = chunked_causal_lm_loss(self.accelerator.unwrap_model(model), inputs, items)
+        # The decoder is called directly, not through the model's forward that the accelerator wrapped in
+        # autocast: enter that autocast here, or bf16 training would silently run in float32.
+        with self.accelerator.autocast():
+            loss = chunked_causal_lm_loss(self.accelerator.unwrap_model(model), inputs, items)
         if self.args.average_tokens_across_devices and items is not None:
             loss = loss * self.accelerator.num_processes
         return loss
