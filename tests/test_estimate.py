@@ -177,6 +177,33 @@ def test_formula_matches_what_autograd_saves(wide_model_dir, method, autocast):
     assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
 
 
+def test_padding_free_formula_matches_what_autograd_saves(wide_model_dir):
+    """Padding-free rows under tunelab's per-example attention: no mask is saved (attention_span 0)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.train.adapters import peft_config
+    from tunelab.train.attention import padding_free_attention
+    from tunelab.train.collate import PaddingFreeCollator
+
+    cfg = MethodConfig(type="lora")
+    shape = model_shape(wide_model_dir, cfg)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(wide_model_dir, dtype=torch.float32),
+                           peft_config(cfg, wide_model_dir))
+    model.config.use_cache = False
+    model.train()
+    lengths = [160, 120, 90, 60, 30]
+    batch = PaddingFreeCollator(0)([{"input_ids": list(range(3, 3 + n)), "labels": list(range(3, 3 + n))}
+                                    for n in lengths])
+    with padding_free_attention(model):
+        measured = _saved_for_backward(model, batch, True)
+    work = Workload(method="lora", tokens=sum(lengths), attention_span=0, target_tokens=sum(lengths),
+                    compute_bytes=2, chunked_loss=False)
+    predicted = activation_bytes(shape, work) + weight_copy_bytes(shape, work) + FP32 * work.tokens * shape.vocab
+    assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
+
+
 def _write_config(tiny_config, path: Path) -> Path:
     path.write_text(dump_config(tiny_config), encoding="utf-8")
     return path

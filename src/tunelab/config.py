@@ -10,12 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from tunelab.config_cluster import ClusterConfig, K8sConfig, K8sStorageConfig
+from tunelab.config_section import Section
+
+__all__ = ["ClusterConfig", "K8sConfig", "K8sStorageConfig", "RunConfig", "Section"]
 
 
-class Section(BaseModel):
-    # extra="forbid": a misspelled key is an error with a did-you-mean, never silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelConfig(Section):
@@ -361,96 +363,6 @@ class TrackConfig(Section):
 class OutputConfig(Section):
     dir: Path = Field(Path("runs/default"), description="Run folder: config, data, adapter, metrics, eval.")
     overwrite: bool = Field(False, description="Replace an existing run folder instead of refusing.")
-
-
-class ClusterConfig(Section):
-    backend: Literal["local", "ray"] = Field(
-        "local", description="local: train in this process; ray: the same train stage on Ray Train workers (DDP or FSDP)."
-    )
-    num_workers: int = Field(2, gt=0, description="Ray: training workers (one process each; the global batch is "
-                             "train.batch_size x gradient_accumulation_steps x num_workers).")
-    use_gpu: bool = Field(False, description="Ray: give each worker a GPU (NCCL) instead of CPU only (gloo).")
-    resources_per_worker: dict[str, float] | None = Field(
-        None, description="Ray: resources each worker reserves, e.g. {CPU: 4, GPU: 1}. "
-        "Default: {CPU: 1}, plus {GPU: 1} with use_gpu.",
-    )
-    strategy: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="ddp: a full model copy per worker, gradients averaged; fsdp: parameters, gradients and "
-        "optimizer state sharded across GPU workers (FSDP2).",
-    )
-    ray_address: str | None = Field(
-        None, description="Ray: connect to this running cluster (auto, ray://host:10001, or host:6379); "
-        "default: start a local one for the run.",
-    )
-    storage_path: str | None = Field(
-        None, description="Ray: where Ray Train keeps its own results (a folder all nodes share, or an s3:// / gs:// "
-        "URI); the run's final adapter and loss curve come back from there. Default: RUN_DIR/ray.",
-    )
-
-    @model_validator(mode="after")
-    def _workers_fit_the_hardware(self) -> ClusterConfig:
-        gpus = (self.resources_per_worker or {}).get("GPU")
-        if self.strategy == "fsdp" and not self.use_gpu:
-            raise ValueError("cluster.strategy: fsdp shards the model across GPUs and needs cluster.use_gpu: true; "
-                             "use strategy: ddp on CPU workers")
-        if self.use_gpu and gpus is not None and gpus <= 0:
-            raise ValueError("cluster.resources_per_worker: GPU must be above 0 with cluster.use_gpu: true")
-        if not self.use_gpu and gpus:
-            raise ValueError("cluster.resources_per_worker: reserves GPUs but cluster.use_gpu is false; "
-                             "set use_gpu: true or drop GPU")
-        return self
-
-    def worker_resources(self) -> dict[str, float]:
-        """What each Ray worker reserves: the configured resources, or one CPU (and one GPU with use_gpu)."""
-        if self.resources_per_worker:
-            return dict(self.resources_per_worker)
-        return {"CPU": 1.0, "GPU": 1.0} if self.use_gpu else {"CPU": 1.0}
-
-
-class K8sStorageConfig(Section):
-    pvc: str | None = Field(
-        None, description="A PersistentVolumeClaim (ReadWriteMany) mounted on the head and every worker at "
-        "mount_path: data, run folders and checkpoints live there, shared by all pods.",
-    )
-    uri: str | None = Field(
-        None, description="An object-store URI (s3://bucket/prefix, gs://...) for Ray Train's storage; the final "
-        "adapter and loss curve come back through it. Use when pods share no volume (needs track.tracking_uri).",
-    )
-    mount_path: str = Field("/mnt/tunelab", description="Where the PVC is mounted; the job runs in this folder, so "
-                            "relative data paths and output.dir land on the volume.")
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> K8sStorageConfig:
-        if self.pvc and self.uri:
-            raise ValueError("k8s.storage: set either pvc (a shared volume) or uri (an object store), not both")
-        if not self.mount_path.startswith("/"):
-            raise ValueError(f"k8s.storage.mount_path: must be an absolute path, got {self.mount_path!r}")
-        return self
-
-
-class K8sConfig(Section):
-    image: str | None = Field(
-        None, description="Container image with tunelab and its dependencies installed (needed by tunelab k8s), "
-        "e.g. registry.example.com/tunelab:0.1.0.",
-    )
-    namespace: str = Field("default", description="Kubernetes namespace of the emitted resources.")
-    name: str | None = Field(None, description="Name of the RayJob and its ConfigMap; default: the run folder's name.")
-    service_account: str | None = Field(None, description="ServiceAccount the pods run as (e.g. for object-store access).")
-    gpu_per_worker: int = Field(1, ge=0, description="nvidia.com/gpu per Ray worker pod when cluster.use_gpu is true.")
-    cpu_per_worker: str = Field("4", description="CPU request and limit of each worker pod (Kubernetes quantity).")
-    memory_per_worker: str = Field("32Gi", description="Memory request and limit of each worker pod.")
-    head_cpu: str = Field("2", description="CPU of the Ray head pod (it runs the driver, not training).")
-    head_memory: str = Field("8Gi", description="Memory of the Ray head pod.")
-    ray_version: str = Field("2.60.0", description="Ray version in the image (KubeRay needs it to match).")
-    ttl_seconds_after_finished: int = Field(
-        3600, ge=0, description="Seconds the finished RayJob (and its logs) stay before KubeRay deletes them."
-    )
-    active_deadline_seconds: int | None = Field(
-        None, gt=0, description="Fail the job if it runs longer than this (seconds); default: no limit."
-    )
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the worker pods must match.")
-    storage: K8sStorageConfig = Field(default_factory=K8sStorageConfig)
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for every pod.")
 
 
 class RunConfig(Section):

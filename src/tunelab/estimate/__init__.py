@@ -188,7 +188,7 @@ def _data_stats(cfg: RunConfig, tokenizer: Any, notes: list[str]) -> tuple[list[
     longest = sorted(range(len(lengths)), key=lambda k: lengths[k], reverse=True)[:b]
     if _padding_free(cfg):
         peak_tokens = sum(lengths[k] for k in longest)
-        span = peak_tokens
+        span = 0  # tunelab.train.attention: each example attends on its own, no mask is built
     else:
         span = max(lengths)
         peak_tokens = min(b, len(lengths)) * span

@@ -48,7 +48,7 @@ class Workload:
 
     method: str  # lora | qlora | full | ia3 | prompt_tuning | prefix_tuning
     tokens: int  # tokens in one forward pass (rows x padded length, or the sum of lengths when padding-free)
-    attention_span: int  # keys each query's mask row covers: the padded row length, or `tokens` when padding-free
+    attention_span: int  # keys each query's mask row covers: the padded row length; 0 when padding-free (no mask)
     target_tokens: int  # positions with a label (the chunked loss projects only these onto the vocabulary)
     compute_bytes: int  # 2 under bf16/fp16 autocast, 4 in float32
     gradient_checkpointing: bool = False

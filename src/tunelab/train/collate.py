@@ -54,10 +54,10 @@ class PaddingFreeCollator:
     """Puts a whole batch into one row, examples end to end, with position ids that restart per example.
 
     The batch holds the same examples as PaddingCollator's (same steps, same loss), but not one pad token.
-    With no attention_mask and restarting position ids, transformers builds a block-diagonal causal mask
-    (masking_utils.find_packed_sequence_indices), so no example attends to another; flash-attention
-    kernels use the same position ids for variable-length attention. The first token of each example is
-    never a target (it would be predicted from the previous example).
+    The restarting position ids keep examples apart: tunelab's training attention (train/attention.py)
+    runs each example on its own; stock transformers builds a block-diagonal causal mask from them
+    (masking_utils.find_packed_sequence_indices); flash-attention kernels do variable-length attention.
+    The first token of each example is never a target (it would be predicted from the previous example).
     """
 
     pad_token_id: int  # unused (nothing is padded); kept so every collator is built the same way
