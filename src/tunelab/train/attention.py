@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 NAME = "tunelab_padding_free"
+_last_lengths: tuple[torch.Tensor, list[int]] | None = None  # every layer of one forward gets the same tensor
 
 
 def segment_lengths(position_ids: torch.Tensor) -> list[int]:
@@ -49,12 +50,20 @@ def padding_free_attention_forward(module: torch.nn.Module, query: torch.Tensor,
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     position_ids = kwargs.get("position_ids")
-    lengths = segment_lengths(position_ids) if position_ids is not None else [query.shape[2]]
+    lengths = _lengths_once_per_forward(position_ids) if position_ids is not None else [query.shape[2]]
     p = dropout if module.training else 0.0
     parts = [F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling)
              for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _lengths_once_per_forward(position_ids: torch.Tensor) -> list[int]:
+    """Reading the boundaries moves them to the host (a sync on GPU): do it once per forward, not per layer."""
+    global _last_lengths
+    if _last_lengths is None or _last_lengths[0] is not position_ids:
+        _last_lengths = (position_ids, segment_lengths(position_ids))
+    return _last_lengths[1]
 
 
 def register() -> None:
