@@ -33,12 +33,21 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        # mkstemp makes the file owner-only; give it the mode a plain open() would (0666 less the umask),
+        # so teammates and other pods sharing a run folder can read it.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -59,7 +68,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success it replaces `final`, on error it vanishes."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it owner-only; a finished artifact is as readable as any folder
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only; a finished artifact is as readable as any folder
     try:
         yield tmp
         if final.exists():
