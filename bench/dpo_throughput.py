@@ -25,7 +25,6 @@ import json
 import math
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import LORA, WORDS, parse_variants  # noqa: E402
+from train_throughput import LORA, WORDS, parse_variants, run_side  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HYPER = {"learning_rate": 1e-4, "batch_size": 8, "epochs": 1, "lr_scheduler": "cosine", "warmup_ratio": 0.03,
@@ -202,13 +201,7 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     for repeat in range(args.repeats):
         for name, overrides in variants.items():
-            command = [sys.executable, __file__, "--side", "trl" if name == "trl" else "tunelab", "--data", str(data),
-                       "--overrides", *overrides]
-            done = subprocess.run(command, capture_output=True, text=True)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if done.returncode != 0 or not lines:
-                sys.exit(f"{name} failed (exit {done.returncode}; -9 is the out-of-memory killer):\n{done.stderr[-3000:]}")
-            runs[name].append(json.loads(lines[-1][len("RESULT "):]))
+            runs[name].append(run_side(__file__, "trl" if name == "trl" else "tunelab", name, data, overrides))
             r = runs[name][-1]
             print(f"[{repeat + 1}/{args.repeats}] {name}: {r['tokens_per_second']:.0f} tok/s, "
                   f"{r['peak_memory_mb']:.0f} MiB, train loss {r['train_loss']:.4f}, held-out DPO loss "

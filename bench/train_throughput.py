@@ -239,13 +239,8 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     for repeat in range(args.repeats):
         for name, overrides in variants.items():
-            command = [sys.executable, __file__, "--side", "plain" if name == "plain" else "tunelab",
-                       "--data", str(data), "--batch-size", str(args.batch_size), "--overrides", *overrides]
-            done = subprocess.run(command, capture_output=True, text=True)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if done.returncode != 0 or not lines:
-                sys.exit(f"{name} failed (exit {done.returncode}; -9 is the out-of-memory killer):\n{done.stderr[-3000:]}")
-            runs[name].append(json.loads(lines[-1][len("RESULT "):]))
+            side = "plain" if name == "plain" else "tunelab"
+            runs[name].append(run_side(__file__, side, name, data, overrides, "--batch-size", str(args.batch_size)))
             r = runs[name][-1]
             print(f"[{repeat + 1}/{args.repeats}] {name}: {r['tokens_per_second']:.0f} tok/s, "
                   f"{r['peak_memory_mb']:.0f} MiB, train loss {r['train_loss']:.4f}, eval loss {r['eval_loss']:.4f}, "
@@ -261,6 +256,16 @@ def main() -> None:
     for name, ratio in result.get("vs_plain", {}).items():
         print(f"{name} vs plain: {ratio['tokens_per_second_x']}x tokens/s, {ratio['peak_memory_x']}x peak memory, "
               f"eval loss {ratio['eval_loss_diff_pct']:+.2f}%")
+
+
+def run_side(script: str, side: str, name: str, data: Path, overrides: list[str], *extra: str) -> dict[str, Any]:
+    """Run one side of a benchmark in its own process (peak RSS is per process) and read its RESULT line."""
+    command = [sys.executable, script, "--side", side, "--data", str(data), *extra, "--overrides", *overrides]
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        sys.exit(f"{name} failed (exit {done.returncode}; -9 is the out-of-memory killer):\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def report(out: Path, shape: dict[str, Any], variants: dict[str, list[str]],
