@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import LORA, WORDS, parse_variants, run_side  # noqa: E402
+from train_throughput import LORA, WORDS, add_side_arguments, parse_variants, run_side  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HYPER = {"learning_rate": 1e-4, "batch_size": 8, "epochs": 1, "lr_scheduler": "cosine", "warmup_ratio": 0.03,
@@ -178,9 +178,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variants", nargs="*", default=["trl", "tunelab"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dpo_throughput.json")
-    parser.add_argument("--side", help=argparse.SUPPRESS)
-    parser.add_argument("--overrides", nargs="*", default=[], help=argparse.SUPPRESS)
-    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    add_side_arguments(parser)
     args = parser.parse_args()
     if args.side:
         one_side(args.side, args.overrides, args.data)

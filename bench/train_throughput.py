@@ -223,9 +223,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=HYPER["batch_size"])
     parser.add_argument("--variants", nargs="*", default=["plain", "tunelab"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_throughput.json")
-    parser.add_argument("--side", help=argparse.SUPPRESS)
-    parser.add_argument("--overrides", nargs="*", default=[], help=argparse.SUPPRESS)
-    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    add_side_arguments(parser)
     args = parser.parse_args()
     HYPER["batch_size"] = args.batch_size
     if args.side:
@@ -256,6 +254,13 @@ def main() -> None:
     for name, ratio in result.get("vs_plain", {}).items():
         print(f"{name} vs plain: {ratio['tokens_per_second_x']}x tokens/s, {ratio['peak_memory_x']}x peak memory, "
               f"eval loss {ratio['eval_loss_diff_pct']:+.2f}%")
+
+
+def add_side_arguments(parser: argparse.ArgumentParser) -> None:
+    """The hidden options with which a benchmark runs itself as one side (see run_side)."""
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", nargs="*", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
 
 
 def run_side(script: str, side: str, name: str, data: Path, overrides: list[str], *extra: str) -> dict[str, Any]:

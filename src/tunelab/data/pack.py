@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from tunelab.chat import IGNORE_INDEX
-from tunelab.train.collate import pad_right, with_example_index
+from tunelab.train.collate import concat_examples, pad_right, with_example_index
 
 
 def pack_examples(examples: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
@@ -40,15 +40,7 @@ def pack_examples(examples: list[dict[str, Any]], max_length: int) -> list[dict[
 
 
 def _concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    input_ids: list[int] = []
-    labels: list[int] = []
-    positions: list[int] = []
-    for part in parts:
-        n = len(part["input_ids"])
-        input_ids += part["input_ids"]
-        # The first token of an example is never a target: predicting it would use the previous example.
-        labels += [IGNORE_INDEX, *part["labels"][1:]]
-        positions += list(range(n))
+    input_ids, labels, positions = concat_examples(parts)
     return {"input_ids": input_ids, "labels": labels, "position_ids": positions,
             "ids": [p.get("id") for p in parts]}
 

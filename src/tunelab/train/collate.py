@@ -65,16 +65,23 @@ class PaddingFreeCollator:
     targets_seen: int = field(default=0, init=False)
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids: list[int] = []
-        labels: list[int] = []
-        positions: list[int] = []
-        for ex in batch:
-            n = len(ex["input_ids"])
-            ids += ex["input_ids"]
-            labels += [IGNORE_INDEX, *ex["labels"][1:]]
-            positions += ex["position_ids"] if "position_ids" in ex else range(n)
+        ids, labels, positions = concat_examples(batch)
         labels_t = torch.tensor([labels])
         self.tokens_seen += len(ids)
         self.targets_seen += int((labels_t != IGNORE_INDEX).sum())
         out = {"input_ids": torch.tensor([ids]), "labels": labels_t, "position_ids": torch.tensor([positions])}
         return with_example_index(out, batch)
+
+
+def concat_examples(parts: list[dict[str, Any]]) -> tuple[list[int], list[int], list[int]]:
+    """Examples end to end: input ids, labels and position ids that restart for each example (a part that
+    is already a packed row keeps its own). The first token of each part is never a target: predicting it
+    would use the previous example."""
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for part in parts:
+        ids += part["input_ids"]
+        labels += [IGNORE_INDEX, *part["labels"][1:]]
+        positions += part.get("position_ids") or range(len(part["input_ids"]))
+    return ids, labels, positions
