@@ -23,8 +23,14 @@ __all__ = ["ClusterConfig", "K8sConfig", "K8sStorageConfig", "RunConfig", "Secti
 class ModelConfig(Section):
     name: str = Field(
         "smollm2-135m-instruct",
-        description="Base model: a bundled name (smollm2-135m-instruct), a local Hugging Face folder, "
-        "or a local .gguf file.",
+        description="Base model: a bundled name (smollm2-135m-instruct), a Hugging Face Hub ID (ORG/NAME, resolved "
+        "through the huggingface_hub cache), a local Hugging Face folder, or a local .gguf file.",
+    )
+    revision: str | None = Field(
+        None, description="Hub models: the branch, tag or commit to use (default: main). The run records the commit."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow a Hub model whose config needs its own Python code (auto_map); refused otherwise."
     )
     cache_dir: Path | None = Field(
         None,
@@ -129,6 +135,12 @@ class DataConfig(Section):
     )
     system_prompt: str | None = Field(
         None, description="System message added to examples that have none (train, eval and serving alike)."
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Chat template for a model without one (a base model): chatml, llama3, gemma, mistral, phi3, or "
+        "a .jinja file. Markers missing from the vocabulary are added as special tokens and trained. Default: the "
+        "model's own template, else chatml. Setting it on a chat model replaces the model's template.",
     )
     packing: bool = Field(
         False, description="Pack several examples into each max_length row (position ids restart per example)."
