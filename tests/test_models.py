@@ -22,7 +22,7 @@ def test_unknown_sources_name_the_key():
     with pytest.raises(ModelError) as info:
         locate_model(ModelConfig(name="no-such-model"))
     assert info.value.problems == ["model.name: 'no-such-model' is not a bundled model (smollm2-135m-instruct), "
-                                   "a local .gguf file, or a local model folder"]
+                                   "a local .gguf file, a local model folder, or a Hub ID (ORG/NAME)"]
     with pytest.raises(ModelError) as info:
         locate_model(ModelConfig(name="/nowhere/model.gguf"))
     assert info.value.problems == ["model.name: GGUF file /nowhere/model.gguf not found"]

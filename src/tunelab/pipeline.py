@@ -101,10 +101,13 @@ def tracker_for(cfg: RunConfig, run: RunPaths) -> Any:
 
 
 def stage_train(cfg: RunConfig, run: RunPaths, resume: bool = False) -> Any:
+    from tunelab.models import model_record
     from tunelab.train.preference import train_preference
     from tunelab.train.sft import train_sft
 
-    check_compatibility(cfg, pick_precision(cfg.model).device, locate_model(cfg.model))
+    source = locate_model(cfg.model)
+    check_compatibility(cfg, pick_precision(cfg.model).device, source)
+    base = model_record(cfg.model, source)  # before training: a Hub commit as resolved for this run
     dataset = stage_data(cfg, run).dataset
     tracker = tracker_for(cfg, run)
     if tracker is not None:
@@ -125,7 +128,7 @@ def stage_train(cfg: RunConfig, run: RunPaths, resume: bool = False) -> Any:
     finally:
         if monitor is not None:
             tracker.stop_system_metrics(monitor)
-    update_run_manifest(run, data=dataset.counts(), train=result.to_json())
+    update_run_manifest(run, model=base, data=dataset.counts(), train=result.to_json())
     if tracker is not None:
         tracker.log_metrics({"step": result.steps, "train_seconds": result.train_seconds,
                              "train_tokens_per_second": result.tokens_per_second,

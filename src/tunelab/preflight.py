@@ -28,7 +28,7 @@ def check_compatibility(cfg: RunConfig, device: str, source: ModelSource | None 
     if method.type == "prefix_tuning" and train.gradient_checkpointing:
         problems.append("train.gradient_checkpointing: prefix tuning feeds past key/values that checkpointing "
                         "cannot recompute; set it to false")
-    if method.type == "prefix_tuning" and source is not None and source.kind == "folder":
+    if method.type == "prefix_tuning" and source is not None and source.kind in ("folder", "hub"):
         config = json.loads((source.path / "config.json").read_text())
         if not all(k in config for k in ("num_attention_heads", "num_hidden_layers", "hidden_size")):
             problems.append(f"method.type: prefix tuning needs a decoder with attention heads, and "

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.data.formats import FORMATS, RowError, detect_format, parse_row
-from tunelab.data.readers import BadRow, read_rows
+from tunelab.data.readers import BadRow, read_hub_rows, read_rows
 from tunelab.data.records import Record
 from tunelab.errors import DataError
+from tunelab.hub import dataset_label, is_hub_dataset
 
 # Columns each format reads; other scalar columns are kept as `meta` (for stratify_by / group_by).
 COLUMNS: dict[str, tuple[str, ...]] = {
@@ -41,25 +42,31 @@ class Loaded:
     skipped: list[Skipped] = field(default_factory=list)
 
 
-def load_source(path: Path, fmt: str = "auto", columns: dict[str, str] | None = None,
-                on_error: str = "fail") -> Loaded:
-    """Parse every row of `path`. `columns` maps our field names to the file's (e.g. output: answer)."""
+def load_source(path: Path | str, fmt: str = "auto", columns: dict[str, str] | None = None,
+                on_error: str = "fail", split: str = "train", subset: str | None = None) -> Loaded:
+    """Parse every row of `path` (a local file or folder, or hf://ORG/NAME with its `split` and `subset`).
+    `columns` maps our field names to the source's (e.g. output: answer)."""
+    hub = is_hub_dataset(path)
+    label = dataset_label(str(path), split, subset) if hub else str(path)
     if fmt != "auto" and fmt not in FORMATS:
-        raise DataError(f"{path}: unknown format {fmt!r}; expected auto or one of {', '.join(FORMATS)}")
+        raise DataError(f"{label}: unknown format {fmt!r}; expected auto or one of {', '.join(FORMATS)}")
     rename = {theirs: ours for ours, theirs in (columns or {}).items()}
+    # Row ids when rows carry none: "train.jsonl:12", or "orders:test:3" for row 3 of a Hub dataset's test split.
+    name = f"{str(path).rsplit('/', 1)[-1]}:{split}" if hub else Path(path).name
+    rows = read_hub_rows(str(path), split, subset) if hub else read_rows(Path(path))
     out = Loaded()
-    for n, (where, raw) in enumerate(read_rows(path)):
+    for n, (where, raw) in enumerate(rows):
         if isinstance(raw, BadRow):
             if on_error != "skip":
                 raise DataError(f"{where}: {raw}")
             out.skipped.append(Skipped(where, str(raw)))
             continue
         row = {rename.get(k, k): v for k, v in raw.items()}
-        if n == 0 and fmt != "auto" and (path.is_dir() or path.suffix.lower() in TABLES):
-            _check_columns(path, row, fmt, columns or {})
+        if n == 0 and fmt != "auto" and (hub or Path(path).is_dir() or Path(path).suffix.lower() in TABLES):
+            _check_columns(label, row, fmt, columns or {})
         try:
             row_format = detect_format(row) if fmt == "auto" else fmt
-            record = parse_row(row, row_format, _record_id(row, path, where), where)
+            record = parse_row(row, row_format, _record_id(row, name, label, where), where)
         except RowError as err:
             if on_error == "skip":
                 out.skipped.append(Skipped(where, str(err)))
@@ -70,19 +77,19 @@ def load_source(path: Path, fmt: str = "auto", columns: dict[str, str] | None = 
     return out
 
 
-def _check_columns(path: Path, row: dict[str, Any], fmt: str, columns: dict[str, str]) -> None:
+def _check_columns(label: str, row: dict[str, Any], fmt: str, columns: dict[str, str]) -> None:
     for needed in REQUIRED[fmt]:
         if needed not in row:
             shown = columns.get(needed, needed)
-            raise DataError(f"{path}: missing column '{shown}' needed by format {fmt} "
+            raise DataError(f"{label}: missing column '{shown}' needed by format {fmt} "
                             f"(columns: {', '.join(sorted(row))}); map yours with `columns:`")
 
 
-def _record_id(row: dict[str, Any], path: Path, where: str) -> str:
+def _record_id(row: dict[str, Any], name: str, label: str, where: str) -> str:
     if row.get("id") is not None:
         return str(row["id"])
-    # "train.jsonl:12" / "data.csv row 7" -> a stable id from the file name and position
-    return f"{path.name}:{where[len(str(path)):].strip(': ').replace('row ', '').replace('item ', '')}"
+    # "train.jsonl:12" / "data.csv row 7" -> a stable id from the source's name and position
+    return f"{name}:{where[len(label):].strip(': ').replace('row ', '').replace('item ', '')}"
 
 
 def _meta(row: dict[str, Any], fmt: str) -> dict[str, Any]:

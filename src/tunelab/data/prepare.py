@@ -36,6 +36,7 @@ from tunelab.data.report import (
 from tunelab.data.split import apply_weights, split_records
 from tunelab.data.tokens import token_counter
 from tunelab.errors import DataError
+from tunelab.hub import dataset_record, is_hub_dataset
 from tunelab.progress import console
 
 SPLITS = ("train", "val", "test")
@@ -61,11 +62,12 @@ class Prepared:
     report: dict[str, Any]
 
 
-def _load_all(sources: list[SourceConfig], cfg: RunConfig, skipped: list[Skipped],
+def _load_all(sources: list[SourceConfig], role: str, cfg: RunConfig, skipped: list[Skipped],
               weights: dict[int, float]) -> list[Record]:
     records = []
     for source in sources:
-        loaded = load_source(source.path, source.format or cfg.data.format, source.columns, cfg.data.on_error)
+        loaded = load_source(source.path, source.format or cfg.data.format, source.columns, cfg.data.on_error,
+                             split=source.split or role, subset=source.subset)
         skipped += loaded.skipped
         for record in loaded.records:
             weights[id(record)] = source.weight
@@ -80,8 +82,8 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None) -> Prepared:
     data = cfg.data
     skipped: list[Skipped] = []
     weights: dict[int, float] = {}
-    pool = _load_all(data.train, cfg, skipped, weights)
-    given_test = _load_all(data.test, cfg, skipped, weights)
+    pool = _load_all(data.train, "train", cfg, skipped, weights)
+    given_test = _load_all(data.test, "test", cfg, skipped, weights)
     loaded = len(pool) + len(given_test)
     kinds = Counter(r.kind for r in [*pool, *given_test])
     if len(kinds) > 1:
@@ -144,7 +146,8 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None) -> Prepared:
 
 def prepare_data(cfg: RunConfig, folder: Path, tokenizer: Any = None) -> Prepared:
     """Write the Dataset folder for `cfg` at `folder`, or reuse it when inputs and config are unchanged."""
-    fingerprint = data_fingerprint(cfg)
+    sources = _source_records(cfg)
+    fingerprint = data_fingerprint(cfg, sources)
     stamp = folder / "manifest.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
         return Prepared(load_dataset(folder), json.loads((folder / "report.json").read_text()))
@@ -154,7 +157,6 @@ def prepare_data(cfg: RunConfig, folder: Path, tokenizer: Any = None) -> Prepare
             write_jsonl_atomic(tmp / f"{name}.jsonl", [r.to_json() for r in getattr(prepared.dataset, name)])
         write_json_atomic(tmp / "report.json", prepared.report)
         write_text_atomic(tmp / "report.md", render_summary(prepared.report))
-        sources = [{"path": str(p), "sha256": _hash_source(p)} for p in _source_paths(cfg)]
         write_json_atomic(tmp / "manifest.json", manifest(
             "dataset", fingerprint=fingerprint, sources=sources, counts=prepared.dataset.counts(),
             model=cfg.model.name, config=cfg.data.model_dump(mode="json"),
@@ -162,8 +164,18 @@ def prepare_data(cfg: RunConfig, folder: Path, tokenizer: Any = None) -> Prepare
     return prepared
 
 
-def _source_paths(cfg: RunConfig) -> list[Path]:
-    return [*(s.path for s in cfg.data.train), *(s.path for s in cfg.data.test), *cfg.data.contamination.benchmarks]
+def _source_records(cfg: RunConfig) -> list[dict[str, Any]]:
+    """Every source with what identifies its content: a file's sha256, or a Hub dataset's commit and the sha256
+    of its cached rows (the split defaults as in _load_all)."""
+    records = []
+    for role, sources in (("train", cfg.data.train), ("test", cfg.data.test)):
+        for s in sources:
+            if is_hub_dataset(s.path):
+                records.append(dataset_record(str(s.path), s.split or role, s.subset))
+            else:
+                records.append({"path": str(s.path), "sha256": _hash_source(Path(s.path))})
+    return records + [{"path": str(p), "sha256": _hash_source(p)} for p in cfg.data.contamination.benchmarks]
+
 
 
 def _hash_source(path: Path) -> str:
@@ -177,13 +189,14 @@ def _hash_source(path: Path) -> str:
     return sha256_file(path)
 
 
-def data_fingerprint(cfg: RunConfig) -> str:
-    """Changes whenever a source file, the data config, or the tokenizer's model changes."""
+def data_fingerprint(cfg: RunConfig, sources: list[dict[str, Any]] | None = None) -> str:
+    """Changes whenever a source, the data config, or the tokenizer's model changes. `sources`: the
+    _source_records of `cfg`, when already made."""
     from tunelab import __version__
     from tunelab.artifacts import sha256_text
 
-    parts = {"config": cfg.data.model_dump(mode="json"), "model": cfg.model.name, "version": __version__,
-             "sources": [_hash_source(p) for p in _source_paths(cfg)]}
+    parts = {"config": cfg.data.model_dump(mode="json"), "model": cfg.model.name, "revision": cfg.model.revision,
+             "version": __version__, "sources": [r["sha256"] for r in sources or _source_records(cfg)]}
     return sha256_text(json.dumps(parts, sort_keys=True, default=str))
 
 

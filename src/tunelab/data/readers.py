@@ -137,6 +137,18 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Row]]:
         yield f"{path} row {i}", row
 
 
+def read_hub_rows(path: str, split: str, subset: str | None) -> Iterator[tuple[str, Row]]:
+    """Rows of a Hub dataset (hf://ORG/NAME), named like table rows: "hf://org/name split train row 7"."""
+    from tunelab.hub import dataset_label, load_hub_dataset
+
+    label = dataset_label(path, split, subset)
+    data = load_hub_dataset(path, split, subset)
+    if len(data) == 0:
+        raise DataError(f"{label}: the dataset has no rows")
+    for i, row in enumerate(data, start=1):
+        yield f"{label} row {i}", dict(row)
+
+
 def _read_hf_folder(path: Path) -> Iterator[tuple[str, Row]]:
     if not ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
         raise DataError(f"{path}: a folder source must be a datasets folder written by save_to_disk")

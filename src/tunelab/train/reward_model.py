@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from tunelab.chat import render_conversation
-from tunelab.config import RunConfig
+from tunelab.config import ModelConfig, RunConfig
 from tunelab.errors import RunFolderError
-from tunelab.models import Precision, load_tokenizer
+from tunelab.models import Precision, load_tokenizer, resolve_model
 
 
 def build_reward_model(cfg: RunConfig, base_folder: Path, precision: Precision) -> Any:
@@ -42,7 +42,9 @@ def load_reward_model(run_dir: Path) -> Any:
     config_path = adapter / "adapter_config.json"
     if not config_path.is_file() or json.loads(config_path.read_text()).get("task_type") != "SEQ_CLS":
         raise RunFolderError(f"{run_dir}: not a reward-model run (train one with objective.type: reward)")
-    base = json.loads(config_path.read_text())["base_model_name_or_path"]
+    spec = json.loads(config_path.read_text())
+    # The adapter names its base portably (Hub ID and commit, bundled name, or path); resolve that to a folder.
+    base = resolve_model(ModelConfig(name=spec["base_model_name_or_path"], revision=spec.get("revision")))
     tokenizer = load_tokenizer(adapter)
     model = AutoModelForSequenceClassification.from_pretrained(
         base, num_labels=1, dtype=torch.float32, pad_token_id=tokenizer.pad_token_id)

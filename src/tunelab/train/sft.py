@@ -197,9 +197,12 @@ def _loraplus_optimizer(cfg: RunConfig, model: Any) -> Any:
 def save_trained(cfg: RunConfig, model: Any, tokenizer: Any, run: RunPaths, state_dict: Any = None) -> None:
     """Write the adapter (standard PEFT layout) or the full model, with the exact tokenizer and chat
     template it was trained with. `state_dict`: the gathered weights of a sharded (FSDP) model."""
+    from tunelab.hub import name_base_in_adapter
+
     target = run.root / "model" if cfg.method.type == "full" else run.adapter
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
+        name_base_in_adapter(cfg.model, tmp)  # the Hub ID or configured name, not this machine's cache path
         tokenizer.save_pretrained(tmp)
         (tmp / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
     write_text_atomic(run.chat_template, tokenizer.chat_template)
