@@ -142,14 +142,14 @@ def test_modelfile_translates_chatml_and_refuses_other_templates(tiny_tokenizer)
     tokenizer.chat_template = SMOLLM2
     smol = translate(tokenizer)
     assert smol.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-    text = modelfile_text("./m.gguf", smol, None, "<|im_end|>")
+    text = modelfile_text("./m.gguf", smol, None)
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
     assert "{{ .Content }}<|im_end|>" in text
-    trained_with = modelfile_text("./m.gguf", smol, "Be terse.", "<|im_end|>")
+    trained_with = modelfile_text("./m.gguf", smol, "Be terse.")
     assert trained_with.count("SYSTEM") == 1 and 'SYSTEM """Be terse."""' in trained_with
 
     tokenizer.chat_template = LLAMA2
-    with pytest.raises(TemplateError, match="none that tunelab can translate"):
+    with pytest.raises(TemplateError, match="refusing to write a Modelfile"):
         translate(tokenizer)
     # ChatML with a space after the role is not ChatML: near misses are refused too.
     tokenizer.chat_template = SMOLLM2.replace("message['role'] + '\n'", "message['role'] + ' \n'")

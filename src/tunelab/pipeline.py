@@ -23,6 +23,7 @@ from tunelab.config import TRL_OBJECTIVES, RunConfig
 from tunelab.config_file import dump_config
 from tunelab.data.prepare import Prepared, build_dataset, prepare_data
 from tunelab.errors import RunFolderError
+from tunelab.model_facts import model_facts
 from tunelab.models import locate_model, pick_precision
 from tunelab.preflight import check_compatibility
 
@@ -63,6 +64,7 @@ def preflight(cfg: RunConfig) -> list[str]:
     return [
         f"data: {counts['train']} train / {counts['val']} val / {counts['test']} test examples, all rows valid",
         f"model: {source.name} ({source.kind}: {source.path})",
+        *model_facts(cfg).lines(),
         f"precision: {precision.label}",
         f"training: {_training_place(cfg)}",
         f"output: {run.root}",

@@ -68,7 +68,9 @@ def register(run_dir: Path, name: str) -> Any:
         tracker.log_folder(run.eval, "eval")
     tags = {"tunelab.base_model": cfg.model.name, "tunelab.method": cfg.method.type,
             "tunelab.objective": cfg.objective.type, "tunelab.run_dir": str(run.root.resolve()),
-            "tunelab.chat_template": run.chat_template.read_text(encoding="utf-8")[:7000]}
+            # A base model's continued pre-training has no template.
+            "tunelab.chat_template": run.chat_template.read_text(encoding="utf-8")[:7000]
+            if run.chat_template.is_file() else ""}
     metrics_path = run.eval / "metrics.json"
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())

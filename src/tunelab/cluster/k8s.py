@@ -191,7 +191,10 @@ def inference_service(cfg: RunConfig, name: str, adapters: list[tuple[str, Any]]
     if not k.storage.pvc:
         problems.append("k8s.storage.pvc: the adapters are served from the shared volume the training job wrote; "
                         "set the PersistentVolumeClaim")
-    lora_modules = []
+    if len({mv.tags.get("tunelab.chat_template") for _, mv in adapters}) > 1:
+        problems.append("kserve: the adapters were trained with different chat templates; vLLM applies one template "
+                        "to every adapter it serves: one InferenceService per template")
+    lora_modules, paths = [], []
     for served, mv in adapters:
         path = _adapter_path(mv, k.storage.mount_path)
         if path is None:
@@ -200,9 +203,13 @@ def inference_service(cfg: RunConfig, name: str, adapters: list[tuple[str, Any]]
                             "(or copy its run folder onto the volume)")
         else:
             lora_modules.append(f"{served}={path}")
+            paths.append(path)
     if problems:
         raise ConfigError(*problems)
     args = ["--model_name", name, "--backend", "vllm", "--enable-lora", "--lora-modules", *lora_modules]
+    if paths and adapters[0][1].tags.get("tunelab.chat_template"):
+        # The template the adapters were trained with (saved beside each adapter), not the base model's.
+        args += ["--chat-template", f"{paths[0]}/chat_template.jinja"]
     if max_lora_rank:
         args += ["--max-lora-rank", str(max_lora_rank)]
     gpus = k.gpu_per_worker if k.gpu_per_worker > 0 else None

@@ -77,7 +77,7 @@ def _load_all(sources: list[SourceConfig], role: str, cfg: RunConfig, skipped: l
 
 def build_dataset(cfg: RunConfig, tokenizer: Any = None) -> Prepared:
     """Everything but the writing: returns the splits and the report."""
-    from tunelab.models import tokenizer_for
+    from tunelab.chat import run_tokenizer
 
     data = cfg.data
     skipped: list[Skipped] = []
@@ -90,7 +90,7 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None) -> Prepared:
         raise DataError(f"data: the sources mix row kinds ({', '.join(f'{k}: {n}' for k, n in kinds.items())}); "
                         "one dataset holds one kind (chat, preference, kto or text)")
 
-    counter = token_counter(tokenizer or tokenizer_for(cfg.model), data.system_prompt)
+    counter = token_counter(tokenizer or run_tokenizer(cfg), data.system_prompt)
     max_tokens = data.clean.max_tokens or data.max_length
     cleaned = [clean_records(records, data.clean, max_tokens, counter) for records in (pool, given_test)]
     deduped = [deduplicate(c.kept, data.dedup) for c in cleaned]
@@ -175,7 +175,6 @@ def _source_records(cfg: RunConfig) -> list[dict[str, Any]]:
             else:
                 records.append({"path": str(s.path), "sha256": _hash_source(Path(s.path))})
     return records + [{"path": str(p), "sha256": _hash_source(p)} for p in cfg.data.contamination.benchmarks]
-
 
 
 def _hash_source(path: Path) -> str:

@@ -85,8 +85,9 @@ class Estimate:
 
 def estimate_run(cfg: RunConfig, gpu: str | None = None, probe: bool = True, probe_steps: int = 3,
                  price_per_hour: float | None = None, prices_file: Path | None = None) -> Estimate:
+    from tunelab.chat import run_tokenizer
     from tunelab.estimate.shape import model_shape
-    from tunelab.models import pick_precision, resolve_model, tokenizer_for
+    from tunelab.models import pick_precision, resolve_model
     from tunelab.preflight import check_compatibility
 
     table = load_table(prices_file)
@@ -103,7 +104,7 @@ def estimate_run(cfg: RunConfig, gpu: str | None = None, probe: bool = True, pro
         device, precision = chosen.device, chosen.label
         compute_bytes = 4 if chosen.autocast_dtype is None else 2
 
-    tokenizer = tokenizer_for(cfg.model)
+    tokenizer = run_tokenizer(cfg)
     records, stats = _data_stats(cfg, tokenizer, notes)
     folder = resolve_model(cfg.model)
     shape = model_shape(folder, cfg.method)

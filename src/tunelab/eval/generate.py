@@ -6,15 +6,8 @@ from typing import Any
 
 import torch
 
+from tunelab.families import stop_texts, stop_token_ids
 from tunelab.progress import progress_bar
-
-
-def stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
-    """End-of-turn ids: the tokenizer's eos plus any the model's generation config lists."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
-    return sorted(i for i in ids if i is not None)
 
 
 @torch.no_grad()
@@ -31,6 +24,7 @@ def generate_greedy(
         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=stop_token_ids(tokenizer, model),
     )
+    cut_at = stop_texts(tokenizer)  # an end-of-turn marker that is not one token cannot stop generation
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     side = tokenizer.padding_side
@@ -45,6 +39,8 @@ def generate_greedy(
                 out = model.generate(**enc, generation_config=gen_config)
                 new_tokens = out[:, enc["input_ids"].shape[1]:]
                 for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                    for marker in cut_at:
+                        text = text.split(marker, 1)[0]
                     answers[i] = text.strip()
                 bar.advance(task, len(idx))
     finally:

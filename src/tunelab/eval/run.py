@@ -20,7 +20,7 @@ from tunelab.artifacts import (
     write_jsonl_atomic,
     write_text_atomic,
 )
-from tunelab.chat import encode_records, render_prompt, with_system_prompt
+from tunelab.chat import chat_tokenizer, encode_records, render_prompt, with_system_prompt
 from tunelab.config import RunConfig, SuiteConfig
 from tunelab.data.load import load_source
 from tunelab.data.prepare import load_dataset
@@ -34,7 +34,7 @@ from tunelab.eval.metrics import corpus_bleu, resolve_metric
 from tunelab.eval.probes import CATEGORIES, PROBES
 from tunelab.eval.report import render_markdown
 from tunelab.eval.systems import Models, System, build_systems, few_shot_examples
-from tunelab.models import Precision, load_tokenizer, pick_device, resolve_model
+from tunelab.models import Precision, pick_device, resolve_model
 from tunelab.train.adapters import load_trained
 
 
@@ -87,7 +87,7 @@ def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
     precision = Precision(pick_device(cfg.model.device), None, torch.float32)
     tuned, separate_base = load_trained(cfg, run.root, resolve_model(cfg.model), precision)
     models = Models(tuned, separate_base)
-    tokenizer = load_tokenizer(trained_folder(run))  # the exact template used in training
+    tokenizer = chat_tokenizer(trained_folder(run), cfg.data.chat_template)  # the template used in training
     systems = build_systems(cfg, models)
     shots = few_shot_examples(load_dataset(run.data).train, cfg.eval.few_shot_k, cfg.eval.seed)
     torch.manual_seed(cfg.eval.seed)

@@ -14,6 +14,7 @@ Everything is written into a temporary folder renamed into place; a failed check
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -111,7 +112,7 @@ def export_gguf(cfg: RunConfig, run: RunPaths, quant: str, out: Path, adapter_on
         if template is not None:
             source = str(base_gguf) if adapter_only else f"./{gguf.name}"
             write_text_atomic(tmp / "Modelfile", modelfile_text(source, template, cfg.data.system_prompt,
-                                                                tokenizer.eos_token, gguf.name if adapter_only else None))
+                                                                gguf.name if adapter_only else None))
         shutil.rmtree(work, ignore_errors=True)
         report["seconds"] = round(time.perf_counter() - started, 1)
         write_json_atomic(tmp / "verification.json", report)
@@ -129,12 +130,21 @@ def _convert_merged(cache: Path, hf: Path, gguf: Path, quant: str, work: Path) -
     f16 = gguf if quant == "f16" else work / "model-f16.gguf"
     console.print(f"Converting to {f16.name} with llama.cpp's converter ...")
     work.mkdir(parents=True, exist_ok=True)
-    llamacpp.run_converter(cache, "convert_hf_to_gguf.py", [str(hf), "--outtype", "f16", "--outfile", str(f16)],
+    llamacpp.run_converter(cache, "convert_hf_to_gguf.py", [str(hf), "--outtype", "f16", "--outfile", str(f16),
+                                                            "--model-name", gguf_model_name(hf)],
                            llamacpp.pre_tokenizer_fallback(hf))
     if quant != "f16":
         console.print(f"Quantizing to {quant} with llama.cpp's quantizer ...")
         llamacpp.quantize(f16, gguf, quant)
         f16.unlink()
+
+
+def gguf_model_name(hf: Path) -> str:
+    """The GGUF's general.name: the folder's name and its model type. llama.cpp reads family behaviour from it
+    (Phi-3's special tokens swallow the whitespace after them only when the name says phi3), and the folder
+    an export converts from is a work folder named `merged`."""
+    model_type = json.loads((hf / "config.json").read_text()).get("model_type", "")
+    return f"{hf.name}-{model_type}" if model_type else hf.name
 
 
 def base_model_gguf(cache: Path, base_hf: Path) -> Path:
@@ -148,7 +158,8 @@ def base_model_gguf(cache: Path, base_hf: Path) -> Path:
         partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
             llamacpp.run_converter(cache, "convert_hf_to_gguf.py",
-                                   [str(base_hf), "--outtype", "f16", "--outfile", str(partial)],
+                                   [str(base_hf), "--outtype", "f16", "--outfile", str(partial),
+                                    "--model-name", gguf_model_name(base_hf)],
                                    llamacpp.pre_tokenizer_fallback(base_hf))
             os.replace(partial, target)
         finally:
@@ -164,6 +175,6 @@ def _hf_model(folder: Path) -> Any:
 
 
 def _peft_model(base: Path, adapter: Path) -> Any:
-    from peft import PeftModel
+    from tunelab.vocab import attach_adapter
 
-    return PeftModel.from_pretrained(_hf_model(base), adapter).eval()
+    return attach_adapter(_hf_model(base), adapter).eval()

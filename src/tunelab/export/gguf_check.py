@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunelab.chat import without_default_bos
+
 PROBE_TOKENS = 16
 TIE_MARGIN = 0.05
 TOP_K = 5
@@ -134,11 +136,9 @@ def reference_continuations(model: Any, tokenizer: Any, prompts: list[str]) -> l
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    configured = model.generation_config.eos_token_id
-    ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
+    from tunelab.families import stop_token_ids
+
+    return set(stop_token_ids(tokenizer, model))
 
 
 def open_llama(gguf: Path, lora: Path | None = None, n_ctx: int = 512, threads: int = 1) -> Any:
@@ -156,7 +156,8 @@ def compare(llm: Any, quant: str, prompts: list[str], refs: list[Reference], eos
 
     result = Verification(quant)
     for text, ref, want in zip(prompts, refs, expected):
-        own_ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        # As llama-server and Ollama would: the runtime adds the bos itself where the GGUF says so.
+        own_ids = llm.tokenize(without_default_bos(tokenizer, text).encode("utf-8"), add_bos=True, special=True)
         # Free running: llama.cpp continues the prompt greedily on its own.
         llm.reset()
         llm.eval(ref.prompt_ids)

@@ -98,8 +98,10 @@ def pre_tokenizer_fallback(hf_folder: Path) -> str | None:
 
     The converter identifies BPE pre-tokenizers by hashing how a test string splits, from a list of published
     models; a new tokenizer (tunelab's test models, any custom one) is refused. A plain byte-level BPE with
-    GPT-2's split regex and no normalizer is exactly llama.cpp's "gpt-2" pre-tokenizer; anything else stays
-    refused. The export checks afterwards that llama.cpp tokenizes the probe prompts as transformers does.
+    GPT-2's split regex and no normalizer is exactly llama.cpp's "gpt-2" pre-tokenizer; NFC plus Qwen2's split
+    regex before a regex-free byte-level step is its "qwen2" (what transformers writes for any Qwen2 tokenizer);
+    anything else stays refused. The export checks afterwards that llama.cpp tokenizes the probe prompts as
+    transformers does.
     """
     path = hf_folder / "tokenizer.json"
     if not path.is_file():
@@ -109,7 +111,16 @@ def pre_tokenizer_fallback(hf_folder: Path) -> str | None:
     if (spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
             and not pre.get("add_prefix_space", False)):
         return "gpt-2"
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    if ((spec.get("normalizer") or {}).get("type") == "NFC" and len(steps) == 2
+            and steps[0].get("type") == "Split" and steps[0].get("pattern", {}).get("Regex") == _QWEN2_SPLIT
+            and steps[1].get("type") == "ByteLevel" and not steps[1].get("use_regex", True)):
+        return "qwen2"
     return None
+
+
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def run_converter(cache: Path, script: str, args: list[str], pre_tokenizer: str | None = None) -> None:

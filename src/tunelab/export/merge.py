@@ -8,6 +8,8 @@ worse than adapter" more than almost anything; here it cannot happen silently.
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,10 +61,30 @@ def _max_diff(a: Any, b: Any, mask: Any) -> float:
     return float(((a.float() - b.float()).abs() * mask[..., None]).max())
 
 
+def keep_base_tokenizer_files(base: Path, out: Path, vocab_size: int) -> None:
+    """Give a merged folder the tokenizer files its base shipped that transformers does not write back: the
+    SentencePiece `tokenizer.model` (when training added no tokens) and the declared `tokenizer_class`, which
+    llama.cpp's converter reads to pick a vocabulary reader (Phi-3's insists on one of the two)."""
+    sentencepiece = base / "tokenizer.model"
+    base_config = base / "tokenizer_config.json"
+    if sentencepiece.is_file() and not (out / "tokenizer.model").exists():
+        from transformers import AutoConfig
+
+        if vocab_size <= AutoConfig.from_pretrained(base).get_text_config().vocab_size:
+            shutil.copy(sentencepiece, out / "tokenizer.model")
+    if base_config.is_file() and (out / "tokenizer_config.json").is_file():
+        declared = json.loads(base_config.read_text(encoding="utf-8")).get("tokenizer_class")
+        written = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+        if declared and written.get("tokenizer_class") != declared:
+            written["tokenizer_class"] = declared
+            write_json_atomic(out / "tokenizer_config.json", written)
+
+
 def merge_run(cfg: RunConfig, run: RunPaths, out: Path, dtype: str = "float32", max_diff: float = 1e-3) -> MergeResult:
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    from tunelab.vocab import attach_adapter
 
     if cfg.method.type == "full":
         raise ExportError(f"export merge: {run.root} is a full fine-tune; {run.root / 'model'} is already a merged model")
@@ -73,7 +95,8 @@ def merge_run(cfg: RunConfig, run: RunPaths, out: Path, dtype: str = "float32", 
         raise ExportError(f"export merge: {run.root} has no trained adapter")
     fp32 = Precision("cpu", None, torch.float32)
     tokenizer = load_tokenizer(run.adapter)
-    model = PeftModel.from_pretrained(load_model(resolve_model(cfg.model), fp32), run.adapter).eval()
+    base_folder = resolve_model(cfg.model)
+    model = attach_adapter(load_model(base_folder, fp32), run.adapter).eval()
     batch = probe_batch(cfg, run, tokenizer)
     mask = batch["attention_mask"]
     with torch.no_grad():
@@ -88,6 +111,7 @@ def merge_run(cfg: RunConfig, run: RunPaths, out: Path, dtype: str = "float32", 
     with atomic_dir(out) as tmp:
         merged.to(target).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        keep_base_tokenizer_files(base_folder, tmp, len(tokenizer))
         (tmp / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
         with torch.no_grad():

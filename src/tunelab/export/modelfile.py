@@ -1,19 +1,23 @@
 """An Ollama `Modelfile` for an exported GGUF: the run's chat template in Ollama's Go template language.
 
-A Jinja chat template cannot be translated mechanically, so tunelab recognises template families by
-behaviour: it renders probe conversations with the run's template and with a reference renderer of each
-family it knows, and uses that family's Go template only if every rendering is identical (system message or
-not, several turns, with and without the generation prompt). A template that matches no family is refused
-with an error rather than approximated: a subtly wrong template silently degrades a fine-tuned model.
+A Jinja chat template cannot be translated mechanically, so tunelab checks by behaviour: it recognises the
+template's family (tunelab.families), fills in each of that family's Go templates with what it reads off the
+Jinja renderings (the default system prompt, a system preamble, the eos text), renders probe conversations
+with the Go template itself (export/gotemplate.py) and with the Jinja one, and keeps the first variant that
+agrees on every probe, the way Ollama would prompt the model (its Modelfile SYSTEM inserted as the first
+message when a request has none). A template that matches nothing is refused with an error rather than
+approximated: a subtly wrong template silently degrades a fine-tuned model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tunelab.chat import without_default_bos
 from tunelab.errors import TunelabError
+from tunelab.export.gotemplate import GoTemplateError, render_go
+from tunelab.families import FAMILIES, Family, detect, end_of_turn
 
 Message = dict[str, str]
 
@@ -22,76 +26,107 @@ class TemplateError(TunelabError):
     """The chat template cannot be expressed as an Ollama template."""
 
 
-@dataclass(frozen=True)
-class Family:
-    name: str
-    go_template: str
-    stops: tuple[str, ...]
-    render: Callable[[list[Message], str | None, bool], str]  # (messages, default system, generation prompt)
-    default_system: Callable[[str], str | None]  # the default system prompt, read off a rendering without one
-
-
-def _chatml(messages: list[Message], default_system: str | None, generation_prompt: bool) -> str:
-    if default_system is not None and messages and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": default_system}, *messages]
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return text + ("<|im_start|>assistant\n" if generation_prompt else "")
-
-
-def _chatml_default_system(rendered: str) -> str | None:
-    head = "<|im_start|>system\n"
-    if rendered.startswith(head) and "<|im_end|>" in rendered:
-        return rendered[len(head):rendered.index("<|im_end|>")]
-    return None
-
-
-# Ollama inserts the Modelfile's SYSTEM as the first message when a request has none, which is what templates
-# with a built-in default system prompt (SmolLM2's) do; the generation prompt follows a last non-assistant turn.
-CHATML_GO = """{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 -}}
-<|im_start|>{{ .Role }}
-{{ .Content }}<|im_end|>
-{{ if and $last (ne .Role "assistant") }}<|im_start|>assistant
-{{ end }}
-{{- end }}"""
-
-FAMILIES = (Family("chatml", CHATML_GO, ("<|im_end|>", "<|im_start|>"), _chatml, _chatml_default_system),)
-
-# Distinctive texts, so that a template which drops or reorders a message cannot match by accident.
-_PROBES: tuple[tuple[list[Message], bool], ...] = (
-    ([{"role": "user", "content": "Probe question one?"}], True),
-    ([{"role": "system", "content": "Probe system text."}, {"role": "user", "content": "Probe question two?"},
-      {"role": "assistant", "content": "Probe answer two."}, {"role": "user", "content": "Probe question three?"}],
-     True),
-    ([{"role": "user", "content": "Probe question four?"}, {"role": "assistant", "content": "Probe answer four."}],
-     False),
+# Distinctive texts, so that a template which drops or reorders a message cannot match by accident. Ollama
+# renders a template to prompt the next answer, so every probe ends with a user turn.
+_PROBES: tuple[list[Message], ...] = (
+    [{"role": "user", "content": "Probe question one?"}],
+    [{"role": "system", "content": "Probe system text."}, {"role": "user", "content": "Probe question two?"},
+     {"role": "assistant", "content": "Probe answer two."}, {"role": "user", "content": "Probe question three?"}],
+    [{"role": "user", "content": "Probe question four?"}, {"role": "assistant", "content": "Probe answer four."},
+     {"role": "user", "content": "Probe question five?"}],
 )
+_SENTINEL = "\x00tunelab\x00"
 
 
 @dataclass(frozen=True)
 class OllamaTemplate:
     family: Family
+    go_template: str
     default_system: str | None
+    stops: tuple[str, ...]
+
+
+def _go(template: str, messages: list[Message]) -> str:
+    return render_go(template, {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]})
+
+
+def _between(rendered: str, target: str) -> str | None:
+    """The text that stands in `target` where the sentinel stands, once, in `rendered`."""
+    if rendered.count(_SENTINEL) != 1:
+        return None
+    head, tail = rendered.split(_SENTINEL)
+    if target.startswith(head) and target.endswith(tail) and len(target) >= len(head) + len(tail):
+        return target[len(head):len(target) - len(tail)]
+    return None
+
+
+def _candidates(family: Family, eos: str, first: str, jinja_first: str) -> list[tuple[str, str | None]]:
+    """(Go template, default system) pairs to check: each variant with its placeholders read off the Jinja
+    rendering of a lone user message."""
+    user = [{"role": "user", "content": first}]
+    found = []
+    for variant in family.go_templates:
+        template = variant.replace("@EOS@", eos)
+        if "@PREAMBLE@" in template:
+            preamble = _between(_go(template.replace("@PREAMBLE@", _SENTINEL), user), jinja_first)
+            if preamble is None:
+                continue
+            template = template.replace("@PREAMBLE@", preamble)
+        if _go(template, user) == jinja_first:
+            found.append((template, None))
+            continue
+        system = _between(_go(template, [{"role": "system", "content": _SENTINEL}, *user]), jinja_first)
+        if system:
+            found.append((template, system))
+    return found
 
 
 def translate(tokenizer: Any) -> OllamaTemplate:
     """The Ollama template equivalent to `tokenizer.chat_template`, or a TemplateError naming what is known."""
-    def render(messages: list[Message], generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    def render(messages: list[Message]) -> str:
+        # When the tokenizer adds a bos by default, so does Ollama: the Go template must not write it again.
+        return without_default_bos(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                             add_generation_prompt=True))
 
+    family = detect(tokenizer)
+    known = ", ".join(FAMILIES)
+    if family is None:
+        raise TemplateError(f"the run's chat template belongs to none of the families tunelab can translate to an "
+                            f"Ollama template ({known}); refusing to write a Modelfile that would prompt the model "
+                            "differently from training (pass --no-modelfile to export the GGUF alone)")
+    probes = _PROBES
     try:
-        rendered = [render(messages, gen) for messages, gen in _PROBES]
-    except Exception as err:  # noqa: BLE001 - a template that cannot render the probes is simply not translatable
-        raise TemplateError(f"the chat template cannot render a plain conversation ({err}); "
-                            "cannot write an Ollama Modelfile (pass --no-modelfile)") from None
-    for family in FAMILIES:
-        default = family.default_system(rendered[0])
-        if all(family.render(messages, default, gen) == text for (messages, gen), text in zip(_PROBES, rendered)):
-            return OllamaTemplate(family, default)
-    known = ", ".join(f.name for f in FAMILIES)
-    raise TemplateError(f"the run's chat template is none that tunelab can translate to an Ollama template "
-                        f"(known: {known}); refusing to write a Modelfile that would prompt the model differently "
-                        "from training (pass --no-modelfile to export the GGUF alone)")
+        rendered = [render(messages) for messages in probes]
+    except Exception:  # noqa: BLE001 - some templates (Mistral's v0.1/v0.2) refuse a system turn
+        probes = tuple(p for p in _PROBES if p[0]["role"] != "system")
+        try:
+            rendered = [render(messages) for messages in probes]
+        except Exception as err:  # noqa: BLE001 - a template that cannot render these is not translatable
+            raise TemplateError(f"the chat template cannot render a plain conversation ({err}); "
+                                "cannot write an Ollama Modelfile (pass --no-modelfile)") from None
+    first = probes[0][0]["content"]
+    for template, system in _candidates(family, tokenizer.eos_token or "", first, rendered[0]):
+        try:
+            if all(_go(template, _with_system(messages, system)) == text
+                   for messages, text in zip(probes, rendered)):
+                return OllamaTemplate(family, template, system, _stops(family, tokenizer))
+        except GoTemplateError:
+            continue
+    raise TemplateError(f"the run's chat template is a {family.name} template, but none of tunelab's {family.name} "
+                        "Ollama templates renders the probe conversations exactly as it does; refusing to write a "
+                        "Modelfile that would prompt the model differently from training (pass --no-modelfile)")
+
+
+def _with_system(messages: list[Message], system: str | None) -> list[Message]:
+    # What Ollama does with the Modelfile's SYSTEM when a request brings no system message.
+    if system is None or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system}, *messages]
+
+
+def _stops(family: Family, tokenizer: Any) -> tuple[str, ...]:
+    stops = [end_of_turn(tokenizer), *family.stops, tokenizer.eos_token]
+    return tuple(dict.fromkeys(s for s in stops if s))
 
 
 def _quoted(text: str) -> str:
@@ -100,20 +135,17 @@ def _quoted(text: str) -> str:
     return f'"""{text}"""'
 
 
-def modelfile_text(gguf_name: str, template: OllamaTemplate, system_prompt: str | None, eos_token: str | None,
+def modelfile_text(gguf_name: str, template: OllamaTemplate, system_prompt: str | None,
                    adapter_name: str | None = None) -> str:
     """The Modelfile: FROM the GGUF (and ADAPTER for a LoRA GGUF), TEMPLATE, SYSTEM, stop tokens.
 
     SYSTEM is the prompt the run trained with (`data.system_prompt`), else the template's own default."""
-    stops = list(template.family.stops)
-    if eos_token and eos_token not in stops:
-        stops.append(eos_token)
     system = system_prompt if system_prompt else template.default_system
     lines = [f"FROM {gguf_name}"]
     if adapter_name:
         lines.append(f"ADAPTER ./{adapter_name}")
-    lines.append(f"TEMPLATE {_quoted(template.family.go_template)}")
+    lines.append(f"TEMPLATE {_quoted(template.go_template)}")
     if system:
         lines.append(f"SYSTEM {_quoted(system)}")
-    lines += [f'PARAMETER stop "{stop}"' for stop in stops]
+    lines += [f'PARAMETER stop "{stop}"' for stop in template.stops]
     return "\n".join(lines) + "\n"

@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunelab.families import stop_texts, stop_token_ids
 from tunelab.serve.adapters import BASE_NAME, ServeError, check_name, check_same_base, resolve_adapter
 from tunelab.serve.engine import Engine, GenRequest
 
@@ -181,12 +182,15 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
         if max_tokens > settings.max_tokens_limit:
             raise ServeError(f"max_tokens {max_tokens} is above this server's limit of {settings.max_tokens_limit}")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if chat:
+            stops += stop_texts(tokenizer)  # a template whose end-of-turn marker is not a single token
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         job = GenRequest(
             model=body.model, prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=body.temperature,
             top_p=body.top_p, stop=stops, seed=body.seed, deadline=started + settings.request_timeout,
+            stop_ids=frozenset(stop_token_ids(tokenizer)), tokenizer=tokenizer,
             emit=lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload)),
         )
         engine.submit(job)  # raises 404 / 400 / 429 before anything is streamed

@@ -34,6 +34,8 @@ class GenRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
+    stop_ids: frozenset[int] = frozenset()  # end-of-turn ids of the request's own template (besides the base's)
+    tokenizer: Any = None  # the request's own tokenizer (an adapter may have added tokens), else the base's
     seed: int | None = None
     deadline: float = float("inf")
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -65,14 +67,24 @@ class Engine:
 
     # -- adapters -------------------------------------------------------------------------------------
     def load_adapter(self, spec: AdapterSpec) -> None:
-        from peft import PeftModel
+        from tunelab.vocab import adapter_vocab_size, attach_adapter, token_layout
 
         with self.lock:
             if spec.name in self.adapters:
                 raise ServeError(f"adapter '{spec.name}' is already loaded; unload it first", 409, "adapter_exists")
             if self.peft is None:
-                self.peft = PeftModel.from_pretrained(self.base, spec.adapter_dir, adapter_name=spec.name).eval()
+                self.peft = attach_adapter(self.base, spec.adapter_dir, adapter_name=spec.name).eval()
             else:
+                needed = adapter_vocab_size(spec.adapter_dir) or 0
+                if needed > self.peft.get_input_embeddings().weight.shape[0]:
+                    raise ServeError(f"adapter '{spec.name}' adds tokens to the vocabulary beyond the loaded model's; "
+                                     "start the server with it (the base grows once, at start)", 409, "vocab_mismatch")
+                # PEFT batches adapters together only when all train token rows of the same modules, or none.
+                loaded = next(iter(self.adapters.values()), None)
+                if loaded is not None and token_layout(spec.adapter_dir) != token_layout(loaded.adapter_dir):
+                    raise ServeError(f"adapter '{spec.name}' trains new token rows differently from the adapters "
+                                     "already loaded (one adds chat-marker tokens, the other does not); serve it "
+                                     "from its own server", 409, "vocab_mismatch")
                 self.peft.load_adapter(spec.adapter_dir, adapter_name=spec.name)
                 self.peft.eval()
             self.adapters[spec.name] = spec
@@ -208,14 +220,14 @@ class Engine:
             r.emit("error", ServeError("request timed out", 504, "timeout"))
             return
         finish = None
-        if token in self.stop_ids:
+        if token in self.stop_ids or token in r.stop_ids:
             finish = "stop"
         else:
             r.tokens.append(token)
             self.metrics.inc("tunelab_generated_tokens_total", model=r.model)
             if len(r.tokens) >= r.max_tokens:
                 finish = "length"
-        text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
+        text = (r.tokenizer or self.tokenizer).decode(r.tokens, skip_special_tokens=True)
         cut = _first_stop(text, r.stop)
         if cut is not None:
             text, finish = text[:cut], "stop"
@@ -249,6 +261,6 @@ def _generator(r: GenRequest) -> Any:
 
 
 def _stop_ids(tokenizer: Any, model: Any) -> set[int]:
-    from tunelab.eval.generate import stop_token_ids
+    from tunelab.families import stop_token_ids
 
     return set(stop_token_ids(tokenizer, model))

@@ -96,7 +96,7 @@ def build_server(options: ServeOptions) -> tuple[Any, Any]:
     import torch
 
     from tunelab.artifacts import RunPaths
-    from tunelab.chat import ensure_chat_template
+    from tunelab.chat import setup_chat_template
     from tunelab.eval.run import trained_folder
     from tunelab.models import Precision, load_model, load_tokenizer, pick_device
     from tunelab.serve.api import ServerSettings, create_app
@@ -108,14 +108,19 @@ def build_server(options: ServeOptions) -> tuple[Any, Any]:
     # fp32 on CPU by default: batched and one-at-a-time answers then agree token for token.
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
         options.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
+    adapter_tokenizers = {spec.name: load_tokenizer(trained_folder(RunPaths(spec.run_dir))) for spec in specs}
     base_tokenizer = load_tokenizer(base_folder)
-    ensure_chat_template(base_tokenizer)
+    if not base_tokenizer.chat_template and adapter_tokenizers:
+        # A base model without a template chats in its first adapter's (as `base` does in eval): the adapter's
+        # tokenizer is the base's plus any marker tokens that template needed.
+        base_tokenizer = next(iter(adapter_tokenizers.values()))
+    elif not base_tokenizer.chat_template:
+        setup_chat_template(base_tokenizer, None, add_tokens=False)  # the untrained base has no rows for new ones
     engine = Engine(load_model(base_folder, Precision(device, None, dtype)), base_tokenizer,
                     max_batch=options.max_batch, max_queue=options.max_queue)
-    tokenizers: dict[str, Any] = {"base": base_tokenizer}
+    tokenizers: dict[str, Any] = {"base": base_tokenizer, **adapter_tokenizers}
     for spec in specs:
         engine.load_adapter(spec)
-        tokenizers[spec.name] = load_tokenizer(trained_folder(RunPaths(spec.run_dir)))
     settings = ServerSettings(
         api_key=key, allowed_roots=allowed_roots(options), default_max_tokens=options.default_max_tokens,
         max_tokens_limit=options.max_tokens_limit, request_timeout=options.request_timeout,
@@ -141,6 +146,8 @@ def serve(options: ServeOptions) -> None:
 
 def vllm_command(options: ServeOptions) -> tuple[list[str], list[str]]:
     """The `vllm serve` command line that serves the same base and adapters, and notes for the operator."""
+    from tunelab.vocab import token_layout
+
     base_folder, specs = resolve_setup(options)
     command = ["vllm", "serve", str(base_folder), "--served-model-name", "base", "--host", options.host,
                "--port", str(options.port), "--max-num-seqs", str(options.max_batch)]
@@ -149,6 +156,11 @@ def vllm_command(options: ServeOptions) -> tuple[list[str], list[str]]:
     if len(templates) > 1:
         raise ServeError("these adapters were trained with different chat templates; vLLM applies one template "
                          "to every model it serves: start one vLLM server per template")
+    with_tokens = [s.name for s in specs if token_layout(s.adapter_dir)]
+    if with_tokens:
+        raise ServeError(f"adapter(s) {', '.join(with_tokens)} add chat-marker tokens to the vocabulary, which vLLM's "
+                         "LoRA support cannot load; serve the merged model instead (tunelab export merge, then "
+                         "vllm serve the merged folder)")
     if specs:
         command += ["--enable-lora", "--max-loras", str(len(specs)), "--max-lora-rank",
                     str(_vllm_rank(max(s.rank for s in specs))), "--lora-modules"]

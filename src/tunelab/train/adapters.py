@@ -11,22 +11,26 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import MethodConfig, RunConfig
-from tunelab.errors import RunFolderError
+from tunelab.errors import ModelError, RunFolderError
 from tunelab.models import Precision, load_model
+from tunelab.vocab import attach_adapter, fit_embeddings, trainable_tokens
 
 PEFT_METHODS = ("lora", "qlora", "ia3", "prompt_tuning", "prefix_tuning")
 
 
-def training_inputs(cfg: RunConfig) -> tuple[Precision, Path, Any]:
-    """What every trainer starts from: the precision, the base model's folder, and its tokenizer (with a
-    chat template: the one that will be saved beside the adapter)."""
-    from tunelab.chat import ensure_chat_template
+def training_inputs(cfg: RunConfig) -> tuple[Precision, Path, Any, list[int]]:
+    """What every trainer starts from: the precision, the base model's folder, its tokenizer (with a chat
+    template: the one that will be saved beside the adapter), and the ids of marker tokens that template
+    needed added to the vocabulary (their embedding rows are trained with the adapter)."""
+    from tunelab.chat import setup_chat_template
     from tunelab.models import load_tokenizer, pick_precision, resolve_model
 
     base_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(base_path)
-    ensure_chat_template(tokenizer)
-    return pick_precision(cfg.model), base_path, tokenizer
+    added: tuple[str, ...] = ()
+    if cfg.objective.type != "cpt":  # continued pre-training reads raw text: no template, no new tokens
+        added = setup_chat_template(tokenizer, cfg.data.chat_template).added_tokens
+    return pick_precision(cfg.model), base_path, tokenizer, tokenizer.convert_tokens_to_ids(list(added))
 
 
 def load_base(folder: Path, method: MethodConfig, precision: Precision) -> Any:
@@ -45,7 +49,9 @@ def load_base(folder: Path, method: MethodConfig, precision: Precision) -> Any:
     )
 
 
-def peft_config(method: MethodConfig, base_folder: Path) -> Any:
+def peft_config(method: MethodConfig, base_folder: Path, token_rows: dict[str, Any] | None = None) -> Any:
+    """The method's PEFT config; `token_rows`: LoraConfig arguments that train new tokens' rows
+    (tunelab.vocab.trainable_tokens)."""
     import peft
 
     if method.type in ("lora", "qlora"):
@@ -53,7 +59,7 @@ def peft_config(method: MethodConfig, base_folder: Path) -> Any:
             r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
             # "all-linear" adapts every linear projection except the output head (PEFT's own rule).
             target_modules=method.target_modules, use_dora=method.use_dora, use_rslora=method.use_rslora,
-            task_type="CAUSAL_LM",
+            task_type="CAUSAL_LM", **(token_rows or {}),
         )
     if method.type == "ia3":
         # PEFT knows which projections are attention and which feed-forward for common architectures.
@@ -71,13 +77,17 @@ def peft_config(method: MethodConfig, base_folder: Path) -> Any:
     raise ValueError(f"no PEFT config for method {method.type}")
 
 
-def build_trainable(cfg: RunConfig, base_folder: Path, precision: Precision) -> Any:
-    """Load the base and make exactly the method's parameters trainable."""
+def build_trainable(cfg: RunConfig, base_folder: Path, precision: Precision, tokenizer: Any = None,
+                    new_ids: list[int] | None = None) -> Any:
+    """Load the base and make exactly the method's parameters trainable, plus the embedding rows of `new_ids`
+    (tokens the chat template added; the embeddings grow to the tokenizer first: see tunelab.vocab)."""
     model = load_base(base_folder, cfg.method, precision)
+    if tokenizer is not None:
+        fit_embeddings(model, len(tokenizer))
     if cfg.method.type == "full":
         model.requires_grad_(True)
         return model
-    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     if cfg.method.type == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
@@ -85,8 +95,11 @@ def build_trainable(cfg: RunConfig, base_folder: Path, precision: Precision) -> 
         start = cfg.model.adapter_from / "adapter"
         if not (start / "adapter_config.json").is_file():
             raise RunFolderError(f"model.adapter_from: {cfg.model.adapter_from} holds no trained adapter")
-        return PeftModel.from_pretrained(model, start, is_trainable=True)
-    return get_peft_model(model, peft_config(cfg.method, base_folder))
+        return attach_adapter(model, start, is_trainable=True)
+    if new_ids and cfg.method.type not in ("lora", "qlora"):
+        raise ModelError(f"method.type: {cfg.method.type} cannot train the {len(new_ids)} tokens the chat template "
+                         "adds to this model's vocabulary; use lora, qlora or full, or a template the model knows")
+    return get_peft_model(model, peft_config(cfg.method, base_folder, trainable_tokens(model, new_ids or [])))
 
 
 def load_trained(cfg: RunConfig, run_root: Path, base_folder: Path, precision: Precision) -> tuple[Any, Any]:
@@ -94,12 +107,12 @@ def load_trained(cfg: RunConfig, run_root: Path, base_folder: Path, precision: P
     disabled (one copy in memory); for full fine-tuning the base is a second model."""
     adapter, full = run_root / "adapter", run_root / "model"
     if (adapter / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(load_base(base_folder, cfg.method, precision), adapter)
-        return model.eval(), None
+        return attach_adapter(load_base(base_folder, cfg.method, precision), adapter).eval(), None
     if (full / "config.json").is_file():
-        return load_model(full, precision).eval(), load_model(base_folder, precision).eval()
+        tuned, base = load_model(full, precision).eval(), load_model(base_folder, precision).eval()
+        # The base answers through the tuned tokenizer, which may hold marker tokens the training added.
+        fit_embeddings(base, tuned.get_input_embeddings().weight.shape[0])
+        return tuned, base
     raise RunFolderError(f"{run_root}: no trained adapter or model; run `tunelab train` first")
 
 

@@ -86,7 +86,7 @@ def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = Fa
     from transformers import EarlyStoppingCallback, set_seed
     from transformers.trainer_callback import PrinterCallback
 
-    precision, base_path, tokenizer = training_inputs(cfg)
+    precision, base_path, tokenizer, new_ids = training_inputs(cfg)
 
     train_examples, dropped = encode_split(cfg, tokenizer, dataset.train)
     val_examples, _ = encode_split(cfg, tokenizer, dataset.val) if dataset.val else ([], [])
@@ -97,7 +97,7 @@ def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = Fa
         raise DataError(f"data.max_length: every training example is longer than {cfg.data.max_length} tokens")
 
     set_seed(cfg.train.seed)  # before the adapter exists: its initialization is drawn from this seed
-    model = build_trainable(cfg, base_path, precision)
+    model = build_trainable(cfg, base_path, precision, tokenizer, new_ids)
     model.config.use_cache = False  # a KV cache is useless in training and would disable packed attention
     trainable, total = count_parameters(model)
     console.print(f"Training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%) with "
@@ -201,11 +201,18 @@ def save_trained(cfg: RunConfig, model: Any, tokenizer: Any, run: RunPaths, stat
 
     target = run.root / "model" if cfg.method.type == "full" else run.adapter
     with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
+        options: dict[str, Any] = {"state_dict": state_dict} if state_dict is not None else {}
+        if cfg.method.type != "full":
+            # New tokens' rows are saved as trainable-token deltas; PEFT would otherwise save every row of the
+            # resized embedding and head (hundreds of MB for a large vocabulary).
+            options["save_embedding_layers"] = False
+        model.save_pretrained(tmp, **options)
         name_base_in_adapter(cfg.model, tmp)  # the Hub ID or configured name, not this machine's cache path
         tokenizer.save_pretrained(tmp)
-        (tmp / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
-    write_text_atomic(run.chat_template, tokenizer.chat_template)
+        if tokenizer.chat_template:  # continued pre-training of a base model trains without one
+            (tmp / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
+    if tokenizer.chat_template:
+        write_text_atomic(run.chat_template, tokenizer.chat_template)
 
 
 class _Rows:

@@ -1,0 +1,61 @@
+"""What tunelab detected about a model, without loading a weight: architecture, size, chat template family,
+end-of-turn and stop tokens, base or chat model. Printed by `tunelab run --dry-run` and the run summary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tunelab.config import RunConfig
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    architecture: str
+    parameters: int
+    kind: str  # "chat" (ships a chat template) or "base"
+    template: str  # family and where the template comes from, or "none (raw text)"
+    end_of_turn: str | None
+    stop_tokens: tuple[str, ...]
+
+    def lines(self) -> list[str]:
+        stops = ", ".join(self.stop_tokens) or "none"
+        return [
+            f"architecture: {self.architecture}, {self.parameters / 1e6:,.1f}M parameters, {self.kind} model",
+            f"chat template: {self.template}",
+            f"end of turn: {self.end_of_turn or 'none'}; generation stops at: {stops}",
+        ]
+
+
+def model_facts(cfg: RunConfig) -> ModelFacts:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunelab.chat import setup_chat_template
+    from tunelab.families import end_of_turn, stop_token_ids
+    from tunelab.models import locate_model, tokenizer_for
+
+    source = locate_model(cfg.model)
+    if source.kind in ("bundled", "gguf"):
+        config = AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name)
+    else:
+        config = AutoConfig.from_pretrained(source.path)
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    tokenizer = tokenizer_for(cfg.model)
+    kind = "chat" if tokenizer.chat_template else "base"
+    if cfg.objective.type == "cpt":
+        return ModelFacts(_architecture(config), parameters, kind, "none (cpt trains on raw text)", None,
+                          tuple(tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer))))
+    setup = setup_chat_template(tokenizer, cfg.data.chat_template)
+    configured = getattr(config, "eos_token_id", None)
+    ids = set(stop_token_ids(tokenizer)) | set(configured if isinstance(configured, list) else
+                                               [configured] if configured is not None else [])
+    return ModelFacts(_architecture(config), parameters, kind, setup.describe(), end_of_turn(tokenizer),
+                      tuple(tokenizer.convert_ids_to_tokens(sorted(ids))))
+
+
+def _architecture(config: object) -> str:
+    names = getattr(config, "architectures", None) or []
+    return names[0] if names else type(config).__name__.replace("Config", "")
