@@ -286,7 +286,7 @@ def _served_answers_are_evals(run, markers: tuple[str, ...]) -> None:
         process.wait(timeout=15)
 
 
-def test_vllm_cannot_serve_adapters_that_add_tokens(base_run):
+def test_vllm_and_gguf_lora_refuse_adapters_that_add_tokens(base_run):
     import subprocess
     import sys
 
@@ -294,3 +294,7 @@ def test_vllm_cannot_serve_adapters_that_add_tokens(base_run):
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "add chat-marker tokens" in result.stderr and "merged model" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "tunelab", "export", "gguf", str(base_run.root), "--adapter-only"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "a GGUF LoRA cannot carry" in result.stderr
+    assert not (base_run.root / "export" / "gguf-lora-f16").exists()

@@ -139,17 +139,40 @@ def test_pickle_only_repo_is_refused_before_loading(hub, tiny_model_dir, tmp_pat
             "arbitrary code, so tunelab loads only safetensors; pick a repo or revision with model.safetensors"]
 
 
-def test_remote_code_is_refused_unless_trusted(hub, tiny_model_dir, tmp_path):
+REMOTE_CODE = """
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class CustomConfig(LlamaConfig):
+    model_type = "tunelab-custom"
+
+
+class CustomForCausalLM(LlamaForCausalLM):
+    config_class = CustomConfig
+    ran_repo_code = True
+"""
+
+
+def test_remote_code_is_refused_unless_trusted_and_then_runs(hub, tiny_model_dir, tmp_path, tiny_config):
     repo = tmp_path / "custom"
     shutil.copytree(tiny_model_dir, repo)
+    (repo / "modeling_custom.py").write_text(REMOTE_CODE)
     config = json.loads((repo / "config.json").read_text())
-    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    config.update(model_type="tunelab-custom", auto_map={"AutoConfig": "modeling_custom.CustomConfig",
+                                                         "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
     (repo / "config.json").write_text(json.dumps(config))
     put_model(hub, "acme/custom", repo)
     with pytest.raises(ModelError, match=r"^model.name: acme/custom: the repo needs its own Python code \(config.json: "
                                          r"auto_map\), which tunelab does not run unless you set model.trust_remote_code"):
         locate_model(ModelConfig(name="acme/custom"))
     assert locate_model(ModelConfig(name="acme/custom", trust_remote_code=True)).kind == "hub"
+    # Trusted, the repo's own model class is what trains, evaluates and reloads.
+    tiny_config.model.name, tiny_config.model.trust_remote_code = "acme/custom", True
+    tiny_config.train.max_steps = 2
+    run = pipeline.open_run(tiny_config, starting_training=True)
+    result = pipeline.stage_train(tiny_config, run)
+    assert getattr(result.model.get_base_model(), "ran_repo_code", False)
+    assert pipeline.stage_eval(tiny_config, run).metrics["suites"]["test"]["systems"]["tuned"]
 
 
 def test_training_records_the_commit_and_names_the_hub_id_in_the_adapter(hub, tiny_model_dir, tiny_config):

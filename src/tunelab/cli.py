@@ -262,6 +262,7 @@ def _print_summary(root: Path, train_result: Any, metrics: dict[str, Any] | None
         table.add_row("train time", f"{t.train_seconds:.1f} s")
         table.add_row("train tokens/s", f"{t.tokens_per_second:.0f}")
         table.add_row("peak memory", f"{t.peak_memory_mb:.0f} MiB")
+        table.add_row("chat template", t.chat_template)
     if metrics is not None:
         for suite, result in metrics["suites"].items():
             for system, values in result["systems"].items():

@@ -34,15 +34,16 @@ def model_facts(cfg: RunConfig) -> ModelFacts:
 
     from tunelab.chat import setup_chat_template
     from tunelab.families import end_of_turn, stop_token_ids
-    from tunelab.models import locate_model, tokenizer_for
+    from tunelab.models import locate_model, tokenizer_for, trusts_code
 
     source = locate_model(cfg.model)
     if source.kind in ("bundled", "gguf"):
         config = AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name)
     else:
-        config = AutoConfig.from_pretrained(source.path)
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trusts_code(source.path))
     with torch.device("meta"):
-        parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trusts_code(source.path))
+        parameters = sum(p.numel() for p in model.parameters())
     tokenizer = tokenizer_for(cfg.model)
     kind = "chat" if tokenizer.chat_template else "base"
     if cfg.objective.type == "cpt":

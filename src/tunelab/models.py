@@ -86,10 +86,10 @@ def locate_model(cfg: ModelConfig) -> ModelSource:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"model.name: folder {path} has no config.json; is it a Hugging Face model folder?")
-        return ModelSource(name, "folder", path)
+        return ModelSource(name, "folder", _allow_code(cfg, path))
     if is_hub_id(name):
         snapshot = fetch_model(cfg, weights=False)  # checks the repo; fetches no weights
-        return ModelSource(name, "hub", snapshot.folder, snapshot.commit)
+        return ModelSource(name, "hub", _allow_code(cfg, snapshot.folder), snapshot.commit)
     known = ", ".join(BUNDLED)
     raise ModelError(
         f"model.name: '{name}' is not a bundled model ({known}), a local .gguf file, a local model folder, "
@@ -121,10 +121,15 @@ def cache_root(cfg: ModelConfig) -> Path:
     return Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab")).expanduser()
 
 
+# Model folders whose own Python code (config auto_map) the run's config allowed with model.trust_remote_code:
+# every later load of that folder in this process passes trust_remote_code, and no other folder's does.
+_TRUSTED_CODE: set[Path] = set()
+
+
 def resolve_model(cfg: ModelConfig) -> Path:
     """Return a Hugging Face folder for `cfg.name`, converting a GGUF into the cache on first use."""
     if is_hub_id(cfg.name):
-        return fetch_model(cfg, weights=True).folder
+        return _allow_code(cfg, fetch_model(cfg, weights=True).folder)
     source = locate_model(cfg)
     if source.kind == "folder":
         return source.path
@@ -253,17 +258,29 @@ def pick_precision(cfg: ModelConfig) -> Precision:
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trusts_code(folder))
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and labels, so reusing eos is safe.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
+def _allow_code(cfg: ModelConfig, folder: Path) -> Path:
+    if cfg.trust_remote_code:
+        _TRUSTED_CODE.add(folder.resolve())
+    return folder
+
+
+def trusts_code(folder: Path) -> bool:
+    """Whether the model's own code in `folder` may run (model.trust_remote_code, see resolve_model)."""
+    return Path(folder).resolve() in _TRUSTED_CODE
+
+
 def load_model(folder: Path, precision: Precision, **kwargs: Any) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=precision.weights_dtype, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=precision.weights_dtype,
+                                                 trust_remote_code=trusts_code(folder), **kwargs)
     return model.to(precision.device)
 
 

@@ -15,7 +15,9 @@ def model_shape(folder: Path, method: MethodConfig) -> ModelShape:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(folder)
+    from tunelab.models import trusts_code
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trusts_code(folder))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     missing = [k for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
                if getattr(text, k, None) is None]
@@ -23,7 +25,7 @@ def model_shape(folder: Path, method: MethodConfig) -> ModelShape:
         raise ModelError(f"model.name: {folder}/config.json lacks {', '.join(missing)}; "
                          "tunelab estimate knows Llama-style decoders")
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trusts_code(folder))
     head = model.get_output_embeddings()
     base_params = _count(model)
     linear_params = sum(m.weight.numel() for m in model.modules()

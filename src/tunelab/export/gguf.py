@@ -57,6 +57,12 @@ def check_request(cfg: RunConfig, run: RunPaths, quant: str, adapter_only: bool)
             raise ExportError(f"--quant {quant}: llama.cpp LoRA GGUFs are {' or '.join(ADAPTER_QUANTS)}")
         if not (run.adapter / "adapter_config.json").is_file():
             raise ExportError(f"export gguf: {run.root} has no trained adapter")
+        from tunelab.vocab import token_layout
+
+        if token_layout(run.adapter):
+            raise ExportError(f"export gguf --adapter-only: {run.root}'s adapter adds chat-marker tokens to the "
+                              "vocabulary, which a GGUF LoRA cannot carry; export without --adapter-only (the merged "
+                              "model holds them)")
     elif cfg.method.type == "full":
         if not (run.root / "model" / "config.json").is_file():
             raise ExportError(f"export gguf: {run.root} has no trained model")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tunelab.chat import TemplateSetup
 from tunelab.config import MethodConfig, RunConfig
 from tunelab.errors import ModelError, RunFolderError
 from tunelab.models import Precision, load_model
@@ -18,19 +19,19 @@ from tunelab.vocab import attach_adapter, fit_embeddings, trainable_tokens
 PEFT_METHODS = ("lora", "qlora", "ia3", "prompt_tuning", "prefix_tuning")
 
 
-def training_inputs(cfg: RunConfig) -> tuple[Precision, Path, Any, list[int]]:
+def training_inputs(cfg: RunConfig) -> tuple[Precision, Path, Any, TemplateSetup | None]:
     """What every trainer starts from: the precision, the base model's folder, its tokenizer (with a chat
-    template: the one that will be saved beside the adapter), and the ids of marker tokens that template
-    needed added to the vocabulary (their embedding rows are trained with the adapter)."""
+    template: the one that will be saved beside the adapter), and how that template was set up, with the
+    marker tokens it needed added to the vocabulary (None for cpt, which trains on raw text)."""
     from tunelab.chat import setup_chat_template
     from tunelab.models import load_tokenizer, pick_precision, resolve_model
 
     base_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(base_path)
-    added: tuple[str, ...] = ()
+    setup = None
     if cfg.objective.type != "cpt":  # continued pre-training reads raw text: no template, no new tokens
-        added = setup_chat_template(tokenizer, cfg.data.chat_template).added_tokens
-    return pick_precision(cfg.model), base_path, tokenizer, tokenizer.convert_tokens_to_ids(list(added))
+        setup = setup_chat_template(tokenizer, cfg.data.chat_template)
+    return pick_precision(cfg.model), base_path, tokenizer, setup
 
 
 def load_base(folder: Path, method: MethodConfig, precision: Precision) -> Any:
@@ -44,8 +45,11 @@ def load_base(folder: Path, method: MethodConfig, precision: Precision) -> Any:
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
     )
+    from tunelab.models import trusts_code
+
     return AutoModelForCausalLM.from_pretrained(
-        folder, quantization_config=quantization, dtype=torch.float32, device_map={"": precision.device}
+        folder, quantization_config=quantization, dtype=torch.float32, device_map={"": precision.device},
+        trust_remote_code=trusts_code(folder),
     )
 
 
@@ -78,9 +82,10 @@ def peft_config(method: MethodConfig, base_folder: Path, token_rows: dict[str, A
 
 
 def build_trainable(cfg: RunConfig, base_folder: Path, precision: Precision, tokenizer: Any = None,
-                    new_ids: list[int] | None = None) -> Any:
-    """Load the base and make exactly the method's parameters trainable, plus the embedding rows of `new_ids`
-    (tokens the chat template added; the embeddings grow to the tokenizer first: see tunelab.vocab)."""
+                    template: TemplateSetup | None = None) -> Any:
+    """Load the base and make exactly the method's parameters trainable, plus the embedding rows of the tokens
+    the chat template added (the embeddings grow to the tokenizer first: see tunelab.vocab)."""
+    new_ids = tokenizer.convert_tokens_to_ids(list(template.added_tokens)) if template and tokenizer else []
     model = load_base(base_folder, cfg.method, precision)
     if tokenizer is not None:
         fit_embeddings(model, len(tokenizer))
@@ -99,7 +104,7 @@ def build_trainable(cfg: RunConfig, base_folder: Path, precision: Precision, tok
     if new_ids and cfg.method.type not in ("lora", "qlora"):
         raise ModelError(f"method.type: {cfg.method.type} cannot train the {len(new_ids)} tokens the chat template "
                          "adds to this model's vocabulary; use lora, qlora or full, or a template the model knows")
-    return get_peft_model(model, peft_config(cfg.method, base_folder, trainable_tokens(model, new_ids or [])))
+    return get_peft_model(model, peft_config(cfg.method, base_folder, trainable_tokens(model, new_ids)))
 
 
 def load_trained(cfg: RunConfig, run_root: Path, base_folder: Path, precision: Precision) -> tuple[Any, Any]:

@@ -119,7 +119,7 @@ def train_preference(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bo
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback
 
-    precision, base_path, tokenizer, new_ids = training_inputs(cfg)
+    precision, base_path, tokenizer, template = training_inputs(cfg)
     train_rows = to_trl_rows(cfg, dataset.train)
 
     set_seed(cfg.train.seed)
@@ -128,7 +128,7 @@ def train_preference(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bo
 
         model = build_reward_model(cfg, base_path, precision)
     else:
-        model = build_trainable(cfg, base_path, precision, tokenizer, new_ids)
+        model = build_trainable(cfg, base_path, precision, tokenizer, template)
     trainable, total = count_parameters(model)
     console.print(f"Training {trainable:,} of {total:,} parameters with {cfg.method.type} + "
                   f"{cfg.objective.type} on {len(train_rows)} rows [{precision.label}]")
@@ -155,4 +155,5 @@ def train_preference(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bo
         tokens_per_second=round(tokens / seconds, 1), peak_memory_mb=round(peak_memory_mb(precision.device), 1),
         trainable_params=trainable, total_params=total, dropped_too_long=0, precision=precision.label,
         stopped_early=bool(budget and budget.stopped_early), model=model,
+        **({"chat_template": template.describe()} if template else {}),
     )

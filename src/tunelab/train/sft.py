@@ -52,6 +52,7 @@ class TrainResult:
     dropped_too_long: int
     precision: str
     stopped_early: bool = False
+    chat_template: str = "none (raw text)"  # the template family and where it came from (TemplateSetup.describe)
     model: Any = field(default=None, repr=False, compare=False)  # the trained model, still in memory
 
     def to_json(self) -> dict[str, Any]:
@@ -86,7 +87,7 @@ def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = Fa
     from transformers import EarlyStoppingCallback, set_seed
     from transformers.trainer_callback import PrinterCallback
 
-    precision, base_path, tokenizer, new_ids = training_inputs(cfg)
+    precision, base_path, tokenizer, template = training_inputs(cfg)
 
     train_examples, dropped = encode_split(cfg, tokenizer, dataset.train)
     val_examples, _ = encode_split(cfg, tokenizer, dataset.val) if dataset.val else ([], [])
@@ -97,7 +98,7 @@ def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = Fa
         raise DataError(f"data.max_length: every training example is longer than {cfg.data.max_length} tokens")
 
     set_seed(cfg.train.seed)  # before the adapter exists: its initialization is drawn from this seed
-    model = build_trainable(cfg, base_path, precision, tokenizer, new_ids)
+    model = build_trainable(cfg, base_path, precision, tokenizer, template)
     model.config.use_cache = False  # a KV cache is useless in training and would disable packed attention
     trainable, total = count_parameters(model)
     console.print(f"Training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%) with "
@@ -149,6 +150,7 @@ def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = Fa
         peak_memory_mb=round(peak_memory_mb(precision.device), 1), trainable_params=trainable,
         total_params=total, dropped_too_long=len(dropped), precision=precision.label,
         stopped_early=bool(budget and budget.stopped_early), model=model,
+        **({"chat_template": template.describe()} if template else {}),
     )
 
 
