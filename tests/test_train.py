@@ -93,6 +93,8 @@ def test_existing_run_is_never_overwritten_silently(trained):
     assert (run.adapter / "adapter_model.safetensors").is_file()
     cfg.output.overwrite = True
     pipeline.open_run(cfg, starting_training=True)
+    assert run.adapter.exists()  # nothing is removed before the new data validated
+    pipeline.stage_data(cfg, run)
     assert not run.adapter.exists()
 
 

@@ -67,7 +67,8 @@ def train(config: ConfigArg, set_: SetOpt = None, resume: Annotated[bool, typer.
 
     cfg = _load(config, set_)
     run_paths = pipeline.open_run(cfg, starting_training=True, resume=resume)
-    result = pipeline.stage_train(cfg, run_paths, resume=resume)
+    with pipeline.removed_if_orphaned(run_paths):
+        result = pipeline.stage_train(cfg, run_paths, resume=resume)
     _print_summary(run_paths.root, result, None)
 
 
@@ -106,7 +107,8 @@ def data_prep(config: ConfigArg, set_: SetOpt = None) -> None:
 
     cfg = _load(config, set_)
     run_paths = pipeline.open_run(cfg, starting_training=False)
-    prepared = pipeline.stage_data(cfg, run_paths)
+    with pipeline.removed_if_orphaned(run_paths):
+        prepared = pipeline.stage_data(cfg, run_paths)
     _print_data_summary(run_paths.data, prepared.report)
 
 

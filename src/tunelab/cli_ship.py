@@ -17,19 +17,25 @@ k8s_app = typer.Typer(help="Kubernetes manifests: a KubeRay RayJob that trains, 
                       no_args_is_help=True)
 
 
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing, non-empty --out folder.")]
+
+
 @export_app.command("merge")
 def export_merge(run_dir: Annotated[str, typer.Argument(help="A run folder, or models:/NAME@ALIAS.")],
                  dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
                  out_dir: Annotated[Path | None, typer.Option("--out", help="Default: RUN_DIR/export/merged.")] = None,
-                 max_diff: Annotated[float, typer.Option(help="Largest allowed logit difference.")] = 1e-3) -> None:
+                 max_diff: Annotated[float, typer.Option(help="Largest allowed logit difference.")] = 1e-3,
+                 overwrite: OverwriteOpt = False) -> None:
     """Merge the adapter into the base in float32, verify the logits, then cast and save a plain HF folder."""
     from tunelab import pipeline
-    from tunelab.export.merge import ExportError, merge_run
+    from tunelab.export.merge import ExportError, check_out, merge_run
     from tunelab.registry import resolve_run_dir
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ExportError(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
     cfg, run = pipeline.load_run_config(resolve_run_dir(run_dir))
+    if out_dir is not None:
+        check_out(out_dir, run, overwrite)
     result = merge_run(cfg, run, out_dir or run.root / "export" / "merged", dtype, max_diff)
     out.print(f"wrote {result.folder} ({result.dtype}); merged vs adapter max logit diff {result.max_diff:.2e}, "
               f"reloaded {result.reload_diff:.2e}")
@@ -42,13 +48,17 @@ def export_gguf(run_dir: Annotated[str, typer.Argument(help="A run folder, or mo
                     "--out", help="Default: RUN_DIR/export/gguf-QUANT (adapter-only: gguf-lora-QUANT).")] = None,
                 adapter_only: Annotated[bool, typer.Option(
                     "--adapter-only", help="Only the LoRA adapter, as a GGUF LoRA for a base GGUF.")] = False,
-                modelfile: Annotated[bool, typer.Option(help="Write an Ollama Modelfile.")] = True) -> None:
+                modelfile: Annotated[bool, typer.Option(help="Write an Ollama Modelfile.")] = True,
+                overwrite: OverwriteOpt = False) -> None:
     """A GGUF for llama.cpp / Ollama, made and quantized by llama.cpp's tools, checked in llama.cpp."""
     from tunelab import pipeline
     from tunelab.export.gguf import export_gguf as run_export
+    from tunelab.export.merge import check_out
     from tunelab.registry import resolve_run_dir
 
     cfg, run = pipeline.load_run_config(resolve_run_dir(run_dir))
+    if out_dir is not None:
+        check_out(out_dir, run, overwrite)
     default = run.root / "export" / (f"gguf-lora-{quant}" if adapter_only else f"gguf-{quant}")
     result = run_export(cfg, run, quant, out_dir or default, adapter_only, modelfile)
     v = result.verification
@@ -59,14 +69,17 @@ def export_gguf(run_dir: Annotated[str, typer.Argument(help="A run folder, or mo
 
 @export_app.command("int4")
 def export_int4(run_dir: Annotated[str, typer.Argument(help="A run folder, or models:/NAME@ALIAS.")],
-                out_dir: Annotated[Path | None, typer.Option("--out", help="Default: RUN_DIR/export/int4.")] = None
-                ) -> None:
+                out_dir: Annotated[Path | None, typer.Option("--out", help="Default: RUN_DIR/export/int4.")] = None,
+                overwrite: OverwriteOpt = False) -> None:
     """The merged model in bitsandbytes 4-bit NF4, for transformers and vLLM, compared with float32."""
     from tunelab import pipeline
     from tunelab.export.int4 import export_int4 as run_export
+    from tunelab.export.merge import check_out
     from tunelab.registry import resolve_run_dir
 
     cfg, run = pipeline.load_run_config(resolve_run_dir(run_dir))
+    if out_dir is not None:
+        check_out(out_dir, run, overwrite)
     result = run_export(cfg, run, out_dir or run.root / "export" / "int4")
     r = result.report
     out.print(f"wrote {result.folder} ({r['weights_bytes'] / 2**20:.1f} MiB of weights); vs float32: "

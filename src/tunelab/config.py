@@ -402,6 +402,16 @@ class OutputConfig(Section):
     dir: Path = Field(Path("runs/default"), description="Run folder: config, data, adapter, metrics, eval.")
     overwrite: bool = Field(False, description="Replace an existing run folder instead of refusing.")
 
+    @field_validator("dir")
+    @classmethod
+    def _not_a_precious_folder(cls, value: Path) -> Path:
+        # A run folder is replaced as a whole with output.overwrite: never let that be the working folder,
+        # one of its parents, the file system root or the home folder.
+        where = unsafe_output_dir(value)
+        if where:
+            raise ValueError(f"output.dir: {value} is {where}; a run needs a folder of its own, e.g. runs/NAME")
+        return value
+
 
 class RunConfig(Section):
     @field_validator("objective", mode="before")
@@ -419,3 +429,23 @@ class RunConfig(Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     k8s: K8sConfig = Field(default_factory=K8sConfig)
+
+
+def unsafe_output_dir(folder: Path, config_file: Path | None = None) -> str | None:
+    """Why `folder` may not be a run folder (None when it may): it is the file system root, the home folder,
+    the working folder or one of its parents, or (given `config_file`) a folder holding that config."""
+    target = Path(folder).expanduser().resolve()
+    if target == Path(target.anchor):
+        return "the file system root"
+    if target == Path.home().resolve():
+        return "the home folder"
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        return "the working folder" if target == cwd else "a parent of the working folder"
+    if config_file is not None:
+        config = Path(config_file).resolve()
+        own = config == target / "config.yaml" and ((target / "manifest.json").is_file()
+                                                    or (target / "data" / "manifest.json").is_file())
+        if target in config.parents and not own:  # a run folder's own config.yaml (train it --resume) is fine
+            return f"a folder holding the config file {config_file}"
+    return None

@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from tunelab.config import RunConfig
+from tunelab.config import RunConfig, unsafe_output_dir
 from tunelab.errors import ConfigError
 
 # Pydantic error types that mean "the value has the wrong type" (as opposed to a failed constraint).
@@ -26,8 +26,10 @@ _TYPE_ERRORS = {
 }
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read YAML at `path`, apply `overrides` ("a.b=value"), validate, and return the config."""
+def load_config(path: str | Path, overrides: list[str] | None = None, stored: bool = False) -> RunConfig:
+    """Read YAML at `path`, apply `overrides` ("a.b=value"), validate, and return the config.
+
+    `stored`: the config.yaml of a run folder, whose output.dir is that folder (so it holds the file)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -45,7 +47,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a mapping of sections (model:, data:, ...)")
     overridden = apply_overrides(raw, overrides or [])
-    return validate_config(raw, source=str(path), lines=lines, overridden=overridden)
+    cfg = validate_config(raw, source=str(path), lines=lines, overridden=overridden)
+    where = None if stored else unsafe_output_dir(cfg.output.dir, path)
+    if where:
+        line = _nearest_line(lines, ("output", "dir"))
+        at = f"{path} (--set output.dir)" if ("output", "dir") in overridden else f"{path}:{line}" if line else str(path)
+        raise ConfigError(f"{at}: output.dir: {cfg.output.dir} is {where}; a run needs a folder of its own, "
+                          "e.g. runs/NAME")
+    return cfg
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> set[tuple[str, ...]]:

@@ -6,8 +6,10 @@ call these same functions.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,19 +31,34 @@ from tunelab.preflight import check_compatibility
 
 
 def open_run(cfg: RunConfig, starting_training: bool, resume: bool = False) -> RunPaths:
-    """Create (or reuse) the run folder and write the resolved config into it.
+    """Check that output.dir may take this run, and write the resolved config into a folder that holds no
+    trained run.
 
-    A folder that already holds a trained adapter is never silently replaced: the user must opt in
-    with output.overwrite, and then the old run is removed before anything new is written.
+    Nothing is deleted here: a folder that already holds a trained run is kept as it is until the new data
+    has validated (stage_data), and replaced only with output.overwrite. Its config.yaml is never
+    rewritten before that, so `data prep` on a trained run cannot make its config disagree with its adapter.
     """
     run = RunPaths(cfg.output.dir)
-    if starting_training and not resume and _is_trained(run):
-        if not cfg.output.overwrite:
-            raise _already_trained(run)
-        shutil.rmtree(run.root)
-    run.root.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run.config, dump_config(cfg))
+    trained = _is_trained(run)
+    if starting_training and not resume and trained and not cfg.output.overwrite:
+        raise _already_trained(run)
+    if (not trained or resume) and not run.config.exists():
+        write_text_atomic(run.config, dump_config(cfg))  # a new run folder; stage_data rewrites it once data validated
     return run
+
+
+@contextlib.contextmanager
+def removed_if_orphaned(run: RunPaths) -> Iterator[None]:
+    """On failure, remove a run folder that holds nothing but its config.yaml (or nothing at all): a stage
+    that failed before writing anything must not leave an empty-looking run behind."""
+    try:
+        yield
+    except BaseException:
+        if run.root.is_dir() and {p.name for p in run.root.iterdir()} <= {run.config.name}:
+            run.config.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                run.root.rmdir()
+        raise
 
 
 def preflight(cfg: RunConfig) -> list[str]:
@@ -79,9 +96,42 @@ def _training_place(cfg: RunConfig) -> str:
     return f"{c.num_workers} Ray {'GPU' if c.use_gpu else 'CPU'} workers ({c.strategy}) on {where}"
 
 
-def stage_data(cfg: RunConfig, run: RunPaths) -> Prepared:
-    """Prepare the Dataset folder (reused as is when sources and data config are unchanged)."""
-    return prepare_data(cfg, run.data)
+def stage_data(cfg: RunConfig, run: RunPaths, resume: bool = False) -> Prepared:
+    """Prepare the Dataset folder (reused as is when sources and data config are unchanged).
+
+    In a folder that holds a trained run, the data it trained on stays unless output.overwrite is set; then
+    the old run is replaced, but only once the new data has validated."""
+    trained = _is_trained(run) and not resume
+    if trained and not cfg.output.overwrite and not _same_data(cfg, run):
+        raise RunFolderError(f"output.dir: {run.root} already holds a trained run made from other data; choose "
+                             "another output.dir or pass --set output.overwrite=true to replace it")
+    prepared = prepare_data(cfg, run.data)
+    if trained and cfg.output.overwrite:
+        _remove_old_run(run)
+    if not trained or cfg.output.overwrite:
+        write_text_atomic(run.config, dump_config(cfg))
+    return prepared
+
+
+def _same_data(cfg: RunConfig, run: RunPaths) -> bool:
+    from tunelab.data.prepare import data_fingerprint
+
+    stamp = run.data / "manifest.json"
+    try:
+        return json.loads(stamp.read_text()).get("fingerprint") == data_fingerprint(cfg)
+    except (OSError, ValueError):
+        return False
+
+
+def _remove_old_run(run: RunPaths) -> None:
+    """Everything of the old run but the (new, validated) data folder."""
+    for entry in run.root.iterdir():
+        if entry.name == run.data.name or entry.name.startswith(f".{run.data.name}."):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _already_trained(run: RunPaths) -> RunFolderError:
@@ -110,7 +160,7 @@ def stage_train(cfg: RunConfig, run: RunPaths, resume: bool = False) -> Any:
     source = locate_model(cfg.model)
     check_compatibility(cfg, pick_precision(cfg.model).device, source)
     base = model_record(cfg.model, source)  # before training: a Hub commit as resolved for this run
-    dataset = stage_data(cfg, run).dataset
+    dataset = stage_data(cfg, run, resume=resume).dataset
     tracker = tracker_for(cfg, run)
     if tracker is not None:
         tracker.log_config()
@@ -171,7 +221,8 @@ class RunSummary:
 def run_all(cfg: RunConfig) -> RunSummary:
     """prepare -> train -> eval in one go."""
     run = open_run(cfg, starting_training=True)
-    train_result = stage_train(cfg, run)
+    with removed_if_orphaned(run):
+        train_result = stage_train(cfg, run)
     eval_result = stage_eval(cfg, run)
     return RunSummary(run=run, train=train_result, eval=eval_result)
 
@@ -189,4 +240,4 @@ def load_run_config(run_dir: Any, overrides: list[str] | None = None) -> tuple[R
     run = RunPaths(Path(run_dir))
     if not run.config.is_file():
         raise RunFolderError(f"{run.root}: not a run folder (no config.yaml)")
-    return load_config(run.config, overrides), run
+    return load_config(run.config, overrides, stored=True), run

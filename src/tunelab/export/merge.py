@@ -28,6 +28,24 @@ class ExportError(TunelabError):
     """An export could not be produced or failed its verification."""
 
 
+def check_out(out: Path, run: RunPaths, overwrite: bool) -> None:
+    """Refuse an export folder that would replace something: an existing, non-empty `out` without --overwrite,
+    and, even with it, the run folder itself (or a parent of it), the working folder or a parent, root, home."""
+    from tunelab.config import unsafe_output_dir
+
+    target = out.expanduser().resolve()
+    if target == run.root.resolve() or target in run.root.resolve().parents:
+        raise ExportError(f"--out: {out} holds the run folder {run.root}; choose a new folder")
+    where = unsafe_output_dir(out)
+    if where:
+        raise ExportError(f"--out: {out} is {where}; choose a new folder")
+    if out.is_file() or out.is_symlink():
+        raise ExportError(f"--out: {out} is a file; choose a new folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"--out: {out} already exists and is not empty; choose a new folder or pass --overwrite "
+                          "to replace it")
+
+
 @dataclass
 class MergeResult:
     folder: Path

@@ -1,0 +1,125 @@
+"""Nothing is lost: a run folder is replaced only after the new data validated and only with output.overwrite,
+failed stages leave no orphan folders, output.dir may not be a folder whose loss would hurt, and exports refuse
+an existing --out unless --overwrite. Every case goes through the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import animal_rows, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def one_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def config_file(tmp_path: Path, model_dir: Path, train: Path, out: str | Path, **extra: object) -> Path:
+    path = tmp_path / "cfg" / "config.yaml"
+    path.parent.mkdir(exist_ok=True)
+    raw = {"model": {"name": str(model_dir)}, "data": {"train": str(train)}, "output": {"dir": str(out)}, **extra}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def trained_run(folder: Path) -> Path:
+    """A folder that looks like a trained run: an adapter and the config it was trained with."""
+    (folder / "adapter").mkdir(parents=True)
+    (folder / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    (folder / "config.yaml").write_text("# the config this run was trained with\n")
+    return folder
+
+
+@pytest.fixture
+def good_rows(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "good.jsonl", animal_rows(30))
+
+
+@pytest.fixture
+def bad_rows(tmp_path: Path) -> Path:
+    rows = animal_rows(30)
+    rows[7]["messages"][1]["role"] = "bot"
+    return write_jsonl(tmp_path / "bad.jsonl", rows)
+
+
+def test_overwrite_with_invalid_data_keeps_the_trained_run(tmp_path, tiny_model_dir, bad_rows):
+    run = trained_run(tmp_path / "run")
+    path = config_file(tmp_path, tiny_model_dir, bad_rows, run)
+    result = run_cli("train", str(path), "--set", "output.overwrite=true")
+    assert "unknown role 'bot'" in one_error(result)
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert (run / "config.yaml").read_text() == "# the config this run was trained with\n"
+
+
+def test_overwrite_replaces_the_run_once_the_new_data_validated(tmp_path, tiny_model_dir, good_rows):
+    run = trained_run(tmp_path / "run")
+    (run / "metrics.jsonl").write_text("{}\n")
+    path = config_file(tmp_path, tiny_model_dir, good_rows, run)
+    result = run_cli("data", "prep", str(path), "--set", "output.overwrite=true")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "data"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["output"]["overwrite"] is True
+
+
+def test_data_prep_never_rewrites_a_trained_runs_config(tmp_path, tiny_model_dir, good_rows):
+    run = trained_run(tmp_path / "run")
+    path = config_file(tmp_path, tiny_model_dir, good_rows, run)
+    error = one_error(run_cli("data", "prep", str(path)))
+    assert f"output.dir: {run} already holds a trained run" in error and "output.overwrite=true" in error
+    assert (run / "config.yaml").read_text() == "# the config this run was trained with\n"
+    assert not (run / "data").exists()
+
+
+def test_failed_data_prep_leaves_no_run_folder(tmp_path, tiny_model_dir, bad_rows):
+    run = tmp_path / "runs" / "new"
+    path = config_file(tmp_path, tiny_model_dir, bad_rows, run)
+    assert "unknown role 'bot'" in one_error(run_cli("data", "prep", str(path)))
+    assert not run.exists()
+    assert "unknown role 'bot'" in one_error(run_cli("train", str(path)))
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("out", [".", "/", "~/", "..", "HOME", "CONFIG_DIR", "CONFIG_PARENT"])
+def test_output_dir_that_would_replace_a_precious_folder_is_refused(tmp_path, tiny_model_dir, good_rows, out):
+    cwd = tmp_path / "work" / "here"
+    cwd.mkdir(parents=True)
+    path = config_file(tmp_path, tiny_model_dir, good_rows, "PLACEHOLDER")
+    value = {"HOME": str(Path.home()), "CONFIG_DIR": str(path.parent), "CONFIG_PARENT": str(tmp_path)}.get(out, out)
+    path.write_text(path.read_text().replace("PLACEHOLDER", value))
+    line = path.read_text().splitlines().index("output:") + 2
+    error = one_error(run_cli("run", str(path), "--dry-run", cwd=cwd))
+    assert error.startswith(f"error: {path}:{line}: output.dir: {Path(value)} is "), error
+    assert "a run needs a folder of its own" in error
+    assert sorted(p.name for p in cwd.iterdir()) == []
+
+
+def test_exports_refuse_an_existing_out_unless_overwrite(tmp_path, tiny_model_dir, good_rows):
+    run = tmp_path / "run"
+    path = config_file(tmp_path, tiny_model_dir, good_rows, run)
+    assert run_cli("data", "prep", str(path)).returncode == 0
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "precious.txt").write_text("do not delete")
+    for command in (["merge"], ["gguf", "--quant", "f16"], ["int4"]):
+        error = one_error(run_cli("export", *command, str(run), "--out", str(keep)))
+        assert error == f"error: --out: {keep} already exists and is not empty; choose a new folder or pass " \
+                        "--overwrite to replace it"
+        error = one_error(run_cli("export", *command, str(run), "--out", str(run.parent), "--overwrite"))
+        assert error == f"error: --out: {run.parent} holds the run folder {run}; choose a new folder"
+    assert (keep / "precious.txt").read_text() == "do not delete"
