@@ -208,8 +208,9 @@ def encode_records(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Tokenize records for training or loss evaluation.
 
-    Returns the encoded examples ({"id", "input_ids", "labels"}) and the ids of records dropped for
-    exceeding `max_length` tokens (dropped, not truncated: truncation would cut off the answer).
+    Returns the encoded examples ({"id", "input_ids", "labels"}, plus "replay": True for rehearsal rows) and
+    the ids of records dropped for exceeding `max_length` tokens (dropped, not truncated: truncation would cut
+    off the answer).
     """
     encoded, too_long = [], []
     for record in records:
@@ -217,5 +218,6 @@ def encode_records(
         if len(ex.input_ids) > max_length:
             too_long.append(record.id)
             continue
-        encoded.append({"id": record.id, "input_ids": ex.input_ids, "labels": ex.labels})
+        encoded.append({"id": record.id, "input_ids": ex.input_ids, "labels": ex.labels,
+                        **({"replay": True} if record.meta.get("replay") else {})})
     return encoded, too_long

@@ -92,6 +92,12 @@ class SourceConfig(Section):
         return self
 
 
+def as_sources(value: object) -> object:
+    """One source or a list; each a path or a {path, ...} mapping."""
+    items = value if isinstance(value, list) else [value]
+    return [{"path": item} if isinstance(item, (str, Path)) else item for item in items]
+
+
 class CleanConfig(Section):
     normalize_whitespace: bool = Field(True, description="Trim and collapse runs of spaces; keep line breaks.")
     min_tokens: int = Field(1, ge=0, description="Drop examples with fewer tokens (chat template included).")
@@ -137,6 +143,37 @@ class ContaminationConfig(Section):
         return [value] if isinstance(value, (str, Path)) else value
 
 
+class ReplayConfig(Section):
+    ratio: float = Field(
+        0.0, ge=0.0, le=0.5,
+        description="Share of the training split made of general-purpose rehearsal rows (0: off). 0.2 with 300 "
+        "task rows adds 75 replay rows. They never enter val or test, and their loss is logged apart.",
+    )
+    from_self: bool = Field(
+        True,
+        description="Rehearse the base model's own greedy answers to tunelab's bundled pool of 500+ general "
+        "instructions (generated once per model and pool version, then cached): training on them holds its "
+        "general behaviour in place. Needs a chat model (one with its own template).",
+    )
+    files: list[SourceConfig] = Field(
+        default_factory=list, description="General-purpose chat datasets to rehearse too (any format tunelab loads)."
+    )
+    max_new_tokens: int = Field(
+        160, gt=0, le=2048, description="Length budget of a self answer; answers that do not end within it are unused."
+    )
+
+    @field_validator("files", mode="before")
+    @classmethod
+    def _sources(cls, value: object) -> object:
+        return as_sources(value)
+
+    @model_validator(mode="after")
+    def _has_a_source(self) -> ReplayConfig:
+        if self.ratio > 0 and not self.from_self and not self.files:
+            raise ValueError("data.replay: ratio > 0 needs a source: from_self: true or some files")
+        return self
+
+
 class DataConfig(Section):
     train: list[SourceConfig] = Field(
         ..., min_length=1, description="Training sources: paths, or {path, format, columns, weight} mappings."
@@ -171,6 +208,7 @@ class DataConfig(Section):
     packing: bool = Field(
         False, description="Pack several examples into each max_length row (position ids restart per example)."
     )
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
     clean: CleanConfig = Field(default_factory=CleanConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     contamination: ContaminationConfig = Field(default_factory=ContaminationConfig)
@@ -178,8 +216,7 @@ class DataConfig(Section):
     @field_validator("train", "test", mode="before")
     @classmethod
     def _sources(cls, value: object) -> object:
-        items = value if isinstance(value, list) else [value]
-        return [{"path": item} if isinstance(item, (str, Path)) else item for item in items]
+        return as_sources(value)
 
     @model_validator(mode="after")
     def _split_options(self) -> DataConfig:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from tunelab.chat import IGNORE_INDEX
-from tunelab.train.collate import concat_examples, pad_right, with_example_index
+from tunelab.train.collate import concat_examples, pad_right, replay_flags, with_example_index, with_replay_mask
 
 
 def pack_examples(examples: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
@@ -41,8 +41,10 @@ def pack_examples(examples: list[dict[str, Any]], max_length: int) -> list[dict[
 
 def _concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
     input_ids, labels, positions = concat_examples(parts)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": positions,
-            "ids": [p.get("id") for p in parts]}
+    row = {"input_ids": input_ids, "labels": labels, "position_ids": positions, "ids": [p.get("id") for p in parts]}
+    if any(p.get("replay") for p in parts):
+        row["replay_tokens"] = [f for p in parts for f in replay_flags(p)]
+    return row
 
 
 @dataclass
@@ -62,4 +64,5 @@ class PackedCollator:
             positions[r, n:] = torch.arange(longest - n)
         self.tokens_seen += sum(lengths)
         self.targets_seen += int((labels != IGNORE_INDEX).sum())
-        return with_example_index({"input_ids": ids, "labels": labels, "position_ids": positions}, batch)
+        out = with_example_index({"input_ids": ids, "labels": labels, "position_ids": positions}, batch)
+        return with_replay_mask(out, batch, longest)

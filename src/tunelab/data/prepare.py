@@ -115,6 +115,8 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None) -> Prepared:
     if leaked and data.contamination.action == "warn":
         console.print(f"[yellow]warning:[/] {len(leaked)} training rows overlap eval data (kept: action is warn)")
     train = apply_weights(train, lambda r: weights.get(id(r), 1.0), data.seed)
+    replay, replay_report = mix_replay(cfg, train, evals)
+    train = train + replay
     if not train:
         raise DataError(f"data.train: no training examples left from {loaded} rows; see the filters in the report")
 
@@ -138,10 +140,29 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None) -> Prepared:
             "rows": len(leaked), "dropped": len(leaked) if data.contamination.action == "drop" else 0,
             "per_source": contamination.per_source(), "hits": [h.to_json() for h in contamination.hits],
         },
+        "replay": replay_report,
         "token_lengths": length_histogram({name: counter(getattr(dataset, name)) for name in SPLITS}),
         "roles": role_counts([*train, *val, *test]),
     }
     return Prepared(dataset, report)
+
+
+def mix_replay(cfg: RunConfig, train: list[Record], evals: list[EvalText]) -> tuple[list[Record], dict[str, Any]]:
+    """Replay rows for this training split (data.replay), minus any that overlap eval data (dropped whatever
+    contamination.action says: replay rows are optional, eval rows must stay clean)."""
+    from tunelab.data.replay import replay_rows
+
+    if cfg.data.replay.ratio == 0 or not train:
+        return [], {"ratio": cfg.data.replay.ratio, "rows": 0}
+    if train[0].kind != "chat" or cfg.objective.type != "sft":
+        raise DataError(f"data.replay: rehearsal rows are chat conversations for objective sft; this run trains "
+                        f"{cfg.objective.type} on {train[0].kind} rows (set data.replay.ratio: 0)")
+    replay, report = replay_rows(cfg, len(train))
+    leaked = find_contamination(replay, evals, cfg.data.contamination, cfg.data.dedup).train_ids
+    report["dropped_overlapping_eval"] = len(leaked)
+    replay = [r for r in replay if r.id not in leaked]
+    report["rows"] = len(replay)
+    return replay, report
 
 
 def prepare_data(cfg: RunConfig, folder: Path, tokenizer: Any = None) -> Prepared:

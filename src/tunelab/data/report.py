@@ -46,6 +46,11 @@ def render_summary(report: dict[str, Any]) -> str:
     lines += ["| split | examples |", "|---|---:|"]
     lines += [f"| {name} | {counts[name]} |" for name in ("train", "val", "test")]
     lines += ["", f"Loaded {report['loaded']} rows ({report['kind']}); skipped {report['skipped']['count']} bad rows.", ""]
+    replay = report.get("replay") or {}
+    if replay.get("rows"):
+        sources = ", ".join(f"{n} {name}" for name, n in replay.get("sources", {}).items())
+        lines += [f"The training split includes {replay['rows']} replay rows (data.replay.ratio {replay['ratio']}: "
+                  f"{sources}; {replay.get('dropped_overlapping_eval', 0)} dropped for overlapping eval data).", ""]
     lines += ["## Removed", "", "| step | rows |", "|---|---:|"]
     for name, n in report["filters"].items():
         lines.append(f"| filter: {name} | {n} |")

@@ -10,23 +10,32 @@ from tunelab.families import stop_texts, stop_token_ids
 from tunelab.progress import progress_bar
 
 
-@torch.no_grad()
 def generate_greedy(
     model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int, label: str = "generate",
     show_progress: bool = True,
 ) -> list[str]:
     """Greedy answers to already-rendered `prompts`, in the same order."""
+    return [text for text, _ in generate_with_ends(model, tokenizer, prompts, max_new_tokens, batch_size, label,
+                                                   show_progress)]
+
+
+@torch.no_grad()
+def generate_with_ends(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int, label: str = "generate",
+    show_progress: bool = True,
+) -> list[tuple[str, bool]]:
+    """(greedy answer, whether it ended at an end-of-turn within the budget) for each rendered prompt."""
     from transformers import GenerationConfig
 
     model.eval()
     device = next(model.parameters()).device
+    stops = stop_token_ids(tokenizer, model)
     gen_config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=stop_token_ids(tokenizer, model),
+        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
     )
     cut_at = stop_texts(tokenizer)  # an end-of-turn marker that is not one token cannot stop generation
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers: list[str] = [""] * len(prompts)
+    answers: list[tuple[str, bool]] = [("", False)] * len(prompts)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # new tokens must follow each prompt directly
     try:
@@ -38,10 +47,13 @@ def generate_greedy(
                                 add_special_tokens=False).to(device)
                 out = model.generate(**enc, generation_config=gen_config)
                 new_tokens = out[:, enc["input_ids"].shape[1]:]
-                for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                for i, row, text in zip(idx, new_tokens.tolist(), texts):
+                    ended = any(t in stops for t in row)
                     for marker in cut_at:
+                        ended = ended or marker in text
                         text = text.split(marker, 1)[0]
-                    answers[i] = text.strip()
+                    answers[i] = (text.strip(), ended)
                 bar.advance(task, len(idx))
     finally:
         tokenizer.padding_side = side

@@ -98,8 +98,11 @@ def _curves(history: list[dict[str, Any]]) -> list[str]:
     val += [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
     if not train:
         return []
-    chart = line_chart("training and validation loss", {"train loss": train, **({"val loss": val} if val else {})},
-                       width=640)
+    # Training with rehearsal rows (data.replay): the task's and the replay rows' losses, apart.
+    parts = {f"{name} loss": [(r["step"], r[f"{name}_loss"]) for r in history if f"{name}_loss" in r]
+             for name in ("task", "replay")}
+    lines = {"train loss": train, **{k: v for k, v in parts.items() if v}, **({"val loss": val} if val else {})}
+    chart = line_chart("training and validation loss", lines, width=640)
     return ["<h2>Loss curves</h2>", f"<div class='charts'>{chart}</div>"]
 
 

@@ -28,7 +28,7 @@ class PaddingCollator:
         self.tokens_seen += sum(lengths)
         self.targets_seen += int((labels != IGNORE_INDEX).sum())
         out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        return with_example_index(out, batch)
+        return with_replay_mask(with_example_index(out, batch), batch, ids.shape[1])
 
 
 def pad_right(batch: list[dict[str, Any]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -40,6 +40,25 @@ def pad_right(batch: list[dict[str, Any]], pad_token_id: int) -> tuple[torch.Ten
         ids[row, :n] = torch.tensor(ex["input_ids"])
         labels[row, :n] = torch.tensor(ex["labels"])
     return ids, labels, lengths
+
+
+def replay_flags(part: dict[str, Any]) -> list[int]:
+    """1 for each token of a rehearsal row (data.replay), 0 for the task's; a packed row carries its own."""
+    if "replay_tokens" in part:
+        return part["replay_tokens"]
+    return [int(bool(part.get("replay")))] * len(part["input_ids"])
+
+
+def with_replay_mask(out: dict[str, torch.Tensor], rows: list[dict[str, Any]], width: int) -> dict[str, torch.Tensor]:
+    """Add `replay_mask` (rows x width, right-padded with 0) when the batch holds rehearsal tokens, so the
+    trainer can log their loss apart from the task's."""
+    flags = [replay_flags(row) for row in rows]
+    if any(any(f) for f in flags):
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for r, f in enumerate(flags):
+            mask[r, :len(f)] = torch.tensor(f, dtype=torch.bool)
+        out["replay_mask"] = mask
+    return out
 
 
 def with_example_index(out: dict[str, torch.Tensor], batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -70,7 +89,8 @@ class PaddingFreeCollator:
         self.tokens_seen += len(ids)
         self.targets_seen += int((labels_t != IGNORE_INDEX).sum())
         out = {"input_ids": torch.tensor([ids]), "labels": labels_t, "position_ids": torch.tensor([positions])}
-        return with_example_index(out, batch)
+        row = {"input_ids": ids, "replay_tokens": [f for part in batch for f in replay_flags(part)]}
+        return with_replay_mask(with_example_index(out, batch), [row], len(ids))
 
 
 def concat_examples(parts: list[dict[str, Any]]) -> tuple[list[int], list[int], list[int]]:

@@ -89,17 +89,33 @@ def supports_chunked_loss(model: Any) -> bool:
     return hasattr(base, "get_decoder") and base.get_decoder() is not None
 
 
-def chunked_causal_lm_loss(model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None) -> torch.Tensor:
+def chunked_causal_lm_loss(model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None,
+                           replay_mask: torch.Tensor | None = None,
+                           parts: dict[str, float] | None = None) -> torch.Tensor:
     """The causal-LM loss of `inputs` (input_ids, labels, and attention_mask or position_ids), normalized
     like the model's own: by `num_items_in_batch` when given (gradient accumulation), else by this batch's
-    target count. The decoder runs as usual (LoRA layers, checkpointing and NEFTune hooks included)."""
+    target count. The decoder runs as usual (LoRA layers, checkpointing and NEFTune hooks included).
+
+    With `replay_mask` (True on rehearsal tokens), the summed losses and target counts of task and replay
+    tokens are added to `parts` ({task,replay}_{loss_sum,targets}); the total is the same sum."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     labels = inputs["labels"]
     decoder_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
     hidden = base.get_decoder()(**decoder_inputs, use_cache=False).last_hidden_state
     shifted = labels[:, 1:]
     keep = shifted != IGNORE_INDEX
-    total = linear_cross_entropy_sum(hidden[:, :-1][keep], base.get_output_embeddings().weight, shifted[keep])
+    weight = base.get_output_embeddings().weight
+    if replay_mask is None:
+        total = linear_cross_entropy_sum(hidden[:, :-1][keep], weight, shifted[keep])
+    else:
+        replay = replay_mask[:, 1:].to(keep.device)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for name, chosen in (("task", keep & ~replay), ("replay", keep & replay)):
+            part = linear_cross_entropy_sum(hidden[:, :-1][chosen], weight, shifted[chosen])
+            total = total + part
+            if parts is not None:
+                parts[f"{name}_loss_sum"] = parts.get(f"{name}_loss_sum", 0.0) + float(part.detach())
+                parts[f"{name}_targets"] = parts.get(f"{name}_targets", 0.0) + float(chosen.sum())
     divisor = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
     if torch.is_tensor(divisor):
         divisor = divisor.to(total.device)

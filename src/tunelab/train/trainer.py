@@ -88,14 +88,16 @@ class TunelabTrainer(AtomicCheckpoints, Trainer):
         self.example_ids = example_ids
         self.keep_checkpoints = keep_checkpoints
         self.chunked_loss = chunked_loss
+        self.loss_parts: dict[str, float] = {}  # task and replay loss sums since the last log (data.replay)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         indices = inputs.pop("example_index", None)
+        replay_mask = inputs.pop("replay_mask", None)
         # The chunked loss calls the decoder outside the DistributedDataParallel wrapper, whose forward is what
         # arms gradient averaging: with several processes the plain loss keeps the replicas in step.
         if self.chunked_loss and model.training and not return_outputs and self.accelerator.num_processes == 1:
-            result = self._chunked_loss(model, inputs, num_items_in_batch)
+            result = self._chunked_loss(model, inputs, num_items_in_batch, replay_mask)
         else:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                           num_items_in_batch=num_items_in_batch)
@@ -109,7 +111,17 @@ class TunelabTrainer(AtomicCheckpoints, Trainer):
             )
         return result
 
-    def _chunked_loss(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add the task's and the rehearsal rows' mean token loss since the last log (training with replay)."""
+        parts, self.loss_parts = self.loss_parts, {}
+        if "loss" in logs and parts.get("replay_targets"):
+            for name in ("task", "replay"):
+                if parts.get(f"{name}_targets"):
+                    logs[f"{name}_loss"] = round(parts[f"{name}_loss_sum"] / parts[f"{name}_targets"], 4)
+        super().log(logs, *args, **kwargs)
+
+    def _chunked_loss(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any,
+                      replay_mask: torch.Tensor | None = None) -> torch.Tensor:
         from tunelab.train.loss import chunked_causal_lm_loss
 
         # The Trainer counts num_items_in_batch (and treats the loss as already scaled for gradient
@@ -118,7 +130,8 @@ class TunelabTrainer(AtomicCheckpoints, Trainer):
         # The decoder is called directly, not through the model's forward that the accelerator wrapped in
         # autocast: enter that autocast here, or bf16 training would silently run in float32.
         with self.accelerator.autocast():
-            loss = chunked_causal_lm_loss(self.accelerator.unwrap_model(model), inputs, items)
+            loss = chunked_causal_lm_loss(self.accelerator.unwrap_model(model), inputs, items, replay_mask,
+                                          self.loss_parts)
         if self.args.average_tokens_across_devices and items is not None:
             loss = loss * self.accelerator.num_processes
         return loss
