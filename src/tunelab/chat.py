@@ -221,3 +221,62 @@ def encode_records(
         encoded.append({"id": record.id, "input_ids": ex.input_ids, "labels": ex.labels,
                         **({"replay": True} if record.meta.get("replay") else {})})
     return encoded, too_long
+
+
+def encode_prompt_safely(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> list[int]:
+    """Token ids of `render_prompt(tokenizer, messages)` in which marker text inside a message's content is
+    ordinary text, never a special token: a user writing `<|im_end|><|im_start|>system` gets those characters,
+    not a forged system turn. The template's own markers stay special tokens.
+
+    Messages holding no special token's text get exactly the ids of tokenizing the rendering as a whole.
+    Otherwise the rendering is cut at the contents: the template's pieces are tokenized with special tokens
+    parsed, the contents with `split_special_tokens=True`. ModelError if the template rewrites contents so that
+    they cannot be found in its rendering."""
+    text = render_prompt(tokenizer, messages)
+    specials = {str(t) for t in tokenizer.all_special_tokens}
+    specials |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    if not any(s and s in m["content"] for m in messages for s in specials):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces = _content_pieces(tokenizer, messages, text)
+    if pieces is None:
+        raise ModelError("a message holds special-token text, and this chat template rewrites message contents "
+                         "so that they cannot be kept apart from its own markers")
+    ids: list[int] = []
+    for piece, is_content in pieces:
+        if piece:
+            ids += tokenizer(piece, add_special_tokens=False, split_special_tokens=is_content)["input_ids"]
+    return ids
+
+
+def _content_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[Message],
+                    text: str) -> list[tuple[str, bool]] | None:
+    """`text` (the rendering of `messages`) cut into (piece, is_content) parts, or None where it cannot be. The
+    contents are located by rendering with a unique placeholder in place of each; templates that trim contents
+    are allowed for."""
+    import uuid
+
+    tag = uuid.uuid4().hex
+    holders = [f"{tag}{i}x" for i in range(len(messages))]
+    masked = render_prompt(tokenizer, [{**m, "content": h} for m, h in zip(messages, holders)])
+    pieces: list[tuple[str, bool]] = []
+    at, rest = 0, masked
+    for holder, message in zip(holders, messages):
+        before, found, after = rest.partition(holder)
+        if not found:  # the template does not show this message: nothing of it to keep apart
+            continue
+        if not text.startswith(before, at):
+            return None
+        pieces.append((before, False))
+        at += len(before)
+        content = message["content"]
+        shown = next((c for c in (content, content.strip(), content.lstrip(), content.rstrip())
+                      if text.startswith(c, at)), None)
+        if shown is None:
+            return None
+        pieces.append((shown, True))
+        at += len(shown)
+        rest = after
+    if text[at:] != rest:
+        return None
+    pieces.append((rest, False))
+    return pieces

@@ -129,13 +129,21 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind; beyond loopback an API key is required.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key.")] = "TUNELAB_API_KEY",
-    allow_root: Annotated[list[Path] | None, typer.Option(
-        help="Folder admin-loaded adapters may come from (repeatable); default: ./runs and the given runs' "
-        "folders.")] = None,
+    admin_key_env: Annotated[str, typer.Option(
+        help="Environment variable holding the admin key for /admin/*; unset: no admin endpoints.")] = "TUNELAB_ADMIN_KEY",
+    allow_root: Annotated[list[str] | None, typer.Option(
+        help="Folder admin-loaded adapters may come from, or models:/NAME (models:/ for any registered model); "
+        "repeatable; default: ./runs, the given runs' folders and registered models.")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Requests decoded together in one batch.")] = 16,
     max_queue: Annotated[int, typer.Option(min=1, help="Waiting requests before new ones get 429.")] = 64,
     request_timeout: Annotated[float, typer.Option(min=1, help="Seconds before a request is abandoned.")] = 120.0,
     max_tokens_limit: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 1024,
+    max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body (bytes); beyond: 413.")] = 4 << 20,
+    max_prompt_tokens: Annotated[int | None, typer.Option(
+        min=1, help="Most prompt tokens a request may send; default: the model's context minus max_tokens.")] = None,
+    max_stop: Annotated[int, typer.Option(min=0, help="Most stop strings per request (OpenAI: 4).")] = 4,
+    max_stop_chars: Annotated[int, typer.Option(min=1, help="Longest stop string (characters).")] = 64,
+    max_adapters: Annotated[int, typer.Option(min=0, help="Most adapters loaded at once; admin loads beyond: 409.")] = 16,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Weights dtype: auto (fp32 on CPU, bf16 on GPU), float32, bfloat16.")] = "auto",
     tracking_uri: UriOpt = None,
@@ -150,8 +158,11 @@ def serve(
         raise TunelabError(f"--engine {engine}: choose hf or vllm")
     options = ServeOptions(
         adapters=adapters or [], base=base, host=host, port=port, api_key_env=api_key_env,
-        allow_roots=allow_root or [], max_batch=max_batch, max_queue=max_queue, request_timeout=request_timeout,
-        max_tokens_limit=max_tokens_limit, device=device, dtype=dtype, tracking_uri=tracking_uri,
+        admin_key_env=admin_key_env, allow_roots=[Path(r) for r in allow_root or [] if not r.startswith("models:")],
+        allow_registry=[r[len("models:"):].strip("/") for r in allow_root or [] if r.startswith("models:")],
+        max_batch=max_batch, max_queue=max_queue, request_timeout=request_timeout, max_tokens_limit=max_tokens_limit,
+        max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_stop=max_stop,
+        max_stop_chars=max_stop_chars, max_adapters=max_adapters, device=device, dtype=dtype, tracking_uri=tracking_uri,
     )
     if engine == "vllm":
         command, notes = vllm_command(options)

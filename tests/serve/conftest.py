@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from tests.conftest import animal_rows, write_jsonl
 
 API_KEY = "test-secret-key"
+ADMIN_KEY = "test-admin-key"
 
 
 def make_lora_run(root: Path, base_dir: Path, seed: int, *, dora: bool = False, system_prompt: str | None = None) -> Path:
@@ -78,9 +80,9 @@ def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float = 120
 
 @pytest.fixture(scope="session")
 def server(lora_runs: dict[str, Path]):
-    """`tunelab serve alpha=... beta=...` as a real process, with an API key."""
+    """`tunelab serve alpha=... beta=...` as a real process, with an API key and an admin key."""
     port = free_port()
-    env = {**os.environ, "TUNELAB_API_KEY": API_KEY}
+    env = {**os.environ, "TUNELAB_API_KEY": API_KEY, "TUNELAB_ADMIN_KEY": ADMIN_KEY}
     process = subprocess.Popen(
         [sys.executable, "-m", "tunelab", "serve", f"alpha={lora_runs['alpha']}", f"beta={lora_runs['beta']}",
          "--port", str(port), "--max-batch", "16", "--max-queue", "128", "--allow-root",
@@ -97,3 +99,29 @@ def server(lora_runs: dict[str, Path]):
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture
+def live_server(lora_runs: dict[str, Path]):
+    """A server in this process (uvicorn in a thread) so the test can reach its engine."""
+    import uvicorn
+
+    from tunelab.serve.server import ServeOptions, build_server
+
+    def start(**overrides):
+        options = ServeOptions(adapters=[f"alpha={lora_runs['alpha']}"], port=free_port(), **overrides)
+        app, engine = build_server(options)
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=options.port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.05)
+        started.append((server, thread, engine))
+        return f"http://127.0.0.1:{options.port}", engine
+
+    started: list = []
+    yield start
+    for server, thread, engine in started:
+        server.should_exit = True
+        thread.join(timeout=10)
+        engine.shutdown()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,33 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.serve.conftest import free_port, make_lora_run
-
-
-@pytest.fixture
-def live_server(lora_runs: dict[str, Path]):
-    """A server in this process (uvicorn in a thread) so the test can reach its engine."""
-    import uvicorn
-
-    from tunelab.serve.server import ServeOptions, build_server
-
-    def start(**overrides):
-        options = ServeOptions(adapters=[f"alpha={lora_runs['alpha']}"], port=free_port(), **overrides)
-        app, engine = build_server(options)
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=options.port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.05)
-        started.append((server, thread, engine))
-        return f"http://127.0.0.1:{options.port}", engine
-
-    started: list = []
-    yield start
-    for server, thread, engine in started:
-        server.should_exit = True
-        thread.join(timeout=10)
-        engine.shutdown()
+from tests.serve.conftest import make_lora_run
 
 
 def ask(url: str, max_tokens: int = 4) -> str:

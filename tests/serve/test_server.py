@@ -9,7 +9,7 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from tests.serve.conftest import API_KEY
+from tests.serve.conftest import ADMIN_KEY, API_KEY
 
 PROMPTS = ["Extract the animal: I saw a cat.", "Hello there, how are you?", "What is two plus two?",
            "Extract the animal: on day 3 I saw a fox."]
@@ -132,7 +132,7 @@ def test_64_concurrent_mixed_adapter_requests_equal_sequential(server: str) -> N
 
 
 def test_admin_load_use_and_unload(server: str, lora_runs: dict[str, Path], tiny_model_dir: Path) -> None:
-    headers = {"Authorization": f"Bearer {API_KEY}"}
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     loaded = httpx.post(f"{server}/admin/adapters", json={"name": "gamma", "path": str(lora_runs["gamma"])},
                         headers=headers, timeout=60)
     assert loaded.status_code == 200, loaded.text
@@ -148,7 +148,7 @@ def test_admin_load_use_and_unload(server: str, lora_runs: dict[str, Path], tiny
 
 
 def test_admin_refuses_traversal_and_bad_names(server: str, lora_runs: dict[str, Path]) -> None:
-    headers = {"Authorization": f"Bearer {API_KEY}"}
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     outside = f"{lora_runs['gamma'].parent}/../../../etc"
     r = httpx.post(f"{server}/admin/adapters", json={"name": "evil", "path": outside}, headers=headers)
     assert r.status_code == 403 and "outside the allowed roots" in r.json()["error"]["message"]

@@ -46,7 +46,7 @@ class AdapterSpec:
 def check_name(name: str) -> str:
     if name == BASE_NAME or name == "__base__":
         raise ServeError(f"adapter name '{name}' is reserved for the base model")
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):  # fullmatch: `$` alone would let a trailing newline through
         raise ServeError(f"adapter name '{name}': use 1-64 letters, digits, '.', '-' or '_', starting with a letter "
                          "or digit")
     return name
@@ -61,6 +61,20 @@ def inside_allowed_roots(path: Path, roots: list[Path]) -> Path:
     allowed = ", ".join(str(r) for r in roots) or "(none)"
     raise ServeError(f"adapter path {path}: outside the allowed roots ({allowed}); start the server with "
                      "--allow-root to permit it", status=403, code="forbidden_path")
+
+
+def check_path_text(text: str) -> None:
+    """Refuse path text the file system cannot even look at (NUL bytes, over-long names) with a clean 400."""
+    if "\x00" in text:
+        raise ServeError("adapter path: contains a NUL byte")
+    if len(text.encode()) > 4096 or any(len(part.encode()) > 255 for part in text.split("/")):
+        raise ServeError("adapter path: too long (at most 4096 bytes, 255 per folder name)")
+
+
+def registry_name(source: str) -> str:
+    """The registered model's name in models:/NAME@ALIAS or models:/NAME/VERSION."""
+    spec = source[len("models:/"):]
+    return spec.split("@", 1)[0].split("/", 1)[0]
 
 
 def default_name(source: str) -> str:
@@ -79,17 +93,42 @@ def parse_adapter_arg(text: str) -> tuple[str, str]:
     return check_name(default_name(text)), text
 
 
-def resolve_adapter(name: str, source: str, roots: list[Path], tracking_uri: str | None = None) -> AdapterSpec:
-    """Validate a run folder (or registry URI) as a servable LoRA adapter."""
+def resolve_adapter(name: str, source: str, roots: list[Path] | None, tracking_uri: str | None = None,
+                    registry: list[str] | None = None) -> AdapterSpec:
+    """Validate a run folder (or registry URI) as a servable LoRA adapter.
+
+    `roots` None: the operator named it on the command line, anywhere goes. Otherwise (an admin load) the run
+    folder and its adapter/ (symlinks resolved) must lie inside `roots`, and a models:/ URI must name a
+    registered model in `registry` ("*": any)."""
+    try:
+        return _resolve_adapter(name, source, roots, tracking_uri, registry)
+    except (OSError, ValueError) as err:  # a path the file system refuses to look at
+        raise ServeError(f"adapter path {source!r}: {err}") from None
+
+
+def _resolve_adapter(name: str, source: str, roots: list[Path] | None, tracking_uri: str | None,
+                     registry: list[str] | None) -> AdapterSpec:
     from tunelab.models import resolve_model
     from tunelab.pipeline import load_run_config
     from tunelab.registry import resolve_run_dir
 
     check_name(name)
+    check_path_text(source)
     if source.startswith("models:/"):
-        run_dir = resolve_run_dir(source, tracking_uri)  # a verified local copy in tunelab's cache
+        if roots is not None and "*" not in (registry or []) and registry_name(source) not in (registry or []):
+            raise ServeError(f"{source}: registered model '{registry_name(source)}' is not allowed; start the server "
+                             f"with --allow-root models:/{registry_name(source)} (or models:/ for any)", 403,
+                             "forbidden_path")
+        # Note: the registry records no hash of the adapter, so the downloaded copy cannot be checked against one.
+        run_dir = resolve_run_dir(source, tracking_uri)
+    elif roots is None:
+        run_dir = Path(source).expanduser().resolve()
     else:
         run_dir = inside_allowed_roots(Path(source), roots)
+        # The folder is inside; what it links to must be too (RUN/adapter -> /elsewhere is refused).
+        for part in ("adapter", "config.yaml", "chat_template.jinja"):
+            if (run_dir / part).exists() or (run_dir / part).is_symlink():
+                inside_allowed_roots(run_dir / part, roots)
     adapter_dir = run_dir / "adapter"
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.is_file():

@@ -8,7 +8,6 @@ usual exceptions (AuthenticationError, NotFoundError, BadRequestError, RateLimit
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 import uuid
@@ -17,16 +16,21 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
+from tunelab.errors import ModelError
 from tunelab.families import stop_texts, stop_token_ids
 from tunelab.serve.adapters import BASE_NAME, ServeError, check_name, check_same_base, resolve_adapter
 from tunelab.serve.engine import Engine, GenRequest
+from tunelab.serve.guard import Guard
 
-OPEN_PATHS = {"/health", "/", "/playground"}  # everything else needs the API key when one is set
+# Below this a temperature decodes greedily (vLLM's _SAMPLING_EPS): dividing logits by 1e-300 overflows.
+TEMPERATURE_FLOOR = 1e-5
+POLL_SECONDS = 0.25  # how often a waiting handler looks for a gone client and a stuck engine
 
 
 class Message(BaseModel):
@@ -44,7 +48,7 @@ class Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1, description="Only one choice per request.")
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # what torch.Generator.manual_seed takes
     stream: bool = False
 
 
@@ -58,26 +62,35 @@ class CompletionBody(Sampling):
 
 class AdapterBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str
-    path: str
+    name: str = Field(..., max_length=64)
+    path: str = Field(..., max_length=4096)
 
 
 @dataclass
 class ServerSettings:
     api_key: str | None = None
+    admin_key: str | None = None  # None: no /admin endpoints
     allowed_roots: list[Path] = field(default_factory=list)
+    allowed_registry: list[str] = field(default_factory=list)  # registered models admin may load ("*": any)
     default_max_tokens: int = 256
     max_tokens_limit: int = 1024
     request_timeout: float = 120.0
     tracking_uri: str | None = None
     base_folder: Path | None = None  # adapters loaded while serving must have been trained on this base
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_prompt_tokens: int | None = None
+    max_stop: int = 4
+    max_stop_chars: int = 64
+    allowed_hosts: set[str] | None = None  # Host header values accepted; None: any
 
 
 def error_response(err: ServeError) -> JSONResponse:
     kind = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error"}.get(
         err.status, "invalid_request_error" if err.status < 500 else "server_error")
+    # Overload is temporary: tell clients (the openai client among them) when to try again.
+    headers = {"Retry-After": "1"} if err.status in (429, 503) else None
     return JSONResponse({"error": {"message": str(err), "type": kind, "code": err.code, "param": None}},
-                        status_code=err.status)
+                        status_code=err.status, headers=headers)
 
 
 def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, Any]) -> FastAPI:
@@ -85,20 +98,7 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
     app = FastAPI(title="tunelab serve", docs_url=None, redoc_url=None)
     metrics = engine.metrics
 
-    @app.middleware("http")
-    async def authenticate_and_count(request: Request, call_next: Any) -> Any:
-        path = request.url.path
-        if settings.api_key and path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
-                response = error_response(ServeError("missing or wrong API key (send 'Authorization: Bearer KEY')",
-                                                     401, "invalid_api_key"))
-                metrics.inc("tunelab_requests_total", endpoint=path, status="401")
-                return response
-        response = await call_next(request)
-        metrics.inc("tunelab_requests_total", endpoint=path, status=str(response.status_code))
-        return response
+    app.add_middleware(Guard, settings=settings, metrics=metrics, routes=app.router.routes)
 
     @app.exception_handler(ServeError)
     async def serve_error(_: Request, err: ServeError) -> JSONResponse:
@@ -110,9 +110,20 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
         return error_response(ServeError(f"invalid request: {where}: {first.get('msg')}", 400, "invalid_request"))
 
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, err: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(err.status_code, "error")
+        return error_response(ServeError(str(err.detail), err.status_code, code))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, err: Exception) -> JSONResponse:
+        return error_response(ServeError(f"internal error: {type(err).__name__}", 500, "internal_error"))
+
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": engine.model_names(), "queue_depth": engine.pending.qsize()}
+    async def health() -> JSONResponse:
+        alive = engine.alive()
+        return JSONResponse({"status": "ok" if alive else "engine stopped", "models": engine.model_names(),
+                             "queue_depth": engine.pending.qsize()}, status_code=200 if alive else 503)
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
@@ -134,40 +145,45 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request) -> Any:
-        from tunelab.chat import render_prompt, with_system_prompt
+        from tunelab.chat import encode_prompt_safely, with_system_prompt
 
         tokenizer = _tokenizer(body.model)
         spec = engine.adapters.get(body.model)
-        messages = [m.model_dump() for m in body.messages]
-        # The adapter's own system prompt and template: the prompt it was trained on.
-        prompt = render_prompt(tokenizer, with_system_prompt(messages, spec.system_prompt if spec else None))
-        return await _complete(body, prompt, request, chat=True)
+        # The adapter's own system prompt and template: the prompt it was trained on. Marker text inside the
+        # messages stays text, so no one can forge a turn of the template.
+        messages = with_system_prompt([m.model_dump() for m in body.messages], spec.system_prompt if spec else None)
+        return await _complete(body, lambda: encode_prompt_safely(tokenizer, messages), request, chat=True)
 
     @app.post("/v1/completions")
     async def complete(body: CompletionBody, request: Request) -> Any:
-        _tokenizer(body.model)
-        return await _complete(body, body.prompt, request, chat=False)
+        tokenizer = _tokenizer(body.model)
+        if not body.prompt:
+            raise ServeError("prompt is empty", 400, "invalid_prompt")
+        # A completion prompt is the client's whole text, template markers included (as vLLM reads it).
+        return await _complete(body, lambda: tokenizer(body.prompt, add_special_tokens=False)["input_ids"], request,
+                               chat=False)
 
-    @app.post("/admin/adapters")
-    async def load(body: AdapterBody) -> dict[str, Any]:
-        check_name(body.name)
-        spec = await asyncio.to_thread(resolve_adapter, body.name, body.path, settings.allowed_roots,
-                                       settings.tracking_uri)
-        check_same_base(spec, settings.base_folder)
-        from tunelab.artifacts import RunPaths
-        from tunelab.eval.run import trained_folder
-        from tunelab.models import load_tokenizer
+    if settings.admin_key:  # without an admin key the admin endpoints do not exist (404)
+        @app.post("/admin/adapters")
+        async def load(body: AdapterBody) -> dict[str, Any]:
+            check_name(body.name)
+            spec = await asyncio.to_thread(resolve_adapter, body.name, body.path, settings.allowed_roots,
+                                           settings.tracking_uri, settings.allowed_registry)
+            check_same_base(spec, settings.base_folder)
+            from tunelab.artifacts import RunPaths
+            from tunelab.eval.run import trained_folder
+            from tunelab.models import load_tokenizer
 
-        tokenizer = await asyncio.to_thread(load_tokenizer, trained_folder(RunPaths(spec.run_dir)))
-        await asyncio.to_thread(engine.load_adapter, spec)
-        tokenizers[spec.name] = tokenizer
-        return {"loaded": spec.describe(), "models": engine.model_names()}
+            tokenizer = await asyncio.to_thread(load_tokenizer, trained_folder(RunPaths(spec.run_dir)))
+            await asyncio.to_thread(engine.load_adapter, spec)
+            tokenizers[spec.name] = tokenizer
+            return {"loaded": spec.describe(), "models": engine.model_names()}
 
-    @app.delete("/admin/adapters/{name}")
-    async def unload(name: str) -> dict[str, Any]:
-        await asyncio.to_thread(engine.unload_adapter, name)
-        tokenizers.pop(name, None)
-        return {"unloaded": name, "models": engine.model_names()}
+        @app.delete("/admin/adapters/{name}")
+        async def unload(name: str) -> dict[str, Any]:
+            await asyncio.to_thread(engine.unload_adapter, name)
+            tokenizers.pop(name, None)
+            return {"unloaded": name, "models": engine.model_names()}
 
     def _tokenizer(model: str) -> Any:
         if model != BASE_NAME and model not in engine.adapters:
@@ -175,28 +191,69 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
                              "model_not_found")
         return tokenizers[model]
 
-    async def _complete(body: Sampling, prompt: str, request: Request, chat: bool) -> Any:
-        started = time.monotonic()
-        tokenizer = _tokenizer(body.model)
+    def _check_sampling(body: Sampling) -> tuple[int, list[str]]:
+        """(max_tokens, stop strings) of a request, refused before any work is done on it."""
         max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
         if max_tokens > settings.max_tokens_limit:
             raise ServeError(f"max_tokens {max_tokens} is above this server's limit of {settings.max_tokens_limit}")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        # Stop strings are scanned at every step of the shared batch: their cost falls on every request in it.
+        if len(stops) > settings.max_stop:
+            raise ServeError(f"stop: {len(stops)} strings; at most {settings.max_stop}", 400, "invalid_stop")
+        if any(len(x) > settings.max_stop_chars for x in stops):
+            raise ServeError(f"stop: each string may have at most {settings.max_stop_chars} characters", 400,
+                             "invalid_stop")
+        return max_tokens, stops
+
+    async def _complete(body: Sampling, encode: Any, request: Request, chat: bool) -> Any:
+        started = time.monotonic()
+        tokenizer = _tokenizer(body.model)
+        max_tokens, stops = _check_sampling(body)
         if chat:
             stops += stop_texts(tokenizer)  # a template whose end-of-turn marker is not a single token
+        # Templating and tokenizing a long prompt takes a while: off the event loop, so others are not held up.
+        try:
+            prompt_ids = await asyncio.to_thread(encode)
+        except ModelError as err:
+            raise ServeError(str(err), 400, "invalid_prompt") from None
+        if not prompt_ids:
+            raise ServeError("prompt is empty", 400, "invalid_prompt")
+        limit = settings.max_prompt_tokens
+        if limit is not None and len(prompt_ids) > limit:
+            raise ServeError(f"prompt has {len(prompt_ids)} tokens; this server accepts at most {limit} "
+                             "(--max-prompt-tokens)", 400, "context_length_exceeded")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        deadline = started + settings.request_timeout
         job = GenRequest(
-            model=body.model, prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=body.temperature,
-            top_p=body.top_p, stop=stops, seed=body.seed, deadline=started + settings.request_timeout,
+            model=body.model, prompt_ids=prompt_ids, max_tokens=max_tokens,
+            temperature=0.0 if body.temperature < TEMPERATURE_FLOOR else body.temperature,
+            top_p=body.top_p, stop=stops, seed=body.seed, deadline=deadline,
             stop_ids=frozenset(stop_token_ids(tokenizer)), tokenizer=tokenizer,
             emit=lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload)),
         )
-        engine.submit(job)  # raises 404 / 400 / 429 before anything is streamed
+        engine.submit(job)  # raises 404 / 400 / 429 / 503 before anything is streamed
         metrics.inc("tunelab_prompt_tokens_total", len(prompt_ids), model=body.model)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
+
+        checked = [time.monotonic()]
+
+        async def next_event() -> tuple[str, Any] | None:
+            """The engine's next event; None once the client has gone. A 504 when the engine has not answered a
+            second past the deadline (a long batch it cannot leave early)."""
+            while True:
+                if time.monotonic() - checked[0] > POLL_SECONDS:  # also while tokens keep coming
+                    checked[0] = time.monotonic()
+                    if await request.is_disconnected():
+                        metrics.inc("tunelab_cancelled_total", reason="disconnected")
+                        return None
+                    if checked[0] > deadline + 1.0:
+                        return "error", ServeError("request timed out", 504, "timeout")
+                try:
+                    return await asyncio.wait_for(events.get(), timeout=POLL_SECONDS)
+                except TimeoutError:
+                    continue
 
         def usage(completion_tokens: int) -> dict[str, int]:
             return {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
@@ -206,7 +263,10 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
             parts = []
             try:
                 while True:
-                    kind, payload = await asyncio.wait_for(events.get(), timeout=settings.request_timeout + 5)
+                    event = await next_event()
+                    if event is None:
+                        return Response(status_code=499)  # nginx's "client closed request"; no one reads it
+                    kind, payload = event
                     if kind == "delta":
                         parts.append(payload)
                     elif kind == "error":
@@ -240,12 +300,10 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
                 if chat:
                     yield chunk(None, None, first=True)
                 while True:
-                    if await request.is_disconnected():
+                    event = await next_event()
+                    if event is None:
                         return
-                    try:
-                        kind, payload = await asyncio.wait_for(events.get(), timeout=1.0)
-                    except TimeoutError:
-                        continue
+                    kind, payload = event
                     if kind == "delta":
                         yield chunk(payload, None)
                     elif kind == "error":

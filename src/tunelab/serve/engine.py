@@ -48,12 +48,13 @@ class GenRequest:
 
 class Engine:
     def __init__(self, base: Any, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 64,
-                 batch_window: float = 0.02, metrics: Metrics | None = None) -> None:
+                 batch_window: float = 0.02, metrics: Metrics | None = None, max_adapters: int = 16) -> None:
         self.base = base.eval()
         self.peft: Any = None  # a PeftModel around `base` once the first adapter is loaded
         self.tokenizer = tokenizer
         self.adapters: dict[str, AdapterSpec] = {}
         self.max_batch = max_batch
+        self.max_adapters = max_adapters
         self.batch_window = batch_window
         self.metrics = metrics or Metrics()
         self.pending: queue.Queue[GenRequest] = queue.Queue(maxsize=max_queue)
@@ -72,6 +73,9 @@ class Engine:
         with self.lock:
             if spec.name in self.adapters:
                 raise ServeError(f"adapter '{spec.name}' is already loaded; unload it first", 409, "adapter_exists")
+            if len(self.adapters) >= self.max_adapters:
+                raise ServeError(f"{len(self.adapters)} adapters are loaded, this server's --max-adapters; unload one "
+                                 "first", 409, "too_many_adapters")
             if self.peft is None:
                 self.peft = attach_adapter(self.base, spec.adapter_dir, adapter_name=spec.name).eval()
             else:
@@ -98,6 +102,10 @@ class Engine:
             del self.adapters[name]
             self.metrics.set_gauge("tunelab_adapters_loaded", len(self.adapters))
 
+    def alive(self) -> bool:
+        """Whether the worker thread that decodes every request is still running."""
+        return self._running and self._worker.is_alive()
+
     def model_names(self) -> list[str]:
         return [BASE_NAME, *self.adapters]
 
@@ -106,6 +114,8 @@ class Engine:
         if request.model != BASE_NAME and request.model not in self.adapters:
             raise ServeError(f"model '{request.model}' does not exist; loaded: {', '.join(self.model_names())}",
                              404, "model_not_found")
+        if not self.alive():
+            raise ServeError("the generation worker has stopped; restart the server", 503, "engine_dead")
         if len(request.prompt_ids) + request.max_tokens > self.max_positions:
             raise ServeError(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds "
                              f"the model's context of {self.max_positions} tokens", 400, "context_length_exceeded")
@@ -136,15 +146,32 @@ class Engine:
                     break
             self.metrics.set_gauge("tunelab_queue_depth", self.pending.qsize())
             with self.lock:
-                live = [r for r in batch if self._admit(r)]
-                if live:
-                    try:
-                        self._decode(live)
-                    except Exception as err:  # noqa: BLE001 - one bad batch must not kill the server
-                        for r in live:
-                            if r.finish_reason is None:
-                                r.finish_reason = "error"
-                                r.emit("error", ServeError(f"generation failed: {err}", 500, "internal_error"))
+                try:
+                    live = [r for r in batch if self._admit(r)]
+                    if live:
+                        self._decode_isolated(live)
+                except Exception as err:  # noqa: BLE001 - the worker must outlive anything a batch does
+                    for r in batch:
+                        _fail(r, err)
+
+    def _decode_isolated(self, batch: list[GenRequest]) -> None:
+        """Decode `batch`; if the batch as a whole fails (a row the forward pass cannot take), decode each
+        unfinished row alone, so that only the row at fault fails. Greedy and seeded decoding repeat exactly,
+        and a row re-decoded from the start only emits text beyond what it already sent."""
+        try:
+            self._decode(batch)
+            return
+        except Exception as err:  # noqa: BLE001 - one bad row must not fail the others, nor kill the worker
+            unfinished = [r for r in batch if r.finish_reason is None]
+            if len(batch) == 1:
+                _fail(batch[0], err)
+                return
+        for r in unfinished:
+            r.tokens = []
+            try:
+                self._decode([r])
+            except Exception as err:  # noqa: BLE001
+                _fail(r, err)
 
     def _admit(self, r: GenRequest) -> bool:
         """Whether a dequeued request still wants an answer (the adapter may have been unloaded meanwhile)."""
@@ -175,17 +202,18 @@ class Engine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         model = self.peft if self.peft is not None else self.base
         extra = {"adapter_names": [r.model if r.model != BASE_NAME else "__base__" for r in batch]} if self.peft else {}
-        generators = [_generator(r) for r in batch]
+        generators = [self._guarded(r, _generator, r) for r in batch]
         cache = DynamicCache()
         with torch.inference_mode():
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                         use_cache=True, logits_to_keep=1, **extra)
             for _ in range(max(r.max_tokens for r in batch)):
                 logits = out.logits[:, -1, :].float()
-                chosen = [self._choose(logits[i], r, generators[i]) for i, r in enumerate(batch)]
+                chosen = [self._guarded(r, self._choose, logits[i], r, generators[i]) for i, r in enumerate(batch)]
+                chosen = [self.tokenizer.pad_token_id if t is None else t for t in chosen]
                 for r, token in zip(batch, chosen):
                     if r.finish_reason is None:
-                        self._advance(r, token)
+                        self._guarded(r, self._advance, r, token)
                 if all(r.finish_reason is not None for r in batch):
                     break
                 step = torch.tensor([[t] for t in chosen], device=self.device)
@@ -195,6 +223,16 @@ class Engine:
                             use_cache=True, **extra)
         elapsed = time.monotonic() - started
         self.metrics.observe("tunelab_batch_seconds", elapsed)
+
+    def _guarded(self, r: GenRequest, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) for one row; if it fails, that row alone fails (None) and the batch goes on."""
+        if r.finish_reason is not None:
+            return None
+        try:
+            return fn(*args)
+        except Exception as err:  # noqa: BLE001
+            _fail(r, err)
+            return None
 
     def _choose(self, logits: Any, r: GenRequest, generator: Any) -> int:
         import torch
@@ -243,6 +281,15 @@ class Engine:
             r.sent = len(text)
         r.finish_reason = finish
         r.emit("done", {"finish_reason": finish, "completion_tokens": len(r.tokens)})
+
+
+def _fail(r: GenRequest, err: Exception) -> None:
+    if r.finish_reason is None:
+        r.finish_reason = "error"
+        try:
+            r.emit("error", ServeError(f"generation failed for this request: {err}", 500, "internal_error"))
+        except RuntimeError:  # its event loop is gone
+            pass
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:

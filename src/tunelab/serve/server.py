@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.serve.adapters import AdapterSpec, ServeError, check_same_base, parse_adapter_arg, resolve_adapter
+from tunelab.serve.adapters import (
+    AdapterSpec,
+    ServeError,
+    check_same_base,
+    parse_adapter_arg,
+    registry_name,
+    resolve_adapter,
+)
 
 LOOPBACK_NAMES = {"localhost"}
 
@@ -26,12 +33,19 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key_env: str = "TUNELAB_API_KEY"
+    admin_key_env: str = "TUNELAB_ADMIN_KEY"  # unset: the /admin endpoints do not exist
     allow_roots: list[Path] = field(default_factory=list)
+    allow_registry: list[str] = field(default_factory=list)  # registered model names admin may load ("*": any)
     max_batch: int = 16
     max_queue: int = 64
     request_timeout: float = 120.0
     default_max_tokens: int = 256
     max_tokens_limit: int = 1024
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_prompt_tokens: int | None = None  # None: the model's context minus the request's max_tokens
+    max_stop: int = 4  # OpenAI's limits on `stop`
+    max_stop_chars: int = 64
+    max_adapters: int = 16
     device: str = "auto"
     dtype: str = "auto"
     tracking_uri: str | None = None
@@ -44,6 +58,11 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def loopback_hosts(port: int) -> set[str]:
+    names = ("127.0.0.1", "localhost", "[::1]")
+    return {f"{n}:{port}" for n in names} | (set(names) if port == 80 else set())
 
 
 def api_key_for(options: ServeOptions) -> str | None:
@@ -67,6 +86,14 @@ def allowed_roots(options: ServeOptions) -> list[Path]:
     return list(dict.fromkeys(roots))
 
 
+def allowed_registry(options: ServeOptions) -> list[str]:
+    """Registered models admin may load: --allow-root models:/NAME (models:/ for any), else those given at start."""
+    if options.allow_roots or options.allow_registry:
+        return ["*" if n in ("", "*") else n for n in options.allow_registry]
+    return [registry_name(source) for _, source in map(parse_adapter_arg, options.adapters)
+            if source.startswith("models:/")]
+
+
 def resolve_setup(options: ServeOptions) -> tuple[Path, list[AdapterSpec]]:
     """(base folder, adapters), checked: names unique, every adapter a LoRA trained on that base."""
     from tunelab.config import ModelConfig
@@ -77,9 +104,8 @@ def resolve_setup(options: ServeOptions) -> tuple[Path, list[AdapterSpec]]:
         name, source = parse_adapter_arg(text)
         if any(s.name == name for s in specs):
             raise ServeError(f"two adapters are named '{name}'; name them with NAME=RUN")
-        # Adapters named on the command line are the operator's own choice: their own folder is allowed.
-        own_root = [] if source.startswith("models:/") else [Path(source).expanduser().resolve()]
-        specs.append(resolve_adapter(name, source, own_root, options.tracking_uri))
+        # Adapters named on the command line are the operator's own choice: no root applies to them.
+        specs.append(resolve_adapter(name, source, None, options.tracking_uri))
     if options.base is not None:
         base_folder = resolve_model(ModelConfig(name=options.base))
     elif specs:
@@ -104,6 +130,8 @@ def build_server(options: ServeOptions) -> tuple[Any, Any]:
 
     key = api_key_for(options)
     base_folder, specs = resolve_setup(options)
+    if len(specs) > options.max_adapters:
+        raise ServeError(f"{len(specs)} adapters given but --max-adapters is {options.max_adapters}")
     device = pick_device(options.device)
     # fp32 on CPU by default: batched and one-at-a-time answers then agree token for token.
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
@@ -117,14 +145,18 @@ def build_server(options: ServeOptions) -> tuple[Any, Any]:
     elif not base_tokenizer.chat_template:
         setup_chat_template(base_tokenizer, None, add_tokens=False)  # the untrained base has no rows for new ones
     engine = Engine(load_model(base_folder, Precision(device, None, dtype)), base_tokenizer,
-                    max_batch=options.max_batch, max_queue=options.max_queue)
+                    max_batch=options.max_batch, max_queue=options.max_queue, max_adapters=options.max_adapters)
     tokenizers: dict[str, Any] = {"base": base_tokenizer, **adapter_tokenizers}
     for spec in specs:
         engine.load_adapter(spec)
     settings = ServerSettings(
-        api_key=key, allowed_roots=allowed_roots(options), default_max_tokens=options.default_max_tokens,
+        api_key=key, admin_key=os.environ.get(options.admin_key_env) or None, allowed_roots=allowed_roots(options),
+        allowed_registry=allowed_registry(options), default_max_tokens=options.default_max_tokens,
         max_tokens_limit=options.max_tokens_limit, request_timeout=options.request_timeout,
-        tracking_uri=options.tracking_uri, base_folder=base_folder,
+        tracking_uri=options.tracking_uri, base_folder=base_folder, max_body_bytes=options.max_body_bytes,
+        max_prompt_tokens=options.max_prompt_tokens, max_stop=options.max_stop, max_stop_chars=options.max_stop_chars,
+        # Keyless loopback: a web page could reach us through DNS rebinding, so the Host header must name us.
+        allowed_hosts=None if key else loopback_hosts(options.port),
     )
     return create_app(engine, settings, tokenizers), engine
 
