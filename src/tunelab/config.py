@@ -69,7 +69,8 @@ class SourceConfig(Section):
         description="Map our field names to this file's columns, e.g. {instruction: question, output: answer}.",
     )
     weight: float = Field(
-        1.0, gt=0, description="Mixing weight for training: 2 repeats the source twice, 0.5 keeps half (by seed)."
+        1.0, gt=0, le=100,
+        description="Mixing weight for training: 2 repeats the source twice, 0.5 keeps half (by seed); at most 100."
     )
 
     @field_validator("path", mode="before")
@@ -103,6 +104,17 @@ class CleanConfig(Section):
     min_tokens: int = Field(1, ge=0, description="Drop examples with fewer tokens (chat template included).")
     max_tokens: int | None = Field(None, gt=0, description="Drop longer examples; default: data.max_length.")
     exclude_regex: list[str] = Field(default_factory=list, description="Drop examples matching any pattern.")
+
+    @field_validator("exclude_regex")
+    @classmethod
+    def _patterns_compile(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"data.clean.exclude_regex: {pattern[:80]!r} is not a valid regular expression: "
+                                 f"{err}") from None
+        return value
     exclude_keywords: list[str] = Field(
         default_factory=list, description="Drop examples containing any keyword (case-insensitive)."
     )
@@ -113,8 +125,9 @@ class DedupConfig(Section):
     exact: bool = Field(True, description="Drop exact duplicates (after case/space/punctuation normalization).")
     near: bool = Field(True, description="Drop near-duplicates found with MinHash LSH.")
     threshold: float = Field(0.85, gt=0, le=1, description="Jaccard similarity at which two examples are twins.")
-    ngram: int = Field(5, gt=0, description="Word n-gram shingle size for MinHash.")
-    num_perm: int = Field(128, ge=16, description="MinHash permutations (more: finer estimates, slower).")
+    ngram: int = Field(5, gt=0, le=64, description="Word n-gram shingle size for MinHash.")
+    num_perm: int = Field(128, ge=16, le=1024,
+                          description="MinHash permutations (more: finer estimates, slower; at most 1024).")
     fields: Literal["all", "prompt", "answer"] = Field("all", description="Which text is compared.")
 
 
@@ -268,7 +281,8 @@ class TrainConfig(Section):
         "cosine", description="Learning-rate schedule after warmup."
     )
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Share of steps spent warming up.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training set (ignored if max_steps is set).")
+    epochs: float = Field(1.0, gt=0, le=10_000,
+                          description="Passes over the training set (ignored if max_steps is set).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     batch_size: int = Field(8, gt=0, description="Examples per forward pass.")
     gradient_accumulation_steps: int = Field(

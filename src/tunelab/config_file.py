@@ -7,6 +7,7 @@ either the expected type or the closest valid key ("did you mean ...").
 from __future__ import annotations
 
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -33,15 +34,20 @@ def load_config(path: str | Path, overrides: list[str] | None = None, stored: bo
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
+    text = read_config_text(path)
     try:
+        check_nesting(text, str(path))
+        node = yaml.compose(text)
+        check_yaml_tree(node, str(path))
         raw = yaml.safe_load(text)
-        lines = _key_lines(yaml.compose(text))
+        lines = _key_lines(node)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply (more than {MAX_DEPTH} levels)") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -55,6 +61,92 @@ def load_config(path: str | Path, overrides: list[str] | None = None, stored: bo
         raise ConfigError(f"{at}: output.dir: {cfg.output.dir} is {where}; a run needs a folder of its own, "
                           "e.g. runs/NAME")
     return cfg
+
+
+# A config is a few hundred values at most: these bounds only stop hostile or broken files (alias bombs,
+# runaway nesting, numbers Python refuses to parse) before they cost minutes or memory.
+MAX_DEPTH = 32
+MAX_VALUES = 100_000
+MAX_INT_DIGITS = 4300  # Python's own int-from-string limit (sys.get_int_max_str_digits)
+_INT_TAG = "tag:yaml.org,2002:int"
+
+
+def read_config_text(path: Path) -> str:
+    """The config's text: UTF-8, with or without a byte-order mark; anything else is a one-line error."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte {err.start}); re-save the config as UTF-8") from None
+
+
+def check_nesting(text: str, source: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH before composing: PyYAML's composer recurses per level, so a file of
+    thousands of '[' would end in a RecursionError. The event parser does not recurse."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ConfigError(f"{source}:{event.start_mark.line + 1}: a value is nested more than {MAX_DEPTH} "
+                                  "levels deep; a config is a few levels deep")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
+def check_yaml_tree(node: yaml.Node | None, source: str) -> None:
+    """Refuse, one line each and before anything is built, what YAML allows but a config must not be: keys
+    given twice (YAML keeps the last silently), recursive aliases, aliases that expand to more than
+    MAX_VALUES values (a "billion laughs"), nesting deeper than MAX_DEPTH, integers too long to parse."""
+    problems: list[tuple[int, str]] = []
+    sizes: dict[int, int] = {}
+
+    def at(n: yaml.Node) -> int:
+        return n.start_mark.line + 1
+
+    def walk(n: yaml.Node, keys: tuple[str, ...], stack: set[int]) -> int:
+        if id(n) in stack:
+            raise ConfigError(f"{source}:{at(n)}: '{'.'.join(keys) or '(top level)'}' refers to itself through a "
+                              "YAML alias (&anchor ... *anchor inside itself)")
+        if len(stack) >= MAX_DEPTH:
+            raise ConfigError(f"{source}:{at(n)}: '{'.'.join(keys)}' is nested more than {MAX_DEPTH} levels deep")
+        if id(n) in sizes:  # an alias: counted again, as it expands again when built
+            return sizes[id(n)]
+        size = 1
+        stack.add(id(n))
+        if isinstance(n, yaml.ScalarNode):
+            if n.tag == _INT_TAG and sum(c.isdigit() for c in str(n.value)) > MAX_INT_DIGITS:
+                problems.append((at(n), f"{source}:{at(n)}: '{'.'.join(keys)}' is an integer of "
+                                 f"{len(str(n.value))} digits; the most a config takes is {MAX_INT_DIGITS}"))
+        elif isinstance(n, yaml.SequenceNode):
+            size += sum(walk(item, keys, stack) for item in n.value)
+        elif isinstance(n, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key_node, value_node in n.value:
+                key = str(key_node.value)
+                if id(value_node) in stack:  # name the key whose alias points back into itself
+                    raise ConfigError(f"{source}:{at(key_node)}: '{'.'.join((*keys, key))}' refers to itself "
+                                      "through a YAML alias (&anchor ... *anchor inside itself)")
+                if isinstance(key_node, yaml.ScalarNode) and key != "<<":
+                    if key in first:
+                        dotted = ".".join((*keys, key))
+                        problems.append((at(key_node), f"{source}:{at(key_node)}: duplicate key '{dotted}' (first "
+                                         f"at line {first[key]}); YAML would keep only the last, remove one"))
+                    else:
+                        first[key] = at(key_node)
+                size += walk(key_node, keys, stack) + walk(value_node, (*keys, key), stack)
+        stack.discard(id(n))
+        sizes[id(n)] = size
+        if size > MAX_VALUES:
+            raise ConfigError(f"{source}:{at(n)}: '{'.'.join(keys) or '(top level)'}' expands to more than "
+                              f"{MAX_VALUES} values through YAML aliases; a config is far smaller (an alias bomb?)")
+        return size
+
+    if node is not None:
+        walk(node, (), set())
+    if problems:
+        raise ConfigError(*[message for _, message in sorted(problems)])
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> set[tuple[str, ...]]:
@@ -75,6 +167,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> set[tuple[str,
             node[keys[-1]] = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError:
             node[keys[-1]] = value
+        except (ValueError, RecursionError):  # an integer too long to parse, runaway nesting
+            raise ConfigError(f"--set {key.strip()}: the value cannot be read ({_short(value)})") from None
         touched.add(keys)
     return touched
 
@@ -86,11 +180,51 @@ def validate_config(
     overridden: set[tuple[str, ...]] | None = None,
 ) -> RunConfig:
     """Validate a raw mapping into a RunConfig, turning pydantic's errors into one line each."""
+    lines, overridden = lines or {}, overridden or set()
     try:
-        return RunConfig.model_validate(raw)
+        _refuse_non_finite(raw, source, lines, overridden)  # first: range checks would say "greater than 0, got nan"
+        cfg = RunConfig.model_validate(raw)
     except ValidationError as err:
-        problems = _describe(err, source, lines or {}, overridden or set())
-        raise ConfigError(*problems) from None
+        raise ConfigError(*_describe(err, source, lines, overridden)) from None
+    except RecursionError:  # a self-referencing value built outside load_config
+        raise ConfigError(f"{source}: a value refers to itself") from None
+    _refuse_non_finite(cfg, source, lines, overridden)  # and what pydantic parsed from text ("inf" via --set)
+    return cfg
+
+
+def _refuse_non_finite(value: Any, source: str, lines: dict[tuple[str, ...], int],
+                       overridden: set[tuple[str, ...]]) -> None:
+    problems = [f"{_where(source, lines, overridden, key_path)}: '{'.'.join(key_path)}' must be a finite number, "
+                f"got {number}" for key_path, number in _non_finite(value)]
+    if problems:
+        raise ConfigError(*problems)
+
+
+def _non_finite(value: Any, key_path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], float]]:
+    """Every float in the config that is inf or nan (YAML's .inf / .nan; a learning rate, epochs, a weight)."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [(key_path, value)]
+    if isinstance(value, BaseModel):
+        return [hit for name in type(value).model_fields for hit in _non_finite(getattr(value, name), (*key_path, name))]
+    if isinstance(value, (list, tuple)):
+        return [hit for item in value for hit in _non_finite(item, key_path)]
+    if isinstance(value, dict):
+        return [hit for k, item in value.items() for hit in _non_finite(item, (*key_path, str(k)))]
+    return []
+
+
+def _where(source: str, lines: dict[tuple[str, ...], int], overridden: set[tuple[str, ...]],
+           key_path: tuple[str, ...]) -> str:
+    if key_path in overridden:
+        return f"{source} (--set {'.'.join(key_path)})"
+    line = _nearest_line(lines, key_path)
+    return f"{source}:{line}" if line else source
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: an error names a bad value, it never prints a huge one."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _describe(
@@ -116,9 +250,9 @@ def _describe(
         elif e["type"] == "value_error":  # our own cross-field checks: their text already names the keys
             message = str(e.get("ctx", {}).get("error", e["msg"]))
         elif e["type"] in _TYPE_ERRORS and annotation is not None:
-            message = f"'{dotted}' expects {render_type(annotation)}, got {e['input']!r}"
+            message = f"'{dotted}' expects {render_type(annotation)}, got {_short(e['input'])}"
         else:
-            message = f"'{dotted}': {e['msg'][0].lower()}{e['msg'][1:]}, got {e.get('input')!r}"
+            message = f"'{dotted}': {e['msg'][0].lower()}{e['msg'][1:]}, got {_short(e.get('input'))}"
         problems.append((line or float("inf"), f"{where}: {message}"))
     return [message for _, message in sorted(problems, key=lambda p: p[0])]
 
@@ -134,6 +268,10 @@ def _walk(loc: tuple[Any, ...]) -> tuple[tuple[str, ...], type[BaseModel], Any]:
     annotation: Any = None
     for part in loc:
         if not isinstance(part, str):
+            items = get_args(annotation) if get_origin(annotation) is list else ()
+            if isinstance(part, int) and len(items) == 1 and isinstance(items[0], type) \
+                    and issubclass(items[0], BaseModel):
+                annotation = items[0]  # an item of a list of sections, e.g. data.train[0]: its keys follow
             continue
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             owner, annotation = annotation, None
@@ -207,8 +345,13 @@ def _key_lines(node: yaml.Node | None, prefix: tuple[str, ...] = ()) -> dict[tup
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = (*prefix, str(key_node.value))
-            out[key] = key_node.start_mark.line + 1
-            out.update(_key_lines(value_node, key))
+            out.setdefault(key, key_node.start_mark.line + 1)
+            for sub, line in _key_lines(value_node, key).items():
+                out.setdefault(sub, line)
+    elif isinstance(node, yaml.SequenceNode):  # a list of sections (data.train): keys of its first items win
+        for item in node.value:
+            for sub, line in _key_lines(item, prefix).items():
+                out.setdefault(sub, line)
     return out
 
 

@@ -117,8 +117,6 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None) -> Prepared:
     train = apply_weights(train, lambda r: weights.get(id(r), 1.0), data.seed)
     replay, replay_report = mix_replay(cfg, train, evals)
     train = train + replay
-    if not train:
-        raise DataError(f"data.train: no training examples left from {loaded} rows; see the filters in the report")
 
     dataset = Dataset(train=train, val=val, test=test)
     report = {
@@ -144,7 +142,20 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None) -> Prepared:
         "token_lengths": length_histogram({name: counter(getattr(dataset, name)) for name in SPLITS}),
         "roles": role_counts([*train, *val, *test]),
     }
+    if not train:
+        removed = ", ".join(f"{name.replace('_', ' ')}: {n}" for name, n in report["filters"].items() if n)
+        sources = ", ".join(str(s.path) for s in data.train)
+        raise NoTrainingRows(f"{sources}: no training examples left from {loaded} rows"
+                             f"{f' (removed {removed})' if removed else ''}", report)
     return Prepared(dataset, report)
+
+
+class NoTrainingRows(DataError):
+    """Every training row was filtered out; carries the report that says by which filters."""
+
+    def __init__(self, problem: str, report: dict[str, Any]) -> None:
+        super().__init__(problem)
+        self.report = report
 
 
 def mix_replay(cfg: RunConfig, train: list[Record], evals: list[EvalText]) -> tuple[list[Record], dict[str, Any]]:
@@ -172,7 +183,14 @@ def prepare_data(cfg: RunConfig, folder: Path, tokenizer: Any = None) -> Prepare
     stamp = folder / "manifest.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
         return Prepared(load_dataset(folder), json.loads((folder / "report.json").read_text()))
-    prepared = build_dataset(cfg, tokenizer)
+    try:
+        prepared = build_dataset(cfg, tokenizer)
+    except NoTrainingRows as err:
+        # No Dataset, but the report is what tells the user why: keep it (and only it) where it belongs.
+        with atomic_dir(folder) as tmp:
+            write_json_atomic(tmp / "report.json", err.report)
+            write_text_atomic(tmp / "report.md", render_summary(err.report))
+        raise DataError(f"{err.problems[0]}; see the filters in {folder / 'report.md'}") from None
     with atomic_dir(folder) as tmp:
         for name in SPLITS:
             write_jsonl_atomic(tmp / f"{name}.jsonl", [r.to_json() for r in getattr(prepared.dataset, name)])

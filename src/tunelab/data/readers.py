@@ -47,9 +47,45 @@ def _utf8_problem(path: Path, err: UnicodeDecodeError) -> str:
     return f"not valid UTF-8 (byte {err.start}); re-save {path.name} as UTF-8"
 
 
+# csv's default field limit is 128 KiB, below a long document; 16 MiB holds any sane cell and still stops a
+# file that is one runaway quoted field.
+CSV_FIELD_LIMIT = 16 << 20
+# json accepts any nesting (until Python's recursion limit): a row is a few levels deep.
+MAX_ROW_DEPTH = 64
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a decoded JSON value, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_ROW_DEPTH:
+            break
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def _loads(text: str) -> Any:
+    """json.loads, with what it raises for hostile input (runaway nesting, integers over Python's digit
+    limit) turned into JSONDecodeError-like ValueErrors with a readable message."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise ValueError(f"nested more than {MAX_ROW_DEPTH} levels deep") from None
+    except ValueError as err:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        raise ValueError(f"a number too long to read ({str(err).split(';')[0]})") from None
+    if _depth(value) > MAX_ROW_DEPTH:
+        raise ValueError(f"nested more than {MAX_ROW_DEPTH} levels deep")
+    return value
+
+
 def _decode(path: Path, raw: bytes, where: str) -> str:
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise DataError(f"{where}: {_utf8_problem(path, err)}") from None
 
@@ -59,16 +95,19 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Row | BadRow]]:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark opens some files
             except UnicodeDecodeError as err:
                 yield where, BadRow(_utf8_problem(path, err))
                 continue
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = _loads(line)
             except json.JSONDecodeError as err:
                 yield where, BadRow(f"invalid JSON: {err.msg} at column {err.colno}")
+                continue
+            except ValueError as err:
+                yield where, BadRow(f"invalid JSON: {err}")
                 continue
             if not isinstance(row, dict):
                 yield where, BadRow(f"expected a JSON object per line, got {type(row).__name__}")
@@ -79,13 +118,15 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Row | BadRow]]:
 def _read_json(path: Path) -> Iterator[tuple[str, Row | BadRow]]:
     text = _decode(path, path.read_bytes(), str(path))
     try:
-        data = json.loads(text)
+        data = _loads(text)
     except json.JSONDecodeError as err:
         # Many ".json" files are really JSON Lines; read them as such rather than failing.
         if err.msg == "Extra data":
             yield from _read_jsonl(path)
             return
         raise DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg} at column {err.colno}") from None
+    except ValueError as err:
+        raise DataError(f"{path}: invalid JSON: {err}") from None
     if isinstance(data, dict):  # {"data": [...]} or {"rows": [...]} wrappers
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -102,17 +143,27 @@ def _read_json(path: Path) -> Iterator[tuple[str, Row | BadRow]]:
 
 def _read_csv(path: Path) -> Iterator[tuple[str, Row | BadRow]]:
     text = _decode(path, path.read_bytes(), str(path))
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, None)
-    if not header:
-        return
-    for rowno, values in enumerate(reader, start=2):
-        if not any(v.strip() for v in values):
-            continue
-        if len(values) != len(header):
-            yield f"{path} row {rowno}", BadRow(f"has {len(values)} fields but the header has {len(header)}")
-            continue
-        yield f"{path} row {rowno}", {k: _csv_value(v) for k, v in zip(header, values)}
+    rowno = 0  # the last row read; a broken one is the next
+    try:
+        header = next(reader, None)
+        if not header:
+            return
+        rowno = 1
+        for rowno, values in enumerate(reader, start=2):
+            if not any(v.strip() for v in values):
+                continue
+            if len(values) != len(header):
+                yield f"{path} row {rowno}", BadRow(f"has {len(values)} fields but the header has {len(header)}")
+                continue
+            yield f"{path} row {rowno}", {k: _csv_value(v) for k, v in zip(header, values)}
+    except csv.Error as err:
+        # The reader cannot go on past a broken row (a field over the limit): name that row and stop.
+        if "field larger" in str(err):
+            raise DataError(f"{path} row {rowno + 1}: a field is longer than {CSV_FIELD_LIMIT >> 20} MiB; split the "
+                            "text or use JSONL") from None
+        raise DataError(f"{path} row {rowno + 1}: unreadable CSV: {err}") from None
 
 
 def _csv_value(value: str) -> Any:
@@ -120,8 +171,8 @@ def _csv_value(value: str) -> Any:
     stripped = value.strip()
     if stripped[:1] in "[{":
         try:
-            return json.loads(stripped)
-        except json.JSONDecodeError:
+            return _loads(stripped)
+        except ValueError:
             return value
     return value
 
@@ -154,7 +205,11 @@ def _read_hf_folder(path: Path) -> Iterator[tuple[str, Row]]:
         raise DataError(f"{path}: a folder source must be a datasets folder written by save_to_disk")
     from datasets import DatasetDict, load_from_disk
 
-    data = load_from_disk(str(path))
+    try:
+        data = load_from_disk(str(path))
+    except Exception as err:  # noqa: BLE001 - datasets/pyarrow raise many types for a damaged folder
+        problem = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise DataError(f"{path}: cannot read the datasets folder (save_to_disk): {problem}") from None
     if isinstance(data, DatasetDict):
         if "train" not in data:
             raise DataError(f"{path}: a DatasetDict source needs a 'train' split (has {', '.join(data)})")
