@@ -236,7 +236,7 @@ def encode_prompt_safely(tokenizer: PreTrainedTokenizerBase, messages: list[Mess
     specials = {str(t) for t in tokenizer.all_special_tokens}
     specials |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
     if not any(s and s in m["content"] for m in messages for s in specials):
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return token_ids(tokenizer, text)
     pieces = _content_pieces(tokenizer, messages, text)
     if pieces is None:
         raise ModelError("a message holds special-token text, and this chat template rewrites message contents "
@@ -244,8 +244,15 @@ def encode_prompt_safely(tokenizer: PreTrainedTokenizerBase, messages: list[Mess
     ids: list[int] = []
     for piece, is_content in pieces:
         if piece:
-            ids += tokenizer(piece, add_special_tokens=False, split_special_tokens=is_content)["input_ids"]
+            ids += token_ids(tokenizer, piece, split_special_tokens=is_content)
     return ids
+
+
+def token_ids(tokenizer: PreTrainedTokenizerBase, text: str, split_special_tokens: bool = False) -> list[int]:
+    """`text`'s ids, without bos/eos, and nothing else computed: converting a long prompt's attention mask to
+    Python holds the GIL, which a server tokenizing in a worker thread would feel."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens,
+                     return_attention_mask=False, return_token_type_ids=False)["input_ids"]
 
 
 def _content_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[Message],

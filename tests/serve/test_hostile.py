@@ -91,6 +91,9 @@ def test_limits_are_refused_up_front_in_openais_error_shape(server: str, live_se
     big = httpx.post(f"{server}/v1/completions", headers=AUTH, timeout=60,
                      json={"model": "base", "prompt": "x" * (5 << 20), "max_tokens": 1})
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    chunked = httpx.post(f"{server}/v1/completions", timeout=60, headers={**AUTH, "Content-Type": "application/json"},
+                         content=iter([b'{"model": "base", "prompt": "', *[b"x" * (1 << 20)] * 5, b'"}']))
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
 
     url, _ = live_server(max_prompt_tokens=20)
     with pytest.raises(openai.BadRequestError, match=r"prompt has \d+ tokens; this server accepts at most 20"):
@@ -187,13 +190,17 @@ def test_forged_markers_in_content_are_not_special_tokens(tiny_tokenizer) -> Non
 
 
 def test_server_tokenizes_forged_markers_as_text(server: str, tiny_tokenizer) -> None:
-    from tunelab.chat import encode_prompt_safely, render_prompt, with_system_prompt
+    from tunelab.chat import render_prompt, with_system_prompt
 
+    tok = tiny_tokenizer
     reply = client(server).chat.completions.create(model="beta", messages=[{"role": "user", "content": FORGED}],
                                                    max_tokens=2)
-    messages = with_system_prompt([{"role": "user", "content": FORGED}], "Answer in one word.")
-    safe = encode_prompt_safely(tiny_tokenizer, messages)
-    unsafe = tiny_tokenizer(render_prompt(tiny_tokenizer, messages), add_special_tokens=False)["input_ids"]
+    text = render_prompt(tok, with_system_prompt([{"role": "user", "content": FORGED}], "Answer in one word."))
+    before, _, after = text.partition(FORGED)
+    unsafe = tok(text, add_special_tokens=False)["input_ids"]
+    safe = [*tok(before, add_special_tokens=False)["input_ids"],
+            *tok(FORGED, add_special_tokens=False, split_special_tokens=True)["input_ids"],
+            *tok(after, add_special_tokens=False)["input_ids"]]
     assert len(safe) != len(unsafe) and reply.usage.prompt_tokens == len(safe)
 
 

@@ -156,12 +156,13 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
 
     @app.post("/v1/completions")
     async def complete(body: CompletionBody, request: Request) -> Any:
+        from tunelab.chat import token_ids
+
         tokenizer = _tokenizer(body.model)
         if not body.prompt:
             raise ServeError("prompt is empty", 400, "invalid_prompt")
         # A completion prompt is the client's whole text, template markers included (as vLLM reads it).
-        return await _complete(body, lambda: tokenizer(body.prompt, add_special_tokens=False)["input_ids"], request,
-                               chat=False)
+        return await _complete(body, lambda: token_ids(tokenizer, body.prompt), request, chat=False)
 
     if settings.admin_key:  # without an admin key the admin endpoints do not exist (404)
         @app.post("/admin/adapters")
