@@ -267,15 +267,15 @@ def _content_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[Message],
     masked = render_prompt(tokenizer, [{**m, "content": h} for m, h in zip(messages, holders)])
     pieces: list[tuple[str, bool]] = []
     at, rest = 0, masked
-    for holder, message in zip(holders, messages):
-        before, found, after = rest.partition(holder)
-        if not found:  # the template does not show this message: nothing of it to keep apart
-            continue
+    # In the order the template shows them (Mistral's puts the system message into the last user turn).
+    shown_order = sorted((masked.find(h), i) for i, h in enumerate(holders) if h in masked)
+    for _, i in shown_order:
+        before, _, after = rest.partition(holders[i])
         if not text.startswith(before, at):
             return None
         pieces.append((before, False))
         at += len(before)
-        content = message["content"]
+        content = messages[i]["content"]
         shown = next((c for c in (content, content.strip(), content.lstrip(), content.rstrip())
                       if text.startswith(c, at)), None)
         if shown is None:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
@@ -215,8 +216,8 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
         # Templating and tokenizing a long prompt takes a while: off the event loop, so others are not held up.
         try:
             prompt_ids = await asyncio.to_thread(encode)
-        except ModelError as err:
-            raise ServeError(str(err), 400, "invalid_prompt") from None
+        except (ModelError, TemplateError) as err:  # TemplateError: the template's own raise_exception()
+            raise ServeError(f"cannot render this conversation: {err}", 400, "invalid_prompt") from None
         if not prompt_ids:
             raise ServeError("prompt is empty", 400, "invalid_prompt")
         limit = settings.max_prompt_tokens
