@@ -75,18 +75,43 @@ def train(config: ConfigArg, set_: SetOpt = None, resume: Annotated[bool, typer.
 @app.command("eval")
 def eval_(run_dir: Annotated[str, typer.Argument(help="A run folder, or models:/NAME@ALIAS (or models:/NAME/VERSION).")],
           set_: SetOpt = None,
-          max_examples: Annotated[int | None, typer.Option(help="Evaluate only the first N test examples.")] = None
+          max_examples: Annotated[int | None, typer.Option(help="Evaluate only the first N test examples.")] = None,
+          judge_config: Annotated[Path | None, typer.Option(
+              "--judge-config", help="A config of yours whose eval.judge scores the answers (or pass "
+              "--set eval.judge.base_url=... --set eval.judge.model=...). A run's stored judge is never used.")] = None
           ) -> None:
     """Evaluate base, few-shot and tuned on every suite; writes RUN_DIR/eval/; exits 1 if the gate fails."""
     from tunelab import pipeline
     from tunelab.registry import resolve_run_dir
 
     cfg, run_paths = pipeline.load_run_config(resolve_run_dir(run_dir), set_)
+    cfg.eval.judge = _callers_judge(set_ or [], judge_config)
     if max_examples:
         cfg.eval.max_examples = max_examples
     result = pipeline.stage_eval(cfg, run_paths)
     _print_summary(run_paths.root, None, result.metrics)
     _exit_on_failed_gate(result.metrics)
+
+
+def _callers_judge(overrides: list[str], judge_config: Path | None) -> Any:
+    """The LLM judge the caller chose now, or None. The judge receives this machine's API key (the variable
+    api_key_env names) and the model's answers at base_url: a stored or registered run's config, written by
+    someone else, must not choose either."""
+    from tunelab.config_file import apply_overrides, validate_config
+
+    mine = [o for o in overrides if o.split("=", 1)[0].strip().startswith(("eval.judge.", "eval.judge="))]
+    raw: dict[str, Any] = {}
+    if judge_config is not None:
+        own = _load(judge_config, None).eval.judge
+        if own is None:
+            raise TunelabError(f"--judge-config {judge_config}: the config has no eval.judge")
+        raw = {"eval": {"judge": own.model_dump()}}
+    apply_overrides(raw, mine)
+    judge = raw.get("eval", {}).get("judge")
+    if not judge:
+        return None
+    return validate_config({"data": {"train": "unused.jsonl"}, "eval": {"judge": judge}},
+                           source="--set eval.judge").eval.judge
 
 
 @app.command()

@@ -115,6 +115,7 @@ def export_combine(run_dirs: Annotated[list[str], typer.Argument(help="Two or mo
     out.print(f"wrote the combined run {run.root}")
     if evaluate:
         cfg, run = pipeline.load_run_config(run.root)
+        cfg.eval.judge = None  # the sources' stored judges are someone else's choice (see `tunelab eval`)
         result = pipeline.stage_eval(cfg, run)
         from tunelab.cli import _print_summary  # at call time: cli imports this module
 

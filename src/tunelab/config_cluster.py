@@ -5,9 +5,10 @@ Part of the one RunConfig (tunelab.config); kept apart because only the cluster 
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tunelab.config_section import Section
 
@@ -99,4 +100,33 @@ class K8sConfig(Section):
     )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the worker pods must match.")
     storage: K8sStorageConfig = Field(default_factory=K8sStorageConfig)
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for every pod.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for every pod "
+                                "(plain values, visible in the manifest; secrets go in secret_env).")
+    secret_env: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables taken from Kubernetes Secrets, VAR: SECRET_NAME/KEY "
+        "(e.g. HF_TOKEN: hf-credentials/token); the manifest holds only the reference (valueFrom.secretKeyRef).",
+    )
+
+    @field_validator("env")
+    @classmethod
+    def _no_plain_secrets(cls, value: dict[str, str]) -> dict[str, str]:
+        from tunelab.config_file import is_secret_key, uri_credentials
+
+        for name, text in value.items():
+            if is_secret_key(name) or uri_credentials(text):
+                raise ValueError(f"k8s.env.{name}: looks like a secret, and k8s.env values are written in clear into "
+                                 f"the manifest; put it in a Kubernetes Secret and set k8s.secret_env: "
+                                 f"{{{name}: SECRET_NAME/KEY}} instead")
+        return value
+
+    @field_validator("secret_env")
+    @classmethod
+    def _secret_references(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, ref in value.items():
+            secret, slash, key = ref.partition("/")
+            if not (slash and re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", secret)
+                    and re.fullmatch(r"[-._a-zA-Z0-9]+", key)):
+                # The value is not echoed: what was pasted here instead of a reference may be the secret itself.
+                raise ValueError(f"k8s.secret_env.{name}: expected SECRET_NAME/KEY (a Kubernetes Secret and one of its "
+                                 "keys, e.g. hf-credentials/token), not the value itself")
+        return value

@@ -17,6 +17,7 @@ from typing import Any
 
 from tunelab.artifacts import RunPaths
 from tunelab.config import RunConfig
+from tunelab.config_file import REDACTED, env_secrets, redact, redact_uris, redacted_config
 from tunelab.progress import console
 
 BUFFER = "tracking_buffer.jsonl"
@@ -24,6 +25,9 @@ RUN_ID_FILE = "mlflow_run.json"
 
 
 def tracking_uri(cfg: RunConfig) -> str:
+    if cfg.track.tracking_uri and REDACTED in cfg.track.tracking_uri and os.environ.get("MLFLOW_TRACKING_URI"):
+        # A stored config has its URI's credentials redacted: the environment holds the real one.
+        return os.environ["MLFLOW_TRACKING_URI"]
     if cfg.track.tracking_uri:
         return cfg.track.tracking_uri
     return f"sqlite:///{(Path(cfg.output.dir).resolve().parent / 'mlflow.db')}"
@@ -58,6 +62,7 @@ class Tracker:
         # MLflow sets its own loggers to INFO on import; its "creating tables" and sampler notices are noise here.
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.cfg, self.run = cfg, run
+        self.secrets = env_secrets(cfg.model_dump(mode="json"))
         self.client = MlflowClient(tracking_uri=tracking_uri(cfg))
         self.offline = False
         self.run_id = self._run_id()
@@ -77,7 +82,7 @@ class Tracker:
         except Exception as err:  # noqa: BLE001 - any store failure means: keep training, buffer
             self._go_offline(err)
             return None
-        stamp.write_text(json.dumps({"run_id": created.info.run_id, "tracking_uri": tracking_uri(self.cfg)}))
+        stamp.write_text(json.dumps({"run_id": created.info.run_id, "tracking_uri": redact_uris(tracking_uri(self.cfg))}))
         return created.info.run_id
 
     # -- logging with a safety net --------------------------------------------------------------------
@@ -93,21 +98,23 @@ class Tracker:
 
     def _go_offline(self, err: Exception) -> None:
         if not self.offline:
-            console.print(f"[yellow]warning:[/] MLflow at {tracking_uri(self.cfg)} is not answering ({type(err).__name__}); "
+            where = redact_uris(tracking_uri(self.cfg))
+            console.print(f"[yellow]warning:[/] MLflow at {where} is not answering ({type(err).__name__}); "
                           f"training goes on and tracking is buffered in {self.run.root / BUFFER}; upload it later "
                           f"with `tunelab runs sync {self.run.root}`")
         self.offline = True
 
     def _buffer(self, op: str, payload: dict[str, Any]) -> None:
+        payload = redact(payload, self.secrets)  # the buffer is a file in the run folder: no secret in clear
         with open(self.run.root / BUFFER, "a", encoding="utf-8") as f:
             f.write(json.dumps({"op": op, "time": time.time(), **payload}) + "\n")
 
     # -- what the stages log ----------------------------------------------------------------------------
     def log_config(self) -> None:
-        params = flatten(self.cfg.model_dump(mode="json"))
+        params = flatten(redacted_config(self.cfg))  # MLflow params are readable by anyone with the store
         self._call("params", params=params)
-        self._call("tags", tags={"tunelab.base_model": self.cfg.model.name, "tunelab.method": self.cfg.method.type,
-                                 "tunelab.objective": self.cfg.objective.type})
+        self._call("tags", tags={"tunelab.base_model": redact_uris(self.cfg.model.name),
+                                 "tunelab.method": self.cfg.method.type, "tunelab.objective": self.cfg.objective.type})
 
     def log_dataset(self, manifest: dict[str, Any]) -> None:
         self._call("dataset", name=f"{self.run.root.name}-data", digest=manifest.get("fingerprint", "")[:32],

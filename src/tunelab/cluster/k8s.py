@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from tunelab.config import RunConfig
+from tunelab.config_file import uri_credentials
 from tunelab.errors import ConfigError
 
 CONFIG_MOUNT = "/etc/tunelab"
@@ -55,6 +56,12 @@ def check_rayjob(cfg: RunConfig) -> None:
     if k.storage.uri and cfg.track.enabled and not cfg.track.tracking_uri:
         problems.append("track.tracking_uri: with k8s.storage.uri the pods share no volume, so the default sqlite "
                         "store would vanish with the head pod; set an MLflow server (http://...)")
+    if cfg.track.tracking_uri and uri_credentials(cfg.track.tracking_uri) and "MLFLOW_TRACKING_URI" not in k.secret_env:
+        problems.append("track.tracking_uri: holds credentials, which the pods' env would show in clear; put the URI "
+                        "in a Kubernetes Secret and set k8s.secret_env: {MLFLOW_TRACKING_URI: SECRET_NAME/KEY}")
+    if k.storage.uri and uri_credentials(k.storage.uri):
+        problems.append("k8s.storage.uri: holds credentials, which the manifest would show in clear; give the pods "
+                        "access through k8s.service_account or k8s.secret_env (e.g. AWS_SECRET_ACCESS_KEY)")
     if k.storage.uri and "://" not in k.storage.uri:
         problems.append(f"k8s.storage.uri: expected an object-store URI such as s3://bucket/prefix, got {k.storage.uri!r}")
     if problems:
@@ -82,7 +89,7 @@ def rayjob_manifests(cfg: RunConfig, config_yaml: str) -> list[dict[str, Any]]:
         "metadata": {"name": f"{name}-config", "namespace": k.namespace, "labels": labels},
         "data": {CONFIG_KEY: config_yaml},
     }
-    env = [{"name": key, "value": value} for key, value in sorted(_env(cfg).items())]
+    env = env_vars(_env(cfg), k.secret_env)
     volumes: list[dict[str, Any]] = [{"name": "tunelab-config", "configMap": {"name": f"{name}-config"}}]
     mounts: list[dict[str, Any]] = [{"name": "tunelab-config", "mountPath": CONFIG_MOUNT, "readOnly": True}]
     if k.storage.pvc:
@@ -139,10 +146,19 @@ def _worker_pods(cfg: RunConfig) -> int:
 
 def _env(cfg: RunConfig) -> dict[str, str]:
     env = {"TUNELAB_CACHE": f"{cfg.k8s.storage.mount_path}/.cache/tunelab"} if cfg.k8s.storage.pvc else {}
-    if cfg.track.tracking_uri:
+    if cfg.track.tracking_uri and "MLFLOW_TRACKING_URI" not in cfg.k8s.secret_env:
         env["MLFLOW_TRACKING_URI"] = cfg.track.tracking_uri
     env.update(cfg.k8s.env)
     return env
+
+
+def env_vars(plain: dict[str, str], secret: dict[str, str]) -> list[dict[str, Any]]:
+    """A container's env: plain values, and secrets as references (valueFrom.secretKeyRef), never values."""
+    out: dict[str, dict[str, Any]] = {name: {"name": name, "value": value} for name, value in plain.items()}
+    for name, ref in secret.items():
+        secret_name, _, key = ref.partition("/")
+        out[name] = {"name": name, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": key}}}
+    return [out[name] for name in sorted(out)]
 
 
 def _pod_template(cfg: RunConfig, container: str, resources: dict[str, str], env: list[dict[str, str]],
@@ -225,7 +241,7 @@ def inference_service(cfg: RunConfig, name: str, adapters: list[tuple[str, Any]]
     }
     if runtime:
         model["runtime"] = runtime
-    env = [{"name": key, "value": value} for key, value in sorted(k.env.items())]
+    env = env_vars(k.env, k.secret_env)
     if env:
         model["env"] = env
     predictor: dict[str, Any] = {

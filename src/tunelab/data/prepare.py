@@ -22,6 +22,7 @@ from tunelab.artifacts import (
     write_text_atomic,
 )
 from tunelab.config import RunConfig, SourceConfig
+from tunelab.config_file import env_secrets, redact, redact_uris
 from tunelab.data.clean import clean_records
 from tunelab.data.contamination import EvalText, benchmark_texts, find_contamination
 from tunelab.data.dedup import deduplicate
@@ -198,7 +199,8 @@ def prepare_data(cfg: RunConfig, folder: Path, tokenizer: Any = None) -> Prepare
         write_text_atomic(tmp / "report.md", render_summary(prepared.report))
         write_json_atomic(tmp / "manifest.json", manifest(
             "dataset", fingerprint=fingerprint, sources=sources, counts=prepared.dataset.counts(),
-            model=cfg.model.name, config=cfg.data.model_dump(mode="json"),
+            model=redact_uris(cfg.model.name),
+            config=redact(cfg.data.model_dump(mode="json"), env_secrets(cfg.model_dump(mode="json"))),
         ))
     return prepared
 
@@ -212,7 +214,7 @@ def _source_records(cfg: RunConfig) -> list[dict[str, Any]]:
             if is_hub_dataset(s.path):
                 records.append(dataset_record(str(s.path), s.split or role, s.subset))
             else:
-                records.append({"path": str(s.path), "sha256": _hash_source(Path(s.path))})
+                records.append({"path": redact_uris(str(s.path)), "sha256": _hash_source(Path(s.path))})
     return records + [{"path": str(p), "sha256": _hash_source(p)} for p in cfg.data.contamination.benchmarks]
 
 

@@ -1,0 +1,185 @@
+"""No secret leaves in clear: config values named like secrets, credentials inside URIs and the values of the
+variables `*_env` keys name never reach MLflow, run folders, logs or Kubernetes manifests; Kubernetes takes
+secrets from secretKeyRef; and `tunelab eval RUN` uses only a judge the caller chose."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.cluster_schemas import CONFIG_MAP, RAY_JOB
+from tunelab import pipeline
+from tunelab.config_file import validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+JUDGE_KEY = "judge-key-value-5a1f"
+SECRETS = ("hunter2", "k3yv4lue", "s3cr3tpass", JUDGE_KEY)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, cwd=ROOT, env=env)
+
+
+def leaks(text: str) -> list[str]:
+    return [s for s in SECRETS if s in text]
+
+
+def secret_config(tmp_path: Path, tracking_uri: str) -> dict:
+    return {
+        "data": {"train": str(tmp_path / "train.jsonl")},
+        "eval": {"judge": {"base_url": "https://judge:hunter2@llm.example.com/v1?api_key=k3yv4lue", "model": "j",
+                           "api_key_env": "TL_TEST_JUDGE_KEY", "rubric": f"Score it. (debug: {JUDGE_KEY})"}},
+        "track": {"enabled": True, "tracking_uri": tracking_uri},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+
+
+def test_mlflow_params_config_yaml_and_run_stamp_hold_no_secret(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from tunelab.track import RUN_ID_FILE, Tracker
+
+    monkeypatch.setenv("TL_TEST_JUDGE_KEY", JUDGE_KEY)
+    cfg = validate_config(secret_config(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    run = pipeline.open_run(cfg, starting_training=False)
+    tracker = Tracker(cfg, run)
+    tracker.log_config()
+    params = MlflowClient(tracking_uri=cfg.track.tracking_uri).get_run(tracker.run_id).data.params
+    assert params["eval.judge.base_url"] == "https://judge:***@llm.example.com/v1?api_key=***"
+    assert params["eval.judge.api_key_env"] == "TL_TEST_JUDGE_KEY"  # the name is kept, its value never
+    assert params["eval.judge.rubric"] == "Score it. (debug: ***)"
+    assert not leaks(json.dumps(params))
+    assert not leaks(run.config.read_text()) and "https://judge:***@llm.example.com" in run.config.read_text()
+    assert not leaks((run.root / RUN_ID_FILE).read_text())
+
+
+def test_tracking_buffer_and_warning_hold_no_secret(tmp_path, monkeypatch, capsys):
+    from tunelab.track import BUFFER, Tracker
+
+    monkeypatch.setenv("TL_TEST_JUDGE_KEY", JUDGE_KEY)
+    cfg = validate_config(secret_config(tmp_path, "http://alice:s3cr3tpass@127.0.0.1:9"))
+    run = pipeline.open_run(cfg, starting_training=False)
+    tracker = Tracker(cfg, run)  # nothing answers on port 9: tracking is buffered
+    tracker.log_config()
+    buffered = (run.root / BUFFER).read_text()
+    assert '"eval.judge.base_url": "https://judge:***@llm.example.com/v1?api_key=***"' in buffered
+    assert not leaks(buffered)
+    assert not leaks(capsys.readouterr().out) and not leaks(run.config.read_text())
+
+
+def test_data_manifest_holds_no_uri_credentials(tmp_path, tiny_model_dir, monkeypatch):
+    from tests.conftest import animal_rows, write_jsonl
+
+    monkeypatch.setenv("TL_TEST_JUDGE_KEY", JUDGE_KEY)
+    write_jsonl(tmp_path / "train.jsonl", animal_rows(20))
+    raw = secret_config(tmp_path, "http://alice:s3cr3tpass@mlflow.example.com")
+    raw["model"] = {"name": str(tiny_model_dir)}
+    raw["data"]["system_prompt"] = f"Never say {JUDGE_KEY}; see https://bob:hunter2@wiki.example.com/rules"
+    cfg = validate_config(raw)
+    pipeline.stage_data(cfg, pipeline.open_run(cfg, starting_training=False))
+    for name in ("manifest.json", "report.json", "report.md"):
+        assert not leaks((tmp_path / "run" / "data" / name).read_text()), name
+    assert not leaks((tmp_path / "run" / "config.yaml").read_text())
+
+
+K8S = {
+    "data": {"train": "data/train.jsonl"},
+    "output": {"dir": "runs/orders"},
+    "cluster": {"num_workers": 2},
+    "k8s": {"image": "registry.example.com/tunelab:0.1.0", "storage": {"pvc": "tunelab-data"}},
+}
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_rayjob_takes_secrets_from_secret_key_refs(tmp_path):
+    raw = json.loads(json.dumps(K8S))
+    raw["track"] = {"tracking_uri": "https://alice:s3cr3tpass@mlflow.example.com"}
+    raw["k8s"]["env"] = {"LOG_LEVEL": "debug"}
+    raw["k8s"]["secret_env"] = {"HF_TOKEN": "hf-credentials/token", "MLFLOW_TRACKING_URI": "mlflow/uri"}
+    out = tmp_path / "rayjob.yaml"
+    result = run_cli("k8s", "rayjob", str(write_yaml(tmp_path / "job.yaml", raw)), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    assert not leaks(text) and not leaks(result.stdout + result.stderr)
+    config_map, rayjob = yaml.safe_load_all(text)
+    jsonschema.validate(config_map, CONFIG_MAP)
+    jsonschema.validate(rayjob, RAY_JOB)
+    assert "https://alice:***@mlflow.example.com" in config_map["data"]["config.yaml"]
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in head["env"]}
+    assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-credentials", "key": "token"}}}
+    assert env["MLFLOW_TRACKING_URI"]["valueFrom"] == {"secretKeyRef": {"name": "mlflow", "key": "uri"}}
+    assert env["LOG_LEVEL"] == {"name": "LOG_LEVEL", "value": "debug"}
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"k8s": {"env": {"HF_TOKEN": "hf_s3cr3tpass"}}},
+     "k8s.env.HF_TOKEN: looks like a secret, and k8s.env values are written in clear into the manifest; put it in a "
+     "Kubernetes Secret and set k8s.secret_env: {HF_TOKEN: SECRET_NAME/KEY} instead"),
+    ({"k8s": {"env": {"DATA_URL": "https://u:s3cr3tpass@data.example.com/x"}}}, "k8s.env.DATA_URL: looks like a secret"),
+    ({"k8s": {"secret_env": {"HF_TOKEN": "s3cr3tpass"}}}, "k8s.secret_env.HF_TOKEN: expected SECRET_NAME/KEY"),
+    ({"track": {"tracking_uri": "https://alice:s3cr3tpass@mlflow.example.com"}},
+     "track.tracking_uri: holds credentials, which the pods' env would show in clear; put the URI in a Kubernetes "
+     "Secret and set k8s.secret_env: {MLFLOW_TRACKING_URI: SECRET_NAME/KEY}"),
+])
+def test_plain_secrets_for_kubernetes_are_refused_with_a_hint(tmp_path, change, expected):
+    raw = json.loads(json.dumps(K8S))
+    for section, values in change.items():
+        raw.setdefault(section, {}).update(values)
+    path = write_yaml(tmp_path / "job.yaml", raw)
+    result = run_cli("k8s", "rayjob", str(path), "--out", str(tmp_path / "out.yaml"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert expected in line and not leaks(line), line
+    assert not (tmp_path / "out.yaml").exists()
+
+
+def stored_run(tmp_path: Path) -> Path:
+    """A run folder whose stored config (written by someone else) names a judge."""
+    run = tmp_path / "theirs"
+    run.mkdir()
+    raw = {"data": {"train": "x.jsonl"}, "output": {"dir": str(run)},
+           "eval": {"judge": {"base_url": "http://attacker.example.com/v1", "model": "m", "api_key_env": "HOME"}}}
+    write_yaml(run / "config.yaml", raw)
+    return run
+
+
+def eval_cli(monkeypatch, *args: str):
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    seen = {}
+
+    def fake_stage_eval(cfg, run):
+        seen["judge"] = cfg.eval.judge
+        raise SystemExit(0)
+
+    monkeypatch.setattr(pipeline, "stage_eval", fake_stage_eval)
+    result = CliRunner().invoke(app, ["eval", *args])
+    assert result.exit_code == 0, result.output
+    return seen["judge"]
+
+
+def test_eval_never_uses_a_stored_runs_judge(tmp_path, monkeypatch):
+    run = stored_run(tmp_path)
+    assert eval_cli(monkeypatch, str(run)) is None
+    judge = eval_cli(monkeypatch, str(run), "--set", "eval.judge.base_url=http://127.0.0.1:8000/v1",
+                     "--set", "eval.judge.model=mine")
+    assert (judge.base_url, judge.model, judge.api_key_env) == ("http://127.0.0.1:8000/v1", "mine", "OPENAI_API_KEY")
+    mine = write_yaml(tmp_path / "mine.yaml", {"data": {"train": "x.jsonl"}, "eval": {"judge": {
+        "base_url": "http://127.0.0.1:8001/v1", "model": "own", "api_key_env": "MY_JUDGE_KEY"}}})
+    judge = eval_cli(monkeypatch, str(run), "--judge-config", str(mine))
+    assert (judge.base_url, judge.api_key_env) == ("http://127.0.0.1:8001/v1", "MY_JUDGE_KEY")
