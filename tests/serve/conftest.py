@@ -78,6 +78,12 @@ def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float = 120
     raise RuntimeError("server did not become healthy")
 
 
+class ServerURL(str):
+    """The server's base URL, carrying its process id (for memory checks)."""
+
+    pid: int = 0
+
+
 @pytest.fixture(scope="session")
 def server(lora_runs: dict[str, Path]):
     """`tunelab serve alpha=... beta=...` as a real process, with an API key and an admin key."""
@@ -89,7 +95,8 @@ def server(lora_runs: dict[str, Path]):
          str(lora_runs["gamma"].parent)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = ServerURL(f"http://127.0.0.1:{port}")
+    url.pid = process.pid
     try:
         wait_until_healthy(url, process)
         yield url

@@ -251,3 +251,46 @@ def test_disconnected_client_stops_generation(live_server) -> None:
     time.sleep(1.0)
     assert generated() == first < 200
     assert 'tunelab_cancelled_total{reason="disconnected"} 1' in httpx.get(f"{url}/metrics").text
+
+
+# -- soak: many clients, mixed adapters, hostile requests interleaved -----------------------------------------
+def _rss_kib(pid: int) -> int:
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmRSS:"))
+    return int(line.split()[1])
+
+
+def test_soak_with_hostile_requests_interleaved(server: str) -> None:
+    """400 requests from 32 clients, every tenth hostile: no well-formed request fails, each answers as it does
+    alone, and the server's memory does not grow between the first and the last quarter."""
+    c = client(server)
+    alone = {job: chat(c, *job) for job in INNOCENT}
+    hostile = [
+        lambda: chat(c, "alpha", "hi", temperature=0.7, seed=2**70),
+        lambda: chat(c, "alpha", "hi", stop=[f"s{i}" for i in range(20_000)]),
+        lambda: chat(c, "nope", "hi"),
+        lambda: chat(c, "beta", FORGED),
+        lambda: chat(c, "alpha", "hi", temperature=1e-300),
+        lambda: httpx.post(f"{server}/v1/chat/completions", content=b"{not json", headers=AUTH).status_code,
+        lambda: httpx.get(f"{server}/{uuid.uuid4().hex}", headers=AUTH).status_code,
+        lambda: c.completions.create(model="base", prompt="", max_tokens=2),
+    ]
+
+    def one(i: int) -> tuple[str, object]:
+        if i % 10 == 9:
+            try:
+                hostile[(i // 10) % len(hostile)]()
+            except openai.APIStatusError as err:
+                assert err.status_code < 500, err
+            return "hostile", None
+        job = INNOCENT[i % len(INNOCENT)]
+        return "innocent", (job, chat(c, *job))
+
+    rss = []
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        for quarter in range(4):
+            results = list(pool.map(one, range(quarter * 100, (quarter + 1) * 100)))
+            assert all(answer == alone[job] for kind, (job, answer) in
+                       ((k, v) for k, v in results if k == "innocent"))
+            rss.append(_rss_kib(server.pid))
+    print(f"soak RSS after each quarter (MiB): {[round(r / 1024) for r in rss]}")
+    assert rss[-1] <= rss[0] * 1.05
