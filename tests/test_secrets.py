@@ -73,6 +73,13 @@ def test_tracking_buffer_and_warning_hold_no_secret(tmp_path, monkeypatch, capsy
     assert '"eval.judge.base_url": "https://judge:***@llm.example.com/v1?api_key=***"' in buffered
     assert not leaks(buffered)
     assert not leaks(capsys.readouterr().out) and not leaks(run.config.read_text())
+    # Uploading later: the stored config's URI is redacted, so the real one comes from the environment, and the
+    # error still does not show it.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "http://alice:s3cr3tpass@127.0.0.1:9"}
+    result = subprocess.run([sys.executable, "-m", "tunelab", "runs", "sync", str(run.root)], capture_output=True,
+                            text=True, cwd=ROOT, env=env)
+    assert result.returncode == 2 and "http://alice:***@127.0.0.1:9" in result.stderr, result.stderr
+    assert not leaks(result.stdout + result.stderr)
 
 
 def test_data_manifest_holds_no_uri_credentials(tmp_path, tiny_model_dir, monkeypatch):

@@ -44,11 +44,14 @@ def _registry_errors(what: str, uri: str) -> Iterator[None]:
         yield
     except MlflowException as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TunelabError(f"registry {what}: {first} (registry at {uri})") from None
+        from tunelab.config_file import redact_uris
+
+        raise TunelabError(redact_uris(f"registry {what}: {first} (registry at {uri})")) from None
 
 
 def register(run_dir: Path, name: str) -> Any:
     """Create a model version from a run folder's adapter (logging the run first if it never was)."""
+    from tunelab.config_file import redact_uris
     from tunelab.pipeline import load_run_config
     from tunelab.track import Tracker, tracking_uri
 
@@ -57,7 +60,7 @@ def register(run_dir: Path, name: str) -> Any:
         raise TunelabError(f"registry register: {run.root} has no trained adapter to register")
     tracker = Tracker(cfg, run)
     if tracker.run_id is None or tracker.offline:
-        raise TunelabError(f"registry register: MLflow at {tracking_uri(cfg)} is not answering")
+        raise TunelabError(f"registry register: MLflow at {redact_uris(tracking_uri(cfg))} is not answering")
     client = _client(tracking_uri(cfg))
     logged = {a.path for a in client.list_artifacts(tracker.run_id)}
     if "adapter" not in logged:  # trained with tracking off: log it now

@@ -226,7 +226,8 @@ def sync(run_dir: Path) -> int:
     if tracker.run_id is None or tracker.offline:
         from tunelab.errors import TunelabError
 
-        raise TunelabError(f"runs sync: MLflow at {tracking_uri(cfg)} is still not answering; nothing was uploaded")
+        raise TunelabError(f"runs sync: MLflow at {redact_uris(tracking_uri(cfg))} is still not answering; nothing "
+                           "was uploaded")
     client = MlflowClient(tracking_uri=tracking_uri(cfg))
     ops = [json.loads(line) for line in buffer.read_text(encoding="utf-8").splitlines() if line.strip()]
     for op in ops:
