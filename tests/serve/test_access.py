@@ -50,6 +50,14 @@ def test_admin_refuses_hostile_names_and_paths(server: str, lora_runs: dict[str,
     (linked / "adapter").symlink_to(outside)
     r = load(server, "linked", str(linked))
     assert r.status_code == 403 and "outside the allowed roots" in r.json()["error"]["message"]
+    # ... or whose adapter's weights file does.
+    weights = next(lora_runs["gamma"].glob("adapter/adapter_model.*")).name
+    (linked / "adapter").unlink()
+    shutil.copytree(outside, linked / "adapter")
+    (linked / "adapter" / weights).unlink()
+    (linked / "adapter" / weights).symlink_to(outside / weights)
+    r = load(server, "linked", str(linked))
+    assert r.status_code == 403 and "outside the allowed roots" in r.json()["error"]["message"]
     r = load(server, "reg", "models:/someone-elses@champion")
     assert r.status_code == 403 and "--allow-root models:/someone-elses" in r.json()["error"]["message"]
 

@@ -125,10 +125,12 @@ def _resolve_adapter(name: str, source: str, roots: list[Path] | None, tracking_
         run_dir = Path(source).expanduser().resolve()
     else:
         run_dir = inside_allowed_roots(Path(source), roots)
-        # The folder is inside; what it links to must be too (RUN/adapter -> /elsewhere is refused).
-        for part in ("adapter", "config.yaml", "chat_template.jinja"):
-            if (run_dir / part).exists() or (run_dir / part).is_symlink():
-                inside_allowed_roots(run_dir / part, roots)
+        # The folder is inside; what it links to must be too (RUN/adapter -> /elsewhere is refused), down to
+        # the files the adapter is loaded from.
+        adapter_files = sorted((run_dir / "adapter").iterdir()) if (run_dir / "adapter").is_dir() else []
+        for path in [run_dir / "adapter", run_dir / "config.yaml", run_dir / "chat_template.jinja", *adapter_files]:
+            if path.exists() or path.is_symlink():
+                inside_allowed_roots(path, roots)
     adapter_dir = run_dir / "adapter"
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.is_file():
