@@ -113,7 +113,8 @@ def test_the_adapter_and_curve_come_back_through_ray_storage_when_the_run_folder
     (reported / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     result = {"steps": 1, "train_loss": 2.0, "first_loss": 2.0, "last_loss": 2.0, "val_loss": 1.5, "train_seconds": 1.0,
               "tokens_seen": 10, "tokens_per_second": 10.0, "peak_memory_mb": 1.0, "trainable_params": 1,
-              "total_params": 2, "dropped_too_long": 0, "precision": "cpu", "stopped_early": False}
+              "total_params": 2, "dropped_too_long": 0, "precision": "cpu", "stopped_early": False,
+              "chat_template": "chatml (the model's own)"}
     (reported / RESULT_FILE).write_text(json.dumps(result))
     run = RunPaths(tmp_path / "run")
     run.root.mkdir()
