@@ -58,7 +58,8 @@ def main() -> None:
     target = Path("bench/results") / f"replay_ablation-{args.config.stem}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(results, indent=2) + "\n")
-    print("\n| replay ratio | lr | epochs | tuned exact match | probes base -> tuned | drop |\n|---:|---:|---:|---:|---:|---:|")
+    print("\n| replay ratio | lr | epochs | tuned exact match | probes base -> tuned | drop |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for r in results:
         if "error" in r:
             print(f"| {r['ratio']} | {r['lr']} | {r['epochs']} | error: {r['error']} | | |")

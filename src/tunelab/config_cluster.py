@@ -110,7 +110,7 @@ class K8sConfig(Section):
     @field_validator("env")
     @classmethod
     def _no_plain_secrets(cls, value: dict[str, str]) -> dict[str, str]:
-        from tunelab.config_file import is_secret_key, uri_credentials
+        from tunelab.redaction import is_secret_key, uri_credentials
 
         for name, text in value.items():
             if is_secret_key(name) or uri_credentials(text):

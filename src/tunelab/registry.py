@@ -44,15 +44,15 @@ def _registry_errors(what: str, uri: str) -> Iterator[None]:
         yield
     except MlflowException as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        from tunelab.config_file import redact_uris
+        from tunelab.redaction import redact_uris
 
         raise TunelabError(redact_uris(f"registry {what}: {first} (registry at {uri})")) from None
 
 
 def register(run_dir: Path, name: str) -> Any:
     """Create a model version from a run folder's adapter (logging the run first if it never was)."""
-    from tunelab.config_file import redact_uris
     from tunelab.pipeline import load_run_config
+    from tunelab.redaction import redact_uris
     from tunelab.track import Tracker, tracking_uri
 
     cfg, run = load_run_config(run_dir)

@@ -17,8 +17,8 @@ from typing import Any
 
 from tunelab.artifacts import RunPaths
 from tunelab.config import RunConfig
-from tunelab.config_file import REDACTED, env_secrets, redact, redact_uris, redacted_config
 from tunelab.progress import console
+from tunelab.redaction import REDACTED, env_secrets, redact, redact_uris, redacted_config
 
 BUFFER = "tracking_buffer.jsonl"
 RUN_ID_FILE = "mlflow_run.json"

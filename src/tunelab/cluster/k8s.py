@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 
 from tunelab.config import RunConfig
-from tunelab.config_file import uri_credentials
 from tunelab.errors import ConfigError
+from tunelab.redaction import uri_credentials
 
 CONFIG_MOUNT = "/etc/tunelab"
 CONFIG_KEY = "config.yaml"

@@ -22,7 +22,6 @@ from tunelab.artifacts import (
     write_text_atomic,
 )
 from tunelab.config import RunConfig, SourceConfig
-from tunelab.config_file import env_secrets, redact, redact_uris
 from tunelab.data.clean import clean_records
 from tunelab.data.contamination import EvalText, benchmark_texts, find_contamination
 from tunelab.data.dedup import deduplicate
@@ -39,6 +38,7 @@ from tunelab.data.tokens import token_counter
 from tunelab.errors import DataError
 from tunelab.hub import dataset_record, is_hub_dataset
 from tunelab.progress import console
+from tunelab.redaction import env_secrets, redact, redact_uris
 
 SPLITS = ("train", "val", "test")
 
