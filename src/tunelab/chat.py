@@ -189,16 +189,30 @@ def _answer_end(full: str, end: int, marker: str | None) -> int:
 
 
 def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> TokenizedExample:
-    """Token ids of the whole conversation, with labels only on assistant tokens (IGNORE_INDEX elsewhere)."""
+    """Token ids of the whole conversation, with labels only on assistant tokens (IGNORE_INDEX elsewhere).
+
+    Marker text inside a message's content is ordinary text, as in serving (encode_prompt_safely): a training
+    row cannot forge a turn, and the model never learns to emit a marker from a message that quotes one."""
     text, spans = assistant_spans(tokenizer, messages)
-    # The template already writes any BOS/special tokens as text: adding them again would double them.
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = enc["input_ids"]
-    labels = [IGNORE_INDEX] * len(ids)
-    for k, (start, _end) in enumerate(enc["offset_mapping"]):
-        # A token belongs to an answer when it starts inside the answer's span.
-        if any(s <= start < e for s, e in spans):
-            labels[k] = ids[k]
+    pieces: list[tuple[str, bool]] | None = [(text, False)]
+    if holds_special_text(tokenizer, messages):
+        pieces = _content_pieces(tokenizer, messages, text, render_conversation)
+        if pieces is None:
+            raise ModelError("a message holds special-token text, and this chat template rewrites message contents "
+                             "so that they cannot be kept apart from its own markers")
+    ids: list[int] = []
+    starts: list[int] = []
+    at = 0
+    for piece, is_content in pieces:
+        if piece:
+            # The template already writes any BOS/special tokens as text: adding them again would double them.
+            enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True,
+                            split_special_tokens=is_content)
+            ids += enc["input_ids"]
+            starts += [at + start for start, _end in enc["offset_mapping"]]
+            at += len(piece)
+    # A token belongs to an answer when it starts inside the answer's span.
+    labels = [ids[k] if any(s <= start < e for s, e in spans) else IGNORE_INDEX for k, start in enumerate(starts)]
     return TokenizedExample(ids, labels)
 
 
@@ -233,11 +247,9 @@ def encode_prompt_safely(tokenizer: PreTrainedTokenizerBase, messages: list[Mess
     parsed, the contents with `split_special_tokens=True`. ModelError if the template rewrites contents so that
     they cannot be found in its rendering."""
     text = render_prompt(tokenizer, messages)
-    specials = {str(t) for t in tokenizer.all_special_tokens}
-    specials |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
-    if not any(s and s in m["content"] for m in messages for s in specials):
+    if not holds_special_text(tokenizer, messages):
         return token_ids(tokenizer, text)
-    pieces = _content_pieces(tokenizer, messages, text)
+    pieces = _content_pieces(tokenizer, messages, text, render_prompt)
     if pieces is None:
         raise ModelError("a message holds special-token text, and this chat template rewrites message contents "
                          "so that they cannot be kept apart from its own markers")
@@ -248,6 +260,13 @@ def encode_prompt_safely(tokenizer: PreTrainedTokenizerBase, messages: list[Mess
     return ids
 
 
+def holds_special_text(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> bool:
+    """Whether any message's content contains the text of a special token."""
+    specials = {str(t) for t in tokenizer.all_special_tokens}
+    specials |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    return any(s and s in m["content"] for m in messages for s in specials)
+
+
 def token_ids(tokenizer: PreTrainedTokenizerBase, text: str, split_special_tokens: bool = False) -> list[int]:
     """`text`'s ids, without bos/eos, and nothing else computed: converting a long prompt's attention mask to
     Python holds the GIL, which a server tokenizing in a worker thread would feel."""
@@ -255,16 +274,16 @@ def token_ids(tokenizer: PreTrainedTokenizerBase, text: str, split_special_token
                      return_attention_mask=False, return_token_type_ids=False)["input_ids"]
 
 
-def _content_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[Message],
-                    text: str) -> list[tuple[str, bool]] | None:
-    """`text` (the rendering of `messages`) cut into (piece, is_content) parts, or None where it cannot be. The
-    contents are located by rendering with a unique placeholder in place of each; templates that trim contents
-    are allowed for."""
+def _content_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[Message], text: str,
+                    render: Any) -> list[tuple[str, bool]] | None:
+    """`text` (`render(tokenizer, messages)`: render_prompt or render_conversation) cut into (piece,
+    is_content) parts, or None where it cannot be. The contents are located by rendering with a unique
+    placeholder in place of each; templates that trim contents are allowed for."""
     import uuid
 
     tag = uuid.uuid4().hex
     holders = [f"{tag}{i}x" for i in range(len(messages))]
-    masked = render_prompt(tokenizer, [{**m, "content": h} for m, h in zip(messages, holders)])
+    masked = render(tokenizer, [{**m, "content": h} for m, h in zip(messages, holders)])
     pieces: list[tuple[str, bool]] = []
     at, rest = 0, masked
     # In the order the template shows them (Mistral's puts the system message into the last user turn).
