@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tunelab import pipeline
+from tunelab.artifacts import sha256_folder
 from tunelab.errors import TunelabError
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
@@ -98,6 +99,18 @@ def test_registry_promotes_only_on_evidence_and_resolves_models_uris(tiny_config
     assert metrics["suites"]["test"]["systems"]["tuned"] == original["suites"]["test"]["systems"]["tuned"]
     with pytest.raises(TunelabError, match="no model 'animals' with alias 'nope'"):
         resolve_run_dir("models:/animals@nope", uri)
+    # The adapter is checked against the hash recorded at registration: a changed artifact is refused, and a
+    # cached copy changed on disk is fetched again.
+    assert good.tags["tunelab.adapter_sha256"] == sha256_folder(Path(good_cfg.output.dir) / "adapter")
+    (stored,) = [p for p in Path(good_cfg.output.dir).parent.rglob("adapter_model.safetensors")
+                 if bad.run_id in str(p) and "artifacts" in p.parts]
+    stored.write_bytes(stored.read_bytes()[:-8] + b"tampered")
+    with pytest.raises(TunelabError, match="the downloaded adapter's sha256 differs from the one recorded"):
+        resolve_run_dir("models:/animals/2", uri)
+    cached = folder / "adapter" / "adapter_model.safetensors"
+    cached.write_bytes(cached.read_bytes()[:-8] + b"tampered")
+    assert sha256_folder(resolve_run_dir("models:/animals@champion", uri) / "adapter") == good.tags[
+        "tunelab.adapter_sha256"]
 
     # The server takes the same URI: the registered adapter, on the base it was trained on.
     from tunelab.serve.server import ServeOptions, resolve_setup

@@ -33,6 +33,12 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def sha256_folder(folder: Path) -> str:
+    """One hash of a folder's files: their paths and contents, in a stable order."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return sha256_text("".join(f"{p.relative_to(folder).as_posix()}:{sha256_file(p)}" for p in files))
+
+
 def _umask() -> int:
     mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
     os.umask(mask)

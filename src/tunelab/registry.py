@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tunelab.artifacts import atomic_dir
+from tunelab.artifacts import atomic_dir, sha256_folder
 from tunelab.errors import TunelabError
 
 DEFAULT_URI_ENV = "MLFLOW_TRACKING_URI"
@@ -71,6 +71,8 @@ def register(run_dir: Path, name: str) -> Any:
         tracker.log_folder(run.eval, "eval")
     tags = {"tunelab.base_model": cfg.model.name, "tunelab.method": cfg.method.type,
             "tunelab.objective": cfg.objective.type, "tunelab.run_dir": str(run.root.resolve()),
+            # Checked whenever the version is downloaded and used (resolve_run_dir, serving's admin loads).
+            ADAPTER_HASH_TAG: sha256_folder(run.adapter),
             # A base model's continued pre-training has no template.
             "tunelab.chat_template": run.chat_template.read_text(encoding="utf-8")[:7000]
             if run.chat_template.is_file() else ""}
@@ -164,6 +166,8 @@ def resolve_run_dir(ref: str | Path, uri: str | None = None) -> Path:
 
     # Keyed by run id too: two stores (or a re-created one) can both hold a "version 1".
     folder = cache_root(ModelConfig()) / "registry" / name / f"{mv.version}-{mv.run_id[:12]}"
+    if (folder / "config.yaml").is_file() and not _adapter_matches(folder, mv):
+        shutil.rmtree(folder)  # a cached copy changed since it was downloaded: fetch it again
     if not (folder / "config.yaml").is_file():
         with atomic_dir(folder) as tmp:
             for item in ("adapter", "config.yaml", "data", "eval"):
@@ -173,7 +177,19 @@ def resolve_run_dir(ref: str | Path, uri: str | None = None) -> Path:
                     if item in ("adapter", "config.yaml"):
                         raise TunelabError(f"{text}: run {mv.run_id} lacks its {item} artifact") from None
             shutil.copy(tmp / "adapter" / "chat_template.jinja", tmp / "chat_template.jinja")
+            if not _adapter_matches(tmp, mv):
+                raise TunelabError(f"{text}: the downloaded adapter's sha256 differs from the one recorded when "
+                                   "the version was registered; refusing to use it (was the artifact changed?)")
     return folder
+
+
+ADAPTER_HASH_TAG = "tunelab.adapter_sha256"
+
+
+def _adapter_matches(folder: Path, mv: Any) -> bool:
+    """Whether a copy's adapter/ is the one registered (versions registered before the hash was recorded pass)."""
+    recorded = (mv.tags or {}).get(ADAPTER_HASH_TAG)
+    return recorded is None or sha256_folder(folder / "adapter") == recorded
 
 
 def lookup_version(ref: str, uri: str | None = None) -> Any:

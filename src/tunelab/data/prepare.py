@@ -220,10 +220,9 @@ def _source_records(cfg: RunConfig) -> list[dict[str, Any]]:
 
 def _hash_source(path: Path) -> str:
     if path.is_dir():  # a datasets folder: hash its files in a stable order
-        from tunelab.artifacts import sha256_text
+        from tunelab.artifacts import sha256_folder
 
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        return sha256_text("".join(f"{p.relative_to(path)}:{sha256_file(p)}" for p in files))
+        return sha256_folder(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
     return sha256_file(path)
