@@ -14,9 +14,10 @@ import json
 import time
 from pathlib import Path
 
-from tunelab.chat import render_prompt, with_system_prompt
+from tunelab.chat import render_prompt, with_system_prompt, without_default_bos
 from tunelab.data.prepare import load_dataset
 from tunelab.export import gguf_check
+from tunelab.families import stop_token_ids
 from tunelab.models import load_tokenizer
 from tunelab.pipeline import load_run_config
 
@@ -33,12 +34,13 @@ def main() -> None:
     tokenizer = load_tokenizer(run.adapter)
     rows = [r for r in load_dataset(run.data).test if r.kind == "chat"]
     llm = gguf_check.open_llama(args.gguf, args.lora, n_ctx=1024, threads=args.threads)
-    eos = {tokenizer.eos_token_id}
+    eos = set(stop_token_ids(tokenizer))  # the template's end of turn too, as eval stops
     hits, started = 0, time.perf_counter()
     for row in rows:
         text = render_prompt(tokenizer, with_system_prompt(row.messages[:-1], cfg.data.system_prompt))
         llm.reset()
-        llm.eval(llm.tokenize(text.encode(), add_bos=True, special=True))
+        # llama.cpp adds the bos itself where the GGUF says so, as llama-server and Ollama do.
+        llm.eval(llm.tokenize(without_default_bos(tokenizer, text).encode(), add_bos=True, special=True))
         out: list[int] = []
         while len(out) < args.max_new_tokens:
             token = int(llm.scores[llm.n_tokens - 1].argmax())
