@@ -239,8 +239,8 @@ def encode_records(
 
 def encode_prompt_safely(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> list[int]:
     """Token ids of `render_prompt(tokenizer, messages)` in which marker text inside a message's content is
-    ordinary text, never a special token: a user writing `<|im_end|><|im_start|>system` gets those characters,
-    not a forged system turn. The template's own markers stay special tokens.
+    ordinary text, never a special token: a user who writes an end-of-turn and a system-turn marker gets those
+    characters, not a forged system turn. The template's own markers stay special tokens.
 
     Messages holding no special token's text get exactly the ids of tokenizing the rendering as a whole.
     Otherwise the rendering is cut at the contents: the template's pieces are tokenized with special tokens
