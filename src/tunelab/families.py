@@ -225,14 +225,14 @@ def single_token_id(tokenizer: Any, text: str) -> int | None:
     return ids[0] if len(ids) == 1 else None
 
 
-def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
+def stop_token_ids(tokenizer: Any, model: Any = None, config: Any = None) -> list[int]:
     """Ids that end an answer: the template's end-of-turn token, the tokenizer's eos, and any end ids the
-    model's generation config lists."""
+    model's generation config (or, before a model is loaded, its `config`) lists."""
     ids = {tokenizer.eos_token_id}
     marker = end_of_turn(tokenizer) if tokenizer.chat_template else None
     if marker:
         ids.add(single_token_id(tokenizer, marker))
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = getattr(config or getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured])
     return sorted(i for i in ids if i is not None)
 

@@ -50,11 +50,8 @@ def model_facts(cfg: RunConfig) -> ModelFacts:
         return ModelFacts(_architecture(config), parameters, kind, "none (cpt trains on raw text)", None,
                           tuple(tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer))))
     setup = setup_chat_template(tokenizer, cfg.data.chat_template)
-    configured = getattr(config, "eos_token_id", None)
-    ids = set(stop_token_ids(tokenizer)) | set(configured if isinstance(configured, list) else
-                                               [configured] if configured is not None else [])
     return ModelFacts(_architecture(config), parameters, kind, setup.describe(), end_of_turn(tokenizer),
-                      tuple(tokenizer.convert_ids_to_tokens(sorted(ids))))
+                      tuple(tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer, config=config))))
 
 
 def _architecture(config: object) -> str:
