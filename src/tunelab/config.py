@@ -241,20 +241,26 @@ class EvalConfig(Section):
     batch_size: int = Field(16, gt=0, description="Prompts generated together (left padded).")
     max_examples: int | None = Field(None, gt=0, description="Evaluate only the first N examples of each suite.")
     seed: int = Field(0, description="Seed for few-shot example choice (generation is greedy).")
-    gate: list[str] = Field(
-        default_factory=list,
+    cache_base_answers: bool = Field(
+        True, description="Reuse the base model's answers (zero-shot, few-shot, probes) from earlier runs of the "
+        "same base, prompts and settings (in the model cache's eval/ folder)."
+    )
+    gate: list[str] | None = Field(
+        None,
         description="Rules that must hold, e.g. 'tuned.exact_match >= base.exact_match + 0.2' or "
-        "'forgetting.drop <= 0.02'; `tunelab eval` exits non-zero when one fails.",
+        "'forgetting.drop <= 0.02'; `tunelab eval` exits non-zero when one fails. Unset: the default gate (tuned "
+        "beats base on the first suite's first metric, is not worse than few-shot, forgetting drop <= 0.05); "
+        "[]: no gate, on purpose.",
     )
     judge: JudgeConfig | None = Field(None, description="Optional LLM-as-judge scoring (1-5) of each system.")
 
     @field_validator("gate")
     @classmethod
-    def _rules_parse(cls, rules: list[str]) -> list[str]:
+    def _rules_parse(cls, rules: list[str] | None) -> list[str] | None:
         from tunelab.errors import ConfigError
         from tunelab.eval.gate import check_syntax
 
-        for rule in rules:
+        for rule in rules or []:
             try:
                 check_syntax(rule)
             except ConfigError as err:

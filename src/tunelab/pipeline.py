@@ -84,8 +84,18 @@ def preflight(cfg: RunConfig) -> list[str]:
         *model_facts(cfg).lines(),
         f"precision: {precision.label}",
         f"training: {_training_place(cfg)}",
+        _gate_line(cfg),
         f"output: {run.root}",
     ]
+
+
+def _gate_line(cfg: RunConfig) -> str:
+    from tunelab.eval.gate import gate_rules
+
+    rules, source = gate_rules(cfg.eval)
+    if not rules:
+        return "gate: none (eval.gate: [])" if source == "config" else "gate: none measurable by this eval"
+    return f"gate ({source}): " + "; ".join(rules)
 
 
 def _training_place(cfg: RunConfig) -> str:

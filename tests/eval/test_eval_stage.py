@@ -128,6 +128,41 @@ def test_cli_eval_exits_non_zero_when_the_gate_fails(trained):
     assert json.loads((run.eval / "metrics.json").read_text())["gate"][0]["passed"] is True
 
 
+def test_the_default_gate_applies_when_the_config_names_none(trained):
+    cfg, run = trained
+    env = {**os.environ, "COLUMNS": "200"}
+    # tiny_config switches the gate off; `eval.gate=null` is a config that never mentioned it.
+    done = subprocess.run([sys.executable, "-m", "tunelab", "eval", str(run.root), "--set", "eval.gate=null",
+                           "--set", "eval.systems=[base, tuned]"], capture_output=True, text=True, env=env)
+    metrics = json.loads((run.eval / "metrics.json").read_text())
+    assert metrics["gate_source"] == "default"
+    assert [g["rule"] for g in metrics["gate"]] == ["tuned.exact_match > base.exact_match"]
+    systems = metrics["suites"]["test"]["systems"]
+    beats_base = systems["tuned"]["exact_match"] > systems["base"]["exact_match"]
+    assert done.returncode == (0 if beats_base else 1), done.stderr[-2000:]
+    assert "The default rules" in (run.eval / "report.html").read_text()
+
+
+def test_base_answers_are_reused_across_evals_of_the_same_base_and_tuned_ones_never(trained, tmp_path):
+    cfg, run = trained
+    cfg.model.cache_dir = tmp_path / "cache"
+    first = pipeline.stage_eval(cfg, run)
+    entries = sorted((tmp_path / "cache" / "eval").glob("answers-*.json"))
+    assert len(entries) == 2  # base and few_shot on the test suite; tuned answers are never cached
+    by_answers = {tuple(json.loads(e.read_text())): e for e in entries}
+    base_answers = tuple(r["outputs"]["base"] for r in first.rows)
+    assert base_answers in by_answers
+    # Plant different answers under the base's key: a second eval must read them instead of generating.
+    planted = [f"planted {i}" for i in range(len(base_answers))]
+    by_answers[base_answers].write_text(json.dumps(planted))
+    second = pipeline.stage_eval(cfg, run)
+    assert [r["outputs"]["base"] for r in second.rows] == planted
+    assert [r["outputs"]["tuned"] for r in second.rows] == [r["outputs"]["tuned"] for r in first.rows]
+    cfg.eval.cache_base_answers = False
+    third = pipeline.stage_eval(cfg, run)
+    assert tuple(r["outputs"]["base"] for r in third.rows) == base_answers
+
+
 def test_chat_answers_with_base_and_tuned_side_by_side(trained):
     cfg, run = trained
     lines = "Extract the animal: on day 4242 I saw a cat.\n/reset\n\nExtract the animal: on day 7 I saw a fox.\n/exit\n"

@@ -6,7 +6,8 @@ import pytest
 
 from tunelab.config_file import validate_config
 from tunelab.errors import ConfigError
-from tunelab.eval.gate import evaluate_gate
+from tunelab.config import EvalConfig, SuiteConfig
+from tunelab.eval.gate import evaluate_gate, gate_rules
 
 METRICS = {
     "suites": {
@@ -41,3 +42,31 @@ def test_unreadable_rules_fail_at_config_time():
     with pytest.raises(ConfigError) as info:
         validate_config({"data": {"train": "a.jsonl"}, "eval": {"gate": ["tuned is better than base"]}})
     assert "eval.gate: cannot read rule 'tuned is better than base'" in info.value.problems[0]
+
+
+def test_the_default_gate_asks_for_a_win_over_base_no_loss_to_few_shot_and_at_most_5_points_of_forgetting():
+    rules, source = gate_rules(EvalConfig())
+    assert source == "default"
+    assert rules == ["tuned.exact_match > base.exact_match", "tuned.exact_match >= few_shot.exact_match",
+                     "forgetting.drop <= 0.05"]
+    assert all(r.passed for r in evaluate_gate(rules, METRICS))  # 0.6 > 0.1, 0.6 >= 0.3, drop 0.05
+    tied = {"suites": {"test": {"systems": {"base": {"exact_match": 0.6}, "tuned": {"exact_match": 0.6},
+                                            "few_shot": {"exact_match": 0.7}}}}, "forgetting": {"drop": 0.051}}
+    assert [r.passed for r in evaluate_gate(rules, tied)] == [False, False, False]
+
+
+def test_the_default_gate_follows_what_the_config_measures():
+    loss_first = EvalConfig(suites=[SuiteConfig(metrics=["eval_loss", "exact_match"])], systems=["base", "tuned"],
+                            forgetting=False)
+    assert gate_rules(loss_first) == (["tuned.eval_loss < base.eval_loss"], "default")  # a loss must go down
+    custom_first = EvalConfig(suites=[SuiteConfig(metrics=["mypkg.scores:score", "rouge_l"])], systems=["tuned"])
+    assert gate_rules(custom_first) == (["forgetting.drop <= 0.05"], "default")
+    assert gate_rules(EvalConfig(systems=["base", "few_shot"], forgetting=True)) == ([], "default")
+
+
+def test_an_empty_gate_switches_it_off_on_purpose_and_a_stated_gate_replaces_it():
+    off = validate_config({"data": {"train": "a.jsonl"}, "eval": {"gate": []}})
+    assert gate_rules(off.eval) == ([], "config")
+    own = validate_config({"data": {"train": "a.jsonl"}, "eval": {"gate": ["tuned.rouge_l >= 0.5"]}})
+    assert gate_rules(own.eval) == (["tuned.rouge_l >= 0.5"], "config")
+    assert validate_config({"data": {"train": "a.jsonl"}}).eval.gate is None

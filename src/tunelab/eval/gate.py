@@ -6,6 +6,10 @@ A rule compares a metric with a number or with another metric plus an offset:
     forgetting.drop <= 0.02
 `SYSTEM.METRIC` refers to the first suite; `SUITE/SYSTEM.METRIC` to a named one. `forgetting.drop` is the
 base pass rate on the forgetting probes minus the tuned one (and `forgetting.<category>_drop` per category).
+
+Without `eval.gate` in the config the default gate applies (`default_rules`): the tuned model beats the base on the
+first suite's first metric, is not worse than few-shot, and loses at most 5 points on the forgetting probes.
+`eval.gate: []` switches the gate off on purpose.
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunelab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tunelab.config import EvalConfig
 
 _REF = r"[A-Za-z_][\w-]*(?:/[A-Za-z_][\w-]*)?\.[A-Za-z_]\w*"
 _RULE = re.compile(rf"^\s*({_REF})\s*(>=|<=|>|<|==)\s*(?:({_REF})|(-?\d+(?:\.\d+)?))\s*(?:([+-])\s*(\d+(?:\.\d+)?))?\s*$")
@@ -32,6 +39,37 @@ class RuleResult:
     def describe(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
         return f"{verdict} {self.rule}  ({self.left:.4f} vs {self.right:.4f})"
+
+
+DEFAULT_FORGETTING_DROP = 0.05
+LOWER_IS_BETTER = {"eval_loss", "perplexity"}
+
+
+def default_rules(eval_cfg: EvalConfig) -> list[str]:
+    """The gate a config gets when it says nothing: built only from numbers this config measures.
+
+    A custom `package.module:function` metric is skipped for the "first metric" (its name is not a plain word);
+    loss-like metrics must go down instead of up.
+    """
+    rules: list[str] = []
+    systems = eval_cfg.systems
+    metric = next((m for m in eval_cfg.suites[0].metrics if re.fullmatch(r"[A-Za-z_]\w*", m)), None)
+    if "tuned" in systems and metric is not None:
+        better, at_least = ("<", "<=") if metric in LOWER_IS_BETTER else (">", ">=")
+        if "base" in systems:
+            rules.append(f"tuned.{metric} {better} base.{metric}")
+        if "few_shot" in systems:
+            rules.append(f"tuned.{metric} {at_least} few_shot.{metric}")
+    if eval_cfg.forgetting and "tuned" in systems:
+        rules.append(f"forgetting.drop <= {DEFAULT_FORGETTING_DROP}")
+    return rules
+
+
+def gate_rules(eval_cfg: EvalConfig) -> tuple[list[str], str]:
+    """The rules in force and where they come from: ("config" or "default")."""
+    if eval_cfg.gate is None:
+        return default_rules(eval_cfg), "default"
+    return list(eval_cfg.gate), "config"
 
 
 def check_syntax(rule: str) -> None:

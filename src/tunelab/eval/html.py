@@ -50,7 +50,7 @@ def render_html(metrics: dict[str, Any], rows: list[dict[str, Any]], history: li
     body = [f"<h1>Evaluation: {escape(title)}</h1>",
             f'<p class="muted">{metrics["timing"]["prompts_generated"]} answers generated in '
             f'{metrics["timing"]["seconds"]:.0f} s, greedy decoding. Systems: {escape(", ".join(systems))}.</p>']
-    body += _gate(metrics.get("gate", []))
+    body += _gate(metrics.get("gate", []), metrics.get("gate_source") == "default")
     for suite, result in metrics["suites"].items():
         body.append(f"<h2>Suite: {escape(suite)} ({result['n_examples']} examples)</h2>")
         names = [m for m in next(iter(result["systems"].values()))]
@@ -80,10 +80,14 @@ def render_html(metrics: dict[str, Any], rows: list[dict[str, Any]], history: li
             f"</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
 
 
-def _gate(gate: list[dict[str, Any]]) -> list[str]:
+def _gate(gate: list[dict[str, Any]], default: bool) -> list[str]:
     if not gate:
         return []
-    out = ["<h2>Gate</h2><table><tr><th>rule</th><th>result</th><th>measured</th><th>needed</th></tr>"]
+    out = ["<h2>Gate</h2>"]
+    if default:
+        out.append("<p>The default rules: set <code>eval.gate</code> to replace them, <code>eval.gate: []</code> "
+                   "to switch the gate off.</p>")
+    out.append("<table><tr><th>rule</th><th>result</th><th>measured</th><th>needed</th></tr>")
     for g in gate:
         verdict = '<span class="pass">PASS</span>' if g["passed"] else '<span class="fail">FAIL</span>'
         out.append(f"<tr><td><code>{escape(g['rule'])}</code></td><td>{verdict}</td>"

@@ -48,6 +48,8 @@ def render_markdown(metrics: dict[str, Any], rows: list[dict[str, Any]], title: 
     lines = [f"# Evaluation: {title}", "",
              f"{metrics['timing']['prompts_generated']} answers generated in {metrics['timing']['seconds']:.0f} s, "
              "greedy decoding. The HTML report (report.html) has the charts.", ""]
+    if metrics.get("gate_source") == "default" and metrics.get("gate"):
+        lines.append("Gate: the default rules (set `eval.gate` to replace them, `eval.gate: []` to switch off).")
     for g in metrics.get("gate", []):
         lines.append(f"- {'PASS' if g['passed'] else 'FAIL'} `{g['rule']}` ({g['left']:.4f} vs {g['right']:.4f})")
     if metrics.get("gate"):

@@ -29,8 +29,11 @@ def evaluate_reward_run(cfg: RunConfig, run: RunPaths) -> Any:
     suites = {"test": {"n_examples": len(test), "metrics": ["pairwise_accuracy"],
                        "systems": {"tuned": {"pairwise_accuracy": accuracy}}}}
     metrics = manifest("eval", systems=["tuned"], suites=suites, forgetting=None, timing={})
+    # A reward model measures one number and no base: the default gate (tuned vs base, probes) has nothing to
+    # compare, so only rules the config states apply.
+    metrics["gate_source"] = "config" if cfg.eval.gate is not None else "none"
     metrics["gate"] = [{"rule": g.rule, "passed": g.passed, "left": g.left, "right": g.right}
-                       for g in evaluate_gate(cfg.eval.gate, metrics)]
+                       for g in evaluate_gate(cfg.eval.gate or [], metrics)]
     with atomic_dir(run.eval) as tmp:
         write_json_atomic(tmp / "metrics.json", metrics)
         write_text_atomic(tmp / "report.md", f"# Reward model: {run.root.name}\n\nPairwise accuracy on "

@@ -7,6 +7,7 @@ template saved beside the adapter, so no system gets a different template than i
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 from tunelab.artifacts import (
     RunPaths,
+    sha256_text,
     atomic_dir,
     manifest,
     write_json_atomic,
@@ -26,7 +28,8 @@ from tunelab.data.load import load_source
 from tunelab.data.prepare import load_dataset
 from tunelab.data.records import Record
 from tunelab.errors import ConfigError, RunFolderError
-from tunelab.eval.gate import evaluate_gate
+from tunelab.eval.base_cache import cached_answers, embedding_fingerprint
+from tunelab.eval.gate import evaluate_gate, gate_rules
 from tunelab.eval.generate import generate_greedy
 from tunelab.eval.html import render_html
 from tunelab.eval.loss import mean_token_loss, perplexity
@@ -34,7 +37,8 @@ from tunelab.eval.metrics import corpus_bleu, resolve_metric
 from tunelab.eval.probes import CATEGORIES, PROBES
 from tunelab.eval.report import render_markdown
 from tunelab.eval.systems import Models, System, build_systems, few_shot_examples
-from tunelab.models import Precision, pick_device, resolve_model
+from tunelab.families import stop_texts, stop_token_ids
+from tunelab.models import Precision, base_identity, cache_root, pick_device, resolve_model
 from tunelab.train.adapters import load_trained
 
 
@@ -85,8 +89,11 @@ def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
         return evaluate_reward_run(cfg, run)
     # Evaluate in float32 without autocast: eval numbers must not depend on the training precision.
     precision = Precision(pick_device(cfg.model.device), None, torch.float32)
-    tuned, separate_base = load_trained(cfg, run.root, resolve_model(cfg.model), precision)
+    base_folder = resolve_model(cfg.model)
+    tuned, separate_base = load_trained(cfg, run.root, base_folder, precision)
     models = Models(tuned, separate_base)
+    if cfg.eval.cache_base_answers:
+        models.answer_cache = (cache_root(cfg.model) / "eval", base_identity(base_folder))
     tokenizer = chat_tokenizer(trained_folder(run), cfg.data.chat_template)  # the template used in training
     systems = build_systems(cfg, models)
     shots = few_shot_examples(load_dataset(run.data).train, cfg.eval.few_shot_k, cfg.eval.seed)
@@ -114,8 +121,9 @@ def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
 
         metrics["judge"] = judge_rows(cfg.eval.judge, rows, [s.name for s in systems])
     gate_error = None
+    rules, metrics["gate_source"] = gate_rules(cfg.eval)
     try:
-        gate = evaluate_gate(cfg.eval.gate, metrics)
+        gate = evaluate_gate(rules, metrics)
     except ConfigError as err:  # a rule naming an unmeasured number: keep the eval, then say so
         gate, gate_error = [], err
     metrics["gate"] = [{"rule": g.rule, "passed": g.passed, "left": g.left, "right": g.right} for g in gate]
@@ -142,8 +150,8 @@ def _run_suite(cfg: RunConfig, suite: SuiteConfig, records: list[Record], system
         shown = [_with_shots(c, shots) for c in conversations] if system.few_shot else conversations
         prompts = [render_prompt(tokenizer, c) for c in shown]
         with models.use(system) as net:
-            outputs[system.name] = generate_greedy(net, tokenizer, prompts, cfg.eval.max_new_tokens,
-                                                   cfg.eval.batch_size, label=f"{suite.name}: {system.name}")
+            outputs[system.name] = _answers(models, system, net, tokenizer, prompts, cfg.eval.max_new_tokens,
+                                            cfg.eval.batch_size, label=f"{suite.name}: {system.name}")
             loss = None
             if "eval_loss" in suite.metrics:
                 with_answers = [Record(r.id, r.source, "chat", [*s, r.messages[-1]]) for r, s in zip(records, shown)]
@@ -171,6 +179,24 @@ def _run_suite(cfg: RunConfig, suite: SuiteConfig, records: list[Record], system
     return {"n_examples": len(records), "metrics": list(suite.metrics), "systems": summary}, rows
 
 
+def _answers(models: Models, system: System, net: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
+             batch_size: int, label: str) -> list[str]:
+    """Greedy answers; the base model's (adapter off, zero- or few-shot) come from the cache when it has them."""
+    def generate() -> list[str]:
+        return generate_greedy(net, tokenizer, prompts, max_new_tokens, batch_size, label=label)
+
+    fingerprint = embedding_fingerprint(net) if models.answer_cache is not None else None
+    if system.adapter is not None or system.model is not None or fingerprint is None:
+        return generate()
+    folder, identity = models.answer_cache
+    key = {"base": identity, "embeddings": fingerprint, "device": str(next(net.parameters()).device),
+           "dtype": str(next(net.parameters()).dtype), "prompts": sha256_text(json.dumps(prompts)),
+           "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+           "stops": [sorted(stop_token_ids(tokenizer, net)), stop_texts(tokenizer)]}
+    answers = cached_answers(folder, key, generate)
+    return answers if len(answers) == len(prompts) else generate()
+
+
 def _with_shots(conversation: list[dict[str, str]], shots: list[dict[str, str]]) -> list[dict[str, str]]:
     """Few-shot examples go after any system message and before the question."""
     if conversation and conversation[0]["role"] == "system":
@@ -186,7 +212,8 @@ def _forgetting(cfg: RunConfig, systems: list[System], models: Models, tokenizer
     out: dict[str, Any] = {"n_probes": len(PROBES), "outputs": {}}
     for system in chosen:
         with models.use(system) as net:
-            answers = generate_greedy(net, tokenizer, prompts, 48, cfg.eval.batch_size, label=f"probes: {system.name}")
+            answers = _answers(models, system, net, tokenizer, prompts, 48, cfg.eval.batch_size,
+                               label=f"probes: {system.name}")
         passed = [p.passed(a) for p, a in zip(PROBES, answers)]
         rates = {c: _rate([ok for p, ok in zip(PROBES, passed) if p.category == c]) for c in CATEGORIES}
         out[system.name] = {**rates, "overall": _rate(passed)}
