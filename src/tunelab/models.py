@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tunelab.artifacts import atomic_dir, sha256_file
+from tunelab.artifacts import atomic_dir, sha256_file, sha256_text
 from tunelab.config import ModelConfig
 from tunelab.errors import ModelError
 from tunelab.hub import fetch_model, is_hub_id
@@ -155,6 +155,17 @@ def model_record(cfg: ModelConfig, source: ModelSource | None = None) -> dict[st
     if source.kind in ("bundled", "gguf"):
         return {**record, "path": str(source.path), "sha256": sha256_file(source.path)}
     return {**record, "path": str(source.path.resolve())}
+
+
+def base_identity(folder: Path) -> str:
+    """What identifies a resolved model folder's weights, for caches keyed by them: a converted GGUF's source
+    hash, a Hub snapshot's commit, else the safetensors files' hashes."""
+    meta = folder / _CACHE_MANIFEST
+    if meta.is_file():
+        return json.loads(meta.read_text()).get("source_sha256", "")
+    if "snapshots" in folder.parts:
+        return folder.name  # the Hub commit
+    return sha256_text("".join(sha256_file(p) for p in sorted(folder.glob("*.safetensors"))))
 
 
 def _cache_is_valid(folder: Path, gguf_hash: str) -> bool:

@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from tunelab.artifacts import sha256_file, sha256_text, write_jsonl_atomic
+from tunelab.artifacts import sha256_text, write_jsonl_atomic
 from tunelab.config import RunConfig
 from tunelab.data.load import load_source
 from tunelab.data.records import Record
@@ -80,7 +80,7 @@ def _as_replay(record: Record, source: str) -> Record:
 def self_answers(cfg: RunConfig) -> list[Record]:
     """The base model's greedy answers to the pool, from the cache or generated (batched) and cached."""
     from tunelab.chat import with_system_prompt
-    from tunelab.models import cache_root, load_tokenizer, resolve_model
+    from tunelab.models import base_identity, cache_root, load_tokenizer, resolve_model
 
     folder = resolve_model(cfg.model)
     tokenizer = load_tokenizer(folder)
@@ -90,7 +90,7 @@ def self_answers(cfg: RunConfig) -> list[Record]:
     pool = pool_prompts()
     conversations = [with_system_prompt([{"role": "user", "content": p["prompt"]}], cfg.data.system_prompt)
                      for p in pool]
-    key = sha256_text(json.dumps({"model": _model_identity(folder), "pool": POOL_VERSION,
+    key = sha256_text(json.dumps({"model": base_identity(folder), "pool": POOL_VERSION,
                                   "template": tokenizer.chat_template, "system": cfg.data.system_prompt,
                                   "max_new_tokens": cfg.data.replay.max_new_tokens}, sort_keys=True))[:20]
     cache = cache_root(cfg.model) / "replay" / f"answers-{key}.jsonl"
@@ -120,14 +120,3 @@ def _generate(cfg: RunConfig, folder: Path, tokenizer: Any, conversations: list[
     answers = generate_with_ends(model, tokenizer, prompts, cfg.data.replay.max_new_tokens, cfg.eval.batch_size,
                                  label="replay: base answers")
     return [text if ended and text else None for text, ended in answers]
-
-
-def _model_identity(folder: Path) -> str:
-    """What identifies the base weights: a converted GGUF's source hash, a Hub snapshot's commit, else the
-    safetensors files' hashes."""
-    meta = folder / "tunelab_model.json"
-    if meta.is_file():
-        return json.loads(meta.read_text()).get("source_sha256", "")
-    if "snapshots" in folder.parts:
-        return folder.name  # the Hub commit
-    return sha256_text("".join(sha256_file(p) for p in sorted(folder.glob("*.safetensors"))))

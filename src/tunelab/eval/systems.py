@@ -34,6 +34,7 @@ class Models:
     def __init__(self, tuned: Any, separate_base: Any) -> None:
         self.tuned = tuned
         self.separate_base = separate_base
+        self.answer_cache: tuple[Path, str] | None = None  # (folder, base identity) for the base's answers
 
     @contextlib.contextmanager
     def use(self, system: System) -> Iterator[Any]:
