@@ -73,13 +73,15 @@ def preflight(cfg: RunConfig) -> list[str]:
         from tunelab.cluster.ray_runner import check_cluster
 
         check_cluster(cfg)
-    dataset = build_dataset(cfg).dataset
+    prepared = build_dataset(cfg, generate_replay=False)
+    dataset = prepared.dataset
     run = RunPaths(cfg.output.dir)
     if _is_trained(run) and not cfg.output.overwrite:
         raise _already_trained(run)
     counts = dataset.counts()
     return [
         f"data: {counts['train']} train / {counts['val']} val / {counts['test']} test examples, all rows valid",
+        *_replay_line(prepared.report.get("replay") or {}),
         f"model: {source.name} ({source.kind}: {source.path})",
         *model_facts(cfg).lines(),
         f"precision: {precision.label}",
@@ -87,6 +89,15 @@ def preflight(cfg: RunConfig) -> list[str]:
         _gate_line(cfg),
         f"output: {run.root}",
     ]
+
+
+def _replay_line(replay: dict[str, Any]) -> list[str]:
+    if not replay.get("wanted"):
+        return []
+    if "self_answers" in replay:
+        return [f"replay: {replay['wanted']} rows wanted (ratio {replay['ratio']}); self answers {replay['self_answers']}"]
+    return [f"replay: {replay['rows']} of the train examples are replay rows (ratio {replay['ratio']}, "
+            f"sources {replay.get('sources', {})})"]
 
 
 def _gate_line(cfg: RunConfig) -> str:

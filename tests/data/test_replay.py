@@ -100,3 +100,15 @@ def test_training_logs_the_task_and_replay_losses_apart(tiny_config, tmp_path):
         # The logged loss is the token-weighted mean of the two parts, so it lies between them.
         low, high = sorted((r["task_loss"], r["replay_loss"]))
         assert low - 1e-3 <= r["loss"] <= high + 1e-3
+
+
+def test_a_dry_run_never_generates_self_answers_and_says_they_are_pending(tiny_config, tmp_path, monkeypatch):
+    from tunelab import pipeline
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(replay_module, "_generate", lambda *a: pytest.fail("a dry run loaded weights to generate"))
+    tiny_config.data.replay = {"ratio": 0.2, "from_self": True}
+    lines = pipeline.preflight(tiny_config)
+    replay = [line for line in lines if line.startswith("replay:")]
+    assert len(replay) == 1 and "rows wanted" in replay[0] and "not generated yet" in replay[0], lines
+    assert not (tmp_path / "cache" / "replay").exists()

@@ -76,8 +76,11 @@ def _load_all(sources: list[SourceConfig], role: str, cfg: RunConfig, skipped: l
     return records
 
 
-def build_dataset(cfg: RunConfig, tokenizer: Any = None) -> Prepared:
-    """Everything but the writing: returns the splits and the report."""
+def build_dataset(cfg: RunConfig, tokenizer: Any = None, generate_replay: bool = True) -> Prepared:
+    """Everything but the writing: returns the splits and the report.
+
+    `generate_replay=False` (dry runs, estimates: no weights load) uses the base model's self answers only if
+    they are cached; otherwise the report says they are still to be generated."""
     from tunelab.chat import run_tokenizer
 
     data = cfg.data
@@ -116,7 +119,7 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None) -> Prepared:
     if leaked and data.contamination.action == "warn":
         console.print(f"[yellow]warning:[/] {len(leaked)} training rows overlap eval data (kept: action is warn)")
     train = apply_weights(train, lambda r: weights.get(id(r), 1.0), data.seed)
-    replay, replay_report = mix_replay(cfg, train, evals)
+    replay, replay_report = mix_replay(cfg, train, evals, generate_replay)
     train = train + replay
 
     dataset = Dataset(train=train, val=val, test=test)
@@ -159,7 +162,8 @@ class NoTrainingRows(DataError):
         self.report = report
 
 
-def mix_replay(cfg: RunConfig, train: list[Record], evals: list[EvalText]) -> tuple[list[Record], dict[str, Any]]:
+def mix_replay(cfg: RunConfig, train: list[Record], evals: list[EvalText],
+               generate: bool = True) -> tuple[list[Record], dict[str, Any]]:
     """Replay rows for this training split (data.replay), minus any that overlap eval data (dropped whatever
     contamination.action says: replay rows are optional, eval rows must stay clean)."""
     from tunelab.data.replay import replay_rows
@@ -169,7 +173,7 @@ def mix_replay(cfg: RunConfig, train: list[Record], evals: list[EvalText]) -> tu
     if train[0].kind != "chat" or cfg.objective.type != "sft":
         raise DataError(f"data.replay: rehearsal rows are chat conversations for objective sft; this run trains "
                         f"{cfg.objective.type} on {train[0].kind} rows (set data.replay.ratio: 0)")
-    replay, report = replay_rows(cfg, len(train))
+    replay, report = replay_rows(cfg, len(train), generate)
     leaked = find_contamination(replay, evals, cfg.data.contamination, cfg.data.dedup).train_ids
     report["dropped_overlapping_eval"] = len(leaked)
     replay = [r for r in replay if r.id not in leaked]

@@ -40,15 +40,21 @@ def replay_count(task_rows: int, ratio: float) -> int:
     return round(task_rows * ratio / (1.0 - ratio)) if ratio > 0 else 0
 
 
-def replay_rows(cfg: RunConfig, task_rows: int) -> tuple[list[Record], dict[str, Any]]:
-    """The replay rows for a training split of `task_rows` task rows, and what the data report says of them."""
+def replay_rows(cfg: RunConfig, task_rows: int, generate: bool = True) -> tuple[list[Record], dict[str, Any]]:
+    """The replay rows for a training split of `task_rows` task rows, and what the data report says of them.
+
+    `generate=False`: self answers are used only when cached (a dry run loads no weights)."""
     replay = cfg.data.replay
     wanted = replay_count(task_rows, replay.ratio)
     if wanted == 0:
         return [], {"ratio": replay.ratio, "rows": 0}
     candidates: list[Record] = []
     if replay.from_self:
-        candidates += self_answers(cfg)
+        answers = self_answers(cfg, generate)
+        if answers is None:
+            return [], {"ratio": replay.ratio, "rows": 0, "wanted": wanted, "self_answers": "not generated yet: "
+                        "the base model answers the pool at the first run (then cached)"}
+        candidates += answers
     for source in replay.files:
         loaded = load_source(source.path, source.format or "auto", source.columns, cfg.data.on_error,
                              split=source.split or "train", subset=source.subset)
@@ -77,8 +83,9 @@ def _as_replay(record: Record, source: str) -> Record:
     return record
 
 
-def self_answers(cfg: RunConfig) -> list[Record]:
-    """The base model's greedy answers to the pool, from the cache or generated (batched) and cached."""
+def self_answers(cfg: RunConfig, generate: bool = True) -> list[Record] | None:
+    """The base model's greedy answers to the pool, from the cache or generated (batched) and cached; None when
+    they are not cached and `generate` is off."""
     from tunelab.chat import with_system_prompt
     from tunelab.models import base_identity, cache_root, load_tokenizer, resolve_model
 
@@ -95,6 +102,8 @@ def self_answers(cfg: RunConfig) -> list[Record]:
                                   "max_new_tokens": cfg.data.replay.max_new_tokens}, sort_keys=True))[:20]
     cache = cache_root(cfg.model) / "replay" / f"answers-{key}.jsonl"
     if not cache.is_file():
+        if not generate:
+            return None
         answers = _generate(cfg, folder, tokenizer, conversations)
         write_jsonl_atomic(cache, [{"id": p["id"], "answer": a} for p, a in zip(pool, answers)])
     cached = {row["id"]: row["answer"] for row in map(json.loads, cache.read_text(encoding="utf-8").splitlines())}

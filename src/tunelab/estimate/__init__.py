@@ -166,7 +166,7 @@ def _data_stats(cfg: RunConfig, tokenizer: Any, notes: list[str]) -> tuple[list[
     from tunelab.data.prepare import build_dataset
     from tunelab.data.tokens import token_counter
 
-    dataset = build_dataset(cfg, tokenizer).dataset
+    dataset = build_dataset(cfg, tokenizer, generate_replay=False).dataset
     records = dataset.train
     if cfg.objective.type in ("sft", "cpt"):
         from tunelab.train.sft import encode_split
