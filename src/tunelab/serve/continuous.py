@@ -50,6 +50,8 @@ class ContinuousBatcher:
             e.metrics.set_gauge("tunelab_queue_depth", e.pending.qsize())
             if not newcomers and not self.rows:
                 continue
+            if newcomers and self.rows:
+                e.metrics.inc("tunelab_joined_running_total", len(newcomers))
             with e.lock:  # adapters load and unload between steps
                 try:
                     for r in newcomers:

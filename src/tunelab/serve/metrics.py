@@ -8,6 +8,7 @@ from collections import defaultdict
 HELP = {
     "tunelab_requests_total": ("counter", "Completed HTTP requests by endpoint, model and status code."),
     "tunelab_rejected_total": ("counter", "Requests refused before generation (queue full, timeout)."),
+    "tunelab_joined_running_total": ("counter", "Requests admitted into a batch that was already decoding."),
     "tunelab_cancelled_total": ("counter", "Requests abandoned by their client before the answer was complete."),
     "tunelab_generated_tokens_total": ("counter", "Tokens generated, by model."),
     "tunelab_prompt_tokens_total": ("counter", "Prompt tokens processed, by model."),
