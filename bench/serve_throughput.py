@@ -1,7 +1,7 @@
 """Benchmark: `tunelab serve` under staggered multi-adapter traffic, static vs continuous batching, beside vLLM
 (CPU) and llama.cpp's OpenAI-compatible server.
 
-    python bench/serve_throughput.py [--levels 1 8 32 64] [--references vllm llamacpp] [--threads 1]
+    python bench/serve_throughput.py [--levels 1 8 32 64] [--references vllm llamacpp] [--threads 1] [--out F]
 
 At each level N clients send requests one after another with exponential (Poisson) gaps (bench/serve_load.py),
 mixed over the base and three adapters, greedy, answer limits drawn from --max-tokens; every server gets the same
@@ -15,7 +15,7 @@ jobs. Reported per server and level: completion tokens/s, p50/p99 time to first 
               (the jobs' models all become `base`; llama.cpp's server takes one request at a time)
 Greedy answers are compared: continuous vs static (every job) and tunelab vs vLLM (per adapter).
 The adapters are synthetic unless --runs names real ones: random LoRA r8 on every linear layer, B scaled by
-0.1 (answers change, stay fluent). Writes bench/results/serve_throughput.json.
+0.1 (answers change, stay fluent). Writes bench/results/serve_throughput.json (figures and every answer).
 """
 
 from __future__ import annotations
@@ -133,7 +133,9 @@ def llamacpp_command(port: int, threads: int) -> list[str]:
 
     gguf = base_model_gguf(cache_root(ModelConfig()), resolve_model(ModelConfig()))
     return [str(venv_python("llamacpp")), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "base",
-            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", str(threads)]
+            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", str(threads),
+            # By default a new request interrupts the one decoding: the clients would get cut-off answers.
+            "--interrupt_requests", "false"]
 
 
 def same(a: list[str], b: list[str]) -> int:
@@ -150,6 +152,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="compute threads of every server")
     parser.add_argument("--references", nargs="*", default=["llamacpp", "vllm"], choices=["llamacpp", "vllm"])
     parser.add_argument("--engines", nargs="*", default=["static", "continuous"], choices=["static", "continuous"])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/serve_throughput.json")
     args = parser.parse_args()
 
     from tunelab.config import ModelConfig
@@ -190,11 +193,8 @@ def main() -> None:
         except (RuntimeError, subprocess.CalledProcessError) as err:
             results["servers"]["vllm"] = {"error": str(err)}
     compare(results, levels)
-    for server in results["servers"].values():
-        for figures in server.get("levels", {}).values():
-            figures.pop("answers", None)
-    out = ROOT / "bench/results/serve_throughput.json"
-    out.parent.mkdir(exist_ok=True)
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
 
