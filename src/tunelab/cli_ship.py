@@ -136,6 +136,9 @@ def serve(
         help="Folder admin-loaded adapters may come from, or models:/NAME (models:/ for any registered model); "
         "repeatable; default: ./runs, the given runs' folders and registered models.")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Requests decoded together in one batch.")] = 16,
+    batching: Annotated[str, typer.Option(
+        help="continuous (requests join and leave the batch at each decode step) or static (whole batches).",
+    )] = "continuous",
     max_queue: Annotated[int, typer.Option(min=1, help="Waiting requests before new ones get 429.")] = 64,
     request_timeout: Annotated[float, typer.Option(min=1, help="Seconds before a request is abandoned.")] = 120.0,
     max_tokens_limit: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 1024,
@@ -157,11 +160,14 @@ def serve(
 
     if engine not in ("hf", "vllm"):
         raise TunelabError(f"--engine {engine}: choose hf or vllm")
+    if batching not in ("continuous", "static"):
+        raise TunelabError(f"--batching {batching}: choose continuous or static")
     options = ServeOptions(
         adapters=adapters or [], base=base, host=host, port=port, api_key_env=api_key_env,
         admin_key_env=admin_key_env, allow_roots=[Path(r) for r in allow_root or [] if not r.startswith("models:")],
         allow_registry=[r[len("models:"):].strip("/") for r in allow_root or [] if r.startswith("models:")],
-        max_batch=max_batch, max_queue=max_queue, request_timeout=request_timeout, max_tokens_limit=max_tokens_limit,
+        max_batch=max_batch, batching=batching,
+        max_queue=max_queue, request_timeout=request_timeout, max_tokens_limit=max_tokens_limit,
         max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_stop=max_stop,
         max_stop_chars=max_stop_chars, max_adapters=max_adapters, device=device, dtype=dtype, tracking_uri=tracking_uri,
     )

@@ -18,8 +18,10 @@ API_KEY = "test-secret-key"
 ADMIN_KEY = "test-admin-key"
 
 
-def make_lora_run(root: Path, base_dir: Path, seed: int, *, dora: bool = False, system_prompt: str | None = None) -> Path:
-    """A run folder whose adapter has random non-zero weights (so each adapter answers differently)."""
+def make_lora_run(root: Path, base_dir: Path, seed: int, *, dora: bool = False, system_prompt: str | None = None,
+                  scale: float = 1.0) -> Path:
+    """A run folder whose adapter has random non-zero weights (so each adapter answers differently); `scale`
+    shrinks the LoRA B matrices (a real model stays fluent under a small random update)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -39,6 +41,11 @@ def make_lora_run(root: Path, base_dir: Path, seed: int, *, dora: bool = False, 
     torch.manual_seed(seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(
         r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, use_dora=dora, task_type="CAUSAL_LM"))
+    if scale != 1.0:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.mul_(scale)
     model.save_pretrained(root / "adapter")
     tokenizer = load_tokenizer(base_dir)
     tokenizer.save_pretrained(root / "adapter")

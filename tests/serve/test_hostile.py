@@ -260,8 +260,8 @@ def _rss_kib(pid: int) -> int:
 
 
 def test_soak_with_hostile_requests_interleaved(server: str) -> None:
-    """400 requests from 32 clients, every tenth hostile: no well-formed request fails, each answers as it does
-    alone, and the server's memory does not grow between the first and the last quarter."""
+    """400 requests from 32 clients, every tenth hostile: no well-formed request fails, each answers exactly as it
+    does alone, and the server's memory does not grow between the first and the last quarter."""
     c = client(server)
     alone = {job: chat(c, *job) for job in INNOCENT}
     hostile = [
@@ -294,8 +294,7 @@ def test_soak_with_hostile_requests_interleaved(server: str) -> None:
             differing += [(job, answer, alone[job]) for job, answer in innocent if answer != alone[job]]
             rss.append(_rss_kib(server.pid))
     print(f"soak RSS after each quarter (MiB): {[round(r / 1024) for r in rss]}; differing from alone: {differing}")
-    # float32 matmuls on CPU are not batch-invariant: a row decoded beside others can take the other branch of a
-    # near tie of the random test model (seen once in ~360 answers). A request served another's adapter, a poisoned
-    # batch or a forged turn would change most answers, not one in a hundred.
-    assert answered >= 350 and len(differing) <= answered // 100, differing
+    # Continuous batching computes each row as it is computed alone (rows.py): not one answer may differ. (Static
+    # batching's padding is not batch-invariant: there a near tie of the random test model flipped ~1 in 360.)
+    assert answered >= 350 and not differing, differing
     assert rss[-1] <= rss[0] * 1.05

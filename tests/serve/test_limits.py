@@ -75,6 +75,8 @@ def test_dora_and_wrong_base_adapters_are_refused(tmp_path: Path, tiny_model_dir
     assert result.returncode == 2 and "two adapters are named 'x'" in result.stderr
     result = run_cli("serve", str(tmp_path / "missing"), "--engine", "vllm")
     assert result.returncode == 2 and result.stderr.startswith("error: ")
+    result = run_cli("serve", str(lora_runs["alpha"]), "--batching", "sometimes")
+    assert result.returncode == 2 and result.stderr.strip() == "error: --batching sometimes: choose continuous or static"
 
 
 def test_vllm_command_names_every_adapter(lora_runs: dict[str, Path], tiny_model_dir: Path) -> None:

@@ -51,6 +51,7 @@ class Sampling(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)  # what torch.Generator.manual_seed takes
     stream: bool = False
+    user: str | None = Field(None, max_length=256, description="End-user id: batch slots are shared fairly by it.")
 
 
 class ChatBody(Sampling):
@@ -232,6 +233,8 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
             temperature=0.0 if body.temperature < TEMPERATURE_FLOOR else body.temperature,
             top_p=body.top_p, stop=stops, seed=body.seed, deadline=deadline,
             stop_ids=frozenset(stop_token_ids(tokenizer)), tokenizer=tokenizer,
+            # Fair admission is per end user when the caller names one (OpenAI's `user`), else per peer address.
+            client=f"user:{body.user}" if body.user else f"peer:{request.client.host if request.client else ''}",
             emit=lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload)),
         )
         engine.submit(job)  # raises 404 / 400 / 429 / 503 before anything is streamed

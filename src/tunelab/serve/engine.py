@@ -1,9 +1,11 @@
 """The generation engine: one base model in memory, LoRA adapters chosen per row, requests batched together.
 
-One worker thread owns the model. Requests wait in a bounded queue; the worker takes up to `max_batch` of
-them, whatever adapters they name, and decodes them as one batch: PEFT's mixed-adapter forward applies each
-row's own adapter (`adapter_names`), so no request ever runs under another's adapter and nothing is switched
-globally. Loading and unloading adapters takes the same lock as a batch, so it happens between batches.
+One worker thread owns the model. Requests wait in a bounded room (waiting.py); the worker decodes up to
+`max_batch` of them together, whatever adapters they name: PEFT's mixed-adapter forward applies each row's own
+adapter (`adapter_names`), so no request ever runs under another's adapter and nothing is switched globally.
+How rows join and leave the batch is the batching mode: continuous (continuous.py, rescheduled at every decode
+step) or static (static_batch.py, one batch decoded to its end). Loading and unloading adapters takes the same
+lock as a decode step, so it happens between steps.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tunelab.serve.adapters import BASE_NAME, AdapterSpec, ServeError
 from tunelab.serve.metrics import Metrics
 
 _ids = itertools.count(1)
+BATCHING = ("continuous", "static")
 
 
 @dataclass
@@ -39,6 +42,7 @@ class GenRequest:
     seed: int | None = None
     deadline: float = float("inf")
     cancelled: threading.Event = field(default_factory=threading.Event)
+    client: str = ""  # who sent it (fair admission across clients)
     id: int = field(default_factory=lambda: next(_ids))
     # Filled in while decoding.
     tokens: list[int] = field(default_factory=list)
@@ -48,7 +52,13 @@ class GenRequest:
 
 class Engine:
     def __init__(self, base: Any, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 64,
-                 batch_window: float = 0.02, metrics: Metrics | None = None, max_adapters: int = 16) -> None:
+                 batch_window: float = 0.02, metrics: Metrics | None = None, max_adapters: int = 16,
+                 batching: str = "continuous") -> None:
+        from tunelab.serve.rows import linear_shapes, row_quantum, use_row_attention
+        from tunelab.serve.waiting import WaitingRoom
+
+        if batching not in BATCHING:
+            raise ServeError(f"--batching {batching}: choose {' or '.join(BATCHING)}")
         self.base = base.eval()
         self.peft: Any = None  # a PeftModel around `base` once the first adapter is loaded
         self.tokenizer = tokenizer
@@ -57,11 +67,19 @@ class Engine:
         self.max_adapters = max_adapters
         self.batch_window = batch_window
         self.metrics = metrics or Metrics()
-        self.pending: queue.Queue[GenRequest] = queue.Queue(maxsize=max_queue)
+        self.batching = batching
+        self.pending = WaitingRoom(max_queue)
         self.lock = threading.Lock()
         self.device = next(base.parameters()).device
         self.stop_ids = _stop_ids(tokenizer, base)
         self.max_positions = int(getattr(base.config, "max_position_embeddings", 2048))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.quantum: int = 1  # continuous batching pads each adapter's rows to a multiple of this
+        self.exact = batching == "continuous"  # whether greedy answers equal the answers decoded alone
+        if batching == "continuous":
+            use_row_attention(base)
+            self._shapes = linear_shapes(base)
+            self._set_quantum(row_quantum(self._shapes, max_batch, next(base.parameters()).dtype, self.device))
         self._worker = threading.Thread(target=self._loop, name="tunelab-engine", daemon=True)
         self._running = True
         self._worker.start()
@@ -93,6 +111,22 @@ class Engine:
                 self.peft.eval()
             self.adapters[spec.name] = spec
             self.metrics.set_gauge("tunelab_adapters_loaded", len(self.adapters))
+            if self.batching == "continuous":
+                self._probe_new_shapes()
+
+    def _probe_new_shapes(self) -> None:
+        """An adapter brings LoRA matmuls of new shapes: find the padding that keeps them row-invariant too."""
+        from tunelab.serve.rows import linear_shapes, row_quantum
+
+        shapes = linear_shapes(self.peft)
+        if shapes <= self._shapes:
+            return
+        self._shapes = shapes
+        self._set_quantum(row_quantum(shapes, self.max_batch, next(self.base.parameters()).dtype, self.device))
+
+    def _set_quantum(self, quantum: int | None) -> None:
+        self.exact = quantum is not None
+        self.quantum = quantum or 1
 
     def unload_adapter(self, name: str) -> None:
         with self.lock:
@@ -129,49 +163,16 @@ class Engine:
 
     def shutdown(self) -> None:
         self._running = False
-        self.pending.put(GenRequest(model=BASE_NAME, prompt_ids=[], max_tokens=0, emit=lambda *_: None))
+        self.pending.wake()
 
     def _loop(self) -> None:
-        while self._running:
-            batch = [self.pending.get()]
-            if not self._running:
-                return
-            # A short gathering window: requests sent together (a playground comparison, a client's parallel
-            # calls) land in one batch instead of the second waiting for the whole first answer.
-            gather_until = time.monotonic() + self.batch_window
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self.pending.get(timeout=max(0.0, gather_until - time.monotonic())))
-                except queue.Empty:
-                    break
-            self.metrics.set_gauge("tunelab_queue_depth", self.pending.qsize())
-            with self.lock:
-                try:
-                    live = [r for r in batch if self._admit(r)]
-                    if live:
-                        self._decode_isolated(live)
-                except Exception as err:  # noqa: BLE001 - the worker must outlive anything a batch does
-                    for r in batch:
-                        _fail(r, err)
+        from tunelab.serve.continuous import ContinuousBatcher
+        from tunelab.serve.static_batch import static_loop
 
-    def _decode_isolated(self, batch: list[GenRequest]) -> None:
-        """Decode `batch`; if the batch as a whole fails (a row the forward pass cannot take), decode each
-        unfinished row alone, so that only the row at fault fails. Greedy and seeded decoding repeat exactly,
-        and a row re-decoded from the start only emits text beyond what it already sent."""
-        try:
-            self._decode(batch)
-            return
-        except Exception as err:  # noqa: BLE001 - one bad row must not fail the others, nor kill the worker
-            unfinished = [r for r in batch if r.finish_reason is None]
-            if len(batch) == 1:
-                _fail(batch[0], err)
-                return
-        for r in unfinished:
-            r.tokens = []
-            try:
-                self._decode([r])
-            except Exception as err:  # noqa: BLE001
-                _fail(r, err)
+        if self.batching == "continuous":
+            ContinuousBatcher(self).run()
+        else:
+            static_loop(self)
 
     def _admit(self, r: GenRequest) -> bool:
         """Whether a dequeued request still wants an answer (the adapter may have been unloaded meanwhile)."""
@@ -186,44 +187,7 @@ class Engine:
             return False
         return True
 
-    # -- decoding -------------------------------------------------------------------------------------
-    def _decode(self, batch: list[GenRequest]) -> None:
-        import torch
-        from transformers import DynamicCache
-
-        started = time.monotonic()
-        self.metrics.observe("tunelab_batch_size", len(batch))
-        pad = self.tokenizer.pad_token_id
-        width = max(len(r.prompt_ids) for r in batch)
-        # Left padding: every row's next token lands in the same (last) column.
-        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch],
-                            device=self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        model = self.peft if self.peft is not None else self.base
-        extra = {"adapter_names": [r.model if r.model != BASE_NAME else "__base__" for r in batch]} if self.peft else {}
-        generators = [self._guarded(r, _generator, r) for r in batch]
-        cache = DynamicCache()
-        with torch.inference_mode():
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True, logits_to_keep=1, **extra)
-            for _ in range(max(r.max_tokens for r in batch)):
-                logits = out.logits[:, -1, :].float()
-                chosen = [self._guarded(r, self._choose, logits[i], r, generators[i]) for i, r in enumerate(batch)]
-                chosen = [self.tokenizer.pad_token_id if t is None else t for t in chosen]
-                for r, token in zip(batch, chosen):
-                    if r.finish_reason is None:
-                        self._guarded(r, self._advance, r, token)
-                if all(r.finish_reason is not None for r in batch):
-                    break
-                step = torch.tensor([[t] for t in chosen], device=self.device)
-                mask = torch.cat([mask, mask.new_ones((len(batch), 1))], dim=1)
-                positions = positions[:, -1:] + 1
-                out = model(input_ids=step, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                            use_cache=True, **extra)
-        elapsed = time.monotonic() - started
-        self.metrics.observe("tunelab_batch_seconds", elapsed)
-
+    # -- per-row steps shared by both batching modes -----------------------------------------------------
     def _guarded(self, r: GenRequest, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) for one row; if it fails, that row alone fails (None) and the batch goes on."""
         if r.finish_reason is not None:

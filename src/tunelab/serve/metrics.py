@@ -8,14 +8,16 @@ from collections import defaultdict
 HELP = {
     "tunelab_requests_total": ("counter", "Completed HTTP requests by endpoint, model and status code."),
     "tunelab_rejected_total": ("counter", "Requests refused before generation (queue full, timeout)."),
+    "tunelab_joined_running_total": ("counter", "Requests admitted into a batch that was already decoding."),
     "tunelab_cancelled_total": ("counter", "Requests abandoned by their client before the answer was complete."),
     "tunelab_generated_tokens_total": ("counter", "Tokens generated, by model."),
     "tunelab_prompt_tokens_total": ("counter", "Prompt tokens processed, by model."),
     "tunelab_queue_depth": ("gauge", "Requests waiting for the engine."),
     "tunelab_adapters_loaded": ("gauge", "LoRA adapters in memory."),
+    "tunelab_running_rows": ("gauge", "Requests in the running batch (continuous batching)."),
     "tunelab_request_seconds": ("histogram", "Time from request to last token."),
-    "tunelab_batch_size": ("histogram", "Requests decoded together in one batch."),
-    "tunelab_batch_seconds": ("histogram", "Wall time of one batch."),
+    "tunelab_batch_size": ("histogram", "Requests decoded together (per step if continuous, per batch if static)."),
+    "tunelab_batch_seconds": ("histogram", "Wall time of one decode step (continuous) or one whole batch (static)."),
 }
 BUCKETS = {
     "tunelab_request_seconds": (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),

@@ -37,6 +37,7 @@ class ServeOptions:
     allow_roots: list[Path] = field(default_factory=list)
     allow_registry: list[str] = field(default_factory=list)  # registered model names admin may load ("*": any)
     max_batch: int = 16
+    batching: str = "continuous"  # continuous: rows join and leave at every decode step; static: whole batches
     max_queue: int = 64
     request_timeout: float = 120.0
     default_max_tokens: int = 256
@@ -145,7 +146,8 @@ def build_server(options: ServeOptions) -> tuple[Any, Any]:
     elif not base_tokenizer.chat_template:
         setup_chat_template(base_tokenizer, None, add_tokens=False)  # the untrained base has no rows for new ones
     engine = Engine(load_model(base_folder, Precision(device, None, dtype)), base_tokenizer,
-                    max_batch=options.max_batch, max_queue=options.max_queue, max_adapters=options.max_adapters)
+                    max_batch=options.max_batch, max_queue=options.max_queue, max_adapters=options.max_adapters,
+                    batching=options.batching)
     tokenizers: dict[str, Any] = {"base": base_tokenizer, **adapter_tokenizers}
     for spec in specs:
         engine.load_adapter(spec)
@@ -170,10 +172,21 @@ def serve(options: ServeOptions) -> None:
     url = f"http://{options.host}:{options.port}"
     console.print(f"serving {', '.join(engine.model_names())} at {url}/v1 (playground: {url}/)"
                   + ("" if os.environ.get(options.api_key_env) else "; no API key (loopback only)"))
+    console.print(batching_note(engine))
     try:
         uvicorn.run(app, host=options.host, port=options.port, log_level="warning", timeout_graceful_shutdown=5)
     finally:
         engine.shutdown()
+
+
+def batching_note(engine: Any) -> str:
+    if engine.batching == "static":
+        return "static batching: a request waits for the batch before it to finish"
+    if engine.exact:
+        return (f"continuous batching, up to {engine.max_batch} rows; rows padded to multiples of {engine.quantum} "
+                "(this machine's matmuls are row-invariant there): greedy answers equal the answers decoded alone")
+    return (f"continuous batching, up to {engine.max_batch} rows; warning: no padding makes this machine's matmuls "
+            "row-invariant, so a greedy answer can differ by float rounding from the same request decoded alone")
 
 
 def vllm_command(options: ServeOptions) -> tuple[list[str], list[str]]:

@@ -1,0 +1,72 @@
+"""Requests waiting for a batch slot: bounded (beyond `maxsize`, 429) and grouped by client.
+
+Admission is max-min fair across clients: a free slot goes to the waiting client that holds the fewest slots,
+oldest request first among equals. One client alone may fill the batch (no slot idles), but as soon as another
+client waits, every slot that frees goes to whoever holds fewer, so no client keeps more than its share once the
+rows it already runs finish (running rows are never preempted). A client is the request's `user` field (OpenAI's
+end-user id) or else its peer address.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import Counter, deque
+from typing import Any
+
+
+class WaitingRoom:
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._by_client: dict[str, deque[Any]] = {}
+        self._count = 0
+        self._changed = threading.Condition()
+
+    def qsize(self) -> int:
+        return self._count
+
+    def put_nowait(self, request: Any) -> None:
+        """Queue `request` (it has `.client` and an increasing `.id`); queue.Full when the room is full."""
+        with self._changed:
+            if self._count >= self.maxsize:
+                raise queue.Full
+            self._by_client.setdefault(request.client, deque()).append(request)
+            self._count += 1
+            self._changed.notify_all()
+
+    def wake(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until something waits (True) or `timeout` passes (False)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._count > 0, timeout)
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The oldest request of the client holding nothing yet this round (static batching: plain FIFO order
+        across clients); queue.Empty after `timeout`."""
+        taken = self.take(1, Counter(), timeout)
+        if not taken:
+            raise queue.Empty
+        return taken[0]
+
+    def take(self, slots: int, holding: Counter[str], timeout: float | None = 0.0) -> list[Any]:
+        """Up to `slots` requests, each to the waiting client with the fewest slots in `holding` (updated)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while self._count == 0:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return []
+                self._changed.wait(left)
+            taken = []
+            while slots > len(taken) and self._count:
+                client = min(self._by_client, key=lambda c: (holding[c], self._by_client[c][0].id))
+                taken.append(self._by_client[client].popleft())
+                if not self._by_client[client]:
+                    del self._by_client[client]
+                holding[client] += 1
+                self._count -= 1
+            return taken
