@@ -41,3 +41,20 @@ def test_unreadable_rules_fail_at_config_time():
     with pytest.raises(ConfigError) as info:
         validate_config({"data": {"train": "a.jsonl"}, "eval": {"gate": ["tuned is better than base"]}})
     assert "eval.gate: cannot read rule 'tuned is better than base'" in info.value.problems[0]
+
+
+def test_harness_rules_read_a_benchmark_task_base_tuned_and_drop():
+    metrics = {**METRICS, "harness": {"tasks": {
+        "mmlu": {"metric": "acc,none", "base": 0.30, "tuned": 0.27, "drop": 0.03},
+        "longproc_countdown_0.5k": {"metric": "acc,none", "base": 0.5, "tuned": 0.5, "drop": 0.0}}}}
+    results = evaluate_gate(["harness.mmlu.drop <= 0.02", "harness.mmlu.tuned >= harness.mmlu.base - 0.05",
+                             "harness.longproc_countdown_0.5k.drop <= 0", "tuned.exact_match >= 0.5"], metrics)
+    assert [r.passed for r in results] == [False, True, True, True]
+    assert (results[0].left, results[1].right) == (0.03, pytest.approx(0.25))
+    with pytest.raises(ConfigError, match=r"'harness.hellaswag.drop' is not measured \(measured: mmlu, longproc"):
+        evaluate_gate(["harness.hellaswag.drop <= 0.02"], metrics)
+    with pytest.raises(ConfigError, match="eval.harness is off"):
+        evaluate_gate(["harness.mmlu.drop <= 0.02"], METRICS)
+    with pytest.raises(ConfigError, match="a harness task has base, tuned and drop"):
+        evaluate_gate(["harness.mmlu.metric <= 0.02"], metrics)
+    assert validate_config({"data": {"train": "a.jsonl"}, "eval": {"gate": ["harness.mmlu.drop <= 0.02"]}})
