@@ -56,6 +56,17 @@ def test_key_in_the_wrong_section_points_to_the_right_one(tmp_path):
     assert problems(path) == [f"{path}:3: unknown key 'learning_rate'; did you mean 'train.learning_rate'?"]
 
 
+def test_keys_of_an_optional_section_are_named_in_full(tmp_path):
+    path = write(tmp_path, "data:\n  train: a.jsonl\neval:\n  harness:\n    tasks: [mmlu]\n    limt: 5\n"
+                           "  judge:\n    base_url: http://x\n    model: m\n    rubrik: x\n")
+    assert problems(path) == [f"{path}:6: unknown key 'eval.harness.limt'; did you mean 'eval.harness.limit'?",
+                              f"{path}:10: unknown key 'eval.judge.rubrik'; did you mean 'eval.judge.rubric'?"]
+    assert problems(path, ["eval.harness={tasks: [mmlu], limit: many}", "eval.judge=null"])[0].endswith(
+        "'eval.harness.limit' expects an integer or a number (or null), got 'many'")
+    assert validate_config({"data": {"train": "a.jsonl"}, "eval": {"harness": ["mmlu", "hellaswag"]}}).eval.harness.tasks \
+        == ["mmlu", "hellaswag"]
+
+
 def test_wrong_type_names_key_and_expected_type(tmp_path):
     path = write(tmp_path, "data:\n  train: a.jsonl\ntrain:\n  batch_size: lots\n  lr_scheduler: wavy\n")
     assert problems(path) == [

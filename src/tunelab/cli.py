@@ -301,6 +301,10 @@ def _print_summary(root: Path, train_result: Any, metrics: dict[str, Any] | None
         if "drop" in forgetting:
             table.add_row("forgetting probes base -> tuned",
                           f"{forgetting['base']['overall']:.0%} -> {forgetting['tuned']['overall']:.0%}")
+        for task, scores in ((metrics.get("harness") or {}).get("tasks") or {}).items():
+            if "drop" in scores:
+                table.add_row(f"{task} {scores['metric'].removesuffix(',none')} base -> tuned (n={scores['n']})",
+                              f"{scores['base']:.4f} -> {scores['tuned']:.4f}")
         for rule in metrics.get("gate", []):
             verdict = "[green]PASS[/]" if rule["passed"] else "[red]FAIL[/]"
             table.add_row(f"gate: {rule['rule']}", f"{verdict} ({rule['left']:.3f} vs {rule['right']:.3f})")

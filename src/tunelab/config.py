@@ -23,6 +23,7 @@ from tunelab.config_data import (
     SourceConfig,
     as_sources,
 )
+from tunelab.config_harness import HarnessConfig, as_harness
 from tunelab.config_section import Section
 
 __all__ = ["CleanConfig", "ClusterConfig", "ContaminationConfig", "DataConfig", "DedupConfig", "Format", "K8sConfig",
@@ -253,6 +254,15 @@ class EvalConfig(Section):
         "[]: no gate, on purpose.",
     )
     judge: JudgeConfig | None = Field(None, description="Optional LLM-as-judge scoring (1-5) of each system.")
+    harness: HarnessConfig | None = Field(
+        None, description="Standard benchmarks (lm-evaluation-harness tasks such as mmlu) scored on base and tuned "
+        "as a forgetting measure; a list of task names is short for {tasks: [...]}."
+    )
+
+    @field_validator("harness", mode="before")
+    @classmethod
+    def _harness_shorthand(cls, value: object) -> object:
+        return as_harness(value)
 
     @field_validator("gate")
     @classmethod

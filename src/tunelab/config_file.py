@@ -274,8 +274,9 @@ def _walk(loc: tuple[Any, ...]) -> tuple[tuple[str, ...], type[BaseModel], Any]:
                     and issubclass(items[0], BaseModel):
                 annotation = items[0]  # an item of a list of sections, e.g. data.train[0]: its keys follow
             continue
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            owner, annotation = annotation, None
+        section = _optional_section(annotation)
+        if section is not None:
+            owner, annotation = section, None
         if annotation is not None:  # a union tag like 'list[str]' inside a known field
             continue
         path.append(part)
@@ -284,6 +285,18 @@ def _walk(loc: tuple[Any, ...]) -> tuple[tuple[str, ...], type[BaseModel], Any]:
             return tuple(path), owner, None
         annotation = field.annotation
     return tuple(path), owner, annotation
+
+
+def _optional_section(annotation: Any) -> type[BaseModel] | None:
+    """The section a field holds: `JudgeConfig` for `JudgeConfig` and for `JudgeConfig | None` (whose keys
+    pydantic reports without a union tag), None for anything else."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        if len(members) == 1 and isinstance(members[0], type) and issubclass(members[0], BaseModel):
+            return members[0]
+    return None
 
 
 def _did_you_mean(key_path: tuple[str, ...], owner: type[BaseModel]) -> str:

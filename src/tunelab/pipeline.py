@@ -79,6 +79,12 @@ def preflight(cfg: RunConfig) -> list[str]:
     if _is_trained(run) and not cfg.output.overwrite:
         raise _already_trained(run)
     counts = dataset.counts()
+    harness = []
+    if cfg.eval.harness is not None:
+        from tunelab.eval.harness import check_harness
+
+        check_harness(cfg)
+        harness = [f"benchmarks (eval.harness): {', '.join(cfg.eval.harness.tasks)} found, their documents loaded"]
     return [
         f"data: {counts['train']} train / {counts['val']} val / {counts['test']} test examples, all rows valid",
         *_replay_line(prepared.report.get("replay") or {}),
@@ -88,6 +94,7 @@ def preflight(cfg: RunConfig) -> list[str]:
         f"training: {_training_place(cfg)}",
         _gate_line(cfg),
         f"output: {run.root}",
+        *harness,
     ]
 
 
@@ -218,6 +225,7 @@ def stage_eval(cfg: RunConfig, run: RunPaths) -> Any:
     suites = result.metrics["suites"]
     update_run_manifest(run, eval={name: suite["systems"] for name, suite in suites.items()},
                         forgetting=_forgetting_summary(result.metrics.get("forgetting")),
+                        harness=_harness_summary(result.metrics.get("harness")),
                         gate=result.metrics.get("gate", []), gate_passed=result.gate_passed)
     tracker = tracker_for(cfg, run)
     if tracker is not None:
@@ -232,6 +240,12 @@ def _forgetting_summary(forgetting: dict[str, Any] | None) -> dict[str, Any] | N
     return {k: v for k, v in forgetting.items() if k != "outputs"}
 
 
+def _harness_summary(harness: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not harness:
+        return None
+    return {task: {k: v for k, v in scores.items() if k != "numbers"} for task, scores in harness["tasks"].items()}
+
+
 @dataclass
 class RunSummary:
     run: RunPaths
@@ -241,6 +255,10 @@ class RunSummary:
 
 def run_all(cfg: RunConfig) -> RunSummary:
     """prepare -> train -> eval in one go."""
+    if cfg.eval.harness is not None:  # a benchmark that cannot run should not wait for training to say so
+        from tunelab.eval.harness import check_harness
+
+        check_harness(cfg)
     run = open_run(cfg, starting_training=True)
     with removed_if_orphaned(run):
         train_result = stage_train(cfg, run)

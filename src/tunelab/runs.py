@@ -44,6 +44,8 @@ def _numbers(run_dir: Path) -> dict[str, Any]:
             numbers.update({f"{suite}.{system}.{k}": v for k, v in values.items()})
     forgetting = manifest.get("forgetting") or {}
     numbers.update({f"forgetting.{k}": v for k, v in forgetting.items() if isinstance(v, (int, float))})
+    for task, scores in (manifest.get("harness") or {}).items():
+        numbers.update({f"harness.{task}.{k}": scores[k] for k in ("base", "tuned", "drop") if k in scores})
     return {k: float(v) for k, v in numbers.items() if not isinstance(v, bool)}
 
 

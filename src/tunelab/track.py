@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,9 @@ class Tracker:
                 flat.update({f"eval.{suite}.{system}.{k}": float(v) for k, v in values.items() if v == v})
         forgetting = metrics.get("forgetting") or {}
         flat.update({f"forgetting.{k}": float(v) for k, v in forgetting.items() if isinstance(v, (int, float))})
+        for task, scores in ((metrics.get("harness") or {}).get("tasks") or {}).items():
+            name = re.sub(r"[^\w\-. :/]", "_", task)  # MLflow refuses other characters in metric names
+            flat.update({f"harness.{name}.{k}": float(scores[k]) for k in ("base", "tuned", "drop") if k in scores})
         self._call("metrics", step=0, metrics=flat)
         passed = all(g["passed"] for g in metrics.get("gate", []))
         self._call("tags", tags={"tunelab.gate_passed": str(passed).lower(),

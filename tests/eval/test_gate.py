@@ -70,3 +70,18 @@ def test_an_empty_gate_switches_it_off_on_purpose_and_a_stated_gate_replaces_it(
     own = validate_config({"data": {"train": "a.jsonl"}, "eval": {"gate": ["tuned.rouge_l >= 0.5"]}})
     assert gate_rules(own.eval) == (["tuned.rouge_l >= 0.5"], "config")
     assert validate_config({"data": {"train": "a.jsonl"}}).eval.gate is None
+def test_harness_rules_read_a_benchmark_task_base_tuned_and_drop():
+    metrics = {**METRICS, "harness": {"tasks": {
+        "mmlu": {"metric": "acc,none", "base": 0.30, "tuned": 0.27, "drop": 0.03},
+        "longproc_countdown_0.5k": {"metric": "acc,none", "base": 0.5, "tuned": 0.5, "drop": 0.0}}}}
+    results = evaluate_gate(["harness.mmlu.drop <= 0.02", "harness.mmlu.tuned >= harness.mmlu.base - 0.05",
+                             "harness.longproc_countdown_0.5k.drop <= 0", "tuned.exact_match >= 0.5"], metrics)
+    assert [r.passed for r in results] == [False, True, True, True]
+    assert (results[0].left, results[1].right) == (0.03, pytest.approx(0.25))
+    with pytest.raises(ConfigError, match=r"'harness.hellaswag.drop' is not measured \(measured: mmlu, longproc"):
+        evaluate_gate(["harness.hellaswag.drop <= 0.02"], metrics)
+    with pytest.raises(ConfigError, match="eval.harness is off"):
+        evaluate_gate(["harness.mmlu.drop <= 0.02"], METRICS)
+    with pytest.raises(ConfigError, match="a harness task has base, tuned and drop"):
+        evaluate_gate(["harness.mmlu.metric <= 0.02"], metrics)
+    assert validate_config({"data": {"train": "a.jsonl"}, "eval": {"gate": ["harness.mmlu.drop <= 0.02"]}})

@@ -6,6 +6,8 @@ A rule compares a metric with a number or with another metric plus an offset:
     forgetting.drop <= 0.02
 `SYSTEM.METRIC` refers to the first suite; `SUITE/SYSTEM.METRIC` to a named one. `forgetting.drop` is the
 base pass rate on the forgetting probes minus the tuned one (and `forgetting.<category>_drop` per category).
+`harness.TASK.base`, `harness.TASK.tuned` and `harness.TASK.drop` are a standard benchmark's scores
+(eval.harness); its drop has the same sign: positive when tuning lost ground.
 
 Without `eval.gate` in the config the default gate applies (`default_rules`): the tuned model beats the base on the
 first suite's first metric, is not worse than few-shot, and loses at most 5 points on the forgetting probes.
@@ -24,7 +26,8 @@ from tunelab.errors import ConfigError
 if TYPE_CHECKING:
     from tunelab.config import EvalConfig
 
-_REF = r"[A-Za-z_][\w-]*(?:/[A-Za-z_][\w-]*)?\.[A-Za-z_]\w*"
+# harness.TASK.NUMBER comes first: lm-eval task names may hold dots and parentheses (longproc_countdown_0.5k).
+_REF = r"(?:harness\.[\w().-]+\.[A-Za-z_]\w*|[A-Za-z_][\w-]*(?:/[A-Za-z_][\w-]*)?\.[A-Za-z_]\w*)"
 _RULE = re.compile(rf"^\s*({_REF})\s*(>=|<=|>|<|==)\s*(?:({_REF})|(-?\d+(?:\.\d+)?))\s*(?:([+-])\s*(\d+(?:\.\d+)?))?\s*$")
 _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
 
@@ -75,7 +78,7 @@ def gate_rules(eval_cfg: EvalConfig) -> tuple[list[str], str]:
 def check_syntax(rule: str) -> None:
     if not _RULE.match(rule):
         raise ConfigError(f"eval.gate: cannot read rule {rule!r}; write e.g. 'tuned.exact_match >= base.exact_match "
-                          "+ 0.2' or 'forgetting.drop <= 0.02'")
+                          "+ 0.2', 'forgetting.drop <= 0.02' or 'harness.mmlu.drop <= 0.02'")
 
 
 def _lookup(ref: str, metrics: dict[str, Any]) -> float:
@@ -85,6 +88,8 @@ def _lookup(ref: str, metrics: dict[str, Any]) -> float:
         if metric not in table:
             raise ConfigError(f"eval.gate: '{ref}' is not measured (forgetting probes off, or no such number)")
         return float(table[metric])
+    if head.startswith("harness.") or head == "harness":
+        return _harness_lookup(ref, head.partition(".")[2], metric, metrics.get("harness"))
     suites = metrics["suites"]
     suite, _, system = head.rpartition("/")
     suite = suite or next(iter(suites))
@@ -93,6 +98,17 @@ def _lookup(ref: str, metrics: dict[str, Any]) -> float:
     except KeyError:
         raise ConfigError(f"eval.gate: '{ref}' was not measured (suites: {', '.join(suites)}; systems: "
                           f"{', '.join(suites[next(iter(suites))]['systems'])})") from None
+
+
+def _harness_lookup(ref: str, task: str, number: str, harness: dict[str, Any] | None) -> float:
+    tasks = (harness or {}).get("tasks", {})
+    if task not in tasks:
+        measured = f"measured: {', '.join(tasks)}" if tasks else "eval.harness is off"
+        raise ConfigError(f"eval.gate: '{ref}' is not measured ({measured}); write harness.TASK.drop, .base or .tuned")
+    value = tasks[task].get(number)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(f"eval.gate: '{ref}' is not measured; a harness task has base, tuned and drop")
+    return float(value)
 
 
 def evaluate_gate(rules: list[str], metrics: dict[str, Any]) -> list[RuleResult]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from tunelab.eval.charts import bar_chart, color_for, line_chart
 from tunelab.eval.probes import CATEGORIES
-from tunelab.eval.report import PERCENT_METRICS, order_rows, row_passed
+from tunelab.eval.report import PERCENT_METRICS, harness_note, order_rows, row_passed, score_with_stderr
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1180px;color:#222}
@@ -69,6 +69,7 @@ def render_html(metrics: dict[str, Any], rows: list[dict[str, Any]], history: li
         body.append("</div>")
     body += _curves(history)
     body += _forgetting(metrics.get("forgetting"))
+    body += _harness(metrics.get("harness"))
     if metrics.get("judge"):
         body.append("<h2>LLM judge (1-5)</h2><table><tr><th>system</th><th>mean score</th><th>judged</th></tr>")
         for system, j in metrics["judge"].items():
@@ -124,6 +125,27 @@ def _forgetting(forgetting: dict[str, Any] | None) -> list[str]:
                    + f'<td class="num {cls}">{"" if drop is None else f"{drop:+.0%}"}</td></tr>')
     out.append("</table>")
     out.append(f"<div class='charts'>{bar_chart('pass rate per category', groups, systems, width=620, y_max=1.0)}</div>")
+    return out
+
+
+def _harness(harness: dict[str, Any] | None) -> list[str]:
+    scored = {t: s for t, s in (harness or {}).get("tasks", {}).items() if "drop" in s}
+    if not scored:
+        return []
+    out = ["<h2>Standard benchmarks (lm-evaluation-harness)</h2>",
+           "<table><tr><th>task</th><th>metric</th><th>base</th><th>tuned</th><th>drop</th><th>documents</th></tr>"]
+    for task, s in scored.items():
+        cls = "fail" if s["drop"] > 0 else "pass"
+        out.append(f"<tr><td>{escape(task)}</td><td>{escape(s['metric'])}</td>"
+                   + "".join(f'<td class="num">{score_with_stderr(s, system)}</td>' for system in ("base", "tuned"))
+                   + f'<td class="num {cls}">{s["drop"]:+.4f}</td><td class="num">{s["n"]}</td></tr>')
+    out.append(f"</table><p class='muted'>{escape(harness_note(harness))}</p>")
+    # Bars on a 0-1 scale where every number is a rate (accuracies, exact match); a free scale otherwise.
+    rates = all(0.0 <= s[k] <= 1.0 for s in scored.values() for k in ("base", "tuned"))
+    groups = {task: {"base": s["base"], "tuned": s["tuned"]} for task, s in scored.items()}
+    chart = bar_chart("benchmark scores", groups, ["base", "tuned"], width=max(300, 140 * len(groups)),
+                      y_max=1.0 if rates else None, percent=rates)
+    out.append(f"<div class='charts'>{chart}</div>")
     return out
 
 

@@ -43,6 +43,33 @@ def _cell(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def harness_markdown(harness: dict[str, Any] | None) -> list[str]:
+    """The standard-benchmark table: each task's number on base and tuned, and the drop between them."""
+    if not harness:
+        return []
+    lines = ["## Standard benchmarks (lm-evaluation-harness)", "", "| task | metric | base | tuned | drop | documents |",
+             "|---|---|---:|---:|---:|---:|"]
+    for task, s in harness["tasks"].items():
+        if "drop" in s:
+            lines.append(f"| {task} | {s['metric']} | {score_with_stderr(s, 'base')} | {score_with_stderr(s, 'tuned')} | "
+                         f"{s['drop']:+.4f} | {s['n']} |")
+    return [*lines, "", harness_note(harness), ""]
+
+
+def harness_note(harness: dict[str, Any]) -> str:
+    """How the benchmark numbers were measured, in one sentence under their table."""
+    limit = f", the first {harness['limit']} documents per task" if harness.get("limit") else ", every document"
+    shots = harness.get("num_fewshot")
+    template = ", chat template applied" if harness.get("apply_chat_template") else ", plain-text prompts"
+    return (f"lm-eval {harness.get('lm_eval_version', '')}{limit}{template}, few-shot examples: "
+            f"{'as each task sets' if shots is None else shots}; ± is the standard error; drop > 0: tuned lost ground.")
+
+
+def score_with_stderr(scores: dict[str, Any], system: str) -> str:
+    stderr = scores.get(f"{system}_stderr")
+    return f"{scores[system]:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+
+
 def render_markdown(metrics: dict[str, Any], rows: list[dict[str, Any]], title: str) -> str:
     systems = metrics["systems"]
     lines = [f"# Evaluation: {title}", "",
@@ -69,6 +96,7 @@ def render_markdown(metrics: dict[str, Any], rows: list[dict[str, Any]], title: 
             drop = forgetting["drop"] if c == "overall" else forgetting[f"{c}_drop"]
             lines.append(f"| {c} | {forgetting['base'][c]:.0%} | {forgetting['tuned'][c]:.0%} | {drop:+.0%} |")
         lines.append("")
+    lines += harness_markdown(metrics.get("harness"))
     if metrics.get("judge"):
         lines += ["## LLM judge (1-5)", "", "| system | mean | judged |", "|---|---:|---:|"]
         lines += [f"| {s} | {j['mean']:.2f} | {j['n']} |" for s, j in metrics["judge"].items()]

@@ -31,6 +31,7 @@ from tunelab.errors import ConfigError, RunFolderError
 from tunelab.eval.base_cache import cached_answers, embedding_fingerprint
 from tunelab.eval.gate import evaluate_gate, gate_rules
 from tunelab.eval.generate import generate_greedy
+from tunelab.eval.harness import check_harness, harness_problems, run_harness
 from tunelab.eval.html import render_html
 from tunelab.eval.loss import mean_token_loss, perplexity
 from tunelab.eval.metrics import corpus_bleu, resolve_metric
@@ -83,6 +84,8 @@ def suite_records(cfg: RunConfig, suite: SuiteConfig, run: RunPaths) -> list[Rec
 def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
     import torch
 
+    # Benchmark tasks resolve and load their documents before any weights do: a task that cannot run stops here.
+    task_manager = check_harness(cfg) if cfg.eval.harness is not None else None
     if cfg.objective.type == "reward":
         from tunelab.eval.reward import evaluate_reward_run
 
@@ -114,8 +117,9 @@ def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
 
     forgetting = _forgetting(cfg, systems, models, tokenizer) if cfg.eval.forgetting else None
     seconds = time.perf_counter() - started
+    harness = run_harness(cfg, models, tokenizer, task_manager) if task_manager is not None else None
     metrics = manifest("eval", systems=[s.name for s in systems], suites=suites, forgetting=forgetting,
-                       timing={"seconds": round(seconds, 2), "prompts_generated": prompts_generated})
+                       harness=harness, timing={"seconds": round(seconds, 2), "prompts_generated": prompts_generated})
     if cfg.eval.judge is not None:
         from tunelab.eval.judge import judge_rows
 
@@ -133,8 +137,9 @@ def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
         write_jsonl_atomic(tmp / "predictions.jsonl", rows)
         write_text_atomic(tmp / "report.md", render_markdown(metrics, rows, run.root.name))
         write_text_atomic(tmp / "report.html", render_html(metrics, rows, history, run.root.name))
-    if gate_error is not None:
-        raise gate_error
+    problems = harness_problems(harness) + (gate_error.problems if gate_error is not None else [])
+    if problems:  # the measured numbers are written; what could not be read from them is said now
+        raise ConfigError(*problems)
     return EvalResult(metrics=metrics, rows=rows)
 
 
