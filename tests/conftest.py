@@ -100,19 +100,35 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture
-def tiny_config(tmp_path: Path, tiny_model_dir: Path):
-    """A RunConfig for a fast run of the tiny model on the toy task, in a fresh folder."""
+def tiny_run_config(folder: Path, model_dir: Path):
+    """A RunConfig for a fast run of the tiny model on the toy task, its data and output in `folder`."""
     from tunelab.config_file import validate_config
 
-    train = write_jsonl(tmp_path / "train.jsonl", animal_rows(48))
-    test = write_jsonl(tmp_path / "test.jsonl", animal_rows(8, seed=1, start=1000))
+    train = write_jsonl(folder / "train.jsonl", animal_rows(48))
+    test = write_jsonl(folder / "test.jsonl", animal_rows(8, seed=1, start=1000))
     return validate_config({
-        "model": {"name": str(tiny_model_dir), "dtype": "float32"},
+        "model": {"name": str(model_dir), "dtype": "float32"},
         "data": {"train": str(train), "test": str(test), "val_fraction": 0.1},
         "train": {"learning_rate": 1e-2, "max_steps": 12, "batch_size": 8, "warmup_ratio": 0.0},
         # gate []: 12 steps of a random tiny model prove nothing the default gate asks; tests of it set it back.
         "eval": {"max_new_tokens": 6, "batch_size": 4, "few_shot_k": 2, "forgetting": False, "gate": []},
         "track": {"enabled": False},  # the tracking tests turn it on; a fresh MLflow store per test costs seconds
-        "output": {"dir": str(tmp_path / "run")},
+        "output": {"dir": str(folder / "run")},
     })
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, tiny_model_dir: Path):
+    """A RunConfig for a fast run of the tiny model on the toy task, in a fresh folder."""
+    return tiny_run_config(tmp_path, tiny_model_dir)
+
+
+@pytest.fixture
+def browser(tmp_path: Path):
+    """A headless Chromium driven over DevTools (tests/serve/browser.py); skips without one, except in CI."""
+    from tests.serve.browser import Browser, require_chromium
+
+    require_chromium()
+    chromium = Browser(tmp_path / "chromium-profile")
+    yield chromium
+    chromium.close()

@@ -220,14 +220,49 @@ def test_cli_prints_the_table_and_json(tiny_config, tmp_path):
     assert shown.returncode == 0, shown.stderr
     for row in ("peak memory", "AdamW states", "activations saved for backward", "trainable"):
         assert row in shown.stdout
-    as_json = run_cli("estimate", str(config), "--no-probe", "--json", "--gpu", "L4", "--set", "train.batch_size=4")
+    prices = tmp_path / "prices.yaml"
+    prices.write_text("Roomy: {memory_gib: 64, bf16_tflops: 100, usd_per_hour: 2.5}\n", encoding="utf-8")
+    as_json = run_cli("estimate", str(config), "--no-probe", "--json", "--gpu", "roomy", "--prices", str(prices),
+                      "--set", "train.batch_size=4")
     assert as_json.returncode == 0, as_json.stderr
     result = json.loads(as_json.stdout)
     memory = result["memory_bytes"]
     assert memory["peak"] > memory["weights"] > 0
-    assert result["fits"] is True and result["memory_limit_gib"] == 24
-    assert result["seconds"] > 0 and result["cost_usd"] > 0 and result["usd_per_hour"] == 0.80
+    assert result["fits"] is True and result["memory_limit_gib"] == 64 and result["usd_per_hour"] == 2.5
+    assert result["cost_usd"] == pytest.approx(result["seconds"] / 3600 * 2.5) and result["seconds"] > 0
     assert result["params"]["trainable"] < result["params"]["base"]
+
+
+def test_gpu_time_fit_and_cost_follow_the_accelerator(tiny_config, tiny_model_dir, tmp_path):
+    """For a GPU that is not here: time = the run's tokens x matmul FLOPs per token (forward 2N, backward 2N for
+    the input gradients + 2T for the weight gradients of what trains) at 30% of the given bf16 throughput,
+    N and T counted on the real model; fit against the given memory; cost at the given price."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.estimate import estimate_run
+    from tunelab.train.adapters import peft_config
+
+    prices = tmp_path / "prices.yaml"  # slow enough that compute, not the per-step launch floor, sets the time
+    prices.write_text("Slow: {memory_gib: 64, bf16_tflops: 0.000001, usd_per_hour: 2.5}\n"
+                      "Cramped: {memory_gib: 0.0001, bf16_tflops: 0.000001, usd_per_hour: 2.5}\n", encoding="utf-8")
+    tiny_config.train.padding_free = True  # the run's tokens are the examples' own, no padding
+    slow = estimate_run(tiny_config, gpu="Slow", probe=False, prices_file=prices)
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    n = sum(p.numel() for p in model.parameters())
+    t = sum(p.numel() for p in get_peft_model(model, peft_config(tiny_config.method, tiny_model_dir)).parameters()
+            if p.requires_grad)
+    run_tokens = slow.data.tokens * tiny_config.train.max_steps / slow.data.steps_per_epoch
+    expected = run_tokens * (4 * n + 2 * t) / (0.30 * 0.000001e12)
+    assert slow.seconds == pytest.approx(expected, rel=1e-9)
+    assert slow.cost_usd == pytest.approx(expected / 3600 * 2.5, rel=1e-9)
+    assert slow.fits is True and slow.memory_limit_gib == 64
+
+    assert 4 * n > 0.0001 * 2**30  # its float32 weights alone exceed the cramped GPU
+    assert estimate_run(tiny_config, gpu="Cramped", probe=False, prices_file=prices).fits is False
+    own_price = estimate_run(tiny_config, gpu="Slow", probe=False, price_per_hour=9.0, prices_file=prices)
+    assert own_price.cost_usd == pytest.approx(expected / 3600 * 9.0, rel=1e-9)
 
 
 def test_cli_errors_cleanly(tiny_config, tmp_path):

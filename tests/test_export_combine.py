@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tunelab import pipeline
-from tunelab.export.combine import Source, combine_runs, load_source
+from tunelab.export.combine import combine_runs, load_source
 from tunelab.export.merge import ExportError, probe_batch
 
 
@@ -58,12 +58,27 @@ def test_combined_adapter_is_a_run_folder_eval_accepts(tiny_config, tmp_path):
     assert {"base", "tuned"} <= set(systems) and len(systems) >= 4  # the two source runs evaluated beside it
 
 
-def test_refusals_are_one_line(tiny_config, tmp_path):
+@pytest.fixture(scope="module")
+def ranks_16_and_4(tmp_path_factory, tiny_model_dir):
+    """Two real LoRA runs of different ranks (the second is 2 steps long: only its shapes matter)."""
+    from tests.conftest import tiny_run_config
+
+    folder = tmp_path_factory.mktemp("ranks")
+    cfg = tiny_run_config(folder, tiny_model_dir)
+    low_rank = cfg.model_copy(deep=True)
+    low_rank.method.r, low_rank.train.max_steps = 4, 2
+    return _trained(cfg, folder / "r16", 1e-2), _trained(low_rank, folder / "r4", 1e-2)
+
+
+def test_refusals_are_one_line(ranks_16_and_4, tiny_config, tmp_path):
     from tests.conftest import build_tiny_llama
 
-    a = _trained(tiny_config, tmp_path / "a", 1e-2)
-    with pytest.raises(ExportError, match="needs adapters of one rank"):
-        combine_runs([a, Source(a.cfg, a.run, a.rank // 2)], "linear", [0.5, 0.5], tmp_path / "x")
+    a, b = ranks_16_and_4
+    assert (a.rank, b.rank) == (16, 4)
+    result = subprocess.run([sys.executable, "-m", "tunelab", "export", "combine", str(a.run.root), str(b.run.root),
+                             "--how", "linear", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr[-2000:]
+    assert "--how linear needs adapters of one rank, got ranks 16, 4; use --how cat for mixed ranks" in result.stderr
     other_base = tiny_config.model_copy(deep=True)
     other_base.model.name = str(build_tiny_llama(tmp_path / "other-base", seed=1))
     other_base.method.type = "ia3"
@@ -78,3 +93,24 @@ def test_refusals_are_one_line(tiny_config, tmp_path):
     with pytest.raises(ExportError, match="adapters combine only on the same base model"):
         combine_runs([a, c], "cat", [0.5, 0.5], tmp_path / "z")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+def _updates(adapter_dir) -> dict[str, torch.Tensor]:
+    """Each adapted module's weight update scale x B @ A, from the saved files alone."""
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    scale = config["lora_alpha"] / config["r"]
+    return {key[: -len(".lora_A.weight")]: scale * tensors[key.replace("lora_A", "lora_B")] @ tensors[key]
+            for key in tensors if key.endswith(".lora_A.weight")}
+
+
+def test_cat_combines_adapters_of_different_ranks_exactly(ranks_16_and_4, tmp_path):
+    a, b = ranks_16_and_4
+    combined = combine_runs([a, b], "cat", [0.7, 0.3], tmp_path / "cat")
+    assert json.loads((combined.adapter / "adapter_config.json").read_text())["r"] == 16 + 4
+    ua, ub, uc = _updates(a.run.adapter), _updates(b.run.adapter), _updates(combined.adapter)
+    assert set(uc) == set(ua) == set(ub) and len(uc) == 14
+    for module, update in uc.items():
+        assert torch.allclose(update, 0.7 * ua[module] + 0.3 * ub[module], atol=1e-6), module

@@ -200,3 +200,69 @@ def test_registry_errors_are_one_line(tmp_path):
                             capture_output=True, text=True, env=env)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: registry show: Registered Model with name=nope")
+
+
+@pytest.mark.e2e
+def test_training_goes_on_when_the_server_dies_mid_run_and_sync_uploads_the_rest(tiny_config, tmp_path, monkeypatch,
+                                                                               capsys):
+    """README, Tracking: "If the server goes away mid-run, training goes on, tracking is buffered in
+    RUN_DIR/tracking_buffer.jsonl with a warning, and `tunelab runs sync RUN_DIR` uploads it later." The server
+    is killed right after step 4's metrics reach it (a hook on the tracker, not a timer)."""
+    from tunelab.track import Tracker
+
+    store, port = tmp_path / "server", free_port()
+    store.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(store, port)
+    log_metrics = Tracker.log_metrics
+
+    def kill_after_step_4(self, row):
+        log_metrics(self, row)
+        if row.get("step") == 4 and "loss" in row and server.poll() is None:
+            stop_server(server)
+
+    monkeypatch.setattr(Tracker, "log_metrics", kill_after_step_4)
+    cfg = tiny_config.model_copy(deep=True)
+    cfg.track.enabled, cfg.track.tracking_uri = True, uri
+    cfg.output.dir = tmp_path / "tracked"
+    try:
+        run = pipeline.open_run(cfg, starting_training=True)
+        result = pipeline.stage_train(cfg, run)
+    finally:
+        if server.poll() is None:
+            stop_server(server)
+    assert server.returncode is not None  # it went away, mid-run
+
+    # Training went on to the end and wrote the same adapter as a run that never tracked.
+    untracked = tiny_config.model_copy(deep=True)
+    untracked.output.dir = tmp_path / "untracked"
+    pipeline.stage_train(untracked, pipeline.open_run(untracked, starting_training=True))
+    assert result.steps == 12
+    assert sha256_folder(run.adapter) == sha256_folder(untracked.output.dir / "adapter")
+    warnings = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
+    assert warnings.count("is not answering") == 1  # once, not per step
+    assert "tracking is buffered in" in warnings and "tunelab runs sync" in warnings
+
+    # What the server missed is in the buffer: steps 5-12, the summary, the adapter and config, the final status.
+    buffered = [json.loads(line) for line in (run.root / "tracking_buffer.jsonl").read_text().splitlines()]
+    losses = [op["step"] for op in buffered if op["op"] == "metrics" and "loss" in op["metrics"]]
+    assert losses == list(range(5, 13))
+    assert {(op["op"], op.get("artifact_path")) for op in buffered} >= {("artifacts", "adapter"), ("artifacts", None)}
+    assert buffered[-1]["op"] == "terminate" and buffered[-1]["status"] == "FINISHED"
+
+    server = start_server(store, port)
+    try:
+        synced = subprocess.run([sys.executable, "-m", "tunelab", "runs", "sync", str(run.root)],
+                                capture_output=True, text=True)
+        assert synced.returncode == 0, synced.stderr[-2000:]
+        assert f"uploaded {len(buffered)} buffered tracking operations" in synced.stdout
+        client = client_for(uri)
+        tracked = client.get_run(run_id(run.root))
+        assert [m.step for m in client.get_metric_history(tracked.info.run_id, "loss")] == list(range(1, 13))
+        assert tracked.info.status == "FINISHED" and tracked.data.params["train.max_steps"] == "12"
+        uploaded = client.download_artifacts(tracked.info.run_id, "adapter", str(tmp_path / "uploaded"))
+        assert sha256_folder(Path(uploaded)) == sha256_folder(run.adapter)
+        assert not (run.root / "tracking_buffer.jsonl").exists()  # renamed once uploaded: a second sync sends nothing
+        assert (run.root / "tracking_buffer.synced.jsonl").is_file()
+    finally:
+        stop_server(server)

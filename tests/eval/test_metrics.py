@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -35,8 +36,19 @@ def test_token_f1_and_rouge_l():
 def test_corpus_bleu():
     assert corpus_bleu(["the quick brown fox jumps"], ["the quick brown fox jumps"]) == pytest.approx(1.0)
     assert corpus_bleu(["nothing in common"], ["the quick brown fox"]) == 0.0
+    # Counted by hand. "the quick brown dog jumps" against "the quick brown fox jumps": unigrams 4/5, bigrams
+    # 2/4, trigrams 1/3, 4-grams 0/2; add-one smoothing above unigrams gives 3/5, 2/4, 1/3; equal lengths: no
+    # brevity penalty. BLEU = geometric mean of the four.
     partial = corpus_bleu(["the quick brown dog jumps"], ["the quick brown fox jumps"])
-    assert 0.2 < partial < 0.8
+    assert partial == pytest.approx((4 / 5 * 3 / 5 * 2 / 4 * 1 / 3) ** (1 / 4))
+    # A prefix of the reference: every n-gram matches (4/4, then (3+1)/(3+1), ...), but 4 words for 5 costs
+    # the brevity penalty exp(1 - 5/4).
+    assert corpus_bleu(["the quick brown fox"], ["the quick brown fox jumps"]) == pytest.approx(math.exp(-0.25))
+    # Corpus-level: counts are summed over the sentences before the precisions are taken (not averaged).
+    # Unigrams 2/2 + 4/5 = 6/7; bigrams (1+2)/(1+4) -> (3+1)/(5+1); trigrams (0+1)/(0+3) -> 2/4; 4-grams
+    # (0+0)/(0+2) -> 1/3; lengths 7 against 7.
+    corpus = corpus_bleu(["a cat", "the quick brown dog jumps"], ["a cat", "the quick brown fox jumps"])
+    assert corpus == pytest.approx((6 / 7 * 4 / 6 * 2 / 4 * 1 / 3) ** (1 / 4))
 
 
 def test_json_metrics_and_regex(tmp_path):

@@ -122,8 +122,8 @@ def live_server(lora_runs: dict[str, Path]):
 
     from tunelab.serve.server import ServeOptions, build_server
 
-    def start(**overrides):
-        options = ServeOptions(adapters=[f"alpha={lora_runs['alpha']}"], port=free_port(), **overrides)
+    def start(adapters: tuple[str, ...] = ("alpha",), **overrides):
+        options = ServeOptions(adapters=[f"{name}={lora_runs[name]}" for name in adapters], port=free_port(), **overrides)
         app, engine = build_server(options)
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=options.port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)

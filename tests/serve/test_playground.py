@@ -6,9 +6,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import httpx2 as httpx
-import pytest
 
-from tests.serve.browser import BINARY, Browser
 from tests.serve.conftest import API_KEY
 from tests.serve.test_server import client
 
@@ -18,19 +16,16 @@ def test_playground_page_is_served_without_a_key(server: str) -> None:
     assert page.status_code == 200 and "tunelab playground" in page.text and "/v1/chat/completions" in page.text
 
 
-@pytest.mark.skipif(BINARY is None, reason="no Chromium on this machine")
-def test_playground_shows_base_and_adapter_answers(server: str, tmp_path: Path) -> None:
+def test_playground_shows_base_and_adapter_answers(server: str, browser, tmp_path: Path) -> None:
     prompt = "Extract the animal: I saw a cat."
     query = urlencode({"prompt": prompt, "key": API_KEY, "left": "base", "right": "alpha"})
-    browser = Browser(tmp_path / "profile")
-    try:
-        browser.open(f"{server}/?{query}")
-        browser.wait_for("document.body.dataset.finished === '1'")
-        shown = {side: browser.evaluate(f"document.getElementById('{side}-out').textContent") for side in ("left", "right")}
-        names = [browser.evaluate(f"document.getElementById('{side}-name').textContent") for side in ("left", "right")]
-        browser.screenshot(tmp_path / "playground.png")
-    finally:
-        browser.close()
+    browser.open(f"{server}/?{query}")
+    browser.wait_for("document.body.dataset.finished === '1'")
+    shown = {side: browser.evaluate(f"document.getElementById('{side}-out').textContent") for side in ("left", "right")}
+    names = [browser.evaluate(f"document.getElementById('{side}-name').textContent") for side in ("left", "right")]
+    browser.screenshot(tmp_path / "playground.png")
+    assert browser.page_errors() == []
+    assert all(url.startswith(f"{server}/") for url in browser.requested_urls())  # nothing from elsewhere
     assert names == ["base", "alpha"]
     c = client(server)
     for side, model in (("left", "base"), ("right", "alpha")):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -113,8 +114,9 @@ def test_malformed_bodies_are_400(server: str) -> None:
     assert raw.status_code == 400 and raw.json()["error"]["code"] == "invalid_request"
 
 
-def test_64_concurrent_mixed_adapter_requests_equal_sequential(server: str) -> None:
-    c = client(server)
+def test_64_concurrent_mixed_adapter_requests_equal_sequential(live_server, monkeypatch) -> None:
+    url, engine = live_server(adapters=("alpha", "beta"), max_batch=16, max_queue=128)
+    c = client(url, key=None)
     jobs = [(["base", "alpha", "beta"][i % 3], PROMPTS[i % len(PROMPTS)]) for i in range(64)]
 
     def ask(job: tuple[str, str]) -> str:
@@ -123,12 +125,23 @@ def test_64_concurrent_mixed_adapter_requests_equal_sequential(server: str) -> N
         return reply.choices[0].message.content
 
     sequential = {job: ask(job) for job in dict.fromkeys(jobs)}  # one at a time: 12 distinct requests
-    before = _histogram_count(server, "tunelab_batch_size")
+    batches: list[list[str]] = []  # the model of each row, per decoded batch
+    decode = engine._decode
+    monkeypatch.setattr(engine, "_decode", lambda batch: (batches.append([r.model for r in batch]), decode(batch))[1])
+    before = _histogram_count(url, "tunelab_batch_size")
     with ThreadPoolExecutor(max_workers=64) as pool:
-        concurrent = list(pool.map(ask, jobs))
+        with engine.lock:  # the worker holds a first batch and waits: every other request queues meanwhile
+            futures = [pool.submit(ask, job) for job in jobs]
+            deadline = time.monotonic() + 60
+            while engine.pending.qsize() < len(jobs) - engine.max_batch and time.monotonic() < deadline:
+                time.sleep(0.05)
+        concurrent = [f.result() for f in futures]
     assert concurrent == [sequential[job] for job in jobs]
-    batches = _histogram_count(server, "tunelab_batch_size") - before
-    assert batches < 64  # requests were decoded together, not one by one
+    assert sorted(m for batch in batches for m in batch) == sorted(model for model, _ in jobs)
+    assert max(len(batch) for batch in batches) == 16  # full batches, not one request at a time
+    # Rows of different adapters (and of the base) were decoded together in one batch, each under its own.
+    assert any({"base", "alpha", "beta"} <= set(batch) for batch in batches), batches
+    assert _histogram_count(url, "tunelab_batch_size") - before == len(batches)
 
 
 def test_admin_load_use_and_unload(server: str, lora_runs: dict[str, Path], tiny_model_dir: Path) -> None:
