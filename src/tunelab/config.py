@@ -24,9 +24,10 @@ from tunelab.config_data import (
     as_sources,
 )
 from tunelab.config_section import Section
+from tunelab.config_sweep import SweepConfig
 
 __all__ = ["CleanConfig", "ClusterConfig", "ContaminationConfig", "DataConfig", "DedupConfig", "Format", "K8sConfig",
-           "K8sStorageConfig", "ReplayConfig", "RunConfig", "Section", "SourceConfig", "as_sources"]
+           "K8sStorageConfig", "ReplayConfig", "RunConfig", "Section", "SourceConfig", "SweepConfig", "as_sources"]
 
 
 class ModelConfig(Section):
@@ -302,6 +303,7 @@ class RunConfig(Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     k8s: K8sConfig = Field(default_factory=K8sConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
 
 def unsafe_output_dir(folder: Path, config_file: Path | None = None) -> str | None:
