@@ -76,11 +76,12 @@ def sweep(
     outcome = run_sweep(plan, resume=resume, retry_failed=retry_failed)
     print_table(outcome.summary, plan, out)
     out.print(f"sweep report: {outcome.html}")
+    if outcome.best is not None:
+        out.print(f"best config: {outcome.best}")
     problem = outcome.summary.problem()
     if problem:
-        print(f"sweep: {problem}; there is no best config", file=sys.stderr)
+        print(f"sweep: {problem}", file=sys.stderr)
         sys.exit(1)
-    out.print(f"best config: {outcome.best}")
 
 
 def _print_plan(plan: SweepPlan) -> None:

@@ -163,3 +163,62 @@ def test_dry_run_lists_the_trials(tiny_config, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "random search over train.learning_rate in loguniform(0.0001, 0.01)" in result.stdout
     assert result.stdout.count("trial-00") == 3 and not Path(tiny_config.output.dir).exists()
+
+
+def test_keys_checked_together_are_fine_when_swept_together(tiny_config):
+    # Early-stopping patience alone needs eval_steps; swept with it, every trial has both.
+    plan = plan_sweep(tiny_config, Flags(params=["train.early_stopping_patience=2,3", "train.eval_steps=4"],
+                                         early_stopping=False))
+    assert [t.config.train.early_stopping_patience for t in plan.trials] == [2, 3]
+
+
+def test_the_sweep_folder_is_never_clobbered_and_resume_checks_what_it_finishes(tiny_config, tmp_path):
+    from tunelab.errors import RunFolderError
+    from tunelab.sweep.folder import open_sweep, start_sweep
+    from tunelab.sweep.state import SweepState
+
+    flags = Flags(params=["train.learning_rate=1e-3,1e-2"])
+    plan = plan_sweep(tiny_config, flags)
+    root = plan.root
+    start_sweep(plan, open_sweep(plan, resume=False))
+    assert (root / "sweep.json").is_file() and (root / "data" / "train.jsonl").is_file()
+    with pytest.raises(RunFolderError, match="already holds a sweep .*pass --resume"):
+        open_sweep(plan, resume=False)
+
+    # Killed with trial 0 evaluated but not yet recorded, and trial 1 half-trained: resume keeps 0, reruns 1.
+    state = SweepState.load(root)
+    for record in state.trials:
+        record.status = "running"
+    state.save()
+    (root / plan.trials[0].name / "eval").mkdir(parents=True)
+    (root / plan.trials[0].name / "eval" / "metrics.json").write_text("{}")
+    resumed = open_sweep(plan_sweep(tiny_config, Flags(), resume=True), resume=True)  # no flags: from sweep.json
+    assert [t.status for t in resumed.trials] == ["finished", "pending"]
+
+    changed = tiny_config.model_copy(deep=True)
+    changed.train.max_steps = 20
+    with pytest.raises(ConfigError, match=r"--resume: the config differs .*train.max_steps: 12 -> 20"):
+        open_sweep(plan_sweep(changed, Flags(), resume=True), resume=True)
+    with pytest.raises(ConfigError, match="draw other trials than sweep.json holds"):
+        open_sweep(plan_sweep(tiny_config, Flags(params=["train.learning_rate=1e-3,3e-2"]), resume=True), resume=True)
+    # The goal may change on resume: the same trials are ranked again.
+    regoal = plan_sweep(tiny_config, Flags(objective="tuned.token_f1"), resume=True)
+    assert open_sweep(regoal, resume=True).spec["objective"] == "tuned.token_f1"
+
+    other = tiny_config.model_copy(deep=True)
+    other.output.dir = tmp_path / "nothing-here"
+    with pytest.raises(RunFolderError, match="holds no sweep to resume"):
+        open_sweep(plan_sweep(other, flags, resume=True), resume=True)
+
+
+def test_a_new_sweep_whose_data_fails_leaves_no_folder(tiny_config, tmp_path):
+    from tunelab.errors import DataError
+    from tunelab.sweep.folder import open_sweep, start_sweep
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{not json\n')
+    tiny_config.data.train = [tiny_config.data.train[0].model_copy(update={"path": bad})]
+    plan = plan_sweep(tiny_config, Flags(params=["method.r=4,8"]))
+    with pytest.raises(DataError):
+        start_sweep(plan, open_sweep(plan, resume=False))
+    assert not plan.root.exists()

@@ -163,6 +163,11 @@ def test_asha_stops_the_trials_whose_val_loss_trails(tiny_config, tmp_path, ray_
     assert html.count('class="trial-line stopped"') == 2
 
 
+def _stamp(run_dir: Path) -> tuple[float, int]:
+    """When the trial's eval and adapter were written: a trial run again would change both."""
+    return _metrics(run_dir)["created_unix"], (run_dir / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+
+
 def _write(cfg, path: Path) -> Path:
     path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
     return path
@@ -206,8 +211,7 @@ def test_a_sweep_killed_with_sigkill_resumes_and_runs_only_the_unfinished_trials
     before = _sweep_state(root)["trials"]
     done = {t["name"] for t in before if t["status"] == "finished"}
     assert len(done) >= 2 and len(done) < 4
-    stamps = {n: (_metrics(root / n)["created_unix"], (root / n / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns)
-              for n in done}
+    stamps = {n: _stamp(root / n) for n in done}
 
     resumed = subprocess.run([sys.executable, "-m", "tunelab", "sweep", str(config), "--resume"], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=600)
@@ -216,8 +220,7 @@ def test_a_sweep_killed_with_sigkill_resumes_and_runs_only_the_unfinished_trials
     assert all(t["status"] == "finished" for t in after.values())
     for name, stamp in stamps.items():  # finished before the kill: not run again
         assert after[name]["attempts"] == 1
-        assert (_metrics(root / name)["created_unix"],
-                (root / name / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns) == stamp
+        assert _stamp(root / name) == stamp
     rerun = [n for n in after if n not in done]
     assert rerun and all(after[n]["attempts"] >= 1 and (root / n / "eval" / "metrics.json").is_file() for n in rerun)
     assert all(n in resumed.stdout for n in after)  # the table lists every trial

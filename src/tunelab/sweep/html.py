@@ -12,7 +12,6 @@ from typing import Any
 from tunelab.eval.html import CSS
 from tunelab.sweep.plan import SweepPlan
 from tunelab.sweep.space import Distribution
-from tunelab.sweep.state import TrialRecord
 from tunelab.sweep.summary import SweepSummary
 
 PASS, FAIL, OTHER, BEST = "#3aa57a", "#d64545", "#9a9a9a", "#2f7ed8"

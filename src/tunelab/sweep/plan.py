@@ -120,9 +120,10 @@ def build_plan(cfg: RunConfig, origin: dict[str, str], flag_keys: set[str]) -> S
     search, count = resolve_search(space, s.search, s.samples, "sweep")
     drawn = draw_trials(space, search, count, s.seed)
     root = Path(cfg.output.dir)
-    trials = [Trial(i, trial_name(i, p), p, None) for i, p in enumerate(drawn)]  # type: ignore[arg-type]
-    for trial in trials:
-        trial.config = trial_config(cfg, trial, root)
+    trials = []
+    for index, params in enumerate(drawn):
+        name = trial_name(index, params)
+        trials.append(Trial(index, name, params, trial_config(cfg, index, name, params, root)))
     if len({t.name for t in trials}) != len(trials):
         raise ConfigError("sweep: two trials would get the same folder name; give values that differ")
     configs = [t.config for t in trials]
@@ -166,21 +167,21 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def trial_config(base: RunConfig, trial: Trial, root: Path) -> RunConfig:
+def trial_config(base: RunConfig, index: int, name: str, params: dict[str, Any], root: Path) -> RunConfig:
     """The base config with the trial's values, its own folder, and the sweep's tracking store."""
     from tunelab.track import tracking_uri
 
     raw = base.model_dump(mode="json")
-    for key, value in trial.params.items():
+    for key, value in params.items():
         set_key(raw, key, copy.deepcopy(value))
-    raw["output"] = {"dir": str(root.resolve() / trial.name), "overwrite": False}
+    raw["output"] = {"dir": str(root.resolve() / name), "overwrite": False}
     if base.track.enabled and not base.track.tracking_uri:
         # The default store sits beside the run folder; a trial's folder is one level deeper than the sweep's,
         # so name the sweep's store: parent and children must live in one place.
         raw["track"]["tracking_uri"] = tracking_uri(base)
     raw.pop("sweep", None)  # a trial is an ordinary run
-    params = ", ".join(f"{k}={v}" for k, v in trial.params.items())
-    return validate_config(raw, source=f"sweep trial {trial.index} ({params})")
+    shown = ", ".join(f"{k}={v}" for k, v in params.items())
+    return validate_config(raw, source=f"sweep trial {index} ({shown})")
 
 
 def set_key(raw: dict[str, Any], key: str, value: Any) -> None:

@@ -41,7 +41,9 @@ def run_pending(plan: SweepPlan, state: SweepState) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as for a Ray training run: a cluster of our own
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own tables would interleave with ours
     started_here = connect_ray(plan.cfg, log_to_driver=False)
-    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    # Tune logs each failed trial's traceback and a closing "Trials did not complete" error; the sweep says the
+    # same in one line per trial, and the traceback is in the trial's folder (trial_error.txt).
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     try:
         _fit(plan, state, [t.index for t in pending])
     finally:
@@ -49,9 +51,9 @@ def run_pending(plan: SweepPlan, state: SweepState) -> None:
             import ray
 
             ray.shutdown()
-    for record in state.trials:  # a trial Tune never ended (it should not happen): say so rather than hang on
+    for record in state.trials:  # Tune was stopped (Ctrl-C) with trials under way: they start over on --resume
         if record.status == "running":
-            record.status, record.error = "failed", "ended without a result from Ray Tune"
+            record.status = "pending"
     state.save()
 
 

@@ -35,15 +35,19 @@ class SweepSummary:
     constraints: list[str]
 
     def problem(self) -> str | None:
-        """Why there is no best trial, or None when there is one."""
+        """Why the sweep has no answer yet (no best trial, or trials that did not run), or None."""
+        unfinished = sum(t.status in ("pending", "running") for t in self.ranked)
+        if unfinished:
+            return (f"{unfinished} of {len(self.ranked)} trials did not run (the sweep was interrupted); "
+                    "run the same command with --resume to finish them")
         if self.best is not None:
             return None
         finished = [t for t in self.ranked if t.status == "finished"]
         if not finished:
-            return "no trial finished (see the failed and stopped trials above)"
+            return "no trial finished (see the failed and stopped trials above), so there is no best config"
         if all(t.objective is None for t in finished):
-            return f"no finished trial measured {self.objective} as a number"
-        return f"no trial met every constraint ({'; '.join(self.constraints)})"
+            return f"no finished trial measured {self.objective} as a number, so there is no best config"
+        return f"no trial met every constraint ({'; '.join(self.constraints)}), so there is no best config"
 
 
 def summarize(plan: SweepPlan, state: SweepState) -> SweepSummary:
@@ -128,6 +132,9 @@ def print_table(summary: SweepSummary, plan: SweepPlan, out: Console) -> None:
             cells.append("" if r is None else f"{'[green]ok' if r['passed'] else '[red]FAIL'}[/] {r['left']:.4g}")
         table.add_row(*cells, style="bold" if t is summary.best else None)
     out.print(table)
+    for t in summary.ranked:  # errors are too long for a cell
+        if t.status == "failed":
+            out.print(f"[red]failed[/] {t.name}: {t.error or 'see its run folder'}", highlight=False)
 
 
 def _cell(value: Any) -> str:
@@ -135,7 +142,5 @@ def _cell(value: Any) -> str:
 
 
 def _status(t: TrialRecord) -> str:
-    if t.status == "failed":
-        return f"[red]failed[/]: {t.error or ''}"[:80]
-    colors = {"finished": "green", "stopped": "yellow", "pending": "dim", "running": "dim"}
+    colors = {"finished": "green", "stopped": "yellow", "failed": "red", "pending": "dim", "running": "dim"}
     return f"[{colors[t.status]}]{t.status}[/]"

@@ -7,9 +7,12 @@ keeps sweep.json.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,28 @@ from tunelab.artifacts import RunPaths
 from tunelab.config import RunConfig
 
 ERROR_FILE = "trial_error.txt"
+LOG_FILE = "trial.log"  # what the trial printed (progress, warnings): the sweep's terminal shows one line per trial
+
+
+@contextlib.contextmanager
+def _output_to(path: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr (Python's and C libraries') into the trial's run folder while it runs;
+    the worker's own streams come back afterwards (Tune may reuse the worker for the next trial)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "a", encoding="utf-8") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 def run_trial(config: dict[str, Any], payload: dict[str, Any]) -> None:
@@ -34,16 +59,17 @@ def run_trial(config: dict[str, Any], payload: dict[str, Any]) -> None:
     cfg = RunConfig.model_validate(spec["config"])
     run = RunPaths(Path(cfg.output.dir))
     run.root.mkdir(parents=True, exist_ok=True)
-    try:
-        _share_data(Path(payload["data"]), run)
-        if cfg.track.enabled and payload["parent_run_id"]:
-            start_child(cfg, run, payload["parent_run_id"], spec["params"])
-        run = pipeline.open_run(cfg, starting_training=True)
-        result = pipeline.stage_train(cfg, run, on_metrics=_reporter(tune.report))
-        pipeline.stage_eval(cfg, run)
-    except BaseException as err:
-        _record_error(run, err)
-        raise
+    with _output_to(run.root / LOG_FILE):
+        try:
+            _share_data(Path(payload["data"]), run)
+            if cfg.track.enabled and payload["parent_run_id"]:
+                start_child(cfg, run, payload["parent_run_id"], spec["params"])
+            run = pipeline.open_run(cfg, starting_training=True)
+            result = pipeline.stage_train(cfg, run, on_metrics=_reporter(tune.report))
+            pipeline.stage_eval(cfg, run)
+        except BaseException as err:
+            _record_error(run, err)
+            raise
     # No "step" here: the scheduler judges trials on val loss measured while training (its time axis is "step"),
     # and a trial that has trained and been evaluated is done whatever it would decide. Tune wants the scheduler's
     # metric in every result, so the final val loss goes in under its name.
