@@ -176,9 +176,9 @@ def stage_train(cfg: RunConfig, run: RunPaths, resume: bool = False,
     monitor = tracker.system_metrics() if tracker is not None else None
     try:
         result = trainer(cfg, run, dataset, resume=resume, on_metrics=_both(tracker, on_metrics))
-    except BaseException:
-        if tracker is not None:
-            tracker.finish("FAILED")
+    except BaseException as err:
+        if tracker is not None:  # stopped from outside (Ctrl-C; a sweep's scheduler ending the trial) is not a failure
+            tracker.finish("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise
     finally:
         if monitor is not None:

@@ -103,7 +103,7 @@ def _problems(cfg, flags: Flags) -> list[str]:
      "--param train.learning_rate: 'train.learning_rate': input should be greater than 0, got -1"),
     (Flags(params=["train.early_stopping_patience=2,3"]),  # fine with an eval_steps value, but none is set or swept
      "sweep trial 0 (train.early_stopping_patience=2): train.early_stopping_patience needs train.eval_steps"),
-    (Flags(params=["method.r=4,8"], samples=3), "--samples applies to random search"),
+    (Flags(params=["method.r=4,8"], samples=3), "samples (--samples) applies to random search"),
     (Flags(params=["method.r=4,8"], search="random", samples=5), "more than the 2 distinct combinations"),
     (Flags(params=["method.r=4,8"], constraints=["forgetting.drop <= 0.03"]),
      "--constraint: 'forgetting.drop <= 0.03': 'forgetting.drop' is not measured (forgetting probes off, or no such "

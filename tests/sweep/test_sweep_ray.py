@@ -69,6 +69,7 @@ def test_four_trials_find_the_trial_a_hand_check_says_is_best(tiny_config, tmp_p
     assert by_hand == "trial-003-learning_rate=0.01-max_steps=12"
     assert outcome.summary.best.name == by_hand and outcome.summary.best.objective == losses[by_hand]
     assert [t.name for t in outcome.summary.ranked][0] == by_hand
+    assert not (root / "ray").exists()
 
     # Every trial is an ordinary, complete run folder.
     from tunelab.pipeline import load_run_config
@@ -136,7 +137,7 @@ def _check_page(page: Path, profile: Path, points: int, lines: int) -> None:
 
 
 def test_asha_stops_the_trials_whose_val_loss_trails(tiny_config, tmp_path, ray_session):
-    cfg = _base(tiny_config, tmp_path / "asha")
+    cfg = _base(tiny_config, tmp_path / "asha", track=True)
     cfg.train.max_steps, cfg.train.eval_steps = 8, 2  # val loss at steps 2, 4, 6, 8; rungs at 2 and 6
     # One trial at a time, the learning one first: at the first rung (step 2) the others' val loss is far worse.
     flags = Flags(params=["train.learning_rate=1e-2,1e-9,1e-10"], objective="tuned.eval_loss", max_concurrent=1)
@@ -157,10 +158,22 @@ def test_asha_stops_the_trials_whose_val_loss_trails(tiny_config, tmp_path, ray_
     for name in idle:  # stopped at the first rung: no later training, no adapter, no eval
         assert evals(name) == [2]
         assert not (root / name / "adapter").exists() and not (root / name / "eval").exists()
+        assert not (root / name / "trial_error.txt").exists()  # stopped is not failed
     state = json.loads((root / "sweep.json").read_text())
     assert [t["step"] for t in state["trials"]] == [8, 2, 2]
     html = (root / "sweep.html").read_text()
-    assert html.count('class="trial-line stopped"') == 2
+    assert html.count('class="trial-line stopped"') == 2 and html.count('class="line-end"') == 2
+    assert not (root / "ray").exists()  # Tune's own bookkeeping is gone; sweep.json is the record
+
+    # The stopped trials' MLflow runs are ended, not left running, and say why.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root.parent / 'mlflow.db'}")
+    for name, expected in ((learner, "FINISHED"), (idle[0], "KILLED"), (idle[1], "KILLED")):
+        run = client.get_run(json.loads((root / name / "mlflow_run.json").read_text())["run_id"])
+        assert run.info.status == expected and run.data.tags["mlflow.parentRunId"] == state["parent_run_id"]
+        if expected == "KILLED":
+            assert run.data.tags["tunelab.sweep_trial_end"] == "stopped by ASHA at step 2"
 
 
 def _stamp(run_dir: Path) -> tuple[float, int]:

@@ -44,7 +44,8 @@ def render_sweep_html(plan: SweepPlan, summary: SweepSummary) -> str:
     else:
         body.append(f"<div class='none-box'><b>No best trial:</b> {escape(summary.problem() or '')}.</div>")
     body += _table(plan, summary)
-    body.append("<h2>Objective against the constraints</h2><div class='charts'>")
+    against = "the constraints" if summary.constraints else "the final val loss"
+    body.append(f"<h2>Objective against {against}</h2><div class='charts'>")
     body += [_scatter(summary, rule) for rule in (summary.constraints or [None])]
     body.append("</div><h2>Parameters and objective</h2><div class='charts'>")
     body.append(_parallel(plan, summary))
@@ -206,10 +207,13 @@ def _parallel(plan: SweepPlan, summary: SweepSummary, height: int = 340) -> str:
         color = OTHER if t.status != "finished" or t.objective is None else (PASS if t.feasible else FAIL)
         best = " best" if t is summary.best else ""
         shown = ", ".join(f"{k}={_fmt(t.params.get(k))}" for k in keys)
+        label = (f"<title>{escape(t.name)} ({t.status}): {escape(shown)}; {escape(summary.objective)} = "
+                 f"{_num(t.objective) or '-'}</title>")
         parts.append(f'<polyline class="trial-line {t.status}{best}" data-trial="{escape(t.name)}" '
-                     f'points="{" ".join(points)}" stroke="{BEST if best else color}"><title>{escape(t.name)} '
-                     f'({t.status}): {escape(shown)}; {escape(summary.objective)} = {_num(t.objective) or "-"}'
-                     f'</title></polyline>')
+                     f'points="{" ".join(points)}" stroke="{BEST if best else color}">{label}</polyline>')
+        if points and t.objective is None:  # stopped or failed: the line ends where its values end, marked
+            x, y = points[-1].split(",")
+            parts.append(f'<circle class="line-end" cx="{x}" cy="{y}" r="4" fill="{color}">{label}</circle>')
     legend = [("meets the constraints" if summary.constraints else "finished", PASS)]
     legend += [("breaks a constraint", FAIL)] if summary.constraints else []
     parts.append(_legend([*legend, ("stopped or failed", OTHER), ("best", BEST)], left_pad, height - 10))

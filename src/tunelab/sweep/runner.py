@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,20 +24,20 @@ from tunelab.sweep.folder import reset_trial_folder
 from tunelab.sweep.goals import measure
 from tunelab.sweep.plan import SweepPlan
 from tunelab.sweep.state import DONE, SweepState
+from tunelab.sweep.tracking import end_child
 from tunelab.sweep.trial import error_summary, run_trial
 
 
 def run_pending(plan: SweepPlan, state: SweepState) -> None:
     """Run every trial of `state` still pending, on the Ray cluster the config names (or a local one)."""
     from tunelab.cluster.ray_runner import connect_ray
-    from tunelab.sweep.tracking import kill_child
 
     pending = [t for t in state.trials if t.status == "pending"]
     if not pending:
         return
     for record in pending:
         trial = plan.trials[record.index]
-        kill_child(trial.config, plan.root / record.name)
+        end_child(trial.config, plan.root / record.name, "KILLED", "interrupted; run again")
         reset_trial_folder(plan.root, record.name)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as for a Ray training run: a cluster of our own
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own tables would interleave with ours
@@ -51,6 +52,8 @@ def run_pending(plan: SweepPlan, state: SweepState) -> None:
             import ray
 
             ray.shutdown()
+    if plan.cfg.cluster.storage_path is None:
+        shutil.rmtree(plan.root / "ray", ignore_errors=True)  # Tune's own bookkeeping: sweep.json is the record
     for record in state.trials:  # Tune was stopped (Ctrl-C) with trials under way: they start over on --resume
         if record.status == "running":
             record.status = "pending"
@@ -89,8 +92,8 @@ def _fit(plan: SweepPlan, state: SweepState, indexes: list[int]) -> None:
         param_space={"trial": tune.grid_search(indexes)},
         tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=s.max_concurrent,
                                     reuse_actors=True, trial_dirname_creator=_trial_dirname),
-        run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
-                                  storage_path=str((plan.root / "ray").resolve()), callbacks=[callback], verbose=0,
+        run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=_storage(plan),
+                                  callbacks=[callback], verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
     where = plan.cfg.cluster.ray_address or "a local Ray cluster"
@@ -99,6 +102,15 @@ def _fit(plan: SweepPlan, state: SweepState, indexes: list[int]) -> None:
                   f"{f', ASHA early stopping on val loss from step {plan.grace_steps}' if plan.early_stopping else ''}")
     with callback.bar:
         tuner.fit()
+
+
+def _storage(plan: SweepPlan) -> str:
+    """Where Tune keeps its results: cluster.storage_path (a folder every node shares, or s3://...), else a
+    folder in the sweep, removed when the sweep ends."""
+    path = plan.cfg.cluster.storage_path
+    if path is None:
+        return str((plan.root / "ray").resolve())
+    return path if "://" in path else str(Path(path).resolve())
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -158,6 +170,8 @@ class _Record(Callback):
             console.print(f"[green]finished[/] {record.name}: {self.plan.objective} = {shown}{verdict}")
         else:
             record.status = "stopped"
+            end_child(self.plan.trials[record.index].config, self.plan.root / record.name, "KILLED",
+                      f"stopped by ASHA at step {record.step}")
             console.print(f"[yellow]stopped[/] {record.name} by ASHA at step {record.step} "
                           f"(val loss {record.val_loss if record.val_loss is not None else float('nan'):.4f})")
         self.state.save()
@@ -167,6 +181,7 @@ class _Record(Callback):
         record = self._record(trial)
         record.status, record.ended_unix = "failed", time.time()
         record.error = error_summary(self.plan.root / record.name) or _ray_error(trial)
+        end_child(self.plan.trials[record.index].config, self.plan.root / record.name, "FAILED", record.error)
         self.state.save()
         console.print(f"[red]failed[/] {record.name}: {record.error}")
         self.bar.update(self.task, advance=1)

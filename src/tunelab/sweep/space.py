@@ -144,7 +144,7 @@ def resolve_search(space: Space, search: str, samples: int | None, where: str) -
             raise ConfigError(f"{where}: a grid needs a list of values for every key, and {ranged} is a range; "
                               "use random search (sweep.search: random, --search random)")
         if samples is not None:
-            raise ConfigError(f"{where}: --samples applies to random search; this grid runs every one of its "
+            raise ConfigError(f"{where}: samples (--samples) applies to random search; this grid runs every one of its "
                               f"{math.prod(len(v) for v in lists.values())} combinations once (pass --search random "
                               "to draw from the lists instead)")
         return "grid", math.prod(len(v) for v in lists.values())

@@ -74,14 +74,20 @@ def start_child(cfg: RunConfig, run: RunPaths, parent_id: str, params: dict[str,
                                                     "tracking_uri": redact_uris(tracking_uri(cfg))}))
 
 
-def kill_child(cfg: RunConfig, run_dir: Path) -> None:
-    """A trial cut short by a killed sweep: its MLflow run ends as KILLED before the trial starts over."""
+def end_child(cfg: RunConfig, run_dir: Path, status: str, reason: str) -> None:
+    """End a trial's MLflow run that its own process could not end: KILLED when ASHA stopped it or a killed sweep
+    cut it short (it starts over on --resume), FAILED when it raised. `reason` goes in a tag. KILLED wins over
+    the FAILED a trial's training marks on its way out when Tune stops its worker."""
     stamp = run_dir / RUN_ID_FILE
     if not cfg.track.enabled or not stamp.is_file():
         return
     try:
-        _client(cfg).set_terminated(json.loads(stamp.read_text())["run_id"], "KILLED")
-    except Exception:  # noqa: BLE001
+        client = _client(cfg)
+        run_id = json.loads(stamp.read_text())["run_id"]
+        client.set_tag(run_id, "tunelab.sweep_trial_end", reason)
+        if status == "KILLED" or client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status)
+    except Exception:  # noqa: BLE001 - bookkeeping only
         pass
 
 

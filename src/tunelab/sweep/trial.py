@@ -67,6 +67,8 @@ def run_trial(config: dict[str, Any], payload: dict[str, Any]) -> None:
             run = pipeline.open_run(cfg, starting_training=True)
             result = pipeline.stage_train(cfg, run, on_metrics=_reporter(tune.report))
             pipeline.stage_eval(cfg, run)
+        except (SystemExit, KeyboardInterrupt):  # Tune stopping this worker (ASHA, the sweep ending): not an error
+            raise
         except BaseException as err:
             _record_error(run, err)
             raise
