@@ -236,6 +236,9 @@ def test_a_sweep_killed_with_sigkill_resumes_and_runs_only_the_unfinished_trials
         assert _stamp(root / name) == stamp
     rerun = [n for n in after if n not in done]
     assert rerun and all(after[n]["attempts"] >= 1 and (root / n / "eval" / "metrics.json").is_file() for n in rerun)
+    cut_short = [t["name"] for t in before if t["status"] == "running"]
+    assert all(after[n]["attempts"] == 2 for n in cut_short)  # started over in a clean folder
+    print(f"killed after {len(done)} finished trials ({len(cut_short)} under way); the resume ran {len(rerun)}")
     assert all(n in resumed.stdout for n in after)  # the table lists every trial
     best = min(after.values(), key=lambda t: t["objective"])
     assert f"best config: {root / 'best.yaml'}" in resumed.stdout.replace("\n", "")
