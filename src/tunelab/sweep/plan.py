@@ -203,12 +203,15 @@ def _check_runs(cfg: RunConfig, configs: list[RunConfig]) -> None:
         raise ConfigError("cluster.backend: ray trains one run on several Ray workers; a sweep runs each trial as one "
                           "Ray Tune trial (sweep.cpus_per_trial, sweep.gpus_per_trial). Set cluster.backend: local "
                           "(cluster.ray_address still chooses the cluster)")
-    source = locate_model(cfg.model)
     device = "cpu" if cfg.sweep.gpus_per_trial == 0 else "cuda"  # where trials train is known once Ray is up
+    sources: dict[str, Any] = {}
     problems: list[str] = []
     for c in configs:
+        key = c.model.model_dump_json()  # the model may be one of the swept keys
+        if key not in sources:
+            sources[key] = locate_model(c.model)
         try:
-            check_compatibility(c, device, source)
+            check_compatibility(c, device, sources[key])
         except ConfigError as err:
             problems += [p for p in err.problems if p not in problems]
     if problems:
