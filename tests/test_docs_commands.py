@@ -99,7 +99,7 @@ def test_doc_command_parses(where, argv):
 def _cheap(argv: list[str]) -> bool:
     if argv[1:] in (["version"], ["--help"]) or argv[-1] == "--help":
         return True
-    return len(argv) >= 4 and argv[1] == "run" and "--dry-run" in argv and (ROOT / argv[2]).is_file()
+    return len(argv) >= 4 and argv[1] in ("run", "sweep") and "--dry-run" in argv and (ROOT / argv[2]).is_file()
 
 
 CHEAP = [(w, a) for w, a in COMMANDS if _cheap(a)]

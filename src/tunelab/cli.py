@@ -20,6 +20,7 @@ from tunelab import __version__
 from tunelab.cli_common import ConfigArg, SetOpt, UriOpt, out
 from tunelab.cli_common import load as _load
 from tunelab.cli_ship import export_app, k8s_app, serve
+from tunelab.cli_sweep import sweep
 from tunelab.errors import TunelabError
 
 app = typer.Typer(
@@ -38,6 +39,7 @@ app.add_typer(runs_app, name="runs")
 app.add_typer(export_app, name="export")
 app.add_typer(k8s_app, name="k8s")
 app.command()(serve)
+app.command()(sweep)
 
 
 @app.command()

@@ -25,9 +25,10 @@ from tunelab.config_data import (
 )
 from tunelab.config_harness import HarnessConfig, as_harness
 from tunelab.config_section import Section
+from tunelab.config_sweep import SweepConfig
 
 __all__ = ["CleanConfig", "ClusterConfig", "ContaminationConfig", "DataConfig", "DedupConfig", "Format", "K8sConfig",
-           "K8sStorageConfig", "ReplayConfig", "RunConfig", "Section", "SourceConfig", "as_sources"]
+           "K8sStorageConfig", "ReplayConfig", "RunConfig", "Section", "SourceConfig", "SweepConfig", "as_sources"]
 
 
 class ModelConfig(Section):
@@ -318,6 +319,7 @@ class RunConfig(Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     k8s: K8sConfig = Field(default_factory=K8sConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
 
 def unsafe_output_dir(folder: Path, config_file: Path | None = None) -> str | None:

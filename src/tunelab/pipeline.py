@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,7 +180,10 @@ def tracker_for(cfg: RunConfig, run: RunPaths) -> Any:
     return Tracker(cfg, run)
 
 
-def stage_train(cfg: RunConfig, run: RunPaths, resume: bool = False) -> Any:
+def stage_train(cfg: RunConfig, run: RunPaths, resume: bool = False,
+                on_metrics: Callable[[dict[str, Any]], None] | None = None) -> Any:
+    """Train into `run`; every metrics row (loss, val loss) also goes to MLflow and to `on_metrics` (a sweep
+    trial's reporter), as it is written."""
     from tunelab.models import model_record
     from tunelab.train.preference import train_preference
     from tunelab.train.sft import train_sft
@@ -200,10 +203,10 @@ def stage_train(cfg: RunConfig, run: RunPaths, resume: bool = False) -> Any:
         trainer = train_on_ray
     monitor = tracker.system_metrics() if tracker is not None else None
     try:
-        result = trainer(cfg, run, dataset, resume=resume, on_metrics=tracker.log_metrics if tracker else None)
-    except BaseException:
-        if tracker is not None:
-            tracker.finish("FAILED")
+        result = trainer(cfg, run, dataset, resume=resume, on_metrics=_both(tracker, on_metrics))
+    except BaseException as err:
+        if tracker is not None:  # stopped from outside (Ctrl-C; a sweep's scheduler ending the trial) is not a failure
+            tracker.finish("KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise
     finally:
         if monitor is not None:
@@ -216,6 +219,18 @@ def stage_train(cfg: RunConfig, run: RunPaths, resume: bool = False) -> Any:
         tracker.log_trained()
         tracker.finish()
     return result
+
+
+def _both(tracker: Any, sink: Callable[[dict[str, Any]], None] | None) -> Callable[[dict[str, Any]], None] | None:
+    sinks = [s for s in (tracker.log_metrics if tracker is not None else None, sink) if s is not None]
+    if len(sinks) < 2:
+        return sinks[0] if sinks else None
+
+    def both(row: dict[str, Any]) -> None:
+        for s in sinks:
+            s(row)
+
+    return both
 
 
 def stage_eval(cfg: RunConfig, run: RunPaths) -> Any:

@@ -100,7 +100,7 @@ def train_on_ray(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool =
                                      resources_per_worker=c.worker_resources()),
         run_config=RayRunConfig(name=f"{run.root.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=storage),
     )
-    started_here = _connect(cfg)
+    started_here = connect_ray(cfg)
     console.print(f"Ray: {c.num_workers} {'GPU' if c.use_gpu else 'CPU'} workers, {c.strategy}, "
                   f"{c.worker_resources()} each")
     try:
@@ -214,9 +214,10 @@ def _storage_path(cfg: RunConfig, run: RunPaths) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def _connect(cfg: RunConfig) -> bool:
+def connect_ray(cfg: RunConfig, log_to_driver: bool = True) -> bool:
     """Use the Ray session already open in this process, connect to cluster.ray_address, or start a local
-    cluster for this run. Returns whether this call started one (and should stop it)."""
+    cluster for this run. Returns whether this call started one (and should stop it). `log_to_driver`: show the
+    workers' output here (a sweep's trials keep theirs in Ray's logs and their run folders)."""
     import ray
 
     if ray.is_initialized():
@@ -226,11 +227,11 @@ def _connect(cfg: RunConfig) -> bool:
         # A cluster that lives only for this run, on this machine: no token to write or share, and no dashboard
         # (it needs packages ray[train] does not bring).
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(include_dashboard=False, log_to_driver=True,
+        ray.init(include_dashboard=False, log_to_driver=log_to_driver,
                  runtime_env={"worker_process_setup_hook": "tunelab.cluster.ray_runner.quiet_worker_logs"})
         return True
     try:
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=log_to_driver)
     except (ConnectionError, RuntimeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"cluster.ray_address: cannot connect to Ray at {address}: {first}") from None

@@ -17,7 +17,8 @@ from tunelab.train.collate import PaddingCollator
 
 
 class MetricsCallback(TrainerCallback):
-    """Appends one JSON line per log event (step, loss, lr, grad norm, tokens/s) and drives the bar."""
+    """Appends one JSON line per log event (step, loss, lr, grad norm, tokens/s) and per val-loss evaluation, and
+    drives the bar."""
 
     def __init__(self, path: Path, collator: PaddingCollator | PackedCollator | None,
                  sink: Callable[[dict[str, Any]], None] | None = None) -> None:
@@ -79,6 +80,14 @@ class MetricsCallback(TrainerCallback):
         self.log_row(row)
         if self._bar is not None:
             self._bar.update(self._task, info=f"loss {loss:.4f}  {row['tokens_per_second'] or 0:.0f} tok/s")
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None,
+                    **kwargs: Any) -> None:
+        """The val loss of each train.eval_steps evaluation, as its own row (the loss curve's val points; what a
+        sweep's early stopping compares trials on)."""
+        loss = (metrics or {}).get("eval_loss")
+        if loss is not None:
+            self.log_row({"step": state.global_step, "eval_loss": float(loss)})
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._bar is not None:
