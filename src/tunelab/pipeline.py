@@ -110,7 +110,7 @@ def _replay_line(replay: dict[str, Any]) -> list[str]:
 def _gate_line(cfg: RunConfig) -> str:
     from tunelab.eval.gate import gate_rules
 
-    rules, source = gate_rules(cfg.eval)
+    rules, source = gate_rules(cfg.eval, cfg.objective.type)
     if not rules:
         return "gate: none (eval.gate: [])" if source == "config" else "gate: none measurable by this eval"
     return f"gate ({source}): " + "; ".join(rules)

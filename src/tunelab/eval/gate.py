@@ -68,11 +68,15 @@ def default_rules(eval_cfg: EvalConfig) -> list[str]:
     return rules
 
 
-def gate_rules(eval_cfg: EvalConfig) -> tuple[list[str], str]:
-    """The rules in force and where they come from: ("config" or "default")."""
-    if eval_cfg.gate is None:
-        return default_rules(eval_cfg), "default"
-    return list(eval_cfg.gate), "config"
+def gate_rules(eval_cfg: EvalConfig, objective: str = "sft") -> tuple[list[str], str]:
+    """The rules in force and where they come from: "config", "default", or "none".
+
+    A reward model measures one number and no base, so the default gate has nothing to compare there."""
+    if eval_cfg.gate is not None:
+        return list(eval_cfg.gate), "config"
+    if objective == "reward":
+        return [], "none"
+    return default_rules(eval_cfg), "default"
 
 
 def check_syntax(rule: str) -> None:

@@ -14,7 +14,7 @@ from tunelab.artifacts import (
 from tunelab.config import RunConfig
 from tunelab.data.prepare import load_dataset
 from tunelab.errors import RunFolderError
-from tunelab.eval.gate import evaluate_gate
+from tunelab.eval.gate import evaluate_gate, gate_rules
 from tunelab.models import load_tokenizer
 
 
@@ -29,11 +29,9 @@ def evaluate_reward_run(cfg: RunConfig, run: RunPaths) -> Any:
     suites = {"test": {"n_examples": len(test), "metrics": ["pairwise_accuracy"],
                        "systems": {"tuned": {"pairwise_accuracy": accuracy}}}}
     metrics = manifest("eval", systems=["tuned"], suites=suites, forgetting=None, timing={})
-    # A reward model measures one number and no base: the default gate (tuned vs base, probes) has nothing to
-    # compare, so only rules the config states apply.
-    metrics["gate_source"] = "config" if cfg.eval.gate is not None else "none"
+    rules, metrics["gate_source"] = gate_rules(cfg.eval, cfg.objective.type)
     metrics["gate"] = [{"rule": g.rule, "passed": g.passed, "left": g.left, "right": g.right}
-                       for g in evaluate_gate(cfg.eval.gate or [], metrics)]
+                       for g in evaluate_gate(rules, metrics)]
     with atomic_dir(run.eval) as tmp:
         write_json_atomic(tmp / "metrics.json", metrics)
         write_text_atomic(tmp / "report.md", f"# Reward model: {run.root.name}\n\nPairwise accuracy on "

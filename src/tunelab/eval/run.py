@@ -125,7 +125,7 @@ def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
 
         metrics["judge"] = judge_rows(cfg.eval.judge, rows, [s.name for s in systems])
     gate_error = None
-    rules, metrics["gate_source"] = gate_rules(cfg.eval)
+    rules, metrics["gate_source"] = gate_rules(cfg.eval, cfg.objective.type)
     try:
         gate = evaluate_gate(rules, metrics)
     except ConfigError as err:  # a rule naming an unmeasured number: keep the eval, then say so

@@ -14,7 +14,7 @@ from typing import Any
 
 from tunelab.config import RunConfig
 from tunelab.errors import ConfigError
-from tunelab.eval.gate import check_syntax, evaluate_gate
+from tunelab.eval.gate import check_syntax, evaluate_gate, gate_rules
 from tunelab.eval.probes import CATEGORIES
 
 LOWER_IS_BETTER = ("loss", "perplexity", "drop", "mean_words")
@@ -45,7 +45,10 @@ def expected_metrics(cfg: RunConfig) -> dict[str, Any]:
         forgetting = {"n_probes": 0, **{s: dict.fromkeys([*CATEGORIES, "overall"], 0.0) for s in probed}}
         if len(probed) == 2:
             forgetting.update(dict.fromkeys(["drop", *(f"{c}_drop" for c in CATEGORIES)], 0.0))
-    return {"suites": suites, "forgetting": forgetting}
+    skeleton: dict[str, Any] = {"suites": suites, "forgetting": forgetting}
+    if cfg.eval.harness is not None:
+        skeleton["harness"] = {"tasks": {t: {"base": 0.0, "tuned": 0.0, "drop": 0.0} for t in cfg.eval.harness.tasks}}
+    return skeleton
 
 
 def check_goals(objective: str, constraints: list[str], configs: list[RunConfig],
@@ -61,7 +64,7 @@ def check_goals(objective: str, constraints: list[str], configs: list[RunConfig]
         rules.insert(0, (labels["objective"], f"{objective} >= 0"))
     for cfg in configs:
         skeleton = expected_metrics(cfg)
-        for where, rule in [*rules, *(("eval.gate", r) for r in cfg.eval.gate)]:
+        for where, rule in [*rules, *(("eval.gate", r) for r in gate_rules(cfg.eval, cfg.objective.type)[0])]:
             try:
                 evaluate_gate([rule], skeleton)
             except ConfigError as err:
