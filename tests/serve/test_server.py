@@ -114,8 +114,11 @@ def test_malformed_bodies_are_400(server: str) -> None:
     assert raw.status_code == 400 and raw.json()["error"]["code"] == "invalid_request"
 
 
-def test_64_concurrent_mixed_adapter_requests_equal_sequential(live_server, monkeypatch) -> None:
-    url, engine = live_server(adapters=("alpha", "beta"), max_batch=16, max_queue=128)
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_64_concurrent_mixed_adapter_requests_equal_sequential(live_server, monkeypatch, batching: str) -> None:
+    from tunelab.serve import continuous, static_batch
+
+    url, engine = live_server(adapters=("alpha", "beta"), max_batch=16, max_queue=128, batching=batching)
     c = client(url, key=None)
     jobs = [(["base", "alpha", "beta"][i % 3], PROMPTS[i % len(PROMPTS)]) for i in range(64)]
 
@@ -125,9 +128,15 @@ def test_64_concurrent_mixed_adapter_requests_equal_sequential(live_server, monk
         return reply.choices[0].message.content
 
     sequential = {job: ask(job) for job in dict.fromkeys(jobs)}  # one at a time: 12 distinct requests
-    batches: list[list[str]] = []  # the model of each row, per decoded batch
-    decode = engine._decode
-    monkeypatch.setattr(engine, "_decode", lambda batch: (batches.append([r.model for r in batch]), decode(batch))[1])
+    batches: list[list[str]] = []  # the model of each row, per decoded batch (static) or decode step (continuous)
+    if batching == "static":
+        decode = static_batch._decode
+        monkeypatch.setattr(static_batch, "_decode",
+                            lambda e, batch: (batches.append([r.model for r in batch]), decode(e, batch))[1])
+    else:
+        forward = continuous.ContinuousBatcher._forward
+        monkeypatch.setattr(continuous.ContinuousBatcher, "_forward",
+                            lambda self, rows: (batches.append([r.request.model for r in rows]), forward(self, rows))[1])
     before = _histogram_count(url, "tunelab_batch_size")
     with ThreadPoolExecutor(max_workers=64) as pool:
         with engine.lock:  # the worker holds a first batch and waits: every other request queues meanwhile
@@ -137,7 +146,8 @@ def test_64_concurrent_mixed_adapter_requests_equal_sequential(live_server, monk
                 time.sleep(0.05)
         concurrent = [f.result() for f in futures]
     assert concurrent == [sequential[job] for job in jobs]
-    assert sorted(m for batch in batches for m in batch) == sorted(model for model, _ in jobs)
+    if batching == "static":  # each request is decoded in exactly one batch
+        assert sorted(m for batch in batches for m in batch) == sorted(model for model, _ in jobs)
     assert max(len(batch) for batch in batches) == 16  # full batches, not one request at a time
     # Rows of different adapters (and of the base) were decoded together in one batch, each under its own.
     assert any({"base", "alpha", "beta"} <= set(batch) for batch in batches), batches
