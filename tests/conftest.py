@@ -132,3 +132,14 @@ def browser(tmp_path: Path):
     chromium = Browser(tmp_path / "chromium-profile")
     yield chromium
     chromium.close()
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A real local Ray cluster for one test module (2 CPUs, no dashboard), shut down after it."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False)
+    yield
+    ray.shutdown()

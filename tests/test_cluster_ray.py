@@ -10,7 +10,6 @@ each optimizer step sees the same gradient. Dropout is 0 and the adapter is init
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -26,16 +25,6 @@ pytestmark = pytest.mark.ray
 # difference. A run whose gradients are not synchronized misses by 0.065 (measured), far outside these bounds.
 LOSS_TOLERANCE = 1e-4
 WEIGHT_TOLERANCE = 1e-3
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _config(tiny_config, folder: Path, batch_size: int, cluster: dict, track: bool):

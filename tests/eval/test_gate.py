@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from tunelab.config import EvalConfig, SuiteConfig
 from tunelab.config_file import validate_config
 from tunelab.errors import ConfigError
-from tunelab.config import EvalConfig, SuiteConfig
 from tunelab.eval.gate import evaluate_gate, gate_rules
 
 METRICS = {

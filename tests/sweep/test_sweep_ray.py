@@ -23,16 +23,6 @@ pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _base(tiny_config, folder: Path, track: bool = False):
     cfg = tiny_config.model_copy(deep=True)
     cfg.eval.systems = ["base", "tuned"]

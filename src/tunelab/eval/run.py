@@ -15,9 +15,9 @@ from typing import Any
 
 from tunelab.artifacts import (
     RunPaths,
-    sha256_text,
     atomic_dir,
     manifest,
+    sha256_text,
     write_json_atomic,
     write_jsonl_atomic,
     write_text_atomic,
