@@ -167,7 +167,9 @@ def serve(options: ServeOptions) -> None:
     import uvicorn
 
     from tunelab.progress import console
+    from tunelab.serve.memory import keep_memory_flat
 
+    trimming = keep_memory_flat()  # before the engine's and the server's threads start (arenas are per thread)
     app, engine = build_server(options)
     url = f"http://{options.host}:{options.port}"
     console.print(f"serving {', '.join(engine.model_names())} at {url}/v1 (playground: {url}/)"
@@ -177,6 +179,8 @@ def serve(options: ServeOptions) -> None:
         uvicorn.run(app, host=options.host, port=options.port, log_level="warning", timeout_graceful_shutdown=5)
     finally:
         engine.shutdown()
+        if trimming is not None:
+            trimming.set()
 
 
 def batching_note(engine: Any) -> str:
