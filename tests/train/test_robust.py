@@ -24,14 +24,14 @@ def adapter_tensors(run_dir) -> dict[str, torch.Tensor]:
 
 
 def test_sigkill_then_resume_reaches_the_uninterrupted_result(tiny_config, tmp_path):
-    tiny_config.train.max_steps = 160
+    tiny_config.train.max_steps = 80
     tiny_config.train.save_steps = 10
     tiny_config.train.batch_size = 4
     tiny_config.train.learning_rate = 1e-3
     tiny_config.train.keep_checkpoints = 2
     tiny_config.output.dir = tmp_path / "uninterrupted"
     reference = pipeline.stage_train(tiny_config, pipeline.open_run(tiny_config, starting_training=True))
-    assert reference.steps == 160
+    assert reference.steps == 80
 
     tiny_config.output.dir = tmp_path / "killed"
     config_path = tmp_path / "killed.yaml"
@@ -47,11 +47,14 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_result(tiny_config, tmp_p
     os.kill(process.pid, signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     assert not (tmp_path / "killed" / "adapter").exists()
-    assert len(complete_checkpoints(checkpoints)) <= 2  # only the newest are kept
+    # The newest two are kept; old ones are pruned only after the new one is complete, so a kill between the two
+    # (seen under load) leaves one more: never fewer than the newest complete checkpoint.
+    assert len(complete_checkpoints(checkpoints)) <= 3
 
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Resuming from" in resumed.stderr
+    assert len(complete_checkpoints(checkpoints)) <= 2  # the resumed run pruned down to the newest two
     a, b = adapter_tensors(tmp_path / "uninterrupted"), adapter_tensors(tmp_path / "killed")
     assert a.keys() == b.keys()
     for name in a:
@@ -115,15 +118,15 @@ def test_early_stopping_stops_when_val_loss_stalls(tiny_config):
 
 
 def test_wall_time_budget_stops_with_a_checkpoint_that_resumes(tiny_config):
-    tiny_config.train.max_steps = 400
+    tiny_config.train.max_steps = 100  # well over 0.6 s of training even on a fast machine
     tiny_config.train.max_time_minutes = 0.01  # 0.6 s
     run = pipeline.open_run(tiny_config, starting_training=True)
     first = pipeline.stage_train(tiny_config, run)
-    assert first.stopped_early and first.steps < 400
+    assert first.stopped_early and first.steps < 100
     assert complete_checkpoints(run.checkpoints)[-1].name == f"checkpoint-{first.steps}"
     tiny_config.train.max_time_minutes = None
     second = pipeline.stage_train(tiny_config, run, resume=True)
-    assert second.steps == 400
+    assert second.steps == 100
 
 
 def test_neftune_adds_noise_only_while_training(tiny_config, tmp_path):
