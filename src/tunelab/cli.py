@@ -84,9 +84,10 @@ def eval_(run_dir: Annotated[str, typer.Argument(help="A run folder, or models:/
           ) -> None:
     """Evaluate base, few-shot and tuned on every suite; writes RUN_DIR/eval/; exits 1 if the gate fails."""
     from tunelab import pipeline
+    from tunelab.config_file import load_run_config
     from tunelab.registry import resolve_run_dir
 
-    cfg, run_paths = pipeline.load_run_config(resolve_run_dir(run_dir), set_)
+    cfg, run_paths = load_run_config(resolve_run_dir(run_dir), set_)
     cfg.eval.judge = _callers_judge(set_ or [], judge_config)
     if max_examples:
         cfg.eval.max_examples = max_examples

@@ -51,12 +51,12 @@ def _registry_errors(what: str, uri: str) -> Iterator[None]:
 
 def register(run_dir: Path, name: str) -> Any:
     """Create a model version from a run folder's adapter (logging the run first if it never was)."""
-    from tunelab.pipeline import load_run_config
+    from tunelab.config_file import load_run_config
     from tunelab.redaction import redact_uris
     from tunelab.track import Tracker, tracking_uri
 
     cfg, run = load_run_config(run_dir)
-    if not (run.adapter / "adapter_config.json").is_file():
+    if not run.has_adapter:
         raise TunelabError(f"registry register: {run.root} has no trained adapter to register")
     tracker = Tracker(cfg, run)
     if tracker.run_id is None or tracker.offline:

@@ -53,11 +53,6 @@ class EvalResult:
         return all(rule["passed"] for rule in self.metrics.get("gate", []))
 
 
-def trained_folder(run: RunPaths) -> Path:
-    """Where the run's trained weights and their tokenizer live: adapter/ (PEFT) or model/ (full)."""
-    return run.adapter if (run.adapter / "adapter_config.json").is_file() else run.root / "model"
-
-
 def as_chat(record: Record) -> Record | None:
     """The row as prompt + reference answer: the chosen answer of a pair, a KTO row's answer when it is
     labelled good; None where there is no reference (bad KTO answers, raw text)."""
@@ -97,7 +92,7 @@ def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
     models = Models(tuned, separate_base)
     if cfg.eval.cache_base_answers:
         models.answer_cache = (cache_root(cfg.model) / "eval", base_identity(base_folder))
-    tokenizer = chat_tokenizer(trained_folder(run), cfg.data.chat_template)  # the template used in training
+    tokenizer = chat_tokenizer(run.trained, cfg.data.chat_template)  # the template used in training
     systems = build_systems(cfg, models)
     shots = few_shot_examples(load_dataset(run.data).train, cfg.eval.few_shot_k, cfg.eval.seed)
     torch.manual_seed(cfg.eval.seed)

@@ -201,7 +201,7 @@ def save_trained(cfg: RunConfig, model: Any, tokenizer: Any, run: RunPaths, stat
     template it was trained with. `state_dict`: the gathered weights of a sharded (FSDP) model."""
     from tunelab.hub import name_base_in_adapter
 
-    target = run.root / "model" if cfg.method.type == "full" else run.adapter
+    target = run.trained_for(cfg.method.type)
     with atomic_dir(target) as tmp:
         options: dict[str, Any] = {"state_dict": state_dict} if state_dict is not None else {}
         if cfg.method.type != "full":
