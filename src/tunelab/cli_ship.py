@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tunelab.cli_common import ConfigArg, SetOpt, UriOpt, out
+from tunelab.cli_common import ConfigArg, SetOpt, UriOpt, out, print_summary
 from tunelab.cli_common import load as _load
 from tunelab.errors import TunelabError
 
@@ -118,9 +118,7 @@ def export_combine(run_dirs: Annotated[list[str], typer.Argument(help="Two or mo
         cfg, run = load_run_config(run.root)
         cfg.eval.judge = None  # the sources' stored judges are someone else's choice (see `tunelab eval`)
         result = pipeline.stage_eval(cfg, run)
-        from tunelab.cli import _print_summary  # at call time: cli imports this module
-
-        _print_summary(run.root, None, result.metrics)
+        print_summary(run.root, None, result.metrics)
 
 
 def serve(
