@@ -33,12 +33,12 @@ from tunelab.eval.gate import evaluate_gate, gate_rules
 from tunelab.eval.generate import generate_greedy
 from tunelab.eval.harness import check_harness, harness_problems, run_harness
 from tunelab.eval.html import render_html
-from tunelab.eval.loss import mean_token_loss, perplexity
 from tunelab.eval.metrics import corpus_bleu, resolve_metric
 from tunelab.eval.probes import CATEGORIES, PROBES
 from tunelab.eval.report import render_markdown
 from tunelab.eval.systems import Models, System, build_systems, few_shot_examples
 from tunelab.families import stop_texts, stop_token_ids
+from tunelab.losses import mean_token_loss, perplexity
 from tunelab.models import Precision, base_identity, cache_root, pick_device, resolve_model
 from tunelab.train.adapters import load_trained
 
