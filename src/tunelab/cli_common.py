@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tunelab.artifacts import RunPaths
+
 out = Console()
 
 ConfigArg = Annotated[Path, typer.Argument(help="Path to the YAML run config.")]
@@ -59,6 +61,7 @@ def print_summary(root: Path, train_result: Any, metrics: dict[str, Any] | None)
         for rule in metrics.get("gate", []):
             verdict = "[green]PASS[/]" if rule["passed"] else "[red]FAIL[/]"
             table.add_row(f"gate: {rule['rule']}", f"{verdict} ({rule['left']:.3f} vs {rule['right']:.3f})")
-        if (root / "eval" / "report.html").is_file():
-            table.add_row("report", str(root / "eval" / "report.html"))
+        report = RunPaths(root).eval / "report.html"
+        if report.is_file():
+            table.add_row("report", str(report))
     out.print(table)

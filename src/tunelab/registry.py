@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tunelab.artifacts import atomic_dir, sha256_folder
+from tunelab.artifacts import RunPaths, atomic_dir, sha256_folder
 from tunelab.errors import TunelabError
 
 DEFAULT_URI_ENV = "MLFLOW_TRACKING_URI"
@@ -189,7 +189,7 @@ ADAPTER_HASH_TAG = "tunelab.adapter_sha256"
 def _adapter_matches(folder: Path, mv: Any) -> bool:
     """Whether a copy's adapter/ is the one registered (versions registered before the hash was recorded pass)."""
     recorded = (mv.tags or {}).get(ADAPTER_HASH_TAG)
-    return recorded is None or sha256_folder(folder / "adapter") == recorded
+    return recorded is None or sha256_folder(RunPaths(folder).adapter) == recorded
 
 
 def lookup_version(ref: str, uri: str | None = None) -> Any:
