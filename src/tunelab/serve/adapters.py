@@ -128,12 +128,13 @@ def _resolve_adapter(name: str, source: str, roots: list[Path] | None, tracking_
         run_dir = inside_allowed_roots(Path(source), roots)
         # The folder is inside; what it links to must be too (RUN/adapter -> /elsewhere is refused), down to
         # the files the adapter is loaded from.
-        run = RunPaths(run_dir)
-        adapter_files = sorted(run.adapter.iterdir()) if run.adapter.is_dir() else []
-        for path in [run.adapter, run.config, run.chat_template, *adapter_files]:
+        inside = RunPaths(run_dir)
+        adapter_files = sorted(inside.adapter.iterdir()) if inside.adapter.is_dir() else []
+        for path in [inside.adapter, inside.config, inside.chat_template, *adapter_files]:
             if path.exists() or path.is_symlink():
                 inside_allowed_roots(path, roots)
-    adapter_dir, config_file = RunPaths(run_dir).adapter, RunPaths(run_dir).adapter_config
+    run = RunPaths(run_dir)
+    adapter_dir, config_file = run.adapter, run.adapter_config
     if not config_file.is_file():
         raise ServeError(f"{source}: no trained adapter (adapter/adapter_config.json); serve full fine-tunes with "
                          "--base RUN/model", status=404, code="adapter_not_found")
