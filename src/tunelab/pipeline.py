@@ -280,4 +280,3 @@ def update_run_manifest(run: RunPaths, **sections: Any) -> None:
     current = json.loads(run.manifest.read_text()) if run.manifest.is_file() else {}
     current.update(manifest("run", config_sha256=sha256_file(run.config)), **sections)
     write_json_atomic(run.manifest, current)
-
