@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 from tunelab.chat import render_prompt, with_system_prompt, without_default_bos
+from tunelab.config_file import load_run_config
 from tunelab.data.prepare import load_dataset
 from tunelab.export import gguf_check
 from tunelab.families import stop_token_ids
 from tunelab.models import load_tokenizer
-from tunelab.pipeline import load_run_config
 
 
 def main() -> None:

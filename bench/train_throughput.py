@@ -91,7 +91,7 @@ def eval_loss(model: Any, tokenizer: Any, data: Path) -> float:
 
     from tunelab.chat import encode_records
     from tunelab.data.load import load_records
-    from tunelab.eval.loss import mean_token_loss
+    from tunelab.losses import mean_token_loss
 
     examples, _ = encode_records(tokenizer, load_records(data / "eval.jsonl"), None, 2048)
     model.float()

@@ -16,6 +16,7 @@ import torch
 
 from tunelab import pipeline
 from tunelab.artifacts import sha256_folder
+from tunelab.config_file import load_run_config
 from tunelab.errors import TunelabError
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
@@ -91,7 +92,7 @@ def test_registry_promotes_only_on_evidence_and_resolves_models_uris(tiny_config
     assert versions["1"]["aliases"] == ["champion"] and versions["2"]["forced"] == "A/B test on 5% of traffic"
 
     folder = resolve_run_dir("models:/animals@champion", uri)
-    cfg, run = pipeline.load_run_config(folder)
+    cfg, run = load_run_config(folder)
     cfg.track.enabled = False
     cfg.eval.systems = ["base", "tuned"]
     metrics = pipeline.stage_eval(cfg, run).metrics

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tunelab import __version__
 
@@ -110,7 +110,56 @@ class RunPaths:
 
     @property
     def adapter(self) -> Path:
+        """Where PEFT methods (LoRA, QLoRA, DoRA, prompt tuning, ...) save the trained adapter."""
         return self.root / "adapter"
+
+    @property
+    def adapter_config(self) -> Path:
+        return self.adapter / "adapter_config.json"
+
+    @property
+    def model(self) -> Path:
+        """Where full fine-tuning saves the whole trained model."""
+        return self.root / "model"
+
+    def trained_for(self, method_type: str) -> Path:
+        """Where training with this method.type writes (and exports read) the trained weights."""
+        return self.model if method_type == "full" else self.adapter
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.adapter_config.is_file()
+
+    @property
+    def has_full_model(self) -> bool:
+        return (self.model / "config.json").is_file()
+
+    @property
+    def kind(self) -> Literal["adapter", "full"] | None:
+        """What training left here, judged by the files a loader needs; the adapter wins if both are present."""
+        if self.has_adapter:
+            return "adapter"
+        return "full" if self.has_full_model else None
+
+    @property
+    def is_trained(self) -> bool:
+        return self.kind is not None
+
+    @property
+    def trained(self) -> Path:
+        """The trained weights' folder (the adapter if there is one, else the full model): the tokenizer and
+        chat template used in training are saved beside them."""
+        return self.adapter if self.has_adapter else self.model
+
+    @property
+    def holds_trained_folder(self) -> bool:
+        """An adapter/ or model/ folder is here, complete or not (a folder a loader would refuse counts too)."""
+        return self.adapter.exists() or self.model.exists()
+
+    @property
+    def holds_training(self) -> bool:
+        """Training has written here: a trained folder, or the checkpoints of an interrupted run."""
+        return self.holds_trained_folder or self.checkpoints.exists()
 
     @property
     def chat_template(self) -> Path:

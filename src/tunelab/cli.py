@@ -17,7 +17,7 @@ import typer
 from rich.table import Table
 
 from tunelab import __version__
-from tunelab.cli_common import ConfigArg, SetOpt, UriOpt, out
+from tunelab.cli_common import ConfigArg, SetOpt, UriOpt, out, print_summary
 from tunelab.cli_common import load as _load
 from tunelab.cli_ship import export_app, k8s_app, serve
 from tunelab.cli_sweep import sweep
@@ -57,7 +57,7 @@ def run(config: ConfigArg, set_: SetOpt = None, dry_run: Annotated[bool, typer.O
         out.print(dump_config(cfg), markup=False, highlight=False)
         return
     summary = pipeline.run_all(cfg)
-    _print_summary(summary.run.root, summary.train, summary.eval.metrics)
+    print_summary(summary.run.root, summary.train, summary.eval.metrics)
     _exit_on_failed_gate(summary.eval.metrics)
 
 
@@ -71,7 +71,7 @@ def train(config: ConfigArg, set_: SetOpt = None, resume: Annotated[bool, typer.
     run_paths = pipeline.open_run(cfg, starting_training=True, resume=resume)
     with pipeline.removed_if_orphaned(run_paths):
         result = pipeline.stage_train(cfg, run_paths, resume=resume)
-    _print_summary(run_paths.root, result, None)
+    print_summary(run_paths.root, result, None)
 
 
 @app.command("eval")
@@ -84,14 +84,15 @@ def eval_(run_dir: Annotated[str, typer.Argument(help="A run folder, or models:/
           ) -> None:
     """Evaluate base, few-shot and tuned on every suite; writes RUN_DIR/eval/; exits 1 if the gate fails."""
     from tunelab import pipeline
+    from tunelab.config_file import load_run_config
     from tunelab.registry import resolve_run_dir
 
-    cfg, run_paths = pipeline.load_run_config(resolve_run_dir(run_dir), set_)
+    cfg, run_paths = load_run_config(resolve_run_dir(run_dir), set_)
     cfg.eval.judge = _callers_judge(set_ or [], judge_config)
     if max_examples:
         cfg.eval.max_examples = max_examples
     result = pipeline.stage_eval(cfg, run_paths)
-    _print_summary(run_paths.root, None, result.metrics)
+    print_summary(run_paths.root, None, result.metrics)
     _exit_on_failed_gate(result.metrics)
 
 
@@ -277,42 +278,6 @@ def _print_data_summary(folder: Path, report: dict[str, Any]) -> None:
         table.add_row(f"[bold]{name}[/]", f"[bold]{n}[/]")
     out.print(table)
     out.print(f"report: {folder / 'report.md'}")
-
-
-def _print_summary(root: Path, train_result: Any, metrics: dict[str, Any] | None) -> None:
-    table = Table(title=f"tunelab run: {root}", show_header=True)
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    if train_result is not None:
-        t = train_result
-        table.add_row("train steps", str(t.steps))
-        table.add_row("train loss first -> last", f"{t.first_loss:.4f} -> {t.last_loss:.4f}")
-        table.add_row("val loss", f"{t.val_loss:.4f}")
-        table.add_row("train time", f"{t.train_seconds:.1f} s")
-        table.add_row("train tokens/s", f"{t.tokens_per_second:.0f}")
-        table.add_row("peak memory", f"{t.peak_memory_mb:.0f} MiB")
-        table.add_row("chat template", t.chat_template)
-    if metrics is not None:
-        for suite, result in metrics["suites"].items():
-            for system, values in result["systems"].items():
-                for metric in ("exact_match", "pairwise_accuracy", "contains", "eval_loss", "mean_words"):
-                    if metric in values:
-                        shown = f"{values[metric]:.4f}" if metric in ("eval_loss", "mean_words") else f"{values[metric]:.1%}"
-                        table.add_row(f"{suite} {system} {metric} (n={result['n_examples']})", shown)
-        forgetting = metrics.get("forgetting") or {}
-        if "drop" in forgetting:
-            table.add_row("forgetting probes base -> tuned",
-                          f"{forgetting['base']['overall']:.0%} -> {forgetting['tuned']['overall']:.0%}")
-        for task, scores in ((metrics.get("harness") or {}).get("tasks") or {}).items():
-            if "drop" in scores:
-                table.add_row(f"{task} {scores['metric'].removesuffix(',none')} base -> tuned (n={scores['n']})",
-                              f"{scores['base']:.4f} -> {scores['tuned']:.4f}")
-        for rule in metrics.get("gate", []):
-            verdict = "[green]PASS[/]" if rule["passed"] else "[red]FAIL[/]"
-            table.add_row(f"gate: {rule['rule']}", f"{verdict} ({rule['left']:.3f} vs {rule['right']:.3f})")
-        if (root / "eval" / "report.html").is_file():
-            table.add_row("report", str(root / "eval" / "report.html"))
-    out.print(table)
 
 
 def _exit_on_failed_gate(metrics: dict[str, Any]) -> None:

@@ -1,5 +1,5 @@
-"""What every `tunelab` command module shares: the console, the config argument and the --set and
---tracking-uri options."""
+"""What every `tunelab` command module shares: the console, the config argument, the --set and
+--tracking-uri options, and the run summary table."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
+
+from tunelab.artifacts import RunPaths
 
 out = Console()
 
@@ -24,3 +27,41 @@ def load(config: Path, overrides: list[str] | None) -> Any:
     from tunelab.config_file import load_config
 
     return load_config(config, overrides or [])
+
+
+def print_summary(root: Path, train_result: Any, metrics: dict[str, Any] | None) -> None:
+    """The table `run`, `train`, `eval` and `export combine` end with: training figures, eval metrics, gate."""
+    table = Table(title=f"tunelab run: {root}", show_header=True)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    if train_result is not None:
+        t = train_result
+        table.add_row("train steps", str(t.steps))
+        table.add_row("train loss first -> last", f"{t.first_loss:.4f} -> {t.last_loss:.4f}")
+        table.add_row("val loss", f"{t.val_loss:.4f}")
+        table.add_row("train time", f"{t.train_seconds:.1f} s")
+        table.add_row("train tokens/s", f"{t.tokens_per_second:.0f}")
+        table.add_row("peak memory", f"{t.peak_memory_mb:.0f} MiB")
+        table.add_row("chat template", t.chat_template)
+    if metrics is not None:
+        for suite, result in metrics["suites"].items():
+            for system, values in result["systems"].items():
+                for metric in ("exact_match", "pairwise_accuracy", "contains", "eval_loss", "mean_words"):
+                    if metric in values:
+                        shown = f"{values[metric]:.4f}" if metric in ("eval_loss", "mean_words") else f"{values[metric]:.1%}"
+                        table.add_row(f"{suite} {system} {metric} (n={result['n_examples']})", shown)
+        forgetting = metrics.get("forgetting") or {}
+        if "drop" in forgetting:
+            table.add_row("forgetting probes base -> tuned",
+                          f"{forgetting['base']['overall']:.0%} -> {forgetting['tuned']['overall']:.0%}")
+        for task, scores in ((metrics.get("harness") or {}).get("tasks") or {}).items():
+            if "drop" in scores:
+                table.add_row(f"{task} {scores['metric'].removesuffix(',none')} base -> tuned (n={scores['n']})",
+                              f"{scores['base']:.4f} -> {scores['tuned']:.4f}")
+        for rule in metrics.get("gate", []):
+            verdict = "[green]PASS[/]" if rule["passed"] else "[red]FAIL[/]"
+            table.add_row(f"gate: {rule['rule']}", f"{verdict} ({rule['left']:.3f} vs {rule['right']:.3f})")
+        report = RunPaths(root).eval / "report.html"
+        if report.is_file():
+            table.add_row("report", str(report))
+    out.print(table)

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tunelab.cli_common import ConfigArg, SetOpt, UriOpt, out
+from tunelab.cli_common import ConfigArg, SetOpt, UriOpt, out, print_summary
 from tunelab.cli_common import load as _load
 from tunelab.errors import TunelabError
 
@@ -27,13 +27,13 @@ def export_merge(run_dir: Annotated[str, typer.Argument(help="A run folder, or m
                  max_diff: Annotated[float, typer.Option(help="Largest allowed logit difference.")] = 1e-3,
                  overwrite: OverwriteOpt = False) -> None:
     """Merge the adapter into the base in float32, verify the logits, then cast and save a plain HF folder."""
-    from tunelab import pipeline
+    from tunelab.config_file import load_run_config
     from tunelab.export.merge import ExportError, check_out, merge_run
     from tunelab.registry import resolve_run_dir
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ExportError(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
-    cfg, run = pipeline.load_run_config(resolve_run_dir(run_dir))
+    cfg, run = load_run_config(resolve_run_dir(run_dir))
     if out_dir is not None:
         check_out(out_dir, run, overwrite)
     result = merge_run(cfg, run, out_dir or run.root / "export" / "merged", dtype, max_diff)
@@ -51,12 +51,12 @@ def export_gguf(run_dir: Annotated[str, typer.Argument(help="A run folder, or mo
                 modelfile: Annotated[bool, typer.Option(help="Write an Ollama Modelfile.")] = True,
                 overwrite: OverwriteOpt = False) -> None:
     """A GGUF for llama.cpp / Ollama, made and quantized by llama.cpp's tools, checked in llama.cpp."""
-    from tunelab import pipeline
+    from tunelab.config_file import load_run_config
     from tunelab.export.gguf import export_gguf as run_export
     from tunelab.export.merge import check_out
     from tunelab.registry import resolve_run_dir
 
-    cfg, run = pipeline.load_run_config(resolve_run_dir(run_dir))
+    cfg, run = load_run_config(resolve_run_dir(run_dir))
     if out_dir is not None:
         check_out(out_dir, run, overwrite)
     default = run.root / "export" / (f"gguf-lora-{quant}" if adapter_only else f"gguf-{quant}")
@@ -72,12 +72,12 @@ def export_int4(run_dir: Annotated[str, typer.Argument(help="A run folder, or mo
                 out_dir: Annotated[Path | None, typer.Option("--out", help="Default: RUN_DIR/export/int4.")] = None,
                 overwrite: OverwriteOpt = False) -> None:
     """The merged model in bitsandbytes 4-bit NF4, for transformers and vLLM, compared with float32."""
-    from tunelab import pipeline
+    from tunelab.config_file import load_run_config
     from tunelab.export.int4 import export_int4 as run_export
     from tunelab.export.merge import check_out
     from tunelab.registry import resolve_run_dir
 
-    cfg, run = pipeline.load_run_config(resolve_run_dir(run_dir))
+    cfg, run = load_run_config(resolve_run_dir(run_dir))
     if out_dir is not None:
         check_out(out_dir, run, overwrite)
     result = run_export(cfg, run, out_dir or run.root / "export" / "int4")
@@ -100,6 +100,7 @@ def export_combine(run_dirs: Annotated[list[str], typer.Argument(help="Two or mo
                    ) -> None:
     """Blend LoRA adapters trained on one base into one adapter (PEFT add_weighted_adapter), as a run folder."""
     from tunelab import pipeline
+    from tunelab.config_file import load_run_config
     from tunelab.export.combine import HOW, NEEDS_DENSITY, combine_runs, load_source
     from tunelab.export.merge import ExportError
     from tunelab.registry import resolve_run_dir
@@ -110,16 +111,14 @@ def export_combine(run_dirs: Annotated[list[str], typer.Argument(help="Two or mo
         raise ExportError(f"--weights: expected comma-separated numbers, got {weights!r}") from None
     if density is None and HOW.get(how) in NEEDS_DENSITY:
         density = 0.5
-    sources = [load_source(*pipeline.load_run_config(resolve_run_dir(d))) for d in run_dirs]
+    sources = [load_source(*load_run_config(resolve_run_dir(d))) for d in run_dirs]
     run = combine_runs(sources, how, parsed, out_dir, density)
     out.print(f"wrote the combined run {run.root}")
     if evaluate:
-        cfg, run = pipeline.load_run_config(run.root)
+        cfg, run = load_run_config(run.root)
         cfg.eval.judge = None  # the sources' stored judges are someone else's choice (see `tunelab eval`)
         result = pipeline.stage_eval(cfg, run)
-        from tunelab.cli import _print_summary  # at call time: cli imports this module
-
-        _print_summary(run.root, None, result.metrics)
+        print_summary(run.root, None, result.metrics)
 
 
 def serve(
@@ -208,8 +207,8 @@ def k8s_kserve(names: Annotated[list[str], typer.Argument(help="Registered adapt
                                                            "KServe picks the one for the huggingface format.")] = None,
                tracking_uri: UriOpt = None, out_file: OutFileOpt = None) -> None:
     """A KServe InferenceService serving the base model on vLLM with the registered LoRA adapters."""
-    from tunelab import pipeline
     from tunelab.cluster.k8s import adapter_reference, dump_yaml, inference_service
+    from tunelab.config_file import load_run_config
     from tunelab.registry import default_tracking_uri, lookup_version, resolve_run_dir
 
     uri = tracking_uri or default_tracking_uri()
@@ -217,7 +216,7 @@ def k8s_kserve(names: Annotated[list[str], typer.Argument(help="Registered adapt
     versions = [lookup_version(ref, uri) for ref in refs]
     adapters = [(mv.name if sum(v.name == mv.name for v in versions) == 1 else f"{mv.name}-v{mv.version}", mv)
                 for mv in versions]
-    cfg = _load(config, None) if config else pipeline.load_run_config(resolve_run_dir(refs[0], uri))[0]
+    cfg = _load(config, None) if config else load_run_config(resolve_run_dir(refs[0], uri))[0]
     rank = max((_adapter_rank(mv, uri) for mv in versions), default=None)
     manifest = inference_service(cfg, service or versions[0].name, adapters, base_uri, runtime, rank)
     _emit(dump_yaml([manifest]), out_file)
@@ -227,10 +226,11 @@ def _adapter_rank(mv: Any, uri: str) -> int:
     """The LoRA rank of a registered adapter: vLLM refuses adapters above --max-lora-rank (default 16)."""
     import json
 
+    from tunelab.artifacts import RunPaths
     from tunelab.registry import resolve_run_dir
 
-    folder = resolve_run_dir(f"models:/{mv.name}/{mv.version}", uri)
-    return int(json.loads((folder / "adapter" / "adapter_config.json").read_text()).get("r") or 0)
+    run = RunPaths(resolve_run_dir(f"models:/{mv.name}/{mv.version}", uri))
+    return int(json.loads(run.adapter_config.read_text()).get("r") or 0)
 
 
 def _emit(text: str, out_file: Path | None) -> None:

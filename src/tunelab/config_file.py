@@ -16,8 +16,9 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from tunelab.artifacts import RunPaths
 from tunelab.config import RunConfig, unsafe_output_dir
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, RunFolderError
 from tunelab.redaction import redacted_config
 
 # Pydantic error types that mean "the value has the wrong type" (as opposed to a failed constraint).
@@ -379,3 +380,11 @@ def _nearest_line(lines: dict[tuple[str, ...], int], key_path: tuple[str, ...]) 
 def dump_config(cfg: RunConfig) -> str:
     """The resolved config as YAML, every default written out, secrets redacted (tunelab.redaction)."""
     return yaml.safe_dump(redacted_config(cfg), sort_keys=False, allow_unicode=True)
+
+
+def load_run_config(run_dir: Any, overrides: list[str] | None = None) -> tuple[RunConfig, RunPaths]:
+    """The config a run folder was made with (plus `--set` overrides), for stages that take a run folder."""
+    run = RunPaths(Path(run_dir))
+    if not run.config.is_file():
+        raise RunFolderError(f"{run.root}: not a run folder (no config.yaml)")
+    return load_config(run.config, overrides, stored=True), run

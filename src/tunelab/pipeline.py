@@ -11,7 +11,6 @@ import json
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from tunelab.artifacts import (
@@ -39,7 +38,7 @@ def open_run(cfg: RunConfig, starting_training: bool, resume: bool = False) -> R
     rewritten before that, so `data prep` on a trained run cannot make its config disagree with its adapter.
     """
     run = RunPaths(cfg.output.dir)
-    trained = _is_trained(run)
+    trained = run.holds_training
     if starting_training and not resume and trained and not cfg.output.overwrite:
         raise _already_trained(run)
     if (not trained or resume) and not run.config.exists():
@@ -76,7 +75,7 @@ def preflight(cfg: RunConfig) -> list[str]:
     prepared = build_dataset(cfg, generate_replay=False)
     dataset = prepared.dataset
     run = RunPaths(cfg.output.dir)
-    if _is_trained(run) and not cfg.output.overwrite:
+    if run.holds_training and not cfg.output.overwrite:
         raise _already_trained(run)
     counts = dataset.counts()
     harness = []
@@ -129,7 +128,7 @@ def stage_data(cfg: RunConfig, run: RunPaths, resume: bool = False) -> Prepared:
 
     In a folder that holds a trained run, the data it trained on stays unless output.overwrite is set; then
     the old run is replaced, but only once the new data has validated."""
-    trained = _is_trained(run) and not resume
+    trained = run.holds_training and not resume
     if trained and not cfg.output.overwrite and not _same_data(cfg, run):
         raise RunFolderError(f"output.dir: {run.root} already holds a trained run made from other data; choose "
                              "another output.dir or pass --set output.overwrite=true to replace it")
@@ -165,10 +164,6 @@ def _remove_old_run(run: RunPaths) -> None:
 def _already_trained(run: RunPaths) -> RunFolderError:
     return RunFolderError(f"output.dir: {run.root} already holds a trained run; choose another output.dir or pass "
                           "--set output.overwrite=true to replace it")
-
-
-def _is_trained(run: RunPaths) -> bool:
-    return run.adapter.exists() or (run.root / "model").exists() or run.checkpoints.exists()
 
 
 def tracker_for(cfg: RunConfig, run: RunPaths) -> Any:
@@ -285,13 +280,3 @@ def update_run_manifest(run: RunPaths, **sections: Any) -> None:
     current = json.loads(run.manifest.read_text()) if run.manifest.is_file() else {}
     current.update(manifest("run", config_sha256=sha256_file(run.config)), **sections)
     write_json_atomic(run.manifest, current)
-
-
-def load_run_config(run_dir: Any, overrides: list[str] | None = None) -> tuple[RunConfig, RunPaths]:
-    """The config a run folder was made with (plus `--set` overrides), for stages that take a run folder."""
-    from tunelab.config_file import load_config
-
-    run = RunPaths(Path(run_dir))
-    if not run.config.is_file():
-        raise RunFolderError(f"{run.root}: not a run folder (no config.yaml)")
-    return load_config(run.config, overrides, stored=True), run

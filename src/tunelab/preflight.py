@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+from tunelab.artifacts import RunPaths
 from tunelab.config import RunConfig
 from tunelab.errors import ConfigError
 from tunelab.models import ModelSource
@@ -39,7 +40,7 @@ def check_compatibility(cfg: RunConfig, device: str, source: ModelSource | None 
     if train.early_stopping_patience and not data.val_fraction:
         problems.append("train.early_stopping_patience: needs a val split; set data.val_fraction above 0")
     start = cfg.model.adapter_from
-    if start is not None and not (start / "adapter" / "adapter_config.json").is_file():
+    if start is not None and not RunPaths(start).has_adapter:
         problems.append(f"model.adapter_from: {start} holds no trained adapter (run its training first)")
     if start is not None and method.type not in ("lora", "qlora"):
         problems.append(f"model.adapter_from: continuing an adapter needs method.type lora or qlora, not {method.type}")

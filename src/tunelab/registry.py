@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tunelab.artifacts import atomic_dir, sha256_folder
+from tunelab.artifacts import RunPaths, atomic_dir, sha256_folder
 from tunelab.errors import TunelabError
 
 DEFAULT_URI_ENV = "MLFLOW_TRACKING_URI"
@@ -51,12 +51,12 @@ def _registry_errors(what: str, uri: str) -> Iterator[None]:
 
 def register(run_dir: Path, name: str) -> Any:
     """Create a model version from a run folder's adapter (logging the run first if it never was)."""
-    from tunelab.pipeline import load_run_config
+    from tunelab.config_file import load_run_config
     from tunelab.redaction import redact_uris
     from tunelab.track import Tracker, tracking_uri
 
     cfg, run = load_run_config(run_dir)
-    if not (run.adapter / "adapter_config.json").is_file():
+    if not run.has_adapter:
         raise TunelabError(f"registry register: {run.root} has no trained adapter to register")
     tracker = Tracker(cfg, run)
     if tracker.run_id is None or tracker.offline:
@@ -189,7 +189,7 @@ ADAPTER_HASH_TAG = "tunelab.adapter_sha256"
 def _adapter_matches(folder: Path, mv: Any) -> bool:
     """Whether a copy's adapter/ is the one registered (versions registered before the hash was recorded pass)."""
     recorded = (mv.tags or {}).get(ADAPTER_HASH_TAG)
-    return recorded is None or sha256_folder(folder / "adapter") == recorded
+    return recorded is None or sha256_folder(RunPaths(folder).adapter) == recorded
 
 
 def lookup_version(ref: str, uri: str | None = None) -> Any:

@@ -149,9 +149,9 @@ class Tracker:
         self._call("artifacts", path=str(path), artifact_path=artifact_path)
 
     def log_trained(self) -> None:
-        for name in ("adapter", "model"):
-            if (self.run.root / name).is_dir():
-                self.log_folder(self.run.root / name, name)
+        for folder in (self.run.adapter, self.run.model):
+            if folder.is_dir():
+                self.log_folder(folder, folder.name)
         self.log_folder(self.run.config, None)
 
     def system_metrics(self) -> Any:
@@ -220,7 +220,7 @@ def sync(run_dir: Path) -> int:
     """Upload what a run buffered while MLflow was away; returns the number of operations sent."""
     from mlflow import MlflowClient
 
-    from tunelab.pipeline import load_run_config
+    from tunelab.config_file import load_run_config
 
     cfg, run = load_run_config(run_dir)
     buffer = run.root / BUFFER

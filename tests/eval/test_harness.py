@@ -64,12 +64,11 @@ def _independent_accuracy(cfg, run, adapter_on: bool) -> float:
     import torch
 
     from tunelab.chat import chat_tokenizer, render_prompt
-    from tunelab.eval.run import trained_folder
     from tunelab.models import Precision, resolve_model
     from tunelab.train.adapters import load_trained
 
     model, _ = load_trained(cfg, run.root, resolve_model(cfg.model), Precision("cpu", None, torch.float32))
-    tokenizer = chat_tokenizer(trained_folder(run), cfg.data.chat_template)
+    tokenizer = chat_tokenizer(run.trained, cfg.data.chat_template)
     docs = [json.loads(line) for line in (TASK_DIR / "animals.jsonl").read_text().splitlines()]
     correct = 0
     for doc in docs:

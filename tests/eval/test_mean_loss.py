@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tunelab.chat import IGNORE_INDEX
-from tunelab.eval.loss import mean_token_loss
+from tunelab.losses import mean_token_loss
 
 
 def _examples(vocab: int) -> list[dict]:

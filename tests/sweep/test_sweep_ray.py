@@ -62,7 +62,7 @@ def test_four_trials_find_the_trial_a_hand_check_says_is_best(tiny_config, tmp_p
     assert not (root / "ray").exists()
 
     # Every trial is an ordinary, complete run folder.
-    from tunelab.pipeline import load_run_config
+    from tunelab.config_file import load_run_config
 
     for t in outcome.plan.trials:
         trial_cfg, run = load_run_config(root / t.name)

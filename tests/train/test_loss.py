@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.chat import IGNORE_INDEX
+from tunelab.losses import chunked_causal_lm_loss, linear_cross_entropy_sum, supports_chunked_loss
 from tunelab.train.collate import PaddingCollator, PaddingFreeCollator
-from tunelab.train.loss import chunked_causal_lm_loss, linear_cross_entropy_sum, supports_chunked_loss
 
 
 def _leaves(n: int = 50, d: int = 16, vocab: int = 97, seed: int = 0):
@@ -132,8 +132,8 @@ def test_no_grad_computes_the_same_loss_without_gradients():
 def test_training_runs_the_chunked_loss_under_the_configured_autocast(tiny_config, monkeypatch, dtype, expected):
     """The chunked loss calls the decoder directly, past the forward the accelerator wrapped in autocast:
     bf16 training must still compute in bf16 (it once silently ran in float32)."""
+    from tunelab import losses as loss_module
     from tunelab import pipeline
-    from tunelab.train import loss as loss_module
 
     seen = []
     original = loss_module.linear_cross_entropy_sum

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from tests.conftest import write_jsonl
 from tunelab import pipeline
 from tunelab.config_file import validate_config
+from tunelab.errors import ConfigError
 
 
 def preference_rows(n: int) -> list[dict]:
@@ -113,6 +115,14 @@ def test_reward_model_trains_ranks_pairs_and_serves_as_a_grpo_reward(tmp_path, t
     accuracy = pipeline.stage_eval(cfg, run).metrics["suites"]["test"]["systems"]["tuned"]["pairwise_accuracy"]
     assert accuracy == 1.0  # chosen ("cat") vs rejected ("dog dog dog") is an easy, learnable contrast
 
+    # A gate rule on a number a reward model does not measure: the measured accuracy is written, then it fails.
+    shutil.rmtree(run.eval)
+    cfg.eval.gate = ["tuned.exact_match >= 0.5"]
+    with pytest.raises(ConfigError, match="'tuned.exact_match' was not measured"):
+        pipeline.stage_eval(cfg, run)
+    kept = json.loads((run.eval / "metrics.json").read_text())
+    assert kept["suites"]["test"]["systems"]["tuned"]["pairwise_accuracy"] == 1.0 and kept["gate"] == []
+
     cfg.objective.rewards = [f"reward_model:{run.root}"]
     (reward_model,) = resolve_rewards(cfg.objective)
     assert reward_model.config.num_labels == 1 and not hasattr(reward_model, "peft_config")
@@ -134,7 +144,6 @@ def test_grpo_trains_with_builtin_and_imported_rewards(tmp_path, tiny_model_dir)
 
 def test_builtin_rewards_score_what_they_say():
     from tunelab.config import ObjectiveConfig
-    from tunelab.errors import ConfigError
     from tunelab.train.rewards import (
         exact_match,
         json_valid,

@@ -148,7 +148,7 @@ def train_worker(config: dict[str, Any]) -> None:
         folder = Path(tmp)
         (folder / RESULT_FILE).write_text(json.dumps(result.to_json()))
         if config["deliver_trained"]:
-            trained = run.root / "model" if cfg.method.type == "full" else run.adapter
+            trained = run.trained_for(cfg.method.type)
             shutil.copytree(trained, folder / trained.name)
             if run.metrics.is_file():
                 shutil.copy2(run.metrics, folder / run.metrics.name)
@@ -294,13 +294,13 @@ def _collect(checkpoint: Any, run: RunPaths) -> TrainResult:
     with checkpoint.as_directory() as folder:
         folder = Path(folder)
         data = json.loads((folder / RESULT_FILE).read_text())
-        for name in ("adapter", "model"):
-            if (folder / name).is_dir() and not (run.root / name).exists():
-                with atomic_dir(run.root / name) as tmp:
-                    shutil.copytree(folder / name, tmp, dirs_exist_ok=True)
+        for target in (run.adapter, run.model):
+            if (folder / target.name).is_dir() and not target.exists():
+                with atomic_dir(target) as tmp:
+                    shutil.copytree(folder / target.name, tmp, dirs_exist_ok=True)
         if (folder / run.metrics.name).is_file() and not run.metrics.is_file():
             shutil.copy2(folder / run.metrics.name, run.metrics)
-    if not run.adapter.exists() and not (run.root / "model").exists():
+    if not run.holds_trained_folder:
         raise TunelabError(f"cluster: rank 0 trained, but {run.root} holds no adapter; put the run folder on storage "
                            "every node shares, or set cluster.storage_path to an object-store URI")
     return TrainResult(**data)

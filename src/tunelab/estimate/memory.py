@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 FP32 = 4
 NF4_BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
 NF4_DQ_BLOCK = 256  # double quantization: the absmaxes are 8-bit, with one fp32 absmax per 256 of them
-CHUNK_ROWS = 1024  # tunelab.train.loss.CHUNK_TOKENS: rows of logits the chunked loss holds at once
+CHUNK_ROWS = 1024  # tunelab.losses.CHUNK_TOKENS: rows of logits the chunked loss holds at once
 # On CPU, glibc's malloc keeps freed heap memory for reuse instead of returning it, so peak RSS exceeds the
 # peak of live tensors. Measured on SmolLM2 LoRA (quickstart, 2 steps): peak RSS 3248 MiB with the default
 # allocator, 2627 MiB with MALLOC_MMAP_THRESHOLD_=131072 (large blocks always returned): 621 MiB retained,

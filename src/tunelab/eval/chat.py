@@ -10,11 +10,10 @@ import sys
 from typing import Any, TextIO
 
 from tunelab.chat import chat_tokenizer, render_prompt, with_system_prompt
+from tunelab.config_file import load_run_config
 from tunelab.eval.generate import generate_greedy
-from tunelab.eval.run import trained_folder
 from tunelab.eval.systems import Models, System
 from tunelab.models import Precision, pick_device, resolve_model
-from tunelab.pipeline import load_run_config
 from tunelab.train.adapters import load_trained
 
 
@@ -26,7 +25,7 @@ def chat_loop(run_dir: Any, side_by_side: bool, max_new_tokens: int, stdin: Text
     precision = Precision(pick_device(cfg.model.device), None, torch.float32)
     tuned, separate_base = load_trained(cfg, run.root, resolve_model(cfg.model), precision)
     models = Models(tuned, separate_base)
-    tokenizer = chat_tokenizer(trained_folder(run), cfg.data.chat_template)
+    tokenizer = chat_tokenizer(run.trained, cfg.data.chat_template)
     systems = [System("base"), System("tuned", adapter="default")] if side_by_side else [System("tuned", adapter="default")]
     history: dict[str, list[dict[str, str]]] = {s.name: [] for s in systems}
     interactive = stdin.isatty()

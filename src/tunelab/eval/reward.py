@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from tunelab.artifacts import (
     RunPaths,
     atomic_dir,
@@ -14,12 +12,12 @@ from tunelab.artifacts import (
 from tunelab.config import RunConfig
 from tunelab.data.prepare import load_dataset
 from tunelab.errors import RunFolderError
-from tunelab.eval.gate import evaluate_gate, gate_rules
+from tunelab.eval.gate import gate_rules
+from tunelab.eval.result import EvalResult, gate_rows
 from tunelab.models import load_tokenizer
 
 
-def evaluate_reward_run(cfg: RunConfig, run: RunPaths) -> Any:
-    from tunelab.eval.run import EvalResult
+def evaluate_reward_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
     from tunelab.train.reward_model import load_reward_model, pairwise_accuracy
 
     test = load_dataset(run.data).test
@@ -30,10 +28,11 @@ def evaluate_reward_run(cfg: RunConfig, run: RunPaths) -> Any:
                        "systems": {"tuned": {"pairwise_accuracy": accuracy}}}}
     metrics = manifest("eval", systems=["tuned"], suites=suites, forgetting=None, timing={})
     rules, metrics["gate_source"] = gate_rules(cfg.eval, cfg.objective.type)
-    metrics["gate"] = [{"rule": g.rule, "passed": g.passed, "left": g.left, "right": g.right}
-                       for g in evaluate_gate(rules, metrics)]
+    metrics["gate"], gate_error = gate_rows(rules, metrics)  # a rule naming an unmeasured number: raised below
     with atomic_dir(run.eval) as tmp:
         write_json_atomic(tmp / "metrics.json", metrics)
         write_text_atomic(tmp / "report.md", f"# Reward model: {run.root.name}\n\nPairwise accuracy on "
                           f"{len(test)} held-out pairs: {accuracy:.1%}\n")
+    if gate_error is not None:  # the measured accuracy is written; what could not be read from it is said now
+        raise gate_error
     return EvalResult(metrics=metrics, rows=[])

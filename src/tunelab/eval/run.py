@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,33 +28,19 @@ from tunelab.data.prepare import load_dataset
 from tunelab.data.records import Record
 from tunelab.errors import ConfigError, RunFolderError
 from tunelab.eval.base_cache import cached_answers, embedding_fingerprint
-from tunelab.eval.gate import evaluate_gate, gate_rules
+from tunelab.eval.gate import gate_rules
 from tunelab.eval.generate import generate_greedy
 from tunelab.eval.harness import check_harness, harness_problems, run_harness
 from tunelab.eval.html import render_html
-from tunelab.eval.loss import mean_token_loss, perplexity
 from tunelab.eval.metrics import corpus_bleu, resolve_metric
 from tunelab.eval.probes import CATEGORIES, PROBES
 from tunelab.eval.report import render_markdown
+from tunelab.eval.result import EvalResult, gate_rows
 from tunelab.eval.systems import Models, System, build_systems, few_shot_examples
 from tunelab.families import stop_texts, stop_token_ids
+from tunelab.losses import mean_token_loss, perplexity
 from tunelab.models import Precision, base_identity, cache_root, pick_device, resolve_model
 from tunelab.train.adapters import load_trained
-
-
-@dataclass
-class EvalResult:
-    metrics: dict[str, Any]
-    rows: list[dict[str, Any]]
-
-    @property
-    def gate_passed(self) -> bool:
-        return all(rule["passed"] for rule in self.metrics.get("gate", []))
-
-
-def trained_folder(run: RunPaths) -> Path:
-    """Where the run's trained weights and their tokenizer live: adapter/ (PEFT) or model/ (full)."""
-    return run.adapter if (run.adapter / "adapter_config.json").is_file() else run.root / "model"
 
 
 def as_chat(record: Record) -> Record | None:
@@ -97,7 +82,7 @@ def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
     models = Models(tuned, separate_base)
     if cfg.eval.cache_base_answers:
         models.answer_cache = (cache_root(cfg.model) / "eval", base_identity(base_folder))
-    tokenizer = chat_tokenizer(trained_folder(run), cfg.data.chat_template)  # the template used in training
+    tokenizer = chat_tokenizer(run.trained, cfg.data.chat_template)  # the template used in training
     systems = build_systems(cfg, models)
     shots = few_shot_examples(load_dataset(run.data).train, cfg.eval.few_shot_k, cfg.eval.seed)
     torch.manual_seed(cfg.eval.seed)
@@ -124,13 +109,8 @@ def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
         from tunelab.eval.judge import judge_rows
 
         metrics["judge"] = judge_rows(cfg.eval.judge, rows, [s.name for s in systems])
-    gate_error = None
     rules, metrics["gate_source"] = gate_rules(cfg.eval, cfg.objective.type)
-    try:
-        gate = evaluate_gate(rules, metrics)
-    except ConfigError as err:  # a rule naming an unmeasured number: keep the eval, then say so
-        gate, gate_error = [], err
-    metrics["gate"] = [{"rule": g.rule, "passed": g.passed, "left": g.left, "right": g.right} for g in gate]
+    metrics["gate"], gate_error = gate_rows(rules, metrics)  # a rule naming an unmeasured number: raised below
     history = _read_metrics(run.metrics)
     with atomic_dir(run.eval) as tmp:
         write_json_atomic(tmp / "metrics.json", metrics)

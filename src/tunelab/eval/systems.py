@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunelab.artifacts import RunPaths
 from tunelab.config import RunConfig
 from tunelab.data.records import Record
 from tunelab.errors import RunFolderError
@@ -66,11 +67,11 @@ def build_systems(cfg: RunConfig, models: Models) -> list[System]:
         else:
             systems.append(System("tuned", adapter="default"))
     for run_dir in cfg.eval.compare_runs:
-        adapter = Path(run_dir) / "adapter"
-        if models.separate_base is not None or not (adapter / "adapter_config.json").is_file():
+        other = RunPaths(Path(run_dir))
+        if models.separate_base is not None or not other.has_adapter:
             raise RunFolderError(f"eval.compare_runs: {run_dir} holds no adapter that can share this run's base model")
         name = Path(run_dir).name
-        models.tuned.load_adapter(str(adapter), adapter_name=name)
+        models.tuned.load_adapter(str(other.adapter), adapter_name=name)
         systems.append(System(name, adapter=name))
     return systems
 

@@ -61,7 +61,7 @@ def check_sources(sources: list[Source], how: str, weights: list[float], density
                               "only LoRA adapters can be combined")
         if s.cfg.method.use_dora:
             raise ExportError(f"export combine: {s.run.root} is a DoRA adapter; PEFT cannot combine DoRA magnitudes")
-        if not (s.run.adapter / "adapter_config.json").is_file():
+        if not s.run.has_adapter:
             raise ExportError(f"export combine: {s.run.root} has no trained adapter")
         other = locate_model(s.cfg.model).path.resolve()
         if other != base:
@@ -82,7 +82,7 @@ def _template(run: RunPaths) -> str:
 
 
 def load_source(cfg: RunConfig, run: RunPaths) -> Source:
-    config = run.adapter / "adapter_config.json"
+    config = run.adapter_config
     spec = json.loads(config.read_text()) if config.is_file() else {}
     rank = max([spec.get("r", 0), *(spec.get("rank_pattern") or {}).values()])
     return Source(cfg, run, rank)
@@ -123,7 +123,7 @@ def combine_runs(sources: list[Source], how: str, weights: list[float], out: Pat
         write_json_atomic(staged.manifest, manifest(
             "run", combined={"how": HOW[how], "weights": weights, "density": density, "seed": seed,
                              "sources": [str(s.run.root.resolve()) for s in sources],
-                             "rank": json.loads((staged.adapter / "adapter_config.json").read_text())["r"]}))
+                             "rank": json.loads(staged.adapter_config.read_text())["r"]}))
     return run
 
 

@@ -55,7 +55,7 @@ def check_request(cfg: RunConfig, run: RunPaths, quant: str, adapter_only: bool)
                               "apply; export without --adapter-only")
         if quant not in ADAPTER_QUANTS:
             raise ExportError(f"--quant {quant}: llama.cpp LoRA GGUFs are {' or '.join(ADAPTER_QUANTS)}")
-        if not (run.adapter / "adapter_config.json").is_file():
+        if not run.has_adapter:
             raise ExportError(f"export gguf: {run.root} has no trained adapter")
         from tunelab.vocab import token_layout
 
@@ -64,7 +64,7 @@ def check_request(cfg: RunConfig, run: RunPaths, quant: str, adapter_only: bool)
                               "vocabulary, which a GGUF LoRA cannot carry; export without --adapter-only (the merged "
                               "model holds them)")
     elif cfg.method.type == "full":
-        if not (run.root / "model" / "config.json").is_file():
+        if not run.has_full_model:
             raise ExportError(f"export gguf: {run.root} has no trained model")
     llamacpp.installed_version()
 
@@ -73,7 +73,7 @@ def export_gguf(cfg: RunConfig, run: RunPaths, quant: str, out: Path, adapter_on
                 write_modelfile: bool = True) -> GgufResult:
     started = time.perf_counter()
     check_request(cfg, run, quant, adapter_only)
-    trained = run.root / "model" if cfg.method.type == "full" else run.adapter
+    trained = run.trained_for(cfg.method.type)
     tokenizer = load_tokenizer(trained)
     template = translate(tokenizer) if write_modelfile else None  # refuse an untranslatable template up front
     cache = cache_root(cfg.model)
@@ -127,7 +127,7 @@ def export_gguf(cfg: RunConfig, run: RunPaths, quant: str, out: Path, adapter_on
 
 def _merged_folder(cfg: RunConfig, run: RunPaths, work: Path) -> Path:
     if cfg.method.type == "full":
-        return run.root / "model"
+        return run.model
     console.print("Merging the adapter in float32 (verified against the adapter) ...")
     return merge_run(cfg, run, work / "merged").folder
 

@@ -41,7 +41,7 @@ def export_int4(cfg: RunConfig, run: RunPaths, out: Path) -> Int4Result:
         import bitsandbytes  # noqa: F401 - only to fail early with a clear message
     except ImportError:
         raise ExportError("export int4 needs bitsandbytes (pip install bitsandbytes==0.50.2)") from None
-    trained = run.root / "model" if cfg.method.type == "full" else run.adapter
+    trained = run.trained_for(cfg.method.type)
     tokenizer = load_tokenizer(trained)
     prompts = [text for text, _ in probe_prompts(cfg, run, tokenizer)]
     with atomic_dir(out) as tmp:

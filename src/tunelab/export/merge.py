@@ -105,11 +105,11 @@ def merge_run(cfg: RunConfig, run: RunPaths, out: Path, dtype: str = "float32", 
     from tunelab.vocab import attach_adapter
 
     if cfg.method.type == "full":
-        raise ExportError(f"export merge: {run.root} is a full fine-tune; {run.root / 'model'} is already a merged model")
+        raise ExportError(f"export merge: {run.root} is a full fine-tune; {run.model} is already a merged model")
     if cfg.method.type not in MERGEABLE:
         raise ExportError(f"export merge: {cfg.method.type} adds virtual tokens and cannot be folded into the weights; "
                           "serve the adapter instead")
-    if not (run.adapter / "adapter_config.json").is_file():
+    if not run.has_adapter:
         raise ExportError(f"export merge: {run.root} has no trained adapter")
     fp32 = Precision("cpu", None, torch.float32)
     tokenizer = load_tokenizer(run.adapter)

@@ -108,8 +108,9 @@ def resolve_adapter(name: str, source: str, roots: list[Path] | None, tracking_u
 
 def _resolve_adapter(name: str, source: str, roots: list[Path] | None, tracking_uri: str | None,
                      registry: list[str] | None) -> AdapterSpec:
+    from tunelab.artifacts import RunPaths
+    from tunelab.config_file import load_run_config
     from tunelab.models import resolve_model
-    from tunelab.pipeline import load_run_config
     from tunelab.registry import resolve_run_dir
 
     check_name(name)
@@ -127,12 +128,13 @@ def _resolve_adapter(name: str, source: str, roots: list[Path] | None, tracking_
         run_dir = inside_allowed_roots(Path(source), roots)
         # The folder is inside; what it links to must be too (RUN/adapter -> /elsewhere is refused), down to
         # the files the adapter is loaded from.
-        adapter_files = sorted((run_dir / "adapter").iterdir()) if (run_dir / "adapter").is_dir() else []
-        for path in [run_dir / "adapter", run_dir / "config.yaml", run_dir / "chat_template.jinja", *adapter_files]:
+        inside = RunPaths(run_dir)
+        adapter_files = sorted(inside.adapter.iterdir()) if inside.adapter.is_dir() else []
+        for path in [inside.adapter, inside.config, inside.chat_template, *adapter_files]:
             if path.exists() or path.is_symlink():
                 inside_allowed_roots(path, roots)
-    adapter_dir = run_dir / "adapter"
-    config_file = adapter_dir / "adapter_config.json"
+    run = RunPaths(run_dir)
+    adapter_dir, config_file = run.adapter, run.adapter_config
     if not config_file.is_file():
         raise ServeError(f"{source}: no trained adapter (adapter/adapter_config.json); serve full fine-tunes with "
                          "--base RUN/model", status=404, code="adapter_not_found")

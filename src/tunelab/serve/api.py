@@ -174,10 +174,9 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
                                            settings.tracking_uri, settings.allowed_registry)
             check_same_base(spec, settings.base_folder)
             from tunelab.artifacts import RunPaths
-            from tunelab.eval.run import trained_folder
             from tunelab.models import load_tokenizer
 
-            tokenizer = await asyncio.to_thread(load_tokenizer, trained_folder(RunPaths(spec.run_dir)))
+            tokenizer = await asyncio.to_thread(load_tokenizer, RunPaths(spec.run_dir).trained)
             await asyncio.to_thread(engine.load_adapter, spec)
             tokenizers[spec.name] = tokenizer
             return {"loaded": spec.describe(), "models": engine.model_names()}

@@ -124,7 +124,6 @@ def build_server(options: ServeOptions) -> tuple[Any, Any]:
 
     from tunelab.artifacts import RunPaths
     from tunelab.chat import setup_chat_template
-    from tunelab.eval.run import trained_folder
     from tunelab.models import Precision, load_model, load_tokenizer, pick_device
     from tunelab.serve.api import ServerSettings, create_app
     from tunelab.serve.engine import Engine
@@ -137,7 +136,7 @@ def build_server(options: ServeOptions) -> tuple[Any, Any]:
     # fp32 on CPU by default: batched and one-at-a-time answers then agree token for token.
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
         options.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
-    adapter_tokenizers = {spec.name: load_tokenizer(trained_folder(RunPaths(spec.run_dir))) for spec in specs}
+    adapter_tokenizers = {spec.name: load_tokenizer(RunPaths(spec.run_dir).trained) for spec in specs}
     base_tokenizer = load_tokenizer(base_folder)
     if not base_tokenizer.chat_template and adapter_tokenizers:
         # A base model without a template chats in its first adapter's (as `base` does in eval): the adapter's

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tunelab.artifacts import RunPaths
 from tunelab.chat import TemplateSetup
 from tunelab.config import MethodConfig, RunConfig
 from tunelab.errors import ModelError, RunFolderError
@@ -97,10 +98,10 @@ def build_trainable(cfg: RunConfig, base_folder: Path, precision: Precision, tok
     if cfg.method.type == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     if cfg.model.adapter_from is not None:
-        start = cfg.model.adapter_from / "adapter"
-        if not (start / "adapter_config.json").is_file():
+        start = RunPaths(cfg.model.adapter_from)
+        if not start.has_adapter:
             raise RunFolderError(f"model.adapter_from: {cfg.model.adapter_from} holds no trained adapter")
-        return attach_adapter(model, start, is_trainable=True)
+        return attach_adapter(model, start.adapter, is_trainable=True)
     if new_ids and cfg.method.type not in ("lora", "qlora"):
         raise ModelError(f"method.type: {cfg.method.type} cannot train the {len(new_ids)} tokens the chat template "
                          "adds to this model's vocabulary; use lora, qlora or full, or a template the model knows")
@@ -110,11 +111,11 @@ def build_trainable(cfg: RunConfig, base_folder: Path, precision: Precision, tok
 def load_trained(cfg: RunConfig, run_root: Path, base_folder: Path, precision: Precision) -> tuple[Any, Any]:
     """(tuned model, base model or None). For PEFT runs the base is the tuned model with its adapter
     disabled (one copy in memory); for full fine-tuning the base is a second model."""
-    adapter, full = run_root / "adapter", run_root / "model"
-    if (adapter / "adapter_config.json").is_file():
-        return attach_adapter(load_base(base_folder, cfg.method, precision), adapter).eval(), None
-    if (full / "config.json").is_file():
-        tuned, base = load_model(full, precision).eval(), load_model(base_folder, precision).eval()
+    run = RunPaths(run_root)
+    if run.kind == "adapter":
+        return attach_adapter(load_base(base_folder, cfg.method, precision), run.adapter).eval(), None
+    if run.kind == "full":
+        tuned, base = load_model(run.model, precision).eval(), load_model(base_folder, precision).eval()
         # The base answers through the tuned tokenizer, which may hold marker tokens the training added.
         fit_embeddings(base, tuned.get_input_embeddings().weight.shape[0])
         return tuned, base

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from tunelab.artifacts import RunPaths
 from tunelab.chat import render_conversation
 from tunelab.config import ModelConfig, RunConfig
 from tunelab.errors import RunFolderError
@@ -38,8 +39,8 @@ def load_reward_model(run_dir: Path) -> Any:
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    adapter = run_dir / "adapter"
-    config_path = adapter / "adapter_config.json"
+    run = RunPaths(run_dir)
+    adapter, config_path = run.adapter, run.adapter_config
     if not config_path.is_file() or json.loads(config_path.read_text()).get("task_type") != "SEQ_CLS":
         raise RunFolderError(f"{run_dir}: not a reward-model run (train one with objective.type: reward)")
     spec = json.loads(config_path.read_text())

@@ -19,7 +19,7 @@ from tunelab.config import RunConfig
 from tunelab.data.pack import PackedCollator, pack_examples
 from tunelab.data.prepare import Dataset
 from tunelab.errors import DataError
-from tunelab.eval.loss import mean_token_loss
+from tunelab.losses import mean_token_loss
 from tunelab.measure import peak_memory_mb
 from tunelab.progress import console
 from tunelab.train.adapters import build_trainable, count_parameters, training_inputs
@@ -169,7 +169,7 @@ def make_collator(cfg: RunConfig, pad_token_id: int) -> PaddingFreeCollator | Pa
 
 def uses_chunked_loss(cfg: RunConfig, model: Any) -> bool:
     """Liger's kernels bring their own fused loss; virtual-token methods change what the decoder sees."""
-    from tunelab.train.loss import supports_chunked_loss
+    from tunelab.losses import supports_chunked_loss
 
     return (cfg.train.chunked_loss and not cfg.train.liger_kernel
             and cfg.method.type not in ("prompt_tuning", "prefix_tuning") and supports_chunked_loss(model))
@@ -201,7 +201,7 @@ def save_trained(cfg: RunConfig, model: Any, tokenizer: Any, run: RunPaths, stat
     template it was trained with. `state_dict`: the gathered weights of a sharded (FSDP) model."""
     from tunelab.hub import name_base_in_adapter
 
-    target = run.root / "model" if cfg.method.type == "full" else run.adapter
+    target = run.trained_for(cfg.method.type)
     with atomic_dir(target) as tmp:
         options: dict[str, Any] = {"state_dict": state_dict} if state_dict is not None else {}
         if cfg.method.type != "full":

@@ -6,7 +6,7 @@
   Trainer silently replaces it with the running average);
 - batches carry the index of each example, for that message, and it is removed before the model sees it.
 
-With `chunked_loss`, training batches take the loss of tunelab.train.loss (targets only, in chunks, no
+With `chunked_loss`, training batches take the loss of tunelab.losses (targets only, in chunks, no
 full-vocabulary logits); evaluation keeps the model's own loss.
 """
 
@@ -122,7 +122,7 @@ class TunelabTrainer(AtomicCheckpoints, Trainer):
 
     def _chunked_loss(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any,
                       replay_mask: torch.Tensor | None = None) -> torch.Tensor:
-        from tunelab.train.loss import chunked_causal_lm_loss
+        from tunelab.losses import chunked_causal_lm_loss
 
         # The Trainer counts num_items_in_batch (and treats the loss as already scaled for gradient
         # accumulation) exactly when the model accepts loss kwargs; follow the same rule.
