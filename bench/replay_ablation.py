@@ -16,6 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+from tunelab.config_file import load_run_config
+from tunelab.eval.gate import default_rules, evaluate_gate
+
 
 def cell(config: Path, ratio: float, lr: float, epochs: float, root: Path) -> dict:
     out = root / f"{config.stem}-r{ratio}-lr{lr}-e{epochs}"
@@ -31,13 +34,18 @@ def cell(config: Path, ratio: float, lr: float, epochs: float, root: Path) -> di
         if not metrics_path.is_file():
             return {"ratio": ratio, "lr": lr, "epochs": epochs, "error": done.stderr.strip().splitlines()[-1:]}
     metrics = json.loads(metrics_path.read_text())
-    suite = next(iter(metrics["suites"].values()))["systems"]
+    suite = next(iter(metrics["suites"].values()))
+    metric, systems = suite["metrics"][0], suite["systems"]
     forgetting = metrics.get("forgetting") or {}
+    run_cfg, _ = load_run_config(out)
+    rules = default_rules(run_cfg.eval)  # judged here too: an older cell may have run with the gate off
     return {
-        "ratio": ratio, "lr": lr, "epochs": epochs, "seconds": seconds,
-        "base_exact_match": suite["base"]["exact_match"], "tuned_exact_match": suite["tuned"]["exact_match"],
+        "ratio": ratio, "lr": lr, "epochs": epochs, "seconds": seconds, "metric": metric,
+        "base": systems["base"][metric], "few_shot": systems.get("few_shot", {}).get(metric),
+        "tuned": systems["tuned"][metric], "tuned_mean_words": systems["tuned"].get("mean_words"),
         "probes_base": forgetting.get("base", {}).get("overall"), "probes_tuned": forgetting.get("tuned", {}).get("overall"),
         "forgetting_drop": forgetting.get("drop"),
+        "default_gate": all(r.passed for r in evaluate_gate(rules, metrics)), "default_rules": rules,
     }
 
 
@@ -58,15 +66,16 @@ def main() -> None:
     target = Path("bench/results") / f"replay_ablation-{args.config.stem}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(results, indent=2) + "\n")
-    print("\n| replay ratio | lr | epochs | tuned exact match | probes base -> tuned | drop |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    metric = next((r["metric"] for r in results if "metric" in r), "metric")
+    print(f"\n| replay ratio | lr | epochs | tuned {metric} | probes base -> tuned | drop | default gate |")
+    print("|---:|---:|---:|---:|---:|---:|:---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['ratio']} | {r['lr']} | {r['epochs']} | error: {r['error']} | | |")
+            print(f"| {r['ratio']} | {r['lr']} | {r['epochs']} | error: {r['error']} | | | |")
         else:
-            print(f"| {r['ratio']} | {r['lr']} | {r['epochs']} | {r['tuned_exact_match']:.1%} | "
-                  f"{r['probes_base']:.0%} -> {r['probes_tuned']:.0%} | {r['forgetting_drop'] * 100:.0f} pts |")
-
+            print(f"| {r['ratio']} | {r['lr']} | {r['epochs']} | {r['tuned']:.3g} | "
+                  f"{r['probes_base']:.0%} -> {r['probes_tuned']:.0%} | {r['forgetting_drop'] * 100:.0f} pts | "
+                  f"{'pass' if r['default_gate'] else 'FAIL'} |")
 
 if __name__ == "__main__":
     main()
