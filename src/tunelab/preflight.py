@@ -6,7 +6,7 @@ import importlib.util
 import json
 
 from tunelab.artifacts import RunPaths
-from tunelab.config import RunConfig
+from tunelab.config import VIRTUAL_TOKEN_METHODS, RunConfig
 from tunelab.errors import ConfigError
 from tunelab.models import ModelSource
 
@@ -23,7 +23,7 @@ def check_compatibility(cfg: RunConfig, device: str, source: ModelSource | None 
     if data.packing and cfg.objective.type not in PACKABLE_OBJECTIVES:
         problems.append(f"data.packing: objective {cfg.objective.type} compares whole sequences and cannot pack; "
                         "set data.packing: false")
-    if data.packing and method.type in ("prompt_tuning", "prefix_tuning"):
+    if data.packing and method.type in VIRTUAL_TOKEN_METHODS:
         problems.append(f"data.packing: {method.type} prepends virtual tokens to each row, which breaks packed "
                         "position ids; set data.packing: false")
     if method.type == "prefix_tuning" and train.gradient_checkpointing:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.artifacts import RunPaths, atomic_dir
-from tunelab.config import RunConfig
+from tunelab.config import VIRTUAL_TOKEN_METHODS, RunConfig
 from tunelab.data.prepare import Dataset
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.progress import console
@@ -42,7 +42,7 @@ def check_cluster(cfg: RunConfig) -> None:
     if cfg.objective.type not in RAY_OBJECTIVES:
         problems.append(f"cluster.backend: ray trains objectives {', '.join(RAY_OBJECTIVES)}; "
                         f"objective {cfg.objective.type} runs with cluster.backend: local")
-    if cfg.cluster.strategy == "fsdp" and cfg.method.type in ("qlora", "prompt_tuning", "prefix_tuning"):
+    if cfg.cluster.strategy == "fsdp" and cfg.method.type in ("qlora", *VIRTUAL_TOKEN_METHODS):
         problems.append(f"cluster.strategy: fsdp cannot shard method {cfg.method.type}; use strategy: ddp")
     if cfg.cluster.use_gpu and cfg.model.device not in ("auto", "cuda"):
         problems.append(f"model.device: {cfg.model.device} conflicts with cluster.use_gpu: true; use auto or cuda")
