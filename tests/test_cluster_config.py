@@ -48,10 +48,12 @@ def test_ddp_skips_the_unused_parameter_search_and_fsdp_becomes_fsdp2_in_the_tra
     from tunelab.artifacts import RunPaths
     from tunelab.models import pick_precision
     from tunelab.train.args import training_kwargs
+    from tunelab.train.policy import training_policy
 
     assert distributed_overrides(cfg(cluster={"backend": "ray"})) == {"ddp_find_unused_parameters": False}
     fsdp = cfg(cluster={"backend": "ray", "use_gpu": True, "strategy": "fsdp"}, train={"gradient_checkpointing": True})
-    args = TrainingArguments(**{**training_kwargs(fsdp, RunPaths(Path("run")), pick_precision(fsdp.model), False),
+    policy = training_policy(fsdp, pick_precision(fsdp.model), world_size=fsdp.cluster.num_workers)
+    args = TrainingArguments(**{**training_kwargs(fsdp, RunPaths(Path("run")), policy, False),
                                 **distributed_overrides(fsdp)})
     # What the Trainer hands accelerate's FSDP plugin (accelerate applies it on GPU process groups only, which
     # is why the config refuses fsdp without use_gpu).
@@ -63,6 +65,8 @@ def test_ddp_skips_the_unused_parameter_search_and_fsdp_becomes_fsdp2_in_the_tra
 
 def test_workers_get_absolute_paths_and_the_model_loss_under_ddp(tmp_path, monkeypatch):
     from tunelab.artifacts import RunPaths
+    from tunelab.models import pick_precision
+    from tunelab.train.policy import training_policy
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "base").mkdir(parents=True)
@@ -70,8 +74,10 @@ def test_workers_get_absolute_paths_and_the_model_loss_under_ddp(tmp_path, monke
                  output={"dir": "runs/a"})
     shipped = _portable(config, RunPaths(config.output.dir))
     assert shipped.output.dir == tmp_path / "runs" / "a" and shipped.model.name == str(tmp_path / "models" / "base")
-    if hasattr(config.train, "chunked_loss"):
-        assert config.train.chunked_loss and not shipped.train.chunked_loss
+    # Each worker trains in a process group of num_workers: the policy gives it the model's own loss.
+    assert shipped.train.chunked_loss
+    assert not training_policy(shipped, pick_precision(shipped.model), world_size=2).chunked_loss
+    assert training_policy(shipped, pick_precision(shipped.model), world_size=1).chunked_loss
 
 
 def test_a_worker_error_of_the_user_comes_back_as_itself_and_others_as_one_line_per_worker():

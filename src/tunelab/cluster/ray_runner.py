@@ -4,7 +4,8 @@ Ray starts `cluster.num_workers` processes and sets up the torch.distributed pro
 NCCL on GPU) plus the RANK / WORLD_SIZE / LOCAL_RANK variables; transformers' Trainer (through accelerate)
 sees an initialized group and trains data parallel: each optimizer step takes `train.batch_size` rows per
 worker from one shared shuffled order, gradients are averaged, and the loss is normalized by the target
-tokens of the whole global batch. FSDP is the same Trainer with its FSDP2 arguments.
+tokens of the whole global batch. FSDP is the same Trainer with its FSDP2 arguments. Each worker's training
+path comes from tunelab.train.policy for the group's size: with several workers, the model's own loss.
 
 Only the world's rank 0 writes: metrics.jsonl, checkpoints/ and adapter/ in the run folder, and metrics to
 the run's MLflow run. At the end rank 0 reports its TrainResult (and, when Ray's storage is an object store
@@ -194,10 +195,6 @@ def _portable(cfg: RunConfig, run: RunPaths) -> RunConfig:
     """The config with every local path made absolute: Ray workers do not start in the driver's folder."""
     copy = cfg.model_copy(deep=True)
     copy.output.dir = run.root.resolve()
-    if getattr(copy.train, "chunked_loss", False) and cfg.cluster.num_workers > 1:
-        # The chunked loss runs the decoder outside the DistributedDataParallel wrapper, so gradients would not
-        # be averaged across workers (measured: step-1 grad norm 13.5 instead of 10.3); use the model's own loss.
-        copy.train.chunked_loss = False
     if Path(copy.model.name).exists():
         copy.model.name = str(Path(copy.model.name).resolve())
     if copy.model.cache_dir is not None:

@@ -6,19 +6,20 @@ from typing import Any
 
 from tunelab.artifacts import RunPaths
 from tunelab.config import RunConfig
-from tunelab.models import Precision
+from tunelab.train.policy import TrainingPolicy
 
 
-def training_arguments(cfg: RunConfig, run: RunPaths, precision: Precision, has_eval: bool,
+def training_arguments(cfg: RunConfig, run: RunPaths, policy: TrainingPolicy, has_eval: bool,
                        **overrides: Any) -> Any:
     """`overrides` replace single arguments (the cluster runner's FSDP settings)."""
     from transformers import TrainingArguments
 
-    return TrainingArguments(**{**training_kwargs(cfg, run, precision, has_eval), **overrides})
+    return TrainingArguments(**{**training_kwargs(cfg, run, policy, has_eval), **overrides})
 
 
-def training_kwargs(cfg: RunConfig, run: RunPaths, precision: Precision, has_eval: bool) -> dict[str, Any]:
-    """Keyword arguments shared by TrainingArguments and every TRL config (they subclass it)."""
+def training_kwargs(cfg: RunConfig, run: RunPaths, policy: TrainingPolicy, has_eval: bool) -> dict[str, Any]:
+    """Keyword arguments shared by TrainingArguments and every TRL config (they subclass it); precision and
+    padding follow `policy` (tunelab.train.policy.training_policy)."""
     import torch
 
     t = cfg.train
@@ -48,9 +49,9 @@ def training_kwargs(cfg: RunConfig, run: RunPaths, precision: Precision, has_eva
         use_liger_kernel=t.liger_kernel,
         report_to="none",
         disable_tqdm=True,  # our own progress bar shows loss
-        bf16=precision.autocast_dtype == torch.bfloat16,
-        fp16=precision.autocast_dtype == torch.float16,
-        use_cpu=precision.device == "cpu",
+        bf16=policy.autocast_dtype == torch.bfloat16,
+        fp16=policy.autocast_dtype == torch.float16,
+        use_cpu=policy.device == "cpu",
         activation_checkpointing=t.gradient_checkpointing,
         # Non-reentrant checkpointing measured ~4x faster than reentrant with PEFT.
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
@@ -58,5 +59,5 @@ def training_kwargs(cfg: RunConfig, run: RunPaths, precision: Precision, has_eva
         dataloader_num_workers=0,
         # Padding-free rows carry no attention_mask and no pad: every token counts (and "non_padding" would
         # warn at every step that it cannot tell padding apart).
-        include_num_input_tokens_seen="all" if t.padding_free else "non_padding",
+        include_num_input_tokens_seen="all" if policy.padding_free else "non_padding",
     )

@@ -23,6 +23,7 @@ from tunelab.progress import console
 from tunelab.train.adapters import build_trainable, count_parameters, training_inputs
 from tunelab.train.args import training_kwargs
 from tunelab.train.callbacks import MetricsCallback
+from tunelab.train.policy import training_policy
 from tunelab.train.sft import TrainResult, _resume_point, save_trained
 from tunelab.train.trainer import (
     StopOnNonFiniteLoss,
@@ -60,8 +61,8 @@ def make_trainer(cfg: RunConfig, run: RunPaths, model: Any, tokenizer: Any, trai
     """The TRL trainer for cfg.objective, configured from the same RunConfig as every other stage."""
     from datasets import Dataset as HFDataset
 
-    precision = pick_precision(cfg.model)
-    common = {**training_kwargs(cfg, run, precision, has_eval=False), "max_length": cfg.data.max_length,
+    policy = training_policy(cfg, pick_precision(cfg.model))
+    common = {**training_kwargs(cfg, run, policy, has_eval=False), "max_length": cfg.data.max_length,
               # TRL's batches have no single input key to count; tokens are counted from the data instead.
               "include_num_input_tokens_seen": "no"}
     objective, o = cfg.objective.type, cfg.objective

@@ -19,7 +19,7 @@ from tunelab.config import RunConfig
 from tunelab.data.pack import PackedCollator, pack_examples
 from tunelab.data.prepare import Dataset
 from tunelab.errors import DataError
-from tunelab.losses import mean_token_loss
+from tunelab.losses import mean_token_loss, supports_chunked_loss
 from tunelab.measure import peak_memory_mb
 from tunelab.progress import console
 from tunelab.train.adapters import build_trainable, count_parameters, training_inputs
@@ -27,6 +27,7 @@ from tunelab.train.args import training_arguments
 from tunelab.train.attention import padding_free_attention
 from tunelab.train.callbacks import MetricsCallback
 from tunelab.train.collate import PaddingCollator, PaddingFreeCollator
+from tunelab.train.policy import TrainingPolicy, process_group_size, training_policy
 from tunelab.train.trainer import (
     TrainingError,
     TunelabTrainer,
@@ -100,12 +101,13 @@ def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = Fa
     set_seed(cfg.train.seed)  # before the adapter exists: its initialization is drawn from this seed
     model = build_trainable(cfg, base_path, precision, tokenizer, template)
     model.config.use_cache = False  # a KV cache is useless in training and would disable packed attention
+    policy = training_policy(cfg, precision, process_group_size(), supports_chunked_loss(model))
     trainable, total = count_parameters(model)
     console.print(f"Training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%) with "
                   f"{cfg.method.type} on {len(train_examples)} examples [{precision.label}]")
 
     rows = pack_examples(train_examples, cfg.data.max_length) if cfg.data.packing else train_examples
-    collator = make_collator(cfg, tokenizer.pad_token_id)
+    collator = make_collator(cfg, policy, tokenizer.pad_token_id)
     rows = [{**row, "index": i} for i, row in enumerate(rows)]
     example_ids = [row.get("ids") or [row["id"]] for row in rows]
     eval_rows = [{**row, "index": -1} for row in val_examples] if cfg.train.eval_steps else None
@@ -117,7 +119,7 @@ def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = Fa
         extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     trainer = TunelabTrainer(
         model=model,
-        args=training_arguments(cfg, run, precision, has_eval=eval_rows is not None, **(training_overrides or {})),
+        args=training_arguments(cfg, run, policy, has_eval=eval_rows is not None, **(training_overrides or {})),
         train_dataset=_Rows(rows),
         eval_dataset=_Rows(eval_rows) if eval_rows else None,
         data_collator=collator,
@@ -125,13 +127,13 @@ def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = Fa
         optimizers=(_loraplus_optimizer(cfg, model), None),
         example_ids=example_ids,
         keep_checkpoints=cfg.train.keep_checkpoints,
-        chunked_loss=uses_chunked_loss(cfg, model),
+        chunked_loss=policy.chunked_loss,
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; our bar shows the loss instead
 
     checkpoint = _resume_point(run) if resume else None
     started = time.perf_counter()
-    with padding_free_attention(model) if uses_padding_free(cfg) else nullcontext():
+    with padding_free_attention(model) if policy.per_example_attention else nullcontext():
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - started
 
@@ -154,25 +156,11 @@ def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = Fa
     )
 
 
-def uses_padding_free(cfg: RunConfig) -> bool:
-    """Padding-free batches need position ids the model sees unchanged: not with virtual-token methods
-    (they prepend to each row), and not with NEFTune (its noise scale depends on the row length)."""
-    return (cfg.train.padding_free and cfg.method.type not in ("prompt_tuning", "prefix_tuning")
-            and cfg.train.neftune_noise_alpha is None)
-
-
-def make_collator(cfg: RunConfig, pad_token_id: int) -> PaddingFreeCollator | PackedCollator | PaddingCollator:
-    if uses_padding_free(cfg):
+def make_collator(cfg: RunConfig, policy: TrainingPolicy,
+                  pad_token_id: int) -> PaddingFreeCollator | PackedCollator | PaddingCollator:
+    if policy.padding_free:
         return PaddingFreeCollator(pad_token_id)
     return PackedCollator(pad_token_id) if cfg.data.packing else PaddingCollator(pad_token_id)
-
-
-def uses_chunked_loss(cfg: RunConfig, model: Any) -> bool:
-    """Liger's kernels bring their own fused loss; virtual-token methods change what the decoder sees."""
-    from tunelab.losses import supports_chunked_loss
-
-    return (cfg.train.chunked_loss and not cfg.train.liger_kernel
-            and cfg.method.type not in ("prompt_tuning", "prefix_tuning") and supports_chunked_loss(model))
 
 
 def _resume_point(run: RunPaths) -> Path:

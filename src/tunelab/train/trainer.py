@@ -6,8 +6,8 @@
   Trainer silently replaces it with the running average);
 - batches carry the index of each example, for that message, and it is removed before the model sees it.
 
-With `chunked_loss`, training batches take the loss of tunelab.losses (targets only, in chunks, no
-full-vocabulary logits); evaluation keeps the model's own loss.
+With `chunked_loss` (which tunelab.train.policy grants single-process runs only), training batches take the
+loss of tunelab.losses (targets only, in chunks, no full-vocabulary logits); evaluation keeps the model's own.
 """
 
 from __future__ import annotations
@@ -94,9 +94,7 @@ class TunelabTrainer(AtomicCheckpoints, Trainer):
                      num_items_in_batch: Any = None) -> Any:
         indices = inputs.pop("example_index", None)
         replay_mask = inputs.pop("replay_mask", None)
-        # The chunked loss calls the decoder outside the DistributedDataParallel wrapper, whose forward is what
-        # arms gradient averaging: with several processes the plain loss keeps the replicas in step.
-        if self.chunked_loss and model.training and not return_outputs and self.accelerator.num_processes == 1:
+        if self.chunked_loss and model.training and not return_outputs:
             result = self._chunked_loss(model, inputs, num_items_in_batch, replay_mask)
         else:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs,
