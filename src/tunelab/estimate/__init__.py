@@ -12,12 +12,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tunelab.config import TRL_OBJECTIVES, RunConfig
+from tunelab.config import TRL_OBJECTIVES, VIRTUAL_TOKEN_METHODS, RunConfig
 from tunelab.estimate.memory import MemoryBreakdown, ModelShape, Workload, breakdown
 from tunelab.estimate.prices import CPU_USD_PER_HOUR, PRICES_DATE, PRICES_SOURCE, Accelerator, find_gpu, load_table
 from tunelab.estimate.probe import ProbeResult, baseline_rss_bytes, probe_training
+from tunelab.train.policy import TrainingPolicy, planned_world_size, training_policy
+
+if TYPE_CHECKING:
+    from tunelab.models import Precision
 
 # A GPU that is not here is timed from its peak bf16 throughput at this share of it (model FLOPs
 # utilization); small models on large GPUs reach less (kernel launches dominate), hence the floor below.
@@ -85,35 +89,32 @@ class Estimate:
 
 def estimate_run(cfg: RunConfig, gpu: str | None = None, probe: bool = True, probe_steps: int = 3,
                  price_per_hour: float | None = None, prices_file: Path | None = None) -> Estimate:
+    import torch
+
     from tunelab.chat import run_tokenizer
     from tunelab.estimate.shape import model_shape
-    from tunelab.models import pick_precision, resolve_model
+    from tunelab.models import Precision, pick_precision, resolve_model
     from tunelab.preflight import check_compatibility
 
     table = load_table(prices_file)
     accelerator = find_gpu(gpu, table) if gpu else None
     notes: list[str] = []
     if accelerator is not None:
-        device, compute_bytes = "cuda", 2  # bf16 (fp16 on T4) autocast, as tunelab picks on CUDA
-        if cfg.model.dtype == "float32":
-            compute_bytes = 4
-        precision = f"{accelerator.name}, weights float32, autocast {'off' if compute_bytes == 4 else 'bf16'}"
+        # bf16 (fp16 on T4) autocast, as tunelab picks on CUDA; both take 2 bytes a value
+        chosen = Precision("cuda", None if cfg.model.dtype == "float32" else torch.bfloat16, torch.float32)
+        precision = f"{accelerator.name}, weights float32, autocast {'off' if chosen.autocast_dtype is None else 'bf16'}"
     else:
         chosen = pick_precision(cfg.model)
         check_compatibility(cfg, chosen.device, None)
-        device, precision = chosen.device, chosen.label
-        compute_bytes = 4 if chosen.autocast_dtype is None else 2
+        precision = chosen.label
+    policy = planned_policy(cfg, chosen)
+    device = policy.device
 
     tokenizer = run_tokenizer(cfg)
-    records, stats = _data_stats(cfg, tokenizer, notes)
+    records, stats = _data_stats(cfg, tokenizer, notes, policy)
     folder = resolve_model(cfg.model)
     shape = model_shape(folder, cfg.method)
-    work = Workload(
-        method=cfg.method.type, tokens=stats.peak_tokens, attention_span=stats.attention_span,
-        target_tokens=stats.peak_targets, compute_bytes=compute_bytes,
-        gradient_checkpointing=cfg.train.gradient_checkpointing, chunked_loss=_chunked_loss(cfg, device),
-        lora_dropout=cfg.method.dropout > 0,
-    )
+    work = workload(cfg, policy, stats)
     if device == "cuda":
         overhead = CUDA_CONTEXT_BYTES
         notes.append("GPU peak = torch.cuda.max_memory_allocated (what tunelab records) + ~0.6 GiB CUDA context")
@@ -123,7 +124,7 @@ def estimate_run(cfg: RunConfig, gpu: str | None = None, probe: bool = True, pro
 
     steps = cfg.train.max_steps or math.ceil(stats.steps_per_epoch * cfg.train.epochs)
     epoch_share = steps / max(stats.steps_per_epoch, 1)
-    run_tokens = stats.padded_tokens * epoch_share if not _padding_free(cfg) else stats.tokens * epoch_share
+    run_tokens = stats.padded_tokens * epoch_share if not policy.padding_free else stats.tokens * epoch_share
     seconds: float | None = None
     result: ProbeResult | None = None
     if accelerator is not None:
@@ -146,21 +147,24 @@ def estimate_run(cfg: RunConfig, gpu: str | None = None, probe: bool = True, pro
                     time_source=source, usd_per_hour=usd, price_source=price_source, probe=result, notes=notes)
 
 
-def _padding_free(cfg: RunConfig) -> bool:
-    # Mirrors tunelab.train.sft.uses_padding_free: one row per batch, examples end to end.
-    return (bool(getattr(cfg.train, "padding_free", False)) and cfg.objective.type not in TRL_OBJECTIVES
-            and cfg.method.type not in ("prompt_tuning", "prefix_tuning") and cfg.train.neftune_noise_alpha is None)
+def planned_policy(cfg: RunConfig, precision: Precision) -> TrainingPolicy:
+    """The training path the run will take, on `precision`'s device with as many processes as `cfg` plans.
+    Models the estimate knows (Llama-style decoders, shape.py) have the plain head the chunked loss needs."""
+    return training_policy(cfg, precision, planned_world_size(cfg), model_supports_chunked_loss=True)
 
 
-def _chunked_loss(cfg: RunConfig, device: str) -> bool:
-    # Mirrors tunelab.train.sft.uses_chunked_loss (Liger's fused loss on CUDA is as frugal).
-    if cfg.train.liger_kernel and device == "cuda":
-        return True
-    return (bool(getattr(cfg.train, "chunked_loss", False)) and cfg.objective.type not in TRL_OBJECTIVES
-            and cfg.method.type not in ("prompt_tuning", "prefix_tuning"))
+def workload(cfg: RunConfig, policy: TrainingPolicy, stats: DataStats) -> Workload:
+    """What one worker's largest training step computes, the way `policy` trains it."""
+    return Workload(
+        method=cfg.method.type, tokens=stats.peak_tokens, attention_span=stats.attention_span,
+        target_tokens=stats.peak_targets, compute_bytes=4 if policy.autocast_dtype is None else 2,
+        gradient_checkpointing=cfg.train.gradient_checkpointing, chunked_loss=not policy.full_logits,
+        lora_dropout=cfg.method.dropout > 0,
+    )
 
 
-def _data_stats(cfg: RunConfig, tokenizer: Any, notes: list[str]) -> tuple[list[Any], DataStats]:
+def _data_stats(cfg: RunConfig, tokenizer: Any, notes: list[str],
+                policy: TrainingPolicy) -> tuple[list[Any], DataStats]:
     """Token lengths of the training split exactly as training will see it (same validation, cleaning,
     dedup, split and tokenization), and the largest batch they can form."""
     from tunelab.data.prepare import build_dataset
@@ -183,16 +187,16 @@ def _data_stats(cfg: RunConfig, tokenizer: Any, notes: list[str]) -> tuple[list[
     if cfg.data.packing and cfg.objective.type in ("sft", "cpt"):
         rows = math.ceil(sum(lengths) / cfg.data.max_length)
         lengths, targets = [cfg.data.max_length] * rows, [cfg.data.max_length] * rows
-    if cfg.method.type in ("prompt_tuning", "prefix_tuning"):
+    if cfg.method.type in VIRTUAL_TOKEN_METHODS:
         lengths = [n + cfg.method.num_virtual_tokens for n in lengths]
     b = cfg.train.batch_size
     longest = sorted(range(len(lengths)), key=lambda k: lengths[k], reverse=True)[:b]
-    if _padding_free(cfg):
+    if policy.padding_free:
         peak_tokens = sum(lengths[k] for k in longest)
-        span = 0  # tunelab.train.attention: each example attends on its own, no mask is built
     else:
-        span = max(lengths)
-        peak_tokens = min(b, len(lengths)) * span
+        peak_tokens = min(b, len(lengths)) * max(lengths)
+    # Per-example attention (tunelab.train.attention): each example attends on its own, no mask is built.
+    span = 0 if policy.per_example_attention else max(lengths)
     per_step = b * cfg.train.gradient_accumulation_steps
     stats = DataStats(
         examples=len(lengths), tokens=sum(lengths), padded_tokens=_padded_tokens(lengths, b, cfg.train.seed),
