@@ -228,12 +228,12 @@ def pick_device(requested: str) -> str:
     if requested == "auto":
         if torch.cuda.is_available():
             return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if torch.backends.mps.is_available():
             return "mps"
         return "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
         raise ModelError("model.device: 'cuda' was asked for but no CUDA GPU is visible; use auto or cpu")
-    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if requested == "mps" and not torch.backends.mps.is_available():
         raise ModelError("model.device: 'mps' was asked for but is not available; use auto or cpu")
     return requested
 

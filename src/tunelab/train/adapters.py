@@ -17,8 +17,6 @@ from tunelab.errors import ModelError, RunFolderError
 from tunelab.models import Precision, load_model
 from tunelab.vocab import attach_adapter, fit_embeddings, trainable_tokens
 
-PEFT_METHODS = ("lora", "qlora", "ia3", "prompt_tuning", "prefix_tuning")
-
 
 def training_inputs(cfg: RunConfig) -> tuple[Precision, Path, Any, TemplateSetup | None]:
     """What every trainer starts from: the precision, the base model's folder, its tokenizer (with a chat
