@@ -10,7 +10,7 @@ import typer
 
 from tunelab.cli_common import ConfigArg, SetOpt, UriOpt, out, print_summary
 from tunelab.cli_common import load as _load
-from tunelab.errors import TunelabError
+from tunelab.errors import ExportError, TunelabError
 
 export_app = typer.Typer(help="Export a trained run for other consumers.", no_args_is_help=True)
 k8s_app = typer.Typer(help="Kubernetes manifests: a KubeRay RayJob that trains, a KServe InferenceService that serves.",
@@ -28,7 +28,7 @@ def export_merge(run_dir: Annotated[str, typer.Argument(help="A run folder, or m
                  overwrite: OverwriteOpt = False) -> None:
     """Merge the adapter into the base in float32, verify the logits, then cast and save a plain HF folder."""
     from tunelab.config_file import load_run_config
-    from tunelab.export.merge import ExportError, check_out, merge_run
+    from tunelab.export.merge import check_out, merge_run
     from tunelab.registry import resolve_run_dir
 
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -102,7 +102,6 @@ def export_combine(run_dirs: Annotated[list[str], typer.Argument(help="Two or mo
     from tunelab import pipeline
     from tunelab.config_file import load_run_config
     from tunelab.export.combine import HOW, NEEDS_DENSITY, combine_runs, load_source
-    from tunelab.export.merge import ExportError
     from tunelab.registry import resolve_run_dir
 
     try:

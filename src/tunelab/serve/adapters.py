@@ -13,20 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import TunelabError
+from tunelab.errors import ServeError
 
 BASE_NAME = "base"
 # Letters, digits, dot, dash, underscore; no slashes, so a name can never become a path.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class ServeError(TunelabError):
-    """A serving request or set-up that cannot be honoured; `status` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 400, code: str = "invalid_request") -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
 
 
 @dataclass
