@@ -147,9 +147,10 @@ def registry_register(run_dir: Annotated[Path, typer.Argument(help="A trained ru
                       name: Annotated[str, typer.Option("--name", help="Registered model name.")]) -> None:
     """Register the run's adapter as a new model version (with base model, chat template, eval metrics)."""
     from tunelab.registry import register
+    from tunelab.track import GATE_PASSED_TAG
 
     mv = register(run_dir, name)
-    out.print(f"registered {name} version {mv.version} (gate passed: {mv.tags.get('tunelab.gate_passed')})")
+    out.print(f"registered {name} version {mv.version} (gate passed: {mv.tags.get(GATE_PASSED_TAG)})")
 
 
 @registry_app.command("promote")
@@ -281,7 +282,9 @@ def _print_data_summary(folder: Path, report: dict[str, Any]) -> None:
 
 
 def _exit_on_failed_gate(metrics: dict[str, Any]) -> None:
-    failed = [g for g in metrics.get("gate", []) if not g["passed"]]
+    from tunelab.eval.result import failed_rules
+
+    failed = failed_rules(metrics.get("gate", []))
     for g in failed:
         print(f"gate failed: {g['rule']} (measured {g['left']:.4f}, needed {g['right']:.4f})", file=sys.stderr)
     if failed:

@@ -19,6 +19,7 @@ from typing import Any
 
 from tunelab.artifacts import RunPaths, atomic_dir, sha256_folder
 from tunelab.errors import TunelabError
+from tunelab.track import GATE_PASSED_TAG
 
 DEFAULT_URI_ENV = "MLFLOW_TRACKING_URI"
 
@@ -53,7 +54,7 @@ def register(run_dir: Path, name: str) -> Any:
     """Create a model version from a run folder's adapter (logging the run first if it never was)."""
     from tunelab.config_file import load_run_config
     from tunelab.redaction import redact_uris
-    from tunelab.track import Tracker, tracking_uri
+    from tunelab.track import Tracker, gate_tags, tracking_uri
 
     cfg, run = load_run_config(run_dir)
     if not run.has_adapter:
@@ -77,16 +78,12 @@ def register(run_dir: Path, name: str) -> Any:
             "tunelab.chat_template": run.chat_template.read_text(encoding="utf-8")[:7000]
             if run.chat_template.is_file() else ""}
     metrics_path = run.eval / "metrics.json"
-    if metrics_path.is_file():
-        metrics = json.loads(metrics_path.read_text())
-        tags["tunelab.gate_passed"] = str(all(g["passed"] for g in metrics.get("gate", []))).lower()
-        tags["tunelab.gate"] = json.dumps([g["rule"] for g in metrics.get("gate", [])])
-        for suite, result in metrics["suites"].items():
-            for system, values in result["systems"].items():
-                for metric, value in values.items():
-                    tags[f"eval.{suite}.{system}.{metric}"] = f"{value:.6g}"
-    else:
-        tags["tunelab.gate_passed"] = "false"  # no evidence yet: promotion needs an eval first
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+    tags.update(gate_tags(metrics))
+    for suite, result in (metrics or {}).get("suites", {}).items():
+        for system, values in result["systems"].items():
+            for metric, value in values.items():
+                tags[f"eval.{suite}.{system}.{metric}"] = f"{value:.6g}"
     try:
         client.get_registered_model(name)
     except Exception:  # noqa: BLE001 - "does not exist" is reported differently by each store
@@ -102,7 +99,7 @@ def promote(name: str, version: str, alias: str, force: bool, reason: str | None
 
 def _promote(client: Any, name: str, version: str, alias: str, force: bool, reason: str | None) -> Any:
     mv = _version(client, name, version)
-    passed = mv.tags.get("tunelab.gate_passed") == "true"
+    passed = mv.tags.get(GATE_PASSED_TAG) == "true"
     if not passed and not force:
         rules = mv.tags.get("tunelab.gate", "[]")
         raise TunelabError(f"registry promote: {name} version {version} did not pass its eval gate (rules: {rules}); "
@@ -148,7 +145,7 @@ def _show(client: Any, name: str) -> list[dict[str, Any]]:
     rows = []
     for mv in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
         rows.append({"version": str(mv.version), "aliases": aliases.get(str(mv.version), []), "run_id": mv.run_id,
-                     "gate_passed": mv.tags.get("tunelab.gate_passed"), "forced": mv.tags.get("tunelab.forced_promotion"),
+                     "gate_passed": mv.tags.get(GATE_PASSED_TAG), "forced": mv.tags.get("tunelab.forced_promotion"),
                      "metrics": {k: v for k, v in mv.tags.items() if k.startswith("eval.")}})
     return rows
 

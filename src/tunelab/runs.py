@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from tunelab.errors import RunFolderError
-from tunelab.track import flatten
+from tunelab.track import GATE_PASSED_TAG, flatten
 
 
 def list_runs(uri: str, experiment: str) -> list[dict[str, str]]:
@@ -29,7 +29,7 @@ def list_runs(uri: str, experiment: str) -> list[dict[str, str]]:
                      "method": p.get("method.type", ""), "objective": p.get("objective.type", ""),
                      "loss": f"{m['loss']:.4f}" if "loss" in m else "",
                      "exact_match": "" if exact is None else f"{exact:.1%}",
-                     "gate": {"true": "pass", "false": "FAIL"}.get(t.get("tunelab.gate_passed", ""), "")})
+                     "gate": {"true": "pass", "false": "FAIL"}.get(t.get(GATE_PASSED_TAG, ""), "")})
     return rows
 
 

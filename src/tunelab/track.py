@@ -23,6 +23,7 @@ from tunelab.redaction import REDACTED, env_secrets, redact, redact_uris, redact
 
 BUFFER = "tracking_buffer.jsonl"
 RUN_ID_FILE = "mlflow_run.json"
+GATE_PASSED_TAG = "tunelab.gate_passed"  # "true" or "false", on the tracked run and on each registered version
 
 
 def tracking_uri(cfg: RunConfig) -> str:
@@ -36,6 +37,17 @@ def tracking_uri(cfg: RunConfig) -> str:
 
 def artifact_root(cfg: RunConfig) -> str:
     return (Path(cfg.output.dir).resolve().parent / "mlartifacts").as_uri()
+
+
+def gate_tags(metrics: dict[str, Any] | None) -> dict[str, str]:
+    """The gate's verdict and rules as the tracked run and a registered version carry them. No eval yet (None):
+    not passed, since promotion needs evidence."""
+    from tunelab.eval.result import gate_passed
+
+    if metrics is None:
+        return {GATE_PASSED_TAG: "false"}
+    return {GATE_PASSED_TAG: str(gate_passed(metrics)).lower(),
+            "tunelab.gate": json.dumps([g["rule"] for g in metrics.get("gate", [])])}
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:
@@ -139,9 +151,7 @@ class Tracker:
             name = re.sub(r"[^\w\-. :/]", "_", task)  # MLflow refuses other characters in metric names
             flat.update({f"harness.{name}.{k}": float(scores[k]) for k in ("base", "tuned", "drop") if k in scores})
         self._call("metrics", step=0, metrics=flat)
-        passed = all(g["passed"] for g in metrics.get("gate", []))
-        self._call("tags", tags={"tunelab.gate_passed": str(passed).lower(),
-                                 "tunelab.gate": json.dumps([g["rule"] for g in metrics.get("gate", [])])})
+        self._call("tags", tags=gate_tags(metrics))
         self.log_folder(self.run.eval, "eval")
 
     def log_folder(self, path: Path, artifact_path: str | None) -> None:
