@@ -295,8 +295,6 @@ def _quiet_library_noise() -> None:
     # bitsandbytes tries to fetch an optional CPU kernel from a model hub at import and logs a warning when it
     # cannot (always, offline); deprecation notices about the libraries' own internals are not the user's to fix.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines (creating tables...) are noise here
-    logging.getLogger("alembic").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|trl)\.")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.jit")
 

@@ -55,6 +55,10 @@ class TrainingError(TunelabError):
     """Training had to stop for a reason the user can act on."""
 
 
+class TrackingError(TunelabError):
+    """The MLflow store cannot be reached or used, or does not hold the model, version or alias asked for."""
+
+
 class ExportError(TunelabError):
     """An export could not be produced or failed its verification."""
 

@@ -8,22 +8,87 @@ once, and `tunelab runs sync RUN_DIR` uploads it later.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tunelab.artifacts import RunPaths
 from tunelab.config import RunConfig
+from tunelab.errors import ConfigError, TrackingError
 from tunelab.progress import console
 from tunelab.redaction import REDACTED, env_secrets, redact, redact_uris, redacted_config
 
 BUFFER = "tracking_buffer.jsonl"
 RUN_ID_FILE = "mlflow_run.json"
 GATE_PASSED_TAG = "tunelab.gate_passed"  # "true" or "false", on the tracked run and on each registered version
+MLFLOW_SETTINGS = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    # MLflow's client retries a dead server with exponential backoff for minutes by default; tunelab should
+    # notice within seconds: a tracker buffers and lets training go on, a command says the server is away.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
+def mlflow_client(uri: str, existing: bool = False) -> Any:
+    """An MlflowClient for tracking and the registry at `uri`, with tunelab's MLflow settings (MLFLOW_SETTINGS,
+    unless the environment sets them; MLflow's INFO lines about creating tables silenced). `existing`: the caller
+    only reads, so a sqlite store that does not exist is an error rather than a new, empty store."""
+    for key, value in MLFLOW_SETTINGS.items():
+        os.environ.setdefault(key, value)
+    if existing and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise TrackingError(f"no MLflow store at {uri[len('sqlite:///'):]}; pass --tracking-uri (or set "
+                            "MLFLOW_TRACKING_URI) to the store the runs were tracked in")
+    from mlflow import MlflowClient
+
+    # Set after the import: MLflow sets its own logger to INFO when imported.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def unreachable(err: BaseException) -> bool:
+    """Whether an MLflow failure means the server did not answer (refused, timed out), rather than an answer."""
+    import requests
+
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextlib.contextmanager
+def store_errors(what: str, uri: str) -> Iterator[None]:
+    """MLflow's failures (a server that does not answer, a URI it cannot use, a file that is no store, a model it
+    does not hold) as one line naming the command and the store, credentials redacted."""
+    import requests
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+    try:
+        yield
+    except (MlflowException, SQLAlchemyError, requests.RequestException) as err:  # the last: artifact downloads
+        where = redact_uris(uri)
+        if unreachable(err):
+            raise TrackingError(f"{what}: MLflow at {where} is not answering; start it, or pass --tracking-uri (or "
+                                "set MLFLOW_TRACKING_URI) to one that runs") from None
+        text = err.orig if isinstance(err, DBAPIError) else err  # SQLAlchemy's own text repeats the SQL statement
+        raise TrackingError(redact_uris(f"{what}: {_first_line(text)} (MLflow store {where})")) from None
+
+
+def _first_line(err: BaseException | str) -> str:
+    """An MLflow message's first line, without the link to its documentation it often ends with."""
+    text = str(err).strip()
+    return text.splitlines()[0].split(" See https://")[0].strip() if text else type(err).__name__
 
 
 def tracking_uri(cfg: RunConfig) -> str:
@@ -64,19 +129,14 @@ class Tracker:
     """Logs one run folder's stages to its MLflow run; falls back to a local buffer when MLflow is away."""
 
     def __init__(self, cfg: RunConfig, run: RunPaths) -> None:
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        # MLflow's client retries a dead server with exponential backoff for minutes by default; a tracker
-        # should notice within seconds, buffer, and let training go on.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
 
-        # MLflow sets its own loggers to INFO on import; its "creating tables" and sampler notices are noise here.
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.cfg, self.run = cfg, run
         self.secrets = env_secrets(cfg.model_dump(mode="json"))
-        self.client = MlflowClient(tracking_uri=tracking_uri(cfg))
+        try:
+            self.client = mlflow_client(tracking_uri(cfg))
+        except MlflowException as err:  # a URI MLflow has no store for: the config's mistake, not an outage
+            raise ConfigError(redact_uris(f"track.tracking_uri: {_first_line(err)}")) from None
         self.offline = False
         self.run_id = self._run_id()
 
@@ -228,8 +288,6 @@ def _dataset_input(dataset: Any) -> Any:
 
 def sync(run_dir: Path) -> int:
     """Upload what a run buffered while MLflow was away; returns the number of operations sent."""
-    from mlflow import MlflowClient
-
     from tunelab.config_file import load_run_config
 
     cfg, run = load_run_config(run_dir)
@@ -238,11 +296,9 @@ def sync(run_dir: Path) -> int:
         return 0
     tracker = Tracker(cfg, run)
     if tracker.run_id is None or tracker.offline:
-        from tunelab.errors import TunelabError
-
-        raise TunelabError(f"runs sync: MLflow at {redact_uris(tracking_uri(cfg))} is still not answering; nothing "
-                           "was uploaded")
-    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+        raise TrackingError(f"runs sync: MLflow at {redact_uris(tracking_uri(cfg))} is still not answering; nothing "
+                            "was uploaded")
+    client = tracker.client
     ops = [json.loads(line) for line in buffer.read_text(encoding="utf-8").splitlines() if line.strip()]
     for op in ops:
         _apply(client, tracker.run_id, op.pop("op"), op)

@@ -111,7 +111,6 @@ def _resolve_adapter(name: str, source: str, roots: list[Path] | None, tracking_
             raise ServeError(f"{source}: registered model '{registry_name(source)}' is not allowed; start the server "
                              f"with --allow-root models:/{registry_name(source)} (or models:/ for any)", 403,
                              "forbidden_path")
-        # Note: the registry records no hash of the adapter, so the downloaded copy cannot be checked against one.
         run_dir = resolve_run_dir(source, tracking_uri)
     elif roots is None:
         run_dir = Path(source).expanduser().resolve()
