@@ -3,6 +3,7 @@ traceback; a normal run prints no library warnings."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -104,3 +105,15 @@ def test_a_registered_run_without_a_chat_template_resolves(lora_run, tmp_path):
     assert (copy / "adapter" / "adapter_config.json").is_file() and not (copy / "chat_template.jinja").exists()
     one_error(tunelab("serve", "models:/plain/7", "--engine", "vllm", "--tracking-uri", uri, env=env),
               "registry: no version 7 of model 'plain'")
+
+
+def test_serve_refuses_unknown_devices_and_dtypes_before_loading_anything(lora_run):
+    one_error(tunelab("serve", str(lora_run), "--dtype", "bf16"), "--dtype bf16", "bfloat16")
+    one_error(tunelab("serve", str(lora_run), "--device", "gpu"), "--device gpu", "cuda")
+
+
+def test_vllm_refuses_a_lora_rank_above_512(lora_run, tmp_path):
+    run = copy_run(lora_run, tmp_path / "wide")
+    adapter_config = run / "adapter" / "adapter_config.json"
+    adapter_config.write_text(json.dumps({**json.loads(adapter_config.read_text()), "r": 1024}))
+    one_error(tunelab("serve", f"wide={run}", "--engine", "vllm"), "'wide' (rank 1024)", "up to 512")

@@ -146,8 +146,9 @@ def serve(
     max_stop: Annotated[int, typer.Option(min=0, help="Most stop strings per request (OpenAI: 4).")] = 4,
     max_stop_chars: Annotated[int, typer.Option(min=1, help="Longest stop string (characters).")] = 64,
     max_adapters: Annotated[int, typer.Option(min=0, help="Most adapters loaded at once; admin loads beyond: 409.")] = 16,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="Weights dtype: auto (fp32 on CPU, bf16 on GPU), float32, bfloat16.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(
+        help="Weights dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16.")] = "auto",
     tracking_uri: UriOpt = None,
     engine: Annotated[str, typer.Option(help="hf (this server) or vllm (print the equivalent vLLM command).")] = "hf",
     launch: Annotated[bool, typer.Option(help="With --engine vllm: run the command instead of printing it.")] = False,
@@ -158,8 +159,6 @@ def serve(
 
     if engine not in ("hf", "vllm"):
         raise TunelabError(f"--engine {engine}: choose hf or vllm")
-    if batching not in ("continuous", "static"):
-        raise TunelabError(f"--batching {batching}: choose continuous or static")
     options = ServeOptions(
         adapters=adapters or [], base=base, host=host, port=port, api_key_env=api_key_env,
         admin_key_env=admin_key_env, allow_roots=[Path(r) for r in allow_root or [] if not r.startswith("models:")],
