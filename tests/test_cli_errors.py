@@ -54,6 +54,9 @@ def copy_run(lora_run: Path, folder: Path, tracking_uri: str | None = None) -> P
     (folder / "config.yaml").write_text(yaml.safe_dump(raw))
     return folder
 
+def test_eval_refuses_a_negative_max_examples(lora_run):
+    one_error(tunelab("eval", str(lora_run), "--max-examples", "-1"), "--max-examples -1")
+    one_error(tunelab("eval", str(lora_run), "--max-examples", "0"), "--max-examples 0")  # not "no limit"
 
 
 def test_runs_list_against_a_bad_store(tmp_path):

@@ -21,7 +21,7 @@ from tunelab.cli_common import ConfigArg, SetOpt, UriOpt, out, print_summary
 from tunelab.cli_common import load as _load
 from tunelab.cli_ship import export_app, k8s_app, serve
 from tunelab.cli_sweep import sweep
-from tunelab.errors import TunelabError
+from tunelab.errors import ConfigError, TunelabError
 
 app = typer.Typer(
     help="tunelab: examples -> fine-tuned, evaluated model, driven by one YAML config.",
@@ -89,7 +89,9 @@ def eval_(run_dir: Annotated[str, typer.Argument(help="A run folder, or models:/
 
     cfg, run_paths = load_run_config(resolve_run_dir(run_dir), set_)
     cfg.eval.judge = _callers_judge(set_ or [], judge_config)
-    if max_examples:
+    if max_examples is not None:
+        if max_examples < 1:
+            raise ConfigError(f"--max-examples {max_examples}: give a number of test examples, 1 or more")
         cfg.eval.max_examples = max_examples
     result = pipeline.stage_eval(cfg, run_paths)
     print_summary(run_paths.root, None, result.metrics)
