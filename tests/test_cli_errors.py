@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tunelab.config_file import dump_config
+
 
 def tunelab(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, timeout=600,
@@ -120,3 +122,39 @@ def test_vllm_refuses_a_lora_rank_above_512(lora_run, tmp_path):
     adapter_config = run / "adapter" / "adapter_config.json"
     adapter_config.write_text(json.dumps({**json.loads(adapter_config.read_text()), "r": 1024}))
     one_error(tunelab("serve", f"wide={run}", "--engine", "vllm"), "'wide' (rank 1024)", "up to 512")
+
+
+def test_cuda_out_of_memory_becomes_the_runbooks_advice(tiny_config, tmp_path, monkeypatch, capsys):
+    """A real torch.OutOfMemoryError raised from the decoder's forward pass in the second training step."""
+    import torch
+    from transformers import LlamaModel
+
+    from tunelab import cli
+
+    forward, calls = LlamaModel.forward, []
+
+    def out_of_memory_on_step_2(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                             "capacity of 23.57 GiB of which 1.20 GiB is free.")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaModel, "forward", out_of_memory_on_step_2)
+    config = tmp_path / "config.yaml"
+    config.write_text(dump_config(tiny_config))
+    monkeypatch.setattr(sys, "argv", ["tunelab", "train", str(config)])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err and len(calls) == 2
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: training ran out of GPU memory (it asked for 2.00 GiB more): ")
+    run = Path(tiny_config.output.dir)
+    for advice in ("lower train.batch_size (now 8)", "train.gradient_accumulation_steps (now 1)",
+                   "train.gradient_checkpointing=true", "method.type=qlora",
+                   f"`tunelab estimate {run / 'config.yaml'} --no-probe`", "docs/runbooks/fine-tune-oom.md"):
+        assert advice in line
+    assert Path(__file__).parents[1].joinpath("docs/runbooks/fine-tune-oom.md").is_file()
+    assert not (run / "adapter").exists()
