@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import tiny_run_config
 from tunelab.config_file import dump_config
 
 
@@ -55,6 +56,7 @@ def copy_run(lora_run: Path, folder: Path, tracking_uri: str | None = None) -> P
     raw["track"]["tracking_uri"] = tracking_uri
     (folder / "config.yaml").write_text(yaml.safe_dump(raw))
     return folder
+
 
 def test_eval_refuses_a_negative_max_examples(lora_run):
     one_error(tunelab("eval", str(lora_run), "--max-examples", "-1"), "--max-examples -1")
@@ -158,3 +160,19 @@ def test_cuda_out_of_memory_becomes_the_runbooks_advice(tiny_config, tmp_path, m
         assert advice in line
     assert Path(__file__).parents[1].joinpath("docs/runbooks/fine-tune-oom.md").is_file()
     assert not (run / "adapter").exists()
+
+
+def test_a_tiny_run_prints_no_library_warnings(tmp_path, tiny_model_dir):
+    """Tracking on (MLflow's dataset source), and a chat template that adds tokens with checkpoints saved (PEFT
+    saving the resized embedding), as well as training and evaluating (transformers' deprecations)."""
+    cfg = tiny_run_config(tmp_path, tiny_model_dir)
+    cfg.track.enabled = True
+    cfg.data.chat_template = "llama3"
+    cfg.train.save_steps = 6
+    config = tmp_path / "config.yaml"
+    config.write_text(dump_config(cfg))
+    done = tunelab("run", str(config), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
+    assert (tmp_path / "run" / "mlflow_run.json").is_file()
+    assert "Warning" not in done.stderr, done.stderr[-3000:]

@@ -294,11 +294,17 @@ def _exit_on_failed_gate(metrics: dict[str, Any]) -> None:
 
 
 def _quiet_library_noise() -> None:
+    """Silence, each by its own message, the libraries' notices that tunelab cannot act on and the user cannot fix
+    (tunelab's own causes are fixed at the source: e.g. it names the MLflow dataset source it logs)."""
     # bitsandbytes tries to fetch an optional CPU kernel from a model hub at import and logs a warning when it
-    # cannot (always, offline); deprecation notices about the libraries' own internals are not the user's to fix.
+    # cannot (always, offline).
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|trl)\.")
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.jit")
+    # PEFT's PeftModel and TRL's trainers read transformers' deprecated `is_gradient_checkpointing`.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # The Trainer's checkpoints of an adapter whose chat template added tokens: PEFT saves the resized embedding and
+    # head into each and says so (the final adapter keeps only the new rows: save_trained).
+    warnings.filterwarnings("ignore", message=r"Setting `save_embedding_layers` to `True` as the embedding layer has "
+                            "been resized", category=UserWarning)
 
 
 def main() -> None:

@@ -264,10 +264,12 @@ def _apply(client: Any, run_id: str, op: str, payload: dict[str, Any]) -> None:
             client.log_batch(run_id, metrics=metrics[start : start + 1000])
     elif op == "dataset":
         from mlflow.data import get_source  # noqa: F401 - registers the built-in source types
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.dataset_source_registry import get_dataset_source_from_json
         from mlflow.data.meta_dataset import MetaDataset
 
-        source = resolve_dataset_source(Path(payload["source"]).as_uri())
+        # Named as a local source: left to guess from the URI, MLflow finds two registrations that fit (one for
+        # file:// URIs, one for plain paths) and warns on every run.
+        source = get_dataset_source_from_json(json.dumps({"uri": Path(payload["source"]).as_uri()}), "local")
         dataset = MetaDataset(source=source, name=payload["name"], digest=payload["digest"])
         client.log_inputs(run_id, datasets=[_dataset_input(dataset)])
     elif op == "artifacts" and Path(payload["path"]).is_dir():
