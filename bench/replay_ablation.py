@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tunelab.config_file import load_run_config
 from tunelab.eval.gate import default_rules, evaluate_gate
+from tunelab.eval.result import failed_rules, rule_rows
 
 
 def cell(config: Path, ratio: float, lr: float, epochs: float, root: Path) -> dict:
@@ -45,7 +46,7 @@ def cell(config: Path, ratio: float, lr: float, epochs: float, root: Path) -> di
         "tuned": systems["tuned"][metric], "tuned_mean_words": systems["tuned"].get("mean_words"),
         "probes_base": forgetting.get("base", {}).get("overall"), "probes_tuned": forgetting.get("tuned", {}).get("overall"),
         "forgetting_drop": forgetting.get("drop"),
-        "default_gate": all(r.passed for r in evaluate_gate(rules, metrics)), "default_rules": rules,
+        "default_gate": not failed_rules(rule_rows(evaluate_gate(rules, metrics))), "default_rules": rules,
     }
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tunelab import pipeline
-from tunelab.export.merge import ExportError, merge_run, probe_batch
+from tunelab.errors import ExportError
+from tunelab.export.merge import merge_run, probe_batch
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "ia3"])

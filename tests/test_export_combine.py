@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from tunelab import pipeline
+from tunelab.errors import ExportError
 from tunelab.export.combine import combine_runs, load_source
-from tunelab.export.merge import ExportError, probe_batch
+from tunelab.export.merge import probe_batch
 
 
 def _trained(cfg, folder, lr):

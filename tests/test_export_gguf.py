@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from tunelab import pipeline
+from tunelab.errors import ExportError, TemplateError
 from tunelab.export import gguf_check
-from tunelab.export.merge import ExportError
-from tunelab.export.modelfile import TemplateError, modelfile_text, translate
+from tunelab.export.modelfile import modelfile_text, translate
 
 needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                      reason="llama-cpp-python is not installed")

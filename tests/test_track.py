@@ -196,6 +196,7 @@ def test_real_server_tracking_registry_and_buffering_when_it_goes_away(tiny_conf
 
 def test_registry_errors_are_one_line(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client_for(uri).search_registered_models()  # creates the store: `registry show` refuses one that does not exist
     env = {**os.environ, "COLUMNS": "250"}
     result = subprocess.run([sys.executable, "-m", "tunelab", "registry", "show", "nope", "--tracking-uri", uri],
                             capture_output=True, text=True, env=env)

@@ -21,7 +21,7 @@ from tunelab.cli_common import ConfigArg, SetOpt, UriOpt, out, print_summary
 from tunelab.cli_common import load as _load
 from tunelab.cli_ship import export_app, k8s_app, serve
 from tunelab.cli_sweep import sweep
-from tunelab.errors import TunelabError
+from tunelab.errors import ConfigError, TunelabError
 
 app = typer.Typer(
     help="tunelab: examples -> fine-tuned, evaluated model, driven by one YAML config.",
@@ -89,7 +89,9 @@ def eval_(run_dir: Annotated[str, typer.Argument(help="A run folder, or models:/
 
     cfg, run_paths = load_run_config(resolve_run_dir(run_dir), set_)
     cfg.eval.judge = _callers_judge(set_ or [], judge_config)
-    if max_examples:
+    if max_examples is not None:
+        if max_examples < 1:
+            raise ConfigError(f"--max-examples {max_examples}: give a number of test examples, 1 or more")
         cfg.eval.max_examples = max_examples
     result = pipeline.stage_eval(cfg, run_paths)
     print_summary(run_paths.root, None, result.metrics)
@@ -147,9 +149,10 @@ def registry_register(run_dir: Annotated[Path, typer.Argument(help="A trained ru
                       name: Annotated[str, typer.Option("--name", help="Registered model name.")]) -> None:
     """Register the run's adapter as a new model version (with base model, chat template, eval metrics)."""
     from tunelab.registry import register
+    from tunelab.track import GATE_PASSED_TAG
 
     mv = register(run_dir, name)
-    out.print(f"registered {name} version {mv.version} (gate passed: {mv.tags.get('tunelab.gate_passed')})")
+    out.print(f"registered {name} version {mv.version} (gate passed: {mv.tags.get(GATE_PASSED_TAG)})")
 
 
 @registry_app.command("promote")
@@ -281,7 +284,9 @@ def _print_data_summary(folder: Path, report: dict[str, Any]) -> None:
 
 
 def _exit_on_failed_gate(metrics: dict[str, Any]) -> None:
-    failed = [g for g in metrics.get("gate", []) if not g["passed"]]
+    from tunelab.eval.result import failed_rules
+
+    failed = failed_rules(metrics.get("gate", []))
     for g in failed:
         print(f"gate failed: {g['rule']} (measured {g['left']:.4f}, needed {g['right']:.4f})", file=sys.stderr)
     if failed:
@@ -289,13 +294,17 @@ def _exit_on_failed_gate(metrics: dict[str, Any]) -> None:
 
 
 def _quiet_library_noise() -> None:
+    """Silence, each by its own message, the libraries' notices that tunelab cannot act on and the user cannot fix
+    (tunelab's own causes are fixed at the source: e.g. it names the MLflow dataset source it logs)."""
     # bitsandbytes tries to fetch an optional CPU kernel from a model hub at import and logs a warning when it
-    # cannot (always, offline); deprecation notices about the libraries' own internals are not the user's to fix.
+    # cannot (always, offline).
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines (creating tables...) are noise here
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|trl)\.")
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.jit")
+    # PEFT's PeftModel and TRL's trainers read transformers' deprecated `is_gradient_checkpointing`.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # The Trainer's checkpoints of an adapter whose chat template added tokens: PEFT saves the resized embedding and
+    # head into each and says so (the final adapter keeps only the new rows: save_trained).
+    warnings.filterwarnings("ignore", message=r"Setting `save_embedding_layers` to `True` as the embedding layer has "
+                            "been resized", category=UserWarning)
 
 
 def main() -> None:

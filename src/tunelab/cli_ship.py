@@ -10,7 +10,7 @@ import typer
 
 from tunelab.cli_common import ConfigArg, SetOpt, UriOpt, out, print_summary
 from tunelab.cli_common import load as _load
-from tunelab.errors import TunelabError
+from tunelab.errors import ExportError, TunelabError
 
 export_app = typer.Typer(help="Export a trained run for other consumers.", no_args_is_help=True)
 k8s_app = typer.Typer(help="Kubernetes manifests: a KubeRay RayJob that trains, a KServe InferenceService that serves.",
@@ -28,7 +28,7 @@ def export_merge(run_dir: Annotated[str, typer.Argument(help="A run folder, or m
                  overwrite: OverwriteOpt = False) -> None:
     """Merge the adapter into the base in float32, verify the logits, then cast and save a plain HF folder."""
     from tunelab.config_file import load_run_config
-    from tunelab.export.merge import ExportError, check_out, merge_run
+    from tunelab.export.merge import check_out, merge_run
     from tunelab.registry import resolve_run_dir
 
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -102,7 +102,6 @@ def export_combine(run_dirs: Annotated[list[str], typer.Argument(help="Two or mo
     from tunelab import pipeline
     from tunelab.config_file import load_run_config
     from tunelab.export.combine import HOW, NEEDS_DENSITY, combine_runs, load_source
-    from tunelab.export.merge import ExportError
     from tunelab.registry import resolve_run_dir
 
     try:
@@ -147,8 +146,9 @@ def serve(
     max_stop: Annotated[int, typer.Option(min=0, help="Most stop strings per request (OpenAI: 4).")] = 4,
     max_stop_chars: Annotated[int, typer.Option(min=1, help="Longest stop string (characters).")] = 64,
     max_adapters: Annotated[int, typer.Option(min=0, help="Most adapters loaded at once; admin loads beyond: 409.")] = 16,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="Weights dtype: auto (fp32 on CPU, bf16 on GPU), float32, bfloat16.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(
+        help="Weights dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16.")] = "auto",
     tracking_uri: UriOpt = None,
     engine: Annotated[str, typer.Option(help="hf (this server) or vllm (print the equivalent vLLM command).")] = "hf",
     launch: Annotated[bool, typer.Option(help="With --engine vllm: run the command instead of printing it.")] = False,
@@ -159,8 +159,6 @@ def serve(
 
     if engine not in ("hf", "vllm"):
         raise TunelabError(f"--engine {engine}: choose hf or vllm")
-    if batching not in ("continuous", "static"):
-        raise TunelabError(f"--batching {batching}: choose continuous or static")
     options = ServeOptions(
         adapters=adapters or [], base=base, host=host, port=port, api_key_env=api_key_env,
         admin_key_env=admin_key_env, allow_roots=[Path(r) for r in allow_root or [] if not r.startswith("models:")],

@@ -1,11 +1,17 @@
-"""User-facing errors.
+"""Every error class tunelab raises, in one place.
 
 A `TunelabError` is a mistake the user can fix (bad config, bad data row, missing file). The CLI prints
 its message as one line per problem and exits non-zero, never with a traceback. Anything else that
 escapes is a bug in tunelab and keeps its traceback.
+
+`RowError` and `GoTemplateError` are signals inside a stage, not messages for the user: the stage that catches
+them (a row loader skipping or reporting a bad row, the Modelfile writer trying the next template variant)
+turns them into a `TunelabError` or a report line.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class TunelabError(Exception):
@@ -29,9 +35,59 @@ class DataError(TunelabError):
     """A data file or one of its rows is invalid."""
 
 
+class NoTrainingRows(DataError):
+    """Every training row was filtered out; carries the report that says by which filters."""
+
+    def __init__(self, problem: str, report: dict[str, Any]) -> None:
+        super().__init__(problem)
+        self.report = report
+
+
 class ModelError(TunelabError):
     """The model cannot be resolved or loaded."""
 
 
 class RunFolderError(TunelabError):
     """A run folder is missing, incomplete, or would be overwritten."""
+
+
+class TrainingError(TunelabError):
+    """Training had to stop for a reason the user can act on."""
+
+
+class TrackingError(TunelabError):
+    """The MLflow store cannot be reached or used, or does not hold the model, version or alias asked for."""
+
+
+class ExportError(TunelabError):
+    """An export could not be produced or failed its verification."""
+
+
+class TemplateError(TunelabError):
+    """The chat template cannot be expressed as an Ollama template."""
+
+
+class LlamaCppError(TunelabError):
+    """llama.cpp's tools are missing or failed."""
+
+
+class ServeError(TunelabError):
+    """A serving request or set-up that cannot be honoured; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class RowError(ValueError):
+    """A single row is invalid; `field` names where (e.g. 'messages[2].role')."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"field '{field}': {problem}")
+
+
+class GoTemplateError(ValueError):
+    """A Go template uses something export/gotemplate.py does not interpret."""

@@ -222,19 +222,20 @@ class Precision:
         return f"{self.device}, weights {str(self.weights_dtype).replace('torch.', '')}, autocast {amp}"
 
 
-def pick_device(requested: str) -> str:
+def pick_device(requested: str, option: str = "model.device") -> str:
+    """The device to run on; `option` names where `requested` came from, for the error."""
     import torch
 
     if requested == "auto":
         if torch.cuda.is_available():
             return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if torch.backends.mps.is_available():
             return "mps"
         return "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ModelError("model.device: 'cuda' was asked for but no CUDA GPU is visible; use auto or cpu")
-    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ModelError("model.device: 'mps' was asked for but is not available; use auto or cpu")
+        raise ModelError(f"{option}: 'cuda' was asked for but no CUDA GPU is visible; use auto or cpu")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"{option}: 'mps' was asked for but is not available; use auto or cpu")
     return requested
 
 

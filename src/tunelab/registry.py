@@ -8,60 +8,49 @@ local run folder, so it works wherever a run folder does (eval, export, serve).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tunelab.artifacts import RunPaths, atomic_dir, sha256_folder
-from tunelab.errors import TunelabError
+from tunelab.errors import TrackingError, TunelabError
+from tunelab.track import GATE_PASSED_TAG, mlflow_client, store_errors, unreachable
 
 DEFAULT_URI_ENV = "MLFLOW_TRACKING_URI"
+# What a store answers for a model, version or alias it does not hold (an unknown alias is a bad parameter).
+NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
 def default_tracking_uri() -> str:
     return os.environ.get(DEFAULT_URI_ENV) or f"sqlite:///{Path('runs').resolve() / 'mlflow.db'}"
 
 
-def _client(uri: str) -> Any:
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from mlflow import MlflowClient
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # set to INFO by MLflow on import
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-@contextlib.contextmanager
-def _registry_errors(what: str, uri: str) -> Iterator[None]:
-    """MLflow's own errors (unknown model, unreachable store) become one line naming the command."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        yield
-    except MlflowException as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        from tunelab.redaction import redact_uris
-
-        raise TunelabError(redact_uris(f"registry {what}: {first} (registry at {uri})")) from None
-
-
 def register(run_dir: Path, name: str) -> Any:
     """Create a model version from a run folder's adapter (logging the run first if it never was)."""
     from tunelab.config_file import load_run_config
-    from tunelab.redaction import redact_uris
-    from tunelab.track import Tracker, tracking_uri
+    from tunelab.track import tracking_uri
 
     cfg, run = load_run_config(run_dir)
     if not run.has_adapter:
         raise TunelabError(f"registry register: {run.root} has no trained adapter to register")
+    uri = tracking_uri(cfg)
+    with store_errors("registry register", uri):
+        client = mlflow_client(uri)
+        client.search_experiments(max_results=1)  # a store that does not answer: say so, before the Tracker buffers
+        return _register(client, cfg, run, name)
+
+
+def _register(client: Any, cfg: Any, run: RunPaths, name: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    from tunelab.redaction import redact_uris
+    from tunelab.track import Tracker, gate_tags, tracking_uri
+
     tracker = Tracker(cfg, run)
     if tracker.run_id is None or tracker.offline:
-        raise TunelabError(f"registry register: MLflow at {redact_uris(tracking_uri(cfg))} is not answering")
-    client = _client(tracking_uri(cfg))
+        raise TrackingError(f"registry register: MLflow at {redact_uris(tracking_uri(cfg))} is not answering")
     logged = {a.path for a in client.list_artifacts(tracker.run_id)}
     if "adapter" not in logged:  # trained with tracking off: log it now
         tracker.log_trained()
@@ -77,32 +66,30 @@ def register(run_dir: Path, name: str) -> Any:
             "tunelab.chat_template": run.chat_template.read_text(encoding="utf-8")[:7000]
             if run.chat_template.is_file() else ""}
     metrics_path = run.eval / "metrics.json"
-    if metrics_path.is_file():
-        metrics = json.loads(metrics_path.read_text())
-        tags["tunelab.gate_passed"] = str(all(g["passed"] for g in metrics.get("gate", []))).lower()
-        tags["tunelab.gate"] = json.dumps([g["rule"] for g in metrics.get("gate", [])])
-        for suite, result in metrics["suites"].items():
-            for system, values in result["systems"].items():
-                for metric, value in values.items():
-                    tags[f"eval.{suite}.{system}.{metric}"] = f"{value:.6g}"
-    else:
-        tags["tunelab.gate_passed"] = "false"  # no evidence yet: promotion needs an eval first
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+    tags.update(gate_tags(metrics))
+    for suite, result in (metrics or {}).get("suites", {}).items():
+        for system, values in result["systems"].items():
+            for metric, value in values.items():
+                tags[f"eval.{suite}.{system}.{metric}"] = f"{value:.6g}"
     try:
         client.get_registered_model(name)
-    except Exception:  # noqa: BLE001 - "does not exist" is reported differently by each store
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
         client.create_registered_model(name, tags={"tunelab.base_model": cfg.model.name})
     source = f"{client.get_run(tracker.run_id).info.artifact_uri}/adapter"
     return client.create_model_version(name, source, run_id=tracker.run_id, tags=tags)
 
 
 def promote(name: str, version: str, alias: str, force: bool, reason: str | None, uri: str) -> Any:
-    with _registry_errors("promote", uri):
-        return _promote(_client(uri), name, version, alias, force, reason)
+    with store_errors("registry promote", uri):
+        return _promote(mlflow_client(uri, existing=True), name, version, alias, force, reason)
 
 
 def _promote(client: Any, name: str, version: str, alias: str, force: bool, reason: str | None) -> Any:
     mv = _version(client, name, version)
-    passed = mv.tags.get("tunelab.gate_passed") == "true"
+    passed = mv.tags.get(GATE_PASSED_TAG) == "true"
     if not passed and not force:
         rules = mv.tags.get("tunelab.gate", "[]")
         raise TunelabError(f"registry promote: {name} version {version} did not pass its eval gate (rules: {rules}); "
@@ -116,15 +103,19 @@ def _promote(client: Any, name: str, version: str, alias: str, force: bool, reas
 
 
 def _version(client: Any, name: str, version: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
     try:
         return client.get_model_version(name, version)
-    except Exception:  # noqa: BLE001
-        raise TunelabError(f"registry: no version {version} of model '{name}'") from None
+    except MlflowException as err:
+        if err.error_code not in NOT_FOUND:
+            raise  # not an answer (a server that is away): store_errors says so
+        raise TrackingError(f"registry: no version {version} of model '{name}'") from None
 
 
 def list_models(uri: str) -> list[dict[str, Any]]:
-    with _registry_errors("list", uri):
-        return _list_models(_client(uri))
+    with store_errors("registry list", uri):
+        return _list_models(mlflow_client(uri, existing=True))
 
 
 def _list_models(client: Any) -> list[dict[str, Any]]:
@@ -137,8 +128,8 @@ def _list_models(client: Any) -> list[dict[str, Any]]:
 
 
 def show(name: str, uri: str) -> list[dict[str, Any]]:
-    with _registry_errors("show", uri):
-        return _show(_client(uri), name)
+    with store_errors("registry show", uri):
+        return _show(mlflow_client(uri, existing=True), name)
 
 
 def _show(client: Any, name: str) -> list[dict[str, Any]]:
@@ -148,7 +139,7 @@ def _show(client: Any, name: str) -> list[dict[str, Any]]:
     rows = []
     for mv in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
         rows.append({"version": str(mv.version), "aliases": aliases.get(str(mv.version), []), "run_id": mv.run_id,
-                     "gate_passed": mv.tags.get("tunelab.gate_passed"), "forced": mv.tags.get("tunelab.forced_promotion"),
+                     "gate_passed": mv.tags.get(GATE_PASSED_TAG), "forced": mv.tags.get("tunelab.forced_promotion"),
                      "metrics": {k: v for k, v in mv.tags.items() if k.startswith("eval.")}})
     return rows
 
@@ -158,7 +149,12 @@ def resolve_run_dir(ref: str | Path, uri: str | None = None) -> Path:
     text = str(ref)
     if not text.startswith("models:/"):
         return Path(text)
-    client = _client(uri or default_tracking_uri())
+    uri = uri or default_tracking_uri()
+    with store_errors(text, uri):
+        return _local_copy(mlflow_client(uri, existing=True), text)
+
+
+def _local_copy(client: Any, text: str) -> Path:
     mv = _lookup(client, text)
     name = mv.name
     from tunelab.config import ModelConfig
@@ -173,13 +169,17 @@ def resolve_run_dir(ref: str | Path, uri: str | None = None) -> Path:
             for item in ("adapter", "config.yaml", "data", "eval"):
                 try:
                     client.download_artifacts(mv.run_id, item, str(tmp))
-                except Exception:  # noqa: BLE001 - eval/ may be missing for an unevaluated version
+                except Exception as err:  # noqa: BLE001 - eval/ may be missing for an unevaluated version
+                    if unreachable(err):
+                        raise
                     if item in ("adapter", "config.yaml"):
-                        raise TunelabError(f"{text}: run {mv.run_id} lacks its {item} artifact") from None
-            shutil.copy(tmp / "adapter" / "chat_template.jinja", tmp / "chat_template.jinja")
+                        raise TrackingError(f"{text}: run {mv.run_id} lacks its {item} artifact") from None
+            template = tmp / "adapter" / "chat_template.jinja"
+            if template.is_file():  # continued pre-training of a base model trains without a template
+                shutil.copy(template, RunPaths(tmp).chat_template)
             if not _adapter_matches(tmp, mv):
-                raise TunelabError(f"{text}: the downloaded adapter's sha256 differs from the one recorded when "
-                                   "the version was registered; refusing to use it (was the artifact changed?)")
+                raise TrackingError(f"{text}: the downloaded adapter's sha256 differs from the one recorded when "
+                                    "the version was registered; refusing to use it (was the artifact changed?)")
     return folder
 
 
@@ -194,17 +194,23 @@ def _adapter_matches(folder: Path, mv: Any) -> bool:
 
 def lookup_version(ref: str, uri: str | None = None) -> Any:
     """The model version a models:/NAME@ALIAS or models:/NAME/VERSION reference names (with its tags)."""
-    return _lookup(_client(uri or default_tracking_uri()), ref)
+    uri = uri or default_tracking_uri()
+    with store_errors(ref, uri):
+        return _lookup(mlflow_client(uri, existing=True), ref)
 
 
 def _lookup(client: Any, text: str) -> Any:
     spec = text[len("models:/"):] if text.startswith("models:/") else text
     if "@" in spec:
         name, alias = spec.split("@", 1)
+        from mlflow.exceptions import MlflowException
+
         try:
             return client.get_model_version_by_alias(name, alias)
-        except Exception:  # noqa: BLE001
-            raise TunelabError(f"{text}: no model '{name}' with alias '{alias}' in the registry") from None
+        except MlflowException as err:
+            if err.error_code not in NOT_FOUND:
+                raise  # not an answer (a server that is away): store_errors says so
+            raise TrackingError(f"{text}: no model '{name}' with alias '{alias}' in the registry") from None
     name, _, version = spec.partition("/")
     if not version:
         raise TunelabError(f"{text}: name a version or an alias: models:/{name}@champion or models:/{name}/1")

@@ -3,33 +3,29 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tunelab.errors import RunFolderError
-from tunelab.track import flatten
+from tunelab.track import GATE_PASSED_TAG, flatten, mlflow_client, store_errors
 
 
 def list_runs(uri: str, experiment: str) -> list[dict[str, str]]:
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return []
+    with store_errors("runs list", uri):
+        client = mlflow_client(uri, existing=True)
+        found = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"]) if found else []
     rows = []
-    for run in client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"]):
+    for run in runs:
         m, p, t = run.data.metrics, run.data.params, run.data.tags
         exact = next((v for k, v in m.items() if k.endswith(".tuned.exact_match")), None)
         rows.append({"name": run.info.run_name or run.info.run_id, "status": run.info.status,
                      "method": p.get("method.type", ""), "objective": p.get("objective.type", ""),
                      "loss": f"{m['loss']:.4f}" if "loss" in m else "",
                      "exact_match": "" if exact is None else f"{exact:.1%}",
-                     "gate": {"true": "pass", "false": "FAIL"}.get(t.get("tunelab.gate_passed", ""), "")})
+                     "gate": {"true": "pass", "false": "FAIL"}.get(t.get(GATE_PASSED_TAG, ""), "")})
     return rows
 
 

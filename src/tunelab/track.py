@@ -8,21 +8,87 @@ once, and `tunelab runs sync RUN_DIR` uploads it later.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tunelab.artifacts import RunPaths
 from tunelab.config import RunConfig
+from tunelab.errors import ConfigError, TrackingError
 from tunelab.progress import console
 from tunelab.redaction import REDACTED, env_secrets, redact, redact_uris, redacted_config
 
 BUFFER = "tracking_buffer.jsonl"
 RUN_ID_FILE = "mlflow_run.json"
+GATE_PASSED_TAG = "tunelab.gate_passed"  # "true" or "false", on the tracked run and on each registered version
+MLFLOW_SETTINGS = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    # MLflow's client retries a dead server with exponential backoff for minutes by default; tunelab should
+    # notice within seconds: a tracker buffers and lets training go on, a command says the server is away.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
+def mlflow_client(uri: str, existing: bool = False) -> Any:
+    """An MlflowClient for tracking and the registry at `uri`, with tunelab's MLflow settings (MLFLOW_SETTINGS,
+    unless the environment sets them; MLflow's INFO lines about creating tables silenced). `existing`: the caller
+    only reads, so a sqlite store that does not exist is an error rather than a new, empty store."""
+    for key, value in MLFLOW_SETTINGS.items():
+        os.environ.setdefault(key, value)
+    if existing and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise TrackingError(f"no MLflow store at {uri[len('sqlite:///'):]}; pass --tracking-uri (or set "
+                            "MLFLOW_TRACKING_URI) to the store the runs were tracked in")
+    from mlflow import MlflowClient
+
+    # Set after the import: MLflow sets its own logger to INFO when imported.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def unreachable(err: BaseException) -> bool:
+    """Whether an MLflow failure means the server did not answer (refused, timed out), rather than an answer."""
+    import requests
+
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextlib.contextmanager
+def store_errors(what: str, uri: str) -> Iterator[None]:
+    """MLflow's failures (a server that does not answer, a URI it cannot use, a file that is no store, a model it
+    does not hold) as one line naming the command and the store, credentials redacted."""
+    import requests
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+    try:
+        yield
+    except (MlflowException, SQLAlchemyError, requests.RequestException) as err:  # the last: artifact downloads
+        where = redact_uris(uri)
+        if unreachable(err):
+            raise TrackingError(f"{what}: MLflow at {where} is not answering; start it, or pass --tracking-uri (or "
+                                "set MLFLOW_TRACKING_URI) to one that runs") from None
+        text = err.orig if isinstance(err, DBAPIError) else err  # SQLAlchemy's own text repeats the SQL statement
+        raise TrackingError(redact_uris(f"{what}: {_first_line(text)} (MLflow store {where})")) from None
+
+
+def _first_line(err: BaseException | str) -> str:
+    """An MLflow message's first line, without the link to its documentation it often ends with."""
+    text = str(err).strip()
+    return text.splitlines()[0].split(" See https://")[0].strip() if text else type(err).__name__
 
 
 def tracking_uri(cfg: RunConfig) -> str:
@@ -36,6 +102,17 @@ def tracking_uri(cfg: RunConfig) -> str:
 
 def artifact_root(cfg: RunConfig) -> str:
     return (Path(cfg.output.dir).resolve().parent / "mlartifacts").as_uri()
+
+
+def gate_tags(metrics: dict[str, Any] | None) -> dict[str, str]:
+    """The gate's verdict and rules as the tracked run and a registered version carry them. No eval yet (None):
+    not passed, since promotion needs evidence."""
+    from tunelab.eval.result import gate_passed
+
+    if metrics is None:
+        return {GATE_PASSED_TAG: "false"}
+    return {GATE_PASSED_TAG: str(gate_passed(metrics)).lower(),
+            "tunelab.gate": json.dumps([g["rule"] for g in metrics.get("gate", [])])}
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:
@@ -52,19 +129,14 @@ class Tracker:
     """Logs one run folder's stages to its MLflow run; falls back to a local buffer when MLflow is away."""
 
     def __init__(self, cfg: RunConfig, run: RunPaths) -> None:
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        # MLflow's client retries a dead server with exponential backoff for minutes by default; a tracker
-        # should notice within seconds, buffer, and let training go on.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
 
-        # MLflow sets its own loggers to INFO on import; its "creating tables" and sampler notices are noise here.
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.cfg, self.run = cfg, run
         self.secrets = env_secrets(cfg.model_dump(mode="json"))
-        self.client = MlflowClient(tracking_uri=tracking_uri(cfg))
+        try:
+            self.client = mlflow_client(tracking_uri(cfg))
+        except MlflowException as err:  # a URI MLflow has no store for: the config's mistake, not an outage
+            raise ConfigError(redact_uris(f"track.tracking_uri: {_first_line(err)}")) from None
         self.offline = False
         self.run_id = self._run_id()
 
@@ -139,9 +211,7 @@ class Tracker:
             name = re.sub(r"[^\w\-. :/]", "_", task)  # MLflow refuses other characters in metric names
             flat.update({f"harness.{name}.{k}": float(scores[k]) for k in ("base", "tuned", "drop") if k in scores})
         self._call("metrics", step=0, metrics=flat)
-        passed = all(g["passed"] for g in metrics.get("gate", []))
-        self._call("tags", tags={"tunelab.gate_passed": str(passed).lower(),
-                                 "tunelab.gate": json.dumps([g["rule"] for g in metrics.get("gate", [])])})
+        self._call("tags", tags=gate_tags(metrics))
         self.log_folder(self.run.eval, "eval")
 
     def log_folder(self, path: Path, artifact_path: str | None) -> None:
@@ -194,10 +264,12 @@ def _apply(client: Any, run_id: str, op: str, payload: dict[str, Any]) -> None:
             client.log_batch(run_id, metrics=metrics[start : start + 1000])
     elif op == "dataset":
         from mlflow.data import get_source  # noqa: F401 - registers the built-in source types
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.dataset_source_registry import get_dataset_source_from_json
         from mlflow.data.meta_dataset import MetaDataset
 
-        source = resolve_dataset_source(Path(payload["source"]).as_uri())
+        # Named as a local source: left to guess from the URI, MLflow finds two registrations that fit (one for
+        # file:// URIs, one for plain paths) and warns on every run.
+        source = get_dataset_source_from_json(json.dumps({"uri": Path(payload["source"]).as_uri()}), "local")
         dataset = MetaDataset(source=source, name=payload["name"], digest=payload["digest"])
         client.log_inputs(run_id, datasets=[_dataset_input(dataset)])
     elif op == "artifacts" and Path(payload["path"]).is_dir():
@@ -218,8 +290,6 @@ def _dataset_input(dataset: Any) -> Any:
 
 def sync(run_dir: Path) -> int:
     """Upload what a run buffered while MLflow was away; returns the number of operations sent."""
-    from mlflow import MlflowClient
-
     from tunelab.config_file import load_run_config
 
     cfg, run = load_run_config(run_dir)
@@ -228,11 +298,9 @@ def sync(run_dir: Path) -> int:
         return 0
     tracker = Tracker(cfg, run)
     if tracker.run_id is None or tracker.offline:
-        from tunelab.errors import TunelabError
-
-        raise TunelabError(f"runs sync: MLflow at {redact_uris(tracking_uri(cfg))} is still not answering; nothing "
-                           "was uploaded")
-    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+        raise TrackingError(f"runs sync: MLflow at {redact_uris(tracking_uri(cfg))} is still not answering; nothing "
+                            "was uploaded")
+    client = tracker.client
     ops = [json.loads(line) for line in buffer.read_text(encoding="utf-8").splitlines() if line.strip()]
     for op in ops:
         _apply(client, tracker.run_id, op.pop("op"), op)

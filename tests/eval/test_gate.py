@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tunelab.config import EvalConfig, SuiteConfig
@@ -85,3 +87,17 @@ def test_harness_rules_read_a_benchmark_task_base_tuned_and_drop():
     with pytest.raises(ConfigError, match="a harness task has base, tuned and drop"):
         evaluate_gate(["harness.mmlu.metric <= 0.02"], metrics)
     assert validate_config({"data": {"train": "a.jsonl"}, "eval": {"gate": ["harness.mmlu.drop <= 0.02"]}})
+
+
+def test_the_gate_passes_when_every_rule_holds_and_the_registry_tags_say_so():
+    from tunelab.eval.result import gate_passed, gate_rows
+    from tunelab.track import GATE_PASSED_TAG, gate_tags
+
+    holding, _ = gate_rows(["tuned.exact_match >= base.exact_match + 0.2"], METRICS)
+    broken, _ = gate_rows(["tuned.exact_match >= base.exact_match + 0.2", "forgetting.drop <= 0.02"], METRICS)
+    assert gate_passed({**METRICS, "gate": holding}) and not gate_passed({**METRICS, "gate": broken})
+    assert gate_passed({**METRICS, "gate": []})  # eval.gate: [] switches the gate off on purpose
+    assert gate_tags({**METRICS, "gate": broken}) == {GATE_PASSED_TAG: "false", "tunelab.gate": json.dumps(
+        ["tuned.exact_match >= base.exact_match + 0.2", "forgetting.drop <= 0.02"])}
+    assert gate_tags({**METRICS, "gate": holding})[GATE_PASSED_TAG] == "true"
+    assert gate_tags(None) == {GATE_PASSED_TAG: "false"}  # never evaluated: no evidence to promote on

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from tunelab import pipeline
 from tunelab.config_file import dump_config
-from tunelab.train.trainer import TrainingError, complete_checkpoints
+from tunelab.errors import TrainingError
+from tunelab.train.trainer import complete_checkpoints
 
 
 def adapter_tensors(run_dir) -> dict[str, torch.Tensor]:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from tunelab.config import ContaminationConfig, DedupConfig
 from tunelab.data.dedup import NearIndex, normalize_for_match
-from tunelab.data.formats import RowError, parse_row
+from tunelab.data.formats import parse_row
 from tunelab.data.readers import BadRow, read_rows
 from tunelab.data.records import Record
-from tunelab.errors import DataError
+from tunelab.errors import DataError, RowError
 
 # A repeated eval prompt this short ("hello") is a coincidence, not a leak; longer ones count.
 MIN_EXACT_WORDS = 5

@@ -9,20 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from tunelab.data.records import Message, Record
+from tunelab.errors import RowError
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "chatgpt": "assistant", "model": "assistant"}
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "preference", "kto", "text")
-
-
-class RowError(ValueError):
-    """A single row is invalid; `field` names where (e.g. 'messages[2].role')."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        self.field = field
-        self.problem = problem
-        super().__init__(f"field '{field}': {problem}")
 
 
 def detect_format(row: dict[str, Any]) -> str:

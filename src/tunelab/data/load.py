@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.formats import FORMATS, RowError, detect_format, parse_row
+from tunelab.data.formats import FORMATS, detect_format, parse_row
 from tunelab.data.readers import BadRow, read_hub_rows, read_rows
 from tunelab.data.records import Record
-from tunelab.errors import DataError
+from tunelab.errors import DataError, RowError
 from tunelab.hub import dataset_label, is_hub_dataset
 
 # Columns each format reads; other scalar columns are kept as `meta` (for stratify_by / group_by).

@@ -35,7 +35,7 @@ from tunelab.data.report import (
 )
 from tunelab.data.split import apply_weights, split_records
 from tunelab.data.tokens import token_counter
-from tunelab.errors import DataError
+from tunelab.errors import DataError, NoTrainingRows
 from tunelab.hub import dataset_record, is_hub_dataset
 from tunelab.progress import console
 from tunelab.redaction import env_secrets, redact, redact_uris
@@ -152,14 +152,6 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None, generate_replay: bool =
         raise NoTrainingRows(f"{sources}: no training examples left from {loaded} rows"
                              f"{f' (removed {removed})' if removed else ''}", report)
     return Prepared(dataset, report)
-
-
-class NoTrainingRows(DataError):
-    """Every training row was filtered out; carries the report that says by which filters."""
-
-    def __init__(self, problem: str, report: dict[str, Any]) -> None:
-        super().__init__(problem)
-        self.report = report
 
 
 def mix_replay(cfg: RunConfig, train: list[Record], evals: list[EvalText],

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 Message = dict[str, str]
-KINDS = ("chat", "preference", "kto", "text")
 
 
 @dataclass

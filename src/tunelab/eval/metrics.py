@@ -40,12 +40,6 @@ def exact_match(prediction: str, reference: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(reference)
 
 
-def exact_match_rate(predictions: list[str], references: list[str]) -> float:
-    if not references:
-        return float("nan")
-    return sum(exact_match(p, r) for p, r in zip(predictions, references, strict=True)) / len(references)
-
-
 def contains(prediction: str, reference: str) -> float:
     return float(normalize_answer(reference) in normalize_answer(prediction))
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunelab.errors import ConfigError
-from tunelab.eval.gate import evaluate_gate
+from tunelab.eval.gate import RuleResult, evaluate_gate
 
 
 @dataclass
@@ -17,7 +17,23 @@ class EvalResult:
 
     @property
     def gate_passed(self) -> bool:
-        return all(rule["passed"] for rule in self.metrics.get("gate", []))
+        return gate_passed(self.metrics)
+
+
+def failed_rules(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rule rows ({rule, passed, left, right}) that did not hold."""
+    return [row for row in rows if not row["passed"]]
+
+
+def gate_passed(metrics: dict[str, Any]) -> bool:
+    """Whether an eval's gate passed: every rule in its metrics.json held (a gate without rules passes). The one
+    definition that the CLI's exit code, the tracked run, the registry and promotion all use."""
+    return not failed_rules(metrics.get("gate", []))
+
+
+def rule_rows(results: list[RuleResult]) -> list[dict[str, Any]]:
+    """Rule verdicts as metrics.json (and a sweep's constraints) record them."""
+    return [{"rule": r.rule, "passed": r.passed, "left": r.left, "right": r.right} for r in results]
 
 
 def gate_rows(rules: list[str], metrics: dict[str, Any]) -> tuple[list[dict[str, Any]], ConfigError | None]:
@@ -28,4 +44,4 @@ def gate_rows(rules: list[str], metrics: dict[str, Any]) -> tuple[list[dict[str,
         gate = evaluate_gate(rules, metrics)
     except ConfigError as err:
         return [], err
-    return [{"rule": g.rule, "passed": g.passed, "left": g.left, "right": g.right} for g in gate], None
+    return rule_rows(gate), None

@@ -25,7 +25,7 @@ from typing import Any
 from tunelab.artifacts import RunPaths, atomic_dir, manifest, write_json_atomic, write_text_atomic
 from tunelab.config import RunConfig, SuiteConfig
 from tunelab.config_file import dump_config
-from tunelab.export.merge import ExportError
+from tunelab.errors import ExportError
 from tunelab.models import Precision, load_model, load_tokenizer, locate_model, resolve_model
 from tunelab.progress import console
 

@@ -24,8 +24,9 @@ from typing import Any
 
 from tunelab.artifacts import RunPaths, atomic_dir, manifest, sha256_file, write_json_atomic, write_text_atomic
 from tunelab.config import RunConfig
+from tunelab.errors import ExportError
 from tunelab.export import gguf_check, llamacpp
-from tunelab.export.merge import ExportError, merge_run, probe_prompts
+from tunelab.export.merge import merge_run, probe_prompts
 from tunelab.export.modelfile import modelfile_text, translate
 from tunelab.models import cache_root, load_tokenizer, resolve_model
 from tunelab.progress import console

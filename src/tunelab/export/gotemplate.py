@@ -13,12 +13,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from tunelab.errors import GoTemplateError
+
 _ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
 _TOKEN = re.compile(r'\s*("(?:[^"\\]|\\.)*"|\(|\)|\$?\.?[A-Za-z_][\w.]*|\$\.[\w.]*|\$|-?\d+|:=|=)')
-
-
-class GoTemplateError(ValueError):
-    pass
 
 
 def render_go(template: str, data: dict[str, Any]) -> str:

@@ -18,8 +18,9 @@ from typing import Any
 
 from tunelab.artifacts import RunPaths, atomic_dir, manifest, write_json_atomic
 from tunelab.config import RunConfig
+from tunelab.errors import ExportError
 from tunelab.export import gguf_check
-from tunelab.export.merge import ExportError, merge_run, probe_prompts
+from tunelab.export.merge import merge_run, probe_prompts
 from tunelab.models import load_tokenizer
 from tunelab.progress import console
 

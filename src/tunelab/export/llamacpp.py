@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 from tunelab.artifacts import atomic_dir, sha256_file, write_json_atomic
-from tunelab.errors import TunelabError
+from tunelab.errors import LlamaCppError
 from tunelab.progress import console
 
 PINNED_VERSION = "0.3.36"
@@ -33,10 +33,6 @@ CONVERTER_FILES = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "LICENSE"
 CONVERTER_DIRS = ("conversion/", "gguf-py/gguf/")
 # llama.cpp file types (include/llama.h, enum llama_ftype) for the quantizations tunelab offers.
 FTYPES = {"f16": 1, "q8_0": 7, "q4_k_m": 15}
-
-
-class LlamaCppError(TunelabError):
-    """llama.cpp's tools are missing or failed."""
 
 
 def installed_version() -> str:

@@ -18,14 +18,10 @@ from tunelab.artifacts import RunPaths, atomic_dir, manifest, write_json_atomic
 from tunelab.chat import render_prompt, with_system_prompt
 from tunelab.config import RunConfig
 from tunelab.data.prepare import load_dataset
-from tunelab.errors import TunelabError
+from tunelab.errors import ExportError
 from tunelab.models import Precision, load_model, load_tokenizer, resolve_model
 
 MERGEABLE = ("lora", "qlora", "ia3")
-
-
-class ExportError(TunelabError):
-    """An export could not be produced or failed its verification."""
 
 
 def check_out(out: Path, run: RunPaths, overwrite: bool) -> None:

@@ -15,15 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunelab.chat import without_default_bos
-from tunelab.errors import TunelabError
-from tunelab.export.gotemplate import GoTemplateError, render_go
+from tunelab.errors import GoTemplateError, TemplateError
+from tunelab.export.gotemplate import render_go
 from tunelab.families import FAMILIES, Family, detect, end_of_turn
 
 Message = dict[str, str]
-
-
-class TemplateError(TunelabError):
-    """The chat template cannot be expressed as an Ollama template."""
 
 
 # Distinctive texts, so that a template which drops or reorders a message cannot match by accident. Ollama

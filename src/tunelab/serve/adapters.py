@@ -13,20 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import TunelabError
+from tunelab.errors import ServeError
 
 BASE_NAME = "base"
 # Letters, digits, dot, dash, underscore; no slashes, so a name can never become a path.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class ServeError(TunelabError):
-    """A serving request or set-up that cannot be honoured; `status` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 400, code: str = "invalid_request") -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
 
 
 @dataclass
@@ -120,7 +111,6 @@ def _resolve_adapter(name: str, source: str, roots: list[Path] | None, tracking_
             raise ServeError(f"{source}: registered model '{registry_name(source)}' is not allowed; start the server "
                              f"with --allow-root models:/{registry_name(source)} (or models:/ for any)", 403,
                              "forbidden_path")
-        # Note: the registry records no hash of the adapter, so the downloaded copy cannot be checked against one.
         run_dir = resolve_run_dir(source, tracking_uri)
     elif roots is None:
         run_dir = Path(source).expanduser().resolve()

@@ -23,9 +23,9 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from tunelab.errors import ModelError
+from tunelab.errors import ModelError, ServeError
 from tunelab.families import stop_texts, stop_token_ids
-from tunelab.serve.adapters import BASE_NAME, ServeError, check_name, check_same_base, resolve_adapter
+from tunelab.serve.adapters import BASE_NAME, check_name, check_same_base, resolve_adapter
 from tunelab.serve.engine import Engine, GenRequest
 from tunelab.serve.guard import Guard
 

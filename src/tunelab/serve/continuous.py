@@ -15,7 +15,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tunelab.serve.adapters import BASE_NAME, ServeError
+from tunelab.errors import ServeError
+from tunelab.serve.adapters import BASE_NAME
 from tunelab.serve.rows import RowsCache, padded_groups
 
 if TYPE_CHECKING:

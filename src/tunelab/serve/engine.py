@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.serve.adapters import BASE_NAME, AdapterSpec, ServeError
+from tunelab.errors import ServeError
+from tunelab.serve.adapters import BASE_NAME, AdapterSpec
 from tunelab.serve.metrics import Metrics
 
 _ids = itertools.count(1)

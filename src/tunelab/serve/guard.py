@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from tunelab.serve.adapters import ServeError
+from tunelab.errors import ServeError
 
 if TYPE_CHECKING:
     from tunelab.serve.api import ServerSettings

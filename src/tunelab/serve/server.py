@@ -24,6 +24,10 @@ from tunelab.serve.adapters import (
 )
 
 LOOPBACK_NAMES = {"localhost"}
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+BATCHING = ("continuous", "static")
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the only values vLLM's --max-lora-rank accepts
 
 
 @dataclass
@@ -50,6 +54,12 @@ class ServeOptions:
     device: str = "auto"
     dtype: str = "auto"
     tracking_uri: str | None = None
+
+    def __post_init__(self) -> None:
+        for option, value, choices in (("--device", self.device, DEVICES), ("--dtype", self.dtype, DTYPES),
+                                       ("--batching", self.batching, BATCHING)):
+            if value not in choices:
+                raise ServeError(f"{option} {value}: choose {', '.join(choices[:-1])} or {choices[-1]}")
 
 
 def is_loopback(host: str) -> bool:
@@ -132,10 +142,11 @@ def build_server(options: ServeOptions) -> tuple[Any, Any]:
     base_folder, specs = resolve_setup(options)
     if len(specs) > options.max_adapters:
         raise ServeError(f"{len(specs)} adapters given but --max-adapters is {options.max_adapters}")
-    device = pick_device(options.device)
+    device = pick_device(options.device, "--device")
     # fp32 on CPU by default: batched and one-at-a-time answers then agree token for token.
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        options.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if options.dtype != "auto":
+        dtype = getattr(torch, options.dtype)
     adapter_tokenizers = {spec.name: load_tokenizer(RunPaths(spec.run_dir).trained) for spec in specs}
     base_tokenizer = load_tokenizer(base_folder)
     if not base_tokenizer.chat_template and adapter_tokenizers:
@@ -210,8 +221,8 @@ def vllm_command(options: ServeOptions) -> tuple[list[str], list[str]]:
                          "LoRA support cannot load; serve the merged model instead (tunelab export merge, then "
                          "vllm serve the merged folder)")
     if specs:
-        command += ["--enable-lora", "--max-loras", str(len(specs)), "--max-lora-rank",
-                    str(_vllm_rank(max(s.rank for s in specs))), "--lora-modules"]
+        command += ["--enable-lora", "--max-loras", str(len(specs)), "--max-lora-rank", str(_vllm_rank(specs)),
+                    "--lora-modules"]
         command += [f"{s.name}={s.adapter_dir}" for s in specs]
         chat_template = specs[0].run_dir / "chat_template.jinja"
         if chat_template.is_file():
@@ -224,9 +235,14 @@ def vllm_command(options: ServeOptions) -> tuple[list[str], list[str]]:
     return command, notes
 
 
-def _vllm_rank(rank: int) -> int:
-    # vLLM accepts only these --max-lora-rank values.
-    return next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank)
+def _vllm_rank(specs: list[AdapterSpec]) -> int:
+    """The smallest --max-lora-rank vLLM accepts that holds every adapter."""
+    rank = max(s.rank for s in specs)
+    if rank > VLLM_LORA_RANKS[-1]:
+        names = ", ".join(f"'{s.name}' (rank {s.rank})" for s in specs if s.rank > VLLM_LORA_RANKS[-1])
+        raise ServeError(f"adapter {names}: vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}; serve it with "
+                         "--engine hf, or merge it (tunelab export merge) and vllm serve the merged folder")
+    return next(r for r in VLLM_LORA_RANKS if r >= rank)
 
 
 def launch_vllm(command: list[str], options: ServeOptions) -> None:

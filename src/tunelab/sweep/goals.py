@@ -16,6 +16,7 @@ from tunelab.config import RunConfig
 from tunelab.errors import ConfigError
 from tunelab.eval.gate import check_syntax, evaluate_gate, gate_rules
 from tunelab.eval.probes import CATEGORIES
+from tunelab.eval.result import failed_rules, rule_rows
 
 LOWER_IS_BETTER = ("loss", "perplexity", "drop", "mean_words")
 
@@ -100,7 +101,7 @@ class Outcome:
 
     @property
     def feasible(self) -> bool:
-        return all(r["passed"] for r in self.rules)
+        return not failed_rules(self.rules)
 
     def to_json(self) -> dict[str, Any]:
         return {"objective": self.objective, "constraints": self.rules, "feasible": self.feasible}
@@ -109,9 +110,7 @@ class Outcome:
 def measure(metrics: dict[str, Any], objective: str, constraints: list[str]) -> Outcome:
     """The objective's value and each constraint's verdict in a trial's eval/metrics.json."""
     value = evaluate_gate([f"{objective} >= 0"], metrics)[0].left
-    rules = [{"rule": r.rule, "passed": r.passed, "left": r.left, "right": r.right}
-             for r in evaluate_gate(constraints, metrics)]
-    return Outcome(value if math.isfinite(value) else None, rules)
+    return Outcome(value if math.isfinite(value) else None, rule_rows(evaluate_gate(constraints, metrics)))
 
 
 def rank_key(objective: float, val_loss: float | None, index: int, mode: str) -> tuple[float, float, int]:

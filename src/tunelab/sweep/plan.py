@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from tunelab.config import TRL_OBJECTIVES, RunConfig, SweepConfig
 from tunelab.config_file import validate_config
 from tunelab.errors import ConfigError
@@ -89,16 +91,13 @@ def merge_flags(cfg: RunConfig, flags: Flags) -> tuple[RunConfig, dict[str, str]
         s["constraints"], origin["constraints"] = list(flags.constraints), "--constraint"
     try:
         cfg.sweep = SweepConfig.model_validate(s)
-    except ValueError as err:
+    except ValidationError as err:
         raise ConfigError(f"sweep: {_first_error(err)}") from None
     return cfg, origin
 
 
-def _first_error(err: ValueError) -> str:
-    errors = getattr(err, "errors", None)
-    if errors is None:
-        return str(err)
-    first = errors()[0]
+def _first_error(err: ValidationError) -> str:
+    first = err.errors()[0]
     ctx = first.get("ctx", {}).get("error")
     return str(ctx) if ctx else f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
 

@@ -189,7 +189,7 @@ class _Record(Callback):
 
 def _ray_error(trial: Any) -> str:
     """A failure the trial could not write down itself (its worker died: out of memory, a lost node)."""
-    path = getattr(trial, "error_file", None) or ""
+    path = trial.error_file or ""
     if path and Path(path).is_file():
         lines = [line.strip() for line in Path(path).read_text(errors="replace").splitlines() if line.strip()]
         if lines:

@@ -19,8 +19,8 @@ import yaml
 from tunelab.errors import ConfigError
 
 _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
-_DISTRIBUTION = re.compile(rf"^\s*(loguniform|uniform|randint)\s*\(\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\)\s*$")
 KINDS = ("loguniform", "uniform", "randint")
+_DISTRIBUTION = re.compile(rf"^\s*({'|'.join(KINDS)})\s*\(\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\)\s*$")
 DEFAULT_SAMPLES = 10
 
 

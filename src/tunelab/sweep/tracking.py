@@ -6,8 +6,6 @@ parent is skipped and each trial falls back to the Tracker's own buffering."""
 from __future__ import annotations
 
 import json
-import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +13,13 @@ from tunelab.artifacts import RunPaths
 from tunelab.config import RunConfig
 from tunelab.progress import console
 from tunelab.redaction import redact_uris
-from tunelab.track import RUN_ID_FILE, artifact_root, tracking_uri
+from tunelab.track import RUN_ID_FILE, artifact_root, mlflow_client, tracking_uri
 
 PARENT_TAG = "mlflow.parentRunId"
 
 
 def _client(cfg: RunConfig) -> Any:
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from mlflow import MlflowClient
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    return MlflowClient(tracking_uri=tracking_uri(cfg))
+    return mlflow_client(tracking_uri(cfg))
 
 
 def _experiment_id(client: Any, cfg: RunConfig) -> str:

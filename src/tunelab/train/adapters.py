@@ -12,12 +12,10 @@ from typing import Any
 
 from tunelab.artifacts import RunPaths
 from tunelab.chat import TemplateSetup
-from tunelab.config import VIRTUAL_TOKEN_METHODS, MethodConfig, RunConfig
+from tunelab.config import MethodConfig, RunConfig
 from tunelab.errors import ModelError, RunFolderError
 from tunelab.models import Precision, load_model
 from tunelab.vocab import attach_adapter, fit_embeddings, trainable_tokens
-
-PEFT_METHODS = ("lora", "qlora", "ia3", *VIRTUAL_TOKEN_METHODS)
 
 
 def training_inputs(cfg: RunConfig) -> tuple[Precision, Path, Any, TemplateSetup | None]:

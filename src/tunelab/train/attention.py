@@ -79,9 +79,8 @@ def padding_free_attention(model: Any) -> Iterator[None]:
     Models that do not use SDPA (eager, flash-attention kernels, which handle position ids themselves)
     are left as they are."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    before = getattr(config, "_attn_implementation", None)
-    if before != "sdpa" or not hasattr(base, "set_attn_implementation"):
+    before = base.config._attn_implementation
+    if before != "sdpa":
         yield
         return
     register()

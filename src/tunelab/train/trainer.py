@@ -23,14 +23,10 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from tunelab.errors import TunelabError
+from tunelab.errors import TrainingError
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STAGING = ".staging"
-
-
-class TrainingError(TunelabError):
-    """Training had to stop for a reason the user can act on."""
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
