@@ -25,8 +25,8 @@ from tunelab.config_file import dump_config
 from tunelab.data.prepare import Prepared, build_dataset, prepare_data
 from tunelab.errors import RunFolderError
 from tunelab.model_facts import model_facts
-from tunelab.models import locate_model, pick_precision
-from tunelab.preflight import check_compatibility
+from tunelab.models import ModelSource, locate_model, pick_precision
+from tunelab.preflight import check_compatibility, training_device
 
 
 def open_run(cfg: RunConfig, starting_training: bool, resume: bool = False) -> RunPaths:
@@ -60,14 +60,13 @@ def removed_if_orphaned(run: RunPaths) -> Iterator[None]:
         raise
 
 
-def preflight(cfg: RunConfig) -> list[str]:
-    """Every check that needs no model weights: data rows, model source, device, output folder.
+def preflight(cfg: RunConfig, resume: bool = False) -> list[str]:
+    """Every check that needs no model weights: data rows, model source, device, output folder (which may hold
+    the run to continue with `resume`).
 
     Returns human-readable lines describing what was checked; raises a TunelabError on the first failure.
     """
-    source = locate_model(cfg.model)
-    precision = pick_precision(cfg.model)
-    check_compatibility(cfg, precision.device, source)
+    source = check_before_training(cfg)
     if cfg.cluster.backend == "ray":
         from tunelab.cluster.ray_runner import check_cluster
 
@@ -75,7 +74,7 @@ def preflight(cfg: RunConfig) -> list[str]:
     prepared = build_dataset(cfg, generate_replay=False)
     dataset = prepared.dataset
     run = RunPaths(cfg.output.dir)
-    if run.holds_training and not cfg.output.overwrite:
+    if run.holds_training and not cfg.output.overwrite and not resume:
         raise _already_trained(run)
     counts = dataset.counts()
     harness = []
@@ -89,12 +88,26 @@ def preflight(cfg: RunConfig) -> list[str]:
         *_replay_line(prepared.report.get("replay") or {}),
         f"model: {source.name} ({source.kind}: {source.path})",
         *model_facts(cfg).lines(),
-        f"precision: {precision.label}",
+        f"precision: {_precision(cfg)}",
         f"training: {_training_place(cfg)}",
         _gate_line(cfg),
         f"output: {run.root}",
         *harness,
     ]
+
+
+def check_before_training(cfg: RunConfig) -> ModelSource:
+    """What the train stage checks before anything else, against the device that trains (on a KubeRay head pod,
+    which has no GPU, that is the GPU workers' device). Returns the model's source."""
+    source = locate_model(cfg.model)
+    check_compatibility(cfg, training_device(cfg), source)
+    return source
+
+
+def _precision(cfg: RunConfig) -> str:
+    if cfg.cluster.backend == "ray" and cfg.cluster.use_gpu:
+        return f"chosen by each Ray GPU worker on its own GPU from model.dtype: {cfg.model.dtype}"
+    return pick_precision(cfg.model).label
 
 
 def _replay_line(replay: dict[str, Any]) -> list[str]:
@@ -183,8 +196,7 @@ def stage_train(cfg: RunConfig, run: RunPaths, resume: bool = False,
     from tunelab.train.preference import train_preference
     from tunelab.train.sft import train_sft
 
-    source = locate_model(cfg.model)
-    check_compatibility(cfg, pick_precision(cfg.model).device, source)
+    source = check_before_training(cfg)
     base = model_record(cfg.model, source)  # before training: a Hub commit as resolved for this run
     dataset = stage_data(cfg, run, resume=resume).dataset
     tracker = tracker_for(cfg, run)
