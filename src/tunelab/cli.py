@@ -144,7 +144,7 @@ def data_prep(config: ConfigArg, set_: SetOpt = None) -> None:
     cfg = _load(config, set_)
     run_paths = pipeline.open_run(cfg, starting_training=False)
     with pipeline.removed_if_orphaned(run_paths):
-        prepared = pipeline.stage_data(cfg, run_paths)
+        prepared = pipeline.stage_data(cfg, run_paths, end_tracking=True)
     _print_data_summary(run_paths.data, prepared.report)
 
 

@@ -11,6 +11,7 @@ import json
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tunelab.artifacts import (
@@ -136,11 +137,21 @@ def _training_place(cfg: RunConfig) -> str:
     return f"{c.num_workers} Ray {'GPU' if c.use_gpu else 'CPU'} workers ({c.strategy}) on {where}"
 
 
-def stage_data(cfg: RunConfig, run: RunPaths, resume: bool = False) -> Prepared:
-    """Prepare the Dataset folder (reused as is when sources and data config are unchanged).
+def stage_data(cfg: RunConfig, run: RunPaths, resume: bool = False, end_tracking: bool = False) -> Prepared:
+    """Prepare the Dataset folder (reused as is when sources and data config are unchanged), and log the config,
+    the Dataset and its report to the run's MLflow run; `end_tracking` ends that run (data prep on its own).
 
-    In a folder that holds a trained run, the data it trained on stays unless output.overwrite is set; then
-    the old run is replaced, but only once the new data has validated."""
+    In a folder that holds a trained run, the data it trained on stays unless output.overwrite is set (and
+    nothing is logged: that run's config and data are in MLflow already); with it, the old run is replaced,
+    but only once the new data has validated."""
+    prepared, tracker = _prepare_and_log(cfg, run, resume)
+    if tracker is not None and end_tracking:
+        tracker.finish()
+    return prepared
+
+
+def _prepare_and_log(cfg: RunConfig, run: RunPaths, resume: bool) -> tuple[Prepared, Any]:
+    """stage_data, returning also the tracker it logged with (None: nothing logged), for training to go on with."""
     trained = run.holds_training and not resume
     if trained and not cfg.output.overwrite and not _same_data(cfg, run):
         raise RunFolderError(f"output.dir: {run.root} already holds a trained run made from other data; choose "
@@ -148,9 +159,15 @@ def stage_data(cfg: RunConfig, run: RunPaths, resume: bool = False) -> Prepared:
     prepared = prepare_data(cfg, run.data)
     if trained and cfg.output.overwrite:
         _remove_old_run(run)
-    if not trained or cfg.output.overwrite:
-        write_text_atomic(run.config, dump_config(cfg))
-    return prepared
+    if trained and not cfg.output.overwrite:
+        return prepared, None
+    write_text_atomic(run.config, dump_config(cfg))
+    # Only now, with the data valid: the tracker's run-id stamp must not keep a failed run folder alive.
+    tracker = tracker_for(cfg, run)
+    if tracker is not None:
+        tracker.log_config()
+        tracker.log_data(run.data)
+    return prepared, tracker
 
 
 def _same_data(cfg: RunConfig, run: RunPaths) -> bool:
@@ -198,11 +215,12 @@ def stage_train(cfg: RunConfig, run: RunPaths, resume: bool = False,
 
     source = check_before_training(cfg)
     base = model_record(cfg.model, source)  # before training: a Hub commit as resolved for this run
-    dataset = stage_data(cfg, run, resume=resume).dataset
-    tracker = tracker_for(cfg, run)
+    prepared, tracker = _prepare_and_log(cfg, run, resume)
+    dataset = prepared.dataset
+    if tracker is None:
+        tracker = tracker_for(cfg, run)
     if tracker is not None:
-        tracker.log_config()
-        tracker.log_dataset(json.loads((run.data / "manifest.json").read_text()))
+        tracker.mark_running()
     trainer = train_preference if cfg.objective.type in TRL_OBJECTIVES else train_sft
     if cfg.cluster.backend == "ray":
         from tunelab.cluster.ray_runner import train_on_ray
@@ -254,6 +272,15 @@ def stage_eval(cfg: RunConfig, run: RunPaths) -> Any:
         tracker.log_eval(result.metrics)
         tracker.finish()
     return result
+
+
+def log_export(cfg: RunConfig, run: RunPaths, folder: Path, report: Path) -> None:
+    """An export's verification report to the MLflow run of the run it exported, when that run was tracked
+    (an export never starts an MLflow run of its own)."""
+    from tunelab.track import RUN_ID_FILE
+
+    if cfg.track.enabled and (run.root / RUN_ID_FILE).is_file():
+        tracker_for(cfg, run).log_export(folder, report)
 
 
 def _forgetting_summary(forgetting: dict[str, Any] | None) -> dict[str, Any] | None:
