@@ -20,7 +20,8 @@ PACKABLE_OBJECTIVES = ("sft", "cpt")
 def training_device(cfg: RunConfig) -> str:
     """The device the training processes run on. With Ray GPU workers that is their CUDA GPU, whatever this
     process sees: the driver trains nothing, and each worker picks its own precision when it loads the model.
-    Otherwise it is the device this process picks (a Ray CPU worker sees what a CPU-only machine sees)."""
+    Otherwise it is the device this process picks: Ray CPU workers are taken to see what the driver sees (on
+    KubeRay both are pods without a GPU; on one machine, the same devices)."""
     if cfg.cluster.backend == "ray" and cfg.cluster.use_gpu:
         return "cuda"
     return pick_device(cfg.model.device)
