@@ -5,6 +5,8 @@ are refused with one line each."""
 from __future__ import annotations
 
 import copy
+import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -253,3 +255,56 @@ def test_cli_kserve_resolves_a_trained_registered_run(tiny_config, tmp_path):
     assert isvc["metadata"]["name"] == "animals" and model["storageUri"] == "pvc://models/tiny"
     assert args[args.index("--lora-modules") + 1] == f"animals={Path(cfg.output.dir).resolve() / 'adapter'}"
     assert args[args.index("--max-lora-rank") + 1] == "16" and "nvidia.com/gpu" not in model["resources"]["limits"]
+
+
+# -- The head's pre-flight: the KubeRay head pod has no GPU, the workers do ----------------------------------
+
+
+@pytest.mark.parametrize(("gpu_only", "cpu_error"), [
+    ({"train": {"liger_kernel": True}}, "train.liger_kernel: Liger kernels run on CUDA GPUs only (this run is on cpu); "
+                                        "set it to false, or cluster.use_gpu: true"),
+    ({"model": {"dtype": "float16"}}, "model.dtype: float16 is not supported on CPU; use bfloat16, float32 or auto, "
+                                      "or cluster.use_gpu: true"),
+], ids=["liger-kernel", "float16"])
+def test_the_heads_preflight_checks_the_gpu_workers_device(gpu_only, cpu_error, tmp_path, tiny_model_dir):
+    """`tunelab k8s rayjob` emits a job whose entrypoint runs on the head pod, which has no GPU. Its pre-flight, run
+    here in a process that sees no GPU exactly as the entrypoint runs it (plus --dry-run), passes for GPU workers;
+    the same config on CPU workers is refused in one line."""
+    from tests.conftest import animal_rows, write_jsonl
+
+    mount, etc = tmp_path / "mnt", tmp_path / "etc"
+    (mount / "data").mkdir(parents=True)
+    etc.mkdir()
+    write_jsonl(mount / "data" / "train.jsonl", animal_rows(48))
+    raw = copy.deepcopy(GPU_CONFIG)
+    raw["model"] = {"name": str(tiny_model_dir)}
+    for section, values in gpu_only.items():
+        raw.setdefault(section, {}).update(values)
+    cpu_workers = {"num_workers": 2, "use_gpu": False, "strategy": "ddp", "resources_per_worker": {"CPU": 4}}
+
+    def head_preflight(cluster: dict) -> subprocess.CompletedProcess:
+        job = tmp_path / "job.yaml"
+        job.write_text(yaml.safe_dump({**raw, "cluster": cluster}))
+        emitted = subprocess.run([sys.executable, "-m", "tunelab", "k8s", "rayjob", str(job)],
+                                 capture_output=True, text=True)
+        assert emitted.returncode == 0, emitted.stderr
+        config_map, rayjob = yaml.safe_load_all(emitted.stdout)
+        (etc / "config.yaml").write_text(config_map["data"]["config.yaml"])
+        entrypoint = rayjob["spec"]["entrypoint"]
+        assert entrypoint == "cd /mnt/tunelab && tunelab train /etc/tunelab/config.yaml"
+        command = (entrypoint.replace("/mnt/tunelab", shlex.quote(str(mount)))
+                   .replace("/etc/tunelab/config.yaml", shlex.quote(str(etc / "config.yaml")))
+                   .replace("tunelab train", f"{shlex.quote(sys.executable)} -m tunelab train"))
+        # The head pod: no GPU visible.
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "COLUMNS": "250"}
+        return subprocess.run(["bash", "-c", f"{command} --dry-run"], capture_output=True, text=True, env=env)
+
+    on_gpu_workers = head_preflight(raw["cluster"])
+    assert on_gpu_workers.returncode == 0, on_gpu_workers.stderr
+    assert "ok training: 4 Ray GPU workers (fsdp) on auto" in on_gpu_workers.stdout
+    assert "ok precision: chosen by each Ray GPU worker on its own GPU from model.dtype: " in on_gpu_workers.stdout
+    assert not (mount / "runs").exists()  # a dry run writes nothing
+
+    on_cpu_workers = head_preflight(cpu_workers)
+    assert on_cpu_workers.returncode == 2 and "Traceback" not in on_cpu_workers.stderr
+    assert on_cpu_workers.stderr.splitlines() == [f"error: {cpu_error}"]

@@ -73,7 +73,8 @@ def test_overwrite_replaces_the_run_once_the_new_data_validated(tmp_path, tiny_m
     path = config_file(tmp_path, tiny_model_dir, good_rows, run)
     result = run_cli("data", "prep", str(path), "--set", "output.overwrite=true")
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "data"]
+    # The old run is gone; the new one has its data, its config and the stamp of its own MLflow run.
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "data", "mlflow_run.json"]
     assert yaml.safe_load((run / "config.yaml").read_text())["output"]["overwrite"] is True
 
 

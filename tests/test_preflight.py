@@ -9,7 +9,7 @@ import pytest
 from tunelab import pipeline
 from tunelab.errors import ConfigError
 from tunelab.models import locate_model
-from tunelab.preflight import check_compatibility
+from tunelab.preflight import check_compatibility, training_device
 
 
 def problems(cfg, device="cpu") -> list[str]:
@@ -56,3 +56,21 @@ def test_every_problem_is_listed_and_dry_run_refuses(tiny_config):
     assert len(problems(tiny_config)) == 2
     with pytest.raises(ConfigError):
         pipeline.preflight(tiny_config)
+
+
+def test_device_checks_are_made_against_the_device_that_trains(tiny_config):
+    tiny_config.model.dtype, tiny_config.model.device = "float16", "cpu"
+    tiny_config.train.liger_kernel = True
+    assert training_device(tiny_config) == "cpu"
+    assert problems(tiny_config, training_device(tiny_config)) == [
+        "train.liger_kernel: Liger kernels run on CUDA GPUs only (this run is on cpu); set it to false",
+        "model.dtype: float16 is not supported on CPU; use bfloat16, float32 or auto",
+    ]
+    # Ray GPU workers train on their own GPUs, whatever the driver (a KubeRay head pod) sees.
+    tiny_config.model.device = "auto"
+    tiny_config.cluster.backend, tiny_config.cluster.use_gpu = "ray", True
+    assert training_device(tiny_config) == "cuda"
+    pipeline.check_before_training(tiny_config)
+    tiny_config.cluster.use_gpu, tiny_config.model.device = False, "cpu"
+    assert problems(tiny_config, training_device(tiny_config))[1] == (
+        "model.dtype: float16 is not supported on CPU; use bfloat16, float32 or auto, or cluster.use_gpu: true")

@@ -194,6 +194,45 @@ def test_real_server_tracking_registry_and_buffering_when_it_goes_away(tiny_conf
         stop_server(server)
 
 
+def test_data_prep_training_and_export_log_to_the_run_folders_one_mlflow_run(tiny_config, tmp_path):
+    """README, Tracking: `tunelab data prep` logs the config, the Dataset and its report and ends the MLflow run;
+    training goes on in that run (running again while it trains); `tunelab export` logs its check to it."""
+    from tunelab.config_file import dump_config
+
+    cfg = tiny_config.model_copy(deep=True)
+    cfg.track.enabled, cfg.train.max_steps = True, 2
+    config = tmp_path / "config.yaml"
+    config.write_text(dump_config(cfg))
+    env = {**os.environ, "COLUMNS": "250"}
+    prepared = subprocess.run([sys.executable, "-m", "tunelab", "data", "prep", str(config)],
+                              capture_output=True, text=True, env=env)
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    first = client.get_run(run_id(cfg.output.dir))
+    assert first.info.status == "FINISHED" and first.data.params["train.max_steps"] == "2"
+    assert first.inputs.dataset_inputs[0].dataset.name == "run-data"
+    assert {a.path for a in client.list_artifacts(first.info.run_id, "data_prep")} == {
+        "data_prep/report.json", "data_prep/report.md", "data_prep/manifest.json"}
+
+    statuses = []
+    pipeline.stage_train(cfg, pipeline.open_run(cfg, starting_training=True),
+                         on_metrics=lambda row: statuses.append(client.get_run(first.info.run_id).info.status))
+    trained = client.get_run(run_id(cfg.output.dir))
+    assert trained.info.run_id == first.info.run_id and set(statuses) == {"RUNNING"}
+    assert trained.info.status == "FINISHED" and len(client.get_metric_history(first.info.run_id, "loss")) == 2
+
+    exported = subprocess.run([sys.executable, "-m", "tunelab", "export", "merge", str(cfg.output.dir)],
+                              capture_output=True, text=True, env=env)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    run = client.get_run(first.info.run_id)
+    merged = Path(cfg.output.dir) / "export" / "merged"
+    report = json.loads((merged / "tunelab_export.json").read_text())
+    assert run.data.metrics["export.merged.merge_max_logit_diff"] == pytest.approx(report["merge_max_logit_diff"])
+    assert run.data.tags["tunelab.export.merged"] == str(merged.resolve())
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "export/merged")] == [
+        "export/merged/tunelab_export.json"]
+
+
 def test_registry_errors_are_one_line(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client_for(uri).search_registered_models()  # creates the store: `registry show` refuses one that does not exist

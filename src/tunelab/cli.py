@@ -63,11 +63,19 @@ def run(config: ConfigArg, set_: SetOpt = None, dry_run: Annotated[bool, typer.O
 
 @app.command()
 def train(config: ConfigArg, set_: SetOpt = None, resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue from the last complete checkpoint in output.dir.")] = False) -> None:
+        "--resume", help="Continue from the last complete checkpoint in output.dir.")] = False,
+          dry_run: Annotated[bool, typer.Option(
+              "--dry-run", help="Run the pre-flight checks training starts with (config, data, model, the device "
+              "that trains: the workers' with Ray GPU workers), print what was found; load no weights.")] = False
+          ) -> None:
     """Prepare data (if needed) and fine-tune an adapter into output.dir."""
     from tunelab import pipeline
 
     cfg = _load(config, set_)
+    if dry_run:
+        for line in pipeline.preflight(cfg):
+            out.print(f"[green]ok[/] {line}")
+        return
     run_paths = pipeline.open_run(cfg, starting_training=True, resume=resume)
     with pipeline.removed_if_orphaned(run_paths):
         result = pipeline.stage_train(cfg, run_paths, resume=resume)
@@ -138,7 +146,7 @@ def data_prep(config: ConfigArg, set_: SetOpt = None) -> None:
     cfg = _load(config, set_)
     run_paths = pipeline.open_run(cfg, starting_training=False)
     with pipeline.removed_if_orphaned(run_paths):
-        prepared = pipeline.stage_data(cfg, run_paths)
+        prepared = pipeline.stage_data(cfg, run_paths, end_tracking=True)
     _print_data_summary(run_paths.data, prepared.report)
 
 

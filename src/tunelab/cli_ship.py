@@ -27,6 +27,7 @@ def export_merge(run_dir: Annotated[str, typer.Argument(help="A run folder, or m
                  max_diff: Annotated[float, typer.Option(help="Largest allowed logit difference.")] = 1e-3,
                  overwrite: OverwriteOpt = False) -> None:
     """Merge the adapter into the base in float32, verify the logits, then cast and save a plain HF folder."""
+    from tunelab import pipeline
     from tunelab.config_file import load_run_config
     from tunelab.export.merge import check_out, merge_run
     from tunelab.registry import resolve_run_dir
@@ -37,6 +38,7 @@ def export_merge(run_dir: Annotated[str, typer.Argument(help="A run folder, or m
     if out_dir is not None:
         check_out(out_dir, run, overwrite)
     result = merge_run(cfg, run, out_dir or run.root / "export" / "merged", dtype, max_diff)
+    pipeline.log_export(cfg, run, result.folder, result.folder / "tunelab_export.json")
     out.print(f"wrote {result.folder} ({result.dtype}); merged vs adapter max logit diff {result.max_diff:.2e}, "
               f"reloaded {result.reload_diff:.2e}")
 
@@ -51,6 +53,7 @@ def export_gguf(run_dir: Annotated[str, typer.Argument(help="A run folder, or mo
                 modelfile: Annotated[bool, typer.Option(help="Write an Ollama Modelfile.")] = True,
                 overwrite: OverwriteOpt = False) -> None:
     """A GGUF for llama.cpp / Ollama, made and quantized by llama.cpp's tools, checked in llama.cpp."""
+    from tunelab import pipeline
     from tunelab.config_file import load_run_config
     from tunelab.export.gguf import export_gguf as run_export
     from tunelab.export.merge import check_out
@@ -61,6 +64,7 @@ def export_gguf(run_dir: Annotated[str, typer.Argument(help="A run folder, or mo
         check_out(out_dir, run, overwrite)
     default = run.root / "export" / (f"gguf-lora-{quant}" if adapter_only else f"gguf-{quant}")
     result = run_export(cfg, run, quant, out_dir or default, adapter_only, modelfile)
+    pipeline.log_export(cfg, run, result.folder, result.folder / "verification.json")
     v = result.verification
     out.print(f"wrote {result.gguf} ({v['bytes'] / 2**20:.1f} MiB) in {result.seconds:.0f} s; llama.cpp vs "
               f"transformers: {v['exact_continuations']}/{v['prompts']} identical greedy continuations, top-1 "
@@ -72,6 +76,7 @@ def export_int4(run_dir: Annotated[str, typer.Argument(help="A run folder, or mo
                 out_dir: Annotated[Path | None, typer.Option("--out", help="Default: RUN_DIR/export/int4.")] = None,
                 overwrite: OverwriteOpt = False) -> None:
     """The merged model in bitsandbytes 4-bit NF4, for transformers and vLLM, compared with float32."""
+    from tunelab import pipeline
     from tunelab.config_file import load_run_config
     from tunelab.export.int4 import export_int4 as run_export
     from tunelab.export.merge import check_out
@@ -81,6 +86,7 @@ def export_int4(run_dir: Annotated[str, typer.Argument(help="A run folder, or mo
     if out_dir is not None:
         check_out(out_dir, run, overwrite)
     result = run_export(cfg, run, out_dir or run.root / "export" / "int4")
+    pipeline.log_export(cfg, run, result.folder, result.folder / "tunelab_export.json")
     r = result.report
     out.print(f"wrote {result.folder} ({r['weights_bytes'] / 2**20:.1f} MiB of weights); vs float32: "
               f"{r['exact_continuations']}/{r['prompts']} identical greedy continuations, top-1 agreement "

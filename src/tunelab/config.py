@@ -283,7 +283,7 @@ class EvalConfig(Section):
 
 
 class TrackConfig(Section):
-    enabled: bool = Field(True, description="Log every stage to MLflow.")
+    enabled: bool = Field(True, description="Log data prep, training, eval and export to MLflow.")
     tracking_uri: str | None = Field(
         None, description="MLflow tracking server (http://...) or store URI; default: an embedded sqlite store "
         "(mlflow.db) and artifact folder (mlartifacts/) beside the run folder."

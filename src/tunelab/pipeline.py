@@ -12,6 +12,7 @@ import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tunelab.artifacts import (
@@ -26,8 +27,8 @@ from tunelab.config_file import dump_config
 from tunelab.data.prepare import Prepared, build_dataset, prepare_data
 from tunelab.errors import RunFolderError, TrainingError
 from tunelab.model_facts import model_facts
-from tunelab.models import locate_model, pick_precision
-from tunelab.preflight import check_compatibility
+from tunelab.models import ModelSource, locate_model, pick_precision
+from tunelab.preflight import check_compatibility, training_device
 
 
 def open_run(cfg: RunConfig, starting_training: bool, resume: bool = False) -> RunPaths:
@@ -61,14 +62,13 @@ def removed_if_orphaned(run: RunPaths) -> Iterator[None]:
         raise
 
 
-def preflight(cfg: RunConfig) -> list[str]:
-    """Every check that needs no model weights: data rows, model source, device, output folder.
+def preflight(cfg: RunConfig, resume: bool = False) -> list[str]:
+    """Every check that needs no model weights: data rows, model source, device, output folder (which may hold
+    the run to continue with `resume`).
 
     Returns human-readable lines describing what was checked; raises a TunelabError on the first failure.
     """
-    source = locate_model(cfg.model)
-    precision = pick_precision(cfg.model)
-    check_compatibility(cfg, precision.device, source)
+    source = check_before_training(cfg)
     if cfg.cluster.backend == "ray":
         from tunelab.cluster.ray_runner import check_cluster
 
@@ -76,7 +76,7 @@ def preflight(cfg: RunConfig) -> list[str]:
     prepared = build_dataset(cfg, generate_replay=False)
     dataset = prepared.dataset
     run = RunPaths(cfg.output.dir)
-    if run.holds_training and not cfg.output.overwrite:
+    if run.holds_training and not cfg.output.overwrite and not resume:
         raise _already_trained(run)
     counts = dataset.counts()
     harness = []
@@ -90,12 +90,26 @@ def preflight(cfg: RunConfig) -> list[str]:
         *_replay_line(prepared.report.get("replay") or {}),
         f"model: {source.name} ({source.kind}: {source.path})",
         *model_facts(cfg).lines(),
-        f"precision: {precision.label}",
+        f"precision: {_precision(cfg)}",
         f"training: {_training_place(cfg)}",
         _gate_line(cfg),
         f"output: {run.root}",
         *harness,
     ]
+
+
+def check_before_training(cfg: RunConfig) -> ModelSource:
+    """What the train stage checks before anything else, against the device that trains (on a KubeRay head pod,
+    which has no GPU, that is the GPU workers' device). Returns the model's source."""
+    source = locate_model(cfg.model)
+    check_compatibility(cfg, training_device(cfg), source)
+    return source
+
+
+def _precision(cfg: RunConfig) -> str:
+    if cfg.cluster.backend == "ray" and cfg.cluster.use_gpu:
+        return f"chosen by each Ray GPU worker on its own GPU from model.dtype: {cfg.model.dtype}"
+    return pick_precision(cfg.model).label
 
 
 def _replay_line(replay: dict[str, Any]) -> list[str]:
@@ -124,11 +138,21 @@ def _training_place(cfg: RunConfig) -> str:
     return f"{c.num_workers} Ray {'GPU' if c.use_gpu else 'CPU'} workers ({c.strategy}) on {where}"
 
 
-def stage_data(cfg: RunConfig, run: RunPaths, resume: bool = False) -> Prepared:
-    """Prepare the Dataset folder (reused as is when sources and data config are unchanged).
+def stage_data(cfg: RunConfig, run: RunPaths, resume: bool = False, end_tracking: bool = False) -> Prepared:
+    """Prepare the Dataset folder (reused as is when sources and data config are unchanged), and log the config,
+    the Dataset and its report to the run's MLflow run; `end_tracking` ends that run (data prep on its own).
 
-    In a folder that holds a trained run, the data it trained on stays unless output.overwrite is set; then
-    the old run is replaced, but only once the new data has validated."""
+    In a folder that holds a trained run, the data it trained on stays unless output.overwrite is set (and
+    nothing is logged: that run's config and data are in MLflow already); with it, the old run is replaced,
+    but only once the new data has validated."""
+    prepared, tracker = _prepare_and_log(cfg, run, resume)
+    if tracker is not None and end_tracking:
+        tracker.finish()
+    return prepared
+
+
+def _prepare_and_log(cfg: RunConfig, run: RunPaths, resume: bool) -> tuple[Prepared, Any]:
+    """stage_data, returning also the tracker it logged with (None: nothing logged), for training to go on with."""
     trained = run.holds_training and not resume
     if trained and not cfg.output.overwrite and not _same_data(cfg, run):
         raise RunFolderError(f"output.dir: {run.root} already holds a trained run made from other data; choose "
@@ -136,9 +160,15 @@ def stage_data(cfg: RunConfig, run: RunPaths, resume: bool = False) -> Prepared:
     prepared = prepare_data(cfg, run.data)
     if trained and cfg.output.overwrite:
         _remove_old_run(run)
-    if not trained or cfg.output.overwrite:
-        write_text_atomic(run.config, dump_config(cfg))
-    return prepared
+    if trained and not cfg.output.overwrite:
+        return prepared, None
+    write_text_atomic(run.config, dump_config(cfg))
+    # Only now, with the data valid: the tracker's run-id stamp must not keep a failed run folder alive.
+    tracker = tracker_for(cfg, run)
+    if tracker is not None:
+        tracker.log_config()
+        tracker.log_data(run.data)
+    return prepared, tracker
 
 
 def _same_data(cfg: RunConfig, run: RunPaths) -> bool:
@@ -184,14 +214,14 @@ def stage_train(cfg: RunConfig, run: RunPaths, resume: bool = False,
     from tunelab.train.preference import train_preference
     from tunelab.train.sft import train_sft
 
-    source = locate_model(cfg.model)
-    check_compatibility(cfg, pick_precision(cfg.model).device, source)
+    source = check_before_training(cfg)
     base = model_record(cfg.model, source)  # before training: a Hub commit as resolved for this run
-    dataset = stage_data(cfg, run, resume=resume).dataset
-    tracker = tracker_for(cfg, run)
+    prepared, tracker = _prepare_and_log(cfg, run, resume)
+    dataset = prepared.dataset
+    if tracker is None:
+        tracker = tracker_for(cfg, run)
     if tracker is not None:
-        tracker.log_config()
-        tracker.log_dataset(json.loads((run.data / "manifest.json").read_text()))
+        tracker.mark_running()
     trainer = train_preference if cfg.objective.type in TRL_OBJECTIVES else train_sft
     if cfg.cluster.backend == "ray":
         from tunelab.cluster.ray_runner import train_on_ray
@@ -279,6 +309,15 @@ def stage_eval(cfg: RunConfig, run: RunPaths) -> Any:
         tracker.log_eval(result.metrics)
         tracker.finish()
     return result
+
+
+def log_export(cfg: RunConfig, run: RunPaths, folder: Path, report: Path) -> None:
+    """An export's verification report to the MLflow run of the run it exported, when that run was tracked
+    (an export never starts an MLflow run of its own)."""
+    from tunelab.track import RUN_ID_FILE
+
+    if cfg.track.enabled and (run.root / RUN_ID_FILE).is_file():
+        tracker_for(cfg, run).log_export(folder, report)
 
 
 def _forgetting_summary(forgetting: dict[str, Any] | None) -> dict[str, Any] | None:

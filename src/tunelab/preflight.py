@@ -1,4 +1,8 @@
-"""Pre-flight: combinations that cannot work, refused before any weights load, each with what to change."""
+"""Pre-flight: combinations that cannot work, refused before any weights load, each with what to change.
+
+Device-dependent checks are made against the device that trains (`training_device`), which is not always this
+process's: on a KubeRay cluster the driver runs on a head pod without a GPU while the workers hold the GPUs.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +12,27 @@ import json
 from tunelab.artifacts import RunPaths
 from tunelab.config import VIRTUAL_TOKEN_METHODS, RunConfig
 from tunelab.errors import ConfigError
-from tunelab.models import ModelSource
+from tunelab.models import ModelSource, pick_device
 
 PACKABLE_OBJECTIVES = ("sft", "cpt")
 
 
+def training_device(cfg: RunConfig) -> str:
+    """The device the training processes run on. With Ray GPU workers that is their CUDA GPU, whatever this
+    process sees: the driver trains nothing, and each worker picks its own precision when it loads the model.
+    Otherwise it is the device this process picks: Ray CPU workers are taken to see what the driver sees (on
+    KubeRay both are pods without a GPU; on one machine, the same devices)."""
+    if cfg.cluster.backend == "ray" and cfg.cluster.use_gpu:
+        return "cuda"
+    return pick_device(cfg.model.device)
+
+
 def check_compatibility(cfg: RunConfig, device: str, source: ModelSource | None = None) -> None:
-    """Raise ConfigError listing every incompatible choice in `cfg` for `device`."""
+    """Raise ConfigError listing every incompatible choice in `cfg` for `device`, the device that trains."""
     problems = []
     method, train, data = cfg.method, cfg.train, cfg.data
+    # On Ray CPU workers the other way out is GPU workers.
+    or_gpu_workers = ", or cluster.use_gpu: true" if cfg.cluster.backend == "ray" else ""
     if method.type == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("method.type: qlora needs bitsandbytes; install it (pip install bitsandbytes==0.50.2) "
                         "or use method.type: lora")
@@ -36,7 +52,9 @@ def check_compatibility(cfg: RunConfig, device: str, source: ModelSource | None 
                             f"{source.path} ({config.get('model_type')}) has none; use lora")
     if train.liger_kernel and device != "cuda":
         problems.append(f"train.liger_kernel: Liger kernels run on CUDA GPUs only (this run is on {device}); "
-                        "set it to false")
+                        f"set it to false{or_gpu_workers}")
+    if cfg.model.dtype == "float16" and device == "cpu":
+        problems.append(f"model.dtype: float16 is not supported on CPU; use bfloat16, float32 or auto{or_gpu_workers}")
     if train.early_stopping_patience and not data.val_fraction:
         problems.append("train.early_stopping_patience: needs a val split; set data.val_fraction above 0")
     start = cfg.model.adapter_from

@@ -1,4 +1,5 @@
-"""MLflow tracking: every stage logs to one MLflow run per run folder.
+"""MLflow tracking: data prep, training, eval and export log to one MLflow run per run folder (serving logs
+nothing to MLflow).
 
 Default: embedded, nothing to start (a sqlite store and an artifact folder beside the run folders).
 `track.tracking_uri` points at a server instead. Tracking never costs training: when the store stops
@@ -218,6 +219,25 @@ class Tracker:
         """A folder (or file) of the run as MLflow artifacts."""
         self._call("artifacts", path=str(path), artifact_path=artifact_path)
 
+    def log_data(self, data: Path) -> None:
+        """Data prep: the Dataset folder as the run's input, and its report (counts per filter, duplicates,
+        contamination) and manifest as artifacts under data_prep/. Not data/: registering a version uploads the
+        whole Dataset folder there, and a registered version is read back from it (registry.py)."""
+        self.log_dataset(json.loads((data / "manifest.json").read_text()))
+        for name in ("report.json", "report.md", "manifest.json"):
+            if (data / name).is_file():
+                self.log_folder(data / name, "data_prep")
+
+    def log_export(self, folder: Path, report: Path) -> None:
+        """An export of this run: its verification report as an artifact under export/FOLDER/, its numbers as
+        metrics export.FOLDER.* and where it was written as a tag (the exported weights stay on disk)."""
+        name = re.sub(r"[^\w\-.]", "_", folder.name)  # MLflow refuses other characters in metric and tag names
+        numbers = json.loads(report.read_text())
+        self._call("metrics", step=0, metrics={f"export.{name}.{k}": float(v) for k, v in numbers.items()
+                                               if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        self._call("tags", tags={f"tunelab.export.{name}": str(folder.resolve())})
+        self.log_folder(report, f"export/{name}")
+
     def log_trained(self) -> None:
         for folder in (self.run.adapter, self.run.model):
             if folder.is_dir():
@@ -243,6 +263,10 @@ class Tracker:
         except Exception:  # noqa: BLE001 - system metrics are a nicety; never fail training over them
             pass
         monitor.finish()
+
+    def mark_running(self) -> None:
+        """Training starts: the run may have been ended before (by `tunelab data prep`, or an interrupted try)."""
+        self._call("status", status="RUNNING")
 
     def finish(self, status: str = "FINISHED") -> None:
         self._call("terminate", status=status)
@@ -276,6 +300,8 @@ def _apply(client: Any, run_id: str, op: str, payload: dict[str, Any]) -> None:
         client.log_artifacts(run_id, payload["path"], payload["artifact_path"])
     elif op == "artifacts":
         client.log_artifact(run_id, payload["path"], payload["artifact_path"])
+    elif op == "status":
+        client.update_run(run_id, status=payload["status"])
     elif op == "terminate":
         client.set_terminated(run_id, payload["status"])
     else:
