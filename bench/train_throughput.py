@@ -1,22 +1,29 @@
-"""Benchmark: SFT throughput, memory and loss, the plain recipe against tunelab's defaults, side by side.
+"""Benchmark: SFT throughput, memory and loss: the plain recipe, TRL's SFTTrainer and tunelab's defaults, side by side.
 
-    python bench/train_throughput.py [--target-tokens 24000] [--repeats 2] [--batch-size 8] [--out ...json]
+    python bench/train_throughput.py [--target-tokens 24000] [--repeats 3] [--batch-size 8] [--out ...json]
     python bench/train_throughput.py --variants plain tunelab "fp32-padfree=model.dtype=float32,train.chunked_loss=false"
 
-Both sides train the default model (LoRA r=16, alpha 32, dropout 0.05 on all linear projections, batch 8,
+Every side trains the default model (LoRA r=16, alpha 32, dropout 0.05 on all linear projections, batch 8,
 lr 2e-4 cosine, 3% warmup, seed 42, one epoch) on the same deterministic chat data whose lengths are
-long-tailed between 20 and 600 tokens, so both see exactly the same examples and target tokens:
+long-tailed between 20 and 600 tokens, so all see exactly the same examples and target tokens:
 
 - plain: transformers Trainer + PEFT, the collator `tokenizer.pad(batch, padding=True)` (labels padded with
   -100), default TrainingArguments (float32 on CPU), no packing;
+- trl: TRL's `SFTTrainer` set up for speed as its documentation recommends: `padding_free=True`, bf16 where the
+  hardware runs it fast (tunelab's rule), gradient checkpointing off (TRL's default is on), the loss on the
+  answers only through a pre-tokenized `completion_mask` built from tunelab's labels; its collated batches are
+  checked to hold exactly tunelab's tokens, labels and positions before it trains;
 - tunelab: `tunelab.train.sft.train_sft` with a default RunConfig (only the shared hyperparameters above set);
 - any other variant: tunelab with `--set`-style overrides (the ablation).
 
-Each side runs in its own process (peak RSS is per process), variants interleaved per repeat (a, b, a, b)
+Each side runs in its own process (peak RSS is per process), variants interleaved per repeat (a, b, c, a, b, c)
 because other work shares the cores; the JSON keeps every repeat and the median. Reported: non-pad
 tokens/s over the training loop, peak memory (RSS on CPU, max allocated on CUDA; over the whole process and,
-as peak_memory_train_mb, before the shared float32 eval pass), mean train loss, and
-eval loss on 64 held-out examples computed the same way for every side (float32, padded batches).
+as peak_memory_train_mb, before the shared float32 eval pass), mean train loss,
+eval loss on 64 held-out examples computed the same way for every side (float32, padded batches), and model
+FLOPs utilization: the data's LoRA-training FLOPs per token (bench/model_flops.py: causal attention, the
+output head at target positions) x median tokens/s / the peak GFLOP/s that bench/matmul_peak.py measured for
+the side's compute dtype (bench/results/matmul_peak.json; run it first on the same machine).
 """
 
 from __future__ import annotations
@@ -32,6 +39,10 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_flops import lora_training_flops, mfu  # noqa: E402
+from sft_trl import run_trl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("apple river stone cloud tiger window garden silver mountain candle paper orange music rocket "
@@ -79,8 +90,19 @@ def write_data(folder: Path, target_tokens: int) -> dict[str, Any]:
     (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row, _ in kept))
     (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(64, seed=2)))
     lengths = sorted(len(ex["input_ids"]) for _, ex in kept)
+    flops = lora_training_flops(model_config(), LORA["r"], lengths, head_tokens=targets)
     return {"examples": len(kept), "target_tokens": targets, "tokens": sum(lengths), "min": lengths[0],
-            "median": lengths[len(lengths) // 2], "p90": lengths[int(0.9 * len(lengths))], "max": lengths[-1]}
+            "median": lengths[len(lengths) // 2], "p90": lengths[int(0.9 * len(lengths))], "max": lengths[-1],
+            "model_flops": flops.to_json()}
+
+
+def model_config() -> Any:
+    from transformers import AutoConfig
+
+    from tunelab.config import ModelConfig
+    from tunelab.models import resolve_model
+
+    return AutoConfig.from_pretrained(resolve_model(ModelConfig()))
 
 
 # ------------------------------------------------------------------------------------------ one side
@@ -144,7 +166,7 @@ def run_plain(data: Path, work: Path) -> dict[str, Any]:
     return {"seconds": seconds, "peak_memory_train_mb": round(peak_memory_mb("cpu"), 1),
             "tokens": counted["tokens"], "steps": output.global_step,
             "train_loss": float(output.training_loss), "eval_loss": eval_loss(model, tokenizer, data),
-            "precision": "cpu, float32"}
+            "precision": "cpu, float32", "compute_dtype": "float32"}
 
 
 def _value(text: str) -> object:
@@ -177,7 +199,13 @@ def run_tunelab(data: Path, work: Path, overrides: list[str]) -> dict[str, Any]:
     return {"seconds": result.train_seconds, "peak_memory_train_mb": result.peak_memory_mb,
             "tokens": result.tokens_seen, "steps": result.steps,
             "train_loss": result.train_loss, "eval_loss": eval_loss(result.model, tokenizer, data),
-            "precision": result.precision}
+            "precision": result.precision, "compute_dtype": compute_dtype(result.precision)}
+
+
+def compute_dtype(precision_label: str) -> str:
+    """The dtype the matmuls run in, from tunelab's precision label ("cpu, weights float32, autocast bfloat16")."""
+    weights, _, autocast = precision_label.partition("autocast ")
+    return autocast if autocast and autocast != "off" else weights.split("weights ")[-1].strip(", ")
 
 
 def one_side(name: str, overrides: list[str], data: Path) -> None:
@@ -186,7 +214,8 @@ def one_side(name: str, overrides: list[str], data: Path) -> None:
     from tunelab.measure import peak_memory_mb
 
     work = Path(tempfile.mkdtemp(prefix=f"tunelab-bench-{name}-"))
-    out = run_plain(data, work) if name == "plain" else run_tunelab(data, work, overrides)
+    sides = {"plain": lambda: run_plain(data, work), "trl": lambda: run_trl(data, work, HYPER, LORA, eval_loss)}
+    out = sides[name]() if name in sides else run_tunelab(data, work, overrides)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out.update(peak_memory_mb=round(peak_memory_mb(device), 1), threads=torch.get_num_threads(),
                tokens_per_second=round(out["tokens"] / out["seconds"], 1))
@@ -197,10 +226,10 @@ def one_side(name: str, overrides: list[str], data: Path) -> None:
 
 
 def parse_variants(specs: list[str]) -> dict[str, list[str]]:
-    """"plain", "tunelab", or "NAME=section.key=value,section.key=value" (tunelab with overrides)."""
+    """"plain", "trl", "tunelab", or "NAME=section.key=value,section.key=value" (tunelab with overrides)."""
     variants = {}
     for spec in specs:
-        if spec in ("plain", "tunelab"):
+        if spec in ("plain", "trl", "tunelab"):
             variants[spec] = []
         else:
             name, _, rest = spec.partition("=")
@@ -212,17 +241,20 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ("tokens_per_second", "peak_memory_mb", "train_loss", "eval_loss", "seconds")
     out: dict[str, Any] = {k: round(statistics.median(r[k] for r in runs), 4) for k in keys}
     out["tokens_per_second_range"] = [min(r["tokens_per_second"] for r in runs), max(r["tokens_per_second"] for r in runs)]
-    out.update(steps=runs[0]["steps"], tokens=runs[0]["tokens"], precision=runs[0]["precision"], repeats=runs)
+    out.update(steps=runs[0]["steps"], tokens=runs[0]["tokens"], precision=runs[0]["precision"],
+               compute_dtype=runs[0]["compute_dtype"], repeats=runs)
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--target-tokens", type=int, default=24000, help="assistant (target) tokens per side")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=HYPER["batch_size"])
-    parser.add_argument("--variants", nargs="*", default=["plain", "tunelab"])
+    parser.add_argument("--variants", nargs="*", default=["plain", "trl", "tunelab"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_throughput.json")
+    parser.add_argument("--peaks", type=Path, default=ROOT / "bench" / "results" / "matmul_peak.json",
+                        help="bench/matmul_peak.py's JSON: the peak GFLOP/s that MFU divides by")
     add_side_arguments(parser)
     args = parser.parse_args()
     HYPER["batch_size"] = args.batch_size
@@ -237,23 +269,25 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     for repeat in range(args.repeats):
         for name, overrides in variants.items():
-            side = "plain" if name == "plain" else "tunelab"
+            side = name if name in ("plain", "trl") else "tunelab"
             runs[name].append(run_side(__file__, side, name, data, overrides, "--batch-size", str(args.batch_size)))
             r = runs[name][-1]
             print(f"[{repeat + 1}/{args.repeats}] {name}: {r['tokens_per_second']:.0f} tok/s, "
                   f"{r['peak_memory_mb']:.0f} MiB, train loss {r['train_loss']:.4f}, eval loss {r['eval_loss']:.4f}, "
                   f"{r['steps']} steps in {r['seconds']:.0f} s", flush=True)
             # Written after every side, so a run cut short still leaves what it measured.
-            result = report(args.out, shape, variants, {n: rs for n, rs in runs.items() if rs})
-    print("\n| side | non-pad tok/s (median, range) | peak MiB | train loss | eval loss | steps |")
-    print("|---|---:|---:|---:|---:|---:|")
+            result = report(args.out, shape, variants, {n: rs for n, rs in runs.items() if rs}, args.peaks)
+    print("\n| side | non-pad tok/s (median, range) | peak MiB | train loss | eval loss | steps | dtype | MFU |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|")
     for name, s in result["results"].items():
         low, high = s["tokens_per_second_range"]
+        util = f"{100 * s['mfu']:.1f}%" if s["mfu"] is not None else "n/a"
         print(f"| {name} | {s['tokens_per_second']:.0f} ({low:.0f}-{high:.0f}) | {s['peak_memory_mb']:.0f} "
-              f"| {s['train_loss']:.4f} | {s['eval_loss']:.4f} | {s['steps']} |")
-    for name, ratio in result.get("vs_plain", {}).items():
-        print(f"{name} vs plain: {ratio['tokens_per_second_x']}x tokens/s, {ratio['peak_memory_x']}x peak memory, "
-              f"eval loss {ratio['eval_loss_diff_pct']:+.2f}%")
+              f"| {s['train_loss']:.4f} | {s['eval_loss']:.4f} | {s['steps']} | {s['compute_dtype']} | {util} |")
+    for reference in ("plain", "trl"):
+        for name, ratio in result.get(f"vs_{reference}", {}).items():
+            print(f"{name} vs {reference}: {ratio['tokens_per_second_x']}x tokens/s, {ratio['peak_memory_x']}x peak "
+                  f"memory, eval loss {ratio['eval_loss_diff_pct']:+.2f}%")
 
 
 def add_side_arguments(parser: argparse.ArgumentParser) -> None:
@@ -274,17 +308,23 @@ def run_side(script: str, side: str, name: str, data: Path, overrides: list[str]
 
 
 def report(out: Path, shape: dict[str, Any], variants: dict[str, list[str]],
-           runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+           runs: dict[str, list[dict[str, Any]]], peaks: Path) -> dict[str, Any]:
     summary = {name: summarize(rs) for name, rs in runs.items()}
+    peak_gflops = json.loads(peaks.read_text())["peak_gflops"] if peaks.is_file() else {}
+    per_token = shape["model_flops"]["per_token"]
+    for s in summary.values():
+        peak = peak_gflops.get(s["compute_dtype"])
+        s.update(peak_gflops=peak, mfu=round(mfu(per_token, s["tokens_per_second"], peak), 4) if peak else None)
     result: dict[str, Any] = {"data": shape, "hyperparameters": HYPER, "lora": LORA, "variants": variants,
-                              "results": summary}
-    if "plain" in summary:
-        plain = summary["plain"]
-        result["vs_plain"] = {
-            name: {"tokens_per_second_x": round(s["tokens_per_second"] / plain["tokens_per_second"], 2),
-                   "peak_memory_x": round(s["peak_memory_mb"] / plain["peak_memory_mb"], 2),
-                   "eval_loss_diff_pct": round(100 * (s["eval_loss"] / plain["eval_loss"] - 1), 2)}
-            for name, s in summary.items() if name != "plain"}
+                              "mfu_peaks_from": peaks.name if peak_gflops else None, "results": summary}
+    for reference in ("plain", "trl"):
+        if reference in summary and set(summary) - {"plain", reference}:
+            ref = summary[reference]
+            result[f"vs_{reference}"] = {
+                name: {"tokens_per_second_x": round(s["tokens_per_second"] / ref["tokens_per_second"], 2),
+                       "peak_memory_x": round(s["peak_memory_mb"] / ref["peak_memory_mb"], 2),
+                       "eval_loss_diff_pct": round(100 * (s["eval_loss"] / ref["eval_loss"] - 1), 2)}
+                for name, s in summary.items() if name not in ("plain", reference)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
