@@ -258,3 +258,18 @@ def test_a_gate_rule_on_an_unmeasured_number_keeps_the_eval(trained):
     with pytest.raises(ConfigError, match="'tuned.rouge_2' was not measured"):
         pipeline.stage_eval(cfg, run)
     assert json.loads((run.eval / "metrics.json").read_text())["suites"]["test"]["n_examples"] == 8
+
+
+def test_few_shot_examples_are_task_rows_never_rehearsal_rows():
+    from tunelab.data.records import Record
+    from tunelab.eval.systems import few_shot_examples
+
+    def chat(i: int, replay: bool) -> Record:
+        turns = [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
+        return Record(f"r{i}", "t", "chat", turns,
+                      meta={"replay": "self"} if replay else {})
+
+    train = [chat(i, replay=i % 4 != 0) for i in range(40)]  # three rehearsal rows to each task row
+    for seed in range(5):
+        shown = {t["content"] for t in few_shot_examples(train, 4, seed) if t["role"] == "user"}
+        assert len(shown) == 4 and shown <= {f"q{i}" for i in range(0, 40, 4)}

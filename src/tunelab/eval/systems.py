@@ -77,8 +77,11 @@ def build_systems(cfg: RunConfig, models: Models) -> list[System]:
 
 
 def few_shot_examples(train: list[Record], k: int, seed: int) -> list[dict[str, str]]:
-    """k training examples as alternating user/assistant turns, the same for every question."""
-    chats = [r for r in train if r.kind == "chat" and len(r.messages) >= 2]
+    """k training examples as alternating user/assistant turns, the same for every question.
+
+    Task rows only: a rehearsal row (data.replay) shows the model general chat, not the task, and would make the
+    few-shot baseline (and the gate rule against it) depend on the replay ratio."""
+    chats = [r for r in train if r.kind == "chat" and len(r.messages) >= 2 and not r.meta.get("replay")]
     if not chats:
         return []
     picked = random.Random(seed).sample(chats, min(k, len(chats)))
