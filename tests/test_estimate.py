@@ -54,7 +54,7 @@ def test_meta_device_counts_equal_the_real_models(tiny_model_dir, method):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tunelab.train.adapters import peft_config
+    from tunelab.train.methods import peft_config
 
     shape = model_shape(tiny_model_dir, method)
     real = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -156,8 +156,8 @@ def test_formula_matches_what_autograd_saves(wide_model_dir, method, autocast):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tunelab.train.adapters import peft_config
     from tunelab.train.collate import PaddingCollator
+    from tunelab.train.methods import peft_config
 
     cfg = MethodConfig(type=method)
     shape = model_shape(wide_model_dir, cfg)
@@ -183,9 +183,9 @@ def test_padding_free_formula_matches_what_autograd_saves(wide_model_dir):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tunelab.train.adapters import peft_config
     from tunelab.train.attention import padding_free_attention
     from tunelab.train.collate import PaddingFreeCollator
+    from tunelab.train.methods import peft_config
 
     cfg = MethodConfig(type="lora")
     shape = model_shape(wide_model_dir, cfg)
@@ -241,7 +241,7 @@ def test_gpu_time_fit_and_cost_follow_the_accelerator(tiny_config, tiny_model_di
     from transformers import AutoModelForCausalLM
 
     from tunelab.estimate import estimate_run
-    from tunelab.train.adapters import peft_config
+    from tunelab.train.methods import peft_config
 
     prices = tmp_path / "prices.yaml"  # slow enough that compute, not the per-step launch floor, sets the time
     prices.write_text("Slow: {memory_gib: 64, bf16_tflops: 0.000001, usd_per_hour: 2.5}\n"

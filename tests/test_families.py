@@ -27,7 +27,7 @@ from tunelab.export.gotemplate import render_go
 from tunelab.export.modelfile import modelfile_text, translate
 from tunelab.families import FAMILIES, detect, end_of_turn, missing_markers, stop_token_ids
 from tunelab.models import Precision, load_tokenizer
-from tunelab.train.adapters import load_trained
+from tunelab.train.methods import load_trained
 
 needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                      reason="llama-cpp-python is not installed")

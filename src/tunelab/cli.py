@@ -132,7 +132,7 @@ def chat(run_dir: Annotated[str, typer.Argument(help="A run folder, or models:/N
          side_by_side: Annotated[bool, typer.Option("--side-by-side", help="Answer with base and tuned.")] = False,
          max_new_tokens: Annotated[int, typer.Option(help="Generation budget per answer.")] = 256) -> None:
     """Chat with the tuned model in the terminal (greedy decoding, the run's chat template)."""
-    from tunelab.eval.chat import chat_loop
+    from tunelab.eval.terminal_chat import chat_loop
     from tunelab.registry import resolve_run_dir
 
     chat_loop(resolve_run_dir(run_dir), side_by_side, max_new_tokens)

@@ -65,7 +65,7 @@ def _independent_accuracy(cfg, run, adapter_on: bool) -> float:
 
     from tunelab.chat import chat_tokenizer, render_prompt
     from tunelab.models import Precision, resolve_model
-    from tunelab.train.adapters import load_trained
+    from tunelab.train.methods import load_trained
 
     model, _ = load_trained(cfg, run.root, resolve_model(cfg.model), Precision("cpu", None, torch.float32))
     tokenizer = chat_tokenizer(run.trained, cfg.data.chat_template)

@@ -74,7 +74,7 @@ def reload(cfg, run):
     if cfg.method.type == "full":
         return AutoModelForCausalLM.from_pretrained(run.root / "model", dtype=torch.float32)
     from tunelab.models import Precision
-    from tunelab.train.adapters import load_base
+    from tunelab.train.methods import load_base
 
     base = load_base(resolve_model(cfg.model), cfg.method, Precision("cpu", None, torch.float32))
     return PeftModel.from_pretrained(base, run.adapter)

@@ -35,7 +35,7 @@ def run_config(model_dir: Path, method: str, objective: str = "sft", world_size:
 @pytest.fixture(scope="module")
 def supports_by_method(tiny_model_dir) -> dict[str, bool]:
     """What the trainer asks of the model it built: does its head suit the chunked loss (per method)."""
-    from tunelab.train.adapters import build_trainable, training_inputs
+    from tunelab.train.methods import build_trainable, training_inputs
 
     found = {}
     for method in METHODS:

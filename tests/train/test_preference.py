@@ -65,7 +65,7 @@ def test_dpo_loss_at_step_zero_matches_the_formula(tmp_path, tiny_model_dir):
     from peft import PeftModel
 
     from tunelab.models import Precision, load_tokenizer, resolve_model
-    from tunelab.train.adapters import build_trainable
+    from tunelab.train.methods import build_trainable
     from tunelab.train.preference import make_trainer, to_trl_rows
 
     beta = 0.3
@@ -104,7 +104,7 @@ def test_dpo_loss_at_step_zero_matches_the_formula(tmp_path, tiny_model_dir):
 
 
 def test_reward_model_trains_ranks_pairs_and_serves_as_a_grpo_reward(tmp_path, tiny_model_dir):
-    from tunelab.train.rewards import resolve_rewards
+    from tunelab.train.grpo_rewards import resolve_rewards
 
     cfg = make_config(tmp_path, tiny_model_dir, "reward", preference_rows(30))
     cfg.data.test_fraction = 0.2
@@ -132,7 +132,7 @@ def test_grpo_trains_with_builtin_and_imported_rewards(tmp_path, tiny_model_dir)
     from tests.conftest import animal_rows
 
     cfg = make_config(tmp_path, tiny_model_dir, "grpo", animal_rows(24),
-                      rewards=["exact_match", "length_penalty", "tunelab.train.rewards:json_valid"],
+                      rewards=["exact_match", "length_penalty", "tunelab.train.grpo_rewards:json_valid"],
                       target_words=3, num_generations=4, max_completion_tokens=6)
     cfg.train.max_steps = 3
     run = pipeline.open_run(cfg, starting_training=True)
@@ -144,7 +144,7 @@ def test_grpo_trains_with_builtin_and_imported_rewards(tmp_path, tiny_model_dir)
 
 def test_builtin_rewards_score_what_they_say():
     from tunelab.config import ObjectiveConfig
-    from tunelab.train.rewards import (
+    from tunelab.train.grpo_rewards import (
         exact_match,
         json_valid,
         length_penalty_reward,

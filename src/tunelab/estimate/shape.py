@@ -54,7 +54,7 @@ def _with_adapter(model: Any, method: MethodConfig, folder: Path) -> Any:
     import torch
     from peft import get_peft_model
 
-    from tunelab.train.adapters import peft_config
+    from tunelab.train.methods import peft_config
 
     # Initializing prompt tuning from text reads the embeddings (none on meta); the count is the same.
     counted = method.model_copy(update={"prompt_init_text": None})

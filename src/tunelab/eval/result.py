@@ -1,5 +1,5 @@
 """What the eval stage returns, and the gate as metrics.json records it: one definition for every kind of run
-(generation suites in eval/run.py, reward models in eval/reward.py)."""
+(generation suites in eval/run.py, reward models in eval/reward_accuracy.py)."""
 
 from __future__ import annotations
 

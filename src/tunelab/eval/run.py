@@ -40,7 +40,7 @@ from tunelab.eval.systems import Models, System, build_systems, few_shot_example
 from tunelab.families import stop_texts, stop_token_ids
 from tunelab.losses import mean_token_loss, perplexity
 from tunelab.models import Precision, base_identity, cache_root, pick_device, resolve_model
-from tunelab.train.adapters import load_trained
+from tunelab.train.methods import load_trained
 
 
 def as_chat(record: Record) -> Record | None:
@@ -72,7 +72,7 @@ def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
     # Benchmark tasks resolve and load their documents before any weights do: a task that cannot run stops here.
     task_manager = check_harness(cfg) if cfg.eval.harness is not None else None
     if cfg.objective.type == "reward":
-        from tunelab.eval.reward import evaluate_reward_run
+        from tunelab.eval.reward_accuracy import evaluate_reward_run
 
         return evaluate_reward_run(cfg, run)
     # Evaluate in float32 without autocast: eval numbers must not depend on the training precision.

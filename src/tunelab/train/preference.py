@@ -20,9 +20,9 @@ from tunelab.errors import ConfigError, DataError
 from tunelab.measure import peak_memory_mb
 from tunelab.models import pick_precision
 from tunelab.progress import console
-from tunelab.train.adapters import build_trainable, count_parameters, training_inputs
 from tunelab.train.args import training_kwargs
 from tunelab.train.callbacks import MetricsCallback
+from tunelab.train.methods import build_trainable, count_parameters, training_inputs
 from tunelab.train.policy import training_policy
 from tunelab.train.sft import TrainResult, _resume_point, save_trained
 from tunelab.train.trainer import (
@@ -88,7 +88,7 @@ def make_trainer(cfg: RunConfig, run: RunPaths, model: Any, tokenizer: Any, trai
         from trl import GRPOConfig as Config
         from trl import GRPOTrainer as Trainer
 
-        from tunelab.train.rewards import resolve_rewards
+        from tunelab.train.grpo_rewards import resolve_rewards
 
         batch = common["per_device_train_batch_size"] * common["gradient_accumulation_steps"]
         if batch % o.num_generations:

@@ -22,11 +22,11 @@ from tunelab.errors import DataError
 from tunelab.losses import mean_token_loss, supports_chunked_loss
 from tunelab.measure import peak_memory_mb
 from tunelab.progress import console
-from tunelab.train.adapters import build_trainable, count_parameters, training_inputs
 from tunelab.train.args import training_arguments
 from tunelab.train.attention import padding_free_attention
 from tunelab.train.callbacks import MetricsCallback
 from tunelab.train.collate import PaddingCollator, PaddingFreeCollator
+from tunelab.train.methods import build_trainable, count_parameters, training_inputs
 from tunelab.train.policy import TrainingPolicy, process_group_size, training_policy
 from tunelab.train.trainer import (
     TrainingError,

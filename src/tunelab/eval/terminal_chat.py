@@ -14,7 +14,7 @@ from tunelab.config_file import load_run_config
 from tunelab.eval.generate import generate_greedy
 from tunelab.eval.systems import Models, System
 from tunelab.models import Precision, pick_device, resolve_model
-from tunelab.train.adapters import load_trained
+from tunelab.train.methods import load_trained
 
 
 def chat_loop(run_dir: Any, side_by_side: bool, max_new_tokens: int, stdin: TextIO = sys.stdin,
