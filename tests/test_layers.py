@@ -19,8 +19,8 @@ PACKAGE = Path(tunelab.__file__).parent
 # config <-> eval.gate, serve.engine <-> serve.continuous/static_batch, serve.api <-> serve.guard.)
 WATCHED = ["tunelab.pipeline", "tunelab.track", "tunelab.registry", "tunelab.cluster.ray_runner", "tunelab.cli",
            "tunelab.cli_ship", "tunelab.cli_common", "tunelab.eval.run", "tunelab.eval.reward_accuracy",
-           "tunelab.eval.result", "tunelab.eval.terminal_chat", "tunelab.losses", "tunelab.config_file", "tunelab.artifacts", "tunelab.train.sft",
-           "tunelab.serve.server", "tunelab.serve.adapters"]
+           "tunelab.eval.result", "tunelab.eval.terminal_chat", "tunelab.losses", "tunelab.config_file",
+           "tunelab.artifacts", "tunelab.train.sft", "tunelab.serve.server", "tunelab.serve.adapters"]
 # Only the commands and sweep trials (which run whole runs) sit above the orchestrator.
 MAY_IMPORT_PIPELINE = ("tunelab.__main__", "tunelab.cli", "tunelab.cli_ship", "tunelab.cli_sweep", "tunelab.sweep.")
 
