@@ -52,13 +52,19 @@ def run(config: ConfigArg, set_: SetOpt = None, dry_run: Annotated[bool, typer.O
 
     cfg = _load(config, set_)
     if dry_run:
-        for line in pipeline.preflight(cfg):
-            out.print(f"[green]ok[/] {line}")
+        _print_preflight(cfg)
         out.print(dump_config(cfg), markup=False, highlight=False)
         return
     summary = pipeline.run_all(cfg)
     print_summary(summary.run.root, summary.train, summary.eval.metrics)
     _exit_on_failed_gate(summary.eval.metrics)
+
+
+def _print_preflight(cfg: Any) -> None:
+    from tunelab import pipeline
+
+    for line in pipeline.preflight(cfg):
+        out.print(f"[green]ok[/] {line}")
 
 
 @app.command()
@@ -73,8 +79,7 @@ def train(config: ConfigArg, set_: SetOpt = None, resume: Annotated[bool, typer.
 
     cfg = _load(config, set_)
     if dry_run:
-        for line in pipeline.preflight(cfg):
-            out.print(f"[green]ok[/] {line}")
+        _print_preflight(cfg)
         return
     run_paths = pipeline.open_run(cfg, starting_training=True, resume=resume)
     with pipeline.removed_if_orphaned(run_paths):

@@ -20,6 +20,18 @@ k8s_app = typer.Typer(help="Kubernetes manifests: a KubeRay RayJob that trains, 
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing, non-empty --out folder.")]
 
 
+def _export_source(run_dir: str, out_dir: Path | None, overwrite: bool) -> tuple[Any, Any]:
+    """The run an export reads (a folder or a registry URI), with --out checked before any work."""
+    from tunelab.config_file import load_run_config
+    from tunelab.export.merge import check_out
+    from tunelab.registry import resolve_run_dir
+
+    cfg, run = load_run_config(resolve_run_dir(run_dir))
+    if out_dir is not None:
+        check_out(out_dir, run, overwrite)
+    return cfg, run
+
+
 @export_app.command("merge")
 def export_merge(run_dir: Annotated[str, typer.Argument(help="A run folder, or models:/NAME@ALIAS.")],
                  dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
@@ -28,15 +40,11 @@ def export_merge(run_dir: Annotated[str, typer.Argument(help="A run folder, or m
                  overwrite: OverwriteOpt = False) -> None:
     """Merge the adapter into the base in float32, verify the logits, then cast and save a plain HF folder."""
     from tunelab import pipeline
-    from tunelab.config_file import load_run_config
-    from tunelab.export.merge import check_out, merge_run
-    from tunelab.registry import resolve_run_dir
+    from tunelab.export.merge import merge_run
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ExportError(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
-    cfg, run = load_run_config(resolve_run_dir(run_dir))
-    if out_dir is not None:
-        check_out(out_dir, run, overwrite)
+    cfg, run = _export_source(run_dir, out_dir, overwrite)
     result = merge_run(cfg, run, out_dir or run.root / "export" / "merged", dtype, max_diff)
     pipeline.log_export(cfg, run, result.folder, result.folder / "tunelab_export.json")
     out.print(f"wrote {result.folder} ({result.dtype}); merged vs adapter max logit diff {result.max_diff:.2e}, "
@@ -54,14 +62,9 @@ def export_gguf(run_dir: Annotated[str, typer.Argument(help="A run folder, or mo
                 overwrite: OverwriteOpt = False) -> None:
     """A GGUF for llama.cpp / Ollama, made and quantized by llama.cpp's tools, checked in llama.cpp."""
     from tunelab import pipeline
-    from tunelab.config_file import load_run_config
     from tunelab.export.gguf import export_gguf as run_export
-    from tunelab.export.merge import check_out
-    from tunelab.registry import resolve_run_dir
 
-    cfg, run = load_run_config(resolve_run_dir(run_dir))
-    if out_dir is not None:
-        check_out(out_dir, run, overwrite)
+    cfg, run = _export_source(run_dir, out_dir, overwrite)
     default = run.root / "export" / (f"gguf-lora-{quant}" if adapter_only else f"gguf-{quant}")
     result = run_export(cfg, run, quant, out_dir or default, adapter_only, modelfile)
     pipeline.log_export(cfg, run, result.folder, result.folder / "verification.json")
@@ -77,14 +80,9 @@ def export_int4(run_dir: Annotated[str, typer.Argument(help="A run folder, or mo
                 overwrite: OverwriteOpt = False) -> None:
     """The merged model in bitsandbytes 4-bit NF4, for transformers and vLLM, compared with float32."""
     from tunelab import pipeline
-    from tunelab.config_file import load_run_config
     from tunelab.export.int4 import export_int4 as run_export
-    from tunelab.export.merge import check_out
-    from tunelab.registry import resolve_run_dir
 
-    cfg, run = load_run_config(resolve_run_dir(run_dir))
-    if out_dir is not None:
-        check_out(out_dir, run, overwrite)
+    cfg, run = _export_source(run_dir, out_dir, overwrite)
     result = run_export(cfg, run, out_dir or run.root / "export" / "int4")
     pipeline.log_export(cfg, run, result.folder, result.folder / "tunelab_export.json")
     r = result.report
