@@ -133,3 +133,27 @@ def test_the_adapter_and_curve_come_back_through_ray_storage_when_the_run_folder
     (reported / "adapter").rmdir()
     with pytest.raises(TunelabError, match="holds no adapter; put the run folder on storage every node shares"):
         _collect(Checkpoint.from_directory(str(reported)), RunPaths(tmp_path / "elsewhere"))
+
+
+def test_a_worker_running_out_of_gpu_memory_reaches_the_driver_as_the_runbooks_advice(tmp_path):
+    import inspect
+
+    import torch
+    from ray.exceptions import RayTaskError
+    from ray.train import WorkerGroupError
+
+    from tunelab.artifacts import RunPaths
+    from tunelab.cluster import ray_runner
+    from tunelab.errors import TrainingError
+    from tunelab.train.oom import OOM_RUNBOOK, advice_on_out_of_memory
+
+    config = cfg(cluster={"backend": "ray", "num_workers": 2, "use_gpu": True})
+    config.train.batch_size = 8
+    with pytest.raises(TrainingError) as caught:  # what train_worker does around training
+        with advice_on_out_of_memory(config, RunPaths(tmp_path / "run")):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
+    assert "with advice_on_out_of_memory(cfg, run):" in inspect.getsource(ray_runner.train_worker)
+    wrapped = RayTaskError("train_worker", "traceback...", caught.value).as_instanceof_cause()
+    shown = str(training_failure(WorkerGroupError("x", {1: wrapped, 0: RuntimeError("peer gone")})))
+    assert "\n" not in shown and "it asked for 2.00 GiB more" in shown and "lower train.batch_size (now 8)" in shown
+    assert "train.gradient_checkpointing=true" in shown and "method.type=qlora" in shown and OOM_RUNBOOK in shown

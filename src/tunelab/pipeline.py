@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,10 +24,11 @@ from tunelab.artifacts import (
 from tunelab.config import TRL_OBJECTIVES, RunConfig
 from tunelab.config_file import dump_config
 from tunelab.data.prepare import Prepared, build_dataset, prepare_data
-from tunelab.errors import RunFolderError, TrainingError
+from tunelab.errors import RunFolderError
 from tunelab.model_facts import model_facts
 from tunelab.models import ModelSource, locate_model, pick_precision
 from tunelab.preflight import check_compatibility, training_device
+from tunelab.train.oom import advice_on_out_of_memory
 
 
 def open_run(cfg: RunConfig, starting_training: bool, resume: bool = False) -> RunPaths:
@@ -229,7 +229,7 @@ def stage_train(cfg: RunConfig, run: RunPaths, resume: bool = False,
         trainer = train_on_ray
     monitor = tracker.system_metrics() if tracker is not None else None
     try:
-        with _advice_on_out_of_memory(cfg, run):
+        with advice_on_out_of_memory(cfg, run):
             result = trainer(cfg, run, dataset, resume=resume, on_metrics=_both(tracker, on_metrics))
     except BaseException as err:
         if tracker is not None:  # stopped from outside (Ctrl-C; a sweep's scheduler ending the trial) is not a failure
@@ -246,41 +246,6 @@ def stage_train(cfg: RunConfig, run: RunPaths, resume: bool = False,
         tracker.log_trained()
         tracker.finish()
     return result
-
-
-OOM_RUNBOOK = "docs/runbooks/fine-tune-oom.md"
-
-
-@contextlib.contextmanager
-def _advice_on_out_of_memory(cfg: RunConfig, run: RunPaths) -> Iterator[None]:
-    """A GPU running out of memory while training becomes the runbook's advice for this config."""
-    import torch
-
-    try:
-        yield
-    except torch.OutOfMemoryError as err:
-        raise TrainingError(out_of_memory_advice(cfg, run, str(err))) from err
-
-
-def out_of_memory_advice(cfg: RunConfig, run: RunPaths, message: str) -> str:
-    """One line: what ran out, then the changes that lower peak memory, leaving out those this config has made."""
-    asked = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]i?B)", message)
-    fixes = []
-    if cfg.train.batch_size > 1:
-        fixes.append(f"lower train.batch_size (now {cfg.train.batch_size}) and raise train.gradient_accumulation_steps "
-                     f"(now {cfg.train.gradient_accumulation_steps}) to keep the effective batch")
-    else:
-        fixes.append(f"lower data.max_length (now {cfg.data.max_length})")
-    if not cfg.train.gradient_checkpointing:
-        fixes.append("set train.gradient_checkpointing=true")
-    if cfg.method.type == "full":
-        fixes.append("train an adapter (method.type=lora or qlora) instead of every weight")
-    elif cfg.method.type != "qlora":
-        fixes.append("train with method.type=qlora")
-    options = f"{', '.join(fixes[:-1])} or {fixes[-1]}" if len(fixes) > 1 else fixes[0]
-    size = f" (it asked for {asked.group(1)} more)" if asked else ""
-    return (f"training ran out of GPU memory{size}: {options}; `tunelab estimate {run.config} --no-probe` shows "
-            f"where the memory goes (runbook: {OOM_RUNBOOK})")
 
 
 def _both(tracker: Any, sink: Callable[[dict[str, Any]], None] | None) -> Callable[[dict[str, Any]], None] | None:

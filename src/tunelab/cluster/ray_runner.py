@@ -122,6 +122,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    from tunelab.train.oom import advice_on_out_of_memory
     from tunelab.train.sft import train_sft
 
     rank = ray.train.get_context().get_world_rank()
@@ -137,9 +138,10 @@ def train_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         run.root.mkdir(parents=True, exist_ok=True)
         tracker = _worker_tracker(cfg, run, config["tracking_stamp"])
-    result = train_sft(cfg, run, config["dataset"], resume=config["resume"],
-                       on_metrics=tracker.log_metrics if tracker is not None else None,
-                       training_overrides=config["overrides"])
+    with advice_on_out_of_memory(cfg, run):
+        result = train_sft(cfg, run, config["dataset"], resume=config["resume"],
+                           on_metrics=tracker.log_metrics if tracker is not None else None,
+                           training_overrides=config["overrides"])
     result = _global_tokens(result)
     # Every worker must report the same number of times; only rank 0's checkpoint carries anything.
     if rank != 0:
