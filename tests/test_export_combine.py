@@ -1,4 +1,5 @@
-"""export combine: PEFT's weighted adapter blends as a run folder that eval accepts; one-line refusals."""
+"""tunelab combine (and its old spelling, export combine): PEFT's weighted adapter blends as a run folder that eval
+accepts; one-line refusals."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def test_combined_adapter_is_a_run_folder_eval_accepts(tiny_config, tmp_path):
     half = combine_runs([a, b], "linear", [0.5, 0.5], tmp_path / "half")
     assert (_logits(a.cfg, half.adapter, batch) - _logits(a.cfg, a.run.adapter, batch)).abs().max() > 1e-3
 
-    result = subprocess.run([sys.executable, "-m", "tunelab", "export", "combine", str(a.run.root), str(b.run.root),
+    result = subprocess.run([sys.executable, "-m", "tunelab", "combine", str(a.run.root), str(b.run.root),
                              "--how", "ties", "--density", "0.7", "--out", str(tmp_path / "ties")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]

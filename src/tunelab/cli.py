@@ -19,7 +19,7 @@ from rich.table import Table
 from tunelab import __version__
 from tunelab.cli_common import ConfigArg, SetOpt, UriOpt, out, print_summary
 from tunelab.cli_common import load as _load
-from tunelab.cli_ship import export_app, k8s_app, serve
+from tunelab.cli_ship import export_app, export_combine, k8s_app, serve
 from tunelab.cli_sweep import sweep
 from tunelab.errors import ConfigError, TunelabError
 
@@ -39,6 +39,8 @@ app.add_typer(runs_app, name="runs")
 app.add_typer(export_app, name="export")
 app.add_typer(k8s_app, name="k8s")
 app.command()(serve)
+# Combining makes and evaluates a new run folder: a command of its own, not an export of one run.
+app.command("combine")(export_combine)
 app.command()(sweep)
 
 

@@ -91,7 +91,7 @@ def export_int4(run_dir: Annotated[str, typer.Argument(help="A run folder, or mo
               f"{r['top1_agreement']:.1%}")
 
 
-@export_app.command("combine")
+@export_app.command("combine", hidden=True)  # the old spelling; `tunelab combine` is the command
 def export_combine(run_dirs: Annotated[list[str], typer.Argument(help="Two or more run folders (or models:/ URIs).")],
                    out_dir: Annotated[Path, typer.Option("--out", help="The new run folder for the combined adapter.")],
                    how: Annotated[str, typer.Option(help="linear, cat, ties, dare (= dare_ties) or dare_linear.")

@@ -1,4 +1,4 @@
-"""`tunelab export combine RUN_A RUN_B ... --how ... --out DIR`: LoRA adapters of one base blended into one.
+"""`tunelab combine RUN_A RUN_B ... --how ... --out DIR`: LoRA adapters of one base blended into one.
 
 The blend is PEFT's `add_weighted_adapter`. What its combination types need (PEFT 0.21):
 - `linear`, `ties`, `dare_linear`, `dare_ties`: every adapter has the same rank r; the result has rank r.
@@ -47,7 +47,7 @@ def check_sources(sources: list[Source], how: str, weights: list[float], density
     if how not in HOW:
         raise ExportError(f"--how: expected one of {', '.join(HOW)}, got {how!r}")
     if len(sources) < 2:
-        raise ExportError("export combine: give at least two run folders")
+        raise ExportError("combine: give at least two run folders")
     if len(weights) != len(sources):
         raise ExportError(f"--weights: {len(weights)} weights for {len(sources)} runs")
     if HOW[how] in NEEDS_DENSITY and not (density is not None and 0 < density <= 1):
@@ -57,22 +57,22 @@ def check_sources(sources: list[Source], how: str, weights: list[float], density
     template = _template(first.run)
     for s in sources:
         if s.cfg.method.type not in ("lora", "qlora"):
-            raise ExportError(f"export combine: {s.run.root} was trained with method '{s.cfg.method.type}'; "
+            raise ExportError(f"combine: {s.run.root} was trained with method '{s.cfg.method.type}'; "
                               "only LoRA adapters can be combined")
         if s.cfg.method.use_dora:
-            raise ExportError(f"export combine: {s.run.root} is a DoRA adapter; PEFT cannot combine DoRA magnitudes")
+            raise ExportError(f"combine: {s.run.root} is a DoRA adapter; PEFT cannot combine DoRA magnitudes")
         if not s.run.has_adapter:
-            raise ExportError(f"export combine: {s.run.root} has no trained adapter")
+            raise ExportError(f"combine: {s.run.root} has no trained adapter")
         other = locate_model(s.cfg.model).path.resolve()
         if other != base:
-            raise ExportError(f"export combine: {s.run.root} was trained on {other}, {first.run.root} on {base}; "
+            raise ExportError(f"combine: {s.run.root} was trained on {other}, {first.run.root} on {base}; "
                               "adapters combine only on the same base model")
         if _template(s.run) != template:
-            raise ExportError(f"export combine: {s.run.root} was trained with another chat template than "
+            raise ExportError(f"combine: {s.run.root} was trained with another chat template than "
                               f"{first.run.root}; a blend would be prompted unlike one of them")
     ranks = {s.rank for s in sources}
     if HOW[how] in SAME_RANK and len(ranks) > 1:
-        raise ExportError(f"export combine: --how {how} needs adapters of one rank, got ranks "
+        raise ExportError(f"combine: --how {how} needs adapters of one rank, got ranks "
                           f"{', '.join(str(s.rank) for s in sources)}; use --how cat for mixed ranks")
 
 
