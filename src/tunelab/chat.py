@@ -8,6 +8,9 @@ templates (SmolLM2's among them) do not have.
 
 from __future__ import annotations
 
+import copy
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -206,8 +209,8 @@ def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Mes
     for piece, is_content in pieces:
         if piece:
             # The template already writes any BOS/special tokens as text: adding them again would double them.
-            enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True,
-                            split_special_tokens=is_content)
+            enc = _encoder(tokenizer, is_content)(piece, add_special_tokens=False, return_offsets_mapping=True,
+                                                  split_special_tokens=is_content)
             ids += enc["input_ids"]
             starts += [at + start for start, _end in enc["offset_mapping"]]
             at += len(piece)
@@ -270,8 +273,28 @@ def holds_special_text(tokenizer: PreTrainedTokenizerBase, messages: list[Messag
 def token_ids(tokenizer: PreTrainedTokenizerBase, text: str, split_special_tokens: bool = False) -> list[int]:
     """`text`'s ids, without bos/eos, and nothing else computed: converting a long prompt's attention mask to
     Python holds the GIL, which a server tokenizing in a worker thread would feel."""
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens,
-                     return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+    return _encoder(tokenizer, split_special_tokens)(
+        text, add_special_tokens=False, split_special_tokens=split_special_tokens, return_attention_mask=False,
+        return_token_type_ids=False)["input_ids"]
+
+
+_SPLITTING_TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TWINS_LOCK = threading.Lock()
+
+
+def _encoder(tokenizer: PreTrainedTokenizerBase, split_special_tokens: bool) -> PreTrainedTokenizerBase:
+    """The tokenizer to call in this mode. A fast tokenizer keeps `split_special_tokens` as state on its one
+    shared backend, switched by every call that asks for the other mode: two server threads, one encoding a
+    forged marker as text and one encoding a template's own markers, would each tokenize with the other's
+    setting (a garbled prompt, or a forged turn). So the tokenizer itself is only ever called to parse special
+    tokens, and contents that must stay text go through a copy of it that only ever splits them."""
+    if not split_special_tokens:
+        return tokenizer
+    with _TWINS_LOCK:
+        twin = _SPLITTING_TWINS.get(tokenizer)
+        if twin is None or len(twin) != len(tokenizer):  # tokens added since: copy again
+            twin = _SPLITTING_TWINS[tokenizer] = copy.deepcopy(tokenizer)
+    return twin
 
 
 def _content_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[Message], text: str,

@@ -294,10 +294,8 @@ def test_soak_with_hostile_requests_interleaved(server: str) -> None:
             differing += [(job, answer, alone[job]) for job, answer in innocent if answer != alone[job]]
             rss.append(_rss_kib(server.pid))
     print(f"soak RSS after each quarter (MiB): {[round(r / 1024) for r in rss]}; differing from alone: {differing}")
-    # Continuous batching computes each row as it is computed alone (rows.py), and 2,000 requests of the soak
-    # benchmark differed in none. Here one answer in ~360 once differed from its very first token, which is
-    # prefilled alone exactly as the reference was: the random test model's near ties flip on the smallest
-    # numerical difference, and the cause of that one is not yet found. One is allowed; two fail. (Static
-    # batching's padding is not batch-invariant: there a near tie flipped ~1 in 360.)
-    assert answered >= 350 and len(differing) <= 1, differing
+    # Continuous batching computes each row as it is computed alone (rows.py). One answer in ~360 once differed
+    # here from its first token: the forged-marker request switched the shared fast tokenizer to splitting
+    # special tokens while another thread tokenized its prompt (chat._encoder; tests/test_chat.py reproduces it).
+    assert answered >= 350 and not differing, differing
     assert rss[-1] <= rss[0] * 1.05
