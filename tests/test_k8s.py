@@ -18,7 +18,7 @@ import yaml
 from tests.cluster_schemas import CONFIG_MAP, INFERENCE_SERVICE, RAY_JOB
 from tunelab.cluster.k8s import dump_yaml, inference_service, job_config, rayjob_manifests
 from tunelab.config_file import dump_config, validate_config
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, ServeError
 
 GPU_CONFIG = {
     "data": {"train": "data/train.jsonl"},
@@ -172,7 +172,9 @@ def test_inference_service_serves_registered_adapters_on_vllm(registry):
     from tunelab.registry import lookup_version
 
     versions = [lookup_version(adapter_reference(n), registry) for n in ("order-extractor", "models:/ticket-router/1")]
-    isvc = inference_service(config(), "orders", [(mv.name, mv) for mv in versions], max_lora_rank=16)
+    # vLLM takes only 8, 16, 32, ... as --max-lora-rank: a rank-12 adapter needs 16.
+    isvc = inference_service(config(), "orders", [(mv.name, mv) for mv in versions],
+                             lora_ranks={"order-extractor": 12, "ticket-router": 8})
     isvc = yaml.safe_load(dump_yaml([isvc]))
     jsonschema.validate(isvc, INFERENCE_SERVICE)
 
@@ -186,6 +188,9 @@ def test_inference_service_serves_registered_adapters_on_vllm(registry):
     assert args[start:start + 2] == ["order-extractor=/mnt/tunelab/runs/orders/adapter",
                                      "ticket-router=/mnt/tunelab/runs/t/adapter"]
     assert args[args.index("--max-lora-rank") + 1] == "16"
+    with pytest.raises(ServeError, match="'ticket-router' \\(rank 600\\).*up to 512"):
+        inference_service(config(), "orders", [(mv.name, mv) for mv in versions],
+                          lora_ranks={"order-extractor": 12, "ticket-router": 600})
     # vLLM prompts every adapter with the template they were trained with, read from beside the adapter.
     assert args[args.index("--chat-template") + 1] == "/mnt/tunelab/runs/orders/adapter/chat_template.jinja"
     assert model["resources"]["limits"]["nvidia.com/gpu"] == "2"

@@ -219,8 +219,8 @@ def k8s_kserve(names: Annotated[list[str], typer.Argument(help="Registered adapt
     adapters = [(mv.name if sum(v.name == mv.name for v in versions) == 1 else f"{mv.name}-v{mv.version}", mv)
                 for mv in versions]
     cfg = _load(config, None) if config else load_run_config(resolve_run_dir(refs[0], uri))[0]
-    rank = max((_adapter_rank(mv, uri) for mv in versions), default=None)
-    manifest = inference_service(cfg, service or versions[0].name, adapters, base_uri, runtime, rank)
+    ranks = {served: _adapter_rank(mv, uri) for served, mv in adapters}
+    manifest = inference_service(cfg, service or versions[0].name, adapters, base_uri, runtime, ranks)
     _emit(dump_yaml([manifest]), out_file)
 
 

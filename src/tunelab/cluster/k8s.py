@@ -188,7 +188,7 @@ def adapter_reference(ref: str) -> str:
 
 
 def inference_service(cfg: RunConfig, name: str, adapters: list[tuple[str, Any]], base_uri: str | None = None,
-                      runtime: str | None = None, max_lora_rank: int | None = None) -> dict[str, Any]:
+                      runtime: str | None = None, lora_ranks: dict[str, int] | None = None) -> dict[str, Any]:
     """A KServe InferenceService serving the base model on vLLM (huggingface model format) with LoRA adapters.
 
     `adapters`: (served name, registered model version) pairs; every version must come from the same base.
@@ -226,8 +226,10 @@ def inference_service(cfg: RunConfig, name: str, adapters: list[tuple[str, Any]]
     if paths and adapters[0][1].tags.get("tunelab.chat_template"):
         # The template the adapters were trained with (saved beside each adapter), not the base model's.
         args += ["--chat-template", f"{paths[0]}/chat_template.jinja"]
-    if max_lora_rank:
-        args += ["--max-lora-rank", str(max_lora_rank)]
+    if lora_ranks:  # served name: LoRA rank, rounded up to a --max-lora-rank vLLM accepts
+        from tunelab.serve.adapters import vllm_max_lora_rank
+
+        args += ["--max-lora-rank", str(vllm_max_lora_rank(lora_ranks))]
     gpus = k.gpu_per_worker if k.gpu_per_worker > 0 else None
     resources = {"cpu": k.cpu_per_worker, "memory": k.memory_per_worker}
     if gpus:

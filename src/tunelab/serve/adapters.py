@@ -146,3 +146,17 @@ def check_same_base(spec: AdapterSpec, base_folder: Path | None) -> None:
     if base_folder is not None and spec.base_folder.resolve() != base_folder.resolve():
         raise ServeError(f"{spec.source}: trained on {spec.base_folder}, but this server's base is {base_folder}",
                          409, "base_mismatch")
+
+
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the only values vLLM's --max-lora-rank accepts
+
+
+def vllm_max_lora_rank(ranks: dict[str, int]) -> int:
+    """The smallest --max-lora-rank vLLM accepts that holds every adapter (name: LoRA rank): vLLM refuses any
+    other value, and refuses adapters above it."""
+    too_big = {name: r for name, r in ranks.items() if r > VLLM_LORA_RANKS[-1]}
+    if too_big:
+        names = ", ".join(f"'{name}' (rank {r})" for name, r in too_big.items())
+        raise ServeError(f"adapter {names}: vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}; serve it with "
+                         "--engine hf, or merge it (tunelab export merge) and vllm serve the merged folder")
+    return next(r for r in VLLM_LORA_RANKS if r >= max(ranks.values(), default=0))

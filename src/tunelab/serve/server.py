@@ -21,13 +21,13 @@ from tunelab.serve.adapters import (
     parse_adapter_arg,
     registry_name,
     resolve_adapter,
+    vllm_max_lora_rank,
 )
 
 LOOPBACK_NAMES = {"localhost"}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BATCHING = ("continuous", "static")
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the only values vLLM's --max-lora-rank accepts
 
 
 @dataclass
@@ -221,7 +221,8 @@ def vllm_command(options: ServeOptions) -> tuple[list[str], list[str]]:
                          "LoRA support cannot load; serve the merged model instead (tunelab export merge, then "
                          "vllm serve the merged folder)")
     if specs:
-        command += ["--enable-lora", "--max-loras", str(len(specs)), "--max-lora-rank", str(_vllm_rank(specs)),
+        rank = vllm_max_lora_rank({s.name: s.rank for s in specs})
+        command += ["--enable-lora", "--max-loras", str(len(specs)), "--max-lora-rank", str(rank),
                     "--lora-modules"]
         command += [f"{s.name}={s.adapter_dir}" for s in specs]
         chat_template = specs[0].run_dir / "chat_template.jinja"
@@ -233,16 +234,6 @@ def vllm_command(options: ServeOptions) -> tuple[list[str], list[str]]:
     notes = [f"note: adapter '{s.name}' was trained with a system prompt; vLLM will not add it: send it as the "
              "first message" for s in specs if s.system_prompt]
     return command, notes
-
-
-def _vllm_rank(specs: list[AdapterSpec]) -> int:
-    """The smallest --max-lora-rank vLLM accepts that holds every adapter."""
-    rank = max(s.rank for s in specs)
-    if rank > VLLM_LORA_RANKS[-1]:
-        names = ", ".join(f"'{s.name}' (rank {s.rank})" for s in specs if s.rank > VLLM_LORA_RANKS[-1])
-        raise ServeError(f"adapter {names}: vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}; serve it with "
-                         "--engine hf, or merge it (tunelab export merge) and vllm serve the merged folder")
-    return next(r for r in VLLM_LORA_RANKS if r >= rank)
 
 
 def launch_vllm(command: list[str], options: ServeOptions) -> None:
