@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -141,7 +142,7 @@ def test_base_model_gets_the_chosen_template_and_trained_marker_tokens(arch, bas
     from safetensors.torch import load_file
 
     weights = load_file(str(run.adapter / "adapter_model.safetensors"))
-    assert not any(k.endswith(("embed_tokens.weight", "lm_head.weight")) for k in weights)
+    assert all("lora_" in k or "trainable_tokens_delta" in k for k in weights), list(weights)
     assert any("trainable_tokens_delta" in k for k in weights)
     _reload_with_plain_peft_matches(cfg, run, base_models[arch])
     # Generation stops at the new end-of-turn token: no answer carries marker text.
@@ -298,3 +299,34 @@ def test_vllm_and_gguf_lora_refuse_adapters_that_add_tokens(base_run):
                             capture_output=True, text=True)
     assert result.returncode == 2 and "a GGUF LoRA cannot carry" in result.stderr
     assert not (base_run.root / "export" / "gguf-lora-f16").exists()
+
+
+def test_checkpoints_of_a_base_model_run_keep_only_the_new_token_rows_and_resume(base_models, tmp_path):
+    """A chat template added tokens: each checkpoint saves their rows (not the whole resized embedding and head,
+    GBs for a large vocabulary), and a run resumed from a checkpoint ends with the uninterrupted run's adapter."""
+    from safetensors.torch import load_file
+
+    from tunelab.train.trainer import complete_checkpoints
+
+    cfg = run_config(base_models["llama"], tmp_path, chat_template="chatml")
+    cfg.train.max_steps, cfg.train.save_steps, cfg.train.keep_checkpoints = 8, 4, 5
+    reference = pipeline.open_run(cfg, starting_training=True)
+    pipeline.stage_train(cfg, reference)
+    checkpoints = complete_checkpoints(reference.root / "checkpoints")
+    assert [p.name for p in checkpoints] == ["checkpoint-4", "checkpoint-8"]
+    saved = load_file(str(checkpoints[0] / "adapter_model.safetensors"))
+    assert any("trainable_tokens_delta" in k for k in saved)
+    whole = [k for k in saved if "lora_" not in k and "trainable_tokens_delta" not in k]
+    assert not whole, whole  # e.g. embed_tokens.token_adapter.base_layer.weight: every row of the embedding
+
+    shutil.copytree(reference.root, tmp_path / "cut")  # as if killed after checkpoint-4
+    shutil.rmtree(tmp_path / "cut" / "adapter")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "checkpoint-8")
+    cfg.output.dir = tmp_path / "cut"
+    resumed = pipeline.open_run(cfg, starting_training=True, resume=True)
+    pipeline.stage_train(cfg, resumed, resume=True)
+    a = load_file(str(reference.adapter / "adapter_model.safetensors"))
+    b = load_file(str(resumed.adapter / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)

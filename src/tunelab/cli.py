@@ -316,10 +316,6 @@ def _quiet_library_noise() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # PEFT's PeftModel and TRL's trainers read transformers' deprecated `is_gradient_checkpointing`.
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    # The Trainer's checkpoints of an adapter whose chat template added tokens: PEFT saves the resized embedding and
-    # head into each and says so (the final adapter keeps only the new rows: save_trained).
-    warnings.filterwarnings("ignore", message=r"Setting `save_embedding_layers` to `True` as the embedding layer has "
-                            "been resized", category=UserWarning)
 
 
 def main() -> None:

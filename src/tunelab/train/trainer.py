@@ -12,11 +12,14 @@ loss of tunelab.losses (targets only, in chunks, no full-vocabulary logits); eva
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +59,8 @@ class AtomicCheckpoints:
         self.accelerator.wait_for_everyone()
         self._staging = True
         try:
-            super()._save_checkpoint(model, trial)
+            with _new_token_rows_only(self.accelerator.unwrap_model(self.model)):
+                super()._save_checkpoint(model, trial)
         finally:
             self._staging = False
         self.accelerator.wait_for_everyone()
@@ -70,6 +74,24 @@ class AtomicCheckpoints:
         shutil.rmtree(root / STAGING, ignore_errors=True)
         for old in complete_checkpoints(root)[: -self.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def _new_token_rows_only(model: Any) -> Iterator[None]:
+    """While a checkpoint is written, an adapter saves the rows of the tokens a chat template added as
+    trainable-token deltas only (as the final adapter does, sft.save_trained): PEFT would otherwise put the whole
+    resized embedding and head into every checkpoint (GBs each for a 128k vocabulary). Resuming restores the rows
+    from those deltas."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        yield
+        return
+    model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_embedding_layers=False)
+    try:
+        yield
+    finally:
+        del model.save_pretrained
 
 
 def with_atomic_checkpoints(trainer_class: type) -> type:
