@@ -103,14 +103,20 @@ def _promote(client: Any, name: str, version: str, alias: str, force: bool, reas
 
 
 def _version(client: Any, name: str, version: str) -> Any:
+    return _found(lambda: client.get_model_version(name, version), f"registry: no version {version} of model '{name}'")
+
+
+def _found(ask: Any, missing: str) -> Any:
+    """The registry's answer to `ask()`; "not found" becomes TrackingError(missing). Any other failure is not an
+    answer (a server that is away) and propagates: store_errors says so."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_model_version(name, version)
+        return ask()
     except MlflowException as err:
         if err.error_code not in NOT_FOUND:
-            raise  # not an answer (a server that is away): store_errors says so
-        raise TrackingError(f"registry: no version {version} of model '{name}'") from None
+            raise
+        raise TrackingError(missing) from None
 
 
 def list_models(uri: str) -> list[dict[str, Any]]:
@@ -203,14 +209,8 @@ def _lookup(client: Any, text: str) -> Any:
     spec = text[len("models:/"):] if text.startswith("models:/") else text
     if "@" in spec:
         name, alias = spec.split("@", 1)
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return client.get_model_version_by_alias(name, alias)
-        except MlflowException as err:
-            if err.error_code not in NOT_FOUND:
-                raise  # not an answer (a server that is away): store_errors says so
-            raise TrackingError(f"{text}: no model '{name}' with alias '{alias}' in the registry") from None
+        return _found(lambda: client.get_model_version_by_alias(name, alias),
+                      f"{text}: no model '{name}' with alias '{alias}' in the registry")
     name, _, version = spec.partition("/")
     if not version:
         raise TunelabError(f"{text}: name a version or an alias: models:/{name}@champion or models:/{name}/1")
