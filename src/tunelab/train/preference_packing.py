@@ -1,0 +1,109 @@
+"""Padding-free preference batches: TRL's DPO and KTO forwards, run on one row without padding.
+
+TRL 1.16 pads every sequence of a preference batch (prompt + chosen and prompt + rejected of each pair) to the
+longest, and its own `padding_free` option for DPO is switched off ("temporarily unavailable"). With long-tailed
+lengths most of a padded batch is padding, and every activation of every layer is kept for it.
+
+TRL calls the model as `model(input_ids, attention_mask, labels=..., fused_lm_head=True)` and gets per-token
+log-probs back (its fused LM head: no full-vocabulary logits). `pack_fused_calls` wraps that forward: the real
+tokens of the right-padded batch go in as one row with position ids restarting per sequence (tunelab's
+per-example attention, train/attention.py, keeps sequences apart), and every per-token output is scattered back
+to the padded layout TRL expects, zero where there was padding, as TRL's own output is where the label is
+-100. Losses, rewards and metrics are then TRL's own, computed on the same numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import Any
+
+import torch
+
+from tunelab.chat import IGNORE_INDEX
+from tunelab.train.attention import padding_free_attention
+
+PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+_MARK = "_tunelab_packed_forward"
+
+
+def pack_fused_calls(model: Any) -> None:
+    """Make `model`'s fused-LM-head calls padding-free (once; a second call does nothing).
+
+    `model` is the model TRL gave a fused LM head (the base under a PEFT wrapper). Calls without
+    `fused_lm_head=True`, with one row, pre-shifted labels or a mask that is not right padding go through
+    unchanged."""
+    if getattr(model, _MARK, False):
+        return
+    fused = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self: Any, *args: Any, fused_lm_head: bool = False, **kwargs: Any) -> Any:
+        input_ids, mask, labels = kwargs.get("input_ids"), kwargs.get("attention_mask"), kwargs.get("labels")
+        if (not fused_lm_head or args or input_ids is None or mask is None or labels is None
+                or kwargs.get("shift_labels") is not None or kwargs.get("position_ids") is not None
+                or kwargs.get("inputs_embeds") is not None or input_ids.shape[0] == 1 or not _right_padded(mask)):
+            return fused(*args, fused_lm_head=fused_lm_head, **kwargs)
+        row, row_labels, positions, keep = pack(input_ids, mask, labels)
+        rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "labels")}
+        with padding_free_attention(self):
+            out = fused(input_ids=row, labels=row_labels, position_ids=positions, fused_lm_head=True, **rest)
+        return unpack(out, keep)
+
+    model.forward = types.MethodType(forward, model)
+    setattr(model, _MARK, True)
+
+
+def _right_padded(mask: torch.Tensor) -> bool:
+    """Every row's ones come first (TRL pads preference batches on the right)."""
+    lengths = mask.sum(dim=1, keepdim=True)
+    return bool((mask.bool() == (torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths)).all())
+
+
+def pack(input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One row of the real tokens, its labels (each sequence's first token is never a target: it would be
+    predicted from the previous sequence), position ids restarting per sequence, and `keep`: which positions
+    of the padded, shifted layout [batch, width - 1] the row's shifted outputs fill, in order."""
+    keep_tokens = mask.bool()
+    lengths = keep_tokens.sum(dim=1)
+    row = input_ids[keep_tokens][None, :]
+    positions = torch.cat([torch.arange(int(n), device=input_ids.device) for n in lengths])[None, :]
+    row_labels = labels[keep_tokens].clone()
+    row_labels[positions[0] == 0] = IGNORE_INDEX
+    return row, row_labels[None, :], positions, keep_tokens[:, 1:]
+
+
+def unpack(out: Any, keep: torch.Tensor) -> Any:
+    """Scatter the row's shifted per-token outputs [1, total - 1] back to the padded layout [batch, width - 1].
+
+    Row position k predicts row token k + 1; the last position of each sequence predicts the next sequence's
+    first token and is dropped, which leaves exactly the positions `keep` marks, in the same order."""
+    lengths = keep.sum(dim=1) + 1
+    ends = torch.cumsum(lengths, dim=0) - 1  # row index of each sequence's last token
+    inside = torch.ones(int(lengths.sum()) - 1, dtype=torch.bool, device=keep.device)
+    inside[ends[:-1]] = False
+    for name in PER_TOKEN_FIELDS:
+        value = getattr(out, name, None)
+        if value is not None:
+            setattr(out, name, value.new_zeros(keep.shape).masked_scatter(keep, value[0][inside]))
+    return out
+
+
+class PaddingFreePreference:
+    """Mixin for TRL's DPOTrainer and KTOTrainer: their fused-LM-head calls go padding-free.
+
+    TRL adds the fused head in its `__init__` and, with precomputed reference log-probs, runs the reference pass
+    there too, so the wrapper goes on at the first of those passes rather than after construction."""
+
+    def _pack_model(self) -> None:
+        model = self.accelerator.unwrap_model(self.model)  # type: ignore[attr-defined]
+        pack_fused_calls(model.get_base_model() if hasattr(model, "get_base_model") else model)
+
+    def _precompute_ref_logps(self, *args: Any, **kwargs: Any) -> Any:
+        self._pack_model()
+        return super()._precompute_ref_logps(*args, **kwargs)  # type: ignore[misc]
+
+    def compute_loss(self, *args: Any, **kwargs: Any) -> Any:
+        self._pack_model()
+        return super().compute_loss(*args, **kwargs)  # type: ignore[misc]

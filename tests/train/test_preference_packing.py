@@ -1,0 +1,89 @@
+"""Padding-free preference calls: the packed forward returns what TRL's padded forward returns, per token,
+with gradients, and falls back to the padded call where packing does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunelab.chat import IGNORE_INDEX
+from tunelab.train.preference_packing import pack, pack_fused_calls
+
+
+def _padded_batch(lengths: list[int], prompt: int, vocab: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros((len(lengths), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.randint(3, vocab, (n,), generator=generator)
+        mask[row, :n] = 1
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:, :prompt] = IGNORE_INDEX  # the prompt is never a target, as in TRL's completion mask
+    return ids, mask, labels
+
+
+def _fused_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    return model
+
+
+def _outputs_and_grads(model, ids, mask, labels):
+    model.zero_grad()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    out.log_probs.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def test_packing_keeps_every_real_token_and_restarts_positions():
+    ids, mask, labels = _padded_batch([5, 3, 7], prompt=2, vocab=50)
+    row, row_labels, positions, keep = pack(ids, mask, labels)
+    assert row.shape == (1, 15) and positions[0].tolist() == [*range(5), *range(3), *range(7)]
+    assert row[0, 5:8].tolist() == ids[1, :3].tolist()
+    # each sequence's first token is never a target (it would be predicted from the sequence before it)
+    assert (row_labels[0, positions[0] == 0] == IGNORE_INDEX).all()
+    assert keep.shape == (3, 6) and keep.sum().item() == 4 + 2 + 6
+
+
+def test_packed_call_equals_the_padded_call_per_token_and_in_gradients(tiny_model_dir):
+    padded, packed = _fused_model(tiny_model_dir), _fused_model(tiny_model_dir)
+    pack_fused_calls(packed)
+    pack_fused_calls(packed)  # a second call must not wrap twice
+    ids, mask, labels = _padded_batch([9, 4, 17, 6, 12, 17], prompt=3, vocab=padded.config.vocab_size)
+    seen = []
+    packed.get_input_embeddings().register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    want, want_grads = _outputs_and_grads(padded, ids, mask, labels)
+    got, got_grads = _outputs_and_grads(packed, ids, mask, labels)
+    assert seen == [(1, int(mask.sum()))]  # one row of the real tokens went in, not the padded batch
+    for name in ("log_probs", "entropy", "mean_logits"):
+        assert getattr(got, name).shape == getattr(want, name).shape == (6, 16)
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=1e-5, rtol=1e-4)
+    assert torch.equal(got.is_top1, want.is_top1)
+    assert (got.log_probs[mask[:, 1:] == 0] == 0).all()  # padding reads as zero, as TRL's masked positions
+    torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=1e-4)
+    assert want_grads.keys() == got_grads.keys()
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-3)
+    assert packed.config._attn_implementation == "sdpa"  # per-example attention only for the packed call
+
+
+@pytest.mark.parametrize("case", ["left padding", "one row", "not fused"])
+def test_calls_packing_does_not_apply_to_go_through_unchanged(tiny_model_dir, case):
+    padded, packed = _fused_model(tiny_model_dir), _fused_model(tiny_model_dir)
+    pack_fused_calls(packed)
+    ids, mask, labels = _padded_batch([9, 4, 12], prompt=2, vocab=padded.config.vocab_size)
+    if case == "left padding":  # e.g. GRPO's prompts: positions are not the padded layout's
+        ids, mask, labels = ids.flip(1), mask.flip(1), labels.flip(1)
+    if case == "one row":
+        ids, mask, labels = ids[:1], mask[:1], labels[:1]
+    kwargs = {"fused_lm_head": case != "not fused"}
+    with torch.no_grad():
+        want = padded(input_ids=ids, attention_mask=mask, labels=labels, **kwargs)
+        got = packed(input_ids=ids, attention_mask=mask, labels=labels, **kwargs)
+    field = "logits" if case == "not fused" else "log_probs"
+    assert torch.equal(getattr(got, field), getattr(want, field))
