@@ -38,7 +38,8 @@ def run_trl(data: Path, work: Path, hyper: dict[str, Any], lora: dict[str, Any],
 
     base = resolve_model(ModelConfig())
     tokenizer = load_tokenizer(base)
-    examples, _ = encode_records(tokenizer, load_records(data / "train.jsonl"), None, 2048)
+    # No cut: bench/train_scaling.py trains 4k-token examples; tunelab's side gets data.max_length to match.
+    examples, _ = encode_records(tokenizer, load_records(data / "train.jsonl"), None, 1 << 16)
     rows = [{"input_ids": e["input_ids"], "completion_mask": [int(t != IGNORE_INDEX) for t in e["labels"]]}
             for e in examples]
     precision = pick_precision(ModelConfig())

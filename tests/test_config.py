@@ -117,11 +117,16 @@ def test_resolved_config_round_trips(tmp_path):
     assert again == cfg
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("**/*.yaml")),
+                         ids=lambda p: str(p.relative_to(ROOT / "examples")))
 def test_every_shipped_example_config_parses(path):
+    from tunelab.eval.gate import check_syntax
+
     cfg = load_config(path)
     for source in [*cfg.data.train, *cfg.data.test]:
         assert (ROOT / source.path).is_file(), source.path
+    for rule in cfg.eval.gate or []:
+        check_syntax(rule)
 
 
 def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:

@@ -87,3 +87,26 @@ def test_calls_packing_does_not_apply_to_go_through_unchanged(tiny_model_dir, ca
         got = packed(input_ids=ids, attention_mask=mask, labels=labels, **kwargs)
     field = "logits" if case == "not fused" else "log_probs"
     assert torch.equal(getattr(got, field), getattr(want, field))
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_dpo_and_kto_training_steps_go_in_padding_free(tmp_path, tiny_model_dir, objective, monkeypatch):
+    from tests.train.test_preference import kto_rows, make_config, preference_rows
+    from tunelab import pipeline
+    from tunelab.train import preference_packing
+
+    packed_calls = []
+    real_pack = preference_packing.pack
+
+    def counting_pack(*args):
+        packed_calls.append(args[0].shape)
+        return real_pack(*args)
+
+    monkeypatch.setattr(preference_packing, "pack", counting_pack)
+    rows = kto_rows(16) if objective == "kto" else preference_rows(16)
+    cfg = make_config(tmp_path, tiny_model_dir, objective, rows)
+    cfg.train.max_steps = 2
+    result = pipeline.stage_train(cfg, pipeline.open_run(cfg, starting_training=True))
+    assert result.steps == 2
+    # a padded batch of several sequences was packed at least once a step (a fallback would not pack at all)
+    assert len(packed_calls) >= 2 and all(shape[0] > 1 for shape in packed_calls)
