@@ -148,6 +148,11 @@ class TrainConfig(Section):
         description="Cross-entropy on target tokens only, in chunks, gradients computed in the same pass: the "
         "full-vocabulary logits are never held in memory (Liger's fused loss does this on CUDA when liger_kernel).",
     )
+    integer_dropout_masks: bool = Field(
+        True,
+        description="LoRA dropout draws its masks from random integers instead of bernoulli_ (the same "
+        "distribution, cheaper: tunelab.train.dropout); false keeps PEFT's nn.Dropout.",
+    )
 
     @model_validator(mode="after")
     def _early_stopping_needs_evals(self) -> TrainConfig:

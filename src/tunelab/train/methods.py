@@ -99,11 +99,20 @@ def build_trainable(cfg: RunConfig, base_folder: Path, precision: Precision, tok
         start = RunPaths(cfg.model.adapter_from)
         if not start.has_adapter:
             raise RunFolderError(f"model.adapter_from: {cfg.model.adapter_from} holds no trained adapter")
-        return attach_adapter(model, start.adapter, is_trainable=True)
+        return _dropout_masks(cfg, attach_adapter(model, start.adapter, is_trainable=True))
     if new_ids and cfg.method.type not in ("lora", "qlora"):
         raise ModelError(f"method.type: {cfg.method.type} cannot train the {len(new_ids)} tokens the chat template "
                          "adds to this model's vocabulary; use lora, qlora or full, or a template the model knows")
-    return get_peft_model(model, peft_config(cfg.method, base_folder, trainable_tokens(model, new_ids)))
+    return _dropout_masks(cfg, get_peft_model(model, peft_config(cfg.method, base_folder,
+                                                                 trainable_tokens(model, new_ids))))
+
+
+def _dropout_masks(cfg: RunConfig, model: Any) -> Any:
+    if cfg.train.integer_dropout_masks:
+        from tunelab.train.dropout import use_keep_mask_dropout
+
+        use_keep_mask_dropout(model)
+    return model
 
 
 def load_trained(cfg: RunConfig, run_root: Path, base_folder: Path, precision: Precision) -> tuple[Any, Any]:
