@@ -177,8 +177,10 @@ def test_formula_matches_what_autograd_saves(wide_model_dir, method, autocast):
     assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
 
 
-def test_padding_free_formula_matches_what_autograd_saves(wide_model_dir):
-    """Padding-free rows under tunelab's per-example attention: no mask is saved (attention_span 0)."""
+@pytest.mark.parametrize("integer_masks", [True, False], ids=["integer-dropout-masks", "nn-dropout"])
+def test_padding_free_formula_matches_what_autograd_saves(wide_model_dir, integer_masks):
+    """Padding-free rows under tunelab's per-example attention: no mask is saved (attention_span 0); LoRA
+    dropout keeps a bool mask (tunelab's integer masks) or nn.Dropout's fp32 noise."""
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
@@ -191,6 +193,10 @@ def test_padding_free_formula_matches_what_autograd_saves(wide_model_dir):
     shape = model_shape(wide_model_dir, cfg)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(wide_model_dir, dtype=torch.float32),
                            peft_config(cfg, wide_model_dir))
+    if integer_masks:
+        from tunelab.train.dropout import use_keep_mask_dropout
+
+        assert use_keep_mask_dropout(model) > 0
     model.config.use_cache = False
     model.train()
     lengths = [160, 120, 90, 60, 30]
@@ -199,7 +205,7 @@ def test_padding_free_formula_matches_what_autograd_saves(wide_model_dir):
     with padding_free_attention(model):
         measured = _saved_for_backward(model, batch, True)
     work = Workload(method="lora", tokens=sum(lengths), attention_span=0, target_tokens=sum(lengths),
-                    compute_bytes=2, chunked_loss=False)
+                    compute_bytes=2, chunked_loss=False, dropout_mask_bytes=1 if integer_masks else 4)
     predicted = activation_bytes(shape, work) + weight_copy_bytes(shape, work) + FP32 * work.tokens * shape.vocab
     assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
 

@@ -159,8 +159,15 @@ def workload(cfg: RunConfig, policy: TrainingPolicy, stats: DataStats) -> Worklo
         method=cfg.method.type, tokens=stats.peak_tokens, attention_span=stats.attention_span,
         target_tokens=stats.peak_targets, compute_bytes=4 if policy.autocast_dtype is None else 2,
         gradient_checkpointing=cfg.train.gradient_checkpointing, chunked_loss=not policy.full_logits,
-        lora_dropout=cfg.method.dropout > 0,
+        dropout_mask_bytes=_dropout_mask_bytes(cfg),
     )
+
+
+def _dropout_mask_bytes(cfg: RunConfig) -> int:
+    """Bytes a LoRA dropout keeps per element for backward (tunelab.train.dropout: a bool mask)."""
+    if cfg.method.dropout == 0:
+        return 0
+    return 1 if cfg.train.integer_dropout_masks and cfg.method.type in ("lora", "qlora") else 4
 
 
 def _data_stats(cfg: RunConfig, tokenizer: Any, notes: list[str],

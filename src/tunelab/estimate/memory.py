@@ -53,7 +53,7 @@ class Workload:
     compute_bytes: int  # 2 under bf16/fp16 autocast, 4 in float32
     gradient_checkpointing: bool = False
     chunked_loss: bool = True
-    lora_dropout: bool = True
+    dropout_mask_bytes: int = FP32  # what each LoRA dropout keeps per element: 1 (bool mask), 4 (float noise), 0 (none)
     double_quant: bool = True
 
 
@@ -103,8 +103,9 @@ def layer_activation_bytes(shape: ModelShape, work: Workload) -> int:
     q, k, v and the attention output at compute precision saved by SDPA (k and v expanded to every head:
     with a padding or block mask transformers repeats them instead of using grouped-query attention); the
     gate output, its SiLU and the up output saved by SiLU and the product; each LoRA branch's dropout mask
-    (fp32, same shape as its input) and its input cast to compute precision; and the attention mask cast to
-    compute precision, one row of `attention_span` per query."""
+    (same shape as its input: bool with tunelab's integer masks, else nn.Dropout's fp32 noise) and its input
+    cast to compute precision; and the attention mask cast to compute precision, one row of `attention_span`
+    per query."""
     h, i, a = shape.hidden, shape.intermediate, work.compute_bytes
     # bitsandbytes' 4-bit matmul returns the input's dtype (fp32), where autocast's Linear returns bf16.
     linear_out = FP32 if work.method == "qlora" else a
@@ -117,7 +118,7 @@ def layer_activation_bytes(shape: ModelShape, work: Workload) -> int:
         # Each Linear saves its input for its weight gradient (in fp32 the projections sharing an input share it).
         per_token += FP32 * (3 * h + i) if a == FP32 else a * (6 * h + i)
     elif work.method in ("lora", "qlora"):
-        branch = (FP32 + a) if work.lora_dropout else a
+        branch = work.dropout_mask_bytes + a
         per_token += branch * shape.adapted_inputs
     return per_token * work.tokens
 

@@ -5,9 +5,10 @@ a profile of a training step put at 12-13% of the step (seven adapters a layer e
 batch). `KeepMaskDropout` draws the same mask from raw random integers: a position is kept when a uniform
 31-bit integer is at least round(p * 2^31), i.e. with probability 1 - p to within 2^-31 (float32's own
 resolution around p is coarser), independently per element and per adapter, kept values scaled by 1 / (1 - p)
-as `nn.Dropout` does. Only the mask, one byte an element, is kept for the backward pass, as `nn.Dropout` does.
-The method is unchanged; only the random numbers differ, drawn from torch's generator, so seeds still decide
-them and a resumed run restores them.
+as `nn.Dropout` does. Only the bool mask, one byte an element, is kept for the backward pass, where
+`nn.Dropout` on CPU keeps its float noise tensor (4 bytes an element for float32 adapters). The method is
+unchanged; only the random numbers differ, drawn from torch's generator, so seeds still decide them and a
+resumed run restores them.
 """
 
 from __future__ import annotations
