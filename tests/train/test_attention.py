@@ -31,13 +31,12 @@ def _loss_and_grads(model, ids, positions):
     return logits.detach(), grads
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_block_diagonal_sdpa(tiny_model_dir, dtype):
+def test_matches_block_diagonal_sdpa_in_float32(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.train()  # dropout is 0 in the config: the comparison stays deterministic
-    ids, positions = _row([5, 17, 1, 9, 30], model.config.vocab_size)
+    ids, positions = _row([5, 17, 1, 9, 30, 300], model.config.vocab_size)  # 300: past SHORT_EXAMPLE, SDPA's path
 
     stock_logits, stock_grads = _loss_and_grads(model, ids, positions)
     with padding_free_attention(model):
@@ -45,12 +44,32 @@ def test_matches_block_diagonal_sdpa(tiny_model_dir, dtype):
         ours_logits, ours_grads = _loss_and_grads(model, ids, positions)
     assert model.config._attn_implementation == "sdpa"
 
-    # bf16: the two paths sum in different orders, so allow a few units of bf16 rounding (~0.4%) on average
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert _relative_error(ours_logits, stock_logits) < tol
+    assert _relative_error(ours_logits, stock_logits) < 1e-5
     assert stock_grads.keys() == ours_grads.keys()
     for name, grad in stock_grads.items():
-        assert _relative_error(ours_grads[name], grad) < tol, name
+        assert _relative_error(ours_grads[name], grad) < 1e-5, name
+
+
+def test_bfloat16_is_as_close_to_float32_as_stock_sdpa(tiny_model_dir):
+    """In bf16 the paths round differently, so each is measured against the float32 result: ours may not be
+    further from it than stock SDPA (bf16 scores, HF eager's numerics, are
+    further: 1.08x on the logits here, 3x in a kernel test)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model.train()
+    ids, positions = _row([5, 17, 1, 9, 30, 120], model.config.vocab_size)
+    exact_logits, exact_grads = _loss_and_grads(model, ids, positions)
+    model.to(torch.bfloat16)
+    stock_logits, stock_grads = _loss_and_grads(model, ids, positions)
+    with padding_free_attention(model):
+        ours_logits, ours_grads = _loss_and_grads(model, ids, positions)
+
+    stock_error = _relative_error(stock_logits, exact_logits)
+    assert 0 < _relative_error(ours_logits, exact_logits) < 1.05 * stock_error  # bf16 scores: 1.08x
+    worse = [name for name, grad in exact_grads.items()
+             if _relative_error(ours_grads[name], grad) > 1.25 * _relative_error(stock_grads[name], grad)]
+    assert len(worse) <= len(exact_grads) // 10, worse
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -14,12 +14,14 @@ from tunelab.train.dropout import KeepMaskDropout, use_keep_mask_dropout
 def test_keeps_each_element_with_probability_one_minus_p_and_scales_like_nn_dropout(p):
     torch.manual_seed(0)
     x = torch.rand(1000, 1000) + 0.5  # no zeros, so a zero in the output is a dropped element
-    out = KeepMaskDropout(p).train()(x)
+    dropout = KeepMaskDropout(p).train()
+    out = dropout(x)
     kept = out != 0
     n = x.numel()
     sigma = (p * (1 - p) / n) ** 0.5
     assert abs(kept.float().mean().item() - (1 - p)) < 5 * sigma
-    torch.testing.assert_close(out[kept], x[kept] / (1 - p))
+    assert abs(dropout.host_p - p) <= 2**-17  # p rounded to 16 bits on CPU; the scale uses the rounded p
+    torch.testing.assert_close(out[kept], x[kept] / (1 - dropout.host_p))
     # independent per element: neighbours are not correlated
     a, b = kept[:, :-1].float(), kept[:, 1:].float()
     assert abs(((a - a.mean()) * (b - b.mean())).mean().item()) < 5 * p * (1 - p) / n**0.5
@@ -33,7 +35,7 @@ def test_gradient_is_the_mask_times_the_scale_and_eval_is_identity():
     upstream = torch.randn_like(out)
     out.backward(upstream)
     keep = (out != 0).float()
-    torch.testing.assert_close(x.grad, upstream * keep / 0.75)
+    torch.testing.assert_close(x.grad, upstream * keep / 0.75)  # 0.25 is a multiple of 2^-16: exact
     assert dropout.eval()(x) is x
 
 
@@ -75,3 +77,13 @@ def test_training_builds_adapters_with_integer_masks_unless_switched_off(tiny_co
     tiny_config.train.integer_dropout_masks = False
     model = build_trainable(tiny_config, base, precision)
     assert not any(isinstance(m, KeepMaskDropout) for m in model.modules())
+
+
+def test_any_shape_gets_a_mask_of_its_own_size():
+    """The CPU mask is cut from 64-bit words, four values a word: sizes that are not a multiple of four."""
+    torch.manual_seed(2)
+    for shape in [(1,), (3, 5, 7), (2, 1, 9)]:
+        x = torch.ones(shape)
+        out = KeepMaskDropout(0.5).train()(x)
+        assert out.shape == x.shape
+        assert set(out.unique().tolist()) <= {0.0, 2.0}
