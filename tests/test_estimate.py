@@ -179,13 +179,14 @@ def test_formula_matches_what_autograd_saves(wide_model_dir, method, autocast):
 
 @pytest.mark.parametrize("integer_masks", [True, False], ids=["integer-dropout-masks", "nn-dropout"])
 def test_padding_free_formula_matches_what_autograd_saves(wide_model_dir, integer_masks):
-    """Padding-free rows under tunelab's per-example attention: no mask is saved (attention_span 0); LoRA
-    dropout keeps a bool mask (tunelab's integer masks) or nn.Dropout's fp32 noise."""
+    """Padding-free rows under tunelab's per-example attention: no mask is saved (attention_span 0), the CPU
+    attention keeps its softmax probabilities; LoRA dropout keeps a bool mask (tunelab's integer masks) or
+    nn.Dropout's fp32 noise."""
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tunelab.train.attention import padding_free_attention
+    from tunelab.train.attention import padding_free_attention, saved_probabilities
     from tunelab.train.collate import PaddingFreeCollator
     from tunelab.train.methods import peft_config
 
@@ -205,9 +206,11 @@ def test_padding_free_formula_matches_what_autograd_saves(wide_model_dir, intege
     with padding_free_attention(model):
         measured = _saved_for_backward(model, batch, True)
     work = Workload(method="lora", tokens=sum(lengths), attention_span=0, target_tokens=sum(lengths),
-                    compute_bytes=2, chunked_loss=False, dropout_mask_bytes=1 if integer_masks else 4)
+                    compute_bytes=2, chunked_loss=False, dropout_mask_bytes=1 if integer_masks else 4,
+                    attention_probs=sum(saved_probabilities(n, "cpu") for n in lengths))
     predicted = activation_bytes(shape, work) + weight_copy_bytes(shape, work) + FP32 * work.tokens * shape.vocab
-    assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
+    # measured: 0.1% off with integer masks, 4.4% with nn.Dropout; without the probabilities term 7.8% under
+    assert abs(predicted - measured) / measured < 0.06, (predicted, measured)
 
 
 def _write_config(tiny_config, path: Path) -> Path:

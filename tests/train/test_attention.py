@@ -36,7 +36,8 @@ def test_matches_block_diagonal_sdpa_in_float32(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.train()  # dropout is 0 in the config: the comparison stays deterministic
-    ids, positions = _row([5, 17, 1, 9, 30, 300], model.config.vocab_size)  # 300: past SHORT_EXAMPLE, SDPA's path
+    # 200: two query blocks; 600: past SHORT_EXAMPLE, SDPA's path
+    ids, positions = _row([5, 17, 1, 9, 30, 200, 600], model.config.vocab_size)
 
     stock_logits, stock_grads = _loss_and_grads(model, ids, positions)
     with padding_free_attention(model):
@@ -70,6 +71,25 @@ def test_bfloat16_is_as_close_to_float32_as_stock_sdpa(tiny_model_dir):
     worse = [name for name, grad in exact_grads.items()
              if _relative_error(ours_grads[name], grad) > 1.25 * _relative_error(stock_grads[name], grad)]
     assert len(worse) <= len(exact_grads) // 10, worse
+
+
+def test_under_autocast_as_tunelab_trains_on_cpu(tiny_model_dir):
+    """float32 weights, bf16 autocast: RoPE hands float32 q/k beside a bf16 v, and backward runs outside the
+    autocast region; the result stays as close to float32 as stock SDPA's under the same autocast."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model.train()
+    ids, positions = _row([7, 40, 3, 90], model.config.vocab_size)
+    exact_logits, _ = _loss_and_grads(model, ids, positions)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stock_logits, stock_grads = _loss_and_grads(model, ids, positions)
+        with padding_free_attention(model):
+            ours_logits, ours_grads = _loss_and_grads(model, ids, positions)
+    assert stock_grads.keys() == ours_grads.keys()
+    assert _relative_error(ours_logits, exact_logits) < 1.05 * _relative_error(stock_logits, exact_logits)
+    for name, grad in stock_grads.items():
+        assert _relative_error(ours_grads[name], grad) < 0.05, name
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

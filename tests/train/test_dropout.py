@@ -87,3 +87,4 @@ def test_any_shape_gets_a_mask_of_its_own_size():
         out = KeepMaskDropout(0.5).train()(x)
         assert out.shape == x.shape
         assert set(out.unique().tolist()) <= {0.0, 2.0}
+

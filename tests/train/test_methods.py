@@ -128,3 +128,35 @@ def test_loraplus_steps_the_b_matrices_ratio_times_further(ratio, tiny_config):
     layers = lora_layers(result.model)
     largest_b = max(layer.lora_B["default"].weight.abs().max().item() for layer in layers)
     assert largest_b == pytest.approx(lr * (ratio or 1.0), rel=1e-3)
+
+
+def test_adapter_input_cast_is_skipped_under_autocast_and_changes_nothing(tiny_config, tiny_model_dir):
+    """build_trainable switches off PEFT's cast of each adapter input to float32 when bf16 autocast runs over
+    float32 weights (the adapter's matmul casts it back); the loss and every gradient stay bit-identical."""
+    from tunelab.models import Precision
+    from tunelab.train.methods import build_trainable
+
+    tiny_config.train.integer_dropout_masks = False
+    tiny_config.method.dropout = 0.0  # no random masks: the two passes must agree bit for bit
+    autocast = Precision("cpu", torch.bfloat16, torch.float32)
+    model = build_trainable(tiny_config, tiny_model_dir, autocast).train()
+    lora_layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert lora_layers and not any(m.cast_input_dtype_enabled for m in lora_layers)
+    ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    skipped_loss, skipped_grads = loss_and_grads()
+    for m in lora_layers:
+        m.cast_input_dtype_enabled = True
+    cast_loss, cast_grads = loss_and_grads()
+    assert torch.equal(skipped_loss, cast_loss)
+    assert all(torch.equal(skipped_grads[n], g) for n, g in cast_grads.items())
+
+    float32 = build_trainable(tiny_config, tiny_model_dir, Precision("cpu", None, torch.float32))
+    assert all(m.cast_input_dtype_enabled for m in float32.modules() if hasattr(m, "cast_input_dtype_enabled"))

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunelab.config import TRL_OBJECTIVES, VIRTUAL_TOKEN_METHODS, RunConfig
-from tunelab.estimate.memory import MemoryBreakdown, ModelShape, Workload, breakdown
+from tunelab.estimate.memory import FP32, MemoryBreakdown, ModelShape, Workload, breakdown
 from tunelab.estimate.prices import CPU_USD_PER_HOUR, PRICES_DATE, PRICES_SOURCE, Accelerator, find_gpu, load_table
 from tunelab.estimate.probe import ProbeResult, baseline_rss_bytes, probe_training
+from tunelab.train.attention import saved_probabilities
 from tunelab.train.policy import TrainingPolicy, planned_world_size, training_policy
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class DataStats:
     steps_per_epoch: int
     peak_tokens: int  # tokens in the largest forward pass
     attention_span: int
+    attention_probs: int  # softmax probabilities per head a layer keeps in the largest step (CPU attention)
     peak_targets: int
     max_length: int
 
@@ -157,7 +159,7 @@ def workload(cfg: RunConfig, policy: TrainingPolicy, stats: DataStats) -> Worklo
     """What one worker's largest training step computes, the way `policy` trains it."""
     return Workload(
         method=cfg.method.type, tokens=stats.peak_tokens, attention_span=stats.attention_span,
-        target_tokens=stats.peak_targets, compute_bytes=4 if policy.autocast_dtype is None else 2,
+        attention_probs=stats.attention_probs, target_tokens=stats.peak_targets, compute_bytes=4 if policy.autocast_dtype is None else 2,
         gradient_checkpointing=cfg.train.gradient_checkpointing, chunked_loss=not policy.full_logits,
         dropout_mask_bytes=_dropout_mask_bytes(cfg),
     )
@@ -167,7 +169,7 @@ def _dropout_mask_bytes(cfg: RunConfig) -> int:
     """Bytes a LoRA dropout keeps per element for backward (tunelab.train.dropout: a bool mask)."""
     if cfg.method.dropout == 0:
         return 0
-    return 1 if cfg.train.integer_dropout_masks and cfg.method.type in ("lora", "qlora") else 4
+    return 1 if cfg.train.integer_dropout_masks and cfg.method.type in ("lora", "qlora") else FP32
 
 
 def _data_stats(cfg: RunConfig, tokenizer: Any, notes: list[str],
@@ -204,11 +206,12 @@ def _data_stats(cfg: RunConfig, tokenizer: Any, notes: list[str],
         peak_tokens = min(b, len(lengths)) * max(lengths)
     # Per-example attention (tunelab.train.attention): each example attends on its own, no mask is built.
     span = 0 if policy.per_example_attention else max(lengths)
+    probs = sum(saved_probabilities(lengths[k], policy.device) for k in longest) if policy.per_example_attention else 0
     per_step = b * cfg.train.gradient_accumulation_steps
     stats = DataStats(
         examples=len(lengths), tokens=sum(lengths), padded_tokens=_padded_tokens(lengths, b, cfg.train.seed),
         steps_per_epoch=max(1, math.ceil(len(lengths) / per_step)), peak_tokens=peak_tokens, attention_span=span,
-        peak_targets=sum(targets[k] for k in longest), max_length=max(lengths),
+        attention_probs=probs,        peak_targets=sum(targets[k] for k in longest), max_length=max(lengths),
     )
     return records, stats
 

@@ -51,6 +51,7 @@ class Workload:
     attention_span: int  # keys each query's mask row covers: the padded row length; 0 when padding-free (no mask)
     target_tokens: int  # positions with a label (the chunked loss projects only these onto the vocabulary)
     compute_bytes: int  # 2 under bf16/fp16 autocast, 4 in float32
+    attention_probs: int = 0  # softmax probabilities per head a layer keeps (tunelab's CPU attention), whole step
     gradient_checkpointing: bool = False
     chunked_loss: bool = True
     dropout_mask_bytes: int = FP32  # what each LoRA dropout keeps per element: 1 (bool mask), 4 (float noise), 0 (none)
@@ -104,8 +105,8 @@ def layer_activation_bytes(shape: ModelShape, work: Workload) -> int:
     with a padding or block mask transformers repeats them instead of using grouped-query attention); the
     gate output, its SiLU and the up output saved by SiLU and the product; each LoRA branch's dropout mask
     (same shape as its input: bool with tunelab's integer masks, else nn.Dropout's fp32 noise) and its input
-    cast to compute precision; and the attention mask cast to compute precision, one row of `attention_span`
-    per query."""
+    cast to compute precision; the attention mask cast to compute precision, one row of `attention_span`
+    per query; and the softmax probabilities tunelab's CPU attention keeps for short examples."""
     h, i, a = shape.hidden, shape.intermediate, work.compute_bytes
     # bitsandbytes' 4-bit matmul returns the input's dtype (fp32), where autocast's Linear returns bf16.
     linear_out = FP32 if work.method == "qlora" else a
@@ -120,7 +121,7 @@ def layer_activation_bytes(shape: ModelShape, work: Workload) -> int:
     elif work.method in ("lora", "qlora"):
         branch = work.dropout_mask_bytes + a
         per_token += branch * shape.adapted_inputs
-    return per_token * work.tokens
+    return per_token * work.tokens + a * shape.heads * work.attention_probs
 
 
 def activation_bytes(shape: ModelShape, work: Workload) -> int:

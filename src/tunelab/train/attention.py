@@ -9,12 +9,12 @@ of 8 chat examples (545 tokens) takes 14 ms per layer for attention forward + ba
 
 On CPU, short examples (up to SHORT_EXAMPLE tokens, most chat rows) skip SDPA altogether: its CPU flash kernel
 works in small blocks and its backward was 19% of a training step in a profile. `ShortCausalAttention` does
-the textbook computation in batched matmuls (scores, probabilities x values; in backward the four
-gradients): scores and softmax in float32 (as the flash kernel accumulates; bf16 scores, HF eager attention's
-numerics, were 3x further from a float32 reference), the probabilities kept for backward in the compute dtype
-(2 bytes x heads x n^2 a layer). Forward + backward of one 137-token example, 9 heads, bf16: 1.2 ms instead of
-2.9 (64 tokens: 0.6 vs 1.1); at ~300 tokens the two meet and past that the n^2 elementwise work loses, hence
-the cut-off.
+the textbook computation in batched matmuls over blocks of 128 queries (scores, probabilities x values; in
+backward the four gradients): scores and softmax in float32 (as the flash kernel accumulates; bf16 scores, HF
+eager attention's numerics, were 3x further from a float32 reference), the probabilities kept for backward in
+the compute dtype (~heads x n^2 bytes a layer: the reason for the cut-off). Forward + backward, 9 heads, bf16,
+against the flash kernel: 64 tokens 0.6 ms vs 1.1, 137: 1.2 vs 2.9, 256: 3.8 vs 5.6, 600: 13.5 vs 21.9,
+1024: 31 vs 40; at 2048 the kernel wins.
 
 Only active while tunelab trains padding-free (`padding_free_attention`), where every batch the model sees
 is such a row; the attention implementation is restored afterwards, so evaluation, generation and saved
@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 NAME = "tunelab_padding_free"
-SHORT_EXAMPLE = 256  # tokens: up to this, CPU attention uses ShortCausalAttention (n^2 memory, faster)
+SHORT_EXAMPLE = 512  # tokens: up to this, CPU attention uses ShortCausalAttention (n^2/2 memory, faster)
+QUERY_BLOCK = 128
 _last_lengths: tuple[torch.Tensor, list[int]] | None = None  # every layer of one forward gets the same tensor
 
 
@@ -64,6 +65,11 @@ def padding_free_attention_forward(module: torch.nn.Module, query: torch.Tensor,
     p = dropout if module.training else 0.0
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     textbook = query.device.type == "cpu" and p == 0.0
+    if textbook and torch.is_autocast_enabled("cpu"):
+        # SDPA is on autocast's lower-precision list, the textbook path must cast alike (RoPE hands over float32
+        # q/k beside a bf16 v); its own ops then run with autocast off, each in the dtype it names.
+        dtype = torch.get_autocast_dtype("cpu")
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     parts = [ShortCausalAttention.apply(q[0], k[0], v[0], scale)[None]
              if textbook and n <= SHORT_EXAMPLE else
              F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scale)
@@ -73,38 +79,66 @@ def padding_free_attention_forward(module: torch.nn.Module, query: torch.Tensor,
 
 
 class ShortCausalAttention(torch.autograd.Function):
-    """softmax(scale * q k^T + causal mask) v for one example, q/k/v [heads, n, d] of one dtype."""
+    """softmax(scale * q k^T + causal mask) v for one example, q/k/v [heads, n, d] of one dtype.
+
+    Queries go in blocks of QUERY_BLOCK rows, each against the keys up to its last row: the masked upper
+    triangle is skipped except on the diagonal blocks, and each block's n-wide float32 rows stay small."""
 
     @staticmethod
+    @torch.autocast("cpu", enabled=False)
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        n = q.shape[1]
-        mask = _causal_bias(n, q.device).expand(q.shape[0], n, n)
-        scores = torch.baddbmm(mask, q.float(), k.float().transpose(1, 2), alpha=scale)
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        out = torch.bmm(probs, v)
-        ctx.save_for_backward(q, k, v, probs, out)
+        q32, k32 = q.float(), k.float()
+        outs, probs = [], []
+        for start, end in _blocks(q.shape[1]):
+            scores = torch.bmm(q32[:, start:end], k32[:, :end].transpose(1, 2)).mul_(scale)
+            scores[:, :, start:end] += _causal_bias(end - start, q.device)
+            block = torch.softmax(scores, dim=-1).to(q.dtype)
+            outs.append(torch.bmm(block, v[:, :end]))
+            probs.append(block)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        ctx.save_for_backward(q, k, v, out, *probs)
         ctx.scale = scale
         return out
 
     @staticmethod
+    @torch.autocast("cpu", enabled=False)
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
-        q, k, v, probs, out = ctx.saved_tensors
+        q, k, v, out, *probs = ctx.saved_tensors
         grad_out = grad_out.to(q.dtype)
-        grad_v = torch.bmm(probs.transpose(1, 2), grad_out)
-        grad_probs = torch.bmm(grad_out, v.transpose(1, 2)).float()
+        grad_q = torch.empty_like(q)
+        grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)  # summed over query blocks
+        grad_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         # softmax backward: dS = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O)
         row = (grad_out.float() * out.float()).sum(-1, keepdim=True)
-        grad_scores = probs.float().mul_(grad_probs.sub_(row)).mul_(ctx.scale).to(q.dtype)
-        return torch.bmm(grad_scores, k), torch.bmm(grad_scores.transpose(1, 2), q), grad_v, None
+        for (start, end), block in zip(_blocks(q.shape[1]), probs):
+            grad_block = grad_out[:, start:end]
+            grad_v[:, :end] += torch.bmm(block.transpose(1, 2), grad_block)
+            grad_probs = torch.bmm(grad_block, v[:, :end].transpose(1, 2)).float()
+            grad_scores = block.float().mul_(grad_probs.sub_(row[:, start:end])).mul_(ctx.scale).to(q.dtype)
+            grad_q[:, start:end] = torch.bmm(grad_scores, k[:, :end])
+            grad_k[:, :end] += torch.bmm(grad_scores.transpose(1, 2), q[:, start:end])
+        return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None
+
+
+def saved_probabilities(n: int, device: str) -> int:
+    """Softmax probabilities per head and layer that training keeps for an n-token example's backward:
+    ShortCausalAttention's blocks on CPU, none where SDPA runs (it recomputes them)."""
+    if device != "cpu" or n > SHORT_EXAMPLE:
+        return 0
+    return sum((end - start) * end for start, end in _blocks(n))
+
+
+def _blocks(n: int) -> list[tuple[int, int]]:
+    return [(start, min(start + QUERY_BLOCK, n)) for start in range(0, n, QUERY_BLOCK)]
 
 
 _biases: dict[torch.device, torch.Tensor] = {}
 
 
 def _causal_bias(n: int, device: torch.device) -> torch.Tensor:
-    """[n, n] view of one cached SHORT_EXAMPLE-square float32 mask: 0 on and below the diagonal, -inf above."""
+    """[n, n] view of one cached QUERY_BLOCK-square float32 mask: 0 on and below the diagonal, -inf above."""
     if device not in _biases:
-        _biases[device] = torch.full((SHORT_EXAMPLE, SHORT_EXAMPLE), float("-inf"), device=device).triu(1)
+        _biases[device] = torch.full((QUERY_BLOCK, QUERY_BLOCK), float("-inf"), device=device).triu(1)
     return _biases[device][:n, :n]
 
 
