@@ -153,6 +153,11 @@ class TrainConfig(Section):
         description="LoRA dropout draws its masks from random integers instead of bernoulli_ (the same "
         "distribution, cheaper: tunelab.train.dropout); false keeps PEFT's nn.Dropout.",
     )
+    lean_lora_forward: bool = Field(
+        True,
+        description="On CPU, LoRA layers move the dropout and adapter scaling onto the rank-r tensor and fold the "
+        "add into B's matmul (the same function, fewer passes: tunelab.train.lora_forward); false keeps PEFT's.",
+    )
 
     @model_validator(mode="after")
     def _early_stopping_needs_evals(self) -> TrainConfig:

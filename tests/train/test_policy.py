@@ -20,6 +20,7 @@ METHODS = get_args(MethodConfig.model_fields["type"].annotation)
 OBJECTIVES = get_args(ObjectiveConfig.model_fields["type"].annotation)
 CPU = Precision("cpu", None, torch.float32)
 STATS = DataStats(examples=8, tokens=400, padded_tokens=480, steps_per_epoch=1, peak_tokens=480, attention_span=60,
+                  attention_probs=0,
                   peak_targets=40, max_length=60)
 
 

@@ -60,10 +60,16 @@ class KeepMaskDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
+        keep, scale = self.keep_mask(x)
+        return _ApplyKeepMask.apply(x, keep, scale)
+
+    def keep_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """A fresh bool mask shaped like `x` and the scale for the kept values (for callers that move the scale
+        onto a smaller tensor, as tunelab.train.lora_forward does)."""
         if x.device.type == "cpu":
-            return _ApplyKeepMask.apply(x, self._host_mask(x.shape), 1.0 / (1.0 - self.host_p))
+            return self._host_mask(x.shape), 1.0 / (1.0 - self.host_p)
         keep = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_() >= self.device_threshold
-        return _ApplyKeepMask.apply(x, keep, 1.0 / (1.0 - self.p))
+        return keep, 1.0 / (1.0 - self.p)
 
     def _host_mask(self, shape: torch.Size) -> torch.Tensor:
         n = shape.numel()

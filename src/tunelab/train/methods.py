@@ -108,16 +108,19 @@ def build_trainable(cfg: RunConfig, base_folder: Path, precision: Precision, tok
 
 
 def _fast_adapters(cfg: RunConfig, precision: Precision, model: Any) -> Any:
-    """Two changes to PEFT's adapter forward that leave the method as it is.
+    """Three changes to PEFT's adapter forward that leave the method as it is.
 
     - PEFT casts each adapter's input to the adapter weights' dtype (float32); under autocast the adapter's
       matmul casts it straight back to bf16, so a bf16 input (o_proj's, down_proj's) makes two full copies for
       nothing (and its dropout runs on 4-byte values). With float32 base weights every input outside autocast is
       float32 already, so the cast is never needed: switched off (the same loss to the last bit, 4% faster).
-    - LoRA dropout masks from random integers (tunelab.train.dropout)."""
+    - LoRA dropout masks from random integers (tunelab.train.dropout).
+    - On CPU, the scalars and the add of each adapter branch moved onto its rank-r tensor and B's matmul
+      (tunelab.train.lora_forward)."""
     import torch
 
-    if cfg.method.type == "lora" and precision.autocast_dtype is not None and precision.weights_dtype == torch.float32:
+    autocast_over_fp32 = precision.autocast_dtype is not None and precision.weights_dtype == torch.float32
+    if cfg.method.type == "lora" and autocast_over_fp32:
         for module in model.modules():
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = False
@@ -125,6 +128,10 @@ def _fast_adapters(cfg: RunConfig, precision: Precision, model: Any) -> Any:
         from tunelab.train.dropout import use_keep_mask_dropout
 
         use_keep_mask_dropout(model)
+    if cfg.train.lean_lora_forward and cfg.method.type == "lora" and autocast_over_fp32 and precision.device == "cpu":
+        from tunelab.train.lora_forward import use_lean_lora_forward
+
+        use_lean_lora_forward(model)
     return model
 
 
