@@ -140,8 +140,8 @@ class TrainConfig(Section):
         True,
         description="Each batch goes in as one row, examples end to end with position ids restarting per example "
         "(attention stays within each example): no padding, the same examples per step. sft/cpt with LoRA, QLoRA, "
-        "IA3 or full, and dpo/kto (the chosen and rejected sequences of a batch in one row); off with NEFTune (its "
-        "noise scales with the row length).",
+        "IA3 or full, and dpo/kto/orpo/simpo (the chosen and rejected sequences of a batch in one row); off with "
+        "NEFTune (its noise scales with the row length).",
     )
     chunked_loss: bool = Field(
         True,

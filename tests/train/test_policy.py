@@ -57,7 +57,7 @@ def test_the_estimator_plans_what_the_trainer_does(method, objective, world_size
     assert estimator == trainer
 
     own_batches = objective in ("sft", "cpt") and method not in ("prompt_tuning", "prefix_tuning")
-    packed_pairs = objective in ("dpo", "kto") and method not in ("prompt_tuning", "prefix_tuning")
+    packed_pairs = objective in ("dpo", "kto", "orpo", "simpo") and method not in ("prompt_tuning", "prefix_tuning")
     assert trainer.padding_free == trainer.per_example_attention == (own_batches or packed_pairs)
     assert trainer.chunked_loss == (own_batches and world_size == 1)
     # The estimate's largest step holds the full-vocabulary logits exactly when the trainer's does.

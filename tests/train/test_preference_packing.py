@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tunelab.chat import IGNORE_INDEX
-from tunelab.train.preference_packing import pack, pack_fused_calls
+from tunelab.train.preference_packing import pack, pack_fused_calls, pack_logits_calls
 
 
 def _padded_batch(lengths: list[int], prompt: int, vocab: int, seed: int = 0):
@@ -89,20 +89,77 @@ def test_calls_packing_does_not_apply_to_go_through_unchanged(tiny_model_dir, ca
     assert torch.equal(getattr(got, field), getattr(want, field))
 
 
-@pytest.mark.parametrize("objective", ["dpo", "kto"])
-def test_dpo_and_kto_training_steps_go_in_padding_free(tmp_path, tiny_model_dir, objective, monkeypatch):
+def _plain_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+
+
+def test_packed_logits_call_equals_the_padded_call_at_real_tokens_and_in_gradients(tiny_model_dir):
+    """ORPO/SimPO's call: model(input_ids, attention_mask=mask, use_cache=False) -> full logits."""
+    padded, packed = _plain_model(tiny_model_dir), _plain_model(tiny_model_dir)
+    pack_logits_calls(packed)
+    pack_logits_calls(packed)  # a second call must not wrap twice
+    ids, mask, _ = _padded_batch([9, 4, 17, 6, 12, 17], prompt=3, vocab=padded.config.vocab_size)
+    seen = []
+    packed.get_input_embeddings().register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    upstream = torch.randn(*ids.shape, padded.config.vocab_size, generator=torch.Generator().manual_seed(1))
+    upstream = upstream * mask[..., None]  # TRL's losses read real positions only (labels -100 elsewhere)
+    results = []
+    for model in (padded, packed):
+        model.zero_grad()
+        logits = model(ids, attention_mask=mask, use_cache=False).logits
+        (logits * upstream).sum().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (want, want_grads), (got, got_grads) = results
+    assert seen == [(1, int(mask.sum()))]  # one row of the real tokens went in
+    assert got.shape == want.shape
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-4)
+    assert (got[~real] == 0).all()
+    assert want_grads.keys() == got_grads.keys()
+    for name, grad in want_grads.items():  # summed over 25k logits: compare as a whole, float32 sum order
+        assert float((got_grads[name] - grad).norm() / grad.norm()) < 1e-5, name
+    assert packed.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("case", ["left padding", "one row", "with labels"])
+def test_logits_calls_packing_does_not_apply_to_go_through_unchanged(tiny_model_dir, case):
+    padded, packed = _plain_model(tiny_model_dir), _plain_model(tiny_model_dir)
+    pack_logits_calls(packed)
+    ids, mask, labels = _padded_batch([9, 4, 12], prompt=2, vocab=padded.config.vocab_size)
+    if case == "left padding":
+        ids, mask = ids.flip(1), mask.flip(1)
+    if case == "one row":
+        ids, mask = ids[:1], mask[:1]
+    kwargs = {"labels": labels} if case == "with labels" else {}
+    with torch.no_grad():
+        want = padded(ids, attention_mask=mask, **kwargs).logits
+        got = packed(ids, attention_mask=mask, **kwargs).logits
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto", "orpo", "simpo"])
+def test_preference_training_steps_go_in_padding_free(tmp_path, tiny_model_dir, objective, monkeypatch):
     from tests.train.test_preference import kto_rows, make_config, preference_rows
     from tunelab import pipeline
     from tunelab.train import preference_packing
 
     packed_calls = []
-    real_pack = preference_packing.pack
+    real_pack, real_attention = preference_packing.pack, preference_packing.padding_free_attention
 
     def counting_pack(*args):
         packed_calls.append(args[0].shape)
         return real_pack(*args)
 
+    def counting_attention(model):  # ORPO/SimPO's logits calls pack without `pack`: count the row instead
+        if objective in ("orpo", "simpo"):
+            packed_calls.append((2,))
+        return real_attention(model)
+
     monkeypatch.setattr(preference_packing, "pack", counting_pack)
+    monkeypatch.setattr(preference_packing, "padding_free_attention", counting_attention)
     rows = kto_rows(16) if objective == "kto" else preference_rows(16)
     cfg = make_config(tmp_path, tiny_model_dir, objective, rows)
     cfg.train.max_steps = 2

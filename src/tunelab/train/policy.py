@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from tunelab.config import TRL_OBJECTIVES, VIRTUAL_TOKEN_METHODS, RunConfig
 
-PACKED_PREFERENCE = ("dpo", "kto")  # TRL trainers whose fused-LM-head calls tunelab packs
+PACKED_PREFERENCE = ("dpo", "kto", "orpo", "simpo")  # TRL trainers whose model calls tunelab packs
 
 if TYPE_CHECKING:
     import torch
@@ -48,7 +48,7 @@ def training_policy(cfg: RunConfig, precision: Precision, world_size: int = 1,
     # neither the positions nor the decoder's inputs are the batch's own.
     own_batches = cfg.objective.type not in TRL_OBJECTIVES and cfg.method.type not in VIRTUAL_TOKEN_METHODS
     # NEFTune's noise scale depends on the row length, which a padding-free row would change.
-    # DPO and KTO: TRL's trainers pad, tunelab packs their fused-head calls (train/preference_packing.py).
+    # DPO, KTO, ORPO, SimPO: TRL's trainers pad, tunelab packs their model calls (train/preference_packing.py).
     packed_pairs = cfg.objective.type in PACKED_PREFERENCE and cfg.method.type not in VIRTUAL_TOKEN_METHODS
     padding_free = t.padding_free and (own_batches or packed_pairs) and t.neftune_noise_alpha is None
     # The chunked loss calls the decoder outside the DistributedDataParallel wrapper, whose forward is what

@@ -24,7 +24,7 @@ from tunelab.train.args import training_kwargs
 from tunelab.train.callbacks import MetricsCallback
 from tunelab.train.methods import build_trainable, count_parameters, training_inputs
 from tunelab.train.policy import training_policy
-from tunelab.train.preference_packing import PaddingFreePreference
+from tunelab.train.preference_packing import PaddingFreeLogits, PaddingFreePreference
 from tunelab.train.sft import TrainResult, _resume_point, save_trained
 from tunelab.train.trainer import (
     StopOnNonFiniteLoss,
@@ -111,7 +111,8 @@ def make_trainer(cfg: RunConfig, run: RunPaths, model: Any, tokenizer: Any, trai
         # SimPO is CPO's loss with a length-normalized reward and no NLL term (cpo_alpha=0), per the paper.
         options = {"beta": o.beta, "loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": o.simpo_gamma}
     if policy.padding_free:
-        Trainer = type(f"PaddingFree{Trainer.__name__}", (PaddingFreePreference, Trainer), {})
+        mixin = PaddingFreeLogits if objective in ("orpo", "simpo") else PaddingFreePreference
+        Trainer = type(f"PaddingFree{Trainer.__name__}", (mixin, Trainer), {})
     return with_atomic_checkpoints(Trainer)(
         model=model, args=Config(**common, **options), train_dataset=HFDataset.from_list(train_rows),
         processing_class=tokenizer, callbacks=callbacks, **extra,

@@ -1,4 +1,4 @@
-"""Padding-free preference batches: TRL's DPO and KTO forwards, run on one row without padding.
+"""Padding-free preference batches: TRL's DPO, KTO, ORPO and SimPO forwards, run on one row without padding.
 
 TRL 1.16 pads every sequence of a preference batch (prompt + chosen and prompt + rejected of each pair) to the
 longest, and its own `padding_free` option for DPO is switched off ("temporarily unavailable"). With long-tailed
@@ -10,6 +10,12 @@ tokens of the right-padded batch go in as one row with position ids restarting p
 per-example attention, train/attention.py, keeps sequences apart), and every per-token output is scattered back
 to the padded layout TRL expects, zero where there was padding, as TRL's own output is where the label is
 -100. Losses, rewards and metrics are then TRL's own, computed on the same numbers.
+
+ORPO and SimPO (TRL's experimental ORPOTrainer and CPOTrainer) call `model(input_ids, attention_mask=...)` for
+full logits. `pack_logits_calls` runs such a call on one row as well and scatters the logits back to
+[batch, width, vocab], zero at padding. TRL reads logits at padding only through labels of -100 (ignored),
+so losses and rewards are unchanged; its logged `logits/chosen` and `logits/rejected` means, taken over the
+padded tensor, count zeros where TRL's would count the model's logits on pad tokens.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from tunelab.train.attention import padding_free_attention
 
 PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
 _MARK = "_tunelab_packed_forward"
+_LOGITS_MARK = "_tunelab_packed_logits_forward"
+_UNPACKABLE = ("labels", "position_ids", "inputs_embeds", "past_key_values", "shift_labels")
 
 
 def pack_fused_calls(model: Any) -> None:
@@ -52,6 +60,38 @@ def pack_fused_calls(model: Any) -> None:
 
     model.forward = types.MethodType(forward, model)
     setattr(model, _MARK, True)
+
+
+def pack_logits_calls(model: Any) -> None:
+    """Make `model`'s full-logits calls `model(input_ids, attention_mask=mask, ...)` padding-free (once).
+
+    Calls with labels, position ids, embeddings, a cache, one row or a mask that is not right padding go
+    through unchanged."""
+    if getattr(model, _LOGITS_MARK, False):
+        return
+    plain = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        input_ids = args[0] if len(args) == 1 else kwargs.get("input_ids")
+        mask = kwargs.get("attention_mask")
+        if (len(args) > 1 or (args and "input_ids" in kwargs) or input_ids is None or mask is None
+                or kwargs.get("fused_lm_head") or any(kwargs.get(k) is not None for k in _UNPACKABLE)
+                or input_ids.shape[0] == 1 or not _right_padded(mask)):
+            return plain(*args, **kwargs)
+        keep = mask.bool()
+        lengths = keep.sum(dim=1).tolist()
+        positions = torch.cat([torch.arange(n, device=input_ids.device) for n in lengths])[None, :]
+        rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask")}
+        with padding_free_attention(self):
+            out = plain(input_ids=input_ids[keep][None, :], position_ids=positions, **rest)
+        logits = out.logits
+        padded = logits.new_zeros((*input_ids.shape, logits.shape[-1]))
+        out.logits = padded.masked_scatter_(keep[..., None], logits[0])
+        return out
+
+    model.forward = types.MethodType(forward, model)
+    setattr(model, _LOGITS_MARK, True)
 
 
 def _right_padded(mask: torch.Tensor) -> bool:
@@ -88,6 +128,15 @@ def unpack(out: Any, keep: torch.Tensor) -> Any:
         if value is not None:
             setattr(out, name, value.new_zeros(keep.shape).masked_scatter(keep, value[0][inside]))
     return out
+
+
+class PaddingFreeLogits:
+    """Mixin for TRL's experimental ORPOTrainer and CPOTrainer (SimPO): their full-logits calls go padding-free."""
+
+    def compute_loss(self, *args: Any, **kwargs: Any) -> Any:
+        model = self.accelerator.unwrap_model(self.model)  # type: ignore[attr-defined]
+        pack_logits_calls(model.get_base_model() if hasattr(model, "get_base_model") else model)
+        return super().compute_loss(*args, **kwargs)  # type: ignore[misc]
 
 
 class PaddingFreePreference:
