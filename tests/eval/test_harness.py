@@ -40,7 +40,7 @@ def trained_once(tmp_path_factory, tiny_model_dir):
         "data": {"train": str(write_jsonl(folder / "train.jsonl", animal_rows(48))),
                  "test": str(write_jsonl(folder / "test.jsonl", animal_rows(8, seed=1, start=1000))),
                  "val_fraction": 0.1},
-        "train": {"learning_rate": 1e-2, "max_steps": 24, "batch_size": 8, "warmup_ratio": 0.0},
+        "train": {"learning_rate": 1e-2, "max_steps": 24, "batch_size": 8, "warmup_ratio": 0.0, "seed": 1},
         "eval": {"systems": ["base", "tuned"], "suites": [{"metrics": ["exact_match"], "max_examples": 2}],
                  "max_new_tokens": 6, "batch_size": 4, "forgetting": False},
         "track": {"enabled": False},
