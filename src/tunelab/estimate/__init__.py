@@ -159,7 +159,8 @@ def workload(cfg: RunConfig, policy: TrainingPolicy, stats: DataStats) -> Worklo
     """What one worker's largest training step computes, the way `policy` trains it."""
     return Workload(
         method=cfg.method.type, tokens=stats.peak_tokens, attention_span=stats.attention_span,
-        attention_probs=stats.attention_probs, target_tokens=stats.peak_targets, compute_bytes=4 if policy.autocast_dtype is None else 2,
+        attention_probs=stats.attention_probs, target_tokens=stats.peak_targets,
+        compute_bytes=4 if policy.autocast_dtype is None else 2,
         gradient_checkpointing=cfg.train.gradient_checkpointing, chunked_loss=not policy.full_logits,
         dropout_mask_bytes=_dropout_mask_bytes(cfg),
     )
@@ -211,7 +212,7 @@ def _data_stats(cfg: RunConfig, tokenizer: Any, notes: list[str],
     stats = DataStats(
         examples=len(lengths), tokens=sum(lengths), padded_tokens=_padded_tokens(lengths, b, cfg.train.seed),
         steps_per_epoch=max(1, math.ceil(len(lengths) / per_step)), peak_tokens=peak_tokens, attention_span=span,
-        attention_probs=probs,        peak_targets=sum(targets[k] for k in longest), max_length=max(lengths),
+        attention_probs=probs, peak_targets=sum(targets[k] for k in longest), max_length=max(lengths),
     )
     return records, stats
 
