@@ -2,6 +2,7 @@
 are not config options (environment variables such as OMP_WAIT_POLICY, torch.compile of the decoder layers).
 
     python bench/step_times.py [--target-tokens 4000] [--epochs 1] [--compile-layers] [--set train.x=y ...]
+    python bench/step_times.py --profile 4 6   # torch.profiler table of steps 4..6 (the ops a step spends on)
     OMP_WAIT_POLICY=PASSIVE python bench/step_times.py
 
 Prints each step's seconds and minor page faults, then the sum over steps 2.. (step 1 holds warm-up) and the
@@ -29,8 +30,11 @@ def main() -> None:
     parser.add_argument("--target-tokens", type=int, default=4000)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--compile-layers", action="store_true", help="torch.compile each decoder layer (dynamic)")
+    parser.add_argument("--bf16-base", action="store_true")
+    parser.add_argument("--profile", type=int, nargs=2, metavar=("FIRST", "LAST"),
+                        help="print torch.profiler's op table over steps FIRST..LAST")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], help="section.key=value")
-    args = parser.parse_args()
+    args = args_ = parser.parse_args()
 
     from transformers import TrainerCallback
 
@@ -46,12 +50,23 @@ def main() -> None:
     class StepTimes(TrainerCallback):
         seconds: list[float] = []
 
-        def on_step_begin(self, *_: Any, **__: Any) -> None:
+        profiler: Any = None
+
+        def on_step_begin(self, args: Any, state: Any, *_: Any, **__: Any) -> None:
+            if args_.profile and state.global_step + 1 == args_.profile[0]:
+                import torch.profiler
+
+                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
+                self.profiler.__enter__()
             self.started, self.faults = time.perf_counter(), faults()
 
         def on_step_end(self, args: Any, state: Any, *_: Any, **__: Any) -> None:
             self.seconds.append(time.perf_counter() - self.started)
             print(f"step {state.global_step}: {self.seconds[-1]:.2f} s, {faults() - self.faults} page faults", flush=True)
+            if self.profiler is not None and state.global_step == args_.profile[1]:
+                self.profiler.__exit__(None, None, None)
+                print(self.profiler.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=60, max_name_column_width=30, max_shapes_column_width=70), flush=True)
+                self.profiler = None
 
     trainer_class, build = sft.TunelabTrainer, sft.build_trainable
 
@@ -65,7 +80,17 @@ def main() -> None:
             layer.compile(dynamic=True)
         return model
 
+    def build_bf16_base(*a: Any, **k: Any) -> Any:
+        import torch
+        model = build(*a, **k)
+        for name, module in model.named_modules():
+            if name.endswith("base_layer") and isinstance(module, torch.nn.Linear):
+                module.weight.data = module.weight.data.to(torch.bfloat16)
+        return model
+
     sft.TunelabTrainer = Timed
+    if args.bf16_base:
+        sft.build_trainable = build_bf16_base
     if args.compile_layers:
         sft.build_trainable = build_compiled
 

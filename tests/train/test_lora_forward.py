@@ -41,7 +41,8 @@ def test_equals_peft_forward_in_float32(tiny_model_dir, dropout):
     torch.testing.assert_close(lean_loss, peft_loss, rtol=1e-6, atol=0)
     assert lean_grads.keys() == peft_grads.keys()
     for name, grad in peft_grads.items():
-        torch.testing.assert_close(lean_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        # gradients of order 1: rounding order moves single elements by a few 1e-6 (a wrong mask or scale: ~0.1)
+        torch.testing.assert_close(lean_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
     other_seed, _ = _loss_and_grads(model, ids, seed=4)
     assert (other_seed != lean_loss) == (dropout > 0)  # the masks are drawn, not fixed
 
@@ -115,3 +116,29 @@ def test_build_trainable_uses_it_on_cpu_autocast_only(tiny_config, tiny_model_di
     tiny_config.train.lean_lora_forward = True
     fp32 = build_trainable(tiny_config, tiny_model_dir, Precision("cpu", None, torch.float32))
     assert not any(hasattr(m, "_tunelab_lean") for m in fp32.modules())
+
+
+def test_kept_low_precision_base_weight_is_exact_and_follows_the_weight(tiny_model_dir):
+    """Under autocast the base weight's bf16 copy is made once and reused: the loss and gradients are bit-identical
+    to casting at every call, the copy stays out of the state dict, and a changed weight gets a new copy."""
+    from tunelab.train.lora_forward import _base_output
+
+    ids = torch.randint(3, 50, (2, 12), generator=torch.Generator().manual_seed(5))
+    model = _lora_model(tiny_model_dir, 0.1)
+    use_lean_lora_forward(model)
+    keys = set(model.state_dict())
+    first = _loss_and_grads(model, ids, autocast=True)
+    kept = [m for n, m in model.named_modules() if n.endswith("base_layer") and "_tunelab_autocast" in m.__dict__]
+    assert len(kept) == sum(1 for n, _ in model.named_modules() if n.endswith("_proj"))
+    again = _loss_and_grads(model, ids, autocast=True)  # now from the kept copies
+    assert torch.equal(first[0], again[0]) and all(torch.equal(first[1][k], again[1][k]) for k in first[1])
+    assert set(model.state_dict()) == keys
+
+    linear = kept[0]
+    x = torch.randn(3, linear.in_features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(_base_output(linear, x), linear(x))  # autocast's own cast, bit for bit
+        with torch.no_grad():
+            linear.weight.mul_(2.0)  # an in-place change (merge, a loaded state dict): the copy must follow
+        assert torch.equal(_base_output(linear, x), linear(x))
+    assert torch.equal(_base_output(linear, x), linear(x))  # outside autocast: the float32 weight itself
