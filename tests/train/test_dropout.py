@@ -88,3 +88,17 @@ def test_any_shape_gets_a_mask_of_its_own_size():
         assert out.shape == x.shape
         assert set(out.unique().tolist()) <= {0.0, 2.0}
 
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_mask_in_a_float_dtype_is_the_bool_mask_as_zeros_and_ones(dtype):
+    dropout = KeepMaskDropout(0.3)
+    x = torch.zeros(37, 11, dtype=dtype)
+    torch.manual_seed(8)
+    keep, scale = dropout.keep_mask(x)
+    torch.manual_seed(8)
+    ones, same_scale = dropout.keep_mask(x, dtype=dtype)
+    assert keep.dtype == torch.bool and ones.dtype == dtype and ones.shape == keep.shape == x.shape
+    assert scale == same_scale
+    assert torch.equal(ones, keep.to(dtype))  # exactly 0.0 and 1.0, at the same places
+    assert 0.2 < 1 - keep.float().mean() < 0.4

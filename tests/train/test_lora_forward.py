@@ -142,3 +142,36 @@ def test_kept_low_precision_base_weight_is_exact_and_follows_the_weight(tiny_mod
             linear.weight.mul_(2.0)  # an in-place change (merge, a loaded state dict): the copy must follow
         assert torch.equal(_base_output(linear, x), linear(x))
     assert torch.equal(_base_output(linear, x), linear(x))  # outside autocast: the float32 weight itself
+
+
+def test_siblings_cast_their_shared_input_once_with_the_same_result(tiny_model_dir, monkeypatch):
+    """q/k/v (and gate/up) read one float32 input: under autocast it is cast to bf16 once for all of them. The
+    forward is bit-identical to each layer casting for itself, and the gradients differ only by the order of
+    float32 additions (each user's gradient still reaches the input through its own float32 sum)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tunelab.train import lora_forward
+
+    class CountInputCasts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32 and args[0].dim() == 3:
+                self.count += 1  # [batch, tokens, features] activations cast down, not weights
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.randint(3, 50, (2, 12), generator=torch.Generator().manual_seed(6))
+    model = _lora_model(tiny_model_dir, 0.1)
+    use_lean_lora_forward(model)
+    layers = model.config.num_hidden_layers
+    with CountInputCasts() as shared:
+        shared_loss, shared_grads = _loss_and_grads(model, ids, autocast=True)
+    monkeypatch.setattr(lora_forward._SharedCasts, "get", lambda self, x, dtype, slot: (x, x))
+    with CountInputCasts() as each:
+        each_loss, each_grads = _loss_and_grads(model, ids, autocast=True)
+    # each layer: q/k/v and gate/up cast the input for the base matmul and again for the adapter (10 casts);
+    # shared: one cast for the attention's input, one for the MLP's (other casts, e.g. the head's, are common)
+    assert each.count - shared.count == 8 * layers
+    assert torch.equal(shared_loss, each_loss)
+    for name, grad in each_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -162,15 +162,20 @@ def workload(cfg: RunConfig, policy: TrainingPolicy, stats: DataStats) -> Worklo
         attention_probs=stats.attention_probs, target_tokens=stats.peak_targets,
         compute_bytes=4 if policy.autocast_dtype is None else 2,
         gradient_checkpointing=cfg.train.gradient_checkpointing, chunked_loss=not policy.full_logits,
-        dropout_mask_bytes=_dropout_mask_bytes(cfg),
+        dropout_mask_bytes=_dropout_mask_bytes(cfg, policy),
     )
 
 
-def _dropout_mask_bytes(cfg: RunConfig) -> int:
-    """Bytes a LoRA dropout keeps per element for backward (tunelab.train.dropout: a bool mask)."""
+def _dropout_mask_bytes(cfg: RunConfig, policy: TrainingPolicy) -> int:
+    """Bytes a LoRA dropout keeps per element for backward (tunelab.train.dropout: a bool mask; the lean CPU
+    LoRA forward keeps it as 0/1 in the compute dtype, tunelab.train.lora_forward)."""
     if cfg.method.dropout == 0:
         return 0
-    return 1 if cfg.train.integer_dropout_masks and cfg.method.type in ("lora", "qlora") else FP32
+    if not (cfg.train.integer_dropout_masks and cfg.method.type in ("lora", "qlora")):
+        return FP32
+    lean = (cfg.train.lean_lora_forward and cfg.method.type == "lora" and not cfg.method.use_dora
+            and policy.device == "cpu" and policy.autocast_dtype is not None)
+    return policy.autocast_dtype.itemsize if lean and policy.autocast_dtype is not None else 1
 
 
 def _data_stats(cfg: RunConfig, tokenizer: Any, notes: list[str],

@@ -24,6 +24,7 @@ several adapters, eval and merged layers keep PEFT's forward.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -38,33 +39,89 @@ def use_lean_lora_forward(model: nn.Module) -> int:
     from peft.tuners.lora.layer import Linear
 
     count = 0
-    for module in model.modules():
-        if type(module) is Linear and not getattr(module, "_tunelab_lean", False):
-            module.forward = _LeanForward(module)
+    for parent in model.modules():
+        siblings = [m for m in parent.children() if type(m) is Linear and not getattr(m, "_tunelab_lean", False)]
+        casts = _SharedCasts(len(siblings))  # q/k/v (and gate/up) read one input: cast it once for all of them
+        for slot, module in enumerate(siblings):
+            module.forward = _LeanForward(module, casts, slot)
             module._tunelab_lean = True
             count += 1
     return count
 
 
+class _CastForMany(torch.autograd.Function):
+    """`x.to(dtype)` handed out as `count` separate outputs (views of one copy), so that the gradients of its
+    several users are summed in float32 here, as they were when each user cast `x` itself, rather than in
+    bf16 by autograd's accumulation into one shared tensor."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dtype: torch.dtype, count: int) -> tuple[torch.Tensor, ...]:
+        ctx.input_dtype = x.dtype
+        low = x.to(dtype)
+        return tuple(low.view_as(low) for _ in range(count))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...]:
+        total = None
+        for grad in grads:
+            if grad is None:
+                continue
+            if total is None:
+                total = grad.to(ctx.input_dtype)
+            else:
+                total.add_(grad)
+        return total, None, None
+
+
+class _SharedCasts:
+    """The low-precision copy of the input that sibling LoRA layers of one module (q/k/v, gate/up) read, made
+    by the first of them and reused by the others: two outputs per layer (its base matmul and its adapter each
+    get a gradient of their own). Kept only while that input lives (a weak reference clears it)."""
+
+    def __init__(self, layers: int) -> None:
+        self.layers = layers
+        self.source: weakref.ref[torch.Tensor] | None = None
+        self.key: tuple[int, torch.dtype] | None = None
+        self.outputs: tuple[torch.Tensor, ...] = ()
+
+    def get(self, x: torch.Tensor, dtype: torch.dtype, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.source is None or self.source() is not x or self.key != (x._version, dtype):
+            self.outputs = _CastForMany.apply(x, dtype, 2 * self.layers)
+            self.source, self.key = weakref.ref(x, self._clear), (x._version, dtype)
+        return self.outputs[2 * slot], self.outputs[2 * slot + 1]
+
+    def _clear(self, _: Any) -> None:
+        self.source, self.key, self.outputs = None, None, ()
+
+
 class _LeanForward:
     """Bound per module (an instance attribute shadows the class's forward); falls back to PEFT's forward."""
 
-    def __init__(self, layer: Any) -> None:
-        self.layer = layer
+    def __init__(self, layer: Any, casts: _SharedCasts, slot: int) -> None:
+        self.layer, self.casts, self.slot = layer, casts, slot
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         layer = self.layer
         name = _lean_adapter(layer, kwargs)
         if name is None:
             return type(layer).forward(layer, x, *args, **kwargs)
-        result = _base_output(layer.base_layer, x, *args, **kwargs)
+        base_input = adapter_input = x
+        device = x.device.type
+        if not (args or kwargs) and torch.is_autocast_enabled(device) and x.is_floating_point():
+            dtype = torch.get_autocast_dtype(device)
+            if x.dtype != dtype:  # what autocast would cast at each matmul, cast once for every sibling
+                base_input, adapter_input = self.casts.get(x, dtype, self.slot)
+        result = _base_output(layer.base_layer, base_input, *args, **kwargs)
         dropout = layer.lora_dropout[name]
         scale = layer.scaling[name]
         if isinstance(dropout, KeepMaskDropout):
-            keep, kept_scale = dropout.keep_mask(x)
-            a = layer.lora_A[name](x * keep)
+            # 0/1 in the input's own dtype: the same values as masking in float32, then casting
+            keep, kept_scale = dropout.keep_mask(adapter_input, dtype=adapter_input.dtype)
+            a = layer.lora_A[name](adapter_input * keep)
             scale *= kept_scale
-        else:  # nn.Identity (dropout 0) or nn.Dropout
+        elif isinstance(dropout, nn.Identity):  # dropout 0
+            a = layer.lora_A[name](adapter_input)
+        else:  # nn.Dropout scales the kept values: at x's own precision, as PEFT does
             a = layer.lora_A[name](dropout(x))
         flat = result.reshape(-1, result.shape[-1])
         lora_b = layer.lora_B[name].weight
