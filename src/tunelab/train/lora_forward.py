@@ -17,6 +17,13 @@ cast it again at every call: it cannot cache a cast of a tensor that does not re
 the same bf16 values, so the output is bit-identical; backward keeps that same copy instead of a fresh one per
 layer, so peak memory does not grow. The copy is remade when the weight changes (its version counter moves).
 
+Under autocast the float32 input of q/k/v (and of gate/up) was cast to bf16 six times (four for gate/up): by
+each base matmul and again after each dropout mask. It is cast once (`_SharedCasts`) and every sibling masks
+the bf16 copy with a 0/1 mask of the same dtype (on CPU a bool mask is converted on the fly in each multiply,
+forward and backward, at ~6x the cost of the multiply itself). Masking by 0/1 and casting commute exactly, so
+the forward is bit-identical; each user's gradient still arrives as its own output of `_CastForMany` and the
+sum is taken in float32, so only the order of the float32 additions changes.
+
 Used only where it was measured (`train.lean_lora_forward`, on by default): training on CPU with float32
 weights under bf16 autocast, one active unmerged plain LoRA adapter without a bias; DoRA and other variants,
 several adapters, eval and merged layers keep PEFT's forward.
