@@ -306,3 +306,28 @@ def test_probe_times_real_steps_and_scales_to_the_epoch(tiny_config):
     assert result.seconds == pytest.approx(result.steps * tokens_per_step / result.probe.tokens_per_second, rel=0.5)
     assert result.cost_usd == pytest.approx(result.seconds / 3600 * 1.5)
     assert not Path(tiny_config.output.dir).exists()  # the probe trains in a throw-away folder
+
+
+def test_dropout_mask_bytes_follow_the_path_training_takes(tiny_config):
+    """The lean CPU LoRA forward keeps its masks in the autocast dtype; the other LoRA paths a bool mask;
+    nn.Dropout (integer masks off) its float32 noise; no dropout, nothing."""
+    import torch
+
+    from tunelab.estimate import DataStats, planned_policy, workload
+    from tunelab.models import Precision
+
+    stats = DataStats(examples=4, tokens=400, padded_tokens=400, steps_per_epoch=1, peak_tokens=400,
+                      attention_span=0, attention_probs=0, peak_targets=200, max_length=128)
+
+    def mask_bytes(precision: Precision, **train: object) -> int:
+        cfg = tiny_config.model_copy(deep=True)
+        for key, value in train.items():
+            setattr(cfg.train, key, value)
+        return workload(cfg, planned_policy(cfg, precision), stats).dropout_mask_bytes
+
+    cpu_bf16, cpu_fp32 = Precision("cpu", torch.bfloat16, torch.float32), Precision("cpu", None, torch.float32)
+    assert tiny_config.method.type == "lora" and tiny_config.method.dropout > 0
+    assert mask_bytes(cpu_bf16) == 2
+    assert mask_bytes(cpu_bf16, lean_lora_forward=False) == 1
+    assert mask_bytes(cpu_fp32) == 1
+    assert mask_bytes(cpu_bf16, integer_dropout_masks=False) == 4
