@@ -173,9 +173,9 @@ def _dropout_mask_bytes(cfg: RunConfig, policy: TrainingPolicy) -> int:
         return 0
     if not (cfg.train.integer_dropout_masks and cfg.method.type in ("lora", "qlora")):
         return FP32
-    lean = (cfg.train.lean_lora_forward and cfg.method.type == "lora" and not cfg.method.use_dora
-            and policy.device == "cpu" and policy.autocast_dtype is not None)
-    return policy.autocast_dtype.itemsize if lean and policy.autocast_dtype is not None else 1
+    compute = policy.autocast_dtype
+    lean = cfg.train.lean_lora_forward and cfg.method.type == "lora" and not cfg.method.use_dora
+    return compute.itemsize if lean and policy.device == "cpu" and compute is not None else 1
 
 
 def _data_stats(cfg: RunConfig, tokenizer: Any, notes: list[str],
