@@ -3,6 +3,7 @@ are not config options (environment variables such as OMP_WAIT_POLICY, torch.com
 
     python bench/step_times.py [--target-tokens 4000] [--epochs 1] [--compile-layers] [--set train.x=y ...]
     python bench/step_times.py --profile 4 6   # torch.profiler table of steps 4..6 (the ops a step spends on)
+    python bench/step_times.py --profile 4 6 --profile-by shape   # ... one row per op and input shapes
     python bench/step_times.py --bf16-base     # frozen base Linear weights stored in bf16 (an experiment)
     OMP_WAIT_POLICY=PASSIVE python bench/step_times.py
 
@@ -34,6 +35,8 @@ def main() -> None:
     parser.add_argument("--bf16-base", action="store_true", help="store frozen base Linear weights in bf16")
     parser.add_argument("--profile", type=int, nargs=2, metavar=("FIRST", "LAST"),
                         help="print torch.profiler's op table over steps FIRST..LAST")
+    parser.add_argument("--profile-by", choices=("op", "shape", "stack"), default="op",
+                        help="with --profile: one row per op, per op and input shapes, or per op and Python stack")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], help="section.key=value")
     args = args_ = parser.parse_args()
 
@@ -57,7 +60,9 @@ def main() -> None:
             if args_.profile and state.global_step + 1 == args_.profile[0]:
                 import torch.profiler
 
-                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                       record_shapes=args_.profile_by == "shape",
+                                                       with_stack=args_.profile_by == "stack")
                 self.profiler.__enter__()
             self.started, self.faults = time.perf_counter(), faults()
 
@@ -66,7 +71,10 @@ def main() -> None:
             print(f"step {state.global_step}: {self.seconds[-1]:.2f} s, {faults() - self.faults} page faults", flush=True)
             if self.profiler is not None and state.global_step == args_.profile[1]:
                 self.profiler.__exit__(None, None, None)
-                print(self.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40), flush=True)
+                averages = self.profiler.key_averages(group_by_input_shape=args_.profile_by == "shape",
+                                                      group_by_stack_n=8 if args_.profile_by == "stack" else 0)
+                print(averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60,
+                                     max_src_column_width=120), flush=True)
                 self.profiler = None
 
     trainer_class, build = sft.TunelabTrainer, sft.build_trainable

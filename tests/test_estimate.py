@@ -177,6 +177,31 @@ def test_formula_matches_what_autograd_saves(wide_model_dir, method, autocast):
     assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
 
 
+def test_fused_norms_term_matches_what_autograd_saves(wide_model_dir):
+    """Full fine-tuning: transformers' RMSNorm keeps its normalized output for the weight's gradient, the fused
+    one recomputes it. The estimator's difference between the two equals the measured one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.train.collate import PaddingCollator
+    from tunelab.train.fused_layers import fused_layers
+
+    shape = model_shape(wide_model_dir, MethodConfig(type="full"))
+    model = AutoModelForCausalLM.from_pretrained(wide_model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    model.train()
+    batch = PaddingCollator(0)([{"input_ids": list(range(3, 99)), "labels": list(range(3, 99))}] * 2)
+    stock = _saved_for_backward(model, batch, True)
+    with fused_layers(model) as replaced:
+        assert replaced > 0
+        fused = _saved_for_backward(model, batch, True)
+    work = Workload(method="full", tokens=2 * 96, attention_span=96, target_tokens=2 * 96, compute_bytes=2,
+                    chunked_loss=False)
+    predicted = activation_bytes(shape, work) - activation_bytes(shape, replace(work, fused_norms=True))
+    assert predicted > 0
+    assert abs(predicted - (stock - fused)) / (stock - fused) < 0.05, (predicted, stock - fused)
+
+
 @pytest.mark.parametrize("integer_masks,lean", [(True, False), (False, False), (True, True)],
                          ids=["integer-dropout-masks", "nn-dropout", "lean-lora-forward"])
 def test_padding_free_formula_matches_what_autograd_saves(wide_model_dir, integer_masks, lean):
@@ -323,7 +348,7 @@ def test_dropout_mask_bytes_follow_the_path_training_takes(tiny_config):
         cfg = tiny_config.model_copy(deep=True)
         for key, value in train.items():
             setattr(cfg.train, key, value)
-        return workload(cfg, planned_policy(cfg, precision), stats).dropout_mask_bytes
+        return workload(cfg, planned_policy(cfg, precision), stats, 49152).dropout_mask_bytes
 
     cpu_bf16, cpu_fp32 = Precision("cpu", torch.bfloat16, torch.float32), Precision("cpu", None, torch.float32)
     assert tiny_config.method.type == "lora" and tiny_config.method.dropout > 0

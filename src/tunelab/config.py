@@ -158,6 +158,12 @@ class TrainConfig(Section):
         description="On CPU, LoRA layers move the dropout and adapter scaling onto the rank-r tensor and fold the "
         "add into B's matmul (the same function, fewer passes: tunelab.train.lora_forward); false keeps PEFT's.",
     )
+    fused_norm_rope: bool = Field(
+        True,
+        description="On CPU, while training, RMSNorm layers and rotary position embeddings run as single autograd "
+        "functions (the same functions in fewer passes: tunelab.train.fused_layers; layers of another form keep "
+        "theirs); false keeps transformers' own.",
+    )
 
     @model_validator(mode="after")
     def _early_stopping_needs_evals(self) -> TrainConfig:

@@ -19,11 +19,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from tunelab.chat import IGNORE_INDEX
 from tunelab.train.collate import PaddingCollator
 
 CHUNK_TOKENS = 1024  # 1024 x 49k float32 logits = 200 MB: the most this loss holds at once
+# On CPU with a frozen head, chunks of at most this many float32 logits (24 MiB; 128 rows of a 49k vocabulary):
+# glibc hands any freed block over 32 MiB back to the kernel, so a 1024-row chunk's buffers were fresh pages
+# every step (page faults cost more than the arithmetic on them); smaller blocks are reused from the heap.
+# Measured (628 target rows, forward + backward of the loss): 64 rows 255-287 ms, 128: 242-271, 256: 271-336,
+# 1024: 325-355; fewer rows make the matmuls less efficient.
+CPU_CHUNK_ELEMENTS = 6 * 2**20
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -32,7 +39,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
                 compute_dtype: torch.dtype, with_grads: bool) -> torch.Tensor:
-        w = weight.to(compute_dtype)
+        w = _frozen_copy(weight, compute_dtype) if not weight.requires_grad else weight.to(compute_dtype)
         # Under no_grad (evaluation) neither gradient is needed: only the loss is computed.
         grad_hidden = torch.empty_like(hidden) if with_grads and hidden.requires_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grads and weight.requires_grad else None
@@ -40,15 +47,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk].to(compute_dtype)
             y = targets[start : start + chunk]
-            logits = F.linear(h, w).float()  # the same rounding as the model's head under autocast
-            log_z = torch.logsumexp(logits, dim=-1)
-            total += (log_z - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            rows = torch.arange(len(y), device=y.device)
+            logits = F.linear(h, w)  # the same rounding as the model's head under autocast
+            picked = logits[rows, y].float()
+            # log-sum-exp as torch.logsumexp computes it (max, then the sum of exp of the difference), in
+            # float32 and in place: its exponentials are the softmax's numerators, kept for the gradient
+            exps = logits.float()  # a copy in compute precision below float32, else the logits themselves
+            top = exps.amax(dim=-1, keepdim=True)
+            sums = exps.sub_(top).exp_().sum(dim=-1, keepdim=True)
+            total += (top + sums.log()).squeeze(1).sub_(picked).sum()
             if grad_hidden is None and grad_weight is None:
                 continue
-            # d(sum of losses)/d(logits) = softmax - one_hot, built in place in the logits buffer.
-            grad_logits = logits.sub_(log_z[:, None]).exp_()
-            grad_logits[torch.arange(len(y), device=y.device), y] -= 1.0
-            grad_logits = grad_logits.to(compute_dtype)
+            # d(sum of losses)/d(logits) = softmax - one_hot, written over the logits in compute precision.
+            grad_logits = torch.mul(exps, sums.reciprocal_(), out=logits)
+            grad_logits[rows, y] -= 1.0
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk] = (grad_logits @ w).to(hidden.dtype)
             if grad_weight is not None:
@@ -69,14 +81,42 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+                             chunk: int | None = None) -> torch.Tensor:
     """Sum of cross-entropy losses of `hidden` [N, d] projected by `weight` [V, d] against `targets` [N],
-    never holding more than `chunk` rows of logits. Honors an enclosing autocast like the model's head does."""
+    never holding more than `chunk` rows of logits (default: `chunk_rows`). Honors an enclosing autocast like
+    the model's head does."""
     device = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     with_grads = torch.is_grad_enabled()  # read here: inside forward, grad mode is always off
+    if chunk is None:
+        chunk = chunk_rows(weight.shape[0], device, weight.requires_grad)
     with torch.autocast(device_type=device, enabled=False):
         return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, compute_dtype, with_grads)
+
+
+def chunk_rows(vocab: int, device: str, head_trains: bool) -> int:
+    """Rows of logits per chunk: CHUNK_TOKENS, or on CPU with a frozen head as many as fit CPU_CHUNK_ELEMENTS
+    (a trained head accumulates its gradient once per chunk, a full [V, d] pass: few chunks there)."""
+    if device != "cpu" or head_trains:
+        return CHUNK_TOKENS
+    return max(16, min(CHUNK_TOKENS, CPU_CHUNK_ELEMENTS // max(vocab, 1)))
+
+
+_frozen_copies = WeakTensorKeyDictionary()  # weight -> (its state when copied, the copy)
+
+
+def _frozen_copy(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A frozen head's weight cast to `dtype`, made once and kept until the weight changes (the cast of a 49k x
+    576 head took ~50 ms a step on CPU)."""
+    if weight.dtype == dtype:
+        return weight
+    key = (dtype, weight._version, weight.data_ptr())
+    kept = _frozen_copies.get(weight)
+    if kept is None or kept[0] != key:
+        with torch.no_grad():
+            kept = (key, weight.detach().to(dtype))
+        _frozen_copies[weight] = kept
+    return kept[1]
 
 
 def supports_chunked_loss(model: Any) -> bool:

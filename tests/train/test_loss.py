@@ -51,6 +51,45 @@ def test_chunked_loss_under_bf16_autocast_rounds_like_the_model_head():
     assert not torch.equal(fp32, _grads(chunked)[0])
 
 
+def test_frozen_head_under_autocast_keeps_one_low_precision_copy_until_it_changes():
+    """The bf16 copy of a frozen head is made once, gives the loss the per-call cast gives, and is remade when
+    the weight changes in place (an optimizer step, a reload)."""
+    from tunelab.losses import _frozen_copies
+
+    hidden, weight, targets = _leaves()
+    weight = weight.detach()
+
+    def loss_and_grad():
+        h = hidden.detach().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = linear_cross_entropy_sum(h, weight, targets, chunk=16)
+        loss.backward()
+        return loss.detach(), h.grad
+
+    first = loss_and_grad()
+    kept = _frozen_copies[weight][1]
+    assert kept.dtype == torch.bfloat16 and torch.equal(kept, weight.to(torch.bfloat16))
+    second = loss_and_grad()
+    assert _frozen_copies[weight][1] is kept
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        weight.mul_(2)
+    changed = loss_and_grad()
+    assert torch.equal(_frozen_copies[weight][1], weight.to(torch.bfloat16))
+    assert not torch.equal(changed[0], first[0])
+
+
+def test_chunk_rows_keep_cpu_buffers_small_for_a_frozen_head():
+    from tunelab.losses import CHUNK_TOKENS, chunk_rows
+
+    assert chunk_rows(49152, "cpu", head_trains=False) == 128  # 24 MiB of float32 logits
+    assert chunk_rows(49152, "cuda", head_trains=False) == CHUNK_TOKENS
+    assert chunk_rows(49152, "cpu", head_trains=True) == CHUNK_TOKENS  # one weight-gradient pass per chunk
+    assert chunk_rows(97, "cpu", head_trains=False) == CHUNK_TOKENS
+    assert chunk_rows(1_000_000, "cpu", head_trains=False) == 16
+
+
 def _examples(tokenizer, n: int = 5) -> list[dict]:
     rows = []
     for i in range(n):

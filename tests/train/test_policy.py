@@ -61,7 +61,7 @@ def test_the_estimator_plans_what_the_trainer_does(method, objective, world_size
     assert trainer.padding_free == trainer.per_example_attention == (own_batches or packed_pairs)
     assert trainer.chunked_loss == (own_batches and world_size == 1)
     # The estimate's largest step holds the full-vocabulary logits exactly when the trainer's does.
-    assert workload(cfg, estimator, STATS).chunked_loss == (not trainer.full_logits) == trainer.chunked_loss
+    assert workload(cfg, estimator, STATS, 49152).chunked_loss == (not trainer.full_logits) == trainer.chunked_loss
 
 
 def test_neftune_and_liger_turn_padding_free_and_the_chunked_loss_off(tiny_model_dir):

@@ -116,7 +116,7 @@ def estimate_run(cfg: RunConfig, gpu: str | None = None, probe: bool = True, pro
     records, stats = _data_stats(cfg, tokenizer, notes, policy)
     folder = resolve_model(cfg.model)
     shape = model_shape(folder, cfg.method)
-    work = workload(cfg, policy, stats)
+    work = workload(cfg, policy, stats, shape.vocab)
     if device == "cuda":
         overhead = CUDA_CONTEXT_BYTES
         notes.append("GPU peak = torch.cuda.max_memory_allocated (what tunelab records) + ~0.6 GiB CUDA context")
@@ -155,14 +155,18 @@ def planned_policy(cfg: RunConfig, precision: Precision) -> TrainingPolicy:
     return training_policy(cfg, precision, planned_world_size(cfg), model_supports_chunked_loss=True)
 
 
-def workload(cfg: RunConfig, policy: TrainingPolicy, stats: DataStats) -> Workload:
+def workload(cfg: RunConfig, policy: TrainingPolicy, stats: DataStats, vocab: int) -> Workload:
     """What one worker's largest training step computes, the way `policy` trains it."""
+    from tunelab.losses import chunk_rows
+
     return Workload(
         method=cfg.method.type, tokens=stats.peak_tokens, attention_span=stats.attention_span,
         attention_probs=stats.attention_probs, target_tokens=stats.peak_targets,
         compute_bytes=4 if policy.autocast_dtype is None else 2,
         gradient_checkpointing=cfg.train.gradient_checkpointing, chunked_loss=not policy.full_logits,
         dropout_mask_bytes=_dropout_mask_bytes(cfg, policy),
+        fused_norms=cfg.train.fused_norm_rope and policy.device == "cpu",
+        loss_chunk_rows=chunk_rows(vocab, policy.device, head_trains=cfg.method.type == "full"),
     )
 
 

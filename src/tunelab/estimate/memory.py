@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 FP32 = 4
 NF4_BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
 NF4_DQ_BLOCK = 256  # double quantization: the absmaxes are 8-bit, with one fp32 absmax per 256 of them
-CHUNK_ROWS = 1024  # tunelab.losses.CHUNK_TOKENS: rows of logits the chunked loss holds at once
+CHUNK_ROWS = 1024  # tunelab.losses.CHUNK_TOKENS: rows of logits the chunked loss holds at once (GPU)
 # On CPU, glibc's malloc keeps freed heap memory for reuse instead of returning it, so peak RSS exceeds the
 # peak of live tensors. Measured on SmolLM2 LoRA (quickstart, 2 steps): peak RSS 3248 MiB with the default
 # allocator, 2627 MiB with MALLOC_MMAP_THRESHOLD_=131072 (large blocks always returned): 621 MiB retained,
@@ -55,6 +55,8 @@ class Workload:
     gradient_checkpointing: bool = False
     chunked_loss: bool = True
     dropout_mask_bytes: int = FP32  # what each LoRA dropout keeps per element: 1 (bool mask), 4 (float noise), 0 (none)
+    loss_chunk_rows: int = CHUNK_ROWS  # rows of logits the chunked loss holds at once (tunelab.losses.chunk_rows)
+    fused_norms: bool = False  # tunelab's fused RMSNorm (CPU training): a trainable weight's gradient is recomputed
     double_quant: bool = True
 
 
@@ -100,7 +102,8 @@ def weight_bytes(shape: ModelShape, method: str, double_quant: bool = True) -> i
 def layer_activation_bytes(shape: ModelShape, work: Workload) -> int:
     """Bytes one decoder layer keeps for backward, for `work.tokens` tokens.
 
-    Per token: two fp32 residuals saved by the RMSNorms (and their normalized outputs when the norms train);
+    Per token: two fp32 residuals saved by the RMSNorms (and their normalized outputs when the norms train,
+    unless tunelab's fused RMSNorm recomputes them);
     q, k, v and the attention output at compute precision saved by SDPA (k and v expanded to every head:
     with a padding or block mask transformers repeats them instead of using grouped-query attention); the
     gate output, its SiLU and the up output saved by SiLU and the product; each LoRA branch's dropout mask
@@ -115,7 +118,8 @@ def layer_activation_bytes(shape: ModelShape, work: Workload) -> int:
     per_token += 3 * linear_out * i  # gate output, SiLU(gate), up output
     per_token += a * work.attention_span  # the mask's row for this query, cast to compute precision per layer
     if work.method == "full":
-        per_token += 2 * FP32 * h  # the norms' weights train: their normalized inputs are saved too
+        if not work.fused_norms:
+            per_token += 2 * FP32 * h  # the norms' weights train: their normalized inputs are saved too
         # Each Linear saves its input for its weight gradient (in fp32 the projections sharing an input share it).
         per_token += FP32 * (3 * h + i) if a == FP32 else a * (6 * h + i)
     elif work.method in ("lora", "qlora"):
@@ -153,7 +157,7 @@ def loss_bytes(shape: ModelShape, work: Workload) -> int:
     a, v = work.compute_bytes, shape.vocab
     if not work.chunked_loss:
         return (a + 3 * FP32) * work.tokens * v if a != FP32 else 4 * FP32 * work.tokens * v
-    rows = min(work.target_tokens, CHUNK_ROWS)
+    rows = min(work.target_tokens, work.loss_chunk_rows)
     return 2 * FP32 * shape.hidden * work.target_tokens + (2 * a + FP32) * rows * v
 
 

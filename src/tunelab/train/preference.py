@@ -22,6 +22,7 @@ from tunelab.models import pick_precision
 from tunelab.progress import console
 from tunelab.train.args import training_kwargs
 from tunelab.train.callbacks import MetricsCallback
+from tunelab.train.fused_layers import fused_training_layers
 from tunelab.train.methods import build_trainable, count_parameters, training_inputs
 from tunelab.train.policy import training_policy
 from tunelab.train.preference_packing import PaddingFreeLogits, PaddingFreePreference
@@ -146,7 +147,8 @@ def train_preference(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bo
 
     checkpoint = _resume_point(run) if resume else None
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with fused_training_layers(cfg, precision.device, model):
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - started
     save_trained(cfg, model, tokenizer, run)
     # Every row is read once per epoch: both answers of a pair (or the one of a KTO row) with the prompt.

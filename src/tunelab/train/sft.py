@@ -24,6 +24,7 @@ from tunelab.measure import peak_memory_mb
 from tunelab.progress import console
 from tunelab.train.args import training_arguments
 from tunelab.train.attention import padding_free_attention
+from tunelab.train.fused_layers import fused_training_layers
 from tunelab.train.callbacks import MetricsCallback
 from tunelab.train.collate import PaddingCollator, PaddingFreeCollator
 from tunelab.train.methods import build_trainable, count_parameters, training_inputs
@@ -133,7 +134,8 @@ def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = Fa
 
     checkpoint = _resume_point(run) if resume else None
     started = time.perf_counter()
-    with padding_free_attention(model) if policy.per_example_attention else nullcontext():
+    with (padding_free_attention(model) if policy.per_example_attention else nullcontext(),
+          fused_training_layers(cfg, precision.device, model)):
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - started
 
