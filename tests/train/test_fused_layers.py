@@ -40,6 +40,17 @@ def test_llama_rms_norm_same_output_and_gradient():
     torch.testing.assert_close(got_dx, expected_dx, rtol=1e-5, atol=1e-5)
 
 
+def test_rms_norm_reads_its_weight_at_call_time():
+    """Wrappers such as FSDP swap a module's parameters after set-up: the fused forward must use the new one."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(8, eps=1e-6)
+    fused = rms_norm_forward(norm)
+    norm.weight = torch.nn.Parameter(torch.linspace(0.5, 2.0, 8))
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(fused(x), LlamaRMSNorm.forward(norm, x), rtol=1e-6, atol=1e-6)
+
+
 def test_other_norm_forms_are_left_alone():
     """Gemma's norm scales by 1 + w; a norm using another eps than the one it stores differs only at small scales
     (the check tries those too); a LayerNorm is not an RMSNorm."""

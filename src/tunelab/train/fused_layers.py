@@ -100,7 +100,9 @@ def rms_norm_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor
     own = type(module).forward
 
     def fused(hidden_states: torch.Tensor) -> torch.Tensor:
-        if hidden_states.dtype != torch.float32 or hidden_states.shape[-1] != weight.shape[0]:
+        weight = module.weight  # read per call: a wrapper (FSDP) may swap the parameter after this is set up
+        if (hidden_states.dtype != torch.float32 or weight.dtype != torch.float32
+                or hidden_states.shape[-1] != weight.shape[0]):
             return own(module, hidden_states)
         return RMSNormFunction.apply(hidden_states, weight, eps)
 
