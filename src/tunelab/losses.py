@@ -28,8 +28,8 @@ CHUNK_TOKENS = 1024  # 1024 x 49k float32 logits = 200 MB: the most this loss ho
 # On CPU with a frozen head, chunks of at most this many float32 logits (24 MiB; 128 rows of a 49k vocabulary):
 # glibc hands any freed block over 32 MiB back to the kernel, so a 1024-row chunk's buffers were fresh pages
 # every step (page faults cost more than the arithmetic on them); smaller blocks are reused from the heap.
-# Measured (628 target rows, forward + backward of the loss): 64 rows 255-287 ms, 128: 242-271, 256: 271-336,
-# 1024: 325-355; fewer rows make the matmuls less efficient.
+# Measured (`python bench/chunked_loss.py`: 628 target rows, forward + backward, 3 rounds): 64 rows 327-378 ms,
+# 128: 270-411, 256: 307-446, 1024: 339-525, 128 the fastest in each round; fewer rows make the matmuls slower.
 CPU_CHUNK_ELEMENTS = 6 * 2**20
 
 
