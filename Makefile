@@ -13,6 +13,10 @@ LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=OFF -DGG
 LLAMA_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' requirements.txt)
 LLAMA_WHEELS := $(HOME)/.cache/tunelab/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(shell printf '%s' '$(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
 
+# The suite runs in parallel workers (pytest-xdist): one per core, at most 4 (each holds its own torch and models).
+# tests/conftest.py shares the cores' threads out among them and keeps the Ray tests on one worker.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+
 .PHONY: install demo test test-fast clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml Makefile
@@ -40,10 +44,10 @@ demo: install
 	$(VENV)/bin/tunelab run examples/quickstart.yaml --set output.overwrite=true
 
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: install
-	$(PY) -m pytest -m "not e2e"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not e2e"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
