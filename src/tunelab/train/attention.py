@@ -178,11 +178,17 @@ class ShortCausalAttention(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
         q, k, v, out, *probs = ctx.saved_tensors
         grad_out = grad_out.to(q.dtype)
+        # softmax backward: dS = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O)
+        row = (grad_out.float() * out.float()).sum(-1, keepdim=True)
+        if len(probs) == 1:  # one query block (most chat examples): each gradient is one product, no sums to keep
+            block = probs[0]
+            grad_v = torch.bmm(block.transpose(1, 2), grad_out)  # before `block` (itself when float32) is scaled
+            grad_probs = torch.bmm(grad_out, v.transpose(1, 2)).float()
+            grad_scores = block.float().mul_(grad_probs.sub_(row)).mul_(ctx.scale).to(q.dtype)
+            return torch.bmm(grad_scores, k), torch.bmm(grad_scores.transpose(1, 2), q), grad_v, None
         grad_q = torch.empty_like(q)
         grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)  # summed over query blocks
         grad_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        # softmax backward: dS = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O)
-        row = (grad_out.float() * out.float()).sum(-1, keepdim=True)
         for (start, end), block in zip(_blocks(q.shape[1]), probs):
             grad_block = grad_out[:, start:end]
             grad_v[:, :end] += torch.bmm(block.transpose(1, 2), grad_block)
