@@ -237,7 +237,7 @@ def test_padding_free_formula_matches_what_autograd_saves(wide_model_dir, intege
         measured = _saved_for_backward(model, batch, True)
     work = Workload(method="lora", tokens=sum(lengths), attention_span=0, target_tokens=sum(lengths),
                     compute_bytes=2, chunked_loss=False, dropout_mask_bytes=(2 if lean else 1) if integer_masks else 4,
-                    attention_probs=saved_probabilities(lengths, "cpu"))
+                    attention_probs=sum(saved_probabilities(n, "cpu") for n in lengths))
     predicted = activation_bytes(shape, work) + weight_copy_bytes(shape, work) + FP32 * work.tokens * shape.vocab
     # measured: 0.1% off with integer masks, 4.4% with nn.Dropout, 1.8% on the lean forward; without the
     # probabilities term 7.8% under

@@ -6,9 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunelab.train.attention import (
-    NAME, PADDING_WASTE, padding_free_attention, plan_row, saved_probabilities, segment_lengths,
-)
+from tunelab.train.attention import NAME, padding_free_attention, segment_lengths
 
 
 def test_segment_lengths_follow_position_resets():
@@ -33,15 +31,13 @@ def _loss_and_grads(model, ids, positions):
     return logits.detach(), grads
 
 
-# 200: two query blocks; 600: past SHORT_EXAMPLE, SDPA's path. The second row's short examples come in lengths
-# alike enough to be attended as padded groups (two of 3 and 2, one of them two query blocks wide).
-@pytest.mark.parametrize("lengths", [[5, 17, 1, 9, 30, 200, 600], [40, 9, 38, 600, 36, 8, 190, 200]])
-def test_matches_block_diagonal_sdpa_in_float32(tiny_model_dir, lengths):
+def test_matches_block_diagonal_sdpa_in_float32(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.train()  # dropout is 0 in the config: the comparison stays deterministic
-    ids, positions = _row(lengths, model.config.vocab_size)
+    # 200: two query blocks; 600: past SHORT_EXAMPLE, SDPA's path
+    ids, positions = _row([5, 17, 1, 9, 30, 200, 600], model.config.vocab_size)
 
     stock_logits, stock_grads = _loss_and_grads(model, ids, positions)
     with padding_free_attention(model):
@@ -100,33 +96,12 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().mean() / b.float().abs().mean().clamp(min=1e-12))
 
 
-def test_plan_row_pads_only_short_examples_of_similar_length_together():
-    lengths = [40, 9, 38, 600, 36, 8, 190, 200]
-    plan = plan_row(lengths)
-    starts = [sum(lengths[:i]) for i in range(len(lengths))]
-    groups = sorted(sorted(lengths[starts.index(int(p))] for p in g.gather[::g.length]) if g.gather is not None
-                    else [g.length] for g in plan.groups)
-    assert groups == [[8, 9], [36, 38, 40], [190, 200], [600]]
-    assert all(g.gather is None or g.gather.numel() % g.length == 0 for g in plan.groups)
-    # every row position has one place in the groups' outputs, and that place reads the same token back
-    gathered = torch.cat([g.gather if g.gather is not None else torch.arange(g.start, g.start + g.length)
-                          for g in plan.groups])
-    assert sorted(plan.scatter.tolist()) == sorted(set(plan.scatter.tolist()))
-    assert torch.equal(gathered[plan.scatter], torch.arange(sum(lengths)))
-    # the padded groups keep at most PADDING_WASTE times the scores the examples need on their own
-    alone = sum(saved_probabilities([n], "cpu") for n in lengths)
-    assert alone < saved_probabilities(lengths, "cpu") <= PADDING_WASTE * alone
-    assert plan_row([5, 17, 1]).groups[0].gather is None and plan_row([7]).scatter is None
-
-
-@pytest.mark.parametrize("lengths", [[8, 6], [8, 7]])  # [8, 7]: one padded group
-def test_examples_do_not_see_each_other(tiny_model_dir, lengths):
+def test_examples_do_not_see_each_other(tiny_model_dir):
     """Changing the first example leaves the second one's logits untouched."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    assert (plan_row(lengths).groups[0].gather is not None) == (lengths == [8, 7])
-    ids, positions = _row(lengths, model.config.vocab_size)
+    ids, positions = _row([8, 6], model.config.vocab_size)
     other = ids.clone()
     other[0, :8] = torch.flip(ids[0, :8], [0])
     with padding_free_attention(model), torch.no_grad():

@@ -216,7 +216,7 @@ def _data_stats(cfg: RunConfig, tokenizer: Any, notes: list[str],
         peak_tokens = min(b, len(lengths)) * max(lengths)
     # Per-example attention (tunelab.train.attention): each example attends on its own, no mask is built.
     span = 0 if policy.per_example_attention else max(lengths)
-    probs = saved_probabilities([lengths[k] for k in longest], policy.device) if policy.per_example_attention else 0
+    probs = sum(saved_probabilities(lengths[k], policy.device) for k in longest) if policy.per_example_attention else 0
     per_step = b * cfg.train.gradient_accumulation_steps
     stats = DataStats(
         examples=len(lengths), tokens=sum(lengths), padded_tokens=_padded_tokens(lengths, b, cfg.train.seed),

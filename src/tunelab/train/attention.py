@@ -16,12 +16,6 @@ the compute dtype (~heads x n^2 bytes a layer: the reason for the cut-off). Forw
 against the flash kernel: 64 tokens 0.6 ms vs 1.1, 137: 1.2 vs 2.9, 256: 3.8 vs 5.6, 600: 13.5 vs 21.9,
 1024: 31 vs 40; at 2048 the kernel wins.
 
-Short examples of similar length go through ShortCausalAttention together, as one batch padded to the longest
-(`plan_row`): a batch of 8 chat examples otherwise makes ~2,300 small matmul calls a training step. Padding goes
-at the end of each example, where causal masking already hides it from every real query, and the padded query
-rows' outputs are dropped, so their gradients are exactly zero: the result is the per-example one. A group may
-compute at most PADDING_WASTE times the scores its examples need, which keeps lengths alike within a group.
-
 Only active while tunelab trains padding-free (`padding_free_attention`), where every batch the model sees
 is such a row; the attention implementation is restored afterwards, so evaluation, generation and saved
 configs see stock SDPA.
@@ -31,7 +25,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,8 +33,7 @@ import torch.nn.functional as F
 NAME = "tunelab_padding_free"
 SHORT_EXAMPLE = 512  # tokens: up to this, CPU attention uses ShortCausalAttention (n^2/2 memory, faster)
 QUERY_BLOCK = 128
-PADDING_WASTE = 1.25  # a padded group of short examples computes at most this many times their own scores
-_last_plan: tuple[torch.Tensor, RowPlan] | None = None  # every layer of one forward gets the same position ids
+_last_lengths: tuple[torch.Tensor, list[int]] | None = None  # every layer of one forward gets the same tensor
 
 
 def segment_lengths(position_ids: torch.Tensor) -> list[int]:
@@ -69,86 +61,21 @@ def padding_free_attention_forward(module: torch.nn.Module, query: torch.Tensor,
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     position_ids = kwargs.get("position_ids")
+    lengths = _lengths_once_per_forward(position_ids) if position_ids is not None else [query.shape[2]]
     p = dropout if module.training else 0.0
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     textbook = query.device.type == "cpu" and p == 0.0
-    if not textbook:
-        lengths = _plan_once_per_forward(position_ids, False).lengths if position_ids is not None else [query.shape[2]]
-        parts = [F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scale) for q, k, v in
-                 zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-        return out.transpose(1, 2).contiguous(), None
-    if torch.is_autocast_enabled("cpu"):
+    if textbook and torch.is_autocast_enabled("cpu"):
         # SDPA is on autocast's lower-precision list, the textbook path must cast alike (RoPE hands over float32
         # q/k beside a bf16 v); its own ops then run with autocast off, each in the dtype it names.
         dtype = torch.get_autocast_dtype("cpu")
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-    plan = _plan_once_per_forward(position_ids, True) if position_ids is not None else plan_row([query.shape[2]])
-    q, k, v = query[0], key[0], value[0]  # [heads, T, d]
-    parts = []
-    for group in plan.groups:
-        if group.gather is None:  # one example or one long one: a slice of the row
-            qs, ks, vs = (t.narrow(1, group.start, group.length) for t in (q, k, v))
-            if group.length <= SHORT_EXAMPLE:
-                parts.append(ShortCausalAttention.apply(qs, ks, vs, scale))
-            else:
-                parts.append(F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=True,
-                                                            scale=scale)[0])
-        else:  # [heads, B * L, d] -> [heads * B, L, d]: the batch order does not matter to attention
-            qs, ks, vs = (t.index_select(1, group.gather).view(-1, group.length, t.shape[-1]) for t in (q, k, v))
-            parts.append(ShortCausalAttention.apply(qs, ks, vs, scale).view(q.shape[0], -1, q.shape[-1]))
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [heads, M, d]
-    out = out.transpose(0, 1)  # [M, heads, d]: SDPA's layout, token-major
-    out = out.contiguous() if plan.scatter is None else out.index_select(0, plan.scatter)
-    return out[None], None
-
-
-@dataclass(frozen=True)
-class RowGroup:
-    """Examples attended in one call: a slice of the row (`gather` None) or a padded batch of `length` each."""
-
-    start: int
-    length: int
-    gather: torch.Tensor | None = None  # row positions of the padded batch, example-major; padding repeats a token
-
-
-@dataclass(frozen=True)
-class RowPlan:
-    lengths: list[int]
-    groups: list[RowGroup]
-    scatter: torch.Tensor | None  # row position -> place in the groups' outputs laid end to end; None: in order
-
-
-def plan_row(lengths: list[int], batch_short: bool = True, device: torch.device | str = "cpu") -> RowPlan:
-    """Group a padding-free row's examples for attention: short ones of similar length into padded batches
-    (at most PADDING_WASTE times their own saved scores, longest first), each long one on its own."""
-    starts = [sum(lengths[:i]) for i in range(len(lengths))]
-    groups: list[list[int]] = []
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if batch_short else range(len(lengths))
-    for i in order:
-        last = groups[-1] if groups else None
-        if (batch_short and last is not None and lengths[i] <= SHORT_EXAMPLE and lengths[last[0]] <= SHORT_EXAMPLE
-                and (len(last) + 1) * _block_scores(lengths[last[0]])
-                <= PADDING_WASTE * sum(_block_scores(lengths[j]) for j in [*last, i])):
-            last.append(i)
-        else:
-            groups.append([i])
-    planned, places, offset = [], [0] * sum(lengths), 0
-    for members in groups:
-        width = lengths[members[0]]  # the longest: groups are filled longest first
-        if len(members) == 1:
-            planned.append(RowGroup(starts[members[0]], width))
-        else:
-            # padded positions repeat the example's last token: causal masking hides them from real queries
-            gather = [starts[i] + min(t, lengths[i] - 1) for i in members for t in range(width)]
-            planned.append(RowGroup(0, width, torch.tensor(gather, device=device)))
-        for slot, i in enumerate(members):
-            for t in range(lengths[i]):
-                places[starts[i] + t] = offset + slot * width + t
-        offset += len(members) * width
-    in_order = offset == len(places) and places == list(range(len(places)))  # no padding, no reordering
-    scatter = None if in_order else torch.tensor(places, device=device)
-    return RowPlan(lengths, planned, scatter)
+    parts = [ShortCausalAttention.apply(q[0], k[0], v[0], scale)[None]
+             if textbook and n <= SHORT_EXAMPLE else
+             F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scale)
+             for n, q, k, v in zip(lengths, query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    return out.transpose(1, 2).contiguous(), None
 
 
 class ShortCausalAttention(torch.autograd.Function):
@@ -199,19 +126,11 @@ class ShortCausalAttention(torch.autograd.Function):
         return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None
 
 
-def saved_probabilities(lengths: list[int], device: str) -> int:
-    """Softmax probabilities per head and layer that training keeps for one padding-free batch's backward:
-    ShortCausalAttention's blocks on CPU (padded groups as `plan_row` forms them), none where SDPA runs (it
-    recomputes them)."""
-    if device != "cpu":
+def saved_probabilities(n: int, device: str) -> int:
+    """Softmax probabilities per head and layer that training keeps for an n-token example's backward:
+    ShortCausalAttention's blocks on CPU, none where SDPA runs (it recomputes them)."""
+    if device != "cpu" or n > SHORT_EXAMPLE:
         return 0
-    plan = plan_row(list(lengths))
-    return sum(_block_scores(g.length) * (1 if g.gather is None else g.gather.numel() // g.length)
-               for g in plan.groups if g.length <= SHORT_EXAMPLE)
-
-
-def _block_scores(n: int) -> int:
-    """Scores per head ShortCausalAttention computes and keeps for an n-token example (causal query blocks)."""
     return sum((end - start) * end for start, end in _blocks(n))
 
 
@@ -229,12 +148,12 @@ def _causal_bias(n: int, device: torch.device) -> torch.Tensor:
     return _biases[device][:n, :n]
 
 
-def _plan_once_per_forward(position_ids: torch.Tensor, batch_short: bool) -> RowPlan:
+def _lengths_once_per_forward(position_ids: torch.Tensor) -> list[int]:
     """Reading the boundaries moves them to the host (a sync on GPU): do it once per forward, not per layer."""
-    global _last_plan
-    if _last_plan is None or _last_plan[0] is not position_ids:
-        _last_plan = (position_ids, plan_row(segment_lengths(position_ids), batch_short, position_ids.device))
-    return _last_plan[1]
+    global _last_lengths
+    if _last_lengths is None or _last_lengths[0] is not position_ids:
+        _last_lengths = (position_ids, segment_lengths(position_ids))
+    return _last_lengths[1]
 
 
 def register() -> None:
