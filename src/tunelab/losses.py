@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from tunelab.chat import IGNORE_INDEX
+from tunelab.kept_casts import kept_cast
 from tunelab.train.collate import PaddingCollator
 
 CHUNK_TOKENS = 1024  # 1024 x 49k float32 logits = 200 MB: the most this loss holds at once
@@ -39,7 +39,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
                 compute_dtype: torch.dtype, with_grads: bool) -> torch.Tensor:
-        w = _frozen_copy(weight, compute_dtype) if not weight.requires_grad else weight.to(compute_dtype)
+        w = kept_cast(weight, compute_dtype) if not weight.requires_grad else weight.to(compute_dtype)
         # Under no_grad (evaluation) neither gradient is needed: only the loss is computed.
         grad_hidden = torch.empty_like(hidden) if with_grads and hidden.requires_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grads and weight.requires_grad else None
@@ -100,23 +100,6 @@ def chunk_rows(vocab: int, device: str, head_trains: bool) -> int:
     if device != "cpu" or head_trains:
         return CHUNK_TOKENS
     return max(16, min(CHUNK_TOKENS, CPU_CHUNK_ELEMENTS // max(vocab, 1)))
-
-
-_frozen_copies = WeakTensorKeyDictionary()  # weight -> (its state when copied, the copy)
-
-
-def _frozen_copy(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A frozen head's weight cast to `dtype`, made once and kept until the weight changes (the cast of a 49k x
-    576 head took ~50 ms a step on CPU)."""
-    if weight.dtype == dtype:
-        return weight
-    key = (dtype, weight._version, weight.data_ptr())
-    kept = _frozen_copies.get(weight)
-    if kept is None or kept[0] != key:
-        with torch.no_grad():
-            kept = (key, weight.detach().to(dtype))
-        _frozen_copies[weight] = kept
-    return kept[1]
 
 
 def supports_chunked_loss(model: Any) -> bool:

@@ -54,7 +54,7 @@ def test_chunked_loss_under_bf16_autocast_rounds_like_the_model_head():
 def test_frozen_head_under_autocast_keeps_one_low_precision_copy_until_it_changes():
     """The bf16 copy of a frozen head is made once, gives the loss the per-call cast gives, and is remade when
     the weight changes in place (an optimizer step, a reload)."""
-    from tunelab.losses import _frozen_copies
+    from tunelab.kept_casts import kept_copy
 
     hidden, weight, targets = _leaves()
     weight = weight.detach()
@@ -67,16 +67,16 @@ def test_frozen_head_under_autocast_keeps_one_low_precision_copy_until_it_change
         return loss.detach(), h.grad
 
     first = loss_and_grad()
-    kept = _frozen_copies[weight][1]
+    kept = kept_copy(weight)
     assert kept.dtype == torch.bfloat16 and torch.equal(kept, weight.to(torch.bfloat16))
     second = loss_and_grad()
-    assert _frozen_copies[weight][1] is kept
+    assert kept_copy(weight) is kept
     for a, b in zip(first, second):
         assert torch.equal(a, b)
     with torch.no_grad():
         weight.mul_(2)
     changed = loss_and_grad()
-    assert torch.equal(_frozen_copies[weight][1], weight.to(torch.bfloat16))
+    assert torch.equal(kept_copy(weight), weight.to(torch.bfloat16))
     assert not torch.equal(changed[0], first[0])
 
 

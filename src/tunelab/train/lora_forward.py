@@ -12,7 +12,7 @@ so the wide tensors see one mask multiply and one fused matmul-add. The output e
 order (tests/train/test_lora_forward.py). Measured on the default model, CPU, bf16 autocast (10-step runs,
 3 interleaved each): ~8% less time per step and ~5% less peak memory.
 
-The frozen base weight is cast to the autocast dtype once and kept (`_autocast_weight`), where autocast would
+The frozen base weight is cast to the autocast dtype once and kept (`tunelab.kept_casts`), where autocast would
 cast it again at every call: it cannot cache a cast of a tensor that does not require grad. The matmul sees
 the same bf16 values, so the output is bit-identical; backward keeps that same copy instead of a fresh one per
 layer, so peak memory does not grow. The copy is remade when the weight changes (its version counter moves).
@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunelab.kept_casts import kept_cast
 from tunelab.train.dropout import KeepMaskDropout
 
 
@@ -141,20 +142,7 @@ def _base_output(base: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) ->
     device = x.device.type
     if args or kwargs or type(base) is not nn.Linear or base.weight.requires_grad or not torch.is_autocast_enabled(device):
         return base(x, *args, **kwargs)
-    return F.linear(x, _autocast_weight(base, torch.get_autocast_dtype(device)), base.bias)
-
-
-def _autocast_weight(linear: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
-    """`linear.weight` cast to `dtype`, made once and kept on the module (not in its state dict) until the
-    weight changes."""
-    weight = linear.weight
-    key = (dtype, weight._version, weight.data_ptr())
-    kept = linear.__dict__.get("_tunelab_autocast")
-    if kept is None or kept[0] != key:
-        with torch.no_grad():
-            kept = (key, weight.detach().to(dtype))
-        linear.__dict__["_tunelab_autocast"] = kept
-    return kept[1]
+    return F.linear(x, kept_cast(base.weight, torch.get_autocast_dtype(device)), base.bias)
 
 
 def _lean_adapter(layer: Any, kwargs: dict[str, Any]) -> str | None:
