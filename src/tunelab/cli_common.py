@@ -31,7 +31,7 @@ def load(config: Path, overrides: list[str] | None) -> Any:
 
 def print_summary(root: Path, train_result: Any, metrics: dict[str, Any] | None) -> None:
     """The table `run`, `train`, `eval` and `combine` end with: training figures, eval metrics, gate."""
-    table = Table(title=f"tunelab run: {root}", show_header=True)
+    table = Table(title=f"run folder: {root}", show_header=True)  # run, train, eval, combine all end here
     table.add_column("measure")
     table.add_column("value", justify="right")
     if train_result is not None:

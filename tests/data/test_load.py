@@ -54,6 +54,10 @@ def test_kto_and_text_rows(tmp_path):
 
 BAD_ROWS = [
     ('{"messages": [{"role": "user", "content": "a"}', "invalid JSON"),
+    # a line cut short inside a string: json's message ends in "at"; the line's newline is not the problem
+    ('{"messages": [{"role": "user", "content": "a', "invalid JSON: Unterminated string starting at column 43"),
+    ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "b"}]}',
+     "field 'messages[0].content': is missing"),
     ('{"messages": [{"role": "bot", "content": "a"}, {"role": "assistant", "content": "b"}]}',
      "field 'messages[0].role': unknown role 'bot'"),
     ('{"conversations": [{"from": "robot", "value": "a"}]}', "field 'conversations[0].from': unknown role 'robot'"),

@@ -58,6 +58,8 @@ def _messages(value: Any, where: str, roles: dict[str, str] | None = None, role_
         if role is None:
             expected = ", ".join(roles or ROLES)
             raise RowError(f"{here}.{role_key}", f"unknown role {raw_role!r}; expected one of {expected}")
+        if content_key not in m:
+            raise RowError(f"{here}.{content_key}", "is missing")
         if not isinstance(content, str):
             raise RowError(f"{here}.{content_key}", f"expected a string, got {type(content).__name__}")
         if not content.strip():

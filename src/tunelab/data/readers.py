@@ -67,6 +67,11 @@ def _depth(value: Any) -> int:
     return deepest
 
 
+def _decode_problem(err: json.JSONDecodeError) -> str:
+    """'Unterminated string starting at column 130': json's messages often end in 'at' already."""
+    return f"{err.msg.removesuffix(' at')} at column {err.colno}"
+
+
 def _loads(text: str) -> Any:
     """json.loads, with what it raises for hostile input (runaway nesting, integers over Python's digit
     limit) turned into JSONDecodeError-like ValueErrors with a readable message."""
@@ -102,9 +107,9 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Row | BadRow]]:
             if not line.strip():
                 continue
             try:
-                row = _loads(line)
+                row = _loads(line.rstrip("\r\n"))  # a line cut short is an unterminated string, not a control character
             except json.JSONDecodeError as err:
-                yield where, BadRow(f"invalid JSON: {err.msg} at column {err.colno}")
+                yield where, BadRow(f"invalid JSON: {_decode_problem(err)}")
                 continue
             except ValueError as err:
                 yield where, BadRow(f"invalid JSON: {err}")
@@ -124,7 +129,7 @@ def _read_json(path: Path) -> Iterator[tuple[str, Row | BadRow]]:
         if err.msg == "Extra data":
             yield from _read_jsonl(path)
             return
-        raise DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg} at column {err.colno}") from None
+        raise DataError(f"{path}:{err.lineno}: invalid JSON: {_decode_problem(err)}") from None
     except ValueError as err:
         raise DataError(f"{path}: invalid JSON: {err}") from None
     if isinstance(data, dict):  # {"data": [...]} or {"rows": [...]} wrappers

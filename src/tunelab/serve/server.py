@@ -199,8 +199,9 @@ def batching_note(engine: Any) -> str:
     if engine.exact:
         return (f"continuous batching, up to {engine.max_batch} rows; rows padded to multiples of {engine.quantum} "
                 "(this machine's matmuls are row-invariant there): greedy answers equal the answers decoded alone")
-    return (f"continuous batching, up to {engine.max_batch} rows; warning: no padding makes this machine's matmuls "
-            "row-invariant, so a greedy answer can differ by float rounding from the same request decoded alone")
+    return (f"continuous batching, up to {engine.max_batch} rows; warning: no padding height makes this "
+            "machine's matmuls row-invariant, so a greedy answer can differ by float rounding from the same request "
+            "decoded alone")
 
 
 def vllm_command(options: ServeOptions) -> tuple[list[str], list[str]]:
