@@ -88,12 +88,13 @@ def test_data_prep_never_rewrites_a_trained_runs_config(tmp_path, tiny_model_dir
 
 
 def test_failed_data_prep_leaves_no_run_folder(tmp_path, tiny_model_dir, bad_rows):
-    run = tmp_path / "runs" / "new"
+    run = tmp_path / "runs" / "team" / "new"
     path = config_file(tmp_path, tiny_model_dir, bad_rows, run)
     assert "unknown role 'bot'" in one_error(run_cli("data", "prep", str(path)))
-    assert not run.exists()
+    assert not (tmp_path / "runs").exists()  # nor the parent folders made for it
+    (tmp_path / "runs").mkdir()  # a folder that was there before stays, even empty
     assert "unknown role 'bot'" in one_error(run_cli("train", str(path)))
-    assert not run.exists()
+    assert not run.exists() and not run.parent.exists() and (tmp_path / "runs").is_dir()
 
 
 @pytest.mark.parametrize("out", [".", "/", "~/", "..", "HOME", "CONFIG_DIR", "CONFIG_PARENT"])

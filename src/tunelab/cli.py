@@ -83,8 +83,7 @@ def train(config: ConfigArg, set_: SetOpt = None, resume: Annotated[bool, typer.
     if dry_run:
         _print_preflight(cfg)
         return
-    run_paths = pipeline.open_run(cfg, starting_training=True, resume=resume)
-    with pipeline.removed_if_orphaned(run_paths):
+    with pipeline.opened_run(cfg, starting_training=True, resume=resume) as run_paths:
         result = pipeline.stage_train(cfg, run_paths, resume=resume)
     print_summary(run_paths.root, result, None)
 
@@ -151,8 +150,7 @@ def data_prep(config: ConfigArg, set_: SetOpt = None) -> None:
     from tunelab import pipeline
 
     cfg = _load(config, set_)
-    run_paths = pipeline.open_run(cfg, starting_training=False)
-    with pipeline.removed_if_orphaned(run_paths):
+    with pipeline.opened_run(cfg, starting_training=False) as run_paths:
         prepared = pipeline.stage_data(cfg, run_paths, end_tracking=True)
     _print_data_summary(run_paths.data, prepared.report)
 

@@ -49,9 +49,20 @@ def open_run(cfg: RunConfig, starting_training: bool, resume: bool = False) -> R
 
 
 @contextlib.contextmanager
-def removed_if_orphaned(run: RunPaths) -> Iterator[None]:
+def opened_run(cfg: RunConfig, starting_training: bool, resume: bool = False) -> Iterator[RunPaths]:
+    """`open_run` for a stage: if the stage fails before writing anything, the run folder and the parent folders
+    that opening it created are removed again (folders that were there before are left alone)."""
+    created = _missing_folders(Path(cfg.output.dir).parent)
+    run = open_run(cfg, starting_training, resume)
+    with removed_if_orphaned(run, created):
+        yield run
+
+
+@contextlib.contextmanager
+def removed_if_orphaned(run: RunPaths, created_parents: list[Path] | None = None) -> Iterator[None]:
     """On failure, remove a run folder that holds nothing but its config.yaml (or nothing at all): a stage
-    that failed before writing anything must not leave an empty-looking run behind."""
+    that failed before writing anything must not leave an empty-looking run behind. `created_parents`
+    (deepest first) go too while they are empty."""
     try:
         yield
     except BaseException:
@@ -59,7 +70,18 @@ def removed_if_orphaned(run: RunPaths) -> Iterator[None]:
             run.config.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 run.root.rmdir()
+                for folder in created_parents or []:
+                    folder.rmdir()  # not empty (another run's folder appeared there): stop
         raise
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """`path` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
 
 
 def preflight(cfg: RunConfig, resume: bool = False) -> list[str]:
@@ -310,8 +332,7 @@ def run_all(cfg: RunConfig) -> RunSummary:
         from tunelab.eval.harness import check_harness
 
         check_harness(cfg)
-    run = open_run(cfg, starting_training=True)
-    with removed_if_orphaned(run):
+    with opened_run(cfg, starting_training=True) as run:
         train_result = stage_train(cfg, run)
     eval_result = stage_eval(cfg, run)
     return RunSummary(run=run, train=train_result, eval=eval_result)
