@@ -50,27 +50,20 @@ def open_run(cfg: RunConfig, starting_training: bool, resume: bool = False) -> R
 
 @contextlib.contextmanager
 def opened_run(cfg: RunConfig, starting_training: bool, resume: bool = False) -> Iterator[RunPaths]:
-    """`open_run` for a stage: if the stage fails before writing anything, the run folder and the parent folders
-    that opening it created are removed again (folders that were there before are left alone)."""
-    created = _missing_folders(Path(cfg.output.dir).parent)
+    """`open_run` for a stage. If the stage fails before writing anything (the run folder holds nothing but its
+    config.yaml, or nothing at all), the folder goes again, and so do the parent folders opening it created
+    while they are empty: a failed stage must not leave an empty-looking run behind. Folders that were there
+    before are left alone."""
+    created = _missing_folders(Path(cfg.output.dir).parent)  # deepest first
     run = open_run(cfg, starting_training, resume)
-    with removed_if_orphaned(run, created):
-        yield run
-
-
-@contextlib.contextmanager
-def removed_if_orphaned(run: RunPaths, created_parents: list[Path] | None = None) -> Iterator[None]:
-    """On failure, remove a run folder that holds nothing but its config.yaml (or nothing at all): a stage
-    that failed before writing anything must not leave an empty-looking run behind. `created_parents`
-    (deepest first) go too while they are empty."""
     try:
-        yield
+        yield run
     except BaseException:
         if run.root.is_dir() and {p.name for p in run.root.iterdir()} <= {run.config.name}:
             run.config.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 run.root.rmdir()
-                for folder in created_parents or []:
+                for folder in created:
                     folder.rmdir()  # not empty (another run's folder appeared there): stop
         raise
 
