@@ -2,6 +2,7 @@
 
     python bench/dpo_throughput.py [--pairs 96] [--repeats 2] [--out bench/results/dpo_throughput.json]
     python bench/dpo_throughput.py --variants trl tunelab "no-precompute=objective.precompute_ref=false"
+    python bench/dpo_throughput.py --variants trl-orpo "orpo=objective.type=orpo" trl-simpo "simpo=objective.type=simpo"
 
 Both sides train the default model (LoRA r=16, alpha 32, dropout 0.05 on all linear projections; the
 reference is the base with the adapter switched off) with DPO (sigmoid, beta 0.1), 8 pairs a step,
@@ -9,6 +10,8 @@ lr 1e-4 cosine, seed 42, one epoch, max_length 1024, on the same deterministic p
 
 - trl: `trl.DPOTrainer` with a `DPOConfig` left at its defaults but for those settings (so bf16 autocast
   and gradient checkpointing on, the reference log-probs computed at every step);
+- trl-orpo, trl-simpo: TRL's experimental `ORPOTrainer` / `CPOTrainer` (SimPO: loss_type simpo, cpo_alpha 0,
+  gamma 0.5 as tunelab's default), likewise at their defaults but for those settings (bf16, checkpointing on);
 - tunelab: `tunelab.train.preference.train_preference` with a default RunConfig;
 - any other variant: tunelab with overrides (the ablation).
 
@@ -39,6 +42,8 @@ HYPER = {"learning_rate": 1e-4, "batch_size": 8, "epochs": 1, "lr_scheduler": "c
          "seed": 42}
 BETA = 0.1
 MAX_LENGTH = 1024
+TRL_SIDES = {"trl": "dpo", "trl-orpo": "orpo", "trl-simpo": "simpo"}  # side name -> TRL trainer's objective
+SIMPO_GAMMA = 0.5  # tunelab's default objective.simpo_gamma
 
 
 def make_pairs(n: int, seed: int) -> list[dict[str, Any]]:
@@ -94,16 +99,30 @@ def heldout_dpo(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> dict[
 # ------------------------------------------------------------------------------------------ one side
 
 
-def run_trl(data: Path, work: Path) -> dict[str, Any]:
+def run_trl(data: Path, work: Path, objective: str) -> dict[str, Any]:
     import torch
     from datasets import Dataset as HFDataset
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
-    from trl import DPOConfig, DPOTrainer
 
     from tunelab.config import ModelConfig
     from tunelab.models import Precision, load_model, load_tokenizer, resolve_model
 
+    if objective == "dpo":
+        from trl import DPOConfig as Config
+        from trl import DPOTrainer as Trainer
+
+        options: dict[str, Any] = {}
+    elif objective == "orpo":
+        from trl.experimental.orpo import ORPOConfig as Config
+        from trl.experimental.orpo import ORPOTrainer as Trainer
+
+        options = {}
+    else:
+        from trl.experimental.cpo import CPOConfig as Config
+        from trl.experimental.cpo import CPOTrainer as Trainer
+
+        options = {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": SIMPO_GAMMA}
     base = resolve_model(ModelConfig())
     tokenizer = load_tokenizer(base)
     rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
@@ -113,12 +132,13 @@ def run_trl(data: Path, work: Path) -> dict[str, Any]:
     model = load_model(base, Precision("cpu", None, torch.float32))
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
-    args = DPOConfig(output_dir=str(work / "trl"), per_device_train_batch_size=HYPER["batch_size"],
-                     learning_rate=HYPER["learning_rate"], lr_scheduler_type=HYPER["lr_scheduler"],
-                     warmup_steps=HYPER["warmup_ratio"], num_train_epochs=HYPER["epochs"], seed=HYPER["seed"],
-                     beta=BETA, max_length=MAX_LENGTH, save_strategy="no", report_to="none", disable_tqdm=True,
-                     use_cpu=not torch.cuda.is_available())  # TRL refuses its default bf16 on CPU without it
-    trainer = DPOTrainer(model=model, args=args, train_dataset=HFDataset.from_list(trl_rows), processing_class=tokenizer)
+    args = Config(output_dir=str(work / "trl"), per_device_train_batch_size=HYPER["batch_size"],
+                  learning_rate=HYPER["learning_rate"], lr_scheduler_type=HYPER["lr_scheduler"],
+                  warmup_steps=HYPER["warmup_ratio"], num_train_epochs=HYPER["epochs"], seed=HYPER["seed"],
+                  beta=BETA, max_length=MAX_LENGTH, save_strategy="no", report_to="none", disable_tqdm=True,
+                  use_cpu=not torch.cuda.is_available(),  # TRL refuses its default bf16 on CPU without it
+                  **options)
+    trainer = Trainer(model=model, args=args, train_dataset=HFDataset.from_list(trl_rows), processing_class=tokenizer)
     started = time.perf_counter()
     output = trainer.train()
     seconds = time.perf_counter() - started
@@ -164,7 +184,7 @@ def one_side(name: str, overrides: list[str], data: Path) -> None:
     from tunelab.measure import peak_memory_mb
 
     work = Path(tempfile.mkdtemp(prefix=f"tunelab-dpo-{name}-"))
-    out = run_trl(data, work) if name == "trl" else run_tunelab(data, work, overrides)
+    out = run_trl(data, work, TRL_SIDES[name]) if name in TRL_SIDES else run_tunelab(data, work, overrides)
     tokens = json.loads((data / "shape.json").read_text())["tokens"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out.update(tokens=tokens, tokens_per_second=round(tokens / out["seconds"], 1),
@@ -187,8 +207,8 @@ def main() -> None:
     from tunelab.config import ModelConfig
     from tunelab.models import tokenizer_for
 
-    variants = {("trl" if spec == "trl" else name): o
-                for spec in args.variants for name, o in parse_variants([spec]).items()}
+    variants = {name: o for spec in args.variants
+                for name, o in ({spec: []} if spec in TRL_SIDES else parse_variants([spec])).items()}
     data = Path(tempfile.mkdtemp(prefix="tunelab-dpo-data-"))
     train, heldout = make_pairs(args.pairs, seed=1), make_pairs(32, seed=2)
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
@@ -199,7 +219,7 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     for repeat in range(args.repeats):
         for name, overrides in variants.items():
-            runs[name].append(run_side(__file__, "trl" if name == "trl" else "tunelab", name, data, overrides))
+            runs[name].append(run_side(__file__, name if name in TRL_SIDES else "tunelab", name, data, overrides))
             r = runs[name][-1]
             print(f"[{repeat + 1}/{args.repeats}] {name}: {r['tokens_per_second']:.0f} tok/s, "
                   f"{r['peak_memory_mb']:.0f} MiB, train loss {r['train_loss']:.4f}, held-out DPO loss "
@@ -213,11 +233,17 @@ def main() -> None:
                for name, rs in runs.items()}
     result: dict[str, Any] = {"data": shape, "hyperparameters": {**HYPER, "beta": BETA, "max_length": MAX_LENGTH},
                               "lora": LORA, "variants": variants, "results": summary}
-    if "trl" in summary:
-        ref = summary["trl"]
-        result["vs_trl"] = {name: {"tokens_per_second_x": round(s["tokens_per_second"] / ref["tokens_per_second"], 2),
-                                   "peak_memory_x": round(s["peak_memory_mb"] / ref["peak_memory_mb"], 2)}
-                            for name, s in summary.items() if name != "trl"}
+    # Each tunelab variant against the TRL side of its objective, where one ran.
+    reference_of = {objective: name for name, objective in TRL_SIDES.items() if name in summary}
+    for name, overrides in variants.items():
+        objective = next((o.split("=", 1)[1] for o in overrides if o.startswith("objective.type=")), "dpo")
+        ref_name = reference_of.get(objective)
+        if name in TRL_SIDES or ref_name is None:
+            continue
+        s, ref = summary[name], summary[ref_name]
+        result.setdefault("vs_trl", {})[name] = {
+            "against": ref_name, "tokens_per_second_x": round(s["tokens_per_second"] / ref["tokens_per_second"], 2),
+            "peak_memory_x": round(s["peak_memory_mb"] / ref["peak_memory_mb"], 2)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print("\n| side | tok/s (median, range) | peak MiB | train loss | held-out DPO loss | accuracy | steps |")
@@ -227,7 +253,8 @@ def main() -> None:
         print(f"| {name} | {s['tokens_per_second']:.0f} ({low:.0f}-{high:.0f}) | {s['peak_memory_mb']:.0f} | "
               f"{s['train_loss']:.4f} | {s['eval_loss']:.4f} | {s['eval_accuracy']:.2f} | {s['steps']} |")
     for name, ratio in result.get("vs_trl", {}).items():
-        print(f"{name} vs trl: {ratio['tokens_per_second_x']}x tokens/s, {ratio['peak_memory_x']}x peak memory")
+        print(f"{name} vs {ratio['against']}: {ratio['tokens_per_second_x']}x tokens/s, "
+              f"{ratio['peak_memory_x']}x peak memory")
 
 
 if __name__ == "__main__":

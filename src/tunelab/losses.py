@@ -34,15 +34,22 @@ CPU_CHUNK_ELEMENTS = 6 * 2**20
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum over rows of cross_entropy(hidden @ weight.T, targets), gradients computed chunk by chunk in forward."""
+    """cross_entropy(hidden @ weight.T, targets) per row, or summed over rows; gradients computed chunk by chunk
+    in forward.
+
+    A row's loss depends on its own hidden state only, so its gradient with respect to that state is computed
+    while its logits exist and kept ([N, d], small); backward scales it by the incoming gradient of the row
+    (per-row losses) or of the sum. A trained head's gradient is a sum over rows, so it is accumulated here for
+    the summed loss only; per-row losses need a frozen head."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                compute_dtype: torch.dtype, with_grads: bool) -> torch.Tensor:
+                compute_dtype: torch.dtype, with_grads: bool, per_row: bool) -> torch.Tensor:
         w = kept_cast(weight, compute_dtype) if not weight.requires_grad else weight.to(compute_dtype)
         # Under no_grad (evaluation) neither gradient is needed: only the loss is computed.
         grad_hidden = torch.empty_like(hidden) if with_grads and hidden.requires_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grads and weight.requires_grad else None
+        losses = torch.empty(hidden.shape[0] if per_row else 0, dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk].to(compute_dtype)
@@ -55,10 +62,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             exps = logits.float()  # a copy in compute precision below float32, else the logits themselves
             top = exps.amax(dim=-1, keepdim=True)
             sums = exps.sub_(top).exp_().sum(dim=-1, keepdim=True)
-            total += (top + sums.log()).squeeze(1).sub_(picked).sum()
+            row_losses = (top + sums.log()).squeeze(1).sub_(picked)
+            if per_row:
+                losses[start : start + chunk] = row_losses
+            else:
+                total += row_losses.sum()
             if grad_hidden is None and grad_weight is None:
                 continue
-            # d(sum of losses)/d(logits) = softmax - one_hot, written over the logits in compute precision.
+            # d(loss of a row)/d(its logits) = softmax - one_hot, written over the logits in compute precision.
             grad_logits = torch.mul(exps, sums.reciprocal_(), out=logits)
             grad_logits[rows, y] -= 1.0
             if grad_hidden is not None:
@@ -68,16 +79,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         empty = torch.empty(0)
         ctx.save_for_backward(grad_hidden if grad_hidden is not None else empty,
                               grad_weight if grad_weight is not None else empty)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype, ctx.per_row = weight.dtype, per_row
         ctx.hidden_grad, ctx.weight_grad = grad_hidden is not None, grad_weight is not None
-        return total
+        return losses if per_row else total
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
         grad_hidden, grad_weight = ctx.saved_tensors
         dw = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.weight_grad else None
-        dh = grad_hidden * grad_output.to(grad_hidden.dtype) if ctx.hidden_grad else None
-        return dh, dw, None, None, None, None
+        scale = grad_output[:, None] if ctx.per_row else grad_output
+        dh = grad_hidden * scale.to(grad_hidden.dtype) if ctx.hidden_grad else None
+        return dh, dw, None, None, None, None, None
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -85,13 +97,27 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     """Sum of cross-entropy losses of `hidden` [N, d] projected by `weight` [V, d] against `targets` [N],
     never holding more than `chunk` rows of logits (default: `chunk_rows`). Honors an enclosing autocast like
     the model's head does."""
+    return _linear_cross_entropy(hidden, weight, targets, chunk, per_row=False)
+
+
+def linear_cross_entropy_rows(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              chunk: int | None = None) -> torch.Tensor:
+    """Each row's cross-entropy [N] (float32; minus the log-prob of its target), as `linear_cross_entropy_sum`
+    computes it. The head must be frozen: its gradient would depend on the rows' gradients, unknown in forward."""
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("per-row cross-entropy needs a frozen output head")
+    return _linear_cross_entropy(hidden, weight, targets, chunk, per_row=True)
+
+
+def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None,
+                          per_row: bool) -> torch.Tensor:
     device = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     with_grads = torch.is_grad_enabled()  # read here: inside forward, grad mode is always off
     if chunk is None:
         chunk = chunk_rows(weight.shape[0], device, weight.requires_grad)
     with torch.autocast(device_type=device, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, compute_dtype, with_grads)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, compute_dtype, with_grads, per_row)
 
 
 def chunk_rows(vocab: int, device: str, head_trains: bool) -> int:

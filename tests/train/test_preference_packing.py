@@ -140,30 +140,43 @@ def test_logits_calls_packing_does_not_apply_to_go_through_unchanged(tiny_model_
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("objective", ["dpo", "kto", "orpo", "simpo"])
-def test_preference_training_steps_go_in_padding_free(tmp_path, tiny_model_dir, objective, monkeypatch):
+@pytest.mark.parametrize("objective,chunked_loss", [
+    ("dpo", True), ("kto", True), ("orpo", True), ("simpo", True), ("orpo", False), ("simpo", False),
+])
+def test_preference_training_steps_go_in_padding_free(tmp_path, tiny_model_dir, objective, chunked_loss,
+                                                      monkeypatch):
+    """DPO/KTO pack their fused-head calls; ORPO/SimPO take the logits-free forward (train/preference_head.py),
+    or with train.chunked_loss off pack TRL's full-logits call."""
     from tests.train.test_preference import kto_rows, make_config, preference_rows
     from tunelab import pipeline
-    from tunelab.train import preference_packing
+    from tunelab.train import preference_head, preference_packing
 
     packed_calls = []
     real_pack, real_attention = preference_packing.pack, preference_packing.padding_free_attention
+    real_readout = preference_head.preference_readout
 
     def counting_pack(*args):
-        packed_calls.append(args[0].shape)
+        packed_calls.append(("fused", args[0].shape))
         return real_pack(*args)
 
     def counting_attention(model):  # ORPO/SimPO's logits calls pack without `pack`: count the row instead
-        if objective in ("orpo", "simpo"):
-            packed_calls.append((2,))
+        if objective in ("orpo", "simpo"):  # (DPO's and KTO's packed calls go through here too)
+            packed_calls.append(("logits", (2,)))
         return real_attention(model)
+
+    def counting_readout(model, input_ids, *args):
+        packed_calls.append(("logits-free", input_ids.shape))
+        return real_readout(model, input_ids, *args)
 
     monkeypatch.setattr(preference_packing, "pack", counting_pack)
     monkeypatch.setattr(preference_packing, "padding_free_attention", counting_attention)
+    monkeypatch.setattr(preference_head, "preference_readout", counting_readout)
     rows = kto_rows(16) if objective == "kto" else preference_rows(16)
     cfg = make_config(tmp_path, tiny_model_dir, objective, rows)
-    cfg.train.max_steps = 2
+    cfg.train.max_steps, cfg.train.chunked_loss = 2, chunked_loss
     result = pipeline.stage_train(cfg, pipeline.open_run(cfg, starting_training=True))
     assert result.steps == 2
     # a padded batch of several sequences was packed at least once a step (a fallback would not pack at all)
-    assert len(packed_calls) >= 2 and all(shape[0] > 1 for shape in packed_calls)
+    assert len(packed_calls) >= 2 and all(shape[0] > 1 for _, shape in packed_calls)
+    path = {"dpo": "fused", "kto": "fused"}.get(objective, "logits-free" if chunked_loss else "logits")
+    assert {kind for kind, _ in packed_calls} == {path}

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from tunelab.config import TRL_OBJECTIVES, VIRTUAL_TOKEN_METHODS, RunConfig
 
 PACKED_PREFERENCE = ("dpo", "kto", "orpo", "simpo")  # TRL trainers whose model calls tunelab packs
+LOGITS_FREE_PREFERENCE = ("orpo", "simpo")  # TRL trainers whose forward tunelab replaces (train/preference_head.py)
 
 if TYPE_CHECKING:
     import torch
@@ -54,8 +55,11 @@ def training_policy(cfg: RunConfig, precision: Precision, world_size: int = 1,
     # The chunked loss calls the decoder outside the DistributedDataParallel wrapper, whose forward is what
     # arms gradient averaging: with several processes the model's own loss keeps the replicas in step
     # (measured: step-1 grad norm 13.5 instead of 10.3). Liger's kernels bring their own fused loss.
-    chunked_loss = (t.chunked_loss and own_batches and world_size == 1 and not t.liger_kernel
-                    and model_supports_chunked_loss)
+    # ORPO/SimPO: per-token log-probs from the chunked head, on the packed row, with a frozen head only.
+    logits_free_pairs = (cfg.objective.type in LOGITS_FREE_PREFERENCE and padding_free
+                         and cfg.method.type != "full")
+    chunked_loss = (t.chunked_loss and (own_batches or logits_free_pairs) and world_size == 1
+                    and not t.liger_kernel and model_supports_chunked_loss)
     return TrainingPolicy(
         device=precision.device, autocast_dtype=precision.autocast_dtype, padding_free=padding_free,
         per_example_attention=padding_free, chunked_loss=chunked_loss,

@@ -17,6 +17,7 @@ from tunelab.config import RunConfig
 from tunelab.data.prepare import Dataset
 from tunelab.data.tokens import token_counter
 from tunelab.errors import ConfigError, DataError
+from tunelab.losses import supports_chunked_loss
 from tunelab.measure import peak_memory_mb
 from tunelab.models import pick_precision
 from tunelab.progress import console
@@ -24,7 +25,8 @@ from tunelab.train.args import training_kwargs
 from tunelab.train.callbacks import MetricsCallback
 from tunelab.train.fused_layers import fused_training_layers
 from tunelab.train.methods import build_trainable, count_parameters, training_inputs
-from tunelab.train.policy import training_policy
+from tunelab.train.policy import LOGITS_FREE_PREFERENCE, process_group_size, training_policy
+from tunelab.train.preference_head import LogitsFreeCPO, LogitsFreeORPO
 from tunelab.train.preference_packing import PaddingFreeLogits, PaddingFreePreference
 from tunelab.train.sft import TrainResult, _resume_point, save_trained
 from tunelab.train.trainer import (
@@ -63,7 +65,7 @@ def make_trainer(cfg: RunConfig, run: RunPaths, model: Any, tokenizer: Any, trai
     """The TRL trainer for cfg.objective, configured from the same RunConfig as every other stage."""
     from datasets import Dataset as HFDataset
 
-    policy = training_policy(cfg, pick_precision(cfg.model))
+    policy = training_policy(cfg, pick_precision(cfg.model), process_group_size(), supports_chunked_loss(model))
     common = {**training_kwargs(cfg, run, policy, has_eval=False), "max_length": cfg.data.max_length,
               # TRL's batches have no single input key to count; tokens are counted from the data instead.
               "include_num_input_tokens_seen": "no"}
@@ -112,7 +114,10 @@ def make_trainer(cfg: RunConfig, run: RunPaths, model: Any, tokenizer: Any, trai
         # SimPO is CPO's loss with a length-normalized reward and no NLL term (cpo_alpha=0), per the paper.
         options = {"beta": o.beta, "loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": o.simpo_gamma}
     if policy.padding_free:
-        mixin = PaddingFreeLogits if objective in ("orpo", "simpo") else PaddingFreePreference
+        mixin: type = PaddingFreePreference
+        if objective in LOGITS_FREE_PREFERENCE:
+            mixin = ((LogitsFreeORPO if objective == "orpo" else LogitsFreeCPO) if policy.chunked_loss
+                     else PaddingFreeLogits)
         Trainer = type(f"PaddingFree{Trainer.__name__}", (mixin, Trainer), {})
     return with_atomic_checkpoints(Trainer)(
         model=model, args=Config(**common, **options), train_dataset=HFDataset.from_list(train_rows),

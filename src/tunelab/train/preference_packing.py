@@ -50,7 +50,7 @@ def pack_fused_calls(model: Any) -> None:
         input_ids, mask, labels = kwargs.get("input_ids"), kwargs.get("attention_mask"), kwargs.get("labels")
         if (not fused_lm_head or args or input_ids is None or mask is None or labels is None
                 or kwargs.get("shift_labels") is not None or kwargs.get("position_ids") is not None
-                or kwargs.get("inputs_embeds") is not None or input_ids.shape[0] == 1 or not _right_padded(mask)):
+                or kwargs.get("inputs_embeds") is not None or input_ids.shape[0] == 1 or not right_padded(mask)):
             return fused(*args, fused_lm_head=fused_lm_head, **kwargs)
         row, row_labels, positions, keep = pack(input_ids, mask, labels)
         rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "labels")}
@@ -77,7 +77,7 @@ def pack_logits_calls(model: Any) -> None:
         mask = kwargs.get("attention_mask")
         if (len(args) > 1 or (args and "input_ids" in kwargs) or input_ids is None or mask is None
                 or kwargs.get("fused_lm_head") or any(kwargs.get(k) is not None for k in _UNPACKABLE)
-                or input_ids.shape[0] == 1 or not _right_padded(mask)):
+                or input_ids.shape[0] == 1 or not right_padded(mask)):
             return plain(*args, **kwargs)
         keep = mask.bool()
         lengths = keep.sum(dim=1).tolist()
@@ -94,7 +94,7 @@ def pack_logits_calls(model: Any) -> None:
     setattr(model, _LOGITS_MARK, True)
 
 
-def _right_padded(mask: torch.Tensor) -> bool:
+def right_padded(mask: torch.Tensor) -> bool:
     """Every row's ones come first (TRL pads preference batches on the right)."""
     lengths = mask.sum(dim=1, keepdim=True)
     return bool((mask.bool() == (torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths)).all())
