@@ -12,6 +12,8 @@ lr 1e-4 cosine, seed 42, one epoch, max_length 1024, on the same deterministic p
   and gradient checkpointing on, the reference log-probs computed at every step);
 - trl-orpo, trl-simpo: TRL's experimental `ORPOTrainer` / `CPOTrainer` (SimPO: loss_type simpo, cpo_alpha 0,
   gamma 0.5 as tunelab's default), likewise at their defaults but for those settings (bf16, checkpointing on);
+- trl-kto: `trl.KTOTrainer` likewise, on the pairs unpaired (each chosen answer a desirable row, each rejected
+  one an undesirable row: the same tokens), as tunelab's `objective.type=kto` variant reads them;
 - tunelab: `tunelab.train.preference.train_preference` with a default RunConfig;
 - any other variant: tunelab with overrides (the ablation).
 
@@ -42,7 +44,7 @@ HYPER = {"learning_rate": 1e-4, "batch_size": 8, "epochs": 1, "lr_scheduler": "c
          "seed": 42}
 BETA = 0.1
 MAX_LENGTH = 1024
-TRL_SIDES = {"trl": "dpo", "trl-orpo": "orpo", "trl-simpo": "simpo"}  # side name -> TRL trainer's objective
+TRL_SIDES = {"trl": "dpo", "trl-orpo": "orpo", "trl-simpo": "simpo", "trl-kto": "kto"}  # side -> its objective
 SIMPO_GAMMA = 0.5  # tunelab's default objective.simpo_gamma
 
 
@@ -64,6 +66,12 @@ def _encode(tokenizer: Any, prompt: list[dict[str, str]], answer: str) -> tuple[
     full = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": answer}], tokenize=True,
                                          return_dict=False)
     return list(full), len(prompt_ids)
+
+
+def unpaired(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """KTO's rows from preference pairs: the chosen answer desirable, the rejected one not (pair order kept)."""
+    return [{"id": f"{r['id']}-{side}", "prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+            for r in rows for side in ("chosen", "rejected")]
 
 
 def pair_tokens(tokenizer: Any, rows: list[dict[str, Any]]) -> int:
@@ -113,6 +121,11 @@ def run_trl(data: Path, work: Path, objective: str) -> dict[str, Any]:
         from trl import DPOTrainer as Trainer
 
         options: dict[str, Any] = {}
+    elif objective == "kto":
+        from trl import KTOConfig as Config
+        from trl import KTOTrainer as Trainer
+
+        options = {}
     elif objective == "orpo":
         from trl.experimental.orpo import ORPOConfig as Config
         from trl.experimental.orpo import ORPOTrainer as Trainer
@@ -128,6 +141,9 @@ def run_trl(data: Path, work: Path, objective: str) -> dict[str, Any]:
     rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
     trl_rows = [{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
                  "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]
+    if objective == "kto":
+        trl_rows = [{"prompt": r["prompt"], "completion": [{"role": "assistant", "content": r["completion"]}],
+                     "label": r["label"]} for r in unpaired(rows)]
     set_seed(HYPER["seed"])
     model = load_model(base, Precision("cpu", None, torch.float32))
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
@@ -164,9 +180,12 @@ def run_tunelab(data: Path, work: Path, overrides: list[str]) -> dict[str, Any]:
         key, value = item.split("=", 1)
         section, name = key.split(".", 1)
         config.setdefault(section, {})[name] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
+    if config["objective"]["type"] == "kto":
+        config["data"]["train"] = str(data / "train_kto.jsonl")
     cfg = validate_config(config)
     started = time.perf_counter()
-    result = train_preference(cfg, RunPaths(cfg.output.dir), Dataset(load_records(data / "train.jsonl"), [], []))
+    records = load_records(Path(config["data"]["train"]))
+    result = train_preference(cfg, RunPaths(cfg.output.dir), Dataset(records, [], []))
     seconds = time.perf_counter() - started - 0.0
     tokenizer = load_tokenizer(RunPaths(cfg.output.dir).adapter)
     return {"seconds": result.train_seconds, "seconds_with_setup": round(seconds, 1), "steps": result.steps,
@@ -212,6 +231,7 @@ def main() -> None:
     data = Path(tempfile.mkdtemp(prefix="tunelab-dpo-data-"))
     train, heldout = make_pairs(args.pairs, seed=1), make_pairs(32, seed=2)
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    (data / "train_kto.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unpaired(train)))
     (data / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout))
     shape = {"pairs": len(train), "tokens": pair_tokens(tokenizer_for(ModelConfig()), train)}
     (data / "shape.json").write_text(json.dumps(shape))

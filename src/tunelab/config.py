@@ -146,7 +146,8 @@ class TrainConfig(Section):
     chunked_loss: bool = Field(
         True,
         description="Cross-entropy on target tokens only, in chunks, gradients computed in the same pass: the "
-        "full-vocabulary logits are never held in memory (Liger's fused loss does this on CUDA when liger_kernel).",
+        "full-vocabulary logits are never held in memory (Liger's fused loss does this on CUDA when liger_kernel). "
+        "ORPO and SimPO (padding-free, frozen head) read their per-token log-probs the same way.",
     )
     integer_dropout_masks: bool = Field(
         True,
