@@ -44,7 +44,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                compute_dtype: torch.dtype, with_grads: bool, per_row: bool) -> torch.Tensor:
+                compute_dtype: torch.dtype, with_grads: bool, per_row: bool,
+                stats: dict[str, torch.Tensor] | None) -> torch.Tensor:
         w = kept_cast(weight, compute_dtype) if not weight.requires_grad else weight.to(compute_dtype)
         # Under no_grad (evaluation) neither gradient is needed: only the loss is computed.
         grad_hidden = torch.empty_like(hidden) if with_grads and hidden.requires_grad else None
@@ -57,12 +58,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = torch.arange(len(y), device=y.device)
             logits = F.linear(h, w)  # the same rounding as the model's head under autocast
             picked = logits[rows, y].float()
+            if stats is not None:  # logged only (no gradient): read before the logits are overwritten
+                stats["mean_logits"][start : start + chunk] = logits.mean(dim=-1, dtype=torch.float32)
+                stats["is_top1"][start : start + chunk] = logits.argmax(dim=-1) == y
             # log-sum-exp as torch.logsumexp computes it (max, then the sum of exp of the difference), in
             # float32 and in place: its exponentials are the softmax's numerators, kept for the gradient
             exps = logits.float()  # a copy in compute precision below float32, else the logits themselves
             top = exps.amax(dim=-1, keepdim=True)
-            sums = exps.sub_(top).exp_().sum(dim=-1, keepdim=True)
+            exps.sub_(top)
+            shifted = exps.clone() if stats is not None else None  # logit - top, for the entropy
+            sums = exps.exp_().sum(dim=-1, keepdim=True)
             row_losses = (top + sums.log()).squeeze(1).sub_(picked)
+            if shifted is not None:  # entropy = log-sum-exp - sum(p * logit) = log(sums) - sum(p * (logit - top))
+                stats["entropy"][start : start + chunk] = (sums.log() - (exps * shifted).sum(-1, keepdim=True)
+                                                           / sums).squeeze(1)
             if per_row:
                 losses[start : start + chunk] = row_losses
             else:
@@ -89,7 +98,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dw = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.weight_grad else None
         scale = grad_output[:, None] if ctx.per_row else grad_output
         dh = grad_hidden * scale.to(grad_hidden.dtype) if ctx.hidden_grad else None
-        return dh, dw, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -101,23 +110,31 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
 
 
 def linear_cross_entropy_rows(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                              chunk: int | None = None) -> torch.Tensor:
+                              chunk: int | None = None,
+                              stats: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Each row's cross-entropy [N] (float32; minus the log-prob of its target), as `linear_cross_entropy_sum`
-    computes it. The head must be frozen: its gradient would depend on the rows' gradients, unknown in forward."""
+    computes it. The head must be frozen: its gradient would depend on the rows' gradients, unknown in forward.
+
+    With `stats` (an empty dict), it is filled with each row's logged figures, without gradients: "entropy" of the
+    next-token distribution, "mean_logits" over the vocabulary, "is_top1" (the target is the first argmax)."""
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("per-row cross-entropy needs a frozen output head")
-    return _linear_cross_entropy(hidden, weight, targets, chunk, per_row=True)
+    if stats is not None:
+        rows, device = hidden.shape[0], hidden.device
+        stats.update(entropy=torch.empty(rows, device=device), mean_logits=torch.empty(rows, device=device),
+                     is_top1=torch.empty(rows, dtype=torch.bool, device=device))
+    return _linear_cross_entropy(hidden, weight, targets, chunk, per_row=True, stats=stats)
 
 
 def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None,
-                          per_row: bool) -> torch.Tensor:
+                          per_row: bool, stats: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     device = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     with_grads = torch.is_grad_enabled()  # read here: inside forward, grad mode is always off
     if chunk is None:
         chunk = chunk_rows(weight.shape[0], device, weight.requires_grad)
     with torch.autocast(device_type=device, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, compute_dtype, with_grads, per_row)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, compute_dtype, with_grads, per_row, stats)
 
 
 def chunk_rows(vocab: int, device: str, head_trains: bool) -> int:

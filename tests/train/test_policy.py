@@ -59,8 +59,8 @@ def test_the_estimator_plans_what_the_trainer_does(method, objective, world_size
     own_batches = objective in ("sft", "cpt") and method not in ("prompt_tuning", "prefix_tuning")
     packed_pairs = objective in ("dpo", "kto", "orpo", "simpo") and method not in ("prompt_tuning", "prefix_tuning")
     assert trainer.padding_free == trainer.per_example_attention == (own_batches or packed_pairs)
-    # ORPO/SimPO read per-token log-probs from the chunked head (train/preference_head.py); it must stay frozen.
-    logits_free_pairs = packed_pairs and objective in ("orpo", "simpo") and method != "full"
+    # Packed pairs read per-token log-probs from the chunked head; it must stay frozen.
+    logits_free_pairs = packed_pairs and method != "full"
     assert trainer.chunked_loss == ((own_batches or logits_free_pairs) and world_size == 1)
     # The estimate's largest step holds the full-vocabulary logits exactly when the trainer's does.
     assert workload(cfg, estimator, STATS, 49152).chunked_loss == (not trainer.full_logits) == trainer.chunked_loss

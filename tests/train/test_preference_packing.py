@@ -50,9 +50,16 @@ def test_packing_keeps_every_real_token_and_restarts_positions():
     assert keep.shape == (3, 6) and keep.sum().item() == 4 + 2 + 6
 
 
-def test_packed_call_equals_the_padded_call_per_token_and_in_gradients(tiny_model_dir):
+@pytest.mark.parametrize("own_head", [False, True])
+def test_packed_call_equals_the_padded_call_per_token_and_in_gradients(tiny_model_dir, own_head):
+    """own_head: the per-token outputs come from tunelab's chunked head (a frozen head), not TRL's."""
     padded, packed = _fused_model(tiny_model_dir), _fused_model(tiny_model_dir)
-    pack_fused_calls(packed)
+    if own_head:
+        for model in (padded, packed):
+            model.get_output_embeddings().weight.requires_grad_(False)
+        head_calls = []
+        packed.get_output_embeddings().register_forward_hook(lambda *args: head_calls.append(1))
+    pack_fused_calls(packed, own_head=own_head)
     pack_fused_calls(packed)  # a second call must not wrap twice
     ids, mask, labels = _padded_batch([9, 4, 17, 6, 12, 17], prompt=3, vocab=padded.config.vocab_size)
     seen = []
@@ -70,6 +77,8 @@ def test_packed_call_equals_the_padded_call_per_token_and_in_gradients(tiny_mode
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-3)
     assert packed.config._attn_implementation == "sdpa"  # per-example attention only for the packed call
+    if own_head:
+        assert head_calls == [] and torch.equal(got.label_mask, want.label_mask)
 
 
 @pytest.mark.parametrize("case", ["left padding", "one row", "not fused"])
@@ -141,19 +150,20 @@ def test_logits_calls_packing_does_not_apply_to_go_through_unchanged(tiny_model_
 
 
 @pytest.mark.parametrize("objective,chunked_loss", [
-    ("dpo", True), ("kto", True), ("orpo", True), ("simpo", True), ("orpo", False), ("simpo", False),
+    ("dpo", True), ("kto", True), ("orpo", True), ("simpo", True), ("dpo", False), ("orpo", False), ("simpo", False),
 ])
 def test_preference_training_steps_go_in_padding_free(tmp_path, tiny_model_dir, objective, chunked_loss,
                                                       monkeypatch):
-    """DPO/KTO pack their fused-head calls; ORPO/SimPO take the logits-free forward (train/preference_head.py),
-    or with train.chunked_loss off pack TRL's full-logits call."""
+    """DPO/KTO pack their fused-head calls (scored by tunelab's chunked head, or with train.chunked_loss off by
+    TRL's); ORPO/SimPO take the logits-free forward (train/preference_head.py), or with train.chunked_loss off
+    pack TRL's full-logits call."""
     from tests.train.test_preference import kto_rows, make_config, preference_rows
     from tunelab import pipeline
     from tunelab.train import preference_head, preference_packing
 
     packed_calls = []
     real_pack, real_attention = preference_packing.pack, preference_packing.padding_free_attention
-    real_readout = preference_head.preference_readout
+    real_readout, real_head = preference_head.preference_readout, preference_packing.chunked_head_outputs
 
     def counting_pack(*args):
         packed_calls.append(("fused", args[0].shape))
@@ -168,6 +178,11 @@ def test_preference_training_steps_go_in_padding_free(tmp_path, tiny_model_dir, 
         packed_calls.append(("logits-free", input_ids.shape))
         return real_readout(model, input_ids, *args)
 
+    def counting_head(model, row, *args):
+        packed_calls.append(("own head", row.shape))
+        return real_head(model, row, *args)
+
+    monkeypatch.setattr(preference_packing, "chunked_head_outputs", counting_head)
     monkeypatch.setattr(preference_packing, "pack", counting_pack)
     monkeypatch.setattr(preference_packing, "padding_free_attention", counting_attention)
     monkeypatch.setattr(preference_head, "preference_readout", counting_readout)
@@ -177,6 +192,11 @@ def test_preference_training_steps_go_in_padding_free(tmp_path, tiny_model_dir, 
     result = pipeline.stage_train(cfg, pipeline.open_run(cfg, starting_training=True))
     assert result.steps == 2
     # a padded batch of several sequences was packed at least once a step (a fallback would not pack at all)
-    assert len(packed_calls) >= 2 and all(shape[0] > 1 for _, shape in packed_calls)
-    path = {"dpo": "fused", "kto": "fused"}.get(objective, "logits-free" if chunked_loss else "logits")
-    assert {kind for kind, _ in packed_calls} == {path}
+    # (the chunked head sees the packed row, one row of the batch's real tokens)
+    assert len(packed_calls) >= 2 and all(shape[0] == 1 if kind == "own head" else shape[0] > 1
+                                          for kind, shape in packed_calls)
+    if objective in ("dpo", "kto"):
+        paths = {"fused", "own head"} if chunked_loss else {"fused"}
+    else:
+        paths = {"logits-free" if chunked_loss else "logits"}
+    assert {kind for kind, _ in packed_calls} == paths

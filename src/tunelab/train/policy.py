@@ -55,9 +55,9 @@ def training_policy(cfg: RunConfig, precision: Precision, world_size: int = 1,
     # The chunked loss calls the decoder outside the DistributedDataParallel wrapper, whose forward is what
     # arms gradient averaging: with several processes the model's own loss keeps the replicas in step
     # (measured: step-1 grad norm 13.5 instead of 10.3). Liger's kernels bring their own fused loss.
-    # ORPO/SimPO: per-token log-probs from the chunked head, on the packed row, with a frozen head only.
-    logits_free_pairs = (cfg.objective.type in LOGITS_FREE_PREFERENCE and padding_free
-                         and cfg.method.type != "full")
+    # Packed preference pairs read their per-token log-probs from the chunked head, with a frozen head only
+    # (ORPO/SimPO: train/preference_head.py; DPO/KTO: preference_packing.chunked_head_outputs).
+    logits_free_pairs = packed_pairs and padding_free and cfg.method.type != "full"
     chunked_loss = (t.chunked_loss and (own_batches or logits_free_pairs) and world_size == 1
                     and not t.liger_kernel and model_supports_chunked_loss)
     return TrainingPolicy(

@@ -118,7 +118,7 @@ def make_trainer(cfg: RunConfig, run: RunPaths, model: Any, tokenizer: Any, trai
         if objective in LOGITS_FREE_PREFERENCE:
             mixin = ((LogitsFreeORPO if objective == "orpo" else LogitsFreeCPO) if policy.chunked_loss
                      else PaddingFreeLogits)
-        Trainer = type(f"PaddingFree{Trainer.__name__}", (mixin, Trainer), {})
+        Trainer = type(f"PaddingFree{Trainer.__name__}", (mixin, Trainer), {"own_head": policy.chunked_loss})
     return with_atomic_checkpoints(Trainer)(
         model=model, args=Config(**common, **options), train_dataset=HFDataset.from_list(train_rows),
         processing_class=tokenizer, callbacks=callbacks, **extra,

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from tunelab.chat import IGNORE_INDEX
+from tunelab.losses import linear_cross_entropy_rows, supports_chunked_loss
 from tunelab.train.attention import padding_free_attention
 
 PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
@@ -35,12 +36,13 @@ _LOGITS_MARK = "_tunelab_packed_logits_forward"
 _UNPACKABLE = ("labels", "position_ids", "inputs_embeds", "past_key_values", "shift_labels")
 
 
-def pack_fused_calls(model: Any) -> None:
+def pack_fused_calls(model: Any, own_head: bool = False) -> None:
     """Make `model`'s fused-LM-head calls padding-free (once; a second call does nothing).
 
     `model` is the model TRL gave a fused LM head (the base under a PEFT wrapper). Calls without
     `fused_lm_head=True`, with one row, pre-shifted labels or a mask that is not right padding go through
-    unchanged."""
+    unchanged. With `own_head`, the packed call's per-token outputs come from tunelab's chunked head
+    (`chunked_head_outputs`) instead of TRL's."""
     if getattr(model, _MARK, False):
         return
     fused = model.forward
@@ -55,11 +57,41 @@ def pack_fused_calls(model: Any) -> None:
         row, row_labels, positions, keep = pack(input_ids, mask, labels)
         rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "labels")}
         with padding_free_attention(self):
-            out = fused(input_ids=row, labels=row_labels, position_ids=positions, fused_lm_head=True, **rest)
+            # (PEFT's wrapper passes output_attentions=None and the like; anything set goes to TRL's head)
+            if own_head and all(v is None for k, v in rest.items() if k not in ("use_cache", "return_dict")):
+                out = chunked_head_outputs(self, row, row_labels, positions)
+            else:
+                out = fused(input_ids=row, labels=row_labels, position_ids=positions, fused_lm_head=True, **rest)
         return unpack(out, keep)
 
     model.forward = types.MethodType(forward, model)
     setattr(model, _MARK, True)
+
+
+def chunked_head_outputs(model: Any, row: torch.Tensor, row_labels: torch.Tensor, positions: torch.Tensor) -> Any:
+    """What TRL's fused LM head returns for one row (log-probs with their gradient; entropy, mean logit and
+    top-1 for its logs), from the decoder's hidden states at the target positions only, through
+    tunelab.losses' chunked head (128 rows of logits at a time, each row's gradient computed in the same pass).
+
+    On CPU, TRL's head scores every position of the row, prompts included, and recomputes each tile of logits
+    in backward; here only the answers' positions are scored, once. Needs a frozen plain head
+    (tunelab.losses.supports_chunked_loss)."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    hidden = model.get_decoder()(input_ids=row, position_ids=positions, use_cache=False).last_hidden_state[0, :-1]
+    targets = row_labels[0, 1:]
+    mask = targets != IGNORE_INDEX
+    stats: dict[str, torch.Tensor] = {}
+    losses = linear_cross_entropy_rows(hidden[mask], model.get_output_embeddings().weight, targets[mask],
+                                       stats=stats)
+
+    def spread(values: torch.Tensor) -> torch.Tensor:  # [targets] -> [1, row - 1], zero where the label is -100
+        return values.new_zeros(mask.shape).masked_scatter(mask, values)[None, :]
+
+    log_probs = spread(-losses)
+    return FusedCausalLMOutput(loss=losses.sum() / mask.sum().clamp(min=1), log_probs=log_probs,
+                               entropy=spread(stats["entropy"]), mean_logits=spread(stats["mean_logits"]),
+                               is_top1=spread(stats["is_top1"]), label_mask=mask[None, :])
 
 
 def pack_logits_calls(model: Any) -> None:
@@ -145,9 +177,16 @@ class PaddingFreePreference:
     TRL adds the fused head in its `__init__` and, with precomputed reference log-probs, runs the reference pass
     there too, so the wrapper goes on at the first of those passes rather than after construction."""
 
+    own_head = False  # tunelab's chunked head instead of TRL's fused one (set by train/preference.py)
+
     def _pack_model(self) -> None:
         model = self.accelerator.unwrap_model(self.model)  # type: ignore[attr-defined]
-        pack_fused_calls(model.get_base_model() if hasattr(model, "get_base_model") else model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # WPO's weights need log(sum p^2), which the chunked head does not compute; a trained head needs its
+        # gradient as a sum over rows, which per-row outputs cannot give.
+        own = (self.own_head and not getattr(self, "use_weighting", False) and supports_chunked_loss(base)
+               and not base.get_output_embeddings().weight.requires_grad)
+        pack_fused_calls(base, own_head=own)
 
     def _precompute_ref_logps(self, *args: Any, **kwargs: Any) -> Any:
         self._pack_model()
