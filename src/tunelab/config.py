@@ -197,8 +197,8 @@ class ObjectiveConfig(Section):
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO: target reward margin (gamma / beta ratio).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO/robust: assumed share of flipped labels.")
     precompute_ref: bool = Field(
-        True, description="DPO: compute the reference log-probs in one no-grad pass before training instead of "
-        "alongside every step (TRL's precompute_ref_log_probs)."
+        True, description="DPO and KTO: compute the reference log-probs in one no-grad pass before training "
+        "instead of alongside every step (TRL's precompute_ref_log_probs)."
     )
     rewards: list[str] = Field(
         default_factory=lambda: ["exact_match"],

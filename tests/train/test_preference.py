@@ -172,3 +172,18 @@ def test_trl_trainers_checkpoint_atomically_too(tmp_path, tiny_model_dir):
     pipeline.stage_train(cfg, run)
     assert [p.name for p in complete_checkpoints(run.checkpoints)] == ["checkpoint-4", "checkpoint-6"]
     assert not (run.checkpoints / ".staging").exists()
+
+
+@pytest.mark.parametrize("precompute", [True, False])
+def test_kto_reference_log_probs_are_computed_once_before_training(tmp_path, tiny_model_dir, precompute):
+    from tunelab.models import Precision, load_tokenizer, resolve_model
+    from tunelab.train.methods import build_trainable
+    from tunelab.train.preference import make_trainer, to_trl_rows
+
+    cfg = make_config(tmp_path, tiny_model_dir, "kto", kto_rows(8), precompute_ref=precompute)
+    base = resolve_model(cfg.model)
+    model = build_trainable(cfg, base, Precision("cpu", None, torch.float32))
+    rows = to_trl_rows(cfg, pipeline.stage_data(cfg, pipeline.open_run(cfg, starting_training=True)).dataset.train)
+    trainer = make_trainer(cfg, pipeline.RunPaths(cfg.output.dir), model, load_tokenizer(base), rows, [])
+    # precomputed: each row carries its reference log-prob (and the KL pair's) into the training batches
+    assert ("ref_logps" in trainer.train_dataset.column_names) == precompute

@@ -82,7 +82,8 @@ def make_trainer(cfg: RunConfig, run: RunPaths, model: Any, tokenizer: Any, trai
         from trl import KTOConfig as Config
         from trl import KTOTrainer as Trainer
 
-        options, extra = {"beta": o.beta}, {"ref_model": None}
+        options = {"beta": o.beta, "precompute_ref_log_probs": o.precompute_ref}
+        extra = {"ref_model": None}
     elif objective == "reward":
         from trl import RewardConfig as Config
         from trl import RewardTrainer as Trainer
