@@ -160,6 +160,15 @@ def supports_chunked_loss(model: Any) -> bool:
     return hasattr(base, "get_decoder") and base.get_decoder() is not None
 
 
+def frozen_plain_head(model: Any) -> bool:
+    """The chunked head can give `model`'s per-row log-probs (linear_cross_entropy_rows): a plain head
+    (`supports_chunked_loss`) that does not train."""
+    if not supports_chunked_loss(model):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return not base.get_output_embeddings().weight.requires_grad
+
+
 def chunked_causal_lm_loss(model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None,
                            replay_mask: torch.Tensor | None = None,
                            parts: dict[str, float] | None = None) -> torch.Tensor:

@@ -109,3 +109,16 @@ def test_per_row_cross_entropy_equals_the_plain_loss_and_its_gradient():
     torch.testing.assert_close(rows.sum(), linear_cross_entropy_sum(hidden, weight, targets, chunk=8))
     with pytest.raises(ValueError, match="frozen output head"):
         linear_cross_entropy_rows(hidden, weight.requires_grad_(), targets)
+
+
+def test_only_a_frozen_plain_head_gives_per_row_log_probs(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.losses import frozen_plain_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert not frozen_plain_head(model)  # full fine-tuning: the head trains, TRL's forward is kept
+    model.get_output_embeddings().weight.requires_grad_(False)
+    assert frozen_plain_head(model)
+    model.config.final_logit_softcapping = 30.0  # a soft-capped head (Gemma 2) is not the plain projection
+    assert not frozen_plain_head(model)

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 from tunelab.config import TRL_OBJECTIVES, VIRTUAL_TOKEN_METHODS, RunConfig
 
 PACKED_PREFERENCE = ("dpo", "kto", "orpo", "simpo")  # TRL trainers whose model calls tunelab packs
-LOGITS_FREE_PREFERENCE = ("orpo", "simpo")  # TRL trainers whose forward tunelab replaces (train/preference_head.py)
 
 if TYPE_CHECKING:
     import torch

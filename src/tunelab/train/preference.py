@@ -25,7 +25,7 @@ from tunelab.train.args import training_kwargs
 from tunelab.train.callbacks import MetricsCallback
 from tunelab.train.fused_layers import fused_training_layers
 from tunelab.train.methods import build_trainable, count_parameters, training_inputs
-from tunelab.train.policy import LOGITS_FREE_PREFERENCE, process_group_size, training_policy
+from tunelab.train.policy import process_group_size, training_policy
 from tunelab.train.preference_head import LogitsFreeCPO, LogitsFreeORPO
 from tunelab.train.preference_packing import PaddingFreeLogits, PaddingFreePreference
 from tunelab.train.sft import TrainResult, _resume_point, save_trained
@@ -116,7 +116,7 @@ def make_trainer(cfg: RunConfig, run: RunPaths, model: Any, tokenizer: Any, trai
         options = {"beta": o.beta, "loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": o.simpo_gamma}
     if policy.padding_free:
         mixin: type = PaddingFreePreference
-        if objective in LOGITS_FREE_PREFERENCE:
+        if objective in ("orpo", "simpo"):  # their forward is replaced (train/preference_head.py)
             mixin = ((LogitsFreeORPO if objective == "orpo" else LogitsFreeCPO) if policy.chunked_loss
                      else PaddingFreeLogits)
         Trainer = type(f"PaddingFree{Trainer.__name__}", (mixin, Trainer), {"own_head": policy.chunked_loss})

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from tunelab.chat import IGNORE_INDEX
-from tunelab.losses import linear_cross_entropy_rows, supports_chunked_loss
+from tunelab.losses import frozen_plain_head, linear_cross_entropy_rows
 from tunelab.train.attention import padding_free_attention
-from tunelab.train.preference_packing import PaddingFreeLogits, right_padded
+from tunelab.train.preference_packing import PaddingFreeLogits, pack, right_padded
 
 
 @dataclass(frozen=True)
@@ -48,18 +48,18 @@ def preference_readout(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, 
     The two means are 0-d tensors (TRL only logs `.mean()` of what stands there); positions that were padding
     count as zero logits, as in preference_packing's padded layout."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    keep = mask.bool()
-    lengths = keep.sum(dim=1)
-    row = input_ids[keep]
-    owner = torch.repeat_interleave(torch.arange(len(lengths), device=row.device), lengths)
-    positions = torch.cat([torch.arange(int(n), device=row.device) for n in lengths])
+    packed, packed_labels, packed_positions, _ = pack(input_ids, mask, labels)
+    row, positions = packed[0], packed_positions[0]
+    sequences_count = input_ids.shape[0]
     with padding_free_attention(model):
-        hidden = base.get_decoder()(input_ids=row[None], position_ids=positions[None], use_cache=False)
+        hidden = base.get_decoder()(input_ids=packed, position_ids=packed_positions, use_cache=False)
     hidden = hidden.last_hidden_state[0]
 
-    # Row position k predicts token k + 1 when both belong to the same sequence.
-    same, predictor = owner[1:] == owner[:-1], owner[:-1]
-    answer = same & (labels[keep][1:] != IGNORE_INDEX)
+    # Row position k predicts token k + 1 when both belong to the same sequence (a sequence starts at position 0;
+    # `pack` never makes a sequence's first token a target).
+    owner = torch.cumsum(positions == 0, dim=0) - 1
+    same, predictor = positions[1:] != 0, owner[:-1]
+    answer = packed_labels[0, 1:] != IGNORE_INDEX
     chosen = predictor < chosen_rows
     nll_rows = {"all": same & chosen, "answer": answer & chosen, None: torch.zeros_like(same)}[readout.nll]
     needed = answer | nll_rows
@@ -67,9 +67,9 @@ def preference_readout(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, 
     log_probs = -linear_cross_entropy_rows(hidden[:-1][needed], weight, row[1:][needed])
 
     counted, who = answer[needed], predictor[needed]
-    sequences = log_probs.new_zeros(len(lengths)).index_add(0, who[counted], log_probs[counted])
+    sequences = log_probs.new_zeros(sequences_count).index_add(0, who[counted], log_probs[counted])
     if readout.average:
-        sequences = sequences / torch.bincount(who[counted], minlength=len(lengths))
+        sequences = sequences / torch.bincount(who[counted], minlength=sequences_count)
     nll = -log_probs[nll_rows[needed]].mean() if readout.nll else torch.zeros((), device=row.device)
 
     with torch.no_grad():  # logged only: sum of a position's logits = hidden . column sum of the head
@@ -77,7 +77,7 @@ def preference_readout(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, 
         width = input_ids.shape[1] - (1 if readout.metric_drops_last else 0)
         shown = positions < width
         means = []
-        for part, rows in ((owner < chosen_rows, chosen_rows), (owner >= chosen_rows, len(lengths) - chosen_rows)):
+        for part, rows in ((owner < chosen_rows, chosen_rows), (owner >= chosen_rows, sequences_count - chosen_rows)):
             means.append(logit_sums[part & shown].sum() / max(rows * width * weight.shape[0], 1))
     return sequences[:chosen_rows], sequences[chosen_rows:], means[0], means[1], nll
 
@@ -94,8 +94,7 @@ class _LogitsFree(PaddingFreeLogits):
     def concatenated_forward(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
         unwrapped = self.accelerator.unwrap_model(model)  # type: ignore[attr-defined]
         if (self.is_encoder_decoder or self.aux_loss_enabled  # type: ignore[attr-defined]
-                or not supports_chunked_loss(unwrapped)
-                or unwrapped.get_output_embeddings().weight.requires_grad):
+                or not frozen_plain_head(unwrapped)):
             return super().concatenated_forward(model, batch)  # type: ignore[misc]
         both = self.concatenated_inputs(batch, is_encoder_decoder=False,  # type: ignore[attr-defined]
                                         padding_value=self._padding_value(),

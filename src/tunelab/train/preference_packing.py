@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from tunelab.chat import IGNORE_INDEX
-from tunelab.losses import linear_cross_entropy_rows, supports_chunked_loss
+from tunelab.losses import frozen_plain_head, linear_cross_entropy_rows
 from tunelab.train.attention import padding_free_attention
 
 PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
@@ -182,10 +182,8 @@ class PaddingFreePreference:
     def _pack_model(self) -> None:
         model = self.accelerator.unwrap_model(self.model)  # type: ignore[attr-defined]
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        # WPO's weights need log(sum p^2), which the chunked head does not compute; a trained head needs its
-        # gradient as a sum over rows, which per-row outputs cannot give.
-        own = (self.own_head and not getattr(self, "use_weighting", False) and supports_chunked_loss(base)
-               and not base.get_output_embeddings().weight.requires_grad)
+        # WPO's weights need log(sum p^2), which the chunked head does not compute.
+        own = self.own_head and not getattr(self, "use_weighting", False) and frozen_plain_head(base)
         pack_fused_calls(base, own_head=own)
 
     def _precompute_ref_logps(self, *args: Any, **kwargs: Any) -> Any:
