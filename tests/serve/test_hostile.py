@@ -123,6 +123,7 @@ def test_health_stays_fast_while_a_1mb_prompt_is_tokenized(server: str) -> None:
 
     with ThreadPoolExecutor(max_workers=1) as pool, httpx.Client() as probe:
         probe.get(f"{server}/health")
+        request_started = time.perf_counter()
         future = pool.submit(big_request)
         while not done.is_set():
             started = time.perf_counter()
@@ -130,9 +131,13 @@ def test_health_stays_fast_while_a_1mb_prompt_is_tokenized(server: str) -> None:
             latencies.append(time.perf_counter() - started)
             time.sleep(0.02)
         reply = future.result()
+        request_took = time.perf_counter() - request_started
     assert reply.status_code == 400 and "tokens" in reply.json()["error"]["message"]  # far beyond the context
-    print(f"/health during a 1 MB prompt: {len(latencies)} probes, max {max(latencies) * 1000:.0f} ms")
-    assert len(latencies) >= 5 and max(latencies) < 0.1
+    print(f"/health during a 1 MB prompt ({request_took:.2f} s): {len(latencies)} probes, "
+          f"max {max(latencies) * 1000:.0f} ms")
+    # Tokenizing on the event loop would hold one probe for most of the request's time. The bound is relative to
+    # that time, not a fixed figure: other tests share the CPU, and a probe can wait a scheduler tick or two.
+    assert len(latencies) >= 5 and max(latencies) < min(0.5, request_took / 4)
 
 
 # -- 4. overload ----------------------------------------------------------------------------------------------
