@@ -4,8 +4,9 @@
     python bench/attention_rows.py [--rows 16] [--rounds 9] [--variant before=/path/to/attention.py ...]
 
 Each row is 8 examples whose lengths follow bench/train_throughput.py's data (log-normal, median ~110, 20..600
-tokens; ~1,130 tokens a row), laid out as transformers hands them over: bf16, the default model's 9 query heads
-and 3 key/value heads of 64, q/k/v as transposed views of token-major projections. Every variant (the installed
+tokens; ~1,130 tokens a row), laid out as the model hands them over in training: bf16, the default model's 9
+query heads and 3 key/value heads of 64; q and k heads-major (tunelab's fused rotary embedding writes them so),
+v a transposed view of its token-major projection. Every variant (the installed
 file as `current`, and each `--variant` file) runs all rows once per round, variants interleaved, because this
 VM's speed drifts by tens of percent within minutes; prints each variant's median and best milliseconds a row
 and the median times the model's 30 layers.
@@ -44,9 +45,9 @@ def make_rows(count: int, seed: int = 1) -> list[tuple[torch.Tensor, ...]]:
     for _ in range(count):
         lengths = [min(600, max(20, int(rng.lognormvariate(math.log(110), 0.75)))) for _ in range(8)]
         total = sum(lengths)
-        q = torch.randn(1, total, HEADS, DIM, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
-        k, v = (torch.randn(1, total, KV_HEADS, DIM, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
-                for _ in range(2))
+        q = torch.randn(1, HEADS, total, DIM, dtype=torch.bfloat16).requires_grad_()
+        k = torch.randn(1, KV_HEADS, total, DIM, dtype=torch.bfloat16).requires_grad_()
+        v = torch.randn(1, total, KV_HEADS, DIM, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
         upstream = torch.randn(1, total, HEADS, DIM, dtype=torch.bfloat16)
         rows.append((q, k, v, upstream, torch.cat([torch.arange(n) for n in lengths])[None]))
     return rows

@@ -18,7 +18,7 @@ from tunelab.config import TRL_OBJECTIVES, VIRTUAL_TOKEN_METHODS, RunConfig
 from tunelab.estimate.memory import FP32, MemoryBreakdown, ModelShape, Workload, breakdown
 from tunelab.estimate.prices import CPU_USD_PER_HOUR, PRICES_DATE, PRICES_SOURCE, Accelerator, find_gpu, load_table
 from tunelab.estimate.probe import ProbeResult, baseline_rss_bytes, probe_training
-from tunelab.train.attention import saved_probabilities
+from tunelab.train.attention import attends_textbook, saved_probabilities
 from tunelab.train.policy import TrainingPolicy, planned_world_size, training_policy
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ class DataStats:
     attention_probs: int  # softmax probabilities per head a layer keeps in the largest step (CPU attention)
     peak_targets: int
     max_length: int
+    grouped_kv_tokens: int = 0  # tokens of the largest step whose keys/values stay per key/value head (CPU attention)
 
 
 @dataclass
@@ -161,7 +162,7 @@ def workload(cfg: RunConfig, policy: TrainingPolicy, stats: DataStats, vocab: in
 
     return Workload(
         method=cfg.method.type, tokens=stats.peak_tokens, attention_span=stats.attention_span,
-        attention_probs=stats.attention_probs, target_tokens=stats.peak_targets,
+        attention_probs=stats.attention_probs, grouped_kv_tokens=stats.grouped_kv_tokens, target_tokens=stats.peak_targets,
         compute_bytes=4 if policy.autocast_dtype is None else 2,
         gradient_checkpointing=cfg.train.gradient_checkpointing, chunked_loss=not policy.full_logits,
         dropout_mask_bytes=_dropout_mask_bytes(cfg, policy),
@@ -216,12 +217,14 @@ def _data_stats(cfg: RunConfig, tokenizer: Any, notes: list[str],
         peak_tokens = min(b, len(lengths)) * max(lengths)
     # Per-example attention (tunelab.train.attention): each example attends on its own, no mask is built.
     span = 0 if policy.per_example_attention else max(lengths)
-    probs = sum(saved_probabilities(lengths[k], policy.device) for k in longest) if policy.per_example_attention else 0
+    per_example = policy.per_example_attention
+    probs = sum(saved_probabilities(lengths[k], policy.device) for k in longest) if per_example else 0
+    grouped = sum(lengths[k] for k in longest if attends_textbook(lengths[k], policy.device)) if per_example else 0
     per_step = b * cfg.train.gradient_accumulation_steps
     stats = DataStats(
         examples=len(lengths), tokens=sum(lengths), padded_tokens=_padded_tokens(lengths, b, cfg.train.seed),
         steps_per_epoch=max(1, math.ceil(len(lengths) / per_step)), peak_tokens=peak_tokens, attention_span=span,
-        attention_probs=probs, peak_targets=sum(targets[k] for k in longest), max_length=max(lengths),
+        attention_probs=probs, grouped_kv_tokens=grouped, peak_targets=sum(targets[k] for k in longest), max_length=max(lengths),
     )
     return records, stats
 

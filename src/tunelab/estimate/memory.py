@@ -52,6 +52,7 @@ class Workload:
     target_tokens: int  # positions with a label (the chunked loss projects only these onto the vocabulary)
     compute_bytes: int  # 2 under bf16/fp16 autocast, 4 in float32
     attention_probs: int = 0  # softmax probabilities per head a layer keeps (tunelab's CPU attention), whole step
+    grouped_kv_tokens: int = 0  # tokens whose K/V backward keeps per key/value head, not repeated (CPU attention)
     gradient_checkpointing: bool = False
     chunked_loss: bool = True
     dropout_mask_bytes: int = FP32  # what each LoRA dropout keeps per element: 1 (bool mask), 4 (float noise), 0 (none)
@@ -105,7 +106,8 @@ def layer_activation_bytes(shape: ModelShape, work: Workload) -> int:
     Per token: two fp32 residuals saved by the RMSNorms (and their normalized outputs when the norms train,
     unless tunelab's fused RMSNorm recomputes them);
     q, k, v and the attention output at compute precision saved by SDPA (k and v expanded to every head:
-    with a padding or block mask transformers repeats them instead of using grouped-query attention); the
+    with a padding or block mask transformers repeats them instead of using grouped-query attention; tunelab's
+    CPU attention keeps them per key/value head for `grouped_kv_tokens`); the
     gate output, its SiLU and the up output saved by SiLU and the product; each LoRA branch's dropout mask
     (same shape as its input: bool with tunelab's integer masks, else nn.Dropout's fp32 noise) and its input
     cast to compute precision; the attention mask cast to compute precision, one row of `attention_span`
@@ -115,6 +117,7 @@ def layer_activation_bytes(shape: ModelShape, work: Workload) -> int:
     linear_out = FP32 if work.method == "qlora" else a
     per_token = 2 * FP32 * h  # residual stream into each RMSNorm
     per_token += 4 * a * h + FP32 * shape.heads  # q, k, v, attention output; log-sum-exp per head
+    kv_not_repeated = 2 * a * (h - h * shape.kv_heads // shape.heads) * work.grouped_kv_tokens
     per_token += 3 * linear_out * i  # gate output, SiLU(gate), up output
     per_token += a * work.attention_span  # the mask's row for this query, cast to compute precision per layer
     if work.method == "full":
@@ -125,7 +128,7 @@ def layer_activation_bytes(shape: ModelShape, work: Workload) -> int:
     elif work.method in ("lora", "qlora"):
         branch = work.dropout_mask_bytes + a
         per_token += branch * shape.adapted_inputs
-    return per_token * work.tokens + a * shape.heads * work.attention_probs
+    return per_token * work.tokens - kv_not_repeated + a * shape.heads * work.attention_probs
 
 
 def activation_bytes(shape: ModelShape, work: Workload) -> int:

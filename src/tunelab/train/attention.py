@@ -57,9 +57,6 @@ def padding_free_attention_forward(module: torch.nn.Module, query: torch.Tensor,
         raise ValueError(f"{NAME} attention takes one padding-free row without a KV cache; got query "
                          f"{tuple(query.shape)} and key {tuple(key.shape)}")
     groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # grouped-query attention: on CPU repeating K/V is faster than SDPA's enable_gqa
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
     position_ids = kwargs.get("position_ids")
     lengths = _lengths_once_per_forward(position_ids) if position_ids is not None else [query.shape[2]]
     p = dropout if module.training else 0.0
@@ -71,29 +68,41 @@ def padding_free_attention_forward(module: torch.nn.Module, query: torch.Tensor,
         dtype = torch.get_autocast_dtype("cpu")
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     parts = [ShortCausalAttention.apply(q[0], k[0], v[0], scale)[None]
-             if textbook and n <= SHORT_EXAMPLE else
-             F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scale)
+             if textbook and attends_textbook(n, "cpu") else
+             _sdpa(q, k, v, groups, p, scale)
              for n, q, k, v in zip(lengths, query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     return out.transpose(1, 2).contiguous(), None
 
 
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int, p: float, scale: float) -> torch.Tensor:
+    if groups > 1:  # grouped-query attention: repeating K/V is faster than SDPA's enable_gqa on CPU
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scale)
+
+
 class ShortCausalAttention(torch.autograd.Function):
-    """softmax(scale * q k^T + causal mask) v for one example, q/k/v [heads, n, d] of one dtype.
+    """softmax(scale * q k^T + causal mask) v for one example: q [heads, n, d], k/v [kv_heads, n, d], one dtype.
 
     Queries go in blocks of QUERY_BLOCK rows, each against the keys up to its last row: the masked upper
-    triangle is skipped except on the diagonal blocks, and each block's n-wide float32 rows stay small."""
+    triangle is skipped except on the diagonal blocks, and each block's n-wide float32 rows stay small.
+    Grouped-query attention without repeating K/V: the query heads that share a key/value head are stacked
+    as one [groups x rows] operand, so each product is kv_heads larger matmuls instead of heads small ones, and
+    the gradients of K and V come out summed over their groups by the matmul itself."""
 
     @staticmethod
     @torch.autocast("cpu", enabled=False)
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        q32, k32 = q.float(), k.float()
+        heads, kv_heads = q.shape[0], k.shape[0]
+        k32 = k.float()
         outs, probs = [], []
         for start, end in _blocks(q.shape[1]):
-            scores = torch.bmm(q32[:, start:end], k32[:, :end].transpose(1, 2)).mul_(scale)
+            q_block = _stack(q[:, start:end].to(torch.float32, memory_format=torch.contiguous_format), kv_heads)
+            scores = torch.bmm(q_block, k32[:, :end].transpose(1, 2)).mul_(scale)
+            scores = scores.view(heads, end - start, end)
             scores[:, :, start:end] += _causal_bias(end - start, q.device)
             block = torch.softmax(scores, dim=-1).to(q.dtype)
-            outs.append(torch.bmm(block, v[:, :end]))
+            outs.append(torch.bmm(block.view(kv_heads, -1, end), v[:, :end]).view(heads, end - start, -1))
             probs.append(block)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         ctx.save_for_backward(q, k, v, out, *probs)
@@ -104,32 +113,49 @@ class ShortCausalAttention(torch.autograd.Function):
     @torch.autocast("cpu", enabled=False)
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
         q, k, v, out, *probs = ctx.saved_tensors
-        grad_out = grad_out.to(q.dtype)
+        heads, n, kv_heads = q.shape[0], q.shape[1], k.shape[0]
+        grad_out = grad_out.to(out.dtype)
         # softmax backward: dS = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O)
         row = (grad_out.float() * out.float()).sum(-1, keepdim=True)
-        if len(probs) == 1:  # one query block (most chat examples): each gradient is one product, no sums to keep
-            block = probs[0]
-            grad_v = torch.bmm(block.transpose(1, 2), grad_out)  # before `block` (itself when float32) is scaled
-            grad_probs = torch.bmm(grad_out, v.transpose(1, 2)).float()
-            grad_scores = block.float().mul_(grad_probs.sub_(row)).mul_(ctx.scale).to(q.dtype)
-            return torch.bmm(grad_scores, k), torch.bmm(grad_scores.transpose(1, 2), q), grad_v, None
-        grad_q = torch.empty_like(q)
-        grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)  # summed over query blocks
-        grad_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        for (start, end), block in zip(_blocks(q.shape[1]), probs):
-            grad_block = grad_out[:, start:end]
-            grad_v[:, :end] += torch.bmm(block.transpose(1, 2), grad_block)
-            grad_probs = torch.bmm(grad_block, v[:, :end].transpose(1, 2)).float()
-            grad_scores = block.float().mul_(grad_probs.sub_(row[:, start:end])).mul_(ctx.scale).to(q.dtype)
-            grad_q[:, start:end] = torch.bmm(grad_scores, k[:, :end])
-            grad_k[:, :end] += torch.bmm(grad_scores.transpose(1, 2), q[:, start:end])
+        one_block = len(probs) == 1  # most chat examples: each gradient is one product, no sums to keep
+        grad_q = None if one_block else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+        grad_k = None if one_block else torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        grad_v = None if one_block else torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        for (start, end), block in zip(_blocks(n), probs):
+            rows = end - start
+            grad_block = _stack(grad_out[:, start:end], kv_heads)
+            stacked_probs = block.view(kv_heads, -1, end)
+            block_grad_v = torch.bmm(stacked_probs.transpose(1, 2), grad_block)  # before `block` (itself when
+            # float32) is scaled
+            grad_probs = torch.bmm(grad_block, v[:, :end].transpose(1, 2)).float().view(heads, rows, end)
+            grad_scores = block.float().mul_(grad_probs.sub_(row[:, start:end])).mul_(ctx.scale).to(out.dtype)
+            grad_scores = grad_scores.view(kv_heads, -1, end)
+            block_grad_q = torch.bmm(grad_scores, k[:, :end]).view(heads, rows, -1)
+            block_grad_k = torch.bmm(grad_scores.transpose(1, 2), _stack(q[:, start:end], kv_heads))
+            if one_block:
+                return block_grad_q, block_grad_k, block_grad_v, None
+            grad_q[:, start:end] = block_grad_q
+            grad_k[:, :end] += block_grad_k
+            grad_v[:, :end] += block_grad_v
         return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None
+
+
+def _stack(rows: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[heads, n, d] -> [kv_heads, groups x n, d]: the query heads of each key/value head one after another
+    (head h uses key/value head h // groups, as transformers' repeat_kv lays them out)."""
+    heads, n, d = rows.shape
+    return rows.reshape(kv_heads, heads // kv_heads * n, d)
+
+
+def attends_textbook(n: int, device: str) -> bool:
+    """Whether training attends an n-token example with ShortCausalAttention (else SDPA)."""
+    return device == "cpu" and n <= SHORT_EXAMPLE
 
 
 def saved_probabilities(n: int, device: str) -> int:
     """Softmax probabilities per head and layer that training keeps for an n-token example's backward:
     ShortCausalAttention's blocks on CPU, none where SDPA runs (it recomputes them)."""
-    if device != "cpu" or n > SHORT_EXAMPLE:
+    if not attends_textbook(n, device):
         return 0
     return sum((end - start) * end for start, end in _blocks(n))
 
