@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tunelab.artifacts import RunPaths
+from tunelab.eval.report import format_metric
 
 out = Console()
 
@@ -33,7 +34,7 @@ def print_summary(root: Path, train_result: Any, metrics: dict[str, Any] | None)
     """The table `run`, `train`, `eval` and `combine` end with: training figures, eval metrics, gate."""
     table = Table(title=f"run folder: {root}", show_header=True)  # run, train, eval, combine all end here
     table.add_column("measure")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", overflow="fold")
     if train_result is not None:
         t = train_result
         table.add_row("train steps", str(t.steps))
@@ -46,10 +47,8 @@ def print_summary(root: Path, train_result: Any, metrics: dict[str, Any] | None)
     if metrics is not None:
         for suite, result in metrics["suites"].items():
             for system, values in result["systems"].items():
-                for metric in ("exact_match", "pairwise_accuracy", "contains", "eval_loss", "mean_words"):
-                    if metric in values:
-                        shown = f"{values[metric]:.4f}" if metric in ("eval_loss", "mean_words") else f"{values[metric]:.1%}"
-                        table.add_row(f"{suite} {system} {metric} (n={result['n_examples']})", shown)
+                for metric, value in values.items():  # every metric the suite computed, as report.md shows them
+                    table.add_row(f"{suite} {system} {metric} (n={result['n_examples']})", format_metric(value, metric))
         forgetting = metrics.get("forgetting") or {}
         if "drop" in forgetting:
             table.add_row("forgetting probes base -> tuned",
@@ -61,7 +60,7 @@ def print_summary(root: Path, train_result: Any, metrics: dict[str, Any] | None)
         for rule in metrics.get("gate", []):
             verdict = "[green]PASS[/]" if rule["passed"] else "[red]FAIL[/]"
             table.add_row(f"gate: {rule['rule']}", f"{verdict} ({rule['left']:.3f} vs {rule['right']:.3f})")
-        report = RunPaths(root).eval / "report.html"
-        if report.is_file():
-            table.add_row("report", str(report))
     out.print(table)
+    report = RunPaths(root).eval / "report.html"
+    if metrics is not None and report.is_file():
+        out.print(f"report: {report}", soft_wrap=True, highlight=False)  # whole on one line, to copy; never cut

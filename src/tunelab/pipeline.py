@@ -43,9 +43,21 @@ def open_run(cfg: RunConfig, starting_training: bool, resume: bool = False) -> R
     trained = run.holds_training
     if starting_training and not resume and trained and not cfg.output.overwrite:
         raise _already_trained(run)
+    if starting_training and resume:
+        _check_resumable(cfg, run)
     if (not trained or resume) and not run.config.exists():
         write_text_atomic(run.config, dump_config(cfg))  # a new run folder; stage_data rewrites it once data validated
     return run
+
+
+def _check_resumable(cfg: RunConfig, run: RunPaths) -> None:
+    """--resume needs a complete checkpoint: say so before any weights load, and why there may be none."""
+    from tunelab.errors import TrainingError
+    from tunelab.train.trainer import complete_checkpoints
+
+    if not complete_checkpoints(run.checkpoints):
+        raise TrainingError(f"--resume: no complete checkpoint in {run.checkpoints} (one is saved every "
+                            f"train.save_steps={cfg.train.save_steps} steps); train without --resume")
 
 
 @contextlib.contextmanager

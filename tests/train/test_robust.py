@@ -41,7 +41,7 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_result(tiny_config, tmp_p
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "killed" / "checkpoints"
     deadline = time.monotonic() + 300  # generous: a busy machine slows start-up, not the check
-    while not any(int(p.name.split("-")[1]) >= 30 for p in complete_checkpoints(checkpoints)):
+    while not _logged_past_a_checkpoint(tmp_path / "killed", at_least=30):
         assert process.poll() is None, "training finished before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.01)
@@ -60,10 +60,33 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_result(tiny_config, tmp_p
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    # One loss curve: the rows the killed run logged past its checkpoint were redone, not doubled.
+    curves = [[json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+              for name in ("uninterrupted", "killed")]
+    steps = [[row["step"] for row in curve if "loss" in row] for curve in curves]
+    assert steps[1] == steps[0] == sorted(set(steps[0]))
+    losses = [[row["loss"] for row in curve if "loss" in row] for curve in curves]
+    assert losses[1] == pytest.approx(losses[0], abs=1e-4)
+
+
+def _logged_past_a_checkpoint(run_dir, at_least: int) -> bool:
+    """The newest complete checkpoint is at step >= `at_least` and the loss curve already holds a later step
+    (which the resumed run redoes)."""
+    found = complete_checkpoints(run_dir / "checkpoints")
+    newest = int(found[-1].name.split("-")[1]) if found else 0
+    if newest < at_least or not (run_dir / "metrics.jsonl").exists():
+        return False
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return any(line.startswith('{"step": ') and int(line.split(",")[0].split()[-1]) > newest for line in lines)
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tiny_config):
-    run = pipeline.open_run(tiny_config, starting_training=True, resume=True)
+    """Refused when the run folder opens, before data or weights load; and by training itself (a cluster worker
+    calls it directly)."""
+    with pytest.raises(TrainingError, match=r"^--resume: no complete checkpoint in .* \(one is saved every "
+                                            r"train.save_steps=\d+ steps\); train without --resume$"):
+        pipeline.open_run(tiny_config, starting_training=True, resume=True)
+    run = pipeline.open_run(tiny_config, starting_training=True)
     with pytest.raises(TrainingError, match="--resume: no complete checkpoint in"):
         pipeline.stage_train(tiny_config, run, resume=True)
 

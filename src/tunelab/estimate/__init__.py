@@ -162,7 +162,8 @@ def workload(cfg: RunConfig, policy: TrainingPolicy, stats: DataStats, vocab: in
 
     return Workload(
         method=cfg.method.type, tokens=stats.peak_tokens, attention_span=stats.attention_span,
-        attention_probs=stats.attention_probs, grouped_kv_tokens=stats.grouped_kv_tokens, target_tokens=stats.peak_targets,
+        attention_probs=stats.attention_probs, grouped_kv_tokens=stats.grouped_kv_tokens,
+        target_tokens=stats.peak_targets,
         compute_bytes=4 if policy.autocast_dtype is None else 2,
         gradient_checkpointing=cfg.train.gradient_checkpointing, chunked_loss=not policy.full_logits,
         dropout_mask_bytes=_dropout_mask_bytes(cfg, policy),
@@ -224,7 +225,8 @@ def _data_stats(cfg: RunConfig, tokenizer: Any, notes: list[str],
     stats = DataStats(
         examples=len(lengths), tokens=sum(lengths), padded_tokens=_padded_tokens(lengths, b, cfg.train.seed),
         steps_per_epoch=max(1, math.ceil(len(lengths) / per_step)), peak_tokens=peak_tokens, attention_span=span,
-        attention_probs=probs, grouped_kv_tokens=grouped, peak_targets=sum(targets[k] for k in longest), max_length=max(lengths),
+        attention_probs=probs, grouped_kv_tokens=grouped, peak_targets=sum(targets[k] for k in longest),
+        max_length=max(lengths),
     )
     return records, stats
 

@@ -5,13 +5,12 @@ with its differences from the reference highlighted, worst regressions first."""
 from __future__ import annotations
 
 import difflib
-import math
 from html import escape
 from typing import Any
 
 from tunelab.eval.charts import bar_chart, color_for, line_chart
 from tunelab.eval.probes import CATEGORIES
-from tunelab.eval.report import PERCENT_METRICS, harness_note, order_rows, row_passed, score_with_stderr
+from tunelab.eval.report import PERCENT_METRICS, format_metric, harness_note, order_rows, row_passed, score_with_stderr
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1180px;color:#222}
@@ -25,12 +24,6 @@ th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .ok{background:#eef8f0}.bad{background:#fdf0ef}mark{background:#ffd9d6;padding:0 1px}
 .muted{color:#777}
 """
-
-
-def _pct(value: float | None, metric: str) -> str:
-    if value is None or not math.isfinite(value):
-        return "–"
-    return f"{value:.1%}" if metric in PERCENT_METRICS else f"{value:.4g}"
 
 
 def _highlight(output: str, reference: str) -> str:
@@ -57,7 +50,7 @@ def render_html(metrics: dict[str, Any], rows: list[dict[str, Any]], history: li
         body.append("<table><tr><th>system</th>" + "".join(f"<th>{escape(m)}</th>" for m in names) + "</tr>")
         for system, values in result["systems"].items():
             body.append(f"<tr><td>{escape(system)}</td>" +
-                        "".join(f'<td class="num">{_pct(values.get(m), m)}</td>' for m in names) + "</tr>")
+                        "".join(f'<td class="num">{format_metric(values.get(m), m)}</td>' for m in names) + "</tr>")
         body.append("</table><div class='charts'>")
         for metric in names:
             if metric == "perplexity":

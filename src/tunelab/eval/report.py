@@ -32,7 +32,8 @@ def order_rows(rows: list[dict[str, Any]], systems: list[str]) -> list[dict[str,
     return sorted(rows, key=key)
 
 
-def _fmt(value: float | None, metric: str) -> str:
+def format_metric(value: float | None, metric: str) -> str:
+    """A suite metric as every summary shows it: a rate in percent, anything else (loss, mean words) as a number."""
     if value is None or not math.isfinite(value):
         return "–"
     return f"{value:.1%}" if metric in PERCENT_METRICS else f"{value:.4g}"
@@ -86,7 +87,7 @@ def render_markdown(metrics: dict[str, Any], rows: list[dict[str, Any]], title: 
         lines += [f"## Suite: {suite} ({result['n_examples']} examples)", "",
                   "| system | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
         for system, values in result["systems"].items():
-            lines.append(f"| {system} | " + " | ".join(_fmt(values.get(m), m) for m in names) + " |")
+            lines.append(f"| {system} | " + " | ".join(format_metric(values.get(m), m) for m in names) + " |")
         lines.append("")
     forgetting = metrics.get("forgetting")
     if forgetting and "base" in forgetting and "tuned" in forgetting:

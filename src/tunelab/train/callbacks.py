@@ -11,6 +11,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from tunelab.artifacts import write_text_atomic
 from tunelab.data.pack import PackedCollator
 from tunelab.progress import progress_bar
 from tunelab.train.collate import PaddingCollator
@@ -46,6 +47,8 @@ class MetricsCallback(TrainerCallback):
             return
         if state.global_step == 0 and self.path.exists():
             self.path.unlink()  # a fresh run starts a fresh curve
+        elif self.path.exists():
+            _drop_rows_after(self.path, state.global_step)
         self._started = time.perf_counter()
         self._bar = progress_bar()
         self._bar.start()
@@ -93,6 +96,22 @@ class MetricsCallback(TrainerCallback):
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """A resumed run continues the curve from its checkpoint: rows the interrupted run logged after that step are
+    redone, so they go (else the curve holds two rows for each of those steps)."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if _step_of(line) <= step]
+    if len(kept) < len(lines):
+        write_text_atomic(path, "".join(kept))
+
+
+def _step_of(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return math.inf  # a line cut short by the kill: it goes too
 
 
 def _finite_or_none(value: Any) -> float | None:
