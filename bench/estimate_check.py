@@ -2,6 +2,7 @@
 model at the quickstart settings, each trained for a few real steps with `tunelab train`.
 
     .venv/bin/python bench/estimate_check.py [--steps 3] [--methods lora qlora full]
+    .venv/bin/python bench/estimate_check.py --steps 0   # the whole run: its largest batch, which the estimate is for
 
 Measured = the peak memory tunelab's training records in the run manifest (peak RSS of the training process
 on CPU, max allocated on CUDA). Estimated = `tunelab estimate --no-probe --json` for the same config.
@@ -56,7 +57,8 @@ def check(method: str, steps: int, folder: Path, console: Console) -> dict:
     estimate = json.loads(estimated.stdout)
     wait_for_memory(console)
     run_dir = folder / method
-    command = ["train", str(CONFIG), *overrides, "--set", f"train.max_steps={steps}", "--set", f"output.dir={run_dir}"]
+    limit = ["--set", f"train.max_steps={steps}"] if steps > 0 else []
+    command = ["train", str(CONFIG), *overrides, *limit, "--set", f"output.dir={run_dir}"]
     started = time.perf_counter()
     trained = tunelab(*command)
     if trained.returncode != 0:
@@ -77,7 +79,7 @@ def check(method: str, steps: int, folder: Path, console: Console) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per training (default 3)")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per training (default 3; 0: all)")
     parser.add_argument("--methods", nargs="+", default=["lora", "qlora", "full"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "estimate.json")
     args = parser.parse_args()

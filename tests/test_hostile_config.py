@@ -85,6 +85,19 @@ def test_non_finite_override_names_the_flag(tmp_path):
     assert error.startswith("--set train.max_steps: the value cannot be read") and len(error) < 200
 
 
+def test_a_nan_is_reported_with_the_other_mistakes_in_file_order(tmp_path):
+    path = tmp_path / "mixed.yaml"
+    path.write_text("train:\n  learning_rate: .nan\n" + HEAD + "method:\n  type: lorra\n  r: -4\n")
+    result = run_cli("run", str(path), "--dry-run")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {path}:2: 'train.learning_rate' must be a finite number, got nan",
+        f"error: {path}:6: 'method.type' expects one of: lora, qlora, ia3, prompt_tuning, prefix_tuning, full, "
+        "got 'lorra'",
+        f"error: {path}:7: 'method.r': input should be greater than 0, got -4",
+    ]
+
+
 def test_alias_bomb_under_a_wrong_type_never_prints_the_expansion(tmp_path):
     path = tmp_path / "bomb.yaml"
     small = "a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"

@@ -184,22 +184,37 @@ def validate_config(
     """Validate a raw mapping into a RunConfig, turning pydantic's errors into one line each."""
     lines, overridden = lines or {}, overridden or set()
     try:
-        _refuse_non_finite(raw, source, lines, overridden)  # first: range checks would say "greater than 0, got nan"
+        non_finite = _non_finite_problems(raw, source, lines, overridden)
         cfg = RunConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(*_describe(err, source, lines, overridden)) from None
+    except ValidationError as err:  # every mistake at once, in file order; a nan named as such, not out of range
+        raise ConfigError(*_describe(err, source, lines, overridden, also=non_finite)) from None
     except RecursionError:  # a self-referencing value built outside load_config
         raise ConfigError(f"{source}: a value refers to itself") from None
+    if non_finite:
+        raise ConfigError(*[message for _, message in sorted(non_finite.values(), key=lambda p: p[0])])
     _refuse_non_finite(cfg, source, lines, overridden)  # and what pydantic parsed from text ("inf" via --set)
     return cfg
 
 
 def _refuse_non_finite(value: Any, source: str, lines: dict[tuple[str, ...], int],
                        overridden: set[tuple[str, ...]]) -> None:
-    problems = [f"{_where(source, lines, overridden, key_path)}: '{'.'.join(key_path)}' must be a finite number, "
-                f"got {number}" for key_path, number in _non_finite(value)]
+    problems = _non_finite_problems(value, source, lines, overridden)
     if problems:
-        raise ConfigError(*problems)
+        raise ConfigError(*[message for _, message in problems.values()])
+
+
+def _non_finite_problems(value: Any, source: str, lines: dict[tuple[str, ...], int],
+                         overridden: set[tuple[str, ...]]) -> dict[tuple[str, ...], tuple[float, str]]:
+    """key path -> (line, message) for each inf or nan in `value`."""
+    return {key_path: (_line_of(lines, overridden, key_path),
+                       f"{_where(source, lines, overridden, key_path)}: '{'.'.join(key_path)}' must be a finite "
+                       f"number, got {number}") for key_path, number in _non_finite(value)}
+
+
+def _line_of(lines: dict[tuple[str, ...], int], overridden: set[tuple[str, ...]], key_path: tuple[str, ...]) -> float:
+    """Where a problem sorts: its line, or after every line (a --set, a key the file does not hold)."""
+    line = None if key_path in overridden else _nearest_line(lines, key_path)
+    return line or float("inf")
 
 
 def _non_finite(value: Any, key_path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], float]]:
@@ -230,10 +245,13 @@ def _short(value: Any, limit: int = 80) -> str:
 
 
 def _describe(
-    err: ValidationError, source: str, lines: dict[tuple[str, ...], int], overridden: set[tuple[str, ...]]
+    err: ValidationError, source: str, lines: dict[tuple[str, ...], int], overridden: set[tuple[str, ...]],
+    also: dict[tuple[str, ...], tuple[float, str]] | None = None,
 ) -> list[str]:
-    seen: set[tuple[str, ...]] = set()
-    problems: list[tuple[float, str]] = []  # (line, message): reported in file order
+    """One message per key, in file order. `also`: problems already found (a nan), which replace pydantic's
+    message for their key."""
+    seen: set[tuple[str, ...]] = set(also or {})
+    problems: list[tuple[float, str]] = list((also or {}).values())  # (line, message): reported in file order
     for e in err.errors():
         key_path, owner, annotation = _walk(e["loc"])
         if key_path in seen:  # a union reports once per member; one line per key is enough
