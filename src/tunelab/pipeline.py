@@ -56,8 +56,9 @@ def _check_resumable(cfg: RunConfig, run: RunPaths) -> None:
     from tunelab.train.trainer import complete_checkpoints
 
     if not complete_checkpoints(run.checkpoints):
-        raise TrainingError(f"--resume: no complete checkpoint in {run.checkpoints} (one is saved every "
-                            f"train.save_steps={cfg.train.save_steps} steps); train without --resume")
+        every = cfg.train.save_steps
+        why = f"one is saved every train.save_steps={every} steps" if every else "train.save_steps is null: none are saved"
+        raise TrainingError(f"--resume: no complete checkpoint in {run.checkpoints} ({why}); train without --resume")
 
 
 @contextlib.contextmanager

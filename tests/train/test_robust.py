@@ -89,6 +89,9 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tiny_config):
     run = pipeline.open_run(tiny_config, starting_training=True)
     with pytest.raises(TrainingError, match="--resume: no complete checkpoint in"):
         pipeline.stage_train(tiny_config, run, resume=True)
+    tiny_config.train.save_steps = None
+    with pytest.raises(TrainingError, match=r"\(train.save_steps is null: none are saved\); train without --resume$"):
+        pipeline.open_run(tiny_config, starting_training=True, resume=True)
 
 
 def test_accumulated_small_batches_equal_one_large_batch(tiny_config, tmp_path):
