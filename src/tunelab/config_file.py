@@ -173,11 +173,6 @@ def _describe(
             continue
         seen.add(key_path)
         dotted = ".".join(key_path) or "(top level)"
-        line = None if key_path in overridden else _nearest_line(lines, key_path)
-        if key_path in overridden:
-            where = f"{source} (--set {dotted})"
-        else:
-            where = f"{source}:{line}" if line else source
         if e["type"] == "extra_forbidden":
             message = f"unknown key '{dotted}'" + _did_you_mean(key_path, owner)
         elif e["type"] == "missing":
@@ -188,7 +183,8 @@ def _describe(
             message = f"'{dotted}' expects {render_type(annotation)}, got {_short(e['input'])}"
         else:
             message = f"'{dotted}': {e['msg'][0].lower()}{e['msg'][1:]}, got {_short(e.get('input'))}"
-        problems.append((line or float("inf"), f"{where}: {message}"))
+        where = _where(source, lines, overridden, key_path)
+        problems.append((_line_of(lines, overridden, key_path), f"{where}: {message}"))
     return [message for _, message in sorted(problems, key=lambda p: p[0])]
 
 
