@@ -120,3 +120,33 @@ def test_a_wrong_command_or_option_fails_to_parse():
         _parse(["tunelab", "train", "x.yaml", "--resum"])
     with pytest.raises(Exception, match="No such option"):
         _parse(["tunelab", "export", "gguf", "runs/x", "--quantize", "q4"])
+
+
+def _all_command_paths() -> list[list[str]]:
+    import typer
+
+    from tunelab.cli import app
+
+    found, todo = [], [([], typer.main.get_command(app))]
+    while todo:
+        path, command = todo.pop()
+        found.append(path)
+        for name, sub in getattr(command, "commands", {}).items():
+            todo.append(([*path, name], sub))
+    return found
+
+
+def test_help_shows_no_value_type_on_flags():
+    """A flag takes no value: help must not print `<bool>` beside it (typer does by default), and still names it."""
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    paths = _all_command_paths()
+    assert ["chat"] in paths and ["runs", "compare"] in paths
+    for path in paths:
+        shown = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
+        assert shown.exit_code == 0, (path, shown.output)
+        assert "--help" in shown.output and "<bool>" not in shown.output, (path, shown.output)
+    chat = CliRunner().invoke(app, ["chat", "--help"], env={"COLUMNS": "200"}).output
+    assert "--side-by-side" in chat and "<int>" in chat  # value-taking options keep their type

@@ -93,9 +93,10 @@ def test_registry_promotes_only_on_evidence_and_resolves_models_uris(tiny_config
 
     folder = resolve_run_dir("models:/animals@champion", uri)
     cfg, run = load_run_config(folder)
-    cfg.track.enabled = False
+    cfg.track.enabled, cfg.track.tracking_uri = True, uri  # evaluating a version again logs a run of its own
     cfg.eval.systems = ["base", "tuned"]
     metrics = pipeline.stage_eval(cfg, run).metrics
+    evaluated = client_for(uri).get_run(run_id(folder))
     original = json.loads((Path(good_cfg.output.dir) / "eval/metrics.json").read_text())
     assert metrics["suites"]["test"]["systems"]["tuned"] == original["suites"]["test"]["systems"]["tuned"]
     with pytest.raises(TunelabError, match="no model 'animals' with alias 'nope'"):
@@ -124,10 +125,26 @@ def test_registry_promotes_only_on_evidence_and_resolves_models_uris(tiny_config
     listed = subprocess.run([sys.executable, "-m", "tunelab", "runs", "list", "--tracking-uri", uri],
                             capture_output=True, text=True, env=env)
     assert listed.returncode == 0 and "good" in listed.stdout and "FAIL" in listed.stdout
+    # The version's new evaluation is named after the version and shows its method, like a trained run.
+    (again,) = [line for line in listed.stdout.splitlines() if "animals v1 eval" in line]
+    assert "lora" in again and "sft" in again and "pass" in again
+    assert evaluated.data.tags["tunelab.source_run"] == good.run_id
+    assert evaluated.data.tags["tunelab.registered_model"] == "animals/1"
     compared = subprocess.run([sys.executable, "-m", "tunelab", "runs", "compare", str(good_cfg.output.dir),
                                str(bad_cfg.output.dir)], capture_output=True, text=True, env=env)
     assert compared.returncode == 0, compared.stderr[-2000:]
     assert "eval.gate" in compared.stdout and "test.tuned.eval_loss" in compared.stdout
+    assert "not comparable" not in compared.stderr  # same test set, same probes
+
+    # Scored on fewer examples, the bad run's numbers say nothing next to the good run's: compare says so.
+    cfg, run = load_run_config(bad_cfg.output.dir)
+    cfg.track.enabled, cfg.eval.max_examples, cfg.eval.forgetting = False, 2, False
+    pipeline.stage_eval(cfg, run)
+    compared = subprocess.run([sys.executable, "-m", "tunelab", "runs", "compare", str(good_cfg.output.dir),
+                               str(bad_cfg.output.dir)], capture_output=True, text=True, env=env)
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    n_test = json.loads((Path(good_cfg.output.dir) / "eval/metrics.json").read_text())["suites"]["test"]["n_examples"]
+    assert f"test: good was evaluated on {n_test} examples and bad on 2" in " ".join(compared.stderr.split())
 
 
 def free_port() -> int:

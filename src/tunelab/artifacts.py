@@ -109,6 +109,11 @@ class RunPaths:
         return self.root / "data"
 
     @property
+    def registered(self) -> Path:
+        """In a registered version's local copy only: which version it is (name, version, source run id)."""
+        return self.root / "registered.json"
+
+    @property
     def adapter(self) -> Path:
         """Where PEFT methods (LoRA, QLoRA, DoRA, prompt tuning, ...) save the trained adapter."""
         return self.root / "adapter"

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import click
 import typer
 from rich.table import Table
+from typer.core import TyperOption
 
 from tunelab import __version__
 from tunelab.cli_common import ConfigArg, SetOpt, UriOpt, out, print_summary
@@ -22,6 +23,16 @@ from tunelab.cli_common import load as _load
 from tunelab.cli_ship import export_app, export_combine, k8s_app, serve
 from tunelab.cli_sweep import sweep
 from tunelab.errors import ConfigError, TunelabError
+
+_type_column = TyperOption.display_type_rich
+
+
+def _no_type_on_flags(self: TyperOption, ctx: click.Context) -> str | None:
+    """Help's type column: a flag takes no value, so it shows none (typer would print `<bool>`)."""
+    return None if self.is_flag else _type_column(self, ctx)
+
+
+TyperOption.display_type_rich = _no_type_on_flags  # type: ignore[method-assign]
 
 app = typer.Typer(
     help="tunelab: examples -> fine-tuned, evaluated model, driven by one YAML config.",
@@ -222,9 +233,10 @@ def runs_list(tracking_uri: UriOpt = None,
 @runs_app.command("compare")
 def runs_compare(run_a: Path, run_b: Path) -> None:
     """Metrics and config differences between two run folders."""
+    from tunelab.progress import console
     from tunelab.runs import compare
 
-    metrics, config = compare(run_a, run_b)
+    metrics, config, mismatches = compare(run_a, run_b)
     table = Table("metric", run_a.name, run_b.name, "delta")
     for name, a, b in metrics:
         delta = f"{b - a:+.4g}" if isinstance(a, float) and isinstance(b, float) else ""
@@ -234,6 +246,8 @@ def runs_compare(run_a: Path, run_b: Path) -> None:
     for key, a, b in config:
         table.add_row(key, str(a), str(b))
     out.print(table)
+    for mismatch in mismatches:  # after the tables, where the eye ends up
+        console.print(f"[yellow]warning:[/] {mismatch}")
 
 
 def _num(value: Any) -> str:

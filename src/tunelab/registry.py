@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tunelab.artifacts import RunPaths, atomic_dir, sha256_folder
+from tunelab.artifacts import RunPaths, atomic_dir, sha256_folder, write_json_atomic
 from tunelab.errors import TrackingError, TunelabError
 from tunelab.track import GATE_PASSED_TAG, mlflow_client, store_errors, unreachable
 
@@ -186,6 +186,9 @@ def _local_copy(client: Any, text: str) -> Path:
             if not _adapter_matches(tmp, mv):
                 raise TrackingError(f"{text}: the downloaded adapter's sha256 differs from the one recorded when "
                                     "the version was registered; refusing to use it (was the artifact changed?)")
+    if not RunPaths(folder).registered.is_file():  # copies made before the marker existed get it now
+        # Evaluating the copy logs to a new MLflow run; the marker names it after the version, not the folder.
+        write_json_atomic(RunPaths(folder).registered, {"name": name, "version": str(mv.version), "run_id": mv.run_id})
     return folder
 
 

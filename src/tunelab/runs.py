@@ -22,7 +22,8 @@ def list_runs(uri: str, experiment: str) -> list[dict[str, str]]:
         m, p, t = run.data.metrics, run.data.params, run.data.tags
         exact = next((v for k, v in m.items() if k.endswith(".tuned.exact_match")), None)
         rows.append({"name": run.info.run_name or run.info.run_id, "status": run.info.status,
-                     "method": p.get("method.type", ""), "objective": p.get("objective.type", ""),
+                     "method": p.get("method.type", t.get("tunelab.method", "")),
+                     "objective": p.get("objective.type", t.get("tunelab.objective", "")),
                      "loss": f"{m['loss']:.4f}" if "loss" in m else "",
                      "exact_match": "" if exact is None else f"{exact:.1%}",
                      "gate": {"true": "pass", "false": "FAIL"}.get(t.get(GATE_PASSED_TAG, ""), "")})
@@ -45,11 +46,40 @@ def _numbers(run_dir: Path) -> dict[str, Any]:
     return {k: float(v) for k, v in numbers.items() if not isinstance(v, bool)}
 
 
-def compare(run_a: Path, run_b: Path) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+def _evaluated_on(run_dir: Path) -> dict[str, tuple[int, str | None]]:
+    """Per suite (and the forgetting probes): how many examples the run's eval scored, and their hash."""
+    path = run_dir / "eval" / "metrics.json"
+    if not path.is_file():
+        return {}
+    metrics = json.loads(path.read_text())
+    found = {name: (suite["n_examples"], suite.get("examples_sha256"))
+             for name, suite in (metrics.get("suites") or {}).items()}
+    if metrics.get("forgetting"):
+        found["forgetting probes"] = (metrics["forgetting"]["n_probes"], None)
+    return found
+
+
+def _eval_mismatches(run_a: Path, run_b: Path) -> list[str]:
+    """Why some of two runs' metrics are not comparable: a suite scored on different examples or counts."""
+    a, b = _evaluated_on(run_a), _evaluated_on(run_b)
+    warnings = []
+    for suite in sorted(set(a) & set(b)):
+        (n_a, hash_a), (n_b, hash_b) = a[suite], b[suite]
+        if n_a != n_b:
+            warnings.append(f"{suite}: {run_a.name} was evaluated on {n_a} examples and {run_b.name} on {n_b}; "
+                            "their numbers are not comparable")
+        elif hash_a and hash_b and hash_a != hash_b:
+            warnings.append(f"{suite}: {run_a.name} and {run_b.name} were evaluated on different examples "
+                            f"({n_a} each); their numbers are not comparable")
+    return warnings
+
+
+def compare(run_a: Path, run_b: Path) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]], list[str]]:
+    """Metric rows, differing config keys, and warnings about metrics measured on different examples."""
     a, b = _numbers(run_a), _numbers(run_b)
     metrics = [(k, a.get(k, ""), b.get(k, "")) for k in sorted(set(a) | set(b))]
     config_a = flatten(yaml.safe_load((run_a / "config.yaml").read_text()))
     config_b = flatten(yaml.safe_load((run_b / "config.yaml").read_text()))
     config = [(k, config_a.get(k, ""), config_b.get(k, "")) for k in sorted(set(config_a) | set(config_b))
               if config_a.get(k) != config_b.get(k)]
-    return metrics, config
+    return metrics, config, _eval_mismatches(run_a, run_b)

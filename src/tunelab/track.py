@@ -151,13 +151,30 @@ class Tracker:
             location = None if self.cfg.track.tracking_uri else artifact_root(self.cfg)
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
                 self.cfg.track.experiment, artifact_location=location)
-            created = self.client.create_run(experiment_id, run_name=self.run.root.name,
-                                             tags={"tunelab.run_dir": str(self.run.root.resolve())})
+            created = self.client.create_run(experiment_id, run_name=self._run_name(),
+                                             tags={"tunelab.run_dir": str(self.run.root.resolve()), **self._tags()})
         except Exception as err:  # noqa: BLE001 - any store failure means: keep training, buffer
             self._go_offline(err)
             return None
         stamp.write_text(json.dumps({"run_id": created.info.run_id, "tracking_uri": redact_uris(tracking_uri(self.cfg))}))
         return created.info.run_id
+
+    def _run_name(self) -> str:
+        """The folder's name; for a registered version's local copy (evaluated again), NAME vVERSION eval."""
+        if self.run.registered.is_file():
+            found = json.loads(self.run.registered.read_text())
+            return f"{found['name']} v{found['version']} eval"
+        return self.run.root.name
+
+    def _tags(self) -> dict[str, str]:
+        """What `tunelab runs list` shows of every run, even one that only evaluates (and so logs no config)."""
+        tags = {"tunelab.base_model": redact_uris(self.cfg.model.name), "tunelab.method": self.cfg.method.type,
+                "tunelab.objective": self.cfg.objective.type}
+        if self.run.registered.is_file():
+            found = json.loads(self.run.registered.read_text())
+            tags.update({"tunelab.registered_model": f"{found['name']}/{found['version']}",
+                         "tunelab.source_run": found["run_id"]})
+        return tags
 
     # -- logging with a safety net --------------------------------------------------------------------
     def _call(self, op: str, **payload: Any) -> None:
@@ -187,8 +204,7 @@ class Tracker:
     def log_config(self) -> None:
         params = flatten(redacted_config(self.cfg))  # MLflow params are readable by anyone with the store
         self._call("params", params=params)
-        self._call("tags", tags={"tunelab.base_model": redact_uris(self.cfg.model.name),
-                                 "tunelab.method": self.cfg.method.type, "tunelab.objective": self.cfg.objective.type})
+        self._call("tags", tags=self._tags())
 
     def log_dataset(self, manifest: dict[str, Any]) -> None:
         self._call("dataset", name=f"{self.run.root.name}-data", digest=manifest.get("fingerprint", "")[:32],

@@ -7,6 +7,7 @@ template saved beside the adapter, so no system gets a different template than i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -161,7 +162,15 @@ def _run_suite(cfg: RunConfig, suite: SuiteConfig, records: list[Record], system
         }
         for i, record in enumerate(records)
     ]
-    return {"n_examples": len(records), "metrics": list(suite.metrics), "systems": summary}, rows
+    return {"n_examples": len(records), "examples_sha256": _examples_sha256(conversations, references),
+            "metrics": list(suite.metrics), "systems": summary}, rows
+
+
+def _examples_sha256(conversations: list[list[dict[str, str]]], references: list[str]) -> str:
+    """What was asked and expected, as a hash: `tunelab runs compare` warns when two runs' numbers come from
+    different examples (other data, another --max-examples), where a difference says nothing about the models."""
+    text = json.dumps([conversations, references], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _answers(models: Models, system: System, net: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
