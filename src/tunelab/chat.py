@@ -52,6 +52,7 @@ def setup_chat_template(tokenizer: PreTrainedTokenizerBase, choice: str | None,
     from tunelab.families import DEFAULT_FAMILY, FAMILIES, describe, missing_markers, template_for
 
     if choice is None and tokenizer.chat_template:
+        _check_renders(tokenizer, "the model's own chat template")
         return TemplateSetup(describe(tokenizer), "model")
     name = choice or DEFAULT_FAMILY
     if name in FAMILIES:
@@ -65,6 +66,7 @@ def setup_chat_template(tokenizer: PreTrainedTokenizerBase, choice: str | None,
             tokenizer.chat_template = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             raise ModelError(f"data.chat_template: cannot read {path}: {err}") from None
+        _check_renders(tokenizer, f"data.chat_template: {path}")
     missing = missing_markers(tokenizer) if add_tokens else []
     if missing:
         from tokenizers import AddedToken
@@ -76,6 +78,36 @@ def setup_chat_template(tokenizer: PreTrainedTokenizerBase, choice: str | None,
         console.print(f"[yellow]warning:[/] the model has no chat template; using {name} for train, eval and serve "
                       "(set data.chat_template to choose another)")
     return TemplateSetup(describe(tokenizer), "chosen" if choice else "default", tuple(missing))
+
+
+def _check_renders(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
+    """A template that does not compile, or cannot render one user question and its answer, is unusable:
+    say so here, in one line, rather than in a traceback from the first row that renders."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+
+    try:
+        render_conversation(tokenizer, [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hi."}])
+    except TemplateSyntaxError as err:
+        line = f"line {err.lineno}: " if err.lineno else ""
+        raise ModelError(f"{where}: {line}template syntax error: {err.message}") from None
+    except TemplateError as err:
+        raise ModelError(f"{where}: cannot render a user question and its answer: {err}") from None
+
+
+def template_refusal(tokenizer: PreTrainedTokenizerBase, conversations: list[list[Message]]) -> str | None:
+    """Why the chat template refuses to render one of `conversations` (a template's own `raise_exception`:
+    roles that must alternate, no system role), or None. Named per row by data prep, per request by serving."""
+    from jinja2 import TemplateError
+
+    for messages in conversations:
+        try:
+            render_conversation(tokenizer, messages)
+        except TemplateError as err:
+            if messages and messages[0]["role"] == "system" and template_refusal(tokenizer, [messages[1:]]) is None:
+                return (f"the model's chat template takes no system message ({err}); put the system text into the "
+                        "first user turn")
+            return f"the model's chat template refuses this conversation: {err}"
+    return None
 
 
 def chat_tokenizer(folder: Path, choice: str | None) -> PreTrainedTokenizerBase:

@@ -171,23 +171,36 @@ def _first_line(err: BaseException) -> str:
 
 
 def _check_loadable(cfg: ModelConfig, snapshot: HubSnapshot) -> None:
-    where = _where(cfg)
-    config = snapshot.folder / "config.json"
+    check_model_files(_where(cfg), snapshot.folder, _repo_files(snapshot), cfg.trust_remote_code, "repo")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt", "tekken.json")
+
+
+def check_model_files(where: str, folder: Path, files: list[str], trust_remote_code: bool, noun: str) -> None:
+    """What a Hub repo and a local folder must both hold before tunelab loads them: a config, a tokenizer,
+    safetensors weights (a pickle runs code when loaded), and no code of their own unless it is trusted.
+    `files`: every file (a repo's listing; a folder's contents), `folder`: where config and tokenizer are."""
+    config = folder / "config.json"
     if not config.is_file():
-        raise ModelError(f"{where}: the repo has no config.json; is it a transformers model?")
+        raise ModelError(f"{where}: the {noun} has no config.json; is it a transformers model?")
     with_code = [name for name in ("config.json", "tokenizer_config.json")
-                 if (snapshot.folder / name).is_file() and "auto_map" in json.loads((snapshot.folder / name).read_text())]
-    if with_code and not cfg.trust_remote_code:
-        raise ModelError(f"{where}: the repo needs its own Python code ({' and '.join(with_code)}: auto_map), which "
+                 if (folder / name).is_file() and "auto_map" in json.loads((folder / name).read_text())]
+    if with_code and not trust_remote_code:
+        raise ModelError(f"{where}: the {noun} needs its own Python code ({' and '.join(with_code)}: auto_map), which "
                          "tunelab does not run unless you set model.trust_remote_code: true (read that code first)")
-    files = _repo_files(snapshot)
     if not _weight_files(files):
         pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
         if pickles:
-            raise ModelError(f"{where}: the repo has only pickle weights ({', '.join(pickles[:3])}); unpickling can "
-                             "run arbitrary code, so tunelab loads only safetensors; pick a repo or revision with "
-                             "model.safetensors")
-        raise ModelError(f"{where}: the repo has no safetensors weights (model.safetensors)")
+            raise ModelError(f"{where}: the {noun} has only pickle weights ({', '.join(pickles[:3])}); unpickling "
+                             "can run arbitrary code, so tunelab loads only safetensors; "
+                             + ("pick a repo or revision with model.safetensors" if noun == "repo" else
+                                "convert it once where you trust the file: from_pretrained(FOLDER)."
+                                "save_pretrained(NEW_FOLDER) writes model.safetensors"))
+        raise ModelError(f"{where}: the {noun} has no safetensors weights (model.safetensors)")
+    if not any(f.rsplit("/", 1)[-1] in TOKENIZER_FILES or f.endswith(".tiktoken") for f in files):
+        fix = "pick a repo that ships one" if noun == "repo" else "save it beside the weights with tokenizer.save_pretrained"
+        raise ModelError(f"{where}: the {noun} has no tokenizer ({', '.join(TOKENIZER_FILES)}); {fix}")
 
 
 def _repo_files(snapshot: HubSnapshot) -> list[str]:

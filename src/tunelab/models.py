@@ -84,9 +84,13 @@ def locate_model(cfg: ModelConfig) -> ModelSource:
             raise ModelError(f"model.name: GGUF file {path} not found")
         return ModelSource(name, "gguf", path)
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model.name: folder {path} has no config.json; is it a Hugging Face model folder?")
+        from tunelab.hub import check_model_files
+
+        files = [p.relative_to(path).as_posix() for p in path.iterdir() if p.is_file()]
+        check_model_files(f"model.name: {path}", path, files, cfg.trust_remote_code, "folder")
         return ModelSource(name, "folder", _allow_code(cfg, path))
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:  # a path, not ORG/NAME
+        raise ModelError(f"model.name: folder {path} not found")
     if is_hub_id(name):
         snapshot = fetch_model(cfg, weights=False)  # checks the repo; fetches no weights
         return ModelSource(name, "hub", _allow_code(cfg, snapshot.folder), snapshot.commit)

@@ -21,7 +21,8 @@ from tunelab.artifacts import (
     write_jsonl_atomic,
     write_text_atomic,
 )
-from tunelab.config import RunConfig, SourceConfig
+from tunelab.chat import template_refusal, with_system_prompt
+from tunelab.config import DataConfig, RunConfig, SourceConfig
 from tunelab.data.clean import clean_records
 from tunelab.data.contamination import EvalText, benchmark_texts, find_contamination
 from tunelab.data.dedup import deduplicate
@@ -34,8 +35,8 @@ from tunelab.data.report import (
     role_counts,
 )
 from tunelab.data.split import apply_weights, split_records
-from tunelab.data.tokens import token_counter
-from tunelab.errors import DataError, NoTrainingRows
+from tunelab.data.tokens import refused_by_template, token_counter
+from tunelab.errors import ConfigError, DataError, NoTrainingRows
 from tunelab.hub import dataset_record, is_hub_dataset
 from tunelab.progress import console
 from tunelab.redaction import env_secrets, redact, redact_uris
@@ -94,7 +95,10 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None, generate_replay: bool =
         raise DataError(f"data: the sources mix row kinds ({', '.join(f'{k}: {n}' for k, n in kinds.items())}); "
                         "one dataset holds one kind (chat, preference, kto or text)")
 
-    counter = token_counter(tokenizer or run_tokenizer(cfg), data.system_prompt)
+    tokenizer = tokenizer or run_tokenizer(cfg)
+    _check_system_prompt(tokenizer, data.system_prompt)
+    pool, given_test = (_renderable(records, tokenizer, data, skipped) for records in (pool, given_test))
+    counter = token_counter(tokenizer, data.system_prompt)
     max_tokens = data.clean.max_tokens or data.max_length
     cleaned = [clean_records(records, data.clean, max_tokens, counter) for records in (pool, given_test)]
     deduped = [deduplicate(c.kept, data.dedup) for c in cleaned]
@@ -152,6 +156,30 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None, generate_replay: bool =
         raise NoTrainingRows(f"{sources}: no training examples left from {loaded} rows"
                              f"{f' (removed {removed})' if removed else ''}", report)
     return Prepared(dataset, report)
+
+
+def _check_system_prompt(tokenizer: Any, system_prompt: str | None) -> None:
+    if not system_prompt:
+        return
+    probe = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hi."}]
+    if template_refusal(tokenizer, [with_system_prompt(probe, system_prompt)]) is not None:
+        # (a template that refuses even the plain question and answer was refused when it was set up)
+        raise ConfigError("data.system_prompt: the model's chat template takes no system message; leave "
+                          "data.system_prompt unset, or put the text into the first user turn of your rows")
+
+
+def _renderable(records: list[Record], tokenizer: Any, data: DataConfig, skipped: list[Skipped]) -> list[Record]:
+    """The rows the chat template renders; a row it refuses is a row error (or skipped, with on_error: skip)."""
+    kept = []
+    for record in records:
+        refused = refused_by_template(record, tokenizer, data.system_prompt)
+        if refused is None:
+            kept.append(record)
+        elif data.on_error == "skip":
+            skipped.append(Skipped(record.source, refused))
+        else:
+            raise DataError(f"{record.source}: {refused}")
+    return kept
 
 
 def mix_replay(cfg: RunConfig, train: list[Record], evals: list[EvalText],

@@ -48,20 +48,22 @@ DEFAULT_FORGETTING_DROP = 0.05
 LOWER_IS_BETTER = {"eval_loss", "perplexity"}
 
 
-def default_rules(eval_cfg: EvalConfig) -> list[str]:
+def default_rules(eval_cfg: EvalConfig, objective: str = "sft") -> list[str]:
     """The gate a config gets when it says nothing: built only from numbers this config measures.
 
     A custom `package.module:function` metric is skipped for the "first metric" (its name is not a plain word);
-    loss-like metrics must go down instead of up.
+    loss-like metrics must go down instead of up. Continued pre-training (cpt) is judged by the loss on held-out
+    text, which few-shot examples have no part in.
     """
     rules: list[str] = []
     systems = eval_cfg.systems
     metric = next((m for m in eval_cfg.suites[0].metrics if re.fullmatch(r"[A-Za-z_]\w*", m)), None)
+    metric = "eval_loss" if objective == "cpt" else metric
     if "tuned" in systems and metric is not None:
         better, at_least = ("<", "<=") if metric in LOWER_IS_BETTER else (">", ">=")
         if "base" in systems:
             rules.append(f"tuned.{metric} {better} base.{metric}")
-        if "few_shot" in systems:
+        if "few_shot" in systems and objective != "cpt":
             rules.append(f"tuned.{metric} {at_least} few_shot.{metric}")
     if eval_cfg.forgetting and "tuned" in systems:
         rules.append(f"forgetting.drop <= {DEFAULT_FORGETTING_DROP}")
@@ -76,7 +78,7 @@ def gate_rules(eval_cfg: EvalConfig, objective: str = "sft") -> tuple[list[str],
         return list(eval_cfg.gate), "config"
     if objective == "reward":
         return [], "none"
-    return default_rules(eval_cfg), "default"
+    return default_rules(eval_cfg, objective), "default"
 
 
 def check_syntax(rule: str) -> None:

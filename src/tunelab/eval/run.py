@@ -22,12 +22,12 @@ from tunelab.artifacts import (
     write_jsonl_atomic,
     write_text_atomic,
 )
-from tunelab.chat import chat_tokenizer, encode_records, render_prompt, with_system_prompt
+from tunelab.chat import chat_tokenizer, encode_records, render_prompt, template_refusal, with_system_prompt
 from tunelab.config import RunConfig, SuiteConfig
 from tunelab.data.load import load_source
 from tunelab.data.prepare import load_dataset
 from tunelab.data.records import Record
-from tunelab.errors import ConfigError, RunFolderError
+from tunelab.errors import ConfigError, DataError, RunFolderError
 from tunelab.eval.base_cache import cached_answers, embedding_fingerprint
 from tunelab.eval.gate import gate_rules
 from tunelab.eval.generate import generate_greedy
@@ -57,12 +57,19 @@ def as_chat(record: Record) -> Record | None:
     return Record(record.id, record.source, "chat", [*record.messages, {"role": "assistant", "content": answer}])
 
 
-def suite_records(cfg: RunConfig, suite: SuiteConfig, run: RunPaths) -> list[Record]:
+def suite_records(cfg: RunConfig, suite: SuiteConfig, run: RunPaths, tokenizer: Any) -> list[Record]:
     if suite.files:
         raw = [r for path in suite.files for r in load_source(path).records]
     else:
-        raw = load_dataset(run.data).test
-    records = [c for c in (as_chat(r) for r in raw) if c is not None]
+        raw = load_dataset(run.data).test  # data prep checked these rows against the template
+    if raw and all(r.kind == "text" for r in raw):
+        records = raw  # held-out raw text (continued pre-training): scored by each system's loss on it
+    else:
+        records = [c for c in (as_chat(r) for r in raw) if c is not None]
+    for record in records if suite.files and records and records[0].kind == "chat" else []:
+        refused = template_refusal(tokenizer, [with_system_prompt(record.messages, cfg.data.system_prompt)])
+        if refused is not None:
+            raise DataError(f"eval suite '{suite.name}': {record.source}: {refused}")
     limit = suite.max_examples or cfg.eval.max_examples
     return records[:limit] if limit else records
 
@@ -92,10 +99,13 @@ def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
     suites: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     for suite in cfg.eval.suites:
-        records = suite_records(cfg, suite, run)
+        records = suite_records(cfg, suite, run, tokenizer)
         if not records:
-            raise RunFolderError(f"eval suite '{suite.name}': no examples with a reference answer (an empty test "
-                                 "split? add data.test files or eval suite files)")
+            raise RunFolderError(f"eval suite '{suite.name}': no examples with a reference answer or held-out text "
+                                 "(an empty test split? add data.test files or eval suite files)")
+        if records[0].kind == "text":
+            suites[suite.name] = _run_text_suite(cfg, records, systems, models, tokenizer)
+            continue
         result, suite_rows = _run_suite(cfg, suite, records, systems, models, tokenizer, shots)
         suites[suite.name] = result
         rows += suite_rows
@@ -164,6 +174,26 @@ def _run_suite(cfg: RunConfig, suite: SuiteConfig, records: list[Record], system
     ]
     return {"n_examples": len(records), "examples_sha256": _examples_sha256(conversations, references),
             "metrics": list(suite.metrics), "systems": summary}, rows
+
+
+def _run_text_suite(cfg: RunConfig, records: list[Record], systems: list[System], models: Models,
+                    tokenizer: Any) -> dict[str, Any]:
+    """Held-out raw text: each system's mean loss per token and perplexity on it, tokenized as continued
+    pre-training tokenizes (bos as the tokenizer adds it, eos after); nothing is generated, and few-shot
+    examples have no meaning here."""
+    texts = [r.text or "" for r in records]
+    encoded = [tokenizer(t, add_special_tokens=True)["input_ids"][: cfg.data.max_length - 1] + [tokenizer.eos_token_id]
+               for t in texts]
+    examples = [{"input_ids": ids, "labels": list(ids)} for ids in encoded]
+    summary: dict[str, dict[str, float]] = {}
+    for system in systems:
+        if system.few_shot:
+            continue
+        with models.use(system) as net:
+            loss = mean_token_loss(net, examples, tokenizer.pad_token_id, cfg.eval.batch_size)
+        summary[system.name] = {"eval_loss": loss, "perplexity": perplexity(loss)}
+    return {"n_examples": len(records), "examples_sha256": _examples_sha256([], texts), "metrics": ["eval_loss"],
+            "systems": summary}
 
 
 def _examples_sha256(conversations: list[list[dict[str, str]]], references: list[str]) -> str:
