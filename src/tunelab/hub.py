@@ -199,7 +199,8 @@ def check_model_files(where: str, folder: Path, files: list[str], trust_remote_c
                                 "save_pretrained(NEW_FOLDER) writes model.safetensors"))
         raise ModelError(f"{where}: the {noun} has no safetensors weights (model.safetensors)")
     if not any(f.rsplit("/", 1)[-1] in TOKENIZER_FILES or f.endswith(".tiktoken") for f in files):
-        fix = "pick a repo that ships one" if noun == "repo" else "save it beside the weights with tokenizer.save_pretrained"
+        fix = ("pick a repo that ships one" if noun == "repo"
+               else "save it beside the weights with tokenizer.save_pretrained")
         raise ModelError(f"{where}: the {noun} has no tokenizer ({', '.join(TOKENIZER_FILES)}); {fix}")
 
 
