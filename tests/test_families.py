@@ -99,6 +99,19 @@ def test_modelfile_go_template_renders_like_the_jinja_template(family, family_mo
     assert f'PARAMETER stop "{zoo.END_OF_TURN[family]}"' in text
 
 
+def test_a_modelfile_that_would_prompt_differently_is_refused_showing_where(family_models):
+    """A tokenizer that does not add its bos (so Ollama would not either) while the template writes it: the
+    Modelfile would drop the bos; the refusal shows both renderings where they part."""
+    from tunelab.errors import TemplateError
+
+    tokenizer = load_tokenizer(family_models["gemma"])
+    tokenizer.add_bos_token = False
+    with pytest.raises(TemplateError, match=r"first difference at character 1: the Jinja template writes "
+                                            r"'<bos><start_of_turn>user\\n.*', the Ollama template "
+                                            r"'<start_of_turn>user"):
+        translate(tokenizer)
+
+
 @pytest.fixture(scope="module")
 def family_runs(family_models, tmp_path_factory: pytest.TempPathFactory):
     """Each family's run, trained on first use: {family: (config, run folder)}."""

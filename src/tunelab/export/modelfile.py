@@ -11,6 +11,8 @@ approximated: a subtly wrong template silently degrades a fine-tuned model.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,16 +103,35 @@ def translate(tokenizer: Any) -> OllamaTemplate:
             raise TemplateError(f"the chat template cannot render a plain conversation ({err}); "
                                 "cannot write an Ollama Modelfile (pass --no-modelfile)") from None
     first = probes[0][0]["content"]
+    closest = None  # the first difference seen, to show the user what did not match
     for template, system in _candidates(family, tokenizer.eos_token or "", first, rendered[0]):
         try:
-            if all(_go(template, _with_system(messages, system)) == text
-                   for messages, text in zip(probes, rendered)):
+            for messages, text in zip(probes, rendered):
+                go_text = _go(template, _with_system(messages, system))
+                if go_text != text:
+                    closest = closest or _first_difference(text, go_text)
+                    break
+            else:
                 return OllamaTemplate(family, template, system, _stops(family, tokenizer))
         except GoTemplateError:
             continue
+    if closest is None:  # no variant even fits a lone user message: show the plainest one against it
+        plain = family.go_templates[0].replace("@EOS@", tokenizer.eos_token or "").replace("@PREAMBLE@", "")
+        with contextlib.suppress(GoTemplateError):
+            closest = _first_difference(rendered[0], _go(plain, list(probes[0])))
+    shown = f" ({closest})" if closest else ""
     raise TemplateError(f"the run's chat template is a {family.name} template, but none of tunelab's {family.name} "
-                        "Ollama templates renders the probe conversations exactly as it does; refusing to write a "
-                        "Modelfile that would prompt the model differently from training (pass --no-modelfile)")
+                        f"Ollama templates renders the probe conversations exactly as it does{shown}; refusing to "
+                        "write a Modelfile that would prompt the model differently from training "
+                        "(pass --no-modelfile)")
+
+
+def _first_difference(jinja_text: str, go_text: str) -> str:
+    """Where two renderings part, shown as a few characters of each (a missing bos text is the usual case)."""
+    at = next((i for i, (a, b) in enumerate(zip(jinja_text, go_text)) if a != b), min(len(jinja_text), len(go_text)))
+    start = max(0, at - 10)
+    return (f"first difference at character {at}: the Jinja template writes {jinja_text[start:at + 30]!r}, "
+            f"the Ollama template {go_text[start:at + 30]!r}")
 
 
 def _with_system(messages: list[Message], system: str | None) -> list[Message]:
