@@ -45,6 +45,15 @@ def test_mask_covers_exactly_each_answer_and_its_end_of_turn(tiny_tokenizer):
     assert text == tiny_tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
 
 
+def test_a_turn_of_weight_0_is_context_not_target(tiny_tokenizer):
+    weighted = [dict(m) for m in CONVERSATION]
+    first_answer = next(m for m in weighted if m["role"] == "assistant")
+    first_answer["weight"] = 0
+    example = tokenize_conversation(tiny_tokenizer, weighted)
+    assert labelled_runs(tiny_tokenizer, example) == ["answer: owl<|im_end|>"]
+    assert example.input_ids == tokenize_conversation(tiny_tokenizer, CONVERSATION).input_ids  # same text
+
+
 def test_mask_on_a_single_turn_without_system(tiny_tokenizer):
     example = tokenize_conversation(tiny_tokenizer, CONVERSATION[1:3])
     assert labelled_runs(tiny_tokenizer, example) == ["answer: cat<|im_end|>"]

@@ -229,6 +229,8 @@ def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Mes
     Marker text inside a message's content is ordinary text, as in serving (encode_prompt_safely): a training
     row cannot forge a turn, and the model never learns to emit a marker from a message that quotes one."""
     text, spans = assistant_spans(tokenizer, messages)
+    answers = [m for m in messages if m["role"] == "assistant"]
+    spans = [span for span, m in zip(spans, answers) if m.get("weight", 1) != 0]  # weight 0: context only
     pieces: list[tuple[str, bool]] | None = [(text, False)]
     if holds_special_text(tokenizer, messages):
         pieces = _content_pieces(tokenizer, messages, text, render_conversation)

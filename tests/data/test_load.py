@@ -71,7 +71,31 @@ BAD_ROWS = [
     ('{"prompt": "q", "completion": "a", "label": "maybe"}', "field 'label': expected true or false"),
     ('{"question": "a", "answer": "b"}', "cannot tell the format"),
     ('[1, 2]', "expected a JSON object per line, got list"),
+    ('{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, '
+     '{"role": "assistant", "content": "b"}]}', "field 'messages[0].content[0]': a image_url part; tunelab trains"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": null, "tool_calls": [{}]}, '
+     '{"role": "tool", "content": "7"}, {"role": "assistant", "content": "b"}]}',
+     "field 'messages[1]': a tool call or tool result"),
+    ('{"messages": [{"role": "user", "content": "a", "weight": 0}, {"role": "assistant", "content": "b"}]}',
+     "field 'messages[0].weight': only assistant messages take a weight"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0.5}]}',
+     "field 'messages[1].weight': expected 0 (not trained on) or 1, got 0.5"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0}]}',
+     "field 'messages': every assistant message has weight 0: nothing to train on"),
 ]
+
+
+def test_openai_rows_content_parts_and_weights(tmp_path):
+    """OpenAI's chat fine-tuning rows: text parts are joined one per line; weight 0 keeps a turn out of the loss."""
+    row = {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Name an animal."}, {"type": "text", "text": "One."}]},
+        {"role": "assistant", "content": "answer: cat", "weight": 0},
+        {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "answer: owl", "weight": 1}]}
+    (record,) = load_records(write_jsonl(tmp_path / "openai.jsonl", [row]))
+    assert record.messages[0] == {"role": "user", "content": "Name an animal.\nOne."}
+    assert record.messages[1] == {"role": "assistant", "content": "answer: cat", "weight": 0}
+    assert record.messages[3] == {"role": "assistant", "content": "answer: owl"}
 
 
 @pytest.mark.parametrize("line,message", BAD_ROWS)

@@ -14,6 +14,7 @@ from tunelab.errors import RowError
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "chatgpt": "assistant", "model": "assistant"}
+TOOL_ROLES = ("tool", "function", "ipython", "function_call", "observation")
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "preference", "kto", "text")
 
 
@@ -54,6 +55,11 @@ def _messages(value: Any, where: str, roles: dict[str, str] | None = None, role_
         if not isinstance(m, dict):
             raise RowError(here, f"expected an object with {role_key} and {content_key}, got {type(m).__name__}")
         raw_role, content = m.get(role_key), m.get(content_key)
+        if m.get("tool_calls") or m.get("function_call") or raw_role in TOOL_ROLES:
+            raise RowError(here, "a tool call or tool result; tunelab trains on text turns (system, user, "
+                                 "assistant): leave tool rows out, or write the calls into the text")
+        if isinstance(content, list):
+            content = _text_parts(content, f"{here}.{content_key}")
         role = (roles or {r: r for r in ROLES}).get(raw_role) if isinstance(raw_role, str) else None
         if role is None:
             expected = ", ".join(roles or ROLES)
@@ -66,8 +72,32 @@ def _messages(value: Any, where: str, roles: dict[str, str] | None = None, role_
             raise RowError(f"{here}.{content_key}", "is empty")
         if role == "system" and i != 0:
             raise RowError(f"{here}.{role_key}", "a system message may only come first")
-        out.append({"role": role, "content": content})
+        message: Message = {"role": role, "content": content}
+        if "weight" in m:
+            message.update(_weight(m["weight"], role, f"{here}.weight"))
+        out.append(message)
     return out
+
+
+def _text_parts(parts: list[Any], where: str) -> str:
+    """OpenAI's content parts, [{type: text, text: ...}, ...]: their texts, one per line."""
+    texts = []
+    for k, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            shown = f"a {kind} part" if isinstance(kind, str) else f"a {type(part).__name__}"
+            raise RowError(f"{where}[{k}]", f"{shown}; tunelab trains text models: only {{type: text, text}} parts")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _weight(value: Any, role: str, where: str) -> dict[str, int]:
+    """OpenAI's per-message weight: 0 keeps an assistant turn out of the loss (it stays in the context)."""
+    if role != "assistant":
+        raise RowError(where, "only assistant messages take a weight")
+    if isinstance(value, bool) or value not in (0, 1):
+        raise RowError(where, f"expected 0 (not trained on) or 1, got {value!r}")
+    return {"weight": 0} if value == 0 else {}
 
 
 def _conversation(messages: list[Message], where: str) -> list[Message]:
@@ -76,6 +106,8 @@ def _conversation(messages: list[Message], where: str) -> list[Message]:
         raise RowError(where, "has no user message")
     if messages[-1]["role"] != "assistant":
         raise RowError(f"{where}[{len(messages) - 1}].role", "the last message must be the assistant's answer")
+    if all(m.get("weight") == 0 for m in messages if m["role"] == "assistant"):
+        raise RowError(where, "every assistant message has weight 0: nothing to train on")
     return messages
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-Message = dict[str, str]
+Message = dict[str, Any]  # role and content; "weight": 0 on an assistant turn kept out of the loss
 
 
 @dataclass
