@@ -175,5 +175,5 @@ def test_all_rows_too_long_keeps_the_report_and_names_the_file(tmp_path, tiny_mo
     rows = write_jsonl(tmp_path / "long.jsonl", animal_rows(12))
     error = one_error(run_cli("data", "prep", str(prep_config(tmp_path, tiny_model_dir, rows, clean={"max_tokens": 3}))))
     report = tmp_path / "run" / "data" / "report.md"
-    assert error == f"{rows}: no training examples left from 12 rows (removed too long: 12); see the filters in {report}"
+    assert error == f"{rows}: no training examples left of 12 rows (removed too long: 12); see {report}"
     assert json.loads(report.with_suffix(".json").read_text())["filters"]["too_long"] == 12

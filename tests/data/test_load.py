@@ -69,7 +69,12 @@ BAD_ROWS = [
     ('{"instruction": "a", "output": ""}', "field 'output': is empty"),
     ('{"prompt": "q", "chosen": "same", "rejected": " same "}', "field 'rejected': is identical to 'chosen'"),
     ('{"prompt": "q", "completion": "a", "label": "maybe"}', "field 'label': expected true or false"),
-    ('{"question": "a", "answer": "b"}', "cannot tell the format"),
+    ('{"question": "a", "answer": "b"}', "cannot tell the format from its keys (answer, question); set data.format"),
+    ('{"instruction": "a", "input": "b"}', "cannot tell the format from its keys (input, instruction): as alpaca it "
+     "lacks output"),
+    ('{"prompt": "a", "completion": 3}', "field 'completion': expected a string or a list of {role, content} "
+     "messages, got int"),
+    ('{"prompt": null, "completion": "b"}', "field 'prompt': is missing"),
     ('[1, 2]', "expected a JSON object per line, got list"),
     ('{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, '
      '{"role": "assistant", "content": "b"}]}', "field 'messages[0].content[0]': a image_url part; tunelab trains"),

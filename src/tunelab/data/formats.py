@@ -28,7 +28,10 @@ def detect_format(row: dict[str, Any]) -> str:
     for name, needed in checks:
         if needed <= keys:
             return name
-    raise RowError("(row)", f"cannot tell the format from its keys ({', '.join(sorted(keys)) or 'none'}); "
+    # The format this row is closest to: the one sharing most keys with it (the first on ties).
+    name, needed = max(checks, key=lambda check: len(check[1] & keys))
+    near = f": as {name} it lacks {', '.join(sorted(needed - keys))}" if needed & keys else ""
+    raise RowError("(row)", f"cannot tell the format from its keys ({', '.join(sorted(keys)) or 'none'}){near}; "
                    "set data.format or map columns with `columns:`")
 
 
@@ -113,6 +116,7 @@ def _conversation(messages: list[Message], where: str) -> list[Message]:
 
 def _prompt(value: Any, where: str) -> list[Message]:
     """A prompt given as a string or a message list ending with a user turn."""
+    _string_or_messages(value, where)
     if isinstance(value, str):
         if not value.strip():
             raise RowError(where, "is empty")
@@ -123,8 +127,16 @@ def _prompt(value: Any, where: str) -> list[Message]:
     return messages
 
 
+def _string_or_messages(value: Any, where: str) -> None:
+    if value is None:
+        raise RowError(where, "is missing")
+    if not isinstance(value, (str, list)):
+        raise RowError(where, f"expected a string or a list of {{role, content}} messages, got {type(value).__name__}")
+
+
 def _answer(value: Any, where: str, prompt: list[Message]) -> str:
     """An answer given as a string, a one-message list, or a whole conversation that repeats the prompt."""
+    _string_or_messages(value, where)
     if isinstance(value, str):
         if not value.strip():
             raise RowError(where, "is empty")

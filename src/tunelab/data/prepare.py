@@ -88,6 +88,7 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None, generate_replay: bool =
     skipped: list[Skipped] = []
     weights: dict[int, float] = {}
     pool = _load_all(data.train, "train", cfg, skipped, weights)
+    train_rows = len(pool) + len(skipped)  # rows in the training sources, good or bad
     given_test = _load_all(data.test, "test", cfg, skipped, weights)
     loaded = len(pool) + len(given_test)
     kinds = Counter(r.kind for r in [*pool, *given_test])
@@ -98,6 +99,7 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None, generate_replay: bool =
     tokenizer = tokenizer or run_tokenizer(cfg)
     _check_system_prompt(tokenizer, data.system_prompt)
     pool, given_test = (_renderable(records, tokenizer, data, skipped) for records in (pool, given_test))
+    bad_train_rows = train_rows - len(pool)  # skipped when read, or refused by the chat template
     counter = token_counter(tokenizer, data.system_prompt)
     max_tokens = data.clean.max_tokens or data.max_length
     cleaned = [clean_records(records, data.clean, max_tokens, counter) for records in (pool, given_test)]
@@ -151,10 +153,11 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None, generate_replay: bool =
         "roles": role_counts([*train, *val, *test]),
     }
     if not train:
-        removed = ", ".join(f"{name.replace('_', ' ')}: {n}" for name, n in report["filters"].items() if n)
+        removed = [f"{name.replace('_', ' ')}: {n}" for name, n in report["filters"].items() if n]
+        removed += [f"bad rows skipped: {bad_train_rows}"] if bad_train_rows else []
         sources = ", ".join(str(s.path) for s in data.train)
-        raise NoTrainingRows(f"{sources}: no training examples left from {loaded} rows"
-                             f"{f' (removed {removed})' if removed else ''}", report)
+        shown = f" (removed {', '.join(removed)})" if removed else ""
+        raise NoTrainingRows(f"{sources}: no training examples left of {train_rows} rows{shown}", report)
     return Prepared(dataset, report)
 
 
@@ -215,7 +218,7 @@ def prepare_data(cfg: RunConfig, folder: Path, tokenizer: Any = None) -> Prepare
         with atomic_dir(folder) as tmp:
             write_json_atomic(tmp / "report.json", err.report)
             write_text_atomic(tmp / "report.md", render_summary(err.report))
-        raise DataError(f"{err.problems[0]}; see the filters in {folder / 'report.md'}") from None
+        raise DataError(f"{err.problems[0]}; see {folder / 'report.md'}") from None
     with atomic_dir(folder) as tmp:
         for name in SPLITS:
             write_jsonl_atomic(tmp / f"{name}.jsonl", [r.to_json() for r in getattr(prepared.dataset, name)])
