@@ -102,3 +102,25 @@ def test_the_cli_says_it_in_one_line(models, tmp_path):
     path.write_text(dump_config(cfg))
     one_error(tunelab("data", "prep", str(path)), "train.jsonl:1:", "takes no system message")
     one_error(tunelab("run", str(path), "--dry-run"), "train.jsonl:1:", "takes no system message")
+
+
+def test_the_no_template_warning_is_said_once_per_run(models, tmp_path):
+    cfg = config(models["base"], animal_rows(12), tmp_path)
+    cfg.train.max_steps, cfg.eval.forgetting, cfg.eval.systems, cfg.eval.max_new_tokens = 1, False, ["tuned"], 2
+    path = tmp_path / "run.yaml"
+    path.write_text(dump_config(cfg))
+    done = tunelab("run", str(path))
+    assert done.returncode in (0, 1), done.stderr[-2000:]  # 1: the gate may fail on a random model
+    assert done.stderr.count("the model has no chat template; using chatml") == 1, done.stderr[-3000:]
+
+
+def test_dry_run_names_skipped_rows_and_a_max_length_past_the_context(models, tmp_path):
+    cfg = config(models["mistral"], with_system(animal_rows(20), every=7), tmp_path, on_error="skip",
+                 max_length=4096)
+    path = tmp_path / "run.yaml"
+    path.write_text(dump_config(cfg))
+    done = tunelab("run", str(path), "--dry-run")
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = " ".join(done.stdout.split())
+    assert "3 bad rows skipped (data.on_error: skip; listed in the data report)" in out
+    assert "warning: data.max_length 4,096 is longer than the model's context (512 tokens)" in out, out[:3000]

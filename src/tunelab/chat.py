@@ -43,6 +43,9 @@ class TemplateSetup:
         return f"{self.family} ({origin}{added})"
 
 
+_WARNED_NO_TEMPLATE: set[str] = set()
+
+
 def setup_chat_template(tokenizer: PreTrainedTokenizerBase, choice: str | None,
                         add_tokens: bool = True) -> TemplateSetup:
     """Give `tokenizer` the run's chat template: its own, or `data.chat_template` (a family name or a .jinja
@@ -74,7 +77,8 @@ def setup_chat_template(tokenizer: PreTrainedTokenizerBase, choice: str | None,
         rstrip = name in FAMILIES and FAMILIES[name].markers_rstrip
         tokens = [AddedToken(m, special=True, normalized=False, rstrip=rstrip) for m in missing]
         tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_extra_special_tokens=False)
-    if choice is None:
+    if choice is None and tokenizer.name_or_path not in _WARNED_NO_TEMPLATE:  # once per model, not per stage
+        _WARNED_NO_TEMPLATE.add(tokenizer.name_or_path)
         console.print(f"[yellow]warning:[/] the model has no chat template; using {name} for train, eval and serve "
                       "(set data.chat_template to choose another)")
     return TemplateSetup(describe(tokenizer), "chosen" if choice else "default", tuple(missing))

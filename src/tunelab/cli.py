@@ -77,7 +77,8 @@ def _print_preflight(cfg: Any) -> None:
     from tunelab import pipeline
 
     for line in pipeline.preflight(cfg):
-        out.print(f"[green]ok[/] {line}")
+        warning = line.startswith("warning: ")
+        out.print(f"[yellow]warning:[/] {line[len('warning: '):]}" if warning else f"[green]ok[/] {line}")
 
 
 @app.command()

@@ -18,14 +18,22 @@ class ModelFacts:
     template: str  # family and where the template comes from, or "none (raw text)"
     end_of_turn: str | None
     stop_tokens: tuple[str, ...]
+    context: int | None = None  # positions the model was trained for (max_position_embeddings)
 
-    def lines(self) -> list[str]:
+    def lines(self, max_length: int | None = None) -> list[str]:
+        """What was detected; with the run's `max_length`, a "warning:" line when rows may outrun the context."""
         stops = ", ".join(self.stop_tokens) or "none"
-        return [
-            f"architecture: {self.architecture}, {self.parameters / 1e6:,.1f}M parameters, {self.kind} model",
+        lines = [
+            f"architecture: {self.architecture}, {self.parameters / 1e6:,.1f}M parameters, {self.kind} model"
+            + (f", context {self.context:,} tokens" if self.context else ""),
             f"chat template: {self.template}",
             f"end of turn: {self.end_of_turn or 'none'}; generation stops at: {stops}",
         ]
+        if self.context and max_length and max_length > self.context:
+            lines.append(f"warning: data.max_length {max_length:,} is longer than the model's context "
+                         f"({self.context:,} tokens): longer rows would train at positions it never saw; set "
+                         f"data.max_length to {self.context:,} or less")
+        return lines
 
 
 def model_facts(cfg: RunConfig) -> ModelFacts:
@@ -46,12 +54,13 @@ def model_facts(cfg: RunConfig) -> ModelFacts:
         parameters = sum(p.numel() for p in model.parameters())
     tokenizer = tokenizer_for(cfg.model)
     kind = "chat" if tokenizer.chat_template else "base"
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
     if cfg.objective.type == "cpt":
         return ModelFacts(_architecture(config), parameters, kind, "none (cpt trains on raw text)", None,
-                          tuple(tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer))))
+                          tuple(tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer))), context)
     setup = setup_chat_template(tokenizer, cfg.data.chat_template)
     return ModelFacts(_architecture(config), parameters, kind, setup.describe(), end_of_turn(tokenizer),
-                      tuple(tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer, config=config))))
+                      tuple(tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer, config=config))), context)
 
 
 def _architecture(config: object) -> str:

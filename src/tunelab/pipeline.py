@@ -113,11 +113,14 @@ def preflight(cfg: RunConfig, resume: bool = False) -> list[str]:
 
         check_harness(cfg)
         harness = [f"benchmarks (eval.harness): {', '.join(cfg.eval.harness.tasks)} found, their documents loaded"]
+    skipped = prepared.report["skipped"]["count"]
+    validity = f"{skipped} bad rows skipped (data.on_error: skip; listed in the data report)" if skipped else \
+        "all rows valid"
     return [
-        f"data: {counts['train']} train / {counts['val']} val / {counts['test']} test examples, all rows valid",
+        f"data: {counts['train']} train / {counts['val']} val / {counts['test']} test examples, {validity}",
         *_replay_line(prepared.report.get("replay") or {}),
         f"model: {source.name} ({source.kind}: {source.path})",
-        *model_facts(cfg).lines(),
+        *model_facts(cfg).lines(cfg.data.max_length),
         f"precision: {_precision(cfg)}",
         f"training: {_training_place(cfg)}",
         _gate_line(cfg),
