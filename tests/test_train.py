@@ -128,7 +128,9 @@ def test_dry_run_validates_everything_but_loads_no_weights(tiny_config, tiny_mod
                             capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert "43 train / 5 val / 8 test examples, all rows valid" in result.stdout
-    assert yaml.safe_load(result.stdout[result.stdout.index("model:\n"):])["method"]["r"] == 16
+    config_text, checks = result.stdout.split("\nok ", 1)  # the resolved config, then the checks, last
+    assert yaml.safe_load(config_text[config_text.index("model:\n"):])["method"]["r"] == 16
+    assert checks.startswith("data: 43 train")
     assert not RunPaths(tiny_config.output.dir).adapter.exists()
 
     # ...while a bad data row fails the dry run with the file and line.

@@ -57,26 +57,27 @@ app.command()(sweep)
 
 @app.command()
 def run(config: ConfigArg, set_: SetOpt = None, dry_run: Annotated[bool, typer.Option(
-        "--dry-run", help="Validate the config and data, check model and device, print the resolved config; "
-        "load no weights.")] = False) -> None:
+        "--dry-run", help="Validate the config and data, check model and device; print the resolved config, then "
+        "what was checked; load no weights.")] = False) -> None:
     """Prepare data, train, and evaluate base vs tuned, in one go."""
     from tunelab import pipeline
     from tunelab.config_file import dump_config
 
     cfg = _load(config, set_)
     if dry_run:
-        _print_preflight(cfg)
+        checked = pipeline.preflight(cfg)  # before printing anything: a mistake is the only output
         out.print(dump_config(cfg), markup=False, highlight=False)
+        _print_preflight(cfg, checked)  # last, where the terminal shows it
         return
     summary = pipeline.run_all(cfg)
     print_summary(summary.run.root, summary.train, summary.eval.metrics)
     _exit_on_failed_gate(summary.eval.metrics)
 
 
-def _print_preflight(cfg: Any) -> None:
+def _print_preflight(cfg: Any, checked: list[str] | None = None) -> None:
     from tunelab import pipeline
 
-    for line in pipeline.preflight(cfg):
+    for line in checked if checked is not None else pipeline.preflight(cfg):
         warning = line.startswith("warning: ")
         out.print(f"[yellow]warning:[/] {line[len('warning: '):]}" if warning else f"[green]ok[/] {line}")
 
