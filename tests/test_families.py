@@ -304,6 +304,18 @@ def _served_answers_are_evals(run, markers: tuple[str, ...]) -> None:
             choice = reply.choices[0]
             assert choice.message.content == row["outputs"]["tuned"]
             assert choice.finish_reason == "stop" and not any(m in choice.message.content for m in markers)
+        # A conversation the template refuses (Mistral's [INST] template takes no system message; Gemma's
+        # wants turns to alternate) is that request's 400, and the next request is answered as before.
+        import openai
+
+        refused = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+        if "[INST]" in markers or "<start_of_turn>" in markers:
+            with pytest.raises(openai.BadRequestError, match="cannot render this conversation"):
+                client.chat.completions.create(model="tuned", messages=refused, max_tokens=4)
+            row = predictions[0]
+            again = client.chat.completions.create(
+                model="tuned", messages=[{"role": "user", "content": row["prompt"]}], max_tokens=40, temperature=0)
+            assert again.choices[0].message.content == row["outputs"]["tuned"]
     finally:
         process.terminate()
         process.wait(timeout=15)
