@@ -161,6 +161,11 @@ def with_system_prompt(messages: list[Message], system_prompt: str | None) -> li
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
+def text_ids(tokenizer: PreTrainedTokenizerBase, text: str | None) -> list[int]:
+    """Raw text as continued pre-training sees it: the tokenizer's own bos (if it adds one), then eos."""
+    return tokenizer(text or "", add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+
+
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> str:
     """The text a model sees before it answers `messages`: the template plus its generation prompt."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -159,19 +159,21 @@ class Tracker:
         stamp.write_text(json.dumps({"run_id": created.info.run_id, "tracking_uri": redact_uris(tracking_uri(self.cfg))}))
         return created.info.run_id
 
+    def _registered(self) -> dict[str, str] | None:
+        """In a registered version's local copy (evaluated again): its name, version and source run id."""
+        return json.loads(self.run.registered.read_text()) if self.run.registered.is_file() else None
+
     def _run_name(self) -> str:
-        """The folder's name; for a registered version's local copy (evaluated again), NAME vVERSION eval."""
-        if self.run.registered.is_file():
-            found = json.loads(self.run.registered.read_text())
-            return f"{found['name']} v{found['version']} eval"
-        return self.run.root.name
+        """The folder's name; for a registered version's local copy, NAME vVERSION eval."""
+        found = self._registered()
+        return f"{found['name']} v{found['version']} eval" if found else self.run.root.name
 
     def _tags(self) -> dict[str, str]:
         """What `tunelab runs list` shows of every run, even one that only evaluates (and so logs no config)."""
         tags = {"tunelab.base_model": redact_uris(self.cfg.model.name), "tunelab.method": self.cfg.method.type,
                 "tunelab.objective": self.cfg.objective.type}
-        if self.run.registered.is_file():
-            found = json.loads(self.run.registered.read_text())
+        found = self._registered()
+        if found:
             tags.update({"tunelab.registered_model": f"{found['name']}/{found['version']}",
                          "tunelab.source_run": found["run_id"]})
         return tags

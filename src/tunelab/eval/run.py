@@ -22,11 +22,12 @@ from tunelab.artifacts import (
     write_jsonl_atomic,
     write_text_atomic,
 )
-from tunelab.chat import chat_tokenizer, encode_records, render_prompt, template_refusal, with_system_prompt
+from tunelab.chat import chat_tokenizer, encode_records, render_prompt, text_ids, with_system_prompt
 from tunelab.config import RunConfig, SuiteConfig
 from tunelab.data.load import load_source
 from tunelab.data.prepare import load_dataset
 from tunelab.data.records import Record
+from tunelab.data.tokens import refused_by_template
 from tunelab.errors import ConfigError, DataError, RunFolderError
 from tunelab.eval.base_cache import cached_answers, embedding_fingerprint
 from tunelab.eval.gate import gate_rules
@@ -61,13 +62,13 @@ def suite_records(cfg: RunConfig, suite: SuiteConfig, run: RunPaths, tokenizer: 
     if suite.files:
         raw = [r for path in suite.files for r in load_source(path).records]
     else:
-        raw = load_dataset(run.data).test  # data prep checked these rows against the template
+        raw = load_dataset(run.data).test
     if raw and all(r.kind == "text" for r in raw):
         records = raw  # held-out raw text (continued pre-training): scored by each system's loss on it
     else:
         records = [c for c in (as_chat(r) for r in raw) if c is not None]
-    for record in records if suite.files and records and records[0].kind == "chat" else []:
-        refused = template_refusal(tokenizer, [with_system_prompt(record.messages, cfg.data.system_prompt)])
+    for record in records if suite.files else []:  # (data prep checked the test split the same way)
+        refused = refused_by_template(record, tokenizer, cfg.data.system_prompt)
         if refused is not None:
             raise DataError(f"eval suite '{suite.name}': {record.source}: {refused}")
     limit = suite.max_examples or cfg.eval.max_examples
@@ -182,9 +183,8 @@ def _run_text_suite(cfg: RunConfig, records: list[Record], systems: list[System]
     pre-training tokenizes (bos as the tokenizer adds it, eos after); nothing is generated, and few-shot
     examples have no meaning here."""
     texts = [r.text or "" for r in records]
-    encoded = [tokenizer(t, add_special_tokens=True)["input_ids"][: cfg.data.max_length - 1] + [tokenizer.eos_token_id]
-               for t in texts]
-    examples = [{"input_ids": ids, "labels": list(ids)} for ids in encoded]
+    encoded = [text_ids(tokenizer, t) for t in texts]
+    examples = [{"input_ids": ids[: cfg.data.max_length], "labels": ids[: cfg.data.max_length]} for ids in encoded]
     summary: dict[str, dict[str, float]] = {}
     for system in systems:
         if system.few_shot:

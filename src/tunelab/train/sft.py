@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.artifacts import RunPaths, atomic_dir, write_text_atomic
-from tunelab.chat import encode_records
+from tunelab.chat import encode_records, text_ids
 from tunelab.config import RunConfig
 from tunelab.data.pack import PackedCollator, pack_examples
 from tunelab.data.prepare import Dataset
@@ -68,7 +68,7 @@ def encode_split(cfg: RunConfig, tokenizer: Any, records: list[Any]) -> tuple[li
             raise DataError("objective.type: cpt trains on raw text rows ({\"text\": ...}); the dataset holds chat rows")
         examples, dropped = [], []
         for r in records:
-            ids = tokenizer(r.text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+            ids = text_ids(tokenizer, r.text)
             if len(ids) > cfg.data.max_length:
                 dropped.append(r.id)
             else:
