@@ -135,6 +135,12 @@ def test_registry_promotes_only_on_evidence_and_resolves_models_uris(tiny_config
     assert compared.returncode == 0, compared.stderr[-2000:]
     assert "eval.gate" in compared.stdout and "test.tuned.eval_loss" in compared.stdout
     assert "not comparable" not in compared.stderr  # same test set, same probes
+    # A registered version compares like a run folder (its local copy: the same adapter and metrics as `good`).
+    by_uri = subprocess.run([sys.executable, "-m", "tunelab", "runs", "compare", str(good_cfg.output.dir),
+                             "models:/animals@champion"], capture_output=True, text=True,
+                            env={**env, "MLFLOW_TRACKING_URI": uri})
+    assert by_uri.returncode == 0, by_uri.stderr[-2000:]
+    assert "test.tuned.eval_loss" in by_uri.stdout
 
     # Scored on fewer examples, the bad run's numbers say nothing next to the good run's: compare says so.
     cfg, run = load_run_config(bad_cfg.output.dir)

@@ -233,18 +233,21 @@ def runs_list(tracking_uri: UriOpt = None,
 
 
 @runs_app.command("compare")
-def runs_compare(run_a: Path, run_b: Path) -> None:
+def runs_compare(run_a: Annotated[str, typer.Argument(help="A run folder, or models:/NAME@ALIAS.")],
+                 run_b: Annotated[str, typer.Argument(help="A run folder, or models:/NAME@ALIAS.")]) -> None:
     """Metrics and config differences between two run folders."""
     from tunelab.progress import console
+    from tunelab.registry import resolve_run_dir
     from tunelab.runs import compare
 
-    metrics, config, mismatches = compare(run_a, run_b)
-    table = Table("metric", run_a.name, run_b.name, "delta")
+    folder_a, folder_b = resolve_run_dir(run_a), resolve_run_dir(run_b)  # run folders, or models:/ URIs
+    metrics, config, mismatches = compare(folder_a, folder_b)
+    table = Table("metric", folder_a.name, folder_b.name, "delta")
     for name, a, b in metrics:
         delta = f"{b - a:+.4g}" if isinstance(a, float) and isinstance(b, float) else ""
         table.add_row(name, _num(a), _num(b), delta)
     out.print(table)
-    table = Table("config key", run_a.name, run_b.name)
+    table = Table("config key", folder_a.name, folder_b.name)
     for key, a, b in config:
         table.add_row(key, str(a), str(b))
     out.print(table)

@@ -31,10 +31,14 @@ def list_runs(uri: str, experiment: str) -> list[dict[str, str]]:
 
 
 def _numbers(run_dir: Path) -> dict[str, Any]:
-    manifest_path = run_dir / "manifest.json"
-    if not manifest_path.is_file():
+    manifest_path, eval_path = run_dir / "manifest.json", run_dir / "eval" / "metrics.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+    elif eval_path.is_file():  # a registered version's local copy: its eval, not the training run's manifest
+        evaluated = json.loads(eval_path.read_text())
+        manifest = {"eval": {name: suite["systems"] for name, suite in (evaluated.get("suites") or {}).items()}}
+    else:
         raise RunFolderError(f"{run_dir}: not a run folder (no manifest.json)")
-    manifest = json.loads(manifest_path.read_text())
     numbers = {f"train.{k}": v for k, v in (manifest.get("train") or {}).items() if isinstance(v, (int, float))}
     for suite, systems in (manifest.get("eval") or {}).items():
         for system, values in systems.items():

@@ -101,6 +101,18 @@ def test_unknown_model_is_404(server: str) -> None:
         client(server).chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
 
 
+def test_text_content_parts_are_the_same_prompt_and_other_parts_are_400(server: str) -> None:
+    c = client(server)
+    plain = c.chat.completions.create(model="alpha", max_tokens=6, temperature=0,
+                                      messages=[{"role": "user", "content": "Extract the animal:\nI saw a cat."}])
+    parts = c.chat.completions.create(model="alpha", max_tokens=6, temperature=0, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Extract the animal:"}, {"type": "text", "text": "I saw a cat."}]}])
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="only text parts"):
+        c.chat.completions.create(model="alpha", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}]}])
+
+
 def test_malformed_bodies_are_400(server: str) -> None:
     c = client(server)
     with pytest.raises(openai.BadRequestError, match="role"):

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from tunelab.errors import ModelError, ServeError
@@ -38,6 +38,16 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant"]
     content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, value: Any) -> Any:
+        """OpenAI's content parts, [{type: text, text}, ...]: their texts, one per line, as training joins them."""
+        if not isinstance(value, list):
+            return value
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value):
+            raise ValueError("only text parts ({type: text, text}) are accepted: this server serves a text model")
+        return "\n".join(p["text"] for p in value)
 
 
 class Sampling(BaseModel):
