@@ -28,6 +28,29 @@ Message = dict[str, str]
 
 IGNORE_INDEX = -100
 
+
+class NonTextPart(ValueError):
+    """A content part that is not text, at `index`: `shown` names it ("an image_url part")."""
+
+    def __init__(self, index: int, shown: str) -> None:
+        super().__init__(f"part {index} is {shown}")
+        self.index, self.shown = index, shown
+
+
+def join_text_parts(parts: list[Any]) -> str:
+    """OpenAI's content parts, [{type: text, text}, ...]: their texts, one per line.
+
+    Training rows and served requests both come through here, so a prompt sent as parts is the very text
+    the model was trained on.
+    """
+    texts = []
+    for k, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise NonTextPart(k, f"a {kind} part" if isinstance(kind, str) else f"a {type(part).__name__}")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
 @dataclass(frozen=True)
 class TemplateSetup:
     """Which chat template a run uses and what tunelab had to add to the vocabulary for it."""

@@ -257,6 +257,17 @@ def test_disconnected_client_stops_generation(live_server) -> None:
     assert generated() == first < 200
     assert 'tunelab_cancelled_total{reason="disconnected"} 1' in httpx.get(f"{url}/metrics").text
 
+    # A streaming client that leaves mid-answer: the stream is cut, generation stops, and it is counted too.
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as stream:
+        pieces = stream.iter_lines()
+        while not next(pieces).startswith("data: "):
+            pass
+    time.sleep(1.5)
+    first = generated()
+    time.sleep(1.0)
+    assert generated() == first
+    assert 'tunelab_cancelled_total{reason="disconnected"} 2' in httpx.get(f"{url}/metrics").text
+
 
 # -- soak: many clients, mixed adapters, hostile requests interleaved -----------------------------------------
 def _rss_kib(pid: int) -> int:

@@ -69,6 +69,45 @@ def test_streaming_chat_equals_the_whole_answer(server: str) -> None:
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
+def test_stream_include_usage_sends_the_counts_in_a_last_chunk(server: str) -> None:
+    c = client(server)
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    whole = c.chat.completions.create(model="alpha", messages=messages, max_tokens=16)
+    chunks = list(c.chat.completions.create(model="alpha", messages=messages, max_tokens=16, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert all(ch.usage is None for ch in chunks[:-1])
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks[:-1]) == whole.choices[0].message.content
+    streamed = list(c.completions.create(model="beta", prompt="The quick", max_tokens=5, stream=True,
+                                         stream_options={"include_usage": True}))
+    assert streamed[-1].usage.prompt_tokens > 0 and streamed[-1].usage.completion_tokens > 0
+    with pytest.raises(openai.BadRequestError, match="stream_options: only allowed when stream is true"):
+        c.chat.completions.create(model="alpha", messages=messages, stream_options={"include_usage": True})
+
+
+def test_parameters_that_would_change_the_answer_are_refused_unless_default(server: str) -> None:
+    c = client(server)
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    plain = c.chat.completions.create(model="alpha", messages=messages, max_tokens=8).choices[0].message.content
+    # What clients send by default passes, and changes nothing.
+    defaults = c.chat.completions.create(
+        model="alpha", messages=messages, max_tokens=8, presence_penalty=0, frequency_penalty=0.0, logprobs=False,
+        response_format={"type": "text"}, tool_choice="none", logit_bias={}, metadata={"k": "v"}, store=False)
+    assert defaults.choices[0].message.content == plain
+    refused = [{"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+               {"response_format": {"type": "json_object"}}, {"logprobs": True, "top_logprobs": 2},
+               {"logit_bias": {"42": 100}}, {"presence_penalty": 1.5}, {"frequency_penalty": -0.5}]
+    for extra in refused:
+        with pytest.raises(openai.BadRequestError, match="not supported by this server") as err:
+            c.chat.completions.create(model="alpha", messages=messages, max_tokens=8, **extra)
+        assert list(extra)[0] in str(err.value)
+    for extra in ({"echo": True}, {"best_of": 3}, {"suffix": "end"}, {"logprobs": 2}):
+        with pytest.raises(openai.BadRequestError, match=f"{list(extra)[0]}: not supported"):
+            c.completions.create(model="beta", prompt="The quick", max_tokens=4, **extra)
+    # The server goes on answering as before.
+    assert c.chat.completions.create(model="alpha", messages=messages, max_tokens=8).choices[0].message.content == plain
+
+
 def test_completions_endpoint_streaming_and_not(server: str) -> None:
     c = client(server)
     whole = c.completions.create(model="beta", prompt="The quick brown fox", max_tokens=10)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunelab.chat import NonTextPart, join_text_parts
 from tunelab.data.records import Message, Record
 from tunelab.errors import RowError
 
@@ -83,15 +84,11 @@ def _messages(value: Any, where: str, roles: dict[str, str] | None = None, role_
 
 
 def _text_parts(parts: list[Any], where: str) -> str:
-    """OpenAI's content parts, [{type: text, text: ...}, ...]: their texts, one per line."""
-    texts = []
-    for k, part in enumerate(parts):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text" or not isinstance(part.get("text"), str):
-            shown = f"a {kind} part" if isinstance(kind, str) else f"a {type(part).__name__}"
-            raise RowError(f"{where}[{k}]", f"{shown}; tunelab trains text models: only {{type: text, text}} parts")
-        texts.append(part["text"])
-    return "\n".join(texts)
+    try:
+        return join_text_parts(parts)
+    except NonTextPart as part:
+        raise RowError(f"{where}[{part.index}]",
+                       f"{part.shown}; tunelab trains text models: only {{type: text, text}} parts") from None
 
 
 def _weight(value: Any, role: str, where: str) -> dict[str, int]:

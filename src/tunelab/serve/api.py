@@ -23,6 +23,7 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
+from tunelab.chat import NonTextPart, join_text_parts
 from tunelab.errors import ModelError, ServeError
 from tunelab.families import stop_texts, stop_token_ids
 from tunelab.serve.adapters import BASE_NAME, check_name, check_same_base, resolve_adapter
@@ -42,16 +43,26 @@ class Message(BaseModel):
     @field_validator("content", mode="before")
     @classmethod
     def _text_parts(cls, value: Any) -> Any:
-        """OpenAI's content parts, [{type: text, text}, ...]: their texts, one per line, as training joins them."""
+        """OpenAI's content parts: their texts, one per line, exactly as training joins them."""
         if not isinstance(value, list):
             return value
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value):
-            raise ValueError("only text parts ({type: text, text}) are accepted: this server serves a text model")
-        return "\n".join(p["text"] for p in value)
+        try:
+            return join_text_parts(value)
+        except NonTextPart as part:
+            raise ValueError(f"{part}; only text parts ({{type: text, text}}) are accepted: "
+                             "this server serves a text model") from None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
 
 
 class Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, logprobs=False...)
+    # Fields no answer depends on (metadata, store, service_tier, parallel_tool_calls...) are ignored; those that
+    # would change an answer and that tunelab does not implement are declared below and refused unless left at
+    # their defaults (`unsupported`), so a client never gets an answer that silently ignored what it asked for.
+    model_config = ConfigDict(extra="ignore")
     model: str
     max_tokens: int | None = Field(None, gt=0)
     max_completion_tokens: int | None = Field(None, gt=0)
@@ -61,7 +72,32 @@ class Sampling(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)  # what torch.Generator.manual_seed takes
     stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256, description="End-user id: batch slots are shared fairly by it.")
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+    logprobs: bool | int | None = None  # chat: a bool; completions: how many alternatives
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+
+    def unsupported(self) -> list[str]:
+        """The OpenAI parameters this request sets to something tunelab does not do."""
+        asked = {
+            "presence_penalty": self.presence_penalty not in (None, 0),
+            "frequency_penalty": self.frequency_penalty not in (None, 0),
+            "logit_bias": bool(self.logit_bias),
+            "logprobs": self.logprobs not in (None, False),
+            "top_logprobs": self.top_logprobs not in (None, 0),
+            "response_format": (self.response_format or {"type": "text"}).get("type") != "text",
+            "tools": bool(self.tools), "tool_choice": self.tool_choice not in (None, "none"),
+            "functions": bool(self.functions), "function_call": self.function_call not in (None, "none"),
+        }
+        return [name for name, is_set in asked.items() if is_set]
 
 
 class ChatBody(Sampling):
@@ -70,6 +106,13 @@ class ChatBody(Sampling):
 
 class CompletionBody(Sampling):
     prompt: str
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> list[str]:
+        return super().unsupported() + [name for name, is_set in (
+            ("echo", self.echo), ("best_of", self.best_of not in (None, 1)), ("suffix", bool(self.suffix))) if is_set]
 
 
 class AdapterBody(BaseModel):
@@ -205,6 +248,13 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
 
     def _check_sampling(body: Sampling) -> tuple[int, list[str]]:
         """(max_tokens, stop strings) of a request, refused before any work is done on it."""
+        unsupported = body.unsupported()
+        if unsupported:
+            raise ServeError(f"{', '.join(unsupported)}: not supported by this server (a text model's sampling: "
+                             "max_tokens, temperature, top_p, stop, seed); leave it out or send its default",
+                             400, "unsupported_parameter")
+        if body.stream_options is not None and not body.stream:
+            raise ServeError("stream_options: only allowed when stream is true", 400, "invalid_request")
         max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
         if max_tokens > settings.max_tokens_limit:
             raise ServeError(f"max_tokens {max_tokens} is above this server's limit of {settings.max_tokens_limit}")
@@ -299,6 +349,9 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
 
         async def sse() -> Any:
             kind_name = "chat.completion.chunk" if chat else "text_completion"
+            # OpenAI's include_usage: every chunk carries "usage": null, and one last chunk (no choices) the counts.
+            with_usage = bool(body.stream_options and body.stream_options.include_usage)
+            ended = False
 
             def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
                 if chat:
@@ -308,6 +361,8 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
                 else:
                     choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
                 data = {"id": ident, "object": kind_name, "created": created, "model": body.model, "choices": [choice]}
+                if with_usage:
+                    data["usage"] = None
                 return f"data: {json.dumps(data)}\n\n"
 
             try:
@@ -316,21 +371,30 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
                 while True:
                     event = await next_event()
                     if event is None:
+                        ended = True  # counted by next_event
                         return
                     kind, payload = event
                     if kind == "delta":
                         yield chunk(payload, None)
                     elif kind == "error":
+                        ended = True
                         error = {"error": {"message": str(payload), "type": "server_error", "code": payload.code}}
                         yield f"data: {json.dumps(error)}\n\n"
                         return
                     else:
+                        ended = True
                         yield chunk(None, payload["finish_reason"])
+                        if with_usage:
+                            data = {"id": ident, "object": kind_name, "created": created, "model": body.model,
+                                    "choices": [], "usage": usage(payload["completion_tokens"])}
+                            yield f"data: {json.dumps(data)}\n\n"
                         metrics.observe("tunelab_request_seconds", time.monotonic() - started)
                         yield "data: [DONE]\n\n"
                         return
             finally:
                 job.cancelled.set()
+                if not ended:  # the server cut the stream off because its client went away mid-answer
+                    metrics.inc("tunelab_cancelled_total", reason="disconnected")
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
