@@ -245,7 +245,7 @@ def test_cli_kserve_resolves_a_trained_registered_run(tiny_config, tmp_path):
     cfg.k8s.storage.mount_path = str(tmp_path)
     cfg.k8s.gpu_per_worker = 0  # a CPU vLLM pod: no GPU requested
     pipeline.stage_train(cfg, pipeline.open_run(cfg, starting_training=True))
-    mv = register(Path(cfg.output.dir), "animals")
+    mv, _ = register(Path(cfg.output.dir), "animals")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias("animals", "champion", mv.version)
 

@@ -76,15 +76,21 @@ def test_registry_promotes_only_on_evidence_and_resolves_models_uris(tiny_config
     good_cfg, _ = tracked_run(tiny_config, "good", ["tuned.eval_loss <= base.eval_loss"])
     bad_cfg, _ = tracked_run(tiny_config, "bad", ["tuned.exact_match >= 2"])
     uri = f"sqlite:///{Path(good_cfg.output.dir).parent / 'mlflow.db'}"
-    good = register(Path(good_cfg.output.dir), "animals")
-    bad = register(Path(bad_cfg.output.dir), "animals")
-    assert (str(good.version), str(bad.version)) == ("1", "2")
+    good, new_good = register(Path(good_cfg.output.dir), "animals")
+    bad, new_bad = register(Path(bad_cfg.output.dir), "animals")
+    assert (str(good.version), str(bad.version)) == ("1", "2") and new_good and new_bad
+    again, new = register(Path(good_cfg.output.dir), "animals")  # a re-run pipeline step: no duplicate version
+    assert (str(again.version), new) == ("1", False)
     assert good.tags["tunelab.base_model"] == str(good_cfg.model.name)
     assert "<|im_start|>" in good.tags["tunelab.chat_template"] and "eval.test.tuned.eval_loss" in good.tags
 
     promote("animals", "1", "champion", force=False, reason=None, uri=uri)
     with pytest.raises(TunelabError, match="version 2 did not pass its eval gate"):
         promote("animals", "2", "champion", force=False, reason=None, uri=uri)
+    with pytest.raises(TunelabError, match="no model 'nosuch' in the registry"):
+        promote("nosuch", "1", "champion", force=False, reason=None, uri=uri)
+    with pytest.raises(TunelabError, match="no version 9 of model 'animals'"):
+        promote("animals", "9", "champion", force=False, reason=None, uri=uri)
     with pytest.raises(TunelabError, match="--force needs --reason"):
         promote("animals", "2", "champion", force=True, reason=None, uri=uri)
     promote("animals", "2", "challenger", force=True, reason="A/B test on 5% of traffic", uri=uri)
@@ -141,6 +147,13 @@ def test_registry_promotes_only_on_evidence_and_resolves_models_uris(tiny_config
                             env={**env, "MLFLOW_TRACKING_URI": uri})
     assert by_uri.returncode == 0, by_uri.stderr[-2000:]
     assert "test.tuned.eval_loss" in by_uri.stdout
+
+    # The failed run evaluated again under another gate is new evidence: registering it makes a new version.
+    bad_again, bad_run = load_run_config(Path(bad_cfg.output.dir))
+    bad_again.eval.gate = ["tuned.eval_loss <= base.eval_loss"]
+    pipeline.stage_eval(bad_again, bad_run)
+    newer, new = register(Path(bad_cfg.output.dir), "animals")
+    assert (str(newer.version), new, newer.tags["tunelab.gate_passed"]) == ("3", True, "true")
 
     # Scored on fewer examples, the bad run's numbers say nothing next to the good run's: compare says so.
     cfg, run = load_run_config(bad_cfg.output.dir)

@@ -177,8 +177,12 @@ def registry_register(run_dir: Annotated[Path, typer.Argument(help="A trained ru
     from tunelab.registry import register
     from tunelab.track import GATE_PASSED_TAG
 
-    mv = register(run_dir, name)
-    out.print(f"registered {name} version {mv.version} (gate passed: {mv.tags.get(GATE_PASSED_TAG)})")
+    mv, new = register(run_dir, name)
+    if new:
+        out.print(f"registered {name} version {mv.version} (gate passed: {mv.tags.get(GATE_PASSED_TAG)})")
+    else:
+        out.print(f"{run_dir} is already {name} version {mv.version}, with this adapter and eval; no new version "
+                  f"(gate passed: {mv.tags.get(GATE_PASSED_TAG)})")
 
 
 @registry_app.command("promote")
@@ -316,11 +320,13 @@ def _print_data_summary(folder: Path, report: dict[str, Any]) -> None:
 
 
 def _exit_on_failed_gate(metrics: dict[str, Any]) -> None:
+    from tunelab.eval.gate import rule_operator
     from tunelab.eval.result import failed_rules
 
     failed = failed_rules(metrics.get("gate", []))
     for g in failed:
-        print(f"gate failed: {g['rule']} (measured {g['left']:.4f}, needed {g['right']:.4f})", file=sys.stderr)
+        needed = f"{rule_operator(g['rule'])} {g['right']:.4f}"  # "> 0.0000": a strict rule reads right
+        print(f"gate failed: {g['rule']} (measured {g['left']:.4f}, needed {needed})", file=sys.stderr)
     if failed:
         sys.exit(1)
 

@@ -27,8 +27,9 @@ def default_tracking_uri() -> str:
     return os.environ.get(DEFAULT_URI_ENV) or f"sqlite:///{Path('runs').resolve() / 'mlflow.db'}"
 
 
-def register(run_dir: Path, name: str) -> Any:
-    """Create a model version from a run folder's adapter (logging the run first if it never was)."""
+def register(run_dir: Path, name: str) -> tuple[Any, bool]:
+    """A model version of a run folder's adapter (logging the run first if it never was), and whether it is new:
+    a version already registered from this run with the same adapter and eval is returned as it is."""
     from tunelab.config_file import load_run_config
     from tunelab.track import tracking_uri
 
@@ -78,8 +79,25 @@ def _register(client: Any, cfg: Any, run: RunPaths, name: str) -> Any:
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         client.create_registered_model(name, tags={"tunelab.base_model": cfg.model.name})
+    same = _same_version(client, name, tracker.run_id, tags)
+    if same is not None:
+        return same, False
     source = f"{client.get_run(tracker.run_id).info.artifact_uri}/adapter"
-    return client.create_model_version(name, source, run_id=tracker.run_id, tags=tags)
+    return client.create_model_version(name, source, run_id=tracker.run_id, tags=tags), True
+
+
+def _same_version(client: Any, name: str, run_id: str, tags: dict[str, str]) -> Any:
+    """A version of `name` already made from this run with this very adapter and evidence, if any: registering
+    twice (a re-run pipeline step) must not make a second version that differs in nothing but its number. A run
+    re-evaluated since (other gate, other metrics) is new evidence, and gets a new version."""
+    evidence = {k: v for k, v in tags.items() if k in (ADAPTER_HASH_TAG, GATE_PASSED_TAG, "tunelab.gate")
+                or k.startswith("eval.")}
+    for mv in client.search_model_versions(f"run_id = '{run_id}'"):  # a run id is hex: safe to quote
+        recorded = mv.tags or {}
+        if mv.name == name and all(recorded.get(k) == v for k, v in evidence.items()) \
+                and not any(k.startswith("eval.") and k not in evidence for k in recorded):
+            return mv
+    return None
 
 
 def promote(name: str, version: str, alias: str, force: bool, reason: str | None, uri: str) -> Any:
@@ -93,7 +111,8 @@ def _promote(client: Any, name: str, version: str, alias: str, force: bool, reas
     if not passed and not force:
         rules = mv.tags.get("tunelab.gate", "[]")
         raise TunelabError(f"registry promote: {name} version {version} did not pass its eval gate (rules: {rules}); "
-                           "evaluate it again, or pass --force --reason \"...\" to promote it anyway")
+                           "a version's recorded result does not change: register a run that passes, or pass "
+                           "--force --reason \"...\" to promote it anyway")
     if force and not passed:
         if not reason:
             raise TunelabError("registry promote: --force needs --reason \"why\"; the reason is recorded on the version")
@@ -103,7 +122,10 @@ def _promote(client: Any, name: str, version: str, alias: str, force: bool, reas
 
 
 def _version(client: Any, name: str, version: str) -> Any:
-    return _found(lambda: client.get_model_version(name, version), f"registry: no version {version} of model '{name}'")
+    _found(lambda: client.get_registered_model(name), f"registry: no model '{name}' in the registry (see tunelab "
+                                                        "registry list)")
+    return _found(lambda: client.get_model_version(name, version), f"registry: no version {version} of model '{name}' "
+                                                                   f"(see tunelab registry show {name})")
 
 
 def _found(ask: Any, missing: str) -> Any:

@@ -196,7 +196,8 @@ def test_cli_eval_exits_non_zero_when_the_gate_fails(trained):
     failing = subprocess.run([*command, "--set", "eval.gate=['tuned.exact_match >= base.exact_match + 2']"],
                              capture_output=True, text=True, env=env)
     assert failing.returncode == 1, failing.stderr[-2000:]
-    assert "gate failed: tuned.exact_match >= base.exact_match + 2 (measured" in failing.stderr
+    assert re.search(r"gate failed: tuned.exact_match >= base.exact_match \+ 2 \(measured \d\.\d{4}, "
+                     r"needed >= 2\.\d{4}\)", failing.stderr), failing.stderr[-2000:]
     passing = subprocess.run([*command, "--set", "eval.gate=['tuned.eval_loss <= base.eval_loss']"],
                              capture_output=True, text=True, env=env)
     assert passing.returncode == 0, passing.stderr[-2000:]

@@ -160,9 +160,18 @@ def test_malformed_bodies_are_400(server: str) -> None:
         c.chat.completions.create(model="alpha", messages=[])
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         c.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=10**6)
-    raw = httpx.post(f"{server}/v1/chat/completions", content=b"{not json",
-                     headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
-    assert raw.status_code == 400 and raw.json()["error"]["code"] == "invalid_request"
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    hi = b'{"model": "alpha", "messages": [{"role": "user", "content": "hi"}]'
+    bodies = {b"{not json": "the body is not valid JSON (Expecting property name enclosed in double quotes at "
+                            "character 1)",
+              b"[" * 100_000 + b"]" * 100_000: "could not be parsed as JSON (not UTF-8, or nested too deeply)",
+              hi + b', "temperature": NaN}': "temperature: Input should be a finite number",
+              hi + b', "top_p": Infinity}': "top_p: Input should be a finite number"}
+    for body, message in bodies.items():
+        raw = httpx.post(f"{server}/v1/chat/completions", content=body, headers=headers)
+        assert raw.status_code == 400 and raw.json()["error"]["code"] == "invalid_request", raw.text
+        assert message in raw.json()["error"]["message"]
+    assert httpx.post(f"{server}/v1/chat/completions", content=hi + b"}", headers=headers).status_code == 200
 
 
 @pytest.mark.parametrize("batching", ["static", "continuous"])

@@ -117,6 +117,12 @@ def _harness_lookup(ref: str, task: str, number: str, harness: dict[str, Any] | 
     return float(value)
 
 
+def rule_operator(rule: str) -> str:
+    """The comparison a gate rule makes (">=", "<", ...): says what a failed rule needed."""
+    found = _RULE.match(rule)
+    return found.group(2) if found else "vs"
+
+
 def evaluate_gate(rules: list[str], metrics: dict[str, Any]) -> list[RuleResult]:
     results = []
     for rule in rules:

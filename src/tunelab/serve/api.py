@@ -66,8 +66,8 @@ class Sampling(BaseModel):
     model: str
     max_tokens: int | None = Field(None, gt=0)
     max_completion_tokens: int | None = Field(None, gt=0)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False)  # JSON parsers accept NaN and Infinity
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int = Field(1, ge=1, le=1, description="Only one choice per request.")
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)  # what torch.Generator.manual_seed takes
@@ -162,13 +162,22 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
     @app.exception_handler(RequestValidationError)
     async def bad_body(_: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0]
+        if first.get("type") == "json_invalid":  # loc is ("body", character offset)
+            at = first.get("loc", ("body", 0))[-1]
+            why = (first.get("ctx") or {}).get("error", "")
+            return error_response(ServeError(f"invalid request: the body is not valid JSON ({why} at character {at})",
+                                             400, "invalid_request"))
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
         return error_response(ServeError(f"invalid request: {where}: {first.get('msg')}", 400, "invalid_request"))
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, err: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(err.status_code, "error")
-        return error_response(ServeError(str(err.detail), err.status_code, code))
+        detail = str(err.detail)
+        if err.status_code == 400 and detail == "There was an error parsing the body":  # FastAPI's words for both
+            detail, code = ("invalid request: the body could not be parsed as JSON (not UTF-8, or nested too "
+                            "deeply)"), "invalid_request"
+        return error_response(ServeError(detail, err.status_code, code))
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, err: Exception) -> JSONResponse:
