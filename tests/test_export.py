@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -47,8 +49,19 @@ def test_bf16_export_and_methods_that_cannot_merge(tiny_config):
     result = subprocess.run([sys.executable, "-m", "tunelab", "export", "merge", str(run.root), "--dtype", "bfloat16"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "was never evaluated" in " ".join(result.stderr.split())
     config = json.loads((run.root / "export" / "merged" / "config.json").read_text())
     assert config["dtype"] == "bfloat16"
+    # A run whose gate failed still exports (the user's call), with the failed rule said plainly.
+    failing = tiny_config.model_copy(deep=True)
+    failing.eval.gate, failing.eval.systems, failing.eval.forgetting = ["tuned.exact_match >= 2"], ["tuned"], False
+    pipeline.stage_eval(failing, run)
+    again = subprocess.run([sys.executable, "-m", "tunelab", "export", "merge", str(run.root), "--overwrite",
+                            "--out", str(run.root / "export" / "merged")], capture_output=True, text=True,
+                           env={**os.environ, "COLUMNS": "250"})
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert re.search(r"failed its eval gate: tuned.exact_match >= 2 \(measured \d\.\d{4}, needed >= 2\.0000\); "
+                     r"exporting it anyway", " ".join(again.stderr.split())), again.stderr
     tiny_config.method.type = "prompt_tuning"
     with pytest.raises(ExportError, match="cannot be folded into the weights"):
         merge_run(tiny_config, run, run.root / "x")

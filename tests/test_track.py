@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -131,6 +132,9 @@ def test_registry_promotes_only_on_evidence_and_resolves_models_uris(tiny_config
     listed = subprocess.run([sys.executable, "-m", "tunelab", "runs", "list", "--tracking-uri", uri],
                             capture_output=True, text=True, env=env)
     assert listed.returncode == 0 and "good" in listed.stdout and "FAIL" in listed.stdout
+    n_test = json.loads((Path(good_cfg.output.dir) / "eval/metrics.json").read_text())["suites"]["test"]["n_examples"]
+    (good_line,) = [line for line in listed.stdout.splitlines() if " good " in line]
+    assert re.search(rf"\d+\.\d% of {n_test}\b", good_line), good_line  # the exact match, and on how many
     # The version's new evaluation is named after the version and shows its method, like a trained run.
     (again,) = [line for line in listed.stdout.splitlines() if "animals v1 eval" in line]
     assert "lora" in again and "sft" in again and "pass" in again
@@ -162,7 +166,6 @@ def test_registry_promotes_only_on_evidence_and_resolves_models_uris(tiny_config
     compared = subprocess.run([sys.executable, "-m", "tunelab", "runs", "compare", str(good_cfg.output.dir),
                                str(bad_cfg.output.dir)], capture_output=True, text=True, env=env)
     assert compared.returncode == 0, compared.stderr[-2000:]
-    n_test = json.loads((Path(good_cfg.output.dir) / "eval/metrics.json").read_text())["suites"]["test"]["n_examples"]
     assert f"test: good was evaluated on {n_test} examples and bad on 2" in " ".join(compared.stderr.split())
 
 

@@ -320,13 +320,12 @@ def _print_data_summary(folder: Path, report: dict[str, Any]) -> None:
 
 
 def _exit_on_failed_gate(metrics: dict[str, Any]) -> None:
-    from tunelab.eval.gate import rule_operator
+    from tunelab.eval.gate import describe_failure
     from tunelab.eval.result import failed_rules
 
     failed = failed_rules(metrics.get("gate", []))
     for g in failed:
-        needed = f"{rule_operator(g['rule'])} {g['right']:.4f}"  # "> 0.0000": a strict rule reads right
-        print(f"gate failed: {g['rule']} (measured {g['left']:.4f}, needed {needed})", file=sys.stderr)
+        print(f"gate failed: {describe_failure(g)}", file=sys.stderr)
     if failed:
         sys.exit(1)
 

@@ -29,7 +29,26 @@ def _export_source(run_dir: str, out_dir: Path | None, overwrite: bool) -> tuple
     cfg, run = load_run_config(resolve_run_dir(run_dir))
     if out_dir is not None:
         check_out(out_dir, run, overwrite)
+    _warn_without_evidence(run_dir, run)
     return cfg, run
+
+
+def _warn_without_evidence(name: str, run: Any) -> None:
+    """Exporting is the user's call, but shipping a run whose eval failed (or never ran) should be a choice made
+    knowingly: `registry promote` refuses such a version, so an export says so too."""
+    import json
+
+    from tunelab.eval.gate import describe_failure
+    from tunelab.eval.result import failed_rules
+    from tunelab.progress import console
+
+    path = run.eval / "metrics.json"
+    if not path.is_file():
+        console.print(f"[yellow]warning:[/] {name} was never evaluated: there is no evidence it beats its base "
+                      "(tunelab eval RUN)")
+        return
+    for g in failed_rules(json.loads(path.read_text()).get("gate", [])):
+        console.print(f"[yellow]warning:[/] {name} failed its eval gate: {describe_failure(g)}; exporting it anyway")
 
 
 @export_app.command("merge")

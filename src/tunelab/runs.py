@@ -20,12 +20,16 @@ def list_runs(uri: str, experiment: str) -> list[dict[str, str]]:
     rows = []
     for run in runs:
         m, p, t = run.data.metrics, run.data.params, run.data.tags
-        exact = next((v for k, v in m.items() if k.endswith(".tuned.exact_match")), None)
+        exact_key = next((k for k in m if k.endswith(".tuned.exact_match")), None)
+        exact = "" if exact_key is None else f"{m[exact_key]:.1%}"
+        counted = exact_key and m.get(exact_key.removesuffix("tuned.exact_match") + "n_examples")
+        if counted:
+            exact += f" of {int(counted)}"
         rows.append({"name": run.info.run_name or run.info.run_id, "status": run.info.status,
                      "method": p.get("method.type", t.get("tunelab.method", "")),
                      "objective": p.get("objective.type", t.get("tunelab.objective", "")),
                      "loss": f"{m['loss']:.4f}" if "loss" in m else "",
-                     "exact_match": "" if exact is None else f"{exact:.1%}",
+                     "exact_match": exact,
                      "gate": {"true": "pass", "false": "FAIL"}.get(t.get(GATE_PASSED_TAG, ""), "")})
     return rows
 

@@ -224,6 +224,8 @@ class Tracker:
         for suite, result in metrics.get("suites", {}).items():
             for system, values in result["systems"].items():
                 flat.update({f"eval.{suite}.{system}.{k}": float(v) for k, v in values.items() if v == v})
+            if "n_examples" in result:  # a score on 10 examples is not one on 600: lists show the count beside it
+                flat[f"eval.{suite}.n_examples"] = float(result["n_examples"])
         forgetting = metrics.get("forgetting") or {}
         flat.update({f"forgetting.{k}": float(v) for k, v in forgetting.items() if isinstance(v, (int, float))})
         for task, scores in ((metrics.get("harness") or {}).get("tasks") or {}).items():

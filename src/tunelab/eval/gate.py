@@ -117,10 +117,11 @@ def _harness_lookup(ref: str, task: str, number: str, harness: dict[str, Any] | 
     return float(value)
 
 
-def rule_operator(rule: str) -> str:
-    """The comparison a gate rule makes (">=", "<", ...): says what a failed rule needed."""
-    found = _RULE.match(rule)
-    return found.group(2) if found else "vs"
+def describe_failure(row: dict[str, Any]) -> str:
+    """A failed rule of metrics.json's gate, for people: 'RULE (measured 0.1000, needed > 0.2000)'."""
+    found = _RULE.match(row["rule"])
+    needed = f"{found.group(2) if found else 'vs'} {row['right']:.4f}"  # "> 0.0000": a strict rule reads right
+    return f"{row['rule']} (measured {row['left']:.4f}, needed {needed})"
 
 
 def evaluate_gate(rules: list[str], metrics: dict[str, Any]) -> list[RuleResult]:
