@@ -136,8 +136,8 @@ def test_report_renders_in_chromium(evaluated, browser):
 def test_few_shot_prompts_show_training_examples(trained):
     from tunelab.chat import render_prompt
     from tunelab.data.prepare import load_dataset
-    from tunelab.eval.run import _with_shots
     from tunelab.eval.systems import few_shot_examples
+    from tunelab.eval.systems import with_shots as _with_shots
     from tunelab.models import load_tokenizer
 
     cfg, run = trained
@@ -147,6 +147,30 @@ def test_few_shot_prompts_show_training_examples(trained):
     prompt = render_prompt(load_tokenizer(run.adapter), _with_shots(question, shots))
     assert prompt.count("<|im_start|>user") == 3 and prompt.index(shots[0]["content"]) < prompt.index("day 9999")
     assert few_shot_examples(load_dataset(run.data).train, 2, seed=0) == shots  # seeded
+
+
+def test_few_shot_examples_are_dropped_until_the_prompt_fits_the_context():
+    from tunelab.eval.systems import fit_shots
+
+    shots = [{"role": role, "content": text} for text, role in zip(
+        ["q1", "a1", "q2", "a2", "q2b", "a2b", "q3", "a3"], ["user", "assistant"] * 4)]
+    question = [{"role": "system", "content": "s"}, {"role": "user", "content": "Q"}]
+    assert fit_shots(question, shots, lambda c: True) == ([question[0], *shots, question[1]], 4)
+    shown, kept = fit_shots(question, shots, lambda c: len(c) <= 6)  # room for two shots
+    assert kept == 2 and [m["content"] for m in shown] == ["s", "q1", "a1", "q2", "a2", "Q"]
+    assert fit_shots(question, shots, lambda c: False) == (question, 0)  # not even one: the question alone
+
+
+def test_few_shot_prompts_past_the_model_context_are_shown_fewer_examples(trained, capsys):
+    cfg, run = trained
+    cfg = cfg.model_copy(deep=True)
+    cfg.eval.systems, cfg.eval.few_shot_k, cfg.eval.max_examples, cfg.eval.forgetting = ["few_shot"], 200, 3, False
+    cfg.track.enabled = False
+    metrics = pipeline.stage_eval(cfg, run).metrics
+    mean_shots = metrics["suites"]["test"]["systems"]["few_shot"]["mean_shots"]
+    assert 0 < mean_shots < 100  # the tiny model has 512 positions: far fewer than the train split's rows fit
+    warned = " ".join(capsys.readouterr().err.split())
+    assert "few-shot prompts would not fit the model's context of 512 tokens" in warned
 
 
 class _Judge(BaseHTTPRequestHandler):

@@ -22,7 +22,8 @@ from tunelab.artifacts import (
     write_jsonl_atomic,
     write_text_atomic,
 )
-from tunelab.chat import chat_tokenizer, encode_records, render_prompt, text_ids, with_system_prompt
+from tunelab.chat import (chat_tokenizer, encode_records, render_prompt, text_ids, token_ids,
+                          with_system_prompt)
 from tunelab.config import RunConfig, SuiteConfig
 from tunelab.data.load import load_source
 from tunelab.data.prepare import load_dataset
@@ -38,10 +39,11 @@ from tunelab.eval.metrics import corpus_bleu, resolve_metric
 from tunelab.eval.probes import CATEGORIES, PROBES
 from tunelab.eval.report import render_markdown
 from tunelab.eval.result import EvalResult, gate_rows
-from tunelab.eval.systems import Models, System, build_systems, few_shot_examples
+from tunelab.eval.systems import Models, System, build_systems, few_shot_examples, fit_shots
 from tunelab.families import stop_texts, stop_token_ids
 from tunelab.losses import mean_token_loss, perplexity
 from tunelab.models import Precision, base_identity, cache_root, pick_device, resolve_model
+from tunelab.progress import console
 from tunelab.train.methods import load_trained
 
 
@@ -143,8 +145,11 @@ def _run_suite(cfg: RunConfig, suite: SuiteConfig, records: list[Record], system
     outputs: dict[str, list[str]] = {}
     scores: dict[str, dict[str, list[float]]] = {}
     summary: dict[str, dict[str, float]] = {}
+    context = getattr(models.tuned.config.get_text_config(), "max_position_embeddings", None)
     for system in systems:
-        shown = [_with_shots(c, shots) for c in conversations] if system.few_shot else conversations
+        shown = conversations
+        if system.few_shot:
+            shown, kept = _fitted_shots(tokenizer, conversations, shots, context, cfg.eval.max_new_tokens, suite.name)
         prompts = [render_prompt(tokenizer, c) for c in shown]
         with models.use(system) as net:
             outputs[system.name] = _answers(models, system, net, tokenizer, prompts, cfg.eval.max_new_tokens,
@@ -162,6 +167,8 @@ def _run_suite(cfg: RunConfig, suite: SuiteConfig, records: list[Record], system
         if loss is not None:
             summary[system.name].update(eval_loss=loss, perplexity=perplexity(loss))
         summary[system.name]["mean_words"] = sum(len(o.split()) for o in outputs[system.name]) / len(records)
+        if system.few_shot:
+            summary[system.name]["mean_shots"] = sum(kept) / len(kept)
     primary = next(iter(scorers), None)
     rows = [
         {
@@ -221,11 +228,23 @@ def _answers(models: Models, system: System, net: Any, tokenizer: Any, prompts: 
     return answers if len(answers) == len(prompts) else generate()
 
 
-def _with_shots(conversation: list[dict[str, str]], shots: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Few-shot examples go after any system message and before the question."""
-    if conversation and conversation[0]["role"] == "system":
-        return [conversation[0], *shots, *conversation[1:]]
-    return [*shots, *conversation]
+def _fitted_shots(tokenizer: Any, conversations: list[list[dict[str, str]]], shots: list[dict[str, str]],
+                  context: int | None, max_new_tokens: int, suite: str) -> tuple[list[Any], list[int]]:
+    """Each question with the shots its prompt and answer leave room for in the model's context; says when some
+    questions were shown fewer than all of them."""
+    def fits(conversation: list[dict[str, str]]) -> bool:
+        return context is None or len(token_ids(tokenizer, render_prompt(tokenizer, conversation))) + \
+            max_new_tokens <= context
+
+    fitted = [fit_shots(c, shots, fits) for c in conversations]
+    kept = [n for _, n in fitted]
+    wanted = sum(m["role"] == "user" for m in shots)
+    short = sum(n < wanted for n in kept)
+    if short:
+        console.print(f"[yellow]warning:[/] eval suite '{suite}': {short} of {len(kept)} few-shot prompts would not "
+                      f"fit the model's context of {context} tokens with all {wanted} examples and "
+                      f"{max_new_tokens} new tokens; they were shown fewer ({sum(kept) / len(kept):.2f} on average)")
+    return [c for c, _ in fitted], kept
 
 
 def _forgetting(cfg: RunConfig, systems: list[System], models: Models, tokenizer: Any) -> dict[str, Any]:

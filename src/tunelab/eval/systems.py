@@ -89,3 +89,25 @@ def few_shot_examples(train: list[Record], k: int, seed: int) -> list[dict[str, 
     for record in picked:
         turns += [m for m in record.messages if m["role"] != "system"]
     return turns
+
+
+def with_shots(conversation: list[dict[str, str]], shots: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Few-shot examples go after any system message and before the question."""
+    if conversation and conversation[0]["role"] == "system":
+        return [conversation[0], *shots, *conversation[1:]]
+    return [*shots, *conversation]
+
+
+def fit_shots(conversation: list[dict[str, str]], shots: list[dict[str, str]], fits: Any) -> tuple[list[Any], int]:
+    """The question with as many of the shots as `fits` (a prompt-length check) allows, and how many were kept.
+
+    Shots are dropped from the last one (a user turn and what follows it, up to the next user turn): a prompt past
+    the model's context would be answered from positions it never learned, or crash a model whose position
+    table ends there, and the few-shot baseline, with its gate rule, would measure that instead of the model."""
+    starts = [i for i, m in enumerate(shots) if m["role"] == "user"] + [len(shots)]
+    for kept in range(len(starts) - 1, 0, -1):
+        shown = with_shots(conversation, shots[: starts[kept]])
+        if fits(shown):
+            return shown, kept
+    return list(conversation), 0
+

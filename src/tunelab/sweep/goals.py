@@ -39,7 +39,8 @@ def expected_metrics(cfg: RunConfig) -> dict[str, Any]:
         names = [m for m in suite.metrics if m != "eval_loss"]
         if "eval_loss" in suite.metrics:
             names += ["eval_loss", "perplexity"]
-        suites[suite.name] = {"systems": {s: dict.fromkeys([*names, "mean_words"], 0.0) for s in systems}}
+        written = {s: [*names, "mean_words", *(["mean_shots"] if s == "few_shot" else [])] for s in systems}
+        suites[suite.name] = {"systems": {s: dict.fromkeys(keys, 0.0) for s, keys in written.items()}}
     forgetting = None
     if cfg.eval.forgetting:
         probed = [s for s in ("base", "tuned") if s in cfg.eval.systems]
