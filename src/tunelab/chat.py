@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tunelab.errors import ModelError
+from tunelab.errors import ModelError, NonTextPart
 from tunelab.progress import console
 
 if TYPE_CHECKING:
@@ -27,14 +27,6 @@ if TYPE_CHECKING:
 Message = dict[str, str]
 
 IGNORE_INDEX = -100
-
-
-class NonTextPart(ValueError):
-    """A content part that is not text, at `index`: `shown` names it ("an image_url part")."""
-
-    def __init__(self, index: int, shown: str) -> None:
-        super().__init__(f"part {index} is {shown}")
-        self.index, self.shown = index, shown
 
 
 def join_text_parts(parts: list[Any]) -> str:

@@ -29,13 +29,12 @@ def _export_source(run_dir: str, out_dir: Path | None, overwrite: bool) -> tuple
     cfg, run = load_run_config(resolve_run_dir(run_dir))
     if out_dir is not None:
         check_out(out_dir, run, overwrite)
-    _warn_without_evidence(run_dir, run)
     return cfg, run
 
 
 def _warn_without_evidence(name: str, run: Any) -> None:
     """Exporting is the user's call, but shipping a run whose eval failed (or never ran) should be a choice made
-    knowingly: `registry promote` refuses such a version, so an export says so too."""
+    knowingly: `registry promote` refuses such a version, so an export says so too, under what it wrote."""
     import json
 
     from tunelab.eval.gate import describe_failure
@@ -48,7 +47,7 @@ def _warn_without_evidence(name: str, run: Any) -> None:
                       "(tunelab eval RUN)")
         return
     for g in failed_rules(json.loads(path.read_text()).get("gate", [])):
-        console.print(f"[yellow]warning:[/] {name} failed its eval gate: {describe_failure(g)}; exporting it anyway")
+        console.print(f"[yellow]warning:[/] {name} failed its eval gate: {describe_failure(g)}; exported anyway")
 
 
 @export_app.command("merge")
@@ -68,6 +67,7 @@ def export_merge(run_dir: Annotated[str, typer.Argument(help="A run folder, or m
     pipeline.log_export(cfg, run, result.folder, result.folder / "tunelab_export.json")
     out.print(f"wrote {result.folder} ({result.dtype}); merged vs adapter max logit diff {result.max_diff:.2e}, "
               f"reloaded {result.reload_diff:.2e}")
+    _warn_without_evidence(run_dir, run)
 
 
 @export_app.command("gguf")
@@ -91,6 +91,7 @@ def export_gguf(run_dir: Annotated[str, typer.Argument(help="A run folder, or mo
     out.print(f"wrote {result.gguf} ({v['bytes'] / 2**20:.1f} MiB) in {result.seconds:.0f} s; llama.cpp vs "
               f"transformers: {v['exact_continuations']}/{v['prompts']} identical greedy continuations, top-1 "
               f"agreement {v['top1_agreement']:.1%}")
+    _warn_without_evidence(run_dir, run)
 
 
 @export_app.command("int4")
@@ -108,6 +109,7 @@ def export_int4(run_dir: Annotated[str, typer.Argument(help="A run folder, or mo
     out.print(f"wrote {result.folder} ({r['weights_bytes'] / 2**20:.1f} MiB of weights); vs float32: "
               f"{r['exact_continuations']}/{r['prompts']} identical greedy continuations, top-1 agreement "
               f"{r['top1_agreement']:.1%}")
+    _warn_without_evidence(run_dir, run)
 
 
 @export_app.command("combine", hidden=True)  # the old spelling; `tunelab combine` is the command

@@ -89,5 +89,13 @@ class RowError(ValueError):
         super().__init__(f"field '{field}': {problem}")
 
 
+class NonTextPart(ValueError):
+    """An OpenAI content part that is not text, at `index`: `shown` names it ("a image_url part")."""
+
+    def __init__(self, index: int, shown: str) -> None:
+        super().__init__(f"part {index} is {shown}")
+        self.index, self.shown = index, shown
+
+
 class GoTemplateError(ValueError):
     """A Go template uses something export/gotemplate.py does not interpret."""

@@ -230,6 +230,26 @@ def test_admin_load_use_and_unload(server: str, lora_runs: dict[str, Path], tiny
         client(server).chat.completions.create(model="gamma", messages=[{"role": "user", "content": "hi"}])
 
 
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_unloading_the_last_adapter_leaves_the_base_serving_and_loads_again(live_server, lora_runs, batching) -> None:
+    from tunelab.serve.adapters import resolve_adapter
+
+    url, engine = live_server(adapters=("alpha",), batching=batching)
+    c = client(url, key=None)
+
+    def ask(model: str) -> str:
+        return c.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPTS[0]}],
+                                         max_tokens=8, temperature=0).choices[0].message.content
+
+    base, alpha = ask("base"), ask("alpha")
+    engine.unload_adapter("alpha")
+    assert ask("base") == base  # PEFT left the deleted adapter active: every request failed with a 500
+    with pytest.raises(openai.NotFoundError):
+        ask("alpha")
+    engine.load_adapter(resolve_adapter("alpha", str(lora_runs["alpha"]), None))
+    assert (ask("base"), ask("alpha")) == (base, alpha)
+
+
 def test_admin_refuses_traversal_and_bad_names(server: str, lora_runs: dict[str, Path]) -> None:
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     outside = f"{lora_runs['gamma'].parent}/../../../etc"

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.chat import NonTextPart, join_text_parts
+from tunelab.chat import join_text_parts
 from tunelab.data.records import Message, Record
-from tunelab.errors import RowError
+from tunelab.errors import NonTextPart, RowError
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",

@@ -23,8 +23,8 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
-from tunelab.chat import NonTextPart, join_text_parts
-from tunelab.errors import ModelError, ServeError
+from tunelab.chat import join_text_parts
+from tunelab.errors import ModelError, NonTextPart, ServeError
 from tunelab.families import stop_texts, stop_token_ids
 from tunelab.serve.adapters import BASE_NAME, check_name, check_same_base, resolve_adapter
 from tunelab.serve.engine import Engine, GenRequest

@@ -133,8 +133,16 @@ class Engine:
         with self.lock:
             if name not in self.adapters:
                 raise ServeError(f"no adapter named '{name}' is loaded", 404, "model_not_found")
-            self.peft.delete_adapter(name)
             del self.adapters[name]
+            if self.adapters:
+                self.peft.delete_adapter(name)
+                # PEFT may leave the deleted name active; every forward looks up the active adapter's config.
+                self.peft.set_adapter(next(iter(self.adapters)))
+            else:
+                # PEFT leaves a PeftModel without adapters pointing at the deleted one, which fails every forward
+                # (base requests too): take the LoRA layers out, and serve the plain base until the next load.
+                self.base = self.peft.unload()
+                self.peft = None
             self.metrics.set_gauge("tunelab_adapters_loaded", len(self.adapters))
 
     def alive(self) -> bool:
