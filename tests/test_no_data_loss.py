@@ -97,6 +97,46 @@ def test_failed_data_prep_leaves_no_run_folder(tmp_path, tiny_model_dir, bad_row
     assert not run.exists() and not run.parent.exists() and (tmp_path / "runs").is_dir()
 
 
+def test_inputs_inside_the_run_folder_are_refused_before_anything_is_written(tmp_path, tiny_model_dir, good_rows):
+    run = tmp_path / "proj"
+    (run / "data").mkdir(parents=True)
+    inside_data = write_jsonl(run / "data" / "train.jsonl", animal_rows(30))  # data prep would replace it by a split
+    before = inside_data.read_bytes()
+    path = config_file(tmp_path, tiny_model_dir, inside_data, run)
+    for command in (["data", "prep"], ["run", "--dry-run"]):
+        error = one_error(run_cli(*command, str(path)))
+        assert f"data.train[0]: {inside_data} lies inside output.dir {run}" in error, error
+    assert inside_data.read_bytes() == before and sorted(p.name for p in run.rglob("*")) == ["data", "train.jsonl"]
+    # In the run folder's root: output.overwrite would delete it with the old run.
+    trained_run(run / "old")
+    beside = write_jsonl(run / "old" / "raw.jsonl", animal_rows(30))
+    path = config_file(tmp_path, tiny_model_dir, good_rows, run / "old",
+                       eval={"suites": [{"name": "x", "files": [str(beside)]}]})
+    error = one_error(run_cli("data", "prep", str(path), "--set", "output.overwrite=true"))
+    assert f"eval.suites[0].files[0]: {beside} lies inside output.dir" in error, error
+    assert beside.is_file() and (run / "old" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_no_rows_left_keeps_the_dataset_a_trained_run_was_made_from(tmp_path, tiny_model_dir, good_rows):
+    run = tmp_path / "run"
+    assert run_cli("data", "prep", str(config_file(tmp_path, tiny_model_dir, good_rows, run))).returncode == 0
+    trained_run_files = {p.name: p.read_bytes() for p in (run / "data").iterdir()}
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    rows = animal_rows(30)
+    for row in rows:
+        row["messages"][1]["role"] = "bot"
+    all_bad = write_jsonl(tmp_path / "all_bad.jsonl", rows)
+    path = tmp_path / "cfg" / "skip.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": str(tiny_model_dir)}, "output": {"dir": str(run)},
+                                    "data": {"train": str(all_bad), "on_error": "skip"}}))
+    error = one_error(run_cli("data", "prep", str(path), "--set", "output.overwrite=true"))
+    assert "no training examples left" in error and f"see {run / 'data-rejected' / 'report.md'}" in error, error
+    assert {p.name: p.read_bytes() for p in (run / "data").iterdir()} == trained_run_files
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert "unknown role 'bot'" in (run / "data-rejected" / "report.md").read_text()
+
+
 @pytest.mark.parametrize("out", [".", "/", "~/", "..", "HOME", "CONFIG_DIR", "CONFIG_PARENT"])
 def test_output_dir_that_would_replace_a_precious_folder_is_refused(tmp_path, tiny_model_dir, good_rows, out):
     cwd = tmp_path / "work" / "here"

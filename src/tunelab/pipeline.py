@@ -24,7 +24,7 @@ from tunelab.artifacts import (
 from tunelab.config import TRL_OBJECTIVES, RunConfig
 from tunelab.config_file import dump_config
 from tunelab.data.prepare import Prepared, build_dataset, prepare_data
-from tunelab.errors import RunFolderError
+from tunelab.errors import ConfigError, RunFolderError
 from tunelab.model_facts import model_facts
 from tunelab.models import ModelSource, locate_model, pick_precision
 from tunelab.preflight import check_compatibility, training_device
@@ -40,6 +40,7 @@ def open_run(cfg: RunConfig, starting_training: bool, resume: bool = False) -> R
     rewritten before that, so `data prep` on a trained run cannot make its config disagree with its adapter.
     """
     run = RunPaths(cfg.output.dir)
+    _check_inputs_outside(cfg, run)
     trained = run.holds_training
     if starting_training and not resume and trained and not cfg.output.overwrite:
         raise _already_trained(run)
@@ -101,9 +102,10 @@ def preflight(cfg: RunConfig, resume: bool = False) -> list[str]:
         from tunelab.cluster.ray_runner import check_cluster
 
         check_cluster(cfg)
+    run = RunPaths(cfg.output.dir)
+    _check_inputs_outside(cfg, run)
     prepared = build_dataset(cfg, generate_replay=False)
     dataset = prepared.dataset
-    run = RunPaths(cfg.output.dir)
     if run.holds_training and not cfg.output.overwrite and not resume:
         raise _already_trained(run)
     counts = dataset.counts()
@@ -200,6 +202,34 @@ def _prepare_and_log(cfg: RunConfig, run: RunPaths, resume: bool) -> tuple[Prepa
         tracker.log_config()
         tracker.log_data(run.data)
     return prepared, tracker
+
+
+def _input_files(cfg: RunConfig) -> list[tuple[str, Path]]:
+    """Every local file a run reads, with the config key that names it."""
+    files = [(f"data.{role}[{i}]", Path(s.path)) for role in ("train", "test")
+             for i, s in enumerate(getattr(cfg.data, role)) if not isinstance(s, str)]
+    files += [(f"eval.suites[{i}].files[{k}]", Path(f)) for i, suite in enumerate(cfg.eval.suites)
+              for k, f in enumerate(suite.files)]
+    files += [(f"eval.suites[{i}].json_schema", Path(suite.json_schema)) for i, suite in enumerate(cfg.eval.suites)
+              if suite.json_schema is not None]
+    files += [(f"data.contamination.benchmarks[{i}]", Path(b)) for i, b in enumerate(cfg.data.contamination.benchmarks)]
+    template = cfg.data.chat_template
+    if template is not None and template.endswith(".jinja"):
+        files.append(("data.chat_template", Path(template)))
+    return files
+
+
+def _check_inputs_outside(cfg: RunConfig, run: RunPaths) -> None:
+    """A run folder is tunelab's to rewrite: data prep replaces its data/ and output.overwrite clears the rest. A
+    source file kept inside it would be lost (replaced by its own split, or deleted with the old run), so one
+    is refused before anything is read or written."""
+    root = run.root.expanduser().resolve()
+    for key, path in _input_files(cfg):
+        resolved = path.expanduser().resolve()
+        if resolved == root or root in resolved.parents:
+            raise ConfigError(f"{key}: {path} lies inside output.dir {run.root}, which tunelab rewrites (data prep "
+                              "replaces its data/, output.overwrite clears the folder); keep inputs outside the "
+                              "run folder")
 
 
 def _same_data(cfg: RunConfig, run: RunPaths) -> bool:

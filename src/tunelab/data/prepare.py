@@ -214,11 +214,13 @@ def prepare_data(cfg: RunConfig, folder: Path, tokenizer: Any = None) -> Prepare
     try:
         prepared = build_dataset(cfg, tokenizer)
     except NoTrainingRows as err:
-        # No Dataset, but the report is what tells the user why: keep it (and only it) where it belongs.
-        with atomic_dir(folder) as tmp:
+        # No Dataset, but the report is what tells the user why: where the Dataset goes, unless one is there
+        # already (a trained run's): that one stays, and the report goes beside it.
+        target = folder.with_name(f"{folder.name}-rejected") if stamp.is_file() else folder
+        with atomic_dir(target) as tmp:
             write_json_atomic(tmp / "report.json", err.report)
             write_text_atomic(tmp / "report.md", render_summary(err.report))
-        raise DataError(f"{err.problems[0]}; see {folder / 'report.md'}") from None
+        raise DataError(f"{err.problems[0]}; see {target / 'report.md'}") from None
     with atomic_dir(folder) as tmp:
         for name in SPLITS:
             write_jsonl_atomic(tmp / f"{name}.jsonl", [r.to_json() for r in getattr(prepared.dataset, name)])
