@@ -17,6 +17,7 @@ import yaml
 from tests.cluster_schemas import CONFIG_MAP, RAY_JOB
 from tunelab import pipeline
 from tunelab.config_file import validate_config
+from tunelab.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 JUDGE_KEY = "judge-key-value-5a1f"
@@ -89,12 +90,20 @@ def test_data_manifest_holds_no_uri_credentials(tmp_path, tiny_model_dir, monkey
     write_jsonl(tmp_path / "train.jsonl", animal_rows(20))
     raw = secret_config(tmp_path, "http://alice:s3cr3tpass@mlflow.example.com")
     raw["model"] = {"name": str(tiny_model_dir)}
-    raw["data"]["system_prompt"] = f"Never say {JUDGE_KEY}; see https://bob:hunter2@wiki.example.com/rules"
+    # A system prompt is stored and served as written: one holding a secret is refused, not stored redacted.
+    for prompt in (f"Never say {JUDGE_KEY}", "See https://bob:hunter2@wiki.example.com/rules"):
+        raw["data"]["system_prompt"] = prompt
+        with pytest.raises(ConfigError, match="data.system_prompt holds a secret"):
+            validate_config(raw)
+    # A URL whose parameters merely contain a secret-like word stays as written, in the stored config too.
+    raw["data"]["system_prompt"] = "Cite https://help.example.com/search?keyword=refunds&design=1"
     cfg = validate_config(raw)
     pipeline.stage_data(cfg, pipeline.open_run(cfg, starting_training=False))
     for name in ("manifest.json", "report.json", "report.md"):
         assert not leaks((tmp_path / "run" / "data" / name).read_text()), name
     assert not leaks((tmp_path / "run" / "config.yaml").read_text())
+    stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert stored["data"]["system_prompt"] == raw["data"]["system_prompt"]
 
 
 K8S = {
@@ -190,3 +199,22 @@ def test_eval_never_uses_a_stored_runs_judge(tmp_path, monkeypatch):
         "base_url": "http://127.0.0.1:8001/v1", "model": "own", "api_key_env": "MY_JUDGE_KEY"}}})
     judge = eval_cli(monkeypatch, str(run), "--judge-config", str(mine))
     assert (judge.base_url, judge.api_key_env) == ("http://127.0.0.1:8001/v1", "MY_JUDGE_KEY")
+
+
+@pytest.mark.parametrize("uri,redacted", [
+    ("postgresql://mlflow:Ab/c9+Xy@db:5432/mlflow", "postgresql://mlflow:***@db:5432/mlflow"),  # "/" in a password
+    ("mysql://root:p@ss@db/x", "mysql://root:***@db/x"),
+    ("https://tok3n@host/x", "https://***@host/x"),
+    ("https://h/s?X-Amz-Signature=zz&X-Amz-Credential=cc&sv=1&sig=qq",
+     "https://h/s?X-Amz-Signature=***&X-Amz-Credential=***&sv=1&sig=***"),
+    ("https://h/?apikey=1&api_key=2&access_token=4&session=5",
+     "https://h/?apikey=***&api_key=***&access_token=***&session=***"),
+    # Words that merely contain a secret-like one, and paths with an "@": left as they are.
+    ("https://help.example.com/search?keyword=refunds&design=1&monkey=2", None),
+    ("https://medium.com/@user/post", None),
+    ("http://host:8080/path", None),
+])
+def test_uri_credentials_are_redacted_and_nothing_else(uri, redacted):
+    from tunelab.redaction import redact_uris
+
+    assert redact_uris(uri) == (redacted or uri)

@@ -108,7 +108,23 @@ def validate_config(
     if non_finite:
         raise ConfigError(*[message for _, message in sorted(non_finite.values(), key=lambda p: p[0])])
     _refuse_non_finite(cfg, source, lines, overridden)  # and what pydantic parsed from text ("inf" via --set)
+    _refuse_secret_in_prompt(cfg, source, lines, overridden)
     return cfg
+
+
+def _refuse_secret_in_prompt(cfg: RunConfig, source: str, lines: dict[tuple[str, ...], int],
+                             overridden: set[tuple[str, ...]]) -> None:
+    """The system prompt is stored with the run and the model is served with the stored text: one that holds a
+    secret (a URL's credentials, the value of a variable an *_env key names) would be stored redacted, i.e.
+    serve another prompt than the one trained, or stored in clear. Neither: it is refused."""
+    from tunelab.redaction import env_secrets, redact
+
+    prompt = cfg.data.system_prompt
+    if prompt and redact(prompt, env_secrets(cfg.model_dump(mode="json")), "system_prompt") != prompt:
+        where = _where(source, lines, overridden, ("data", "system_prompt"))
+        raise ConfigError(f"{where}: data.system_prompt holds a secret (a URL's user:password@ or token parameter, "
+                          "or the value of a variable an *_env key names); the prompt is trained into the model and "
+                          "stored with the run: leave the secret out")
 
 
 def _refuse_non_finite(value: Any, source: str, lines: dict[tuple[str, ...], int],

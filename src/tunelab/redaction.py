@@ -17,7 +17,13 @@ if TYPE_CHECKING:
 REDACTED = "***"
 SECRET_KEY = re.compile(r"(?i)(token|secret|passw(or)?d|passwd|pwd|credentials?|auth|key)$|^(secret|password)")
 _URI = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
-_SECRET_PARAM = re.compile(r"(?i)(token|secret|passw|pwd|key|sig|signature|auth|credential|session)")
+# A query parameter holding a secret, by its whole name or its last word: token, access_token, X-Amz-Signature,
+# sig (Azure SAS), apikey. Not a word that merely contains one (keyword, design): rewriting those would change
+# a URL the run needs.
+_SECRET_PARAM = re.compile(r"(?i)(^|[_\-.]|api|access|refresh|client|private|secret)"
+                           r"(token|secret|passw(or)?d|pwd|key|sig|signature|auth|authorization|credentials?|session(id)?)$")
+# user:password@ where the password may hold "/" (SQLAlchemy and urllib read up to the last "@" before the host).
+_USERINFO = re.compile(r"^(?P<user>[^/:@?#]*):(?P<password>[^?#]*)@(?P<rest>[^@]*)$")
 
 
 def is_secret_key(name: str) -> bool:
@@ -36,6 +42,9 @@ def redact_uris(text: str) -> str:
     def one(match: re.Match[str]) -> str:
         uri = match.group(0)
         scheme, sep, rest = uri.partition("://")
+        login = _USERINFO.match(rest)
+        if login and login.group("password"):
+            rest = f"{login.group('user')}:{REDACTED}@{login.group('rest')}"
         authority, slash, tail = rest.partition("/") if "/" in rest.split("?")[0] else (rest.split("?")[0], "", "")
         if not slash:  # no path: the query (if any) follows the authority
             tail = rest[len(authority):]

@@ -7,7 +7,6 @@ into every trial), one ordinary run folder per trial, and at the end sweep.html 
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from tunelab.artifacts import write_text_atomic
 from tunelab.config import RunConfig
 from tunelab.config_file import dump_config
 from tunelab.errors import ConfigError, RunFolderError
+from tunelab.redaction import redacted_config
 from tunelab.sweep.plan import RUNTIME_KEYS, SweepPlan
 from tunelab.sweep.state import STATE_FILE, SweepState, TrialRecord
 
@@ -42,14 +42,16 @@ def open_sweep(plan: SweepPlan, resume: bool, retry_failed: bool = False) -> Swe
     `retry_failed` runs failed trials again too (like Ray Tune's restart_errored)."""
     root, cfg = plan.root, plan.cfg
     state_path = root / STATE_FILE
+    replacing: list[str] = []  # with output.overwrite: what of an old sweep goes once the new data validated
     if state_path.is_file():
         if resume:
             return _resumed(plan, SweepState.load(root), retry_failed)
+        old = SweepState.load(root)
         if not cfg.output.overwrite:
-            done = sum(t.status in ("finished", "stopped", "failed") for t in SweepState.load(root).trials)
+            done = sum(t.status in ("finished", "stopped", "failed") for t in old.trials)
             raise RunFolderError(f"output.dir: {root} already holds a sweep ({done} trials ended); pass --resume to "
                                  "finish it, or --set output.overwrite=true to start it over")
-        _clear(root)
+        replacing = [name for name in (*SWEEP_FILES, *(t.name for t in old.trials)) if name != "data"]
     elif resume:
         raise RunFolderError(f"--resume: {root} holds no sweep to resume (no {STATE_FILE}); run without --resume")
     elif (root / "config.yaml").is_file() or (root / "adapter").exists():
@@ -57,7 +59,9 @@ def open_sweep(plan: SweepPlan, resume: bool, retry_failed: bool = False) -> Swe
     elif root.is_dir() and any(root.iterdir()) and not cfg.output.overwrite:
         raise RunFolderError(f"output.dir: {root} is not empty; choose a new folder for the sweep")
     # Nothing is written yet: start_sweep does, once the data has validated.
-    return SweepState(state_path, plan.spec(), _stored(cfg), [TrialRecord(t.index, t.name, t.params) for t in plan.trials])
+    state = SweepState(state_path, plan.spec(), _stored(cfg), [TrialRecord(t.index, t.name, t.params) for t in plan.trials])
+    state.replacing = replacing
+    return state
 
 
 def start_sweep(plan: SweepPlan, state: SweepState) -> None:
@@ -65,21 +69,25 @@ def start_sweep(plan: SweepPlan, state: SweepState) -> None:
     config.yaml and sweep.json. A new sweep whose data fails leaves no folder behind."""
     from tunelab.data.prepare import prepare_data
 
-    new = not state.path.is_file()
+    new = not state.path.is_file() or bool(state.replacing)
     if any(t.status == "pending" for t in state.trials):
         try:
             prepare_data(plan.cfg, plan.root / "data")
         except BaseException:
-            if new and plan.root.is_dir() and {p.name for p in plan.root.iterdir()} <= {"data"}:
+            if not state.path.is_file() and plan.root.is_dir() and {p.name for p in plan.root.iterdir()} <= {"data"}:
                 shutil.rmtree(plan.root)
             raise
+    if state.replacing:  # output.overwrite: the old sweep goes only now, with the new data valid (and in place)
+        _remove(plan.root, state.replacing)
+        state.replacing = []
     if new:
         write_text_atomic(plan.root / "config.yaml", dump_config(plan.cfg))
     state.save()
 
 
 def _stored(cfg: RunConfig) -> dict[str, Any]:
-    return json.loads(cfg.model_dump_json())
+    """The config as sweep.json records it (and MLflow receives it): secrets redacted."""
+    return redacted_config(cfg)
 
 
 def _resumed(plan: SweepPlan, state: SweepState, retry_failed: bool) -> SweepState:
@@ -116,10 +124,9 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]
     return [] if a == b else [(prefix.rstrip("."), a, b)]
 
 
-def _clear(root: Path) -> None:
-    """output.overwrite on a sweep folder: remove the sweep's own files and every trial folder it made."""
-    state = SweepState.load(root)
-    for name in [*SWEEP_FILES, *(t.name for t in state.trials)]:
+def _remove(root: Path, names: list[str]) -> None:
+    """output.overwrite on a sweep folder: the old sweep's own files and every trial folder it made."""
+    for name in names:
         path = root / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)

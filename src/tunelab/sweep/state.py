@@ -56,6 +56,7 @@ class SweepState:
     trials: list[TrialRecord]
     parent_run_id: str | None = None
     created_unix: float = field(default_factory=time.time)
+    replacing: list[str] = field(default_factory=list)  # an old sweep's files, removed once the new data is valid
 
     @classmethod
     def load(cls, folder: Path) -> SweepState:
