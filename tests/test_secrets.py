@@ -218,3 +218,19 @@ def test_uri_credentials_are_redacted_and_nothing_else(uri, redacted):
     from tunelab.redaction import redact_uris
 
     assert redact_uris(uri) == (redacted or uri)
+
+
+def test_error_messages_name_endpoints_without_their_credentials(tmp_path):
+    from tunelab.artifacts import RunPaths
+    from tunelab.errors import TunelabError
+    from tunelab.sweep.trial import ERROR_FILE, _record_error
+
+    config = write_yaml(tmp_path / "c.yaml", {"model": {"name": str(tmp_path)}, "output": {"dir": str(tmp_path / "r")},
+                                               "data": {"train": "https://bob:hunter2@data.example.com/train.jsonl"}})
+    done = run_cli("data", "prep", str(config))
+    assert done.returncode == 2 and "data.example.com" in done.stderr and "hunter2" not in done.stderr, done.stderr
+    # A sweep trial's error goes into its folder, sweep.json and an MLflow tag: redacted there too.
+    run = RunPaths(tmp_path / "trial")
+    _record_error(run, TunelabError("eval.judge: the judge at https://judge:hunter2@llm.example.com/v1 failed"))
+    recorded = (run.root / ERROR_FILE).read_text()
+    assert "llm.example.com" in recorded and "hunter2" not in recorded

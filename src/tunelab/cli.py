@@ -345,8 +345,10 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except TunelabError as err:
-        for problem in err.problems:
-            print(f"error: {problem}", file=sys.stderr)
+        from tunelab.redaction import redact_uris
+
+        for problem in err.problems:  # a message may quote an endpoint (a judge's, HF_ENDPOINT): no credentials
+            print(f"error: {redact_uris(problem)}", file=sys.stderr)
         sys.exit(err.exit_code)
     except click.exceptions.ClickException as err:
         err.show()

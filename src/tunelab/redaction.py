@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 REDACTED = "***"
 SECRET_KEY = re.compile(r"(?i)(token|secret|passw(or)?d|passwd|pwd|credentials?|auth|key)$|^(secret|password)")
-_URI = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+# scheme:// -- or scheme:/ as pathlib prints a URL given where a file was expected (it folds the "//").
+_URI = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*:/+[^\s'\"<>]+")
 # A query parameter holding a secret, by its whole name or its last word: token, access_token, X-Amz-Signature,
 # sig (Azure SAS), apikey. Not a word that merely contains one (keyword, design): rewriting those would change
 # a URL the run needs.
@@ -41,7 +42,7 @@ def redact_uris(text: str) -> str:
     """`text` with the credentials inside any URI replaced by ***: https://user:***@host/?token=***."""
     def one(match: re.Match[str]) -> str:
         uri = match.group(0)
-        scheme, sep, rest = uri.partition("://")
+        scheme, sep, rest = re.match(r"([^:]*)(:/+)(.*)", uri, re.S).groups()  # type: ignore[union-attr]
         login = _USERINFO.match(rest)
         if login and login.group("password"):
             rest = f"{login.group('user')}:{REDACTED}@{login.group('rest')}"

@@ -78,7 +78,7 @@ def end_child(cfg: RunConfig, run_dir: Path, status: str, reason: str) -> None:
     try:
         client = _client(cfg)
         run_id = json.loads(stamp.read_text())["run_id"]
-        client.set_tag(run_id, "tunelab.sweep_trial_end", reason)
+        client.set_tag(run_id, "tunelab.sweep_trial_end", redact_uris(reason))
         if status == "KILLED" or client.get_run(run_id).info.status == "RUNNING":
             client.set_terminated(run_id, status)
     except Exception:  # noqa: BLE001 - bookkeeping only
