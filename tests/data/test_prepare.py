@@ -85,6 +85,23 @@ def test_contamination_fails_by_default_and_names_rows(tmp_path, tiny_model_dir)
     assert prepared.report["contamination"]["per_source"] == {"test": 1}
 
 
+def test_a_dropped_leak_takes_no_innocent_row_sharing_its_id(tmp_path, tiny_model_dir):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    # Two files of the same name, each numbering its rows from 0: the ids collide across them.
+    first = write_jsonl(tmp_path / "a" / "train.jsonl", [r | {"id": str(i)} for i, r in enumerate(distinct_rows(20))])
+    second = write_jsonl(tmp_path / "b" / "train.jsonl", [r | {"id": str(i)} for i, r in enumerate(
+        distinct_rows(19, start=100) + [{"instruction": f"Recall: {LEAK}", "output": "x"}])])
+    test = write_jsonl(tmp_path / "test.jsonl", [{"id": "t1", "instruction": LEAK, "output": "17"}])
+    cfg = config(tmp_path, tiny_model_dir, train=[str(first), str(second)], test=str(test), val_fraction=0,
+                 contamination={"action": "drop"})
+    prepared = prepare_data(cfg, tmp_path / "run" / "data")
+    train = prepared.dataset.train
+    assert len(train) == 39 and prepared.report["contamination"]["dropped"] == 1
+    assert not any(LEAK in r.all_text() for r in train)
+    assert "Question number 19: what is 19 plus 57?" in {r.messages[0]["content"] for r in train}  # a/ row 19
+    assert len({r.id for r in train}) == 39  # every row keeps an id of its own
+
+
 def test_benchmark_files_are_checked(tmp_path, tiny_model_dir):
     train = write_jsonl(tmp_path / "train.jsonl", distinct_rows(20) + [{"id": "leaky", "instruction": LEAK, "output": "x"}])
     bench = write_jsonl(tmp_path / "bench.jsonl", [{"question": LEAK, "answer": "17"}])

@@ -77,6 +77,19 @@ def _load_all(sources: list[SourceConfig], role: str, cfg: RunConfig, skipped: l
     return records
 
 
+def _make_ids_unique(records: list[Record]) -> None:
+    """Row ids name rows in reports and decide which rows contamination drops: two sources numbering their rows
+    from 0, or two files named train.jsonl, must not make one leaked row take an innocent one with it. A
+    repeated id gets where its row was read appended (the first row keeps its id as it was)."""
+    seen: set[str] = set()
+    for record in records:
+        if record.id in seen:
+            record.id = f"{record.id}@{record.source}"
+            while record.id in seen:
+                record.id += "'"
+        seen.add(record.id)
+
+
 def build_dataset(cfg: RunConfig, tokenizer: Any = None, generate_replay: bool = True) -> Prepared:
     """Everything but the writing: returns the splits and the report.
 
@@ -91,6 +104,7 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None, generate_replay: bool =
     train_rows = len(pool) + len(skipped)  # rows in the training sources, good or bad
     given_test = _load_all(data.test, "test", cfg, skipped, weights)
     loaded = len(pool) + len(given_test)
+    _make_ids_unique([*pool, *given_test])
     kinds = Counter(r.kind for r in [*pool, *given_test])
     if len(kinds) > 1:
         raise DataError(f"data: the sources mix row kinds ({', '.join(f'{k}: {n}' for k, n in kinds.items())}); "
