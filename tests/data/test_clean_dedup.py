@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 from tunelab.config import CleanConfig, DedupConfig
 from tunelab.data.clean import clean_records, normalize_whitespace, scrub_pii
@@ -80,3 +82,15 @@ def test_near_dedup_threshold_and_fields_are_honoured():
     b = chat(2, "alpha beta gamma delta epsilon zeta eta theta iota kappa", "another reply wholly different")
     assert len(deduplicate([a, b], DedupConfig(exact=False, fields="prompt")).kept) == 1
     assert len(deduplicate([a, b], DedupConfig(exact=False, fields="answer")).kept) == 2
+
+
+def test_pii_scrub_of_a_hostile_megabyte_row_ends(tmp_path):
+    """Rows built to make the e-mail pattern backtrack: before its parts were bounded, the first took hours
+    (quadratic in the row's length). Run apart, so a regression fails on the timeout instead of hanging CI."""
+    script = ("from tunelab.data.clean import scrub_pii\n"
+              "for text in ('.a' * 500_000, '.a' * 500_000 + '@x', ('a.' * 60 + '@') * 8_000, '1-' * 500_000):\n"
+              "    assert len(scrub_pii(text)) > 0\n"
+              "print(scrub_pii('write to bob.smith@example.com or +1 415 555 0100'))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "write to <EMAIL> or <PHONE>"
