@@ -141,6 +141,25 @@ def test_non_utf8_empty_and_missing_files(tmp_path):
         load_records(tmp_path / "x.txt")
 
 
+def test_a_non_utf8_byte_in_a_csv_or_json_file_is_one_bad_row(tmp_path):
+    csv_file = tmp_path / "latin1.csv"
+    csv_file.write_bytes(b"instruction,output\nfirst,x\ncaf\xe9,y\nlast,z\n")
+    loaded = load_source(csv_file, on_error="skip")
+    assert [r.messages[0]["content"] for r in loaded.records] == ["first", "last"]
+    assert [(s.where, s.problem) for s in loaded.skipped] == [
+        (f"{csv_file} row 3", "not valid UTF-8; re-save latin1.csv as UTF-8")]
+    with pytest.raises(DataError, match=r"latin1.csv row 3: not valid UTF-8"):
+        load_records(csv_file)
+    json_file = tmp_path / "latin1.json"
+    json_file.write_bytes(b'[{"instruction": "a", "output": "x"}, {"instruction": "caf\xe9", "output": "y"}]')
+    loaded = load_source(json_file, on_error="skip")
+    assert len(loaded.records) == 1 and loaded.skipped[0].where == f"{json_file} item 2"
+    header = tmp_path / "header.csv"
+    header.write_bytes(b"instruction,outp\xfct\nfirst,x\n")
+    with pytest.raises(DataError, match=r"header.csv row 1: the header is not valid UTF-8"):
+        load_source(header, on_error="skip")
+
+
 def test_explicit_format_is_enforced(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", animal_rows(2))
     with pytest.raises(DataError, match="a.jsonl:1: field 'instruction': is missing"):

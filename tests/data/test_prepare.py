@@ -102,6 +102,20 @@ def test_a_dropped_leak_takes_no_innocent_row_sharing_its_id(tmp_path, tiny_mode
     assert len({r.id for r in train}) == 39  # every row keeps an id of its own
 
 
+def test_a_row_without_the_stratify_column_is_one_bad_row(tmp_path, tiny_model_dir):
+    rows = distinct_rows(40)
+    del rows[7]["topic"]
+    rows[9]["topic"] = None
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    cfg = config(tmp_path, tiny_model_dir, train=str(path), stratify_by="topic")
+    with pytest.raises(DataError, match=r"t.jsonl:8: data.stratify_by column 'topic' is missing or null in row q7"):
+        prepare_data(cfg, tmp_path / "run" / "data")
+    cfg.data.on_error = "skip"
+    prepared = prepare_data(cfg, tmp_path / "run" / "data")
+    assert sum(prepared.dataset.counts().values()) == 38
+    assert [s["where"] for s in prepared.report["skipped"]["examples"]] == [f"{path}:8", f"{path}:10"]
+
+
 def test_benchmark_files_are_checked(tmp_path, tiny_model_dir):
     train = write_jsonl(tmp_path / "train.jsonl", distinct_rows(20) + [{"id": "leaky", "instruction": LEAK, "output": "x"}])
     bench = write_jsonl(tmp_path / "bench.jsonl", [{"question": LEAK, "answer": "17"}])

@@ -77,6 +77,25 @@ def _load_all(sources: list[SourceConfig], role: str, cfg: RunConfig, skipped: l
     return records
 
 
+def _with_split_column(records: list[Record], data: Any, skipped: list[Skipped]) -> list[Record]:
+    """The rows that carry data.stratify_by's (or group_by's) column: one that lacks it is a bad row like any
+    other, skipped with on_error: skip, instead of stopping the whole split."""
+    column = data.stratify_by or data.group_by
+    if not column:
+        return records
+    option = "stratify_by" if data.stratify_by else "group_by"
+    kept = []
+    for record in records:
+        if record.meta.get(column) is not None:
+            kept.append(record)
+        elif data.on_error == "skip":
+            skipped.append(Skipped(record.source, f"data.{option} column '{column}' is missing or null"))
+        else:
+            raise DataError(f"{record.source}: data.{option} column '{column}' is missing or null in row {record.id} "
+                            "(set data.on_error: skip to leave such rows out)")
+    return kept
+
+
 def _make_ids_unique(records: list[Record]) -> None:
     """Row ids name rows in reports and decide which rows contamination drops: two sources numbering their rows
     from 0, or two files named train.jsonl, must not make one leaked row take an innocent one with it. A
@@ -120,6 +139,9 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None, generate_replay: bool =
     deduped = [deduplicate(c.kept, data.dedup) for c in cleaned]
     pool, given_test = deduped[0].kept, deduped[1].kept
 
+    with_column = _with_split_column(pool, data, skipped)
+    bad_train_rows += len(pool) - len(with_column)
+    pool = with_column
     test_fraction = 0.0 if data.test else data.test_fraction
     train, val, test = split_records(pool, data.val_fraction, test_fraction, data.seed, data.stratify_by, data.group_by)
     test = given_test if data.test else test

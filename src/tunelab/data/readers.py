@@ -88,11 +88,19 @@ def _loads(text: str) -> Any:
     return value
 
 
-def _decode(path: Path, raw: bytes, where: str) -> str:
+def _decode(raw: bytes) -> str:
+    """A whole-file format's text. Bytes that are not UTF-8 become lone surrogates, so the rows holding them are
+    bad rows (named, skipped with on_error: skip) rather than one bad byte failing every row of the file."""
+    return raw.decode("utf-8-sig", errors="surrogateescape")
+
+
+def _not_utf8(row: Any, path: Path) -> BadRow | None:
+    """A BadRow when `row` holds bytes `_decode` could not read as UTF-8."""
     try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{where}: {_utf8_problem(path, err)}") from None
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return BadRow(f"not valid UTF-8; re-save {path.name} as UTF-8")
+    return None
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Row | BadRow]]:
@@ -121,7 +129,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Row | BadRow]]:
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Row | BadRow]]:
-    text = _decode(path, path.read_bytes(), str(path))
+    text = _decode(path.read_bytes())
     try:
         data = _loads(text)
     except json.JSONDecodeError as err:
@@ -143,11 +151,11 @@ def _read_json(path: Path) -> Iterator[tuple[str, Row | BadRow]]:
         if not isinstance(row, dict):
             yield f"{path} item {i}", BadRow(f"expected an object, got {type(row).__name__}")
             continue
-        yield f"{path} item {i}", row
+        yield f"{path} item {i}", _not_utf8(row, path) or row
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, Row | BadRow]]:
-    text = _decode(path, path.read_bytes(), str(path))
+    text = _decode(path.read_bytes())
     csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     reader = csv.reader(io.StringIO(text, newline=""))
     rowno = 0  # the last row read; a broken one is the next
@@ -155,6 +163,8 @@ def _read_csv(path: Path) -> Iterator[tuple[str, Row | BadRow]]:
         header = next(reader, None)
         if not header:
             return
+        if _not_utf8(header, path):  # every row's keys: the file, not a row, is unreadable
+            raise DataError(f"{path} row 1: the header is not valid UTF-8; re-save {path.name} as UTF-8")
         rowno = 1
         for rowno, values in enumerate(reader, start=2):
             if not any(v.strip() for v in values):
@@ -162,7 +172,8 @@ def _read_csv(path: Path) -> Iterator[tuple[str, Row | BadRow]]:
             if len(values) != len(header):
                 yield f"{path} row {rowno}", BadRow(f"has {len(values)} fields but the header has {len(header)}")
                 continue
-            yield f"{path} row {rowno}", {k: _csv_value(v) for k, v in zip(header, values)}
+            row = {k: _csv_value(v) for k, v in zip(header, values)}
+            yield f"{path} row {rowno}", _not_utf8(row, path) or row
     except csv.Error as err:
         # The reader cannot go on past a broken row (a field over the limit): name that row and stop.
         if "field larger" in str(err):
