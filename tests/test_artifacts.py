@@ -45,3 +45,35 @@ def test_run_paths_tell_what_training_left(tmp_path):
     run.adapter.mkdir()
     run.adapter_config.write_text("{}")
     assert (run.kind, run.trained, run.has_full_model) == ("adapter", run.adapter, True)  # the adapter wins
+
+
+def test_replacing_a_folder_never_leaves_it_missing(tmp_path):
+    """A reader (serving, eval, a registry download) must never find a run's folder gone while a newer one is
+    put in its place: the swap is one atomic exchange, and the old content goes afterwards."""
+    import threading
+
+    from tunelab.artifacts import exchange
+
+    final = tmp_path / "adapter"
+    with atomic_dir(final) as tmp:
+        (tmp / "weights").write_text("0")
+    missing, stop = [], threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            if not (final / "weights").is_file():
+                missing.append(1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    for i in range(1, 100):
+        with atomic_dir(final) as tmp:
+            (tmp / "weights").write_text(str(i))
+    stop.set()
+    watcher.join()
+    assert missing == [] and (final / "weights").read_text() == "99"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary or old folder left
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "x").write_text("A"), (b / "x").write_text("B")
+    assert exchange(a, b) and ((a / "x").read_text(), (b / "x").read_text()) == ("B", "A")

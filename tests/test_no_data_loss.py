@@ -164,4 +164,6 @@ def test_exports_refuse_an_existing_out_unless_overwrite(tmp_path, tiny_model_di
                         "--overwrite to replace it"
         error = one_error(run_cli("export", *command, str(run), "--out", str(run.parent), "--overwrite"))
         assert error == f"error: --out: {run.parent} holds the run folder {run}; choose a new folder"
+        error = one_error(run_cli("export", *command, str(run), "--out", str(run / "data" / "x"), "--overwrite"))
+        assert f"--out: {run / 'data' / 'x'} is inside the run's own data/ folder" in error
     assert (keep / "precious.txt").read_text() == "do not delete"

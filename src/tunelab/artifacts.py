@@ -77,7 +77,9 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only; a finished artifact is as readable as any folder
     try:
         yield tmp
-        if final.exists():
+        if final.exists() and exchange(tmp, final):  # one atomic step: `final` is never missing
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old content
+        elif final.exists():  # no exchange here: two renames, with a moment between them where `final` is gone
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)
@@ -87,6 +89,25 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the system or the file
+    system cannot, and nothing was changed."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library before glibc 2.28
+        return False
+    at_cwd = -100
+    done = renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE)
+    return done == 0
 
 
 def manifest(kind: str, **fields: Any) -> dict[str, Any]:

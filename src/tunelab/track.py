@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tunelab.artifacts import RunPaths
+from tunelab.artifacts import RunPaths, write_json_atomic
 from tunelab.config import RunConfig
 from tunelab.errors import ConfigError, TrackingError
 from tunelab.progress import console
@@ -156,7 +156,7 @@ class Tracker:
         except Exception as err:  # noqa: BLE001 - any store failure means: keep training, buffer
             self._go_offline(err)
             return None
-        stamp.write_text(json.dumps({"run_id": created.info.run_id, "tracking_uri": redact_uris(tracking_uri(self.cfg))}))
+        write_json_atomic(stamp, {"run_id": created.info.run_id, "tracking_uri": redact_uris(tracking_uri(self.cfg))})
         return created.info.run_id
 
     def _registered(self) -> dict[str, str] | None:

@@ -32,6 +32,11 @@ def check_out(out: Path, run: RunPaths, overwrite: bool) -> None:
     target = out.expanduser().resolve()
     if target == run.root.resolve() or target in run.root.resolve().parents:
         raise ExportError(f"--out: {out} holds the run folder {run.root}; choose a new folder")
+    for part in (run.adapter, run.model, run.data, run.eval, run.checkpoints):  # what the export reads, or the run
+        own = part.expanduser().resolve()
+        if target == own or own in target.parents:
+            raise ExportError(f"--out: {out} is inside the run's own {part.name}/ folder, which --overwrite would "
+                              f"replace; choose a new folder (default: {run.root / 'export'}/...)")
     where = unsafe_output_dir(out)
     if where:
         raise ExportError(f"--out: {out} is {where}; choose a new folder")

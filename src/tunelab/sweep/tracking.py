@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tunelab.artifacts import RunPaths
+from tunelab.artifacts import RunPaths, write_json_atomic
 from tunelab.config import RunConfig
 from tunelab.progress import console
 from tunelab.redaction import redact_uris
@@ -64,8 +64,8 @@ def start_child(cfg: RunConfig, run: RunPaths, parent_id: str, params: dict[str,
     except Exception:  # noqa: BLE001 - the Tracker will try the store again itself, and buffer if it must
         return
     run.root.mkdir(parents=True, exist_ok=True)
-    (run.root / RUN_ID_FILE).write_text(json.dumps({"run_id": created.info.run_id,
-                                                    "tracking_uri": redact_uris(tracking_uri(cfg))}))
+    write_json_atomic(run.root / RUN_ID_FILE, {"run_id": created.info.run_id,
+                                               "tracking_uri": redact_uris(tracking_uri(cfg))})
 
 
 def end_child(cfg: RunConfig, run_dir: Path, status: str, reason: str) -> None:
