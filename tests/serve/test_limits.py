@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx2 as httpx
 import openai
 import pytest
 
@@ -34,6 +35,49 @@ def test_full_queue_answers_429_and_then_recovers(live_server) -> None:
         waiting = [f for f in futures if f not in done]
         assert all(isinstance(f.result(timeout=60), str) for f in waiting)
     assert isinstance(ask(url), str)  # capacity is back
+
+
+def test_a_flood_from_one_client_cannot_keep_another_out_of_the_waiting_room(live_server) -> None:
+    url, engine = live_server(max_queue=4, max_batch=1)
+
+    def ask_as(user: str) -> str:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        return c.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                         user=user).choices[0].message.content
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        with engine.lock:  # busy: one flood request is picked up, four wait, the sixth bounces
+            flood = [pool.submit(ask_as, "flood") for _ in range(6)]
+            time.sleep(1.5)
+            alice = pool.submit(ask_as, "alice")  # the room is full, all of it flood's: alice pushes one out
+            time.sleep(1.0)
+        assert isinstance(alice.result(timeout=60), str)
+        errors = [f.exception(timeout=60) for f in flood]
+    assert sum(isinstance(e, openai.RateLimitError) for e in errors) == 2 and errors.count(None) == 4
+    assert 'tunelab_rejected_total{reason="fair_share"} 1' in httpx.get(f"{url}/metrics").text
+
+
+def test_the_waiting_room_pushes_out_only_for_a_fairer_claim() -> None:
+    import queue
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from tunelab.serve.waiting import WaitingRoom
+
+    room, ids = WaitingRoom(4), iter(range(100))
+
+    def put(client: str):
+        return room.put_nowait(SimpleNamespace(client=client, id=next(ids)))
+
+    assert [put("a") for _ in range(4)] == [None] * 4
+    with pytest.raises(queue.Full):
+        put("a")  # alone, a client may fill the room, and no more
+    assert put("b").id == 3  # a's newest goes: a 3, b 1
+    assert put("b").id == 2  # a 2, b 2
+    with pytest.raises(queue.Full):
+        put("b")  # b holds as many as a: no fairer claim
+    assert put("c").id == 1  # the first of the heaviest (a and b hold two each) gives its newest up
+    assert sorted((r.client, r.id) for r in room.take(4, Counter())) == [("a", 0), ("b", 5), ("b", 6), ("c", 8)]
 
 
 def test_request_that_waits_past_its_timeout_gets_504(live_server) -> None:

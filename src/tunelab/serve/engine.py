@@ -163,11 +163,16 @@ class Engine:
             raise ServeError(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds "
                              f"the model's context of {self.max_positions} tokens", 400, "context_length_exceeded")
         try:
-            self.pending.put_nowait(request)
+            pushed_out = self.pending.put_nowait(request)
         except queue.Full:
             self.metrics.inc("tunelab_rejected_total", reason="queue_full")
             raise ServeError(f"server busy: {self.pending.maxsize} requests already waiting; retry later",
                              429, "queue_full") from None
+        if pushed_out is not None:  # its client held more of the waiting room than its share
+            self.metrics.inc("tunelab_rejected_total", reason="fair_share")
+            pushed_out.finish_reason = "error"
+            pushed_out.emit("error", ServeError(f"server busy: {self.pending.maxsize} requests waiting, most of them "
+                                                "yours; retry later", 429, "queue_full"))
         self.metrics.set_gauge("tunelab_queue_depth", self.pending.qsize())
 
     def shutdown(self) -> None:

@@ -5,6 +5,10 @@ oldest request first among equals. One client alone may fill the batch (no slot 
 client waits, every slot that frees goes to whoever holds fewer, so no client keeps more than its share once the
 rows it already runs finish (running rows are never preempted). A client is the request's `user` field (OpenAI's
 end-user id) or else its peer address.
+
+The room is shared the same way: when it is full, a request from a client holding fewer places than the
+client holding the most pushes that client's newest request out (it gets the 429 instead). One client alone may
+fill the room, but a flood from one client cannot keep everyone else out of it.
 """
 
 from __future__ import annotations
@@ -26,14 +30,23 @@ class WaitingRoom:
     def qsize(self) -> int:
         return self._count
 
-    def put_nowait(self, request: Any) -> None:
-        """Queue `request` (it has `.client` and an increasing `.id`); queue.Full when the room is full."""
+    def put_nowait(self, request: Any) -> Any:
+        """Queue `request` (it has `.client` and an increasing `.id`). In a full room: the request it pushed out
+        (the newest of the client holding the most places, when that is more than this client's next one), or
+        queue.Full when it has no fairer claim than those waiting."""
         with self._changed:
+            pushed_out = None
             if self._count >= self.maxsize:
-                raise queue.Full
+                mine = len(self._by_client.get(request.client, ()))
+                heaviest = max(self._by_client, key=lambda c: len(self._by_client[c]), default=None)
+                if heaviest is None or len(self._by_client[heaviest]) <= mine + 1:
+                    raise queue.Full
+                pushed_out = self._by_client[heaviest].pop()
+                self._count -= 1
             self._by_client.setdefault(request.client, deque()).append(request)
             self._count += 1
             self._changed.notify_all()
+            return pushed_out
 
     def wake(self) -> None:
         with self._changed:
