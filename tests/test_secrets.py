@@ -213,6 +213,8 @@ def test_eval_never_uses_a_stored_runs_judge(tmp_path, monkeypatch):
     ("https://help.example.com/search?keyword=refunds&design=1&monkey=2", None),
     ("https://medium.com/@user/post", None),
     ("http://host:8080/path", None),
+    ("models:/animals@champion", None),  # a registered model's alias, not a login
+    ("https:/bob:hunter2@data.example.com/t.jsonl", "https:/bob:***@data.example.com/t.jsonl"),  # as pathlib prints it
 ])
 def test_uri_credentials_are_redacted_and_nothing_else(uri, redacted):
     from tunelab.redaction import redact_uris

@@ -22,7 +22,8 @@ _URI = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*:/+[^\s'\"<>]+")
 # sig (Azure SAS), apikey. Not a word that merely contains one (keyword, design): rewriting those would change
 # a URL the run needs.
 _SECRET_PARAM = re.compile(r"(?i)(^|[_\-.]|api|access|refresh|client|private|secret)"
-                           r"(token|secret|passw(or)?d|pwd|key|sig|signature|auth|authorization|credentials?|session(id)?)$")
+                           r"(token|secret|passw(or)?d|pwd|key|sig|signature|auth|authorization|credentials?|"
+                           r"session(id)?)$")
 # user:password@ where the password may hold "/" (SQLAlchemy and urllib read up to the last "@" before the host).
 _USERINFO = re.compile(r"^(?P<user>[^/:@?#]*):(?P<password>[^?#]*)@(?P<rest>[^@]*)$")
 
@@ -49,7 +50,7 @@ def redact_uris(text: str) -> str:
         authority, slash, tail = rest.partition("/") if "/" in rest.split("?")[0] else (rest.split("?")[0], "", "")
         if not slash:  # no path: the query (if any) follows the authority
             tail = rest[len(authority):]
-        if "@" in authority:
+        if "@" in authority and (sep == "://" or ":" in authority.rpartition("@")[0]):  # models:/NAME@ALIAS: no secret
             userinfo, _, host = authority.rpartition("@")
             user, colon, _ = userinfo.partition(":")
             authority = f"{user}:{REDACTED}@{host}" if colon else f"{REDACTED}@{host}"
