@@ -14,111 +14,24 @@ import uuid
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
-from tunelab.chat import join_text_parts
-from tunelab.errors import ModelError, NonTextPart, ServeError
+from tunelab.errors import ModelError, ServeError
 from tunelab.families import stop_texts, stop_token_ids
 from tunelab.serve.adapters import BASE_NAME, check_name, check_same_base, resolve_adapter
+from tunelab.serve.bodies import AdapterBody, ChatBody, CompletionBody, Sampling
 from tunelab.serve.engine import Engine, GenRequest
 from tunelab.serve.guard import Guard
 
 # Below this a temperature decodes greedily (vLLM's _SAMPLING_EPS): dividing logits by 1e-300 overflows.
 TEMPERATURE_FLOOR = 1e-5
 POLL_SECONDS = 0.25  # how often a waiting handler looks for a gone client and a stuck engine
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _text_parts(cls, value: Any) -> Any:
-        """OpenAI's content parts: their texts, one per line, exactly as training joins them."""
-        if not isinstance(value, list):
-            return value
-        try:
-            return join_text_parts(value)
-        except NonTextPart as part:
-            raise ValueError(f"{part}; only text parts ({{type: text, text}}) are accepted: "
-                             "this server serves a text model") from None
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
-
-
-class Sampling(BaseModel):
-    # Fields no answer depends on (metadata, store, service_tier, parallel_tool_calls...) are ignored; those that
-    # would change an answer and that tunelab does not implement are declared below and refused unless left at
-    # their defaults (`unsupported`), so a client never gets an answer that silently ignored what it asked for.
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    max_tokens: int | None = Field(None, gt=0)
-    max_completion_tokens: int | None = Field(None, gt=0)
-    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False)  # JSON parsers accept NaN and Infinity
-    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request.")
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # what torch.Generator.manual_seed takes
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = Field(None, max_length=256, description="End-user id: batch slots are shared fairly by it.")
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, Any] | None = None
-    logprobs: bool | int | None = None  # chat: a bool; completions: how many alternatives
-    top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None
-    function_call: Any = None
-
-    def unsupported(self) -> list[str]:
-        """The OpenAI parameters this request sets to something tunelab does not do."""
-        asked = {
-            "presence_penalty": self.presence_penalty not in (None, 0),
-            "frequency_penalty": self.frequency_penalty not in (None, 0),
-            "logit_bias": bool(self.logit_bias),
-            "logprobs": self.logprobs not in (None, False),
-            "top_logprobs": self.top_logprobs not in (None, 0),
-            "response_format": (self.response_format or {"type": "text"}).get("type") != "text",
-            "tools": bool(self.tools), "tool_choice": self.tool_choice not in (None, "none"),
-            "functions": bool(self.functions), "function_call": self.function_call not in (None, "none"),
-        }
-        return [name for name, is_set in asked.items() if is_set]
-
-
-class ChatBody(Sampling):
-    messages: list[Message] = Field(..., min_length=1)
-
-
-class CompletionBody(Sampling):
-    prompt: str
-    echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
-
-    def unsupported(self) -> list[str]:
-        return super().unsupported() + [name for name, is_set in (
-            ("echo", self.echo), ("best_of", self.best_of not in (None, 1)), ("suffix", bool(self.suffix))) if is_set]
-
-
-class AdapterBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(..., max_length=64)
-    path: str = Field(..., max_length=4096)
 
 
 @dataclass
