@@ -59,7 +59,8 @@ def open_sweep(plan: SweepPlan, resume: bool, retry_failed: bool = False) -> Swe
     elif root.is_dir() and any(root.iterdir()) and not cfg.output.overwrite:
         raise RunFolderError(f"output.dir: {root} is not empty; choose a new folder for the sweep")
     # Nothing is written yet: start_sweep does, once the data has validated.
-    state = SweepState(state_path, plan.spec(), _stored(cfg), [TrialRecord(t.index, t.name, t.params) for t in plan.trials])
+    trials = [TrialRecord(t.index, t.name, t.params) for t in plan.trials]
+    state = SweepState(state_path, plan.spec(), _stored(cfg), trials)
     state.replacing = replacing
     return state
 
