@@ -110,6 +110,10 @@ def _promote(client: Any, name: str, version: str, alias: str, force: bool, reas
     passed = mv.tags.get(GATE_PASSED_TAG) == "true"
     if not passed and not force:
         rules = mv.tags.get("tunelab.gate", "[]")
+        if rules == "[]":
+            raise TunelabError(f"registry promote: {name} version {version} has no eval gate (no rules were in force, "
+                               "or it was never evaluated): no evidence to promote on; register a run evaluated "
+                               "with a gate, or pass --force --reason \"...\" to promote it anyway")
         raise TunelabError(f"registry promote: {name} version {version} did not pass its eval gate (rules: {rules}); "
                            "a version's recorded result does not change: register a run that passes, or pass "
                            "--force --reason \"...\" to promote it anyway")

@@ -30,7 +30,8 @@ def list_runs(uri: str, experiment: str) -> list[dict[str, str]]:
                      "objective": p.get("objective.type", t.get("tunelab.objective", "")),
                      "loss": f"{m['loss']:.4f}" if "loss" in m else "",
                      "exact_match": exact,
-                     "gate": {"true": "pass", "false": "FAIL"}.get(t.get(GATE_PASSED_TAG, ""), "")})
+                     "gate": "off" if t.get("tunelab.gate") == "[]" else
+                     {"true": "pass", "false": "FAIL"}.get(t.get(GATE_PASSED_TAG, ""), "")})
     return rows
 
 

@@ -112,8 +112,9 @@ def gate_tags(metrics: dict[str, Any] | None) -> dict[str, str]:
 
     if metrics is None:
         return {GATE_PASSED_TAG: "false"}
-    return {GATE_PASSED_TAG: str(gate_passed(metrics)).lower(),
-            "tunelab.gate": json.dumps([g["rule"] for g in metrics.get("gate", [])])}
+    rules = [g["rule"] for g in metrics.get("gate", [])]
+    # A gate without rules (eval.gate: []) lets `tunelab eval` exit 0, but it is no evidence to promote on.
+    return {GATE_PASSED_TAG: str(bool(rules) and gate_passed(metrics)).lower(), "tunelab.gate": json.dumps(rules)}
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:

@@ -62,7 +62,9 @@ def test_the_default_gate_follows_what_the_config_measures():
                             forgetting=False)
     assert gate_rules(loss_first) == (["tuned.eval_loss < base.eval_loss"], "default")  # a loss must go down
     custom_first = EvalConfig(suites=[SuiteConfig(metrics=["mypkg.scores:score", "rouge_l"])], systems=["tuned"])
-    assert gate_rules(custom_first) == (["forgetting.drop <= 0.05"], "default")
+    assert gate_rules(custom_first) == ([], "default")  # the forgetting drop needs the base's pass rate too
+    no_base = EvalConfig(systems=["tuned", "few_shot"], forgetting=True)
+    assert gate_rules(no_base) == (["tuned.exact_match >= few_shot.exact_match"], "default")
     assert gate_rules(EvalConfig(systems=["base", "few_shot"], forgetting=True)) == ([], "default")
 
 
@@ -96,7 +98,13 @@ def test_the_gate_passes_when_every_rule_holds_and_the_registry_tags_say_so():
     holding, _ = gate_rows(["tuned.exact_match >= base.exact_match + 0.2"], METRICS)
     broken, _ = gate_rows(["tuned.exact_match >= base.exact_match + 0.2", "forgetting.drop <= 0.02"], METRICS)
     assert gate_passed({**METRICS, "gate": holding}) and not gate_passed({**METRICS, "gate": broken})
-    assert gate_passed({**METRICS, "gate": []})  # eval.gate: [] switches the gate off on purpose
+    assert gate_passed({**METRICS, "gate": []})  # eval.gate: [] switches the gate off on purpose...
+    assert gate_tags({**METRICS, "gate": []})[GATE_PASSED_TAG] == "false"  # ...but it is no evidence to promote on
+    # A rule naming an unmeasured number is a failed row, never dropped with the rest of the gate.
+    unread, error = gate_rows(["tuned.exact_match >= 0.1", "harness.mmlu.drop <= 0.02"], METRICS)
+    assert [r["passed"] for r in unread] == [True, False] and "eval.harness is off" in unread[1]["error"]
+    assert error is not None and not gate_passed({**METRICS, "gate": unread})
+    assert gate_tags({**METRICS, "gate": unread})[GATE_PASSED_TAG] == "false"
     assert gate_tags({**METRICS, "gate": broken}) == {GATE_PASSED_TAG: "false", "tunelab.gate": json.dumps(
         ["tuned.exact_match >= base.exact_match + 0.2", "forgetting.drop <= 0.02"])}
     assert gate_tags({**METRICS, "gate": holding})[GATE_PASSED_TAG] == "true"

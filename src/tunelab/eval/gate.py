@@ -65,7 +65,7 @@ def default_rules(eval_cfg: EvalConfig, objective: str = "sft") -> list[str]:
             rules.append(f"tuned.{metric} {better} base.{metric}")
         if "few_shot" in systems and objective != "cpt":
             rules.append(f"tuned.{metric} {at_least} few_shot.{metric}")
-    if eval_cfg.forgetting and "tuned" in systems:
+    if eval_cfg.forgetting and "tuned" in systems and "base" in systems:  # the drop is base's pass rate - tuned's
         rules.append(f"forgetting.drop <= {DEFAULT_FORGETTING_DROP}")
     return rules
 
@@ -119,6 +119,8 @@ def _harness_lookup(ref: str, task: str, number: str, harness: dict[str, Any] | 
 
 def describe_failure(row: dict[str, Any]) -> str:
     """A failed rule of metrics.json's gate, for people: 'RULE (measured 0.1000, needed > 0.2000)'."""
+    if row.get("error"):
+        return f"{row['rule']} (not measured: {row['error']})"
     found = _RULE.match(row["rule"])
     needed = f"{found.group(2) if found else 'vs'} {row['right']:.4f}"  # "> 0.0000": a strict rule reads right
     return f"{row['rule']} (measured {row['left']:.4f}, needed {needed})"

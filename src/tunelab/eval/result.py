@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,11 +38,15 @@ def rule_rows(results: list[RuleResult]) -> list[dict[str, Any]]:
 
 
 def gate_rows(rules: list[str], metrics: dict[str, Any]) -> tuple[list[dict[str, Any]], ConfigError | None]:
-    """The gate's rows for metrics.json, and the error of a rule that names an unmeasured number (the gate is
-    then empty). The caller writes the measured numbers first and raises the error after: an eval is never
-    lost to a typo in a gate rule."""
-    try:
-        gate = evaluate_gate(rules, metrics)
-    except ConfigError as err:
-        return [], err
-    return rule_rows(gate), None
+    """The gate's rows for metrics.json, and the error of the rules that name an unmeasured number. Such a rule
+    is a failed row (it is no evidence), never dropped: a gate whose rules cannot be read must not pass. The
+    caller writes the measured numbers first and raises the error after: an eval is never lost to a typo."""
+    rows, problems = [], []
+    for rule in rules:
+        try:
+            rows += rule_rows(evaluate_gate([rule], metrics))
+        except ConfigError as err:
+            problems += err.problems
+            rows.append({"rule": rule, "passed": False, "left": math.nan, "right": math.nan,
+                         "error": "; ".join(err.problems)})
+    return rows, ConfigError(*problems) if problems else None
