@@ -143,3 +143,13 @@ def test_cli_config_error_is_one_line_per_problem_and_no_traceback(tmp_path):
         f"error: {path}:4: unknown key 'train.learning_rat'; did you mean 'train.learning_rate'?",
         f"error: {path}:5: 'train.epochs' expects a number, got 'many'",
     ]
+
+
+@pytest.mark.parametrize("runs,message", [
+    (["runs/base"], "a run folder named 'base' would be taken for the base system"),
+    (["runs/tuned"], "a run folder named 'tuned' would be taken for the tuned system"),
+    (["a/x", "b/x"], "two run folders are named 'x'"),
+])
+def test_compared_runs_need_system_names_of_their_own(runs, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config({"data": {"train": "a.jsonl"}, "eval": {"compare_runs": runs}})

@@ -43,7 +43,7 @@ def test_merged_model_loads_with_plain_transformers_and_matches_the_adapter(tiny
     assert (out / "chat_template.jinja").is_file()
 
 
-def test_bf16_export_and_methods_that_cannot_merge(tiny_config):
+def test_bf16_export_and_methods_that_cannot_merge(tiny_config, monkeypatch):
     run = pipeline.open_run(tiny_config, starting_training=True)
     pipeline.stage_train(tiny_config, run)
     result = subprocess.run([sys.executable, "-m", "tunelab", "export", "merge", str(run.root), "--dtype", "bfloat16"],
@@ -62,6 +62,12 @@ def test_bf16_export_and_methods_that_cannot_merge(tiny_config):
     assert again.returncode == 0, again.stderr[-2000:]
     assert re.search(r"failed its eval gate: tuned.exact_match >= 2 \(measured \d\.\d{4}, needed >= 2\.0000\); "
                      r"exported anyway", " ".join(again.stderr.split())), again.stderr
+    from tunelab.export import merge
+
+    with monkeypatch.context() as patched:  # NaN logits are not "within" any tolerance
+        patched.setattr(merge, "_max_diff", lambda *args: float("nan"))
+        with pytest.raises(ExportError, match="merged logits differ from the adapter's by nan"):
+            merge_run(tiny_config, run, run.root / "nan")
     tiny_config.method.type = "prompt_tuning"
     with pytest.raises(ExportError, match="cannot be folded into the weights"):
         merge_run(tiny_config, run, run.root / "x")

@@ -259,6 +259,21 @@ class EvalConfig(Section):
     compare_runs: list[Path] = Field(
         default_factory=list, description="Other run folders (same base model) evaluated alongside, as systems."
     )
+
+    @field_validator("compare_runs")
+    @classmethod
+    def _names_of_their_own(cls, value: list[Path]) -> list[Path]:
+        # Each run is a system named after its folder: one named like a built-in system would take its numbers
+        # (and the gate's), and two of one name would be one system.
+        names = [Path(p).name for p in value]
+        for name in names:
+            if name in ("base", "few_shot", "tuned", "default"):
+                raise ValueError(f"eval.compare_runs: a run folder named '{name}' would be taken for the {name} "
+                                 "system; rename or copy the folder")
+            if names.count(name) > 1:
+                raise ValueError(f"eval.compare_runs: two run folders are named '{name}'; each becomes a system "
+                                 "named after its folder")
+        return value
     forgetting: bool = Field(True, description="Run the bundled general-capability probes on base and tuned.")
     max_new_tokens: int = Field(64, gt=0, description="Generation budget per answer.")
     batch_size: int = Field(16, gt=0, description="Prompts generated together (left padded).")

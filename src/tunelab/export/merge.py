@@ -123,7 +123,7 @@ def merge_run(cfg: RunConfig, run: RunPaths, out: Path, dtype: str = "float32", 
         merged = model.merge_and_unload().eval()
         merged_logits = merged(**batch).logits
     diff = _max_diff(adapter_logits, merged_logits, mask)
-    if diff > max_diff:
+    if not diff <= max_diff:  # NaN too: a merge that produces NaN logits is not "within" anything
         raise ExportError(f"export merge: merged logits differ from the adapter's by {diff:.2e} (> {max_diff:.0e}) "
                           "on probe prompts; nothing was written")
     target = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -136,7 +136,7 @@ def merge_run(cfg: RunConfig, run: RunPaths, out: Path, dtype: str = "float32", 
         with torch.no_grad():
             reload_diff = _max_diff(adapter_logits, reloaded(**batch).logits, mask)
         # Casting to 16 bits moves logits by more than the merge itself; the float32 export must be exact.
-        if dtype == "float32" and reload_diff > max_diff:
+        if dtype == "float32" and not reload_diff <= max_diff:
             raise ExportError(f"export merge: the saved model reloads with logits {reload_diff:.2e} away from "
                               "the adapter's; nothing was written")
         write_json_atomic(tmp / "tunelab_export.json", manifest(
