@@ -298,3 +298,29 @@ def test_few_shot_examples_are_task_rows_never_rehearsal_rows():
     for seed in range(5):
         shown = {t["content"] for t in few_shot_examples(train, 4, seed) if t["role"] == "user"}
         assert len(shown) == 4 and shown <= {f"q{i}" for i in range(0, 40, 4)}
+
+
+def test_base_answers_of_a_quantized_base_are_cached_apart(tiny_model_dir, tmp_path):
+    """QLoRA evaluates an NF4 base: its answers are not the float base's, though its embeddings are the same."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tunelab.eval.run import _answers
+    from tunelab.eval.systems import Models, System
+    from tunelab.models import load_tokenizer
+
+    net = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = load_tokenizer(tiny_model_dir)
+    models = Models(net, None)
+    models.answer_cache = (tmp_path / "cache", "tiny-base")
+    prompts = ["Extract the animal: I saw a cat.", "Extract the animal: I saw a fox."]
+
+    def answers() -> list[str]:
+        return _answers(models, System("base"), net, tokenizer, prompts, 4, 2, label="test")
+
+    first = answers()
+    (entry,) = (tmp_path / "cache").glob("answers-*.json")
+    entry.write_text(json.dumps(["planted", "planted"]))
+    assert answers() == ["planted", "planted"]  # the same float base: read from the cache
+    net.config.quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    assert answers() == first  # another key: generated, not the float base's entry
+    assert len(list((tmp_path / "cache").glob("answers-*.json"))) == 2

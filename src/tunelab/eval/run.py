@@ -220,8 +220,12 @@ def _answers(models: Models, system: System, net: Any, tokenizer: Any, prompts: 
     if system.adapter is not None or system.model is not None or fingerprint is None:
         return generate()
     folder, identity = models.answer_cache
+    # The quantization is part of the model: an NF4 base (QLoRA) answers otherwise than the same base in float,
+    # though its embeddings and first parameter are the same.
+    quantized = getattr(getattr(net, "config", None), "quantization_config", None)
     key = {"base": identity, "embeddings": fingerprint, "device": str(next(net.parameters()).device),
-           "dtype": str(next(net.parameters()).dtype), "prompts": sha256_text(json.dumps(prompts)),
+           "dtype": str(next(net.parameters()).dtype), "quantization": repr(quantized),
+           "prompts": sha256_text(json.dumps(prompts)),
            "max_new_tokens": max_new_tokens, "batch_size": batch_size,
            "stops": [sorted(stop_token_ids(tokenizer, net)), stop_texts(tokenizer)]}
     answers = cached_answers(folder, key, generate)
