@@ -324,3 +324,22 @@ def test_base_answers_of_a_quantized_base_are_cached_apart(tiny_model_dir, tmp_p
     net.config.quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
     assert answers() == first  # another key: generated, not the float base's entry
     assert len(list((tmp_path / "cache").glob("answers-*.json"))) == 2
+
+
+def test_a_suite_file_that_repeats_training_rows_is_caught(trained, tmp_path):
+    from tunelab.data.prepare import load_dataset
+    from tunelab.errors import DataError
+
+    cfg, run = trained
+    cfg = cfg.model_copy(deep=True)
+    cfg.eval.systems, cfg.eval.forgetting, cfg.eval.gate = ["tuned"], False, []
+    seen = [r.to_json() for r in load_dataset(run.data).train[:2]]  # copied from what the run trained on
+    fresh = [{"messages": [{"role": "user", "content": f"Extract the animal: on day {d} a heron flew over the lake."},
+                           {"role": "assistant", "content": "heron"}]} for d in (90001, 90002)]
+    suite = write_jsonl(tmp_path / "suite.jsonl", [{"messages": r["messages"]} for r in seen] + fresh)
+    cfg.eval.suites[0].files = [suite]
+    with pytest.raises(DataError, match=r"eval suite 'test': 2 examples overlap the training data: .*suite.jsonl:1 ~ "
+                                        r"training row"):
+        pipeline.stage_eval(cfg, run)
+    cfg.data.contamination.action = "drop"
+    assert pipeline.stage_eval(cfg, run).metrics["suites"]["test"]["n_examples"] == 2  # the fresh rows alone

@@ -73,8 +73,37 @@ def suite_records(cfg: RunConfig, suite: SuiteConfig, run: RunPaths, tokenizer: 
         refused = refused_by_template(record, tokenizer, cfg.data.system_prompt)
         if refused is not None:
             raise DataError(f"eval suite '{suite.name}': {record.source}: {refused}")
+    if suite.files:
+        records = _uncontaminated(cfg, suite, records, run)
     limit = suite.max_examples or cfg.eval.max_examples
     return records[:limit] if limit else records
+
+
+def _uncontaminated(cfg: RunConfig, suite: SuiteConfig, records: list[Record], run: RunPaths) -> list[Record]:
+    """A suite file's examples checked against what the run trained on, by data prep's own test and policy
+    (data.contamination.action): the test split was checked when the data was prepared, suite files can be
+    written or changed at any time after, so they are checked here, each time they are read."""
+    from tunelab.data.contamination import EvalText, find_contamination
+
+    contamination = cfg.data.contamination
+    # Named by where each example was read (FILE:LINE): unique across the suite's files, as ids need not be.
+    evals = [EvalText(r.source, f"eval suite '{suite.name}'", r.all_text(), r.prompt_text()) for r in records]
+    hits = find_contamination(load_dataset(run.data).train, evals, contamination, cfg.data.dedup).hits
+    leaked = {h.eval_id for h in hits}
+    if not leaked:
+        return records
+    shown = "; ".join(f"{h.eval_id} ~ training row {h.train_id} ({h.kind})" for h in hits[:5])
+    if contamination.action == "fail":
+        raise DataError(f"eval suite '{suite.name}': {len(leaked)} examples overlap the training data: {shown}"
+                        f"{' ...' if len(hits) > 5 else ''}; its scores would measure memory, not skill (set "
+                        "data.contamination.action to drop them from the suite, or warn)")
+    if contamination.action == "warn":
+        console.print(f"[yellow]warning:[/] eval suite '{suite.name}': {len(leaked)} examples overlap the training "
+                      f"data (kept: action is warn): {shown}")
+        return records
+    console.print(f"[yellow]warning:[/] eval suite '{suite.name}': {len(leaked)} examples overlap the training data "
+                  "and are left out of it (data.contamination.action: drop)")
+    return [r for r in records if r.source not in leaked]
 
 
 def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
