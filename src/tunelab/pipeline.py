@@ -60,6 +60,37 @@ def _check_resumable(cfg: RunConfig, run: RunPaths) -> None:
         every = cfg.train.save_steps
         why = f"one is saved every train.save_steps={every} steps" if every else "train.save_steps is null: none are saved"
         raise TrainingError(f"--resume: no complete checkpoint in {run.checkpoints} ({why}); train without --resume")
+    changed = _training_changes(cfg, run)
+    if changed:
+        raise TrainingError(f"--resume: {run.root} started training with another config or data "
+                            f"({'; '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}); a checkpoint continues "
+                            f"only the training it belongs to: resume with {run.config}, or train into another "
+                            "output.dir")
+
+
+# What a checkpoint's optimizer, scheduler and data order belong to; budgets, logging and the speed switches
+# (padding_free, liger_kernel, ...) may change between a run and its resume.
+_RESUME_MUST_MATCH = {"model": ("name", "revision"), "method": None, "objective": None,
+                      "train": ("learning_rate", "lr_scheduler", "warmup_ratio", "batch_size",
+                                "gradient_accumulation_steps", "weight_decay", "max_grad_norm", "seed",
+                                "neftune_noise_alpha")}
+
+
+def _training_changes(cfg: RunConfig, run: RunPaths) -> list[str]:
+    """How `cfg` differs from the config the run folder started training with, where a resume cannot follow."""
+    from tunelab.config_file import load_config
+
+    if not run.config.is_file():
+        return []
+    stored = load_config(run.config, stored=True)
+    changes = []
+    for section, keys in _RESUME_MUST_MATCH.items():
+        before, now = getattr(stored, section).model_dump(mode="json"), getattr(cfg, section).model_dump(mode="json")
+        changes += [f"{section}.{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys or sorted({*before, *now})
+                    if before.get(k) != now.get(k)]
+    if (run.data / "manifest.json").is_file() and not _same_data(cfg, run):
+        changes.append("the data (its sources or the data section)")
+    return changes
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,6 +155,28 @@ def test_wall_time_budget_stops_with_a_checkpoint_that_resumes(tiny_config):
     tiny_config.train.max_time_minutes = None
     second = pipeline.stage_train(tiny_config, run, resume=True)
     assert second.steps == 100
+
+
+def test_resume_refuses_a_changed_config_or_data(tiny_config, tmp_path):
+    """A checkpoint's optimizer state and data order belong to the run that wrote it: resuming it under another
+    learning rate, seed or data would continue some other training. Budgets may change."""
+    tiny_config.train.max_steps, tiny_config.train.save_steps = 4, 2
+    run = pipeline.open_run(tiny_config, starting_training=True)
+    pipeline.stage_train(tiny_config, run)
+    shutil.rmtree(run.adapter)  # cut short after its last checkpoint
+    changed = tiny_config.model_copy(deep=True)
+    changed.train.learning_rate, changed.train.seed = 0.5, 7
+    with pytest.raises(TrainingError, match=r"--resume: .* started training with another config or data "
+                                            r"\(train.learning_rate: 0.01 -> 0.5; train.seed: 42 -> 7\)"):
+        pipeline.open_run(changed, starting_training=True, resume=True)
+    other_data = tiny_config.model_copy(deep=True)
+    other_data.data.seed = 99  # another split: rows trained on could land in the test split
+    with pytest.raises(TrainingError, match=r"the data \(its sources or the data section\)"):
+        pipeline.open_run(other_data, starting_training=True, resume=True)
+    longer = tiny_config.model_copy(deep=True)
+    longer.train.max_steps = 6
+    pipeline.stage_train(longer, pipeline.open_run(longer, starting_training=True, resume=True), resume=True)
+    assert (run.adapter / "adapter_config.json").is_file()
 
 
 def test_neftune_adds_noise_only_while_training(tiny_config, tmp_path):
