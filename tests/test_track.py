@@ -167,6 +167,11 @@ def test_registry_promotes_only_on_evidence_and_resolves_models_uris(tiny_config
                                str(bad_cfg.output.dir)], capture_output=True, text=True, env=env)
     assert compared.returncode == 0, compared.stderr[-2000:]
     assert f"test: good was evaluated on {n_test} examples and bad on 2" in " ".join(compared.stderr.split())
+    # Weights changed since the eval (as after training again): the eval is no evidence for them.
+    weights = Path(bad_cfg.output.dir) / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"retrain!")
+    with pytest.raises(TunelabError, match="eval measured other weights than its adapter/ holds now"):
+        register(Path(bad_cfg.output.dir), "animals")
 
 
 def free_port() -> int:

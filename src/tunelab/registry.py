@@ -36,11 +36,21 @@ def register(run_dir: Path, name: str) -> tuple[Any, bool]:
     cfg, run = load_run_config(run_dir)
     if not run.has_adapter:
         raise TunelabError(f"registry register: {run.root} has no trained adapter to register")
+    _check_eval_is_of(run)
     uri = tracking_uri(cfg)
     with store_errors("registry register", uri):
         client = mlflow_client(uri)
         client.search_experiments(max_results=1)  # a store that does not answer: say so, before the Tracker buffers
         return _register(client, cfg, run, name)
+
+
+def _check_eval_is_of(run: RunPaths) -> None:
+    """A version pairs an adapter with its evidence: an eval of weights trained again since is not evidence."""
+    path = run.eval / "metrics.json"
+    measured = json.loads(path.read_text()).get("trained_sha256") if path.is_file() else None
+    if measured is not None and measured != sha256_folder(run.adapter):  # older evals recorded no hash
+        raise TunelabError(f"registry register: {run.root}'s eval measured other weights than its adapter/ holds now "
+                           f"(trained again since); evaluate it again first: tunelab eval {run.root}")
 
 
 def _register(client: Any, cfg: Any, run: RunPaths, name: str) -> Any:

@@ -17,6 +17,7 @@ from tunelab.artifacts import (
     RunPaths,
     atomic_dir,
     manifest,
+    sha256_folder,
     sha256_text,
     write_json_atomic,
     write_jsonl_atomic,
@@ -115,6 +116,8 @@ def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
         from tunelab.eval.reward_accuracy import evaluate_reward_run
 
         return evaluate_reward_run(cfg, run)
+    # Which weights these numbers are about: the registry refuses to pair them with an adapter trained since.
+    trained_sha256 = sha256_folder(run.trained)
     # Evaluate in float32 without autocast: eval numbers must not depend on the training precision.
     precision = Precision(pick_device(cfg.model.device), None, torch.float32)
     base_folder = resolve_model(cfg.model)
@@ -147,7 +150,8 @@ def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
     seconds = time.perf_counter() - started
     harness = run_harness(cfg, models, tokenizer, task_manager) if task_manager is not None else None
     metrics = manifest("eval", systems=[s.name for s in systems], suites=suites, forgetting=forgetting,
-                       harness=harness, timing={"seconds": round(seconds, 2), "prompts_generated": prompts_generated})
+                       harness=harness, timing={"seconds": round(seconds, 2), "prompts_generated": prompts_generated},
+                       trained_sha256=trained_sha256)
     if cfg.eval.judge is not None:
         from tunelab.eval.judge import judge_rows
 
