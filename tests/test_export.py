@@ -41,6 +41,12 @@ def test_merged_model_loads_with_plain_transformers_and_matches_the_adapter(tiny
     assert (a - b).abs().max() < 1e-3
     assert json.loads((out / "tunelab_export.json").read_text())["dtype"] == "float32"
     assert (out / "chat_template.jinja").is_file()
+    # Plain generate stops at the template's end of turn, as eval and `tunelab serve` do.
+    from tunelab.families import end_of_turn
+
+    tokenizer = load_tokenizer(out)
+    turn_end = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer))
+    assert turn_end in json.loads((out / "generation_config.json").read_text())["eos_token_id"]
 
 
 def test_bf16_export_and_methods_that_cannot_merge(tiny_config, monkeypatch):

@@ -19,6 +19,7 @@ from tunelab.chat import render_prompt, with_system_prompt
 from tunelab.config import RunConfig
 from tunelab.data.prepare import load_dataset
 from tunelab.errors import ExportError
+from tunelab.families import stop_token_ids
 from tunelab.models import Precision, load_model, load_tokenizer, resolve_model
 
 MERGEABLE = ("lora", "qlora", "ia3")
@@ -127,6 +128,9 @@ def merge_run(cfg: RunConfig, run: RunPaths, out: Path, dtype: str = "float32", 
         raise ExportError(f"export merge: merged logits differ from the adapter's by {diff:.2e} (> {max_diff:.0e}) "
                           "on probe prompts; nothing was written")
     target = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    # Whatever loads the folder (transformers' generate, vLLM, TGI) stops where eval and `tunelab serve` stop: at
+    # the template's end of turn too, not only at the base's eos (a base model given a template lacks it).
+    merged.generation_config.eos_token_id = stop_token_ids(tokenizer, merged)
     with atomic_dir(out) as tmp:
         merged.to(target).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
