@@ -78,6 +78,23 @@ def test_overwrite_replaces_the_run_once_the_new_data_validated(tmp_path, tiny_m
     assert yaml.safe_load((run / "config.yaml").read_text())["output"]["overwrite"] is True
 
 
+@pytest.mark.parametrize("objective,message", [
+    ({"type": "dpo"}, "objective.type: dpo trains on preference rows, but {train} holds chat rows"),
+    ({"type": "grpo", "rewards": ["exact_mtch"]}, "objective.rewards: unknown reward 'exact_mtch'"),
+    ({"type": "grpo", "rewards": ["regex"], "reward_regex": "([a"},
+     "objective.reward_regex: '([a' is not a valid regular expression"),
+])
+def test_an_objective_that_cannot_train_on_this_data_is_refused_before_the_old_run_goes(
+        tmp_path, tiny_model_dir, good_rows, objective, message):
+    run = trained_run(tmp_path / "run")
+    path = config_file(tmp_path, tiny_model_dir, good_rows, run, objective=objective)
+    expected = message.format(train=good_rows)
+    assert expected in one_error(run_cli("run", str(path), "--dry-run"))  # the dry run says so too
+    assert expected in one_error(run_cli("train", str(path), "--set", "output.overwrite=true"))
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "config.yaml"]
+
+
 def test_data_prep_never_rewrites_a_trained_runs_config(tmp_path, tiny_model_dir, good_rows):
     run = trained_run(tmp_path / "run")
     path = config_file(tmp_path, tiny_model_dir, good_rows, run)

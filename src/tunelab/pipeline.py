@@ -167,6 +167,10 @@ def check_before_training(cfg: RunConfig) -> ModelSource:
     which has no GPU, that is the GPU workers' device). Returns the model's source."""
     source = locate_model(cfg.model)
     check_compatibility(cfg, training_device(cfg), source)
+    if cfg.objective.type == "grpo":  # a misspelt reward must not wait for the data and the weights
+        from tunelab.train.grpo_rewards import check_rewards
+
+        check_rewards(cfg.objective)
     return source
 
 

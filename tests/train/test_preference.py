@@ -57,7 +57,7 @@ def test_sft_rows_are_refused_for_dpo(tmp_path, tiny_model_dir, tiny_config):
     rows = [{"messages": [{"role": "user", "content": f"q{i} about things"}, {"role": "assistant", "content": "a"}]}
             for i in range(10)]
     cfg = make_config(tmp_path, tiny_model_dir, "dpo", rows)
-    with pytest.raises(DataError, match="objective.type: dpo needs preference rows"):
+    with pytest.raises(DataError, match=r"objective.type: dpo trains on preference rows, but \S+.jsonl holds chat rows"):
         pipeline.stage_train(cfg, pipeline.open_run(cfg, starting_training=True))
 
 

@@ -8,6 +8,7 @@ temporary path and renamed into place: a bad row anywhere leaves no partial Data
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,21 @@ def _load_all(sources: list[SourceConfig], role: str, cfg: RunConfig, skipped: l
     return records
 
 
+# The row kind each objective trains on.
+ROW_KIND = {"sft": "chat", "cpt": "text", "dpo": "preference", "simpo": "preference", "orpo": "preference",
+            "reward": "preference", "kto": "kto", "grpo": "chat"}
+
+
+def _check_kind_fits_objective(cfg: RunConfig, records: list[Record]) -> None:
+    """Before anything is written (and in a dry run): rows of another kind than the objective trains on would
+    only fail once training starts, after data prep had replaced a run's data."""
+    needed, objective = ROW_KIND[cfg.objective.type], cfg.objective.type
+    if records and records[0].kind != needed:
+        where = re.sub(r"(:\d+| row \d+| item \d+)$", "", records[0].source)  # the file, not its first row
+        raise DataError(f"objective.type: {objective} trains on {needed} rows, but {where} holds {records[0].kind} "
+                        f"rows; choose the objective for this data (README, Data formats) or other data")
+
+
 def _with_split_column(records: list[Record], data: Any, skipped: list[Skipped]) -> list[Record]:
     """The rows that carry data.stratify_by's (or group_by's) column: one that lacks it is a bad row like any
     other, skipped with on_error: skip, instead of stopping the whole split."""
@@ -128,6 +144,7 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None, generate_replay: bool =
     if len(kinds) > 1:
         raise DataError(f"data: the sources mix row kinds ({', '.join(f'{k}: {n}' for k, n in kinds.items())}); "
                         "one dataset holds one kind (chat, preference, kto or text)")
+    _check_kind_fits_objective(cfg, [*pool, *given_test])
 
     tokenizer = tokenizer or run_tokenizer(cfg)
     _check_system_prompt(tokenizer, data.system_prompt)

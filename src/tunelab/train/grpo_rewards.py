@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tunelab.artifacts import RunPaths
 from tunelab.config import ObjectiveConfig
 from tunelab.errors import ConfigError
 from tunelab.eval.metrics import normalize_answer
@@ -49,7 +50,7 @@ def json_valid(completions: list[Any], **_: Any) -> list[float]:
 
 
 def regex_reward(pattern: str) -> RewardFn:
-    compiled = re.compile(pattern)
+    compiled = _compiled(pattern)
 
     def regex(completions: list[Any], **_: Any) -> list[float]:
         return [float(bool(compiled.search(completion_text(c)))) for c in completions]
@@ -64,8 +65,37 @@ def length_penalty_reward(target_words: int) -> RewardFn:
     return length_penalty
 
 
+def _compiled(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ConfigError(f"objective.reward_regex: {pattern!r} is not a valid regular expression: {err}") from None
+
+
+def check_rewards(cfg: ObjectiveConfig) -> None:
+    """Every `objective.rewards` entry can be made, checked before any data is written or weights load (a dry
+    run included): names, the regex, importable functions, reward-model run folders."""
+    for name in cfg.rewards:
+        if name == "regex":
+            if not cfg.reward_regex:
+                raise ConfigError("objective.rewards: 'regex' needs objective.reward_regex (the pattern to reward)")
+            _compiled(cfg.reward_regex)
+        elif name.startswith("reward_model:"):
+            folder = Path(name.split(":", 1)[1])
+            config = RunPaths(folder).adapter_config
+            if not config.is_file() or json.loads(config.read_text()).get("task_type") != "SEQ_CLS":
+                raise ConfigError(f"objective.rewards: {name}: {folder} is not a reward-model run (train one with "
+                                  "objective.type: reward)")
+        elif ":" in name:
+            _import(name)
+        elif name not in ("exact_match", "json_valid", "length_penalty"):
+            raise ConfigError(f"objective.rewards: unknown reward '{name}'; use exact_match, regex, json_valid, "
+                              "length_penalty, package.module:function, or reward_model:RUN_DIR")
+
+
 def resolve_rewards(cfg: ObjectiveConfig) -> list[Any]:
     """Turn `objective.rewards` entries into TRL reward functions (or a reward model)."""
+    check_rewards(cfg)
     out: list[Any] = []
     for name in cfg.rewards:
         if name == "exact_match":
