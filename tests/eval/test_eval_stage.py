@@ -343,3 +343,15 @@ def test_a_suite_file_that_repeats_training_rows_is_caught(trained, tmp_path):
         pipeline.stage_eval(cfg, run)
     cfg.data.contamination.action = "drop"
     assert pipeline.stage_eval(cfg, run).metrics["suites"]["test"]["n_examples"] == 2  # the fresh rows alone
+
+
+def test_few_shot_examples_of_preference_and_kto_rows_show_their_good_answers():
+    from tunelab.data.records import Record
+    from tunelab.eval.systems import few_shot_examples
+
+    prompt = [{"role": "user", "content": "q"}]
+    pair = Record("p", "t", "preference", prompt, chosen="good", rejected="bad")
+    liked = Record("k1", "t", "kto", prompt, completion="fine", label=True)
+    disliked = Record("k2", "t", "kto", prompt, completion="awful", label=False)
+    assert few_shot_examples([pair], 3, seed=0) == [*prompt, {"role": "assistant", "content": "good"}]
+    assert few_shot_examples([liked, disliked], 3, seed=0) == [*prompt, {"role": "assistant", "content": "fine"}]

@@ -40,25 +40,12 @@ from tunelab.eval.metrics import corpus_bleu, resolve_metric
 from tunelab.eval.probes import CATEGORIES, PROBES
 from tunelab.eval.report import render_markdown
 from tunelab.eval.result import EvalResult, gate_rows
-from tunelab.eval.systems import Models, System, build_systems, few_shot_examples, fit_shots
+from tunelab.eval.systems import Models, System, as_chat, build_systems, few_shot_examples, fit_shots
 from tunelab.families import stop_texts, stop_token_ids
 from tunelab.losses import mean_token_loss, perplexity
 from tunelab.models import Precision, base_identity, cache_root, pick_device, resolve_model
 from tunelab.progress import console
 from tunelab.train.methods import load_trained
-
-
-def as_chat(record: Record) -> Record | None:
-    """The row as prompt + reference answer: the chosen answer of a pair, a KTO row's answer when it is
-    labelled good; None where there is no reference (bad KTO answers, raw text)."""
-    if record.kind == "chat":
-        return record
-    if record.kind == "text":
-        return None
-    answer = record.chosen if record.kind == "preference" else record.completion if record.label else None
-    if answer is None:
-        return None
-    return Record(record.id, record.source, "chat", [*record.messages, {"role": "assistant", "content": answer}])
 
 
 def suite_records(cfg: RunConfig, suite: SuiteConfig, run: RunPaths, tokenizer: Any) -> list[Record]:

@@ -76,12 +76,27 @@ def build_systems(cfg: RunConfig, models: Models) -> list[System]:
     return systems
 
 
+def as_chat(record: Record) -> Record | None:
+    """The row as prompt + reference answer: the chosen answer of a pair, a KTO row's answer when it is
+    labelled good; None where there is no reference (bad KTO answers, raw text)."""
+    if record.kind == "chat":
+        return record
+    if record.kind == "text":
+        return None
+    answer = record.chosen if record.kind == "preference" else record.completion if record.label else None
+    if answer is None:
+        return None
+    return Record(record.id, record.source, "chat", [*record.messages, {"role": "assistant", "content": answer}])
+
+
 def few_shot_examples(train: list[Record], k: int, seed: int) -> list[dict[str, str]]:
-    """k training examples as alternating user/assistant turns, the same for every question.
+    """k training examples as alternating user/assistant turns, the same for every question: a preference
+    pair shows its chosen answer, a KTO row its answer when labelled good (as eval scores against them).
 
     Task rows only: a rehearsal row (data.replay) shows the model general chat, not the task, and would make the
     few-shot baseline (and the gate rule against it) depend on the replay ratio."""
-    chats = [r for r in train if r.kind == "chat" and len(r.messages) >= 2 and not r.meta.get("replay")]
+    answered = (as_chat(r) for r in train if not r.meta.get("replay"))
+    chats = [c for c in answered if c is not None and len(c.messages) >= 2]
     if not chats:
         return []
     picked = random.Random(seed).sample(chats, min(k, len(chats)))
