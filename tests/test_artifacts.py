@@ -77,3 +77,17 @@ def test_replacing_a_folder_never_leaves_it_missing(tmp_path):
     a.mkdir(), b.mkdir()
     (a / "x").write_text("A"), (b / "x").write_text("B")
     assert exchange(a, b) and ((a / "x").read_text(), (b / "x").read_text()) == ("B", "A")
+
+
+def test_run_manifest_is_strict_json(tmp_path):
+    """A val loss with no val split is NaN in Python; the manifest says null (browsers' JSON.parse refuses NaN)."""
+    import json
+
+    from tunelab.pipeline import update_run_manifest
+
+    run = RunPaths(tmp_path / "run")
+    write_text_atomic(run.config, "data: {train: a.jsonl}\n")
+    update_run_manifest(run, train={"val_loss": float("nan"), "last_loss": 0.5, "curve": [float("nan"), 1.0]})
+    text = run.manifest.read_text()
+    assert "NaN" not in text
+    assert json.loads(text)["train"] == {"val_loss": None, "last_loss": 0.5, "curve": [None, 1.0]}

@@ -39,7 +39,7 @@ def print_summary(root: Path, train_result: Any, metrics: dict[str, Any] | None)
         t = train_result
         table.add_row("train steps", str(t.steps))
         table.add_row("train loss first -> last", f"{t.first_loss:.4f} -> {t.last_loss:.4f}")
-        table.add_row("val loss", f"{t.val_loss:.4f}")
+        table.add_row("val loss", f"{t.val_loss:.4f}" if t.val_loss == t.val_loss else "- (no val split)")
         table.add_row("train time", f"{t.train_seconds:.1f} s")
         table.add_row("train tokens/s", f"{t.tokens_per_second:.0f}")
         table.add_row("peak memory", f"{t.peak_memory_mb:.0f} MiB")

@@ -414,5 +414,16 @@ def run_all(cfg: RunConfig) -> RunSummary:
 
 def update_run_manifest(run: RunPaths, **sections: Any) -> None:
     current = json.loads(run.manifest.read_text()) if run.manifest.is_file() else {}
-    current.update(manifest("run", config_sha256=sha256_file(run.config)), **sections)
+    current.update(manifest("run", config_sha256=sha256_file(run.config)), **_no_nan(sections))
     write_json_atomic(run.manifest, current)
+
+
+def _no_nan(value: Any) -> Any:
+    """NaN (a val loss with no val split) as null: strict JSON readers, browsers among them, refuse NaN."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return value
