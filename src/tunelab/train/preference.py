@@ -1,8 +1,10 @@
 """The train stage for objectives trained with TRL: DPO (and its loss variants), SimPO, ORPO, KTO,
 reward models, and GRPO.
 
-The reference model for DPO and KTO is the base with the adapter switched off (TRL does this when it is
-given a PeftModel and no ref_model), so there is never a second copy of the model in memory. TRL's own
+The reference model for DPO and KTO is the policy as training starts, never a second copy of the model: TRL,
+given a PeftModel and no ref_model, adds a frozen copy of its adapter named "ref" and computes the reference
+under it. A new adapter starts at zero, so that is the base; one continued from `model.adapter_from` (the
+SFT -> DPO recipe) is that SFT model. TRL's own
 metrics (reward margins, preference accuracy) flow into metrics.jsonl with the loss.
 """
 
@@ -77,7 +79,7 @@ def make_trainer(cfg: RunConfig, run: RunPaths, model: Any, tokenizer: Any, trai
 
         options = {"beta": o.beta, "loss_type": o.loss_type, "label_smoothing": o.label_smoothing,
                    "precompute_ref_log_probs": o.precompute_ref}
-        extra = {"ref_model": None}  # with a PeftModel: the reference is the adapter switched off
+        extra = {"ref_model": None}  # with a PeftModel: the reference is a frozen copy of its starting adapter
     elif objective == "kto":
         from trl import KTOConfig as Config
         from trl import KTOTrainer as Trainer
