@@ -187,3 +187,21 @@ def test_kto_reference_log_probs_are_computed_once_before_training(tmp_path, tin
     trainer = make_trainer(cfg, pipeline.RunPaths(cfg.output.dir), model, load_tokenizer(base), rows, [])
     # precomputed: each row carries its reference log-prob (and the KL pair's) into the training batches
     assert ("ref_logps" in trainer.train_dataset.column_names) == precompute
+
+
+def test_dpo_from_an_sft_adapter_is_measured_against_that_sft_model(tmp_path, tiny_model_dir, tiny_config):
+    """SFT -> DPO: at the first step the policy is the SFT model and so is the reference, so the loss is ln 2 and
+    every reward is 0. Measured against the base instead, the SFT's own shift would show as a reward margin."""
+    import json
+    import math
+
+    tiny_config.method.dropout, tiny_config.train.max_steps = 0.0, 6
+    tiny_config.train.save_steps = None
+    pipeline.stage_train(tiny_config, pipeline.open_run(tiny_config, starting_training=True))
+    cfg = make_config(tmp_path, tiny_model_dir, "dpo", preference_rows(24))
+    cfg.model.adapter_from, cfg.train.max_steps = tiny_config.output.dir, 1
+    run = pipeline.open_run(cfg, starting_training=True)
+    pipeline.stage_train(cfg, run)
+    (first,) = [json.loads(line) for line in run.metrics.read_text().splitlines() if '"loss"' in line]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/margins"]) < 1e-5
