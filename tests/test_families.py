@@ -180,7 +180,7 @@ def test_base_model_without_a_choice_gets_chatml_and_says_so(base_models):
 def test_custom_jinja_template_and_bad_choices(base_models, tmp_path):
     custom = tmp_path / "mine.jinja"
     custom.write_text("{% for m in messages %}<|turn|>{{ m['role'] }}: {{ m['content'] }}<|stop|>{% endfor %}"
-                      "{% if add_generation_prompt %}<|turn|>assistant: {% endif %}")
+                      "{% if add_generation_prompt %}<|turn|>assistant:{% endif %}")  # no trailing space: see below
     tokenizer = load_tokenizer(base_models["llama"])
     setup = setup_chat_template(tokenizer, str(custom))
     assert setup.family == "custom" and setup.added_tokens == ("<|turn|>", "<|stop|>")

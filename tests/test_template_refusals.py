@@ -124,3 +124,16 @@ def test_dry_run_names_skipped_rows_and_a_max_length_past_the_context(models, tm
     out = " ".join(done.stdout.split())
     assert "3 bad rows skipped (data.on_error: skip; listed in the data report)" in out
     assert "warning: data.max_length 4,096 is longer than the model's context (512 tokens)" in out, out[:3000]
+
+
+def test_a_custom_generation_prompt_ending_in_a_space_is_refused(tiny_model_dir, tmp_path):
+    """'Assistant: ' then the answer: a byte-level BPE joins that space to the answer's first word, so training
+    would label the answer from its second token and inference would end its prompt on a lone space token."""
+    body = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    spaced, tight = tmp_path / "spaced.jinja", tmp_path / "tight.jinja"
+    spaced.write_text(body + "{% if add_generation_prompt %}assistant: {% endif %}")
+    tight.write_text(body + "{% if add_generation_prompt %}assistant:{% endif %}")
+    with pytest.raises(ModelError, match=r"data.chat_template: .*spaced.jinja: its generation prompt ends inside "
+                                         r"the answer's first token \(it ends with '.*assistant: '\)"):
+        setup_chat_template(load_tokenizer(tiny_model_dir), str(spaced))
+    setup_chat_template(load_tokenizer(tiny_model_dir), str(tight))

@@ -92,6 +92,8 @@ def setup_chat_template(tokenizer: PreTrainedTokenizerBase, choice: str | None,
         rstrip = name in FAMILIES and FAMILIES[name].markers_rstrip
         tokens = [AddedToken(m, special=True, normalized=False, rstrip=rstrip) for m in missing]
         tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_extra_special_tokens=False)
+    if name not in FAMILIES:
+        _check_prompt_tokens(tokenizer, f"data.chat_template: {name}")
     if choice is None and tokenizer.name_or_path not in _WARNED_NO_TEMPLATE:  # once per model, not per stage
         _WARNED_NO_TEMPLATE.add(tokenizer.name_or_path)
         console.print(f"[yellow]warning:[/] the model has no chat template; using {name} for train, eval and serve "
@@ -111,6 +113,20 @@ def _check_renders(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
         raise ModelError(f"{where}: {line}template syntax error: {err.message}") from None
     except TemplateError as err:
         raise ModelError(f"{where}: cannot render a user question and its answer: {err}") from None
+
+
+def _check_prompt_tokens(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
+    """The generation prompt must tokenize as the start of the conversation it opens. One that ends in a space
+    ("Assistant: ") does not: the answer's first token takes that space ("Ġitem"), so training labels the answer
+    from its second token on and inference feeds a lone space token the model never saw before an answer."""
+    # "the": the merge every byte-level BPE vocabulary has first ("Ġthe"; "Ġt" in a tiny one).
+    messages = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "the answer."}]
+    prompt = render_prompt(tokenizer, messages[:1])
+    prompt_ids = token_ids(tokenizer, prompt)
+    if token_ids(tokenizer, render_conversation(tokenizer, messages))[: len(prompt_ids)] != prompt_ids:
+        raise ModelError(f"{where}: its generation prompt ends inside the answer's first token (it ends with "
+                         f"{prompt[-12:]!r}): training and inference would split it differently; end the "
+                         "generation prompt without trailing whitespace")
 
 
 def template_refusal(tokenizer: PreTrainedTokenizerBase, conversations: list[list[Message]]) -> str | None:
