@@ -91,6 +91,18 @@ def test_adapter_only_gguf_lora_on_the_base_gguf_matches_peft(tiny_config):
     assert alone != [p["llama_tokens"][:len(a)] for p, a in zip(v["probes"], alone)]
 
 
+@needs_llama_cpp
+def test_an_rslora_adapter_converts_with_the_scale_peft_uses(tiny_config):
+    """rsLoRA scales by alpha / sqrt(r), llama.cpp by alpha / r: converted as it was, the adapter acted 4x too
+    weakly at r=16 and the check failed. The converted copy carries alpha * sqrt(r)."""
+    from tunelab.export.gguf import export_gguf
+
+    tiny_config.method.use_rslora = True
+    run = _train(tiny_config)
+    v = export_gguf(tiny_config, run, "f16", run.root / "export" / "lora", adapter_only=True).verification
+    assert v["passed"] and v["exact_continuations"] + v["near_ties"] == v["prompts"]
+
+
 def _prompt_ids(llm, probe):
     return llm.tokenize(probe["prompt"].encode(), add_bos=True, special=True)
 

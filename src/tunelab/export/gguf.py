@@ -15,6 +15,7 @@ Everything is written into a temporary folder renamed into place; a failed check
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -70,6 +71,23 @@ def check_request(cfg: RunConfig, run: RunPaths, quant: str, adapter_only: bool)
     llamacpp.installed_version()
 
 
+def _as_llama_cpp_scales_it(adapter: Path, work: Path) -> Path:
+    """The adapter folder to convert. llama.cpp scales a LoRA by alpha / r and its converter copies lora_alpha
+    as it is, but rsLoRA scales by alpha / sqrt(r): converted as it is, the adapter would act sqrt(r) times too
+    weakly. A copy with alpha * sqrt(r) (and rsLoRA off) gives llama.cpp the very scale PEFT uses."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    if not config.get("use_rslora"):
+        return adapter
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ExportError("export gguf --adapter-only: an rsLoRA adapter with per-module ranks or alphas cannot be "
+                          "given llama.cpp's single scale; export without --adapter-only")
+    copy = work / "adapter-for-llama-cpp"
+    shutil.copytree(adapter, copy)
+    config.update(lora_alpha=config["lora_alpha"] * math.sqrt(config["r"]), use_rslora=False)
+    write_json_atomic(copy / "adapter_config.json", config)
+    return copy
+
+
 def export_gguf(cfg: RunConfig, run: RunPaths, quant: str, out: Path, adapter_only: bool = False,
                 write_modelfile: bool = True) -> GgufResult:
     started = time.perf_counter()
@@ -87,8 +105,9 @@ def export_gguf(cfg: RunConfig, run: RunPaths, quant: str, out: Path, adapter_on
             base_gguf = base_model_gguf(cache, base_hf)
             gguf = tmp / f"adapter-{quant}.gguf"
             console.print(f"Converting the LoRA adapter to {gguf.name} ...")
+            adapter = _as_llama_cpp_scales_it(run.adapter, work)
             llamacpp.run_converter(cache, "convert_lora_to_gguf.py",
-                                   ["--base", str(base_hf), "--outtype", quant, "--outfile", str(gguf), str(run.adapter)])
+                                   ["--base", str(base_hf), "--outtype", quant, "--outfile", str(gguf), str(adapter)])
             reference = _peft_model(base_hf, run.adapter)
             lora, model_file = gguf, base_gguf
         else:
