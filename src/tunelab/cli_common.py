@@ -59,7 +59,8 @@ def print_summary(root: Path, train_result: Any, metrics: dict[str, Any] | None)
                               f"{scores['base']:.4f} -> {scores['tuned']:.4f}")
         for rule in metrics.get("gate", []):
             verdict = "[green]PASS[/]" if rule["passed"] else "[red]FAIL[/]"
-            table.add_row(f"gate: {rule['rule']}", f"{verdict} ({rule['left']:.3f} vs {rule['right']:.3f})")
+            measured = f"{rule['left']:.3f} vs {rule['right']:.3f}" if rule.get("left") is not None else "not measured"
+            table.add_row(f"gate: {rule['rule']}", f"{verdict} ({measured})")
     out.print(table)
     report = RunPaths(root).eval / "report.html"
     if metrics is not None and report.is_file():

@@ -103,6 +103,7 @@ def test_the_gate_passes_when_every_rule_holds_and_the_registry_tags_say_so():
     # A rule naming an unmeasured number is a failed row, never dropped with the rest of the gate.
     unread, error = gate_rows(["tuned.exact_match >= 0.1", "harness.mmlu.drop <= 0.02"], METRICS)
     assert [r["passed"] for r in unread] == [True, False] and "eval.harness is off" in unread[1]["error"]
+    assert unread[1]["left"] is None  # metrics.json stays strict JSON (no NaN)
     assert error is not None and not gate_passed({**METRICS, "gate": unread})
     assert gate_tags({**METRICS, "gate": unread})[GATE_PASSED_TAG] == "false"
     assert gate_tags({**METRICS, "gate": broken}) == {GATE_PASSED_TAG: "false", "tunelab.gate": json.dumps(

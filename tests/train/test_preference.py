@@ -121,7 +121,9 @@ def test_reward_model_trains_ranks_pairs_and_serves_as_a_grpo_reward(tmp_path, t
     with pytest.raises(ConfigError, match="'tuned.exact_match' was not measured"):
         pipeline.stage_eval(cfg, run)
     kept = json.loads((run.eval / "metrics.json").read_text())
-    assert kept["suites"]["test"]["systems"]["tuned"]["pairwise_accuracy"] == 1.0 and kept["gate"] == []
+    assert kept["suites"]["test"]["systems"]["tuned"]["pairwise_accuracy"] == 1.0
+    (unread,) = kept["gate"]  # the rule is kept as failed: a gate that cannot be read is no evidence
+    assert unread["passed"] is False and "was not measured" in unread["error"] and unread["left"] is None
 
     cfg.objective.rewards = [f"reward_model:{run.root}"]
     (reward_model,) = resolve_rewards(cfg.objective)

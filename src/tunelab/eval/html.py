@@ -84,6 +84,10 @@ def _gate(gate: list[dict[str, Any]], default: bool) -> list[str]:
     out.append("<table><tr><th>rule</th><th>result</th><th>measured</th><th>needed</th></tr>")
     for g in gate:
         verdict = '<span class="pass">PASS</span>' if g["passed"] else '<span class="fail">FAIL</span>'
+        if g.get("left") is None:  # a rule naming a number this eval did not measure
+            out.append(f"<tr><td><code>{escape(g['rule'])}</code></td><td>{verdict}</td>"
+                       f'<td colspan="2">{escape(g.get("error", "not measured"))}</td></tr>')
+            continue
         out.append(f"<tr><td><code>{escape(g['rule'])}</code></td><td>{verdict}</td>"
                    f'<td class="num">{g["left"]:.4f}</td><td class="num">{g["right"]:.4f}</td></tr>')
     out.append("</table>")

@@ -79,7 +79,8 @@ def render_markdown(metrics: dict[str, Any], rows: list[dict[str, Any]], title: 
     if metrics.get("gate_source") == "default" and metrics.get("gate"):
         lines.append("Gate: the default rules (set `eval.gate` to replace them, `eval.gate: []` to switch off).")
     for g in metrics.get("gate", []):
-        lines.append(f"- {'PASS' if g['passed'] else 'FAIL'} `{g['rule']}` ({g['left']:.4f} vs {g['right']:.4f})")
+        measured = f"{g['left']:.4f} vs {g['right']:.4f}" if g.get("left") is not None else g.get("error", "")
+        lines.append(f"- {'PASS' if g['passed'] else 'FAIL'} `{g['rule']}` ({measured})")
     if metrics.get("gate"):
         lines.append("")
     for suite, result in metrics["suites"].items():

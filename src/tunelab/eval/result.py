@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +46,5 @@ def gate_rows(rules: list[str], metrics: dict[str, Any]) -> tuple[list[dict[str,
             rows += rule_rows(evaluate_gate([rule], metrics))
         except ConfigError as err:
             problems += err.problems
-            rows.append({"rule": rule, "passed": False, "left": math.nan, "right": math.nan,
-                         "error": "; ".join(err.problems)})
+            rows.append({"rule": rule, "passed": False, "left": None, "right": None, "error": "; ".join(err.problems)})
     return rows, ConfigError(*problems) if problems else None
