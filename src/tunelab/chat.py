@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tunelab.errors import ModelError, NonTextPart
+from tunelab.errors import ModelError
 from tunelab.progress import console
 
 if TYPE_CHECKING:
@@ -28,20 +28,6 @@ Message = dict[str, str]
 
 IGNORE_INDEX = -100
 
-
-def join_text_parts(parts: list[Any]) -> str:
-    """OpenAI's content parts, [{type: text, text}, ...]: their texts, one per line.
-
-    Training rows and served requests both come through here, so a prompt sent as parts is the very text
-    the model was trained on.
-    """
-    texts = []
-    for k, part in enumerate(parts):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text" or not isinstance(part.get("text"), str):
-            raise NonTextPart(k, f"a {kind} part" if isinstance(kind, str) else f"a {type(part).__name__}")
-        texts.append(part["text"])
-    return "\n".join(texts)
 
 @dataclass(frozen=True)
 class TemplateSetup:

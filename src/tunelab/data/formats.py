@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.chat import join_text_parts
-from tunelab.data.records import Message, Record
+from tunelab.data.records import Message, Record, join_text_parts
 from tunelab.errors import NonTextPart, RowError
 
 ROLES = ("system", "user", "assistant")

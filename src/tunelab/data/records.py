@@ -12,7 +12,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunelab.errors import NonTextPart
+
 Message = dict[str, Any]  # role and content; "weight": 0 on an assistant turn kept out of the loss
+
+
+def join_text_parts(parts: list[Any]) -> str:
+    """OpenAI's content parts, [{type: text, text}, ...]: their texts, one per line.
+
+    Training rows and served requests both come through here, so a prompt sent as parts is the very text
+    the model was trained on.
+    """
+    texts = []
+    for k, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise NonTextPart(k, f"a {kind} part" if isinstance(kind, str) else f"a {type(part).__name__}")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tunelab.chat import join_text_parts
+from tunelab.data.records import join_text_parts
 from tunelab.errors import NonTextPart
 
 
