@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.serve.conftest import free_port  # one allocator of test ports for every worker
 from tunelab import pipeline
 from tunelab.artifacts import sha256_folder
 from tunelab.config_file import load_run_config
@@ -174,10 +174,6 @@ def test_registry_promotes_only_on_evidence_and_resolves_models_uris(tiny_config
         register(Path(bad_cfg.output.dir), "animals")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(store: Path, port: int) -> subprocess.Popen:

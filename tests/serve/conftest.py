@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import subprocess
@@ -63,10 +64,28 @@ def lora_runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) ->
     }
 
 
+_PORTS = itertools.count()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port from this test worker's own range, below the kernel's ephemeral ports (32768 and up).
+
+    A port the kernel hands out (bind to 0, then close) can be handed to another xdist worker too before the
+    first one's server binds it: a server in one worker then answered another worker's requests (its health
+    check passed on the wrong server), and that worker's own server could not start."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    for _ in range(PORTS_PER_WORKER):
+        port = 20000 + (worker % 6) * PORTS_PER_WORKER + next(_PORTS) % PORTS_PER_WORKER
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use, or still in TIME_WAIT from an earlier test: the next one
+                continue
+            return port
+    raise RuntimeError("no free port in this worker's range")
+
+
+PORTS_PER_WORKER = 2000
 
 
 def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
