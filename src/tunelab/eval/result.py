@@ -26,8 +26,9 @@ def failed_rules(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def gate_passed(metrics: dict[str, Any]) -> bool:
-    """Whether an eval's gate passed: every rule in its metrics.json held (a gate without rules passes). The one
-    definition that the CLI's exit code, the tracked run, the registry and promotion all use."""
+    """Whether an eval's gate passed: every rule in its metrics.json held (a gate without rules passes). The CLI's
+    exit code, the tracked run, the registry and promotion all start from it; for the registry and promotion a
+    gate without rules is no evidence (track.gate_tags)."""
     return not failed_rules(metrics.get("gate", []))
 
 
