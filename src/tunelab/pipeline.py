@@ -29,6 +29,7 @@ from tunelab.model_facts import model_facts
 from tunelab.models import ModelSource, locate_model, pick_precision
 from tunelab.preflight import check_compatibility, training_device
 from tunelab.run_checks import check_inputs_outside, check_resumable, same_data
+from tunelab.run_replace import replacing_trained_run, settle_interrupted_replacement
 from tunelab.train.oom import advice_on_out_of_memory
 
 
@@ -37,11 +38,14 @@ def open_run(cfg: RunConfig, starting_training: bool, resume: bool = False) -> R
     trained run.
 
     Nothing is deleted here: a folder that already holds a trained run is kept as it is until the new data
-    has validated (stage_data), and replaced only with output.overwrite. Its config.yaml is never
-    rewritten before that, so `data prep` on a trained run cannot make its config disagree with its adapter.
+    has validated (stage_data), and replaced only with output.overwrite; training keeps it aside until the new run
+    has trained (run_replace). Its config.yaml is never rewritten before that, so `data prep` on a trained run
+    cannot make its config disagree with its adapter.
     """
     run = RunPaths(cfg.output.dir)
     check_inputs_outside(cfg, run)
+    if starting_training:
+        settle_interrupted_replacement(run, resume, cfg.output.overwrite)
     trained = run.holds_training
     if starting_training and not resume and trained and not cfg.output.overwrite:
         raise _already_trained(run)
@@ -228,11 +232,18 @@ def stage_train(cfg: RunConfig, run: RunPaths, resume: bool = False,
     """Train into `run`; every metrics row (loss, val loss) also goes to MLflow and to `on_metrics` (a sweep
     trial's reporter), as it is written."""
     from tunelab.models import model_record
-    from tunelab.train.preference import train_preference
-    from tunelab.train.sft import train_sft
 
     source = check_before_training(cfg)
     base = model_record(cfg.model, source)  # before training: a Hub commit as resolved for this run
+    with replacing_trained_run(run, resume, cfg.output.overwrite):
+        return _train_and_log(cfg, run, base, resume, on_metrics)
+
+
+def _train_and_log(cfg: RunConfig, run: RunPaths, base: dict[str, Any], resume: bool,
+                   on_metrics: Callable[[dict[str, Any]], None] | None) -> Any:
+    from tunelab.train.preference import train_preference
+    from tunelab.train.sft import train_sft
+
     prepared, tracker = _prepare_and_log(cfg, run, resume)
     dataset = prepared.dataset
     if tracker is None:
