@@ -77,3 +77,25 @@ def test_bf16_export_and_methods_that_cannot_merge(tiny_config, monkeypatch):
     tiny_config.method.type = "prompt_tuning"
     with pytest.raises(ExportError, match="cannot be folded into the weights"):
         merge_run(tiny_config, run, run.root / "x")
+
+
+def test_merged_template_adds_the_system_prompt_the_run_trained_with(tiny_config):
+    from tunelab.chat import render_prompt, with_system_prompt
+    from tunelab.models import load_tokenizer
+
+    # Quotes, backslashes, template delimiters and non-ASCII: a prompt is data, never template code.
+    system = 'Answer in one word. "Quote" \\ {{ not_a_variable }} {% raw %} 100% é 😀\nSecond line.'
+    tiny_config.data.system_prompt = system
+    run = pipeline.open_run(tiny_config, starting_training=True)
+    pipeline.stage_train(tiny_config, run)
+    out = run.root / "export" / "merged"
+    merge_run(tiny_config, run, out)
+    trained, merged = load_tokenizer(run.adapter), load_tokenizer(out)
+    user = [{"role": "user", "content": "Which animal: the cat sat."}]
+    # What `tunelab serve` renders for the adapter, plain apply_chat_template renders for the merged folder.
+    assert merged.apply_chat_template(user, tokenize=False, add_generation_prompt=True) == \
+        render_prompt(trained, with_system_prompt(user, system))
+    assert system in merged.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    own = [{"role": "system", "content": "Be terse."}, *user]  # a caller's own system message wins, as in serve
+    assert merged.apply_chat_template(own, tokenize=False, add_generation_prompt=True) == render_prompt(trained, own)
+    assert (out / "chat_template.jinja").read_text() == merged.chat_template

@@ -20,7 +20,7 @@ from tunelab.artifacts import RunPaths, atomic_dir, manifest, write_json_atomic
 from tunelab.config import RunConfig
 from tunelab.errors import ExportError
 from tunelab.export import gguf_check
-from tunelab.export.merge import merge_run, probe_prompts
+from tunelab.export.merge import merge_run, probe_prompts, save_chat_tokenizer
 from tunelab.models import load_tokenizer
 from tunelab.progress import console
 
@@ -60,8 +60,7 @@ def export_int4(cfg: RunConfig, run: RunPaths, out: Path) -> Int4Result:
         model = AutoModelForCausalLM.from_pretrained(merged_dir, quantization_config=quant, device_map="cpu",
                                                      dtype=torch.bfloat16)
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
+        save_chat_tokenizer(cfg, tokenizer, tmp)
         del model
         console.print("Reloading the saved folder with plain from_pretrained and comparing with float32 ...")
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, device_map="cpu").eval()

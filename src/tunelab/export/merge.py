@@ -81,6 +81,31 @@ def _max_diff(a: Any, b: Any, mask: Any) -> float:
     return float(((a.float() - b.float()).abs() * mask[..., None]).max())
 
 
+def save_chat_tokenizer(cfg: RunConfig, tokenizer: Any, folder: Path) -> None:
+    """An exported folder's tokenizer and chat template. A run trained with `data.system_prompt` gets a template
+    that adds it to a conversation that brings no system message, as `tunelab serve` does for the adapter:
+    whatever serves the folder (vLLM, TGI, transformers' apply_chat_template, llama.cpp) prompts the model as it
+    was trained, not with a prompt it never saw."""
+    trained_with = tokenizer.chat_template
+    if cfg.data.system_prompt:
+        tokenizer.chat_template = with_default_system(trained_with, cfg.data.system_prompt)
+    try:
+        tokenizer.save_pretrained(folder)
+        (folder / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
+    finally:
+        tokenizer.chat_template = trained_with
+
+
+def with_default_system(template: str, system_prompt: str) -> str:
+    """`template`, preceded by a step that puts `system_prompt` first when the conversation has no system message.
+    The prompt is a JSON string, which is also a valid Jinja string literal (Jinja's lexer reads a literal whole,
+    so template delimiters inside it are plain text)."""
+    literal = json.dumps(system_prompt, ensure_ascii=False)
+    return ("{%- if not messages or messages[0]['role'] != 'system' -%}\n"
+            f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages -%}}\n"
+            "{%- endif -%}\n" + template)
+
+
 def keep_base_tokenizer_files(base: Path, out: Path, vocab_size: int) -> None:
     """Give a merged folder the tokenizer files its base shipped that transformers does not write back: the
     SentencePiece `tokenizer.model` (when training added no tokens) and the declared `tokenizer_class`, which
@@ -133,9 +158,8 @@ def merge_run(cfg: RunConfig, run: RunPaths, out: Path, dtype: str = "float32", 
     merged.generation_config.eos_token_id = stop_token_ids(tokenizer, merged)
     with atomic_dir(out) as tmp:
         merged.to(target).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_chat_tokenizer(cfg, tokenizer, tmp)
         keep_base_tokenizer_files(base_folder, tmp, len(tokenizer))
-        (tmp / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
         with torch.no_grad():
             reload_diff = _max_diff(adapter_logits, reloaded(**batch).logits, mask)

@@ -233,7 +233,8 @@ def vllm_command(options: ServeOptions) -> tuple[list[str], list[str]]:
     if os.environ.get(options.api_key_env):
         command += ["--api-key", f"${options.api_key_env}"]
     notes = [f"note: adapter '{s.name}' was trained with a system prompt; vLLM will not add it: send it as the "
-             "first message" for s in specs if s.system_prompt]
+             "first message, or serve its merged export (tunelab export merge), whose template adds it"
+             for s in specs if s.system_prompt]
     return command, notes
 
 
