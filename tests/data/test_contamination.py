@@ -79,3 +79,27 @@ def test_boilerplate_repeated_across_training_rows_is_not_a_leak():
     assert find_contamination(train, eval_rows, ContaminationConfig()).hits == []
     # The same overlap in a single training row is a leak.
     assert [h.train_id for h in find_contamination(train[:1], eval_rows, ContaminationConfig()).hits] == ["t0"]
+
+
+def test_a_leak_pasted_into_many_training_rows_is_listed_not_silently_ignored():
+    # One test question pasted into a third of the training rows: its n-grams count as "shared phrasing", as an
+    # instruction every row repeats would, so it is no hit; but the row is listed for a person to judge.
+    train = [chat(f"t{i}", f"Summarize: {LONG_QUESTION} version {i}", f"answer {i}") for i in range(10)]
+    train += [chat(f"c{i}", f"Write a short poem about the number {i} and the sea", "A poem") for i in range(20)]
+    result = find_contamination(train, evals(), ContaminationConfig())
+    assert result.hits == []
+    assert [(s.eval_id, s.eval_source, s.train_rows) for s in result.shared] == [("e1", "test", 10)]
+    assert result.shared[0].overlap.startswith("100% covered: in the novel the old lighthouse")
+    # Pasted into one row only, it is a hit, and nothing is "shared".
+    result = find_contamination(train[:1] + train[10:], evals(), ContaminationConfig())
+    assert [(h.train_id, h.eval_id) for h in result.hits] == [("t0", "e1")] and result.shared == []
+
+
+def test_boilerplate_covering_an_eval_row_is_listed_as_shared():
+    sign_off = ("Great question! Let me think about this carefully before I answer. I hope this helps, and "
+                "please ask me anything else because I really enjoy talking about it")
+    eval_rows = [EvalText.of(chat("e", "What is 3 plus 4?", f"{sign_off} 7."), "val"),
+                 EvalText.of(chat("f", "Name a colour of the sky at noon on a clear summer day", "Blue."), "val")]
+    train = [chat(f"t{i}", f"What is {i} plus 1?", f"{sign_off} {i + 1}.") for i in range(30)]
+    result = find_contamination(train, eval_rows, ContaminationConfig())
+    assert result.hits == [] and [(s.eval_id, s.train_rows) for s in result.shared] == [("e", 30)]

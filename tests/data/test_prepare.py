@@ -125,6 +125,23 @@ def test_benchmark_files_are_checked(tmp_path, tiny_model_dir):
     assert report["contamination"]["dropped"] == 0
 
 
+def test_a_benchmark_question_pasted_into_many_rows_is_reported(tmp_path, tiny_model_dir, capsys):
+    pasted = [{"id": f"p{i}", "instruction": f"{LEAK} (copy {i})", "output": str(i)} for i in range(4)]
+    train = write_jsonl(tmp_path / "train.jsonl", distinct_rows(20) + pasted)
+    bench = write_jsonl(tmp_path / "bench.jsonl", [{"id": "b1", "question": LEAK, "answer": "17"}])
+    # No val or test split: the copies would also leak into each other across splits.
+    cfg = config(tmp_path, tiny_model_dir, train=str(train), contamination={"benchmarks": str(bench)},
+                 val_fraction=0.0, test_fraction=0.0)
+    prepared = prepare_data(cfg, tmp_path / "run" / "data")
+    contamination = prepared.report["contamination"]
+    assert contamination["hits"] == [] and [(s["eval_id"], s["train_rows"]) for s in contamination["shared"]] == \
+        [("b1", 4)]
+    assert "1 eval rows are mostly phrasing that many training rows repeat (e.g. bench.jsonl b1, in 4 training " \
+        "rows)" in " ".join(capsys.readouterr().err.split())
+    summary = (tmp_path / "run" / "data" / "report.md").read_text()
+    assert "## Eval rows made of shared phrasing" in summary and "| b1 | bench.jsonl | 4 |" in summary
+
+
 def test_mixed_row_kinds_are_refused(tmp_path, tiny_model_dir):
     chat_rows = write_jsonl(tmp_path / "a.jsonl", animal_rows(5))
     prefs = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])

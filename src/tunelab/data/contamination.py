@@ -4,7 +4,8 @@ Overlap is an exact match of the normalized text or prompt; shared word n-grams 
 GPT-3's decontamination) that cover most of an eval row (80% by default: Llama 2's "dirty" line); or a
 near-twin (MinHash, as in dedup). N-grams found in many eval rows or many training rows are a dataset's
 shared phrasing (an instruction or sign-off every row repeats), not leaks, and are ignored above
-`ignore_common` of either.
+`ignore_common` of either. An eval row that such phrasing covers is listed as `shared` (a leak pasted into many
+training rows looks the same), so that a person sees it rather than nothing.
 """
 
 from __future__ import annotations
@@ -50,8 +51,22 @@ class Hit:
 
 
 @dataclass
+class Shared:
+    """An eval row mostly made of n-grams that many training rows repeat: ignored as shared phrasing."""
+
+    eval_id: str
+    eval_source: str
+    train_rows: int  # how many training rows hold its most repeated n-gram
+    overlap: str
+
+    def to_json(self) -> dict[str, str | int]:
+        return self.__dict__.copy()
+
+
+@dataclass
 class ContaminationResult:
     hits: list[Hit] = field(default_factory=list)
+    shared: list[Shared] = field(default_factory=list)
 
     @property
     def train_ids(self) -> set[str]:
@@ -117,14 +132,17 @@ def find_contamination(train: list[Record], evals: list[EvalText], cfg: Contamin
     in_train: Counter[str] = Counter(k for keys in train_keys for k in keys if k in index)
     eval_limit = max(3, cfg.ignore_common * len(evals))
     train_limit = max(3, cfg.ignore_common * len(train))
-    index = {k: v for k, v in index.items() if len({e for e, _ in v}) <= eval_limit and in_train[k] <= train_limit}
+    rare_in_eval = {k: v for k, v in index.items() if len({e for e, _ in v}) <= eval_limit}
+    index = {k: v for k, v in rare_in_eval.items() if in_train[k] <= train_limit}
+    shared = _covered_by_common(evals, words_of, prompt_len, rare_in_eval.keys() - index.keys(), rare_in_eval,
+                                in_train, cfg)
     twins = None
     if near is not None and near.near:
         twins = NearIndex(near.threshold, near.ngram, near.num_perm)
         for e, item in enumerate(evals):
             twins.add(e, twins.signature(item.text))
 
-    result = ContaminationResult()
+    result = ContaminationResult(shared=shared)
     for record, words, keys in zip(train, train_words, train_keys):
         normalized = " ".join(words)
         whole = next((t for t in (normalized, normalize_for_match(record.prompt_text())) if t in exact), None)
@@ -153,3 +171,25 @@ def find_contamination(train: list[Record], evals: list[EvalText], cfg: Contamin
             item = evals[twin[0]]
             result.hits.append(Hit(record.id, item.id, item.source, "near", f"similarity {twin[1]:.2f}"))
     return result
+
+
+def _covered_by_common(evals: list[EvalText], words_of: list[list[str]], prompt_len: list[int], common: set[str],
+                       index: dict[str, list[tuple[int, int]]], in_train: Counter[str],
+                       cfg: ContaminationConfig) -> list[Shared]:
+    """Eval rows that n-grams repeated by many training rows (but few eval rows) cover as fully as a leak would."""
+    starts: dict[int, set[int]] = defaultdict(set)
+    most: dict[int, str] = {}
+    for key in common:
+        for e, position in index[key]:
+            starts[e].add(position)
+            if e not in most or in_train[key] > in_train[most[e]]:
+                most[e] = key
+    shared = []
+    for e, found in sorted(starts.items()):
+        n_words = len(words_of[e])
+        cover = max(_coverage(found, cfg.ngram, 0, n_words), _coverage(found, cfg.ngram, 0, prompt_len[e]))
+        if cover >= cfg.min_coverage:
+            first = min(found)
+            shared.append(Shared(evals[e].id, evals[e].source, in_train[most[e]],
+                                 f"{cover:.0%} covered: " + " ".join(words_of[e][first : first + cfg.ngram])))
+    return shared

@@ -177,6 +177,12 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None, generate_replay: bool =
         train = [r for r in train if r.id not in leaked]
     if leaked and data.contamination.action == "warn":
         console.print(f"[yellow]warning:[/] {len(leaked)} training rows overlap eval data (kept: action is warn)")
+    if contamination.shared:
+        first = contamination.shared[0]
+        console.print(f"[yellow]warning:[/] data.contamination: {len(contamination.shared)} eval rows are mostly "
+                      f"phrasing that many training rows repeat (e.g. {first.eval_source} {first.eval_id}, in "
+                      f"{first.train_rows} training rows); ignored as shared phrasing (ignore_common), listed in "
+                      "the data report: check that none is a leak")
     train = apply_weights(train, lambda r: weights.get(id(r), 1.0), data.seed)
     replay, replay_report = mix_replay(cfg, train, evals, generate_replay)
     train = train + replay
@@ -200,6 +206,8 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None, generate_replay: bool =
             "action": data.contamination.action, "ngram": data.contamination.ngram,
             "rows": len(leaked), "dropped": len(leaked) if data.contamination.action == "drop" else 0,
             "per_source": contamination.per_source(), "hits": [h.to_json() for h in contamination.hits],
+            "ignore_common": data.contamination.ignore_common,
+            "shared": [s.to_json() for s in contamination.shared],
         },
         "replay": replay_report,
         "token_lengths": length_histogram({name: counter(getattr(dataset, name)) for name in SPLITS}),

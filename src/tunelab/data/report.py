@@ -66,6 +66,15 @@ def render_summary(report: dict[str, Any]) -> str:
             overlap = hit["overlap"].replace("|", "\\|")[:120]
             lines.append(f"| {hit['train_id']} | {hit['eval_id']} | {hit['eval_source']} | {hit['kind']} | {overlap} |")
         lines.append("")
+    if contamination.get("shared"):
+        lines += ["## Eval rows made of shared phrasing (not counted as leaks)", "",
+                  f"Most of each row is n-grams that more than {contamination['ignore_common']:.0%} of training rows "
+                  "repeat: an instruction or sign-off the dataset shares, or a leak pasted into many rows. Check them.",
+                  "", "| eval row | eval source | training rows | overlap |", "|---|---|---:|---|"]
+        for row in contamination["shared"][:EXAMPLES_SHOWN]:
+            overlap = row["overlap"].replace("|", "\\|")[:120]
+            lines.append(f"| {row['eval_id']} | {row['eval_source']} | {row['train_rows']} | {overlap} |")
+        lines.append("")
     pairs = report["dedup"]["pairs"]
     if pairs:
         lines += ["## Removed duplicates (kept <- removed)", ""]
