@@ -347,3 +347,21 @@ def test_training_goes_on_when_the_server_dies_mid_run_and_sync_uploads_the_rest
         assert (run.root / "tracking_buffer.synced.jsonl").is_file()
     finally:
         stop_server(server)
+
+
+def test_a_sample_eval_leaves_the_runs_evidence_alone(tiny_config):
+    cfg, _ = tracked_run(tiny_config, "sampled", ["tuned.eval_loss <= base.eval_loss"])
+    run = Path(cfg.output.dir)
+    uri = f"sqlite:///{run.parent / 'mlflow.db'}"
+    evidence = sha256_folder(run / "eval"), (run / "manifest.json").read_bytes()
+    n_examples = client_for(uri).get_run(run_id(run)).data.metrics["eval.test.n_examples"]
+    assert n_examples > 1
+    done = subprocess.run([sys.executable, "-m", "tunelab", "eval", str(run), "--max-examples", "1"],
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "250"})
+    assert done.returncode in (0, 1), done.stderr[-2000:]  # 1: the gate, measured on one example, may fail
+    assert "a sample eval (--max-examples), not the run's evidence" in done.stdout + done.stderr
+    sample = json.loads((run / "eval-sample" / "metrics.json").read_text())
+    assert sample["suites"]["test"]["n_examples"] == 1
+    assert (sha256_folder(run / "eval"), (run / "manifest.json").read_bytes()) == evidence
+    history = client_for(uri).get_metric_history(run_id(run), "eval.test.n_examples")
+    assert [m.value for m in history] == [n_examples]  # nothing logged to the run's MLflow run either

@@ -204,5 +204,10 @@ class RunPaths:
         return self.root / "eval"
 
     @property
+    def eval_sample(self) -> Path:
+        """A quick eval on a few examples (`tunelab eval --max-examples`): never the run's evidence."""
+        return self.root / "eval-sample"
+
+    @property
     def manifest(self) -> Path:
         return self.root / "manifest.json"

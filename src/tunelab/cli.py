@@ -104,7 +104,9 @@ def train(config: ConfigArg, set_: SetOpt = None, resume: Annotated[bool, typer.
 @app.command("eval")
 def eval_(run_dir: Annotated[str, typer.Argument(help="A run folder, or models:/NAME@ALIAS (or models:/NAME/VERSION).")],
           set_: SetOpt = None,
-          max_examples: Annotated[int | None, typer.Option(help="Evaluate only the first N test examples.")] = None,
+          max_examples: Annotated[int | None, typer.Option(
+              help="A quick look: evaluate the first N examples of each suite into RUN_DIR/eval-sample/, leaving the "
+              "run's own eval, manifest, MLflow run and registry alone.")] = None,
           judge_config: Annotated[Path | None, typer.Option(
               "--judge-config", help="A config of yours whose eval.judge scores the answers (or pass "
               "--set eval.judge.base_url=... --set eval.judge.model=...). A run's stored judge is never used.")] = None
@@ -120,8 +122,9 @@ def eval_(run_dir: Annotated[str, typer.Argument(help="A run folder, or models:/
         if max_examples < 1:
             raise ConfigError(f"--max-examples {max_examples}: give a number of test examples, 1 or more")
         cfg.eval.max_examples = max_examples
-    result = pipeline.stage_eval(cfg, run_paths)
-    print_summary(run_paths.root, None, result.metrics)
+    sample = max_examples is not None
+    result = pipeline.stage_eval(cfg, run_paths, sample=sample)
+    print_summary(run_paths.root, None, result.metrics, sample=sample)
     _exit_on_failed_gate(result.metrics)
 
 

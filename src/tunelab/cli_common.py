@@ -30,8 +30,9 @@ def load(config: Path, overrides: list[str] | None) -> Any:
     return load_config(config, overrides or [])
 
 
-def print_summary(root: Path, train_result: Any, metrics: dict[str, Any] | None) -> None:
-    """The table `run`, `train`, `eval` and `combine` end with: training figures, eval metrics, gate."""
+def print_summary(root: Path, train_result: Any, metrics: dict[str, Any] | None, sample: bool = False) -> None:
+    """The table `run`, `train`, `eval` and `combine` end with: training figures, eval metrics, gate (`sample`: of a
+    quick eval in eval-sample/, said to be one)."""
     table = Table(title=f"run folder: {root}", show_header=True)  # run, train, eval, combine all end here
     table.add_column("measure")
     table.add_column("value", justify="right", overflow="fold")
@@ -62,6 +63,10 @@ def print_summary(root: Path, train_result: Any, metrics: dict[str, Any] | None)
             measured = f"{rule['left']:.3f} vs {rule['right']:.3f}" if rule.get("left") is not None else "not measured"
             table.add_row(f"gate: {rule['rule']}", f"{verdict} ({measured})")
     out.print(table)
-    report = RunPaths(root).eval / "report.html"
+    run = RunPaths(root)
+    report = (run.eval_sample if sample else run.eval) / "report.html"
     if metrics is not None and report.is_file():
         out.print(f"report: {report}", soft_wrap=True, highlight=False)  # whole on one line, to copy; never cut
+    if sample:
+        out.print(f"a sample eval (--max-examples), not the run's evidence: {run.eval}, the manifest, MLflow and the "
+                  "registry are unchanged", soft_wrap=True, highlight=False)

@@ -288,9 +288,14 @@ def _both(tracker: Any, sink: Callable[[dict[str, Any]], None] | None) -> Callab
     return both
 
 
-def stage_eval(cfg: RunConfig, run: RunPaths) -> Any:
+def stage_eval(cfg: RunConfig, run: RunPaths, sample: bool = False) -> Any:
+    """Evaluate the run: its eval/ report, manifest and MLflow run hold the result (the evidence a registry
+    version is promoted on). A `sample` (`tunelab eval --max-examples N`, a quick look) goes to eval-sample/ and
+    nowhere else: a score on a handful of examples must not replace the run's evidence."""
     from tunelab.eval.run import evaluate_run
 
+    if sample:
+        return evaluate_run(cfg, run, run.eval_sample)
     result = evaluate_run(cfg, run)
     suites = result.metrics["suites"]
     update_run_manifest(run, eval={name: suite["systems"] for name, suite in suites.items()},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tunelab.artifacts import (
     RunPaths,
     atomic_dir,
@@ -17,7 +19,7 @@ from tunelab.eval.result import EvalResult, gate_rows
 from tunelab.models import load_tokenizer
 
 
-def evaluate_reward_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
+def evaluate_reward_run(cfg: RunConfig, run: RunPaths, folder: Path) -> EvalResult:
     from tunelab.train.reward_model import load_reward_model, pairwise_accuracy
 
     test = load_dataset(run.data).test
@@ -29,7 +31,7 @@ def evaluate_reward_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
     metrics = manifest("eval", systems=["tuned"], suites=suites, forgetting=None, timing={})
     rules, metrics["gate_source"] = gate_rules(cfg.eval, cfg.objective.type)
     metrics["gate"], gate_error = gate_rows(rules, metrics)  # a rule naming an unmeasured number: raised below
-    with atomic_dir(run.eval) as tmp:
+    with atomic_dir(folder) as tmp:
         write_json_atomic(tmp / "metrics.json", metrics)
         write_text_atomic(tmp / "report.md", f"# Reward model: {run.root.name}\n\nPairwise accuracy on "
                           f"{len(test)} held-out pairs: {accuracy:.1%}\n")

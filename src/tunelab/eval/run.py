@@ -94,7 +94,8 @@ def _uncontaminated(cfg: RunConfig, suite: SuiteConfig, records: list[Record], r
     return [r for r in records if r.source not in leaked]
 
 
-def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
+def evaluate_run(cfg: RunConfig, run: RunPaths, folder: Path | None = None) -> EvalResult:
+    """Evaluate the run and write its report to `folder` (default: the run's eval/, its evidence)."""
     import torch
 
     # Benchmark tasks resolve and load their documents before any weights do: a task that cannot run stops here.
@@ -102,7 +103,7 @@ def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
     if cfg.objective.type == "reward":
         from tunelab.eval.reward_accuracy import evaluate_reward_run
 
-        return evaluate_reward_run(cfg, run)
+        return evaluate_reward_run(cfg, run, folder or run.eval)
     # Which weights these numbers are about: the registry refuses to pair them with an adapter trained since.
     trained_sha256 = sha256_folder(run.trained)
     # Evaluate in float32 without autocast: eval numbers must not depend on the training precision.
@@ -146,7 +147,7 @@ def evaluate_run(cfg: RunConfig, run: RunPaths) -> EvalResult:
     rules, metrics["gate_source"] = gate_rules(cfg.eval, cfg.objective.type)
     metrics["gate"], gate_error = gate_rows(rules, metrics)  # a rule naming an unmeasured number: raised below
     history = _read_metrics(run.metrics)
-    with atomic_dir(run.eval) as tmp:
+    with atomic_dir(folder or run.eval) as tmp:
         write_json_atomic(tmp / "metrics.json", metrics)
         write_jsonl_atomic(tmp / "predictions.jsonl", rows)
         write_text_atomic(tmp / "report.md", render_markdown(metrics, rows, run.root.name))
