@@ -99,6 +99,10 @@ def test_registry_promotes_only_on_evidence_and_resolves_models_uris(tiny_config
     assert versions["1"]["aliases"] == ["champion"] and versions["2"]["forced"] == "A/B test on 5% of traffic"
 
     folder = resolve_run_dir("models:/animals@champion", uri)
+    # The copy carries the run's manifest (base model, data counts, training and eval summaries) as it was.
+    copied = json.loads((folder / "manifest.json").read_text())
+    assert copied == json.loads((Path(good_cfg.output.dir) / "manifest.json").read_text())
+    assert copied["train"]["steps"] == good_cfg.train.max_steps and copied["gate_passed"] is True
     cfg, run = load_run_config(folder)
     cfg.track.enabled, cfg.track.tracking_uri = True, uri  # evaluating a version again logs a run of its own
     cfg.eval.systems = ["base", "tuned"]

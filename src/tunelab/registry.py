@@ -208,10 +208,10 @@ def _local_copy(client: Any, text: str) -> Path:
         shutil.rmtree(folder)  # a cached copy changed since it was downloaded: fetch it again
     if not (folder / "config.yaml").is_file():
         with atomic_dir(folder) as tmp:
-            for item in ("adapter", "config.yaml", "data", "eval"):
+            for item in ("adapter", "config.yaml", "data", "eval", "manifest.json"):
                 try:
                     client.download_artifacts(mv.run_id, item, str(tmp))
-                except Exception as err:  # noqa: BLE001 - eval/ may be missing for an unevaluated version
+                except Exception as err:  # noqa: BLE001 - eval/ (unevaluated) and manifest.json (older runs) may be missing
                     if unreachable(err):
                         raise
                     if item in ("adapter", "config.yaml"):

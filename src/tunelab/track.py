@@ -235,6 +235,13 @@ class Tracker:
         self._call("metrics", step=0, metrics=flat)
         self._call("tags", tags=gate_tags(metrics))
         self.log_folder(self.run.eval, "eval")
+        self._log_manifest()
+
+    def _log_manifest(self) -> None:
+        """The run's manifest.json (base model's identity, data counts, training and eval summaries) as it stands
+        now, replacing the one logged before: a registered version's local copy carries it too."""
+        if self.run.manifest.is_file():
+            self.log_folder(self.run.manifest, None)
 
     def log_folder(self, path: Path, artifact_path: str | None) -> None:
         """A folder (or file) of the run as MLflow artifacts."""
@@ -264,6 +271,7 @@ class Tracker:
             if folder.is_dir():
                 self.log_folder(folder, folder.name)
         self.log_folder(self.run.config, None)
+        self._log_manifest()
 
     def system_metrics(self) -> Any:
         """MLflow's CPU/memory/GPU sampler for the duration of training (None when offline)."""
