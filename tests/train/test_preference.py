@@ -49,6 +49,9 @@ def test_objective_trains_and_logs_its_metrics(tmp_path, tiny_model_dir, objecti
     logged = [json.loads(line) for line in run.metrics.read_text().splitlines() if '"loss"' in line]
     if objective != "kto":
         assert {"rewards/margins", "rewards/accuracies"} <= set(logged[-1])
+    # Progress and the loss curve show a throughput: the data's tokens times the epochs done, growing each row.
+    seen = [row["tokens_seen"] for row in logged]
+    assert all(row["tokens_per_second"] > 0 for row in logged) and seen == sorted(seen) and seen[0] > 0
 
 
 def test_sft_rows_are_refused_for_dpo(tmp_path, tiny_model_dir, tiny_config):
@@ -142,6 +145,23 @@ def test_grpo_trains_with_builtin_and_imported_rewards(tmp_path, tiny_model_dir)
     assert result.steps == 3 and (run.adapter / "adapter_model.safetensors").is_file()
     logged = [json.loads(line) for line in run.metrics.read_text().splitlines() if '"loss"' in line]
     assert {"rewards/exact_match/mean", "rewards/length_penalty/mean", "rewards/json_valid/mean"} <= set(logged[0])
+
+
+def test_grpo_says_when_no_group_of_answers_ever_differed_in_reward(tmp_path, tiny_model_dir, capsys):
+    from tests.conftest import animal_rows
+
+    # A random tiny model never names the animal: exact_match is 0 for every answer, every advantage is 0.
+    cfg = make_config(tmp_path, tiny_model_dir, "grpo", animal_rows(24), rewards=["exact_match"], num_generations=4,
+                      max_completion_tokens=4)
+    cfg.train.max_steps = 2
+    pipeline.stage_train(cfg, pipeline.open_run(cfg, starting_training=True))
+    logged = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert {row["frac_reward_zero_std"] for row in logged if "loss" in row} == {1.0}
+    assert "every group of answers to a prompt got equal rewards" in " ".join(capsys.readouterr().err.split())
+    # A reward that tells answers apart (length) gives a signal, and no warning.
+    cfg.objective.rewards, cfg.output.overwrite = ["length_penalty"], True
+    pipeline.stage_train(cfg, pipeline.open_run(cfg, starting_training=True))
+    assert "got equal rewards" not in capsys.readouterr().err
 
 
 def test_builtin_rewards_score_what_they_say():

@@ -22,9 +22,10 @@ class MetricsCallback(TrainerCallback):
     drives the bar."""
 
     def __init__(self, path: Path, collator: PaddingCollator | PackedCollator | None,
-                 sink: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 sink: Callable[[dict[str, Any]], None] | None = None, tokens_per_epoch: int | None = None) -> None:
         self.path = path
         self.collator = collator
+        self.tokens_per_epoch = tokens_per_epoch  # where no collator of ours counts: the data's tokens x epochs
         self.sink = sink  # e.g. the MLflow tracker
         self.losses: list[float] = []
         self._bar: Any = None
@@ -65,8 +66,11 @@ class MetricsCallback(TrainerCallback):
         elapsed = time.perf_counter() - self._started
         loss = float(logs["loss"])
         self.losses.append(loss)
-        # Our collators count real tokens; TRL's trainers report theirs in the state.
+        # Our collators count real tokens; TRL's trainers report theirs in the state, or (preference objectives,
+        # whose batches have no one input to count) the data's tokens times the epochs done stand in.
         tokens = self.collator.tokens_seen if self.collator is not None else (state.num_input_tokens_seen or None)
+        if tokens is None and self.tokens_per_epoch:
+            tokens = int(self.tokens_per_epoch * float(state.epoch or 0.0)) or None
         row = {
             "step": state.global_step,
             "epoch": round(float(state.epoch or 0.0), 4),

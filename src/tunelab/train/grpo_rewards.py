@@ -23,6 +23,7 @@ from tunelab.artifacts import RunPaths
 from tunelab.config import ObjectiveConfig
 from tunelab.errors import ConfigError
 from tunelab.eval.metrics import normalize_answer
+from tunelab.progress import console
 
 RewardFn = Callable[..., list[float]]
 
@@ -129,3 +130,16 @@ def _import(path: str) -> RewardFn:
     if not callable(fn):
         raise ConfigError(f"objective.rewards: '{path}' is not a function")
     return fn
+
+
+def warn_if_rewards_never_differed(metrics: Path) -> None:
+    """GRPO learns from reward differences within a group of answers to one prompt: if every group's answers got
+    equal rewards at every logged step (TRL's frac_reward_zero_std is 1), every advantage was zero, and the adapter
+    learnt nothing from the rewards. Said after training, so the run is not taken for a result."""
+    rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()] if metrics.is_file() else []
+    fractions = [row["frac_reward_zero_std"] for row in rows if "frac_reward_zero_std" in row]
+    if fractions and min(fractions) >= 1.0:
+        console.print("[yellow]warning:[/] GRPO: at every logged step, every group of answers to a prompt got equal "
+                      "rewards (frac_reward_zero_std 1.0 in metrics.jsonl), so nothing was learnt from them: give "
+                      "partial credit (a reward that tells better from worse answers), raise objective.temperature "
+                      "or objective.num_generations, or start from a model that sometimes gets it right")

@@ -26,6 +26,7 @@ from tunelab.progress import console
 from tunelab.train.args import training_kwargs
 from tunelab.train.callbacks import MetricsCallback
 from tunelab.train.fused_layers import fused_training_layers
+from tunelab.train.grpo_rewards import warn_if_rewards_never_differed
 from tunelab.train.methods import build_trainable, count_parameters, training_inputs
 from tunelab.train.policy import process_group_size, training_policy
 from tunelab.train.preference_head import LogitsFreeCPO, LogitsFreeORPO
@@ -146,7 +147,10 @@ def train_preference(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bo
     trainable, total = count_parameters(model)
     console.print(f"Training {trainable:,} of {total:,} parameters with {cfg.method.type} + "
                   f"{cfg.objective.type} on {len(train_rows)} rows [{precision.label}]")
-    callback = MetricsCallback(run.metrics, None, on_metrics)
+    # Every row is read once per epoch: both answers of a pair (or the one of a KTO row) with the prompt.
+    per_epoch = sum(token_counter(tokenizer, cfg.data.system_prompt)(dataset.train))
+    per_epoch *= 1 if cfg.objective.type in ("kto", "grpo") else 2
+    callback = MetricsCallback(run.metrics, None, on_metrics, tokens_per_epoch=per_epoch)
     budget = WallTimeBudget(cfg.train.max_time_minutes) if cfg.train.max_time_minutes else None
     callbacks = [callback, StopOnNonFiniteLoss(), *([budget] if budget else [])]
     trainer = make_trainer(cfg, run, model, tokenizer, train_rows, callbacks)
@@ -159,9 +163,8 @@ def train_preference(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bo
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - started
     save_trained(cfg, model, tokenizer, run)
-    # Every row is read once per epoch: both answers of a pair (or the one of a KTO row) with the prompt.
-    per_epoch = sum(token_counter(tokenizer, cfg.data.system_prompt)(dataset.train))
-    per_epoch *= 1 if cfg.objective.type in ("kto", "grpo") else 2
+    if cfg.objective.type == "grpo":
+        warn_if_rewards_never_differed(run.metrics)
     tokens = int(per_epoch * float(trainer.state.epoch or 0))
     losses = callback.losses or [float("nan")]
     return TrainResult(
