@@ -175,6 +175,9 @@ class TrainConfig(Section):
 
 # Objectives trained with TRL's trainers (the others run on our own Trainer path).
 TRL_OBJECTIVES = ("dpo", "simpo", "orpo", "kto", "reward", "grpo")
+# The row kind each objective trains on (data/records.py): data prep checks it, the trainers rely on it.
+ROW_KIND = {"sft": "chat", "cpt": "text", "dpo": "preference", "simpo": "preference", "orpo": "preference",
+            "reward": "preference", "kto": "kto", "grpo": "chat"}
 # Methods whose PEFT wrapper prepends learned virtual tokens (or key/values) to every row: positions and the
 # decoder's inputs are not the batch's own, which rules out packing, padding-free rows and the chunked loss.
 VIRTUAL_TOKEN_METHODS = ("prompt_tuning", "prefix_tuning")

@@ -23,7 +23,7 @@ from tunelab.artifacts import (
     write_text_atomic,
 )
 from tunelab.chat import template_refusal, with_system_prompt
-from tunelab.config import DataConfig, RunConfig, SourceConfig
+from tunelab.config import ROW_KIND, DataConfig, RunConfig, SourceConfig
 from tunelab.data.clean import clean_records
 from tunelab.data.contamination import EvalText, benchmark_texts, find_contamination
 from tunelab.data.dedup import deduplicate
@@ -76,11 +76,6 @@ def _load_all(sources: list[SourceConfig], role: str, cfg: RunConfig, skipped: l
             weights[id(record)] = source.weight
         records += loaded.records
     return records
-
-
-# The row kind each objective trains on.
-ROW_KIND = {"sft": "chat", "cpt": "text", "dpo": "preference", "simpo": "preference", "orpo": "preference",
-            "reward": "preference", "kto": "kto", "grpo": "chat"}
 
 
 def _check_kind_fits_objective(cfg: RunConfig, records: list[Record]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from tunelab.artifacts import RunPaths
 from tunelab.chat import with_system_prompt
-from tunelab.config import RunConfig
+from tunelab.config import ROW_KIND, RunConfig
 from tunelab.data.prepare import Dataset
 from tunelab.data.tokens import token_counter
 from tunelab.errors import ConfigError, DataError
@@ -38,17 +38,13 @@ from tunelab.train.trainer import (
     with_atomic_checkpoints,
 )
 
-NEEDS_KIND = {"dpo": "preference", "simpo": "preference", "orpo": "preference", "kto": "kto",
-              "reward": "preference", "grpo": "chat"}
-
-
 def to_trl_rows(cfg: RunConfig, records: list[Any]) -> list[dict[str, Any]]:
     """Records -> TRL's conversational preference / unpaired-preference rows."""
     objective = cfg.objective.type
     rows = []
     for r in records:
-        if r.kind != NEEDS_KIND[objective]:
-            raise DataError(f"objective.type: {objective} needs {NEEDS_KIND[objective]} rows, but row {r.id} is {r.kind}")
+        if r.kind != ROW_KIND[objective]:
+            raise DataError(f"objective.type: {objective} needs {ROW_KIND[objective]} rows, but row {r.id} is {r.kind}")
         if r.kind == "chat":  # GRPO: the prompt, and the reference answer for rewards that want it
             prompt = with_system_prompt(r.messages[:-1], cfg.data.system_prompt)
             rows.append({"prompt": prompt, "answer": r.messages[-1]["content"]})
