@@ -360,3 +360,23 @@ def test_dropout_mask_bytes_follow_the_path_training_takes(tiny_config):
     assert mask_bytes(cpu_bf16, lean_lora_forward=False) == 1
     assert mask_bytes(cpu_fp32) == 1
     assert mask_bytes(cpu_bf16, integer_dropout_masks=False) == 4
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto", "grpo"])
+def test_preference_objectives_are_timed_by_a_probe_too(tmp_path, tiny_model_dir, objective):
+    from tests.conftest import animal_rows
+    from tests.train.test_preference import kto_rows, make_config, preference_rows
+    from tunelab.estimate import estimate_run
+
+    rows = {"dpo": preference_rows, "kto": kto_rows, "grpo": animal_rows}[objective](24)
+    options = {"rewards": ["length_penalty"], "num_generations": 4, "max_completion_tokens": 4} \
+        if objective == "grpo" else {}
+    cfg = make_config(tmp_path, tiny_model_dir, objective, rows, **options)
+    cfg.train.max_steps = 6
+    result = estimate_run(cfg, probe=True, probe_steps=2)
+    assert result.probe is not None and result.probe.steps == 2 and result.probe.tokens > 0
+    assert result.seconds is not None and result.seconds > 0 and result.time_source.startswith("probe: 2 measured")
+    # 6 steps at the probe's pace: the run's tokens (the data's, both answers of a pair) at the measured rate.
+    seconds_per_step = result.probe.seconds / result.probe.steps
+    assert result.seconds == pytest.approx(6 * seconds_per_step, rel=0.6)
+    assert not (tmp_path / objective).exists()  # the probe trains in a throw-away folder

@@ -127,18 +127,21 @@ def estimate_run(cfg: RunConfig, gpu: str | None = None, probe: bool = True, pro
 
     steps = cfg.train.max_steps or math.ceil(stats.steps_per_epoch * cfg.train.epochs)
     epoch_share = steps / max(stats.steps_per_epoch, 1)
-    run_tokens = stats.padded_tokens * epoch_share if not policy.padding_free else stats.tokens * epoch_share
+    # In the probe's unit: tokens our collators count (padding included where training pads), or for TRL's
+    # trainers the data's own tokens.
+    padded = not policy.padding_free and cfg.objective.type not in TRL_OBJECTIVES
+    run_tokens = (stats.padded_tokens if padded else stats.tokens) * epoch_share
     seconds: float | None = None
     result: ProbeResult | None = None
     if accelerator is not None:
         seconds = _gpu_seconds(shape, cfg, run_tokens, steps, accelerator)
         source = f"{accelerator.name} bf16 peak at {ASSUMED_MFU:.0%} utilization (not measured here)"
-    elif probe and cfg.objective.type not in TRL_OBJECTIVES:
+    elif probe:
         result = probe_training(cfg, records, probe_steps)
         seconds = run_tokens / result.tokens_per_second if result.tokens_per_second else None
         source = f"probe: {result.steps} measured steps, {result.tokens_per_second:.0f} tokens/s on this machine"
     else:
-        source = "not estimated (--no-probe)" if not probe else f"no probe for objective {cfg.objective.type}"
+        source = "not estimated (--no-probe)"
     if price_per_hour is not None:
         usd, price_source = price_per_hour, "--price-per-hour"
     elif accelerator is not None:

@@ -47,7 +47,9 @@ def probe_training(cfg: RunConfig, train_records: list[Any], steps: int) -> Prob
     import random
 
     from tunelab.artifacts import RunPaths
+    from tunelab.config import TRL_OBJECTIVES
     from tunelab.data.prepare import Dataset
+    from tunelab.train.preference import train_preference
     from tunelab.train.sft import train_sft
 
     examples_per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
@@ -63,8 +65,11 @@ def probe_training(cfg: RunConfig, train_records: list[Any], steps: int) -> Prob
         probe_cfg.train.logging_steps = 1
         probe_cfg.train.max_time_minutes = None
         probe_cfg.output.dir = Path(tmp) / "run"
-        train_sft(probe_cfg, RunPaths(probe_cfg.output.dir), Dataset(train=sample, val=[], test=[]),
-                  on_metrics=rows.append)
+        # Preference objectives count their tokens as the data's tokens times the epochs done (both answers of a
+        # pair): the same unit the estimate's run tokens are in. GRPO's time is mostly generation, measured too.
+        trainer = train_preference if cfg.objective.type in TRL_OBJECTIVES else train_sft
+        trainer(probe_cfg, RunPaths(probe_cfg.output.dir), Dataset(train=sample, val=[], test=[]),
+                on_metrics=rows.append)
     timed = [r for r in rows if r.get("tokens_seen") and r.get("elapsed_s") is not None]
     if len(timed) < 2:
         raise RuntimeError(f"the probe logged {len(timed)} timed steps; need 2 or more")
