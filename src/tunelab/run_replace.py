@@ -25,8 +25,10 @@ from tunelab.progress import console
 
 
 def kept_aside(run: RunPaths) -> Path:
-    """Where the run being replaced waits while its replacement trains."""
-    return run.root.with_name(f".{run.root.name}.replaced")
+    """Where the run being replaced waits while its replacement trains: beside the real folder (output.dir may be a
+    link to it), so that moving it is one rename on one file system."""
+    real = run.root.resolve()
+    return real.with_name(f".{real.name}.replaced")
 
 
 def finished_training(run: RunPaths) -> bool:
@@ -81,16 +83,23 @@ def replacing_trained_run(run: RunPaths, resume: bool, overwrite: bool) -> Itera
 def _move_aside(run: RunPaths, aside: Path) -> None:
     """The old run to `aside` in one rename; its Dataset linked back, so unchanged data is reused, not rebuilt."""
     settle_interrupted_replacement(run, resume=False, overwrite=True)  # normally done as the run folder opened
-    os.rename(run.root, aside)
-    run.root.mkdir()
+    real = run.root.resolve()
+    try:
+        os.rename(real, aside)
+    except OSError as err:  # e.g. a parent folder this user may not write to
+        raise RunFolderError(f"output.dir: {run.root} holds a trained run, which output.overwrite keeps at {aside} "
+                             f"until the new run has trained, but it cannot be moved there ({err.strerror}); "
+                             "choose another output.dir") from None
+    real.mkdir()
     if (aside / run.data.name).is_dir():
         # Hard links cost no space; data prep never writes into an existing Dataset folder, it replaces it whole.
         shutil.copytree(aside / run.data.name, run.data, copy_function=_link_or_copy)
 
 
 def _put_back(run: RunPaths, aside: Path) -> None:
-    shutil.rmtree(run.root, ignore_errors=True)
-    os.rename(aside, run.root)
+    real = run.root.resolve()
+    shutil.rmtree(real, ignore_errors=True)
+    os.rename(aside, real)
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -97,3 +97,18 @@ def test_a_stopped_replacement_started_over_puts_the_old_run_back_first(tiny_con
         pipeline.stage_train(tiny_config, pipeline.open_run(tiny_config, starting_training=True))
     assert sha256_folder(run.root) == before
     assert not kept_aside(run).exists()
+
+
+def test_an_output_dir_that_is_a_link_keeps_its_link(tiny_config, tmp_path):
+    real = tmp_path / "disk" / "run"
+    real.mkdir(parents=True)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    tiny_config.output.dir = link
+    trained(tiny_config)
+    old_adapter = (real / "adapter" / "adapter_model.safetensors").read_bytes()
+    tiny_config.output.overwrite, tiny_config.train.seed = True, 7
+    pipeline.stage_train(tiny_config, pipeline.open_run(tiny_config, starting_training=True))
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert (real / "adapter" / "adapter_model.safetensors").read_bytes() != old_adapter
+    assert sorted(p.name for p in real.parent.iterdir()) == ["run"]  # nothing left aside
