@@ -27,7 +27,7 @@ from tunelab.chat import (chat_tokenizer, encode_records, render_prompt, text_id
                           with_system_prompt)
 from tunelab.config import RunConfig, SuiteConfig
 from tunelab.data.load import load_source
-from tunelab.data.prepare import load_dataset
+from tunelab.data.prepare import Dataset, load_dataset
 from tunelab.data.records import Record
 from tunelab.data.tokens import refused_by_template
 from tunelab.errors import ConfigError, DataError, RunFolderError
@@ -48,11 +48,12 @@ from tunelab.progress import console
 from tunelab.train.methods import load_trained
 
 
-def suite_records(cfg: RunConfig, suite: SuiteConfig, run: RunPaths, tokenizer: Any) -> list[Record]:
+def suite_records(cfg: RunConfig, suite: SuiteConfig, dataset: Dataset, tokenizer: Any) -> list[Record]:
+    """The suite's examples: its files (checked against the run's training split, `dataset`) or the test split."""
     if suite.files:
         raw = [r for path in suite.files for r in load_source(path).records]
     else:
-        raw = load_dataset(run.data).test
+        raw = dataset.test
     if raw and all(r.kind == "text" for r in raw):
         records = raw  # held-out raw text (continued pre-training): scored by each system's loss on it
     else:
@@ -62,12 +63,12 @@ def suite_records(cfg: RunConfig, suite: SuiteConfig, run: RunPaths, tokenizer: 
         if refused is not None:
             raise DataError(f"eval suite '{suite.name}': {record.source}: {refused}")
     if suite.files:
-        records = _uncontaminated(cfg, suite, records, run)
+        records = _uncontaminated(cfg, suite, records, dataset.train)
     limit = suite.max_examples or cfg.eval.max_examples
     return records[:limit] if limit else records
 
 
-def _uncontaminated(cfg: RunConfig, suite: SuiteConfig, records: list[Record], run: RunPaths) -> list[Record]:
+def _uncontaminated(cfg: RunConfig, suite: SuiteConfig, records: list[Record], train: list[Record]) -> list[Record]:
     """A suite file's examples checked against what the run trained on, by data prep's own test and policy
     (data.contamination.action): the test split was checked when the data was prepared, suite files can be
     written or changed at any time after, so they are checked here, each time they are read."""
@@ -76,7 +77,7 @@ def _uncontaminated(cfg: RunConfig, suite: SuiteConfig, records: list[Record], r
     contamination = cfg.data.contamination
     # Named by where each example was read (FILE:LINE): unique across the suite's files, as ids need not be.
     evals = [EvalText(r.source, f"eval suite '{suite.name}'", r.all_text(), r.prompt_text()) for r in records]
-    hits = find_contamination(load_dataset(run.data).train, evals, contamination, cfg.data.dedup).hits
+    hits = find_contamination(train, evals, contamination, cfg.data.dedup).hits
     leaked = {h.eval_id for h in hits}
     if not leaked:
         return records
@@ -115,14 +116,15 @@ def evaluate_run(cfg: RunConfig, run: RunPaths, folder: Path | None = None) -> E
         models.answer_cache = (cache_root(cfg.model) / "eval", base_identity(base_folder))
     tokenizer = chat_tokenizer(run.trained, cfg.data.chat_template)  # the template used in training
     systems = build_systems(cfg, models)
-    shots = few_shot_examples(load_dataset(run.data).train, cfg.eval.few_shot_k, cfg.eval.seed)
+    dataset = load_dataset(run.data)  # read once: the test split, the few-shot pool and the contamination check
+    shots = few_shot_examples(dataset.train, cfg.eval.few_shot_k, cfg.eval.seed)
     torch.manual_seed(cfg.eval.seed)
 
     started, prompts_generated = time.perf_counter(), 0
     suites: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     for suite in cfg.eval.suites:
-        records = suite_records(cfg, suite, run, tokenizer)
+        records = suite_records(cfg, suite, dataset, tokenizer)
         if not records:
             raise RunFolderError(f"eval suite '{suite.name}': no examples with a reference answer or held-out text "
                                  "(an empty test split? add data.test files or eval suite files)")
