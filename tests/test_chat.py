@@ -121,3 +121,40 @@ def test_concurrent_prompts_keep_their_own_special_token_handling(tiny_tokenizer
                             range(4000)))
     wrong = [kind for kind, ids in got if ids != expected[kind]]
     assert not wrong, f"{len(wrong)} of {len(got)} prompts tokenized differently under concurrency"
+
+
+@pytest.mark.parametrize("end,expected_marker", [("### end", "### end"), ("<|eot|>", "<|eot|>")])
+def test_an_end_marker_on_its_own_line_is_trained_and_stops_generation(tiny_model_dir, tmp_path, end,
+                                                                       expected_marker):
+    """`{{ content }}\\n### end`: the marker follows the answer after a newline; it must still be learnt (else the
+    model never stops), whole (not its first word), and be what generation stops at."""
+    from tunelab.chat import setup_chat_template
+    from tunelab.families import end_of_turn, single_token_id, stop_texts, stop_token_ids
+    from tunelab.models import load_tokenizer
+
+    template = tmp_path / "custom.jinja"
+    template.write_text("{%- for m in messages %}### {{ m.role }}:\n{{ m.content }}\n" + end + "\n{% endfor %}"
+                        "{% if add_generation_prompt %}### assistant:\n{% endif %}")
+    tokenizer = load_tokenizer(tiny_model_dir)
+    setup_chat_template(tokenizer, str(template))
+    assert end_of_turn(tokenizer) == expected_marker
+    example = tokenize_conversation(tokenizer, CONVERSATION)
+    assert labelled_runs(tokenizer, example) == [f"answer: cat\n{end}", f"answer: owl\n{end}"]
+    marker_id = single_token_id(tokenizer, end)
+    if marker_id is not None:  # a marker-shaped one is added to the vocabulary: one token to stop on
+        assert marker_id in stop_token_ids(tokenizer) and stop_texts(tokenizer) == []
+    else:
+        assert stop_texts(tokenizer) == [end]
+
+
+def test_a_template_without_an_end_marker_stops_at_the_next_turn(tiny_model_dir, tmp_path):
+    from tunelab.chat import setup_chat_template
+    from tunelab.families import end_of_turn
+    from tunelab.models import load_tokenizer
+
+    template = tmp_path / "plain.jinja"
+    template.write_text("{%- for m in messages %}{{ m.role | capitalize }}: {{ m.content }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}Assistant:{% endif %}")
+    tokenizer = load_tokenizer(tiny_model_dir)
+    setup_chat_template(tokenizer, str(template))
+    assert end_of_turn(tokenizer) == "User:"  # the next turn's opener, not the whole next line

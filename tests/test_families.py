@@ -190,6 +190,23 @@ def test_custom_jinja_template_and_bad_choices(base_models, tmp_path):
             setup_chat_template(load_tokenizer(base_models["llama"]), bad)
 
 
+def test_a_tokenizer_without_eos_or_pad_still_trains_and_evaluates(family_models, tmp_path):
+    """Padding needs some token (its positions are masked): with neither pad nor eos, unk or bos stands in."""
+    model = tmp_path / "no-eos"
+    shutil.copytree(family_models["llama3"], model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    for key in ("eos_token", "pad_token"):
+        config.pop(key, None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = load_tokenizer(model)
+    assert tokenizer.eos_token is None and tokenizer.pad_token == tokenizer.bos_token
+    cfg = run_config(model, tmp_path)
+    cfg.train.max_steps, cfg.eval.max_examples = 2, 2
+    run = pipeline.open_run(cfg, starting_training=True)
+    assert pipeline.stage_train(cfg, run).steps == 2
+    assert pipeline.stage_eval(cfg, run).metrics["suites"]["test"]["n_examples"] == 2
+
+
 def test_cpt_on_a_base_model_needs_no_template(base_models, tmp_path):
     rows = [{"text": f"Day {i}: the {animal} crossed the river."} for i, animal in enumerate(["cat", "owl"] * 20)]
     train = write_jsonl(tmp_path / "text.jsonl", rows)

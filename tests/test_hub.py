@@ -113,6 +113,19 @@ def test_not_cached_while_offline_says_how_to_get_it(hub, tiny_model_dir):
         locate_model(ModelConfig(name="acme/a--b"))
 
 
+def test_a_mistyped_local_folder_is_named_as_such(hub, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    with pytest.raises(ModelError) as info:
+        locate_model(ModelConfig(name="models/mien"))  # ./models exists, models/mien does not: a typo, not a repo
+    (problem,) = info.value.problems
+    assert problem.startswith(f"model.name: models/mien (read as a Hub ID: there is no folder {tmp_path}/models/mien)"
+                              ": not in the Hugging Face cache")
+    with pytest.raises(ModelError) as info:
+        locate_model(ModelConfig(name="acme/missing"))  # no ./acme: plainly a Hub ID
+    assert "read as a Hub ID" not in info.value.problems[0]
+
+
 def test_unreachable_hub_is_one_line_fast_and_falls_back_to_the_cache(hub, tiny_model_dir, monkeypatch):
     go_online(monkeypatch, "http://127.0.0.1:9")  # nothing listens on the discard port
     started = time.perf_counter()

@@ -244,9 +244,11 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[Message])
 
 
 def _answer_end(full: str, end: int, marker: str | None) -> int:
-    """Where an answer ending at `end` stops: past the end-of-turn marker that follows it (not past anything
-    the template writes after that, such as Phi-3's closing eos)."""
-    return end + len(marker) if marker and full.startswith(marker, end) else end
+    """Where an answer ending at `end` stops: past the end-of-turn marker that follows it, and the whitespace a
+    template may write before the marker (`{{ content }}\n### end`), but not past anything the template writes
+    after it, such as Phi-3's closing eos."""
+    gap = len(full) - end - len(full[end:].lstrip())
+    return end + gap + len(marker) if marker and full.startswith(marker, end + gap) else end
 
 
 def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> TokenizedExample:

@@ -216,6 +216,11 @@ def _find_end_of_turn(tokenizer: Any) -> str | None:
     marker = _MARKER.match(after)
     if marker:
         return marker.group(0)
+    # A plain-text marker is the line after the answer ("### end"), unless that line is already the next turn
+    # ("User: Probe question two?"): then the turn's first word, its opener, is what ends an answer.
+    line = after.split("\n", 1)[0].strip()
+    if line and PROBE[3]["content"] not in line:
+        return line
     words = after.split()
     return words[0] if words else None
 

@@ -88,7 +88,15 @@ def name_base_in_adapter(cfg: ModelConfig, adapter_dir: Path) -> None:
 
 
 def _where(cfg: ModelConfig) -> str:
-    return f"model.name: {cfg.name}" + (f" (revision {cfg.revision})" if cfg.revision else "")
+    return f"model.name: {cfg.name}" + (f" (revision {cfg.revision})" if cfg.revision else "") + _mistyped_path(cfg)
+
+
+def _mistyped_path(cfg: ModelConfig) -> str:
+    """`models/typo` when ./models exists reads as a Hub ID (ORG/NAME) but was meant as a folder: say so."""
+    first = Path(cfg.name).parts[0] if Path(cfg.name).parts else ""
+    if first and Path(first).is_dir():
+        return f" (read as a Hub ID: there is no folder {Path(cfg.name).resolve()})"
+    return ""
 
 
 def _snapshot(cfg: ModelConfig, patterns: list[str]) -> HubSnapshot:

@@ -4,7 +4,7 @@ end-of-turn and stop tokens, base or chat model. Printed by `tunelab run --dry-r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tunelab.config import RunConfig
@@ -31,36 +31,56 @@ class ModelFacts:
         ]
         if self.context and max_length and max_length > self.context:
             lines.append(f"warning: data.max_length {max_length:,} is longer than the model's context "
-                         f"({self.context:,} tokens): longer rows would train at positions it never saw; set "
+                         f"({self.context:,} tokens): rows longer than the context are dropped (the data report "
+                         f"counts them as too_long), as positions it never saw would not serve; set "
                          f"data.max_length to {self.context:,} or less")
         return lines
 
 
 def model_facts(cfg: RunConfig) -> ModelFacts:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from tunelab.chat import setup_chat_template
     from tunelab.families import end_of_turn, stop_token_ids
     from tunelab.models import locate_model, tokenizer_for, trusts_code
 
     source = locate_model(cfg.model)
-    if source.kind in ("bundled", "gguf"):
-        config = AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name)
-    else:
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trusts_code(source.path))
+    config = _model_config(source)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trusts_code(source.path))
         parameters = sum(p.numel() for p in model.parameters())
     tokenizer = tokenizer_for(cfg.model)
     kind = "chat" if tokenizer.chat_template else "base"
-    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    context = _context(config)
     if cfg.objective.type == "cpt":
         return ModelFacts(_architecture(config), parameters, kind, "none (cpt trains on raw text)", None,
                           tuple(tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer))), context)
     setup = setup_chat_template(tokenizer, cfg.data.chat_template)
     return ModelFacts(_architecture(config), parameters, kind, setup.describe(), end_of_turn(tokenizer),
                       tuple(tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer, config=config))), context)
+
+
+def model_context(cfg: RunConfig) -> int | None:
+    """The positions the model was trained for (max_position_embeddings), read from its config alone."""
+    from tunelab.models import locate_model
+
+    return _context(_model_config(locate_model(cfg.model)))
+
+
+def _model_config(source: Any) -> Any:
+    from transformers import AutoConfig
+
+    from tunelab.models import trusts_code
+
+    if source.kind in ("bundled", "gguf"):
+        return AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name)
+    return AutoConfig.from_pretrained(source.path, trust_remote_code=trusts_code(source.path))
+
+
+def _context(config: Any) -> int | None:
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return context if isinstance(context, int) and context > 0 else None
 
 
 def _architecture(config: object) -> str:

@@ -274,10 +274,19 @@ def pick_precision(cfg: ModelConfig) -> Precision:
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trusts_code(folder))
+    return with_pad_token(AutoTokenizer.from_pretrained(folder, trust_remote_code=trusts_code(folder)))
+
+
+def with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A pad token for batching: the tokenizer's own, else eos, unk or bos, else the vocabulary's first token.
+    Padding positions are masked out of attention and labels, so any token serves; it only has to exist."""
     if tokenizer.pad_token_id is None:
-        # Padding positions are masked out of attention and labels, so reusing eos is safe.
-        tokenizer.pad_token = tokenizer.eos_token
+        for token in (tokenizer.eos_token, tokenizer.unk_token, tokenizer.bos_token):
+            if token is not None:
+                tokenizer.pad_token = token
+                break
+        else:
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
     return tokenizer
 
 
@@ -323,7 +332,5 @@ def tokenizer_for(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         if folders:
             tokenizer = load_tokenizer(folders[0])
         else:
-            tokenizer = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
-            if tokenizer.pad_token_id is None:
-                tokenizer.pad_token = tokenizer.eos_token
+            tokenizer = with_pad_token(AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name))
     return tokenizer

@@ -167,3 +167,23 @@ def test_cli_data_prep_prints_summary_and_fails_cleanly(tmp_path, tiny_model_dir
     assert result.stderr.strip() == (f"error: {path}:41: invalid JSON: Expecting property name enclosed in double "
                                      "quotes at column 2")
     assert json.loads((tmp_path / "run/data/report.json").read_text())["counts"]["train"] == 32  # old data intact
+
+
+def test_rows_longer_than_the_models_context_are_dropped_whatever_max_length_says(tmp_path, tiny_model_dir):
+    import shutil
+
+    model = tmp_path / "short-context"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["max_position_embeddings"] = 128  # data.max_length stays at its default, 2048
+    (model / "config.json").write_text(json.dumps(config))
+    long_rows = [{"id": f"long{i}", "instruction": f"Story {i}: " + "the owl watched the river " * 60, "output": "owl"}
+                 for i in range(3)]
+    train = write_jsonl(tmp_path / "train.jsonl", distinct_rows(30) + long_rows)
+    cfg = validate_config({"model": {"name": str(model)}, "data": {"train": str(train)},
+                           "output": {"dir": str(tmp_path / "run")}})
+    prepared = prepare_data(cfg, tmp_path / "run" / "data")
+    assert prepared.report["filters"]["too_long"] == 3 and cfg.data.max_length == 2048
+    assert prepared.report["removed_ids"]["too_long"] == ["long0", "long1", "long2"]
+    kept = [r.id for split in (prepared.dataset.train, prepared.dataset.val, prepared.dataset.test) for r in split]
+    assert len(kept) == 30 and not any(i.startswith("long") for i in kept)

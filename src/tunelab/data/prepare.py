@@ -39,6 +39,7 @@ from tunelab.data.split import apply_weights, split_records
 from tunelab.data.tokens import refused_by_template, token_counter
 from tunelab.errors import ConfigError, DataError, NoTrainingRows
 from tunelab.hub import dataset_record, is_hub_dataset
+from tunelab.model_facts import model_context
 from tunelab.progress import console
 from tunelab.redaction import env_secrets, redact, redact_uris
 
@@ -146,7 +147,10 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None, generate_replay: bool =
     pool, given_test = (_renderable(records, tokenizer, data, skipped) for records in (pool, given_test))
     bad_train_rows = train_rows - len(pool)  # skipped when read, or refused by the chat template
     counter = token_counter(tokenizer, data.system_prompt)
-    max_tokens = data.clean.max_tokens or data.max_length
+    # No row longer than the model's context: it would train at positions the model never saw, and no server
+    # could take it (`--dry-run` warns when data.max_length is longer).
+    context = model_context(cfg)
+    max_tokens = min(data.clean.max_tokens or data.max_length, context or data.max_length)
     cleaned = [clean_records(records, data.clean, max_tokens, counter) for records in (pool, given_test)]
     deduped = [deduplicate(c.kept, data.dedup) for c in cleaned]
     pool, given_test = deduped[0].kept, deduped[1].kept
