@@ -75,6 +75,9 @@ def interrupted_replacement(cfg) -> tuple[RunPaths, str]:
 
 def test_a_stopped_replacement_resumes_and_then_the_old_run_goes(tiny_config):
     run, _ = interrupted_replacement(tiny_config)
+    with pytest.raises(RunFolderError, match="stopped before it finished, and the run it replaces is kept at .*"
+                                             "--resume` finishes it"):
+        pipeline.stage_eval(tiny_config, run)  # evaluating the unfinished run says where the old one is
     tiny_config.output.overwrite = False
     result = pipeline.stage_train(tiny_config, pipeline.open_run(tiny_config, starting_training=True, resume=True),
                                   resume=True)

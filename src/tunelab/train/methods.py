@@ -146,6 +146,13 @@ def load_trained(cfg: RunConfig, run_root: Path, base_folder: Path, precision: P
         # The base answers through the tuned tokenizer, which may hold marker tokens the training added.
         fit_embeddings(base, tuned.get_input_embeddings().weight.shape[0])
         return tuned, base
+    from tunelab.run_replace import kept_aside
+
+    aside = kept_aside(run)
+    if aside.is_dir():  # an output.overwrite training stopped before it finished: the old run waits beside it
+        raise RunFolderError(f"{run_root}: no trained adapter or model yet: its training (output.overwrite) stopped "
+                             f"before it finished, and the run it replaces is kept at {aside}; `tunelab train "
+                             "--resume` finishes it")
     raise RunFolderError(f"{run_root}: no trained adapter or model; run `tunelab train` first")
 
 
