@@ -42,6 +42,30 @@ def test_ray_backend_refuses_what_it_cannot_train():
     check_cluster(cfg(cluster={"backend": "ray"}, objective="cpt"))
 
 
+def test_workers_that_a_local_cluster_could_never_place_are_refused(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)  # the local cluster Ray starts has this machine's CPUs
+    check_cluster(cfg(cluster={"backend": "ray", "num_workers": 2}))
+    with pytest.raises(ConfigError, match=r"cluster\.num_workers: 3 workers x 1 CPU need 3 CPUs, and the local Ray "
+                                          r"cluster this run starts has 2"):
+        check_cluster(cfg(cluster={"backend": "ray", "num_workers": 3}))
+    with pytest.raises(ConfigError, match=r"2 workers x 8 CPU need 16 CPUs"):
+        check_cluster(cfg(cluster={"backend": "ray", "resources_per_worker": {"CPU": 8}}))
+    # Joining a cluster: its own resources count, not this machine's.
+    monkeypatch.setattr("tunelab.cluster.ray_runner._address_problems", lambda address: [])
+    check_cluster(cfg(cluster={"backend": "ray", "num_workers": 3, "ray_address": "head:6379"}))
+
+
+def test_a_cluster_address_nothing_answers_is_refused_in_seconds():
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"cluster\.ray_address: nothing answers at 127\.0\.0\.1:1 "):
+        check_cluster(cfg(cluster={"backend": "ray", "ray_address": "127.0.0.1:1"}))
+    assert time.monotonic() - started < 30  # Ray's own client retried for minutes
+    with pytest.raises(ConfigError, match=r"expected auto, HOST:PORT or ray://HOST:PORT, got 'bogus'"):
+        check_cluster(cfg(cluster={"backend": "ray", "ray_address": "bogus"}))
+
+
 def test_ddp_skips_the_unused_parameter_search_and_fsdp_becomes_fsdp2_in_the_trainer():
     from transformers import TrainingArguments
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -26,7 +27,8 @@ GPU_CONFIG = {
     "cluster": {"num_workers": 4, "use_gpu": True, "strategy": "fsdp", "resources_per_worker": {"CPU": 4, "GPU": 1}},
     "track": {"tracking_uri": "http://mlflow.ml.svc:5000"},
     "k8s": {"image": "registry.example.com/tunelab:0.1.0", "namespace": "ml", "service_account": "trainer",
-            "gpu_per_worker": 2, "node_selector": {"gpu": "h100"}, "storage": {"pvc": "tunelab-data"},
+            "gpu_per_worker": 2, "cpu_per_worker": "8", "node_selector": {"gpu": "h100"},
+            "storage": {"pvc": "tunelab-data"},
             "active_deadline_seconds": 7200},
 }
 
@@ -56,7 +58,7 @@ def test_rayjob_and_configmap_match_the_kuberay_api_and_carry_the_config():
     assert rayjob["metadata"] == {"name": "order-extractor", "namespace": "ml", "labels": {
         "app.kubernetes.io/name": "tunelab", "app.kubernetes.io/instance": "order-extractor"}}
     assert spec["entrypoint"] == "cd /mnt/tunelab && tunelab train /etc/tunelab/config.yaml"
-    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] == 3600
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] == 300
     assert spec["activeDeadlineSeconds"] == 7200 and spec["submissionMode"] == "K8sJobMode"
 
     # The job's config is the user's, switched to the Ray backend on the job's own cluster.
@@ -114,10 +116,22 @@ def test_the_rayjob_schema_refuses_what_the_api_would(mutate):
     ({"k8s__gpu_per_worker": 0}, "k8s.gpu_per_worker: is 0 but cluster.use_gpu is true"),
     ({"cluster__resources_per_worker": {"GPU": 4}}, "asks 4 GPUs per worker but a worker pod has k8s.gpu_per_worker=2"),
     ({"k8s__storage": {"uri": "s3://b/x"}, "track__tracking_uri": None}, "track.tracking_uri: with k8s.storage.uri"),
+    # KubeRay gives each pod's Ray as many CPUs as its limit: 2 workers of 4 CPUs cannot share a 4-CPU pod.
+    ({"k8s__cpu_per_worker": "4"}, "a worker pod holds 2 worker(s) asking 4 CPUs each, 8 in all, but has "
+                                   "k8s.cpu_per_worker=4 (Ray sees 4); workers could never start: raise cpu_per_worker to 8"),
+    ({"k8s__cpu_per_worker": "7"}, "8 in all, but has k8s.cpu_per_worker=7 (Ray sees 7)"),
+    ({"k8s__cpu_per_worker": "lots"}, "k8s.cpu_per_worker: 'lots' is not a Kubernetes CPU quantity"),
+    # A credential anywhere else would reach the job's ConfigMap as *** and fail there: refused, naming the key.
+    ({"model__name": "https://mirror.example.com/m?token=abc123"}, "model.name: holds credentials, which the job's "
+                                                                  "ConfigMap would show"),
 ])
 def test_rayjob_refuses_combinations_that_cannot_run(changes, message):
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         emit(config(**changes))
+
+
+def test_a_fractional_cpu_limit_counts_as_kubernetes_rounds_it():
+    emit(config(k8s__cpu_per_worker="7500m"))  # Ray sees 8 CPUs: two 4-CPU workers fit
 
 
 @pytest.mark.parametrize(("changes", "message"), [
@@ -184,6 +198,11 @@ def test_inference_service_serves_registered_adapters_on_vllm(registry):
     assert model["storageUri"] == "hf://HuggingFaceTB/SmolLM2-135M-Instruct"
     args = model["args"]
     assert args[args.index("--backend") + 1] == "vllm" and "--enable-lora" in args
+    # The base answers as "base" (as with `tunelab serve`), never under an adapter's name; the pod's 2 GPUs are used.
+    assert args[args.index("--model_name") + 1] == "base"
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    with pytest.raises(ConfigError, match="an adapter may not be served as 'base'"):
+        inference_service(config(), "orders", [("base", versions[0])])
     start = args.index("--lora-modules") + 1
     assert args[start:start + 2] == ["order-extractor=/mnt/tunelab/runs/orders/adapter",
                                      "ticket-router=/mnt/tunelab/runs/t/adapter"]

@@ -69,8 +69,13 @@ def test_device_checks_are_made_against_the_device_that_trains(tiny_config):
     # Ray GPU workers train on their own GPUs, whatever the driver (a KubeRay head pod) sees.
     tiny_config.model.device = "auto"
     tiny_config.cluster.backend, tiny_config.cluster.use_gpu = "ray", True
+    tiny_config.cluster.ray_address = "auto"  # the job's own cluster, as `tunelab k8s rayjob` writes it
     assert training_device(tiny_config) == "cuda"
     pipeline.check_before_training(tiny_config)
+    tiny_config.cluster.ray_address = None  # a local cluster on this GPU-less machine could never place them
+    with pytest.raises(ConfigError, match="2 workers x 1 GPU need 2 GPUs, and the local Ray cluster"):
+        pipeline.check_before_training(tiny_config)
+    tiny_config.cluster.ray_address = "auto"
     tiny_config.cluster.use_gpu, tiny_config.model.device = False, "cpu"
     assert problems(tiny_config, training_device(tiny_config))[1] == (
         "model.dtype: float16 is not supported on CPU; use bfloat16, float32 or auto, or cluster.use_gpu: true")

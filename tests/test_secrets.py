@@ -179,7 +179,7 @@ def eval_cli(monkeypatch, *args: str):
 
     seen = {}
 
-    def fake_stage_eval(cfg, run):
+    def fake_stage_eval(cfg, run, sample=False):
         seen["judge"] = cfg.eval.judge
         raise SystemExit(0)
 

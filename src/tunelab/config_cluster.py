@@ -93,7 +93,8 @@ class K8sConfig(Section):
     head_memory: str = Field("8Gi", description="Memory of the Ray head pod.")
     ray_version: str = Field("2.60.0", description="Ray version in the image (KubeRay needs it to match).")
     ttl_seconds_after_finished: int = Field(
-        3600, ge=0, description="Seconds the finished RayJob (and its logs) stay before KubeRay deletes them."
+        300, ge=0, description="Seconds the finished job's RayCluster (its pods, GPUs and pod logs) stays before "
+        "KubeRay deletes it; the RayJob object itself stays. Long values keep idle GPUs reserved.",
     )
     active_deadline_seconds: int | None = Field(
         None, gt=0, description="Fail the job if it runs longer than this (seconds); default: no limit."

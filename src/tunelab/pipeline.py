@@ -92,10 +92,6 @@ def preflight(cfg: RunConfig, resume: bool = False) -> list[str]:
     Returns human-readable lines describing what was checked; raises a TunelabError on the first failure.
     """
     source = check_before_training(cfg)
-    if cfg.cluster.backend == "ray":
-        from tunelab.cluster.ray_runner import check_cluster
-
-        check_cluster(cfg)
     run = RunPaths(cfg.output.dir)
     check_inputs_outside(cfg, run)
     prepared = build_dataset(cfg, generate_replay=False)
@@ -130,6 +126,10 @@ def check_before_training(cfg: RunConfig) -> ModelSource:
     which has no GPU, that is the GPU workers' device). Returns the model's source."""
     source = locate_model(cfg.model)
     check_compatibility(cfg, training_device(cfg), source)
+    if cfg.cluster.backend == "ray":  # a cluster that cannot run this must not wait for data prep to say so
+        from tunelab.cluster.ray_runner import check_cluster
+
+        check_cluster(cfg)
     if cfg.objective.type == "grpo":  # a misspelt reward must not wait for the data and the weights
         from tunelab.train.grpo_rewards import check_rewards
 

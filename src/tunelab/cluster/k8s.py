@@ -29,6 +29,7 @@ MAX_NAME = 40
 # Where each bundled model comes from for a serving runtime that downloads it (KServe's hf:// storage).
 BASE_MODEL_URIS = {"smollm2-135m-instruct": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"}
 GPU = "nvidia.com/gpu"
+BASE_SERVED_NAME = "base"  # the model id the base answers to, as with `tunelab serve`
 
 
 def k8s_name(text: str) -> str:
@@ -53,6 +54,19 @@ def check_rayjob(cfg: RunConfig) -> None:
     if c.use_gpu and wanted > k.gpu_per_worker > 0:
         problems.append(f"cluster.resources_per_worker: asks {wanted:g} GPUs per worker but a worker pod has "
                         f"k8s.gpu_per_worker={k.gpu_per_worker}")
+    # KubeRay starts each pod's Ray with num-cpus = the container's CPU limit, rounded up: a worker asking more
+    # can never be placed, and the job would wait for it forever, holding the other pods (and their GPUs).
+    pod_cpus = _cpu_count(k.cpu_per_worker)
+    per_pod = _workers_per_pod(cfg)
+    cpus = c.worker_resources().get("CPU", 0) * per_pod
+    if pod_cpus is None:
+        problems.append(f"k8s.cpu_per_worker: {k.cpu_per_worker!r} is not a Kubernetes CPU quantity (e.g. 4 or 500m)")
+    elif cpus > pod_cpus:
+        problems.append(f"cluster.resources_per_worker: a worker pod holds {per_pod} worker(s) asking "
+                        f"{c.worker_resources().get('CPU', 0):g} CPUs each, {cpus:g} in all, but has "
+                        f"k8s.cpu_per_worker={k.cpu_per_worker} (Ray sees {pod_cpus}); workers could never start: "
+                        f"raise cpu_per_worker to {math.ceil(cpus)} or lower the workers' CPU")
+    problems += _credentials_outside_secrets(cfg)
     if k.storage.uri and cfg.track.enabled and not cfg.track.tracking_uri:
         problems.append("track.tracking_uri: with k8s.storage.uri the pods share no volume, so the default sqlite "
                         "store would vanish with the head pod; set an MLflow server (http://...)")
@@ -66,6 +80,41 @@ def check_rayjob(cfg: RunConfig) -> None:
         problems.append(f"k8s.storage.uri: expected an object-store URI such as s3://bucket/prefix, got {k.storage.uri!r}")
     if problems:
         raise ConfigError(*problems)
+
+
+def _cpu_count(quantity: str) -> int | None:
+    """The CPUs KubeRay gives Ray for a container CPU limit ("4", "2.5", "500m"): rounded up, as Kubernetes'
+    Quantity.Value() does."""
+    text = quantity.strip()
+    try:
+        value = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        return None
+    return math.ceil(value) if value > 0 else None
+
+
+def _credentials_outside_secrets(cfg: RunConfig) -> list[str]:
+    """Settings holding credentials that the job's ConfigMap would carry: tunelab writes them there as ***, so the
+    job would fail; the pods get credentials from Kubernetes Secrets (k8s.secret_env) instead."""
+    from tunelab.redaction import redact_uris
+
+    handled = {"track.tracking_uri", "k8s.storage.uri"}  # refused or routed through secret_env by the checks above
+    found = []
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for name, item in value.items():
+                walk(item, f"{key}.{name}" if key else str(name))
+        elif isinstance(value, list):
+            for item in value:
+                walk(item, key)
+        elif isinstance(value, str) and key not in handled and redact_uris(value) != value:
+            found.append(f"{key}: holds credentials, which the job's ConfigMap would show (tunelab writes them as "
+                         "***, and the job would then fail); give the pods access through k8s.secret_env "
+                         "(e.g. HF_TOKEN: SECRET_NAME/KEY) instead")
+
+    walk(cfg.model_dump(mode="json", exclude={"k8s"}), "")
+    return found
 
 
 def job_config(cfg: RunConfig) -> RunConfig:
@@ -136,12 +185,16 @@ def rayjob_manifests(cfg: RunConfig, config_yaml: str) -> list[dict[str, Any]]:
 
 
 def _worker_pods(cfg: RunConfig) -> int:
-    """Pods for cluster.num_workers training workers: as many workers per pod as its GPUs hold (one on CPU)."""
+    """Pods for cluster.num_workers training workers."""
+    return math.ceil(cfg.cluster.num_workers / _workers_per_pod(cfg))
+
+
+def _workers_per_pod(cfg: RunConfig) -> int:
+    """As many workers per pod as its GPUs hold (one on CPU)."""
     c, k = cfg.cluster, cfg.k8s
     if not c.use_gpu:
-        return c.num_workers
-    per_pod = max(1, int(k.gpu_per_worker // c.worker_resources().get("GPU", 1)))
-    return math.ceil(c.num_workers / per_pod)
+        return 1
+    return max(1, int(k.gpu_per_worker // c.worker_resources().get("GPU", 1)))
 
 
 def _env(cfg: RunConfig) -> dict[str, str]:
@@ -220,9 +273,13 @@ def inference_service(cfg: RunConfig, name: str, adapters: list[tuple[str, Any]]
         else:
             lora_modules.append(f"{served}={path}")
             paths.append(path)
+    # The base answers as "base", as with `tunelab serve` and its vLLM command: never under an adapter's name (vLLM
+    # resolves a name shared by the base and an adapter differently from one release to the next).
+    if any(served == BASE_SERVED_NAME for served, _ in adapters):
+        problems.append(f"kserve: an adapter may not be served as '{BASE_SERVED_NAME}', the base model's name")
     if problems:
         raise ConfigError(*problems)
-    args = ["--model_name", name, "--backend", "vllm", "--enable-lora", "--lora-modules", *lora_modules]
+    args = ["--model_name", BASE_SERVED_NAME, "--backend", "vllm", "--enable-lora", "--lora-modules", *lora_modules]
     if paths and adapters[0][1].tags.get("tunelab.chat_template"):
         # The template the adapters were trained with (saved beside each adapter), not the base model's.
         args += ["--chat-template", f"{paths[0]}/chat_template.jinja"]
@@ -234,6 +291,8 @@ def inference_service(cfg: RunConfig, name: str, adapters: list[tuple[str, Any]]
     resources = {"cpu": k.cpu_per_worker, "memory": k.memory_per_worker}
     if gpus:
         resources[GPU] = str(gpus)
+    if gpus and gpus > 1:  # vLLM uses one GPU unless told to shard the model over the pod's others
+        args += ["--tensor-parallel-size", str(gpus)]
     model: dict[str, Any] = {
         "modelFormat": {"name": "huggingface"},
         "storageUri": storage_uri,

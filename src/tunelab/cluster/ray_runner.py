@@ -47,8 +47,57 @@ def check_cluster(cfg: RunConfig) -> None:
         problems.append(f"cluster.strategy: fsdp cannot shard method {cfg.method.type}; use strategy: ddp")
     if cfg.cluster.use_gpu and cfg.model.device not in ("auto", "cuda"):
         problems.append(f"model.device: {cfg.model.device} conflicts with cluster.use_gpu: true; use auto or cuda")
+    problems += _workers_fit_this_machine(cfg) + _address_problems(cfg.cluster.ray_address)
     if problems:
         raise ConfigError(*problems)
+
+
+def _workers_fit_this_machine(cfg: RunConfig) -> list[str]:
+    """A local cluster (no ray_address) has this machine's CPUs and GPUs: workers asking more than that would
+    never be placed, and Ray Train would wait for them forever."""
+    c = cfg.cluster
+    if c.ray_address is not None:
+        return []
+    wants = c.worker_resources()
+    have = {"CPU": float(os.cpu_count() or 1), "GPU": float(_local_gpus()) if c.use_gpu else 0.0}
+    problems = []
+    for name in ("CPU", "GPU"):
+        need = wants.get(name, 0.0) * c.num_workers
+        if need > have[name]:
+            problems.append(f"cluster.num_workers: {c.num_workers} workers x {wants[name]:g} {name} need {need:g} "
+                            f"{name}s, and the local Ray cluster this run starts has {have[name]:g}; lower "
+                            "num_workers or resources_per_worker, or join a larger cluster (cluster.ray_address)")
+    return problems
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _address_problems(address: str | None) -> list[str]:
+    """A cluster address that cannot work, found in seconds: Ray's own client waits minutes on a dead GCS."""
+    if address is None or address == "auto":
+        return []
+    if address.startswith("ray://"):
+        if importlib.util.find_spec("grpc") is None:
+            return [f"cluster.ray_address: {address} is a Ray Client address, which needs "
+                    "pip install 'ray[client]==2.60.0' (or join with host:6379 from a node of the cluster)"]
+        target = address.removeprefix("ray://")
+    else:
+        target = address
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return [f"cluster.ray_address: expected auto, HOST:PORT or ray://HOST:PORT, got {address!r}"]
+    import socket
+
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+            return []
+    except OSError as err:
+        return [f"cluster.ray_address: nothing answers at {target} ({err.strerror or type(err).__name__}); "
+                "start the cluster, or check the address"]
 
 
 def distributed_overrides(cfg: RunConfig) -> dict[str, Any]:
