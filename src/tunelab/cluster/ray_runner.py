@@ -292,6 +292,10 @@ def quiet_worker_logs() -> None:
     import logging
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    # On a busy small machine the controller's resource request to Ray's autoscaling coordinator can time out; Ray
+    # logs it with a traceback while saying it is safe to ignore (a local cluster has no autoscaler to ask).
+    logging.getLogger("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client").setLevel(
+        logging.ERROR)
 
 
 def _fit(trainer: Any) -> Any:
