@@ -118,7 +118,8 @@ def test_the_rayjob_schema_refuses_what_the_api_would(mutate):
     ({"k8s__storage": {"uri": "s3://b/x"}, "track__tracking_uri": None}, "track.tracking_uri: with k8s.storage.uri"),
     # KubeRay gives each pod's Ray as many CPUs as its limit: 2 workers of 4 CPUs cannot share a 4-CPU pod.
     ({"k8s__cpu_per_worker": "4"}, "a worker pod holds 2 worker(s) asking 4 CPUs each, 8 in all, but has "
-                                   "k8s.cpu_per_worker=4 (Ray sees 4); workers could never start: raise cpu_per_worker to 8"),
+                                   "k8s.cpu_per_worker=4 (Ray sees 4); workers could never start: raise "
+                                   "cpu_per_worker to 8"),
     ({"k8s__cpu_per_worker": "7"}, "8 in all, but has k8s.cpu_per_worker=7 (Ray sees 7)"),
     ({"k8s__cpu_per_worker": "lots"}, "k8s.cpu_per_worker: 'lots' is not a Kubernetes CPU quantity"),
     # A credential anywhere else would reach the job's ConfigMap as *** and fail there: refused, naming the key.

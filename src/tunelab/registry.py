@@ -211,7 +211,7 @@ def _local_copy(client: Any, text: str) -> Path:
             for item in ("adapter", "config.yaml", "data", "eval", "manifest.json"):
                 try:
                     client.download_artifacts(mv.run_id, item, str(tmp))
-                except Exception as err:  # noqa: BLE001 - eval/ (unevaluated) and manifest.json (older runs) may be missing
+                except Exception as err:  # noqa: BLE001 - eval/ (not evaluated), manifest.json (older runs) may lack
                     if unreachable(err):
                         raise
                     if item in ("adapter", "config.yaml"):
