@@ -83,6 +83,16 @@ def _gram_keys(words: list[str], n: int) -> list[str]:
             for i in range(len(words) - n + 1)]
 
 
+def _covered(starts: set[int], words: list[str], prompt_len: int, cfg: ContaminationConfig) -> str | None:
+    """When n-grams starting at `starts` cover at least min_coverage of an eval row's words (or of its prompt's):
+    the overlap as people read it, "95% covered: <its first n-gram>"; else None."""
+    cover = max(_coverage(starts, cfg.ngram, 0, len(words)), _coverage(starts, cfg.ngram, 0, prompt_len))
+    if cover < cfg.min_coverage:
+        return None
+    first = min(starts)
+    return f"{cover:.0%} covered: " + " ".join(words[first : first + cfg.ngram])
+
+
 def _coverage(starts: set[int], n: int, lo: int, hi: int) -> float:
     """Share of word positions [lo, hi) covered by n-grams starting at `starts`."""
     if hi <= lo:
@@ -156,12 +166,9 @@ def find_contamination(train: list[Record], evals: list[EvalText], cfg: Contamin
                 matched[e].add(position)
         hit = None
         for e, starts in matched.items():
-            n_words = len(words_of[e])
-            cover = max(_coverage(starts, cfg.ngram, 0, n_words), _coverage(starts, cfg.ngram, 0, prompt_len[e]))
-            if cover >= cfg.min_coverage:
-                first = min(starts)
-                hit = Hit(record.id, evals[e].id, evals[e].source, "ngram",
-                          f"{cover:.0%} covered: " + " ".join(words_of[e][first : first + cfg.ngram]))
+            overlap = _covered(starts, words_of[e], prompt_len[e], cfg)
+            if overlap is not None:
+                hit = Hit(record.id, evals[e].id, evals[e].source, "ngram", overlap)
                 break
         if hit is not None:
             result.hits.append(hit)
@@ -186,10 +193,7 @@ def _covered_by_common(evals: list[EvalText], words_of: list[list[str]], prompt_
                 most[e] = key
     shared = []
     for e, found in sorted(starts.items()):
-        n_words = len(words_of[e])
-        cover = max(_coverage(found, cfg.ngram, 0, n_words), _coverage(found, cfg.ngram, 0, prompt_len[e]))
-        if cover >= cfg.min_coverage:
-            first = min(found)
-            shared.append(Shared(evals[e].id, evals[e].source, in_train[most[e]],
-                                 f"{cover:.0%} covered: " + " ".join(words_of[e][first : first + cfg.ngram])))
+        overlap = _covered(found, words_of[e], prompt_len[e], cfg)
+        if overlap is not None:
+            shared.append(Shared(evals[e].id, evals[e].source, in_train[most[e]], overlap))
     return shared
