@@ -107,3 +107,23 @@ def test_local_folders_are_held_to_the_hubs_rules(tiny_model_dir, tmp_path):
     with pytest.raises(ModelError, match=r"the folder needs its own Python code \(config.json: auto_map\)"):
         locate_model(ModelConfig(name=str(coded)))
     assert locate_model(ModelConfig(name=str(coded), trust_remote_code=True)).kind == "folder"
+
+
+def test_a_ggufs_context_is_read_from_its_header(tmp_path):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from tunelab.model_facts import gguf_context
+
+    path = tmp_path / "m.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_array("tokenizer.ggml.tokens", ["<s>", "a", "b"])  # arrays before the key are skipped over
+    writer.add_array("tokenizer.ggml.scores", [0.0, 1.0, 2.0])
+    writer.add_context_length(4096)
+    writer.add_tensor("w", np.zeros((2, 2), dtype=np.float32))
+    for step in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        step()
+    writer.close()
+    assert gguf_context(path) == 4096
+    (tmp_path / "not.gguf").write_bytes(b"safetensors...")
+    assert gguf_context(tmp_path / "not.gguf") is None

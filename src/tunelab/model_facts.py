@@ -3,7 +3,9 @@ end-of-turn and stop tokens, base or chat model. Printed by `tunelab run --dry-r
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -62,10 +64,58 @@ def model_facts(cfg: RunConfig) -> ModelFacts:
 
 
 def model_context(cfg: RunConfig) -> int | None:
-    """The positions the model was trained for (max_position_embeddings), read from its config alone."""
+    """The positions the model was trained for (max_position_embeddings), read from its config alone (a GGUF's
+    from its header: transformers parses the whole file for its config, seconds for every data prep)."""
     from tunelab.models import locate_model
 
-    return _context(_model_config(locate_model(cfg.model)))
+    source = locate_model(cfg.model)
+    if source.kind in ("bundled", "gguf"):
+        found = gguf_context(source.path)
+        if found is not None:
+            return found
+    return _context(_model_config(source))
+
+
+# GGUF metadata value types (ggml's gguf.h) that are fixed-size scalars, by their struct format.
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_context(path: Path) -> int | None:
+    """`ARCH.context_length` from a GGUF file's metadata, reading only as far as that key (None: not found)."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF" or struct.unpack("<I", f.read(4))[0] < 2:  # v1 had 32-bit lengths
+            return None
+        _tensors, count = struct.unpack("<QQ", f.read(16))
+        arch = None
+        for _ in range(count):
+            key = _gguf_string(f)
+            value = _gguf_value(f, struct.unpack("<I", f.read(4))[0])
+            if key == "general.architecture":
+                arch = value
+            elif arch is not None and key == f"{arch}.context_length":
+                return int(value)
+    return None
+
+
+def _gguf_string(f: Any) -> str:
+    (length,) = struct.unpack("<Q", f.read(8))
+    return f.read(length).decode("utf-8", "replace")
+
+
+def _gguf_value(f: Any, kind: int) -> Any:
+    if kind == _GGUF_STRING:
+        return _gguf_string(f)
+    if kind == _GGUF_ARRAY:  # skipped: no array is needed here
+        item, length = struct.unpack("<IQ", f.read(12))
+        if item in _GGUF_SCALARS:
+            f.seek(length * struct.calcsize(_GGUF_SCALARS[item]), 1)
+        else:
+            for _ in range(length):
+                _gguf_value(f, item)
+        return None
+    fmt = _GGUF_SCALARS[kind]
+    return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
 
 
 def _model_config(source: Any) -> Any:
