@@ -73,9 +73,19 @@ def test_overwrite_replaces_the_run_once_the_new_data_validated(tmp_path, tiny_m
     path = config_file(tmp_path, tiny_model_dir, good_rows, run)
     result = run_cli("data", "prep", str(path), "--set", "output.overwrite=true")
     assert result.returncode == 0, result.stderr
-    # The old run is gone; the new one has its data, its config and the stamp of its own MLflow run.
+    # The new run has its data, its config and the stamp of its own MLflow run; the old one waits aside, whole,
+    # until a new run has trained: data prep alone replaces no trained run.
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "data", "mlflow_run.json"]
     assert yaml.safe_load((run / "config.yaml").read_text())["output"]["overwrite"] is True
+    aside = tmp_path / ".run.replaced"
+    assert f"keptat{aside}until" in "".join(result.stderr.split())  # the note says where (rich wraps lines)
+    assert (aside / "adapter" / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert sorted(p.name for p in aside.iterdir()) == ["adapter", "config.yaml", "metrics.jsonl"]
+    # Training next (the overwrite was asked for already) trains the replacement; then the old run goes.
+    result = run_cli("train", str(path), "--set", "train.max_steps=2")
+    assert result.returncode == 0, result.stderr
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() != b"weights"
+    assert not aside.exists()
 
 
 @pytest.mark.parametrize("objective,message", [
@@ -134,7 +144,8 @@ def test_inputs_inside_the_run_folder_are_refused_before_anything_is_written(tmp
     assert beside.is_file() and (run / "old" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_no_rows_left_keeps_the_dataset_a_trained_run_was_made_from(tmp_path, tiny_model_dir, good_rows):
+@pytest.mark.parametrize("command", [("data", "prep"), ("train",)])
+def test_no_rows_left_keeps_the_dataset_a_trained_run_was_made_from(tmp_path, tiny_model_dir, good_rows, command):
     run = tmp_path / "run"
     assert run_cli("data", "prep", str(config_file(tmp_path, tiny_model_dir, good_rows, run))).returncode == 0
     trained_run_files = {p.name: p.read_bytes() for p in (run / "data").iterdir()}
@@ -147,11 +158,13 @@ def test_no_rows_left_keeps_the_dataset_a_trained_run_was_made_from(tmp_path, ti
     path = tmp_path / "cfg" / "skip.yaml"
     path.write_text(yaml.safe_dump({"model": {"name": str(tiny_model_dir)}, "output": {"dir": str(run)},
                                     "data": {"train": str(all_bad), "on_error": "skip"}}))
-    error = one_error(run_cli("data", "prep", str(path), "--set", "output.overwrite=true"))
+    error = one_error(run_cli(*command, str(path), "--set", "output.overwrite=true"))
     assert "no training examples left" in error and f"see {run / 'data-rejected' / 'report.md'}" in error, error
     assert {p.name: p.read_bytes() for p in (run / "data").iterdir()} == trained_run_files
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == b"weights"
+    # The report the error names is there, beside the old run put back in place (the new one kept it).
     assert "unknown role 'bot'" in (run / "data-rejected" / "report.md").read_text()
+    assert not (tmp_path / ".run.replaced").exists()
 
 
 @pytest.mark.parametrize("out", [".", "/", "~/", "..", "HOME", "CONFIG_DIR", "CONFIG_PARENT"])

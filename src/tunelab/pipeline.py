@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,9 @@ from tunelab.errors import RunFolderError
 from tunelab.model_facts import model_facts
 from tunelab.models import ModelSource, locate_model, pick_precision
 from tunelab.preflight import check_compatibility, training_device
+from tunelab.progress import console
 from tunelab.run_checks import check_inputs_outside, check_resumable, same_data
-from tunelab.run_replace import replacing_trained_run, settle_interrupted_replacement
+from tunelab.run_replace import kept_aside, replacing_trained_run, settle_interrupted_replacement
 from tunelab.train.oom import advice_on_out_of_memory
 
 
@@ -174,8 +174,8 @@ def stage_data(cfg: RunConfig, run: RunPaths, resume: bool = False, end_tracking
     the Dataset and its report to the run's MLflow run; `end_tracking` ends that run (data prep on its own).
 
     In a folder that holds a trained run, the data it trained on stays unless output.overwrite is set (and
-    nothing is logged: that run's config and data are in MLflow already); with it, the old run is replaced,
-    but only once the new data has validated."""
+    nothing is logged: that run's config and data are in MLflow already); with it, the old run moves aside
+    (run_replace) until a new run has trained here, and data that fails to validate puts it back."""
     prepared, tracker = _prepare_and_log(cfg, run, resume)
     if tracker is not None and end_tracking:
         tracker.finish()
@@ -188,11 +188,15 @@ def _prepare_and_log(cfg: RunConfig, run: RunPaths, resume: bool) -> tuple[Prepa
     if trained and not cfg.output.overwrite and not same_data(cfg, run):
         raise RunFolderError(f"output.dir: {run.root} already holds a trained run made from other data; choose "
                              "another output.dir or pass --set output.overwrite=true to replace it")
-    prepared = prepare_data(cfg, run.data)
-    if trained and cfg.output.overwrite:
-        _remove_old_run(run)
-    if trained and not cfg.output.overwrite:
-        return prepared, None
+    if trained and cfg.output.overwrite:  # data prep on its own: the old run waits aside for a new one to train
+        with replacing_trained_run(run, resume=False, overwrite=True):
+            prepared = prepare_data(cfg, run.data)
+        console.print(f"[yellow]note:[/] the trained run this data replaces is kept at {kept_aside(run)} until a "
+                      "new run has trained here")
+    else:
+        prepared = prepare_data(cfg, run.data)
+        if trained:
+            return prepared, None
     write_text_atomic(run.config, dump_config(cfg))
     # Only now, with the data valid: the tracker's run-id stamp must not keep a failed run folder alive.
     tracker = tracker_for(cfg, run)
@@ -200,17 +204,6 @@ def _prepare_and_log(cfg: RunConfig, run: RunPaths, resume: bool) -> tuple[Prepa
         tracker.log_config()
         tracker.log_data(run.data)
     return prepared, tracker
-
-
-def _remove_old_run(run: RunPaths) -> None:
-    """Everything of the old run but the (new, validated) data folder."""
-    for entry in run.root.iterdir():
-        if entry.name == run.data.name or entry.name.startswith(f".{run.data.name}."):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
 
 
 def _already_trained(run: RunPaths) -> RunFolderError:

@@ -1,12 +1,14 @@
 """output.overwrite on a trained run: the old run stays until the new one has trained.
 
-Training that starts over in a folder holding a trained run first moves the old run aside whole (one rename,
-to a hidden folder beside it) and builds the new run in its place. Once the new run has its weights and its
-manifest, the old run goes. If the new run stops before that:
+Training (or data prep) that starts over in a folder holding a trained run first moves the old run aside whole
+(one rename, to a hidden folder beside it) and builds the new run in its place. Once the new run has its weights
+and its manifest, the old run goes. If the new run stops before that:
 - with nothing to resume from (bad data, an error before the first checkpoint), its folder goes and the old run
-  is renamed back, as if nothing had happened;
+  is renamed back, as if nothing had happened (a data report saying why the data failed comes along);
 - with a checkpoint, both stay: `--resume` continues the new run (the old one goes when it finishes), and
   training again with output.overwrite puts the old run back first, then starts over.
+Data prep on its own stops before training, so the old run stays aside: the next training into the folder trains
+the replacement (with or without output.overwrite: it was asked for already), and the old run goes once it has.
 A process killed outright leaves both folders; the next training into the folder settles them the same way.
 """
 
@@ -51,6 +53,10 @@ def settle_interrupted_replacement(run: RunPaths, resume: bool, overwrite: bool)
         return
     if resume:  # continue the new run; the old one stays aside until it has trained
         return
+    if not _has_checkpoint(run):  # nothing of the new run to lose or resume: train it, the old one waits aside
+        console.print(f"[yellow]note:[/] the trained run this one replaces is kept at {aside} until this one has "
+                      "trained")
+        return
     if not overwrite:
         raise RunFolderError(f"output.dir: {run.root} holds an unfinished run that replaces the run kept at {aside}; "
                              "pass --resume to continue it, or --set output.overwrite=true to start it over")
@@ -70,7 +76,7 @@ def replacing_trained_run(run: RunPaths, resume: bool, overwrite: bool) -> Itera
     try:
         yield
     except BaseException:
-        if run.checkpoints.is_dir() and any(run.checkpoints.iterdir()):
+        if _has_checkpoint(run):
             console.print(f"[yellow]note:[/] the run this one replaces is kept at {aside} until this one finishes; "
                           f"--resume continues this run, output.overwrite starts it over with the old run put back")
         else:
@@ -96,8 +102,17 @@ def _move_aside(run: RunPaths, aside: Path) -> None:
         shutil.copytree(aside / run.data.name, run.data, copy_function=_link_or_copy)
 
 
+def _has_checkpoint(run: RunPaths) -> bool:
+    return run.checkpoints.is_dir() and any(run.checkpoints.iterdir())
+
+
 def _put_back(run: RunPaths, aside: Path) -> None:
+    """The old run back in its place. The report of data that failed to validate (which the error names) stays."""
     real = run.root.resolve()
+    rejected = real / f"{run.data.name}-rejected"
+    if rejected.is_dir():
+        shutil.rmtree(aside / rejected.name, ignore_errors=True)
+        os.rename(rejected, aside / rejected.name)
     shutil.rmtree(real, ignore_errors=True)
     os.rename(aside, real)
 
