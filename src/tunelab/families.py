@@ -193,21 +193,38 @@ _MARKER = re.compile(r"<\|[^|<>\s]{1,40}\|>|<[a-z_]{2,40}>|\[/?[A-Z_]{2,20}\]")
 
 def end_of_turn(tokenizer: Any) -> str | None:
     """The text the template writes right after an assistant answer (its end-of-turn marker), or None."""
+    return _answer_ending(tokenizer)[0]
+
+
+def gap_before_end(tokenizer: Any) -> str:
+    """The whitespace the template writes between an answer and its end-of-turn marker ("\n" in
+    `{{ content }}\n### end`): the model learns to generate it, but it is not part of the answer."""
+    return _answer_ending(tokenizer)[1]
+
+
+def _answer_ending(tokenizer: Any) -> tuple[str | None, str]:
     key = (tokenizer.chat_template, tokenizer.eos_token)  # asked once per training example: remember it
-    if key not in _END_OF_TURN:
-        _END_OF_TURN[key] = _find_end_of_turn(tokenizer)
-    return _END_OF_TURN[key]
+    if key not in _ANSWER_ENDINGS:
+        _ANSWER_ENDINGS[key] = _find_end_of_turn(tokenizer)
+    return _ANSWER_ENDINGS[key]
 
 
-_END_OF_TURN: dict[tuple[str | None, str | None], str | None] = {}
+_ANSWER_ENDINGS: dict[tuple[str | None, str | None], tuple[str | None, str]] = {}
 
 
-def _find_end_of_turn(tokenizer: Any) -> str | None:
+def _find_end_of_turn(tokenizer: Any) -> tuple[str | None, str]:
+    """(end-of-turn marker, the whitespace before it)."""
     text = _render_probe(tokenizer)
     at = text.find(_ANSWER)
     if at < 0:
-        return None
-    after = text[at + len(_ANSWER):].lstrip()
+        return None, ""
+    after = text[at + len(_ANSWER):]
+    gap = after[: len(after) - len(after.lstrip())]
+    marker = _marker_in(tokenizer, after.lstrip())
+    return marker, gap if marker else ""
+
+
+def _marker_in(tokenizer: Any, after: str) -> str | None:
     # The next turn may follow with no space between (Llama 3: "<|eot_id|><|start_header_id|>"; Mistral:
     # "</s>[INST]"): take the eos or the one marker-shaped text that comes first.
     eos = tokenizer.eos_token

@@ -23,7 +23,7 @@ from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
 from tunelab.errors import ModelError, ServeError
-from tunelab.families import stop_texts, stop_token_ids
+from tunelab.families import gap_before_end, stop_texts, stop_token_ids
 from tunelab.serve.adapters import BASE_NAME, check_name, check_same_base, resolve_adapter
 from tunelab.serve.bodies import AdapterBody, ChatBody, CompletionBody, Sampling
 from tunelab.serve.engine import Engine, GenRequest
@@ -193,8 +193,8 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
         started = time.monotonic()
         tokenizer = _tokenizer(body.model)
         max_tokens, stops = _check_sampling(body)
-        if chat:
-            stops += stop_texts(tokenizer)  # a template whose end-of-turn marker is not a single token
+        # A template whose end-of-turn marker is not a single token ends an answer at its text.
+        end_texts, end_gap = (stop_texts(tokenizer), gap_before_end(tokenizer)) if chat else ([], "")
         # Templating and tokenizing a long prompt takes a while: off the event loop, so others are not held up.
         try:
             prompt_ids = await asyncio.to_thread(encode)
@@ -213,7 +213,7 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
             model=body.model, prompt_ids=prompt_ids, max_tokens=max_tokens,
             temperature=0.0 if body.temperature < TEMPERATURE_FLOOR else body.temperature,
             top_p=body.top_p, stop=stops, seed=body.seed, deadline=deadline,
-            stop_ids=frozenset(stop_token_ids(tokenizer)), tokenizer=tokenizer,
+            stop_ids=frozenset(stop_token_ids(tokenizer)), tokenizer=tokenizer, end_texts=end_texts, end_gap=end_gap,
             # Fair admission is per end user when the caller names one (OpenAI's `user`), else per peer address.
             client=f"user:{body.user}" if body.user else f"peer:{request.client.host if request.client else ''}",
             emit=lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload)),

@@ -37,8 +37,10 @@ class GenRequest:
     emit: Callable[[str, Any], None]
     temperature: float = 0.0
     top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)  # the request's own stop strings: the answer ends before them
     stop_ids: frozenset[int] = frozenset()  # end-of-turn ids of the request's own template (besides the base's)
+    end_texts: list[str] = field(default_factory=list)  # its template's end-of-turn text, where not a single token
+    end_gap: str = ""  # whitespace its template writes before the end of a turn: dropped from a finished answer
     tokenizer: Any = None  # the request's own tokenizer (an adapter may have added tokens), else the base's
     seed: int | None = None
     deadline: float = float("inf")
@@ -236,7 +238,8 @@ class Engine:
             r.emit("error", ServeError("request timed out", 504, "timeout"))
             return
         finish = None
-        if token in self.stop_ids or token in r.stop_ids:
+        turn_ended = token in self.stop_ids or token in r.stop_ids
+        if turn_ended:
             finish = "stop"
         else:
             r.tokens.append(token)
@@ -244,12 +247,15 @@ class Engine:
             if len(r.tokens) >= r.max_tokens:
                 finish = "length"
         text = (r.tokenizer or self.tokenizer).decode(r.tokens, skip_special_tokens=True)
-        cut = _first_stop(text, r.stop)
+        cut, end = _first_stop(text, r.stop), _first_stop(text, r.end_texts)
+        if end is not None and (cut is None or end < cut):
+            cut, turn_ended = end, True
         if cut is not None:
             text, finish = text[:cut], "stop"
+        if turn_ended and r.end_gap:
+            text = text.rstrip(r.end_gap)
         if finish is None:
-            # Hold back an incomplete UTF-8 character and anything that could still become a stop string.
-            safe = len(text.rstrip("\ufffd")) - max((len(s) - 1 for s in r.stop), default=0)
+            safe = _certain_length(text, [*r.stop, *r.end_texts], r.end_gap)
             if safe > r.sent:
                 r.emit("delta", text[r.sent:safe])
                 r.sent = safe
@@ -268,6 +274,16 @@ def _fail(r: GenRequest, err: Exception) -> None:
             r.emit("error", ServeError(f"generation failed for this request: {err}", 500, "internal_error"))
         except RuntimeError:  # its event loop is gone
             pass
+
+
+def _certain_length(text: str, stops: list[str], gap: str) -> int:
+    """How much of an unfinished answer can be sent: not an incomplete UTF-8 character at its end, nor an end
+    that may be the start of a stop string (it would be cut), nor whitespace before that which the template writes
+    before its end of turn (dropped if the turn ends there)."""
+    text = text.rstrip("\ufffd")
+    held = max((k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])), default=0)
+    text = text[: len(text) - held]
+    return len(text.rstrip(gap)) if gap else len(text)
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:

@@ -1,0 +1,71 @@
+"""Where a served answer ends: at the template's end of turn, without the whitespace the template writes before
+it (`{{ content }}\\n### end` teaches the model "\\n### end"); a request's own stop strings cut exactly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from tunelab.families import gap_before_end, stop_texts, stop_token_ids
+from tunelab.serve.engine import Engine, GenRequest
+from tunelab.serve.metrics import Metrics
+
+PLAIN = ("{%- for m in messages %}### {{ m.role }}:\n{{ m.content }}\n### end\n{% endfor %}"
+         "{% if add_generation_prompt %}### assistant:\n{% endif %}")
+
+
+@pytest.fixture
+def plain_tokenizer(tiny_tokenizer):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = PLAIN
+    return tokenizer
+
+
+def generate(tokenizer, text: str, stop: list[str] | None = None, then_eos: bool = False) -> tuple[list[str], str]:
+    """Feed `text`'s tokens one at a time through the engine's decoding step, as a model generating it would:
+    (the deltas emitted, the finish reason)."""
+    engine = Engine.__new__(Engine)  # the decoding step needs no model
+    engine.tokenizer, engine.metrics = tokenizer, Metrics()
+    engine.stop_ids = set(stop_token_ids(tokenizer))
+    deltas: list[str] = []
+    done: list[str] = []
+
+    def emit(kind, payload):
+        if kind == "delta":
+            deltas.append(payload)
+        elif kind == "done":
+            done.append(payload["finish_reason"])
+
+    request = GenRequest(model="base", prompt_ids=[1], max_tokens=100, emit=emit, stop=stop or [],
+                         end_texts=stop_texts(tokenizer), end_gap=gap_before_end(tokenizer), tokenizer=tokenizer)
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for token in [*tokens, *([tokenizer.eos_token_id] if then_eos else [])]:
+        engine._advance(request, token)
+        if request.finish_reason:
+            break
+    return deltas, request.finish_reason or ""
+
+
+def test_the_whitespace_before_a_plain_text_end_marker_is_not_part_of_the_answer(plain_tokenizer):
+    assert stop_texts(plain_tokenizer) == ["### end"] and gap_before_end(plain_tokenizer) == "\n"
+    deltas, finish = generate(plain_tokenizer, "the cat\nsat down\n### end\n### user:")
+    assert "".join(deltas) == "the cat\nsat down" and finish == "stop"  # the newline inside the answer stays
+    assert all(d for d in deltas)
+    deltas, finish = generate(plain_tokenizer, "the cat\n\n", then_eos=True)  # ended by eos after the gap
+    assert "".join(deltas) == "the cat" and finish == "stop"
+
+
+def test_a_requests_own_stop_string_cuts_exactly_and_length_keeps_everything(plain_tokenizer):
+    deltas, finish = generate(plain_tokenizer, "the cat\n### end", stop=["###"])
+    assert "".join(deltas) == "the cat\n" and finish == "stop"  # OpenAI's stop: the text before it, as is
+    deltas, finish = generate(plain_tokenizer, "the cat\n")
+    assert "".join(deltas) == "the cat" and finish == ""  # not finished: the newline waits for what follows
+    deltas, finish = generate(plain_tokenizer, "the cat\nsat on the mat")
+    assert "".join(deltas).startswith("the cat\nsat") and finish == ""  # ... and goes out once the answer goes on
+
+
+def test_templates_with_the_marker_right_after_the_answer_have_no_gap(tiny_tokenizer):
+    assert gap_before_end(tiny_tokenizer) == ""
+    deltas, finish = generate(tiny_tokenizer, "the cat\n", then_eos=True)
+    assert "".join(deltas) == "the cat\n" and finish == "stop"  # nothing of the answer is taken away
