@@ -25,6 +25,7 @@ STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 # The pattern controller-gen writes for resource.Quantity (x-kubernetes-int-or-string).
 QUANTITY = {"anyOf": [{"type": "integer"}, {"type": "string", "pattern":
             r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"}]}
+DNS_SUBDOMAIN = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", "maxLength": 253}
 DNS_LABEL = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63}
 ANY_OBJECT = {"type": "object"}
 
@@ -82,11 +83,15 @@ VOLUME = {
     # A volume names exactly one source.
     "minProperties": 2, "maxProperties": 2,
 }
+TOLERATION = _strict({
+    "key": {"type": "string"}, "operator": {"enum": ["Exists", "Equal"]}, "value": {"type": "string"},
+    "effect": {"enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"]}, "tolerationSeconds": INT64,
+})
 POD_SPEC_FIELDS = {
     "containers": {"type": "array", "minItems": 1, "items": CONTAINER},
     "initContainers": {"type": "array", "items": CONTAINER}, "volumes": {"type": "array", "items": VOLUME},
-    "serviceAccountName": DNS_LABEL, "nodeSelector": STRING_MAP, "tolerations": {"type": "array"},
-    "affinity": ANY_OBJECT, "imagePullSecrets": {"type": "array"}, "securityContext": ANY_OBJECT,
+    "serviceAccountName": DNS_LABEL, "nodeSelector": STRING_MAP, "tolerations": {"type": "array", "items": TOLERATION},
+    "affinity": ANY_OBJECT, "imagePullSecrets": {"type": "array", "items": _strict({"name": DNS_SUBDOMAIN}, ["name"])}, "securityContext": ANY_OBJECT,
     "restartPolicy": {"enum": ["Always", "OnFailure", "Never"]}, "priorityClassName": {"type": "string"},
     "runtimeClassName": {"type": "string"}, "schedulerName": {"type": "string"},
     "terminationGracePeriodSeconds": INT64, "hostNetwork": {"type": "boolean"}, "shmSize": {"type": "string"},

@@ -29,8 +29,12 @@ GPU_CONFIG = {
     "k8s": {"image": "registry.example.com/tunelab:0.1.0", "namespace": "ml", "service_account": "trainer",
             "gpu_per_worker": 2, "cpu_per_worker": "8", "node_selector": {"gpu": "h100"},
             "storage": {"pvc": "tunelab-data"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "image_pull_secrets": ["registry-credentials"],
             "active_deadline_seconds": 7200},
 }
+TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+PULL_SECRETS = [{"name": "registry-credentials"}]
 
 
 def config(**changes):
@@ -75,10 +79,11 @@ def test_rayjob_and_configmap_match_the_kuberay_api_and_carry_the_config():
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2
     limits = worker["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == "2" and worker["nodeSelector"] == {"gpu": "h100"}
+    assert worker["tolerations"] == TOLERATIONS and "tolerations" not in head  # the head needs no GPU node
     assert "nvidia.com/gpu" not in head["containers"][0]["resources"]["limits"]
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no training on the head
     for pod in (head, worker):
-        assert pod["serviceAccountName"] == "trainer"
+        assert pod["serviceAccountName"] == "trainer" and pod["imagePullSecrets"] == PULL_SECRETS
         assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow.ml.svc:5000"} in pod["containers"][0]["env"]
         assert {"name": "tunelab-data", "persistentVolumeClaim": {"claimName": "tunelab-data"}} in pod["volumes"]
         assert {"name": "tunelab-data", "mountPath": "/mnt/tunelab"} in pod["containers"][0]["volumeMounts"]
@@ -139,9 +144,19 @@ def test_a_fractional_cpu_limit_counts_as_kubernetes_rounds_it():
     ({"cluster__use_gpu": False}, "cluster.strategy: fsdp shards the model across GPUs and needs cluster.use_gpu"),
     ({"k8s__storage": {"pvc": "data", "uri": "s3://b/x"}}, "k8s.storage: set either pvc"),
     ({"cluster__use_gpu": False, "cluster__strategy": "ddp"}, "cluster.resources_per_worker: reserves GPUs"),
+    ({"k8s__tolerations": [{"key": "gpu", "operator": "Exists", "value": "yes"}]},
+     "k8s.tolerations[0]: operator Exists matches any value"),
+    ({"k8s__tolerations": [{"operator": "Equal", "value": "yes"}]},
+     "k8s.tolerations[0]: a toleration without a key must use operator: Exists"),
+    ({"k8s__tolerations": [{"key": "gpu", "effect": "NoSchedul"}]}, "'k8s.tolerations.effect' expects one of"),
+    ({"k8s__tolerations": [{"key": "a", "operator": "Exists"}, {"key": "b", "effect": "NoSchedule",
+                                                                  "toleration_seconds": 60}]},
+     "k8s.tolerations[1]: toleration_seconds applies to effect NoExecute only"),
+    ({"k8s__image_pull_secrets": ["Registry Creds"]}, "k8s.image_pull_secrets[0]: 'Registry Creds' is not a "
+                                                     "Secret's name"),
 ])
 def test_config_refuses_impossible_cluster_settings(changes, message):
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         config(**changes)
 
 
@@ -217,6 +232,8 @@ def test_inference_service_serves_registered_adapters_on_vllm(registry):
     assert {"name": "tunelab-data", "persistentVolumeClaim": {"claimName": "tunelab-data", "readOnly": True}} in (
         predictor["volumes"])
     assert predictor["serviceAccountName"] == "trainer"
+    assert predictor["tolerations"] == TOLERATIONS and predictor["imagePullSecrets"] == PULL_SECRETS
+    assert predictor["nodeSelector"] == {"gpu": "h100"}
 
 
 def test_inference_service_refuses_adapters_it_cannot_reach(registry):

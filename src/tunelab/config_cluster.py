@@ -78,6 +78,33 @@ class K8sStorageConfig(Section):
         return self
 
 
+class K8sToleration(Section):
+    """A Kubernetes toleration (core/v1 Toleration)."""
+
+    key: str | None = Field(None, description="The taint's key; none (with operator Exists) tolerates every taint.")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Equal matches `value`; Exists any value.")
+    value: str | None = Field(None, description="The taint's value (operator Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="The taint effect tolerated; none: every effect.")
+    toleration_seconds: int | None = Field(
+        None, ge=0, description="NoExecute only: how long the pod stays on a node after the taint appears.")
+
+    def problem(self) -> str | None:
+        """What the API server would refuse in this toleration, or None."""
+        if self.operator == "Exists" and self.value:
+            return "operator Exists matches any value: leave value out"
+        if self.key is None and self.operator != "Exists":
+            return "a toleration without a key must use operator: Exists"
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            return "toleration_seconds applies to effect NoExecute only"
+        return None
+
+    def manifest(self) -> dict[str, object]:
+        out = {"key": self.key, "operator": self.operator, "value": self.value, "effect": self.effect,
+               "tolerationSeconds": self.toleration_seconds}
+        return {k: v for k, v in out.items() if v is not None}
+
+
 class K8sConfig(Section):
     image: str | None = Field(
         None, description="Container image with tunelab and its dependencies installed (needed by tunelab k8s), "
@@ -100,6 +127,14 @@ class K8sConfig(Section):
         None, gt=0, description="Fail the job if it runs longer than this (seconds); default: no limit."
     )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the worker pods must match.")
+    tolerations: list[K8sToleration] = Field(
+        default_factory=list, description="Taints the worker and serving pods tolerate (GPU node pools are often "
+        "tainted, e.g. nvidia.com/gpu with effect NoSchedule).",
+    )
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, description="Secrets (kubernetes.io/dockerconfigjson) every pod pulls the image with: "
+        "an image in a private registry.",
+    )
     storage: K8sStorageConfig = Field(default_factory=K8sStorageConfig)
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for every pod "
                                 "(plain values, visible in the manifest; secrets go in secret_env).")
@@ -118,6 +153,24 @@ class K8sConfig(Section):
                 raise ValueError(f"k8s.env.{name}: looks like a secret, and k8s.env values are written in clear into "
                                  f"the manifest; put it in a Kubernetes Secret and set k8s.secret_env: "
                                  f"{{{name}: SECRET_NAME/KEY}} instead")
+        return value
+
+    @field_validator("tolerations")
+    @classmethod
+    def _valid_tolerations(cls, value: list[K8sToleration]) -> list[K8sToleration]:
+        for i, toleration in enumerate(value):
+            problem = toleration.problem()
+            if problem:
+                raise ValueError(f"k8s.tolerations[{i}]: {problem}")
+        return value
+
+    @field_validator("image_pull_secrets")
+    @classmethod
+    def _secret_names(cls, value: list[str]) -> list[str]:
+        for i, name in enumerate(value):
+            if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name) or len(name) > 253:
+                raise ValueError(f"k8s.image_pull_secrets[{i}]: {name!r} is not a Secret's name (lower-case letters, "
+                                 "digits, '-' and '.')")
         return value
 
     @field_validator("secret_env")

@@ -151,8 +151,7 @@ def rayjob_manifests(cfg: RunConfig, config_yaml: str) -> list[dict[str, Any]]:
     if c.use_gpu:
         worker_resources[GPU] = str(k.gpu_per_worker)
     worker = _pod_template(cfg, "ray-worker", worker_resources, env, volumes, mounts, ports=None, labels=labels)
-    if k.node_selector:
-        worker["spec"]["nodeSelector"] = dict(k.node_selector)
+    worker["spec"].update(_placement(cfg))
     replicas = _worker_pods(cfg)
     workdir = k.storage.mount_path if k.storage.pvc else None
     command = f"tunelab train {shlex.quote(f'{CONFIG_MOUNT}/{CONFIG_KEY}')}"
@@ -227,7 +226,19 @@ def _pod_template(cfg: RunConfig, container: str, resources: dict[str, str], env
     pod: dict[str, Any] = {"containers": [main], "volumes": volumes}
     if cfg.k8s.service_account:
         pod["serviceAccountName"] = cfg.k8s.service_account
+    if cfg.k8s.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": name} for name in cfg.k8s.image_pull_secrets]
     return {"metadata": {"labels": dict(labels)}, "spec": pod}
+
+
+def _placement(cfg: RunConfig) -> dict[str, Any]:
+    """Where the pods that do the work (training workers, the predictor) may run: node labels and tolerations."""
+    out: dict[str, Any] = {}
+    if cfg.k8s.node_selector:
+        out["nodeSelector"] = dict(cfg.k8s.node_selector)
+    if cfg.k8s.tolerations:
+        out["tolerations"] = [t.manifest() for t in cfg.k8s.tolerations]
+    return out
 
 
 # -- KServe -------------------------------------------------------------------------------------------
@@ -310,10 +321,11 @@ def inference_service(cfg: RunConfig, name: str, adapters: list[tuple[str, Any]]
         "model": model,
         "volumes": [{"name": "tunelab-data", "persistentVolumeClaim": {"claimName": k.storage.pvc, "readOnly": True}}],
     }
-    if k.service_account:
+    if k.service_account:  # also how KServe's storage initializer gets HF_TOKEN for a gated hf:// base model
         predictor["serviceAccountName"] = k.service_account
-    if k.node_selector:
-        predictor["nodeSelector"] = dict(k.node_selector)
+    if k.image_pull_secrets:
+        predictor["imagePullSecrets"] = [{"name": name} for name in k.image_pull_secrets]
+    predictor.update(_placement(cfg))
     return {
         "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
         "metadata": {"name": k8s_name(name), "namespace": k.namespace,
