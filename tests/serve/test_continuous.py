@@ -167,7 +167,7 @@ def test_free_slots_go_to_the_client_holding_fewer(live_server) -> None:
 
 
 def test_the_user_field_names_the_client(live_server) -> None:
-    """Two end users behind one peer address share slots fairly: `user` reaches the engine as the client."""
+    """Two end users behind one peer address share slots fairly: `user` reaches the engine with the peer."""
     url, engine = live_server()
     seen: list[str] = []
     submit = engine.submit
@@ -181,4 +181,4 @@ def test_the_user_field_names_the_client(live_server) -> None:
     for user in ("alice", None):
         c.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                   **({"user": user} if user else {}))
-    assert seen == ["user:alice", "peer:127.0.0.1"]
+    assert seen == [("127.0.0.1", "alice"), ("127.0.0.1", "")]

@@ -80,6 +80,38 @@ def test_the_waiting_room_pushes_out_only_for_a_fairer_claim() -> None:
     assert sorted((r.client, r.id) for r in room.take(4, Counter())) == [("a", 0), ("b", 5), ("b", 6), ("c", 8)]
 
 
+def test_invented_user_ids_get_one_peers_share() -> None:
+    """`user` is whatever the caller writes: a flood from one address under many user ids is still one peer's
+    share, in the waiting room and for free slots; the users behind one address share that address's places."""
+    import queue
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from tunelab.serve.waiting import WaitingRoom
+
+    room, ids = WaitingRoom(4), iter(range(100))
+
+    def put(peer: str, user: str):
+        return room.put_nowait(SimpleNamespace(client=(peer, user), id=next(ids)))
+
+    assert [put("10.0.0.66", f"user-{i}") for i in range(4)] == [None] * 4
+    with pytest.raises(queue.Full):
+        put("10.0.0.66", "user-99")  # a new id from the same address is no fairer claim
+    assert put("10.0.0.7", "alice").client == ("10.0.0.66", "user-0")  # another address pushes one out
+    assert put("10.0.0.8", "bob").client == ("10.0.0.66", "user-1")
+    with pytest.raises(queue.Full):
+        put("10.0.0.8", "carol")  # 10.0.0.8 already holds as many places as 10.0.0.66 will
+    # Free slots: the address holding fewer first, whatever user ids the other one used.
+    holding = Counter({("10.0.0.66", "user-5"): 1, ("10.0.0.66", "user-6"): 1})
+    assert [r.client for r in room.take(2, holding)] == [("10.0.0.7", "alice"), ("10.0.0.8", "bob")]
+    # Behind one address (a gateway), a user holding fewer places pushes out the newest of the one holding most.
+    room = WaitingRoom(3)
+    assert [put("gw", "flood") for _ in range(3)] == [None] * 3
+    assert put("gw", "dave").client == ("gw", "flood")
+    with pytest.raises(queue.Full):
+        put("gw", "dave")  # flood 2, dave 1: dave would hold as many as flood
+
+
 def test_request_that_waits_past_its_timeout_gets_504(live_server) -> None:
     url, engine = live_server(request_timeout=1.0)
     with ThreadPoolExecutor(max_workers=1) as pool:

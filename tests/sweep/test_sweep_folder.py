@@ -1,5 +1,6 @@
-"""The sweep folder keeps what it must: sweep.json holds no secret in clear, and output.overwrite removes an old
-sweep only once the new sweep's data has validated (no Ray, no training: data prep only)."""
+"""The sweep folder keeps what it must: sweep.json holds no secret in clear, and output.overwrite moves an old
+sweep aside only once the new sweep's data has validated, and removes it only once a new trial has finished (no
+Ray, no training: data prep and the sweep record only)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 
 from tests.conftest import animal_rows, write_jsonl
 from tunelab.errors import DataError
-from tunelab.sweep.folder import open_sweep, start_sweep
+from tunelab.sweep.folder import finish_replacement, kept_aside, open_sweep, start_sweep
+from tunelab.sweep.state import SweepState
 from tunelab.sweep.plan import Flags
 from tunelab.sweep.run import plan_sweep
 
@@ -55,3 +57,30 @@ def test_overwrite_keeps_the_old_sweep_until_the_new_data_validates(tiny_config,
     _started(good)
     assert not trial.exists() and (root / "sweep.json").read_bytes() != before
     assert sorted(p.name for p in root.iterdir()) == ["config.yaml", "data", "sweep.json"]
+    # The old sweep waits aside, its trials whole, until a trial of the new one has finished.
+    aside = kept_aside(root)
+    assert (aside / "sweep.json").read_bytes() == before and (aside / trial.name / "metrics.jsonl").is_file()
+    state = SweepState.load(root)
+    finish_replacement(root, state)  # every new trial failed or is pending: the old sweep stays
+    assert aside.is_dir()
+    state.trials[1].status = "finished"
+    finish_replacement(root, state)
+    assert not aside.exists()
+
+
+def test_replacing_an_unfinished_replacement_keeps_the_older_sweep(tiny_config, tmp_path):
+    cfg = tiny_config.model_copy(deep=True)
+    cfg.output.dir = tmp_path / "sweep"
+    root = _started(cfg)
+    old = (root / "sweep.json").read_bytes()
+    cfg.output.overwrite = True
+    _started(cfg)  # killed before any trial finished: the first sweep is still aside
+    _started(cfg)  # and replaced again: the unfinished one goes, the first sweep stays aside
+    assert (kept_aside(root) / "sweep.json").read_bytes() == old
+    # A replacement with a finished trial is the one kept aside when it is replaced in turn.
+    state = SweepState.load(root)
+    state.trials[0].status = "finished"
+    state.save()
+    finished = (root / "sweep.json").read_bytes()
+    _started(cfg)
+    assert (kept_aside(root) / "sweep.json").read_bytes() == finished

@@ -214,8 +214,8 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
             temperature=0.0 if body.temperature < TEMPERATURE_FLOOR else body.temperature,
             top_p=body.top_p, stop=stops, seed=body.seed, deadline=deadline,
             stop_ids=frozenset(stop_token_ids(tokenizer)), tokenizer=tokenizer, end_texts=end_texts, end_gap=end_gap,
-            # Fair admission is per end user when the caller names one (OpenAI's `user`), else per peer address.
-            client=f"user:{body.user}" if body.user else f"peer:{request.client.host if request.client else ''}",
+            # Fair admission across peer addresses, then across the end users (OpenAI's `user`) behind each.
+            client=(request.client.host if request.client else "", body.user or ""),
             emit=lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload)),
         )
         engine.submit(job)  # raises 404 / 400 / 429 / 503 before anything is streamed

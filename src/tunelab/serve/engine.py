@@ -45,7 +45,7 @@ class GenRequest:
     seed: int | None = None
     deadline: float = float("inf")
     cancelled: threading.Event = field(default_factory=threading.Event)
-    client: str = ""  # who sent it (fair admission across clients)
+    client: Any = ""  # who sent it, (peer address, user): fair admission across clients (waiting.py)
     id: int = field(default_factory=lambda: next(_ids))
     # Filled in while decoding.
     tokens: list[int] = field(default_factory=list)

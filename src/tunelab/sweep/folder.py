@@ -7,6 +7,7 @@ into every trial), one ordinary run folder per trial, and at the end sweep.html 
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from tunelab.artifacts import write_text_atomic
 from tunelab.config import RunConfig
 from tunelab.config_file import dump_config
 from tunelab.errors import ConfigError, RunFolderError
+from tunelab.progress import console
 from tunelab.redaction import redacted_config
 from tunelab.sweep.plan import RUNTIME_KEYS, SweepPlan
 from tunelab.sweep.state import STATE_FILE, SweepState, TrialRecord
@@ -78,8 +80,8 @@ def start_sweep(plan: SweepPlan, state: SweepState) -> None:
             if not state.path.is_file() and plan.root.is_dir() and {p.name for p in plan.root.iterdir()} <= {"data"}:
                 shutil.rmtree(plan.root)
             raise
-    if state.replacing:  # output.overwrite: the old sweep goes only now, with the new data valid (and in place)
-        _remove(plan.root, state.replacing)
+    if state.replacing:  # output.overwrite: the old sweep moves aside only now, with the new data valid
+        _keep_aside(plan.root, state.replacing)
         state.replacing = []
     if new:
         write_text_atomic(plan.root / "config.yaml", dump_config(plan.cfg))
@@ -125,13 +127,50 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]
     return [] if a == b else [(prefix.rstrip("."), a, b)]
 
 
+def kept_aside(root: Path) -> Path:
+    """Where a sweep replaced with output.overwrite waits until its replacement has a finished trial: beside the
+    sweep folder's real path, so that moving it is a rename on one file system."""
+    real = root.resolve()
+    return real.with_name(f".{real.name}.replaced")
+
+
+def _keep_aside(root: Path, names: list[str]) -> None:
+    """output.overwrite on a sweep folder: the old sweep's own files and every trial folder it made move aside
+    (its trials are trained runs). If an older sweep waits there already, the one being replaced now was its
+    replacement: one with a finished trial replaces it there; one without goes, and the older sweep stays."""
+    aside = kept_aside(root)
+    if aside.is_dir():
+        if not _has_finished_trial(SweepState.load(root)):
+            _remove(root, names)
+            return
+        shutil.rmtree(aside)
+    aside.mkdir()
+    for name in names:
+        if (root / name).exists() or (root / name).is_symlink():
+            os.rename(root / name, aside / name)
+    console.print(f"[yellow]note:[/] the sweep this one replaces is kept at {aside} until one of this sweep's "
+                  "trials has finished")
+
+
+def finish_replacement(root: Path, state: SweepState) -> None:
+    """After a sweep ran: the sweep it replaced goes once one of its trials has finished."""
+    aside = kept_aside(root)
+    if aside.is_dir() and _has_finished_trial(state):
+        shutil.rmtree(aside)
+    elif aside.is_dir():
+        console.print(f"[yellow]note:[/] no trial of this sweep finished: the sweep it replaces stays at {aside}")
+
+
+def _has_finished_trial(state: SweepState) -> bool:
+    return any(t.status == "finished" for t in state.trials)
+
+
 def _remove(root: Path, names: list[str]) -> None:
-    """output.overwrite on a sweep folder: the old sweep's own files and every trial folder it made."""
     for name in names:
         path = root / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        elif path.exists():
+        elif path.exists() or path.is_symlink():
             path.unlink()
 
 

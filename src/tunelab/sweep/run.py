@@ -37,7 +37,7 @@ def plan_sweep(cfg: RunConfig, flags: Flags, resume: bool = False) -> SweepPlan:
 
 def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False) -> SweepOutcome:
     """Run the trials still to run, then rank them and write sweep.html and best.yaml into the sweep folder."""
-    from tunelab.sweep.folder import open_sweep, start_sweep
+    from tunelab.sweep.folder import finish_replacement, open_sweep, start_sweep
     from tunelab.sweep.html import render_sweep_html
     from tunelab.sweep.runner import run_pending
     from tunelab.sweep.summary import summarize, write_best
@@ -54,6 +54,7 @@ def run_sweep(plan: SweepPlan, resume: bool = False, retry_failed: bool = False)
     best = write_best(plan, summary)
     close_parent(plan.cfg, state.parent_run_id, _parent_summary(summary, state),
                  [html, state.path, *([best] if best else [])])
+    finish_replacement(plan.root, state)
     return SweepOutcome(plan, summary, html, best)
 
 
