@@ -27,9 +27,14 @@ from tunelab.progress import console
 
 
 def kept_aside(run: RunPaths) -> Path:
-    """Where the run being replaced waits while its replacement trains: beside the real folder (output.dir may be a
-    link to it), so that moving it is one rename on one file system."""
-    real = run.root.resolve()
+    """Where the run being replaced waits while its replacement trains."""
+    return aside_of(run.root)
+
+
+def aside_of(folder: Path) -> Path:
+    """Where output.overwrite keeps what `folder` held until its replacement is valid: beside the real folder
+    (output.dir may be a link to it), so that moving it is one rename on one file system."""
+    real = folder.resolve()
     return real.with_name(f".{real.name}.replaced")
 
 

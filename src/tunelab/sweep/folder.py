@@ -18,6 +18,7 @@ from tunelab.config_file import dump_config
 from tunelab.errors import ConfigError, RunFolderError
 from tunelab.progress import console
 from tunelab.redaction import redacted_config
+from tunelab.run_replace import aside_of
 from tunelab.sweep.plan import RUNTIME_KEYS, SweepPlan
 from tunelab.sweep.state import STATE_FILE, SweepState, TrialRecord
 
@@ -128,10 +129,8 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]
 
 
 def kept_aside(root: Path) -> Path:
-    """Where a sweep replaced with output.overwrite waits until its replacement has a finished trial: beside the
-    sweep folder's real path, so that moving it is a rename on one file system."""
-    real = root.resolve()
-    return real.with_name(f".{real.name}.replaced")
+    """Where a sweep replaced with output.overwrite waits until its replacement has a finished trial."""
+    return aside_of(root)
 
 
 def _keep_aside(root: Path, names: list[str]) -> None:
