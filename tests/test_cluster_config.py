@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.cluster.ray_runner import _portable, check_cluster, distributed_overrides, training_failure
+from tunelab.cluster.ray_runner import portable_config, check_cluster, distributed_overrides, training_failure
 from tunelab.config_file import validate_config
 from tunelab.errors import ConfigError, DataError, TunelabError
 
@@ -21,6 +21,18 @@ def test_defaults_train_locally_and_workers_reserve_one_cpu_or_one_gpu():
     assert cfg(cluster={"use_gpu": True}).cluster.worker_resources() == {"CPU": 1.0, "GPU": 1.0}
     assert cfg(cluster={"use_gpu": True, "resources_per_worker": {"CPU": 8, "GPU": 2}}).cluster.worker_resources() == {
         "CPU": 8, "GPU": 2}
+
+
+def test_the_eval_after_training_goes_to_a_gpu_worker_unless_nodes_share_no_folder():
+    def on_worker(**cluster):
+        return cfg(cluster=cluster).cluster.evaluates_on_worker()
+
+    assert not on_worker() and not on_worker(eval_on="worker")  # local training: eval here whatever eval_on says
+    assert not on_worker(backend="ray")  # CPU workers: the driver has the same CPUs
+    assert on_worker(backend="ray", use_gpu=True)  # the driver (a KubeRay head) may have no GPU
+    assert not on_worker(backend="ray", use_gpu=True, storage_path="s3://bucket/runs")  # no shared run folder
+    assert not on_worker(backend="ray", use_gpu=True, eval_on="driver")
+    assert on_worker(backend="ray", eval_on="worker")
 
 
 @pytest.mark.parametrize(("cluster", "message"), [
@@ -96,7 +108,7 @@ def test_workers_get_absolute_paths_and_the_model_loss_under_ddp(tmp_path, monke
     (tmp_path / "models" / "base").mkdir(parents=True)
     config = cfg(cluster={"backend": "ray", "num_workers": 2}, model={"name": "models/base"},
                  output={"dir": "runs/a"})
-    shipped = _portable(config, RunPaths(config.output.dir))
+    shipped = portable_config(config, RunPaths(config.output.dir))
     assert shipped.output.dir == tmp_path / "runs" / "a" and shipped.model.name == str(tmp_path / "models" / "base")
     # Each worker trains in a process group of num_workers: the policy gives it the model's own loss.
     assert shipped.train.chunked_loss
@@ -123,7 +135,13 @@ def test_dry_run_checks_the_ray_backend_and_says_where_training_runs(tiny_config
     from tunelab import pipeline
 
     tiny_config.cluster.backend = "ray"
-    assert "training: 2 Ray CPU workers (ddp) on a local Ray cluster started for the run" in pipeline.preflight(tiny_config)
+    lines = pipeline.preflight(tiny_config)
+    assert "training: 2 Ray CPU workers (ddp) on a local Ray cluster started for the run" in lines
+    assert "eval after training (tunelab run): this process" in lines
+    tiny_config.cluster.eval_on, tiny_config.track.register_as = "worker", "animals"
+    lines = pipeline.preflight(tiny_config)
+    assert "eval after training (tunelab run): a Ray task on a worker ({'CPU': 1.0}; cluster.eval_on: worker)" in lines
+    assert "register (tunelab run): as animals, gate verdict included" in lines
     tiny_config.objective.type = "kto"
     with pytest.raises(ConfigError, match="objective kto runs with cluster.backend: local"):
         pipeline.preflight(tiny_config)

@@ -103,3 +103,59 @@ def test_two_ray_workers_train_like_one_process_and_resume_to_the_same_adapter(t
     pipeline.stage_train(ddp, pipeline.open_run(ddp, starting_training=True, resume=True), resume=True)
     resumed = load_file(run / "adapter" / "adapter_model.safetensors")
     assert max((resumed[k] - b[k]).abs().max().item() for k in b) < 1e-6
+
+
+def test_run_evaluates_on_a_ray_worker_and_registers_what_it_measured(tiny_config, tmp_path, ray_session):
+    """cluster.eval_on: worker (what a GPU job gets by default): the eval of `tunelab run` is a Ray task that reads
+    the run folder and writes eval/ into it; the driver records it and registers the version (track.register_as)."""
+    import os
+
+    from mlflow import MlflowClient
+
+    from tunelab import pipeline
+    from tunelab.artifacts import RunPaths
+    from tunelab.errors import DataError
+    from tunelab.track import GATE_PASSED_TAG
+
+    cfg = _config(tiny_config, tmp_path / "run", 8, {"backend": "ray", "num_workers": 1, "eval_on": "worker"},
+                  track=True)
+    cfg.track.register_as = "tiny-animals"
+    cfg.eval.gate = ["tuned.exact_match >= 0"]  # passes: the version carries a passed gate
+    summary = pipeline.run_all(cfg)
+    run = tmp_path / "run"
+
+    timing = json.loads((run / "eval" / "metrics.json").read_text())["timing"]
+    assert timing["placement"].startswith("Ray worker (pid ") and timing["device"] == "cpu"
+    assert int(timing["placement"].split("pid ")[1].rstrip(")")) != os.getpid()  # not evaluated in this process
+    assert summary.eval.metrics["timing"] == timing
+    report = (run / "eval" / "report.md").read_text()
+    assert f"on cpu ({timing['host']}, Ray worker (pid " in report
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["eval"] and manifest["gate_passed"] is True  # the driver recorded the worker's result
+
+    # Registered with the evidence the worker measured.
+    stamp = json.loads((run / "mlflow_run.json").read_text())
+    client = MlflowClient(tracking_uri=stamp["tracking_uri"])
+    [version] = client.search_model_versions("name='tiny-animals'")
+    assert str(version.version) == str(summary.registered.version) == "1" and summary.new_version
+    assert version.tags[GATE_PASSED_TAG] == "true" and version.run_id == stamp["run_id"]
+
+    # A user mistake met on the worker (a broken row in an eval suite file) is one line naming file and line, and
+    # the run's eval is left as it was.
+    bad = tmp_path / "suite.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}\n{oops\n')
+    broken = cfg.model_copy(deep=True)
+    broken.eval.suites[0].files = [bad]
+    before = (run / "eval" / "metrics.json").read_bytes()
+    with pytest.raises(DataError, match=rf"{bad}:2"):
+        pipeline.stage_eval(broken, RunPaths(run), after_training=True)
+    assert (run / "eval" / "metrics.json").read_bytes() == before
+
+
+def test_a_worker_that_does_not_see_the_run_folder_says_so(tiny_config, tmp_path):
+    from tunelab.cluster.ray_eval import _eval_task
+    from tunelab.errors import RunFolderError
+
+    with pytest.raises(RunFolderError, match="does not see the trained run in .*: a worker evaluates from the run "
+                                             "folder, so it must be on storage every node shares"):
+        _eval_task(tiny_config.model_dump(mode="json"), str(tmp_path / "elsewhere"))

@@ -61,13 +61,16 @@ def test_rayjob_and_configmap_match_the_kuberay_api_and_carry_the_config():
     spec = rayjob["spec"]
     assert rayjob["metadata"] == {"name": "order-extractor", "namespace": "ml", "labels": {
         "app.kubernetes.io/name": "tunelab", "app.kubernetes.io/instance": "order-extractor"}}
-    assert spec["entrypoint"] == "cd /mnt/tunelab && tunelab train /etc/tunelab/config.yaml"
+    # The whole pipeline: prepare, train on the workers, evaluate (the gate's exit status is the job's).
+    assert spec["entrypoint"] == "cd /mnt/tunelab && tunelab run /etc/tunelab/config.yaml"
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] == 300
     assert spec["activeDeadlineSeconds"] == 7200 and spec["submissionMode"] == "K8sJobMode"
 
     # The job's config is the user's, switched to the Ray backend on the job's own cluster.
     shipped = validate_config(yaml.safe_load(config_map["data"]["config.yaml"]))
     assert (shipped.cluster.backend, shipped.cluster.ray_address, shipped.cluster.strategy) == ("ray", "auto", "fsdp")
+    # The eval runs on a GPU worker, which sees the run folder on the shared volume; the head has no GPU.
+    assert shipped.cluster.eval_on == "worker" and shipped.cluster.evaluates_on_worker()
     assert shipped.train == config().train and shipped.data == config().data
 
     cluster = spec["rayClusterSpec"]
@@ -97,8 +100,22 @@ def test_cpu_job_with_object_store_storage():
     [group] = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert group["replicas"] == 3 and group["groupName"] == "cpu-workers"
     assert "nvidia.com/gpu" not in group["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert rayjob["spec"]["entrypoint"] == "tunelab train /etc/tunelab/config.yaml"
-    assert validate_config(yaml.safe_load(config_map["data"]["config.yaml"])).cluster.storage_path == "s3://bucket/tunelab"
+    assert rayjob["spec"]["entrypoint"] == "tunelab run /etc/tunelab/config.yaml"
+    shipped = validate_config(yaml.safe_load(config_map["data"]["config.yaml"]))
+    assert shipped.cluster.storage_path == "s3://bucket/tunelab"
+    # No folder the nodes share: the eval stays with the driver, beside the run folder.
+    assert shipped.cluster.eval_on == "auto" and not shipped.cluster.evaluates_on_worker()
+
+
+def test_the_job_can_train_only_or_register_what_it_evaluated():
+    train_only = emit(config(k8s__job="train"))[1]["spec"]["entrypoint"]
+    assert train_only == "cd /mnt/tunelab && tunelab train /etc/tunelab/config.yaml"
+    config_map, rayjob = emit(config(track__register_as="order-extractor"))
+    assert rayjob["spec"]["entrypoint"].endswith("tunelab run /etc/tunelab/config.yaml")
+    assert validate_config(yaml.safe_load(config_map["data"]["config.yaml"])).track.register_as == "order-extractor"
+    # Said where the config is read, not left to the job: the user's own eval_on stays as they set it.
+    shipped = validate_config(yaml.safe_load(emit(config(cluster__eval_on="driver"))[0]["data"]["config.yaml"]))
+    assert not shipped.cluster.evaluates_on_worker()
 
 
 @pytest.mark.parametrize("mutate", [
@@ -130,6 +147,7 @@ def test_the_rayjob_schema_refuses_what_the_api_would(mutate):
     # A credential anywhere else would reach the job's ConfigMap as *** and fail there: refused, naming the key.
     ({"model__name": "https://mirror.example.com/m?token=abc123"}, "model.name: holds credentials, which the job's "
                                                                   "ConfigMap would show"),
+    ({"k8s__job": "train", "track__register_as": "orders"}, "track.register_as: the job only trains (k8s.job: train)"),
 ])
 def test_rayjob_refuses_combinations_that_cannot_run(changes, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -154,6 +172,11 @@ def test_a_fractional_cpu_limit_counts_as_kubernetes_rounds_it():
      "k8s.tolerations[1]: toleration_seconds applies to effect NoExecute only"),
     ({"k8s__image_pull_secrets": ["Registry Creds"]}, "k8s.image_pull_secrets[0]: 'Registry Creds' is not a "
                                                      "Secret's name"),
+    ({"cluster__eval_on": "worker", "cluster__storage_path": "s3://b/x"},
+     "cluster.eval_on: worker reads the run folder on a Ray worker, but with an object-store storage_path"),
+    ({"track__register_as": "models:/orders"}, "track.register_as: 'models:/orders' is not a model name"),
+    ({"track__register_as": ""}, "track.register_as: '' is not a model name"),
+    ({"k8s__job": "eval"}, "'k8s.job' expects one of"),
 ])
 def test_config_refuses_impossible_cluster_settings(changes, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -333,10 +356,10 @@ def test_the_heads_preflight_checks_the_gpu_workers_device(gpu_only, cpu_error, 
         config_map, rayjob = yaml.safe_load_all(emitted.stdout)
         (etc / "config.yaml").write_text(config_map["data"]["config.yaml"])
         entrypoint = rayjob["spec"]["entrypoint"]
-        assert entrypoint == "cd /mnt/tunelab && tunelab train /etc/tunelab/config.yaml"
+        assert entrypoint == "cd /mnt/tunelab && tunelab run /etc/tunelab/config.yaml"
         command = (entrypoint.replace("/mnt/tunelab", shlex.quote(str(mount)))
                    .replace("/etc/tunelab/config.yaml", shlex.quote(str(etc / "config.yaml")))
-                   .replace("tunelab train", f"{shlex.quote(sys.executable)} -m tunelab train"))
+                   .replace("tunelab run", f"{shlex.quote(sys.executable)} -m tunelab run"))
         # The head pod: no GPU visible.
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "COLUMNS": "250"}
         return subprocess.run(["bash", "-c", f"{command} --dry-run"], capture_output=True, text=True, env=env)
@@ -345,6 +368,8 @@ def test_the_heads_preflight_checks_the_gpu_workers_device(gpu_only, cpu_error, 
     assert on_gpu_workers.returncode == 0, on_gpu_workers.stderr
     assert "ok training: 4 Ray GPU workers (fsdp) on auto" in on_gpu_workers.stdout
     assert "ok precision: chosen by each Ray GPU worker on its own GPU from model.dtype: " in on_gpu_workers.stdout
+    assert ("ok eval after training (tunelab run): a Ray task on a worker ({'CPU': 4.0, 'GPU': 1.0}; cluster.eval_on: "
+            "worker)") in on_gpu_workers.stdout
     assert not (mount / "runs").exists()  # a dry run writes nothing
 
     on_cpu_workers = head_preflight(cpu_workers)

@@ -369,3 +369,28 @@ def test_a_sample_eval_leaves_the_runs_evidence_alone(tiny_config):
     assert (sha256_folder(run / "eval"), (run / "manifest.json").read_bytes()) == evidence
     history = client_for(uri).get_metric_history(run_id(run), "eval.test.n_examples")
     assert [m.value for m in history] == [n_examples]  # nothing logged to the run's MLflow run either
+
+
+def test_run_registers_the_evaluated_adapter_also_when_the_gate_fails(tiny_config, tmp_path):
+    """track.register_as: `tunelab run` registers what it evaluated, with the gate's verdict (promotion refuses a
+    failed one), then exits 1 for the failed gate as without registration."""
+    from tunelab.config_file import dump_config
+    from tunelab.registry import promote
+
+    cfg = tiny_config.model_copy(deep=True)
+    cfg.track.enabled = True
+    cfg.eval.systems = ["base", "tuned"]
+    cfg.eval.gate = ["tuned.exact_match >= 2"]  # a score above 1: fails whatever the run does
+    cfg.track.register_as = "animals"
+    config = tmp_path / "run.yaml"
+    config.write_text(dump_config(cfg))
+    done = subprocess.run([sys.executable, "-m", "tunelab", "run", str(config)], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "250"})
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "registered animals version 1 (gate passed: false)" in done.stdout
+    assert "gate failed: tuned.exact_match" in done.stderr
+    uri = f"sqlite:///{Path(cfg.output.dir).parent / 'mlflow.db'}"
+    [version] = client_for(uri).search_model_versions("name='animals'")
+    assert version.run_id == run_id(Path(cfg.output.dir)) and version.tags["tunelab.gate_passed"] == "false"
+    with pytest.raises(TunelabError, match="version 1 did not pass its eval gate"):
+        promote("animals", "1", "champion", force=False, reason=None, uri=uri)

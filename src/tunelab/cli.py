@@ -71,6 +71,8 @@ def run(config: ConfigArg, set_: SetOpt = None, dry_run: Annotated[bool, typer.O
         return
     summary = pipeline.run_all(cfg)
     print_summary(summary.run.root, summary.train, summary.eval.metrics)
+    if summary.registered is not None:
+        _print_registered(summary.run.root, cfg.track.register_as, summary.registered, summary.new_version)
     _exit_on_failed_gate(summary.eval.metrics)
 
 
@@ -178,9 +180,14 @@ def registry_register(run_dir: Annotated[Path, typer.Argument(help="A trained ru
                       name: Annotated[str, typer.Option("--name", help="Registered model name.")]) -> None:
     """Register the run's adapter as a new model version (with base model, chat template, eval metrics)."""
     from tunelab.registry import register
-    from tunelab.track import GATE_PASSED_TAG
 
     mv, new = register(run_dir, name)
+    _print_registered(run_dir, name, mv, new)
+
+
+def _print_registered(run_dir: Path, name: str, mv: Any, new: bool) -> None:
+    from tunelab.track import GATE_PASSED_TAG
+
     if new:
         out.print(f"registered {name} version {mv.version} (gate passed: {mv.tags.get(GATE_PASSED_TAG)})")
     else:

@@ -209,7 +209,7 @@ OutFileOpt = Annotated[Path | None, typer.Option("--out", help="Write the YAML h
 
 @k8s_app.command("rayjob")
 def k8s_rayjob(config: ConfigArg, set_: SetOpt = None, out_file: OutFileOpt = None) -> None:
-    """A ConfigMap with the run config and a KubeRay RayJob running `tunelab train` on it (cluster.*, k8s.*)."""
+    """A ConfigMap with the run config and a KubeRay RayJob running `tunelab run` (k8s.job) on it (cluster.*, k8s.*)."""
     from tunelab.cluster.k8s import dump_yaml, job_config, rayjob_manifests
     from tunelab.config_file import dump_config
 

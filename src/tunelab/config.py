@@ -7,6 +7,7 @@ Relative paths resolve against the current working folder, like every peer tool.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -325,6 +326,19 @@ class TrackConfig(Section):
         "(mlflow.db) and artifact folder (mlartifacts/) beside the run folder."
     )
     experiment: str = Field("tunelab", description="MLflow experiment name.")
+    register_as: str | None = Field(
+        None, description="`tunelab run` registers the evaluated adapter as a new version of this registered model "
+        "(with its eval and gate result, also when the gate failed; promotion stays a separate, gated step).",
+    )
+
+    @field_validator("register_as")
+    @classmethod
+    def _model_name(cls, value: str | None) -> str | None:
+        # What models:/NAME@ALIAS can name again, and what a Kubernetes resource name can be made of.
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", value):
+            raise ValueError(f"track.register_as: {value!r} is not a model name tunelab can refer to again "
+                             "(letters, digits, '.', '_' and '-', at most 100, e.g. order-extractor)")
+        return value
 
 
 class OutputConfig(Section):

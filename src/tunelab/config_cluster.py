@@ -36,6 +36,12 @@ class ClusterConfig(Section):
         None, description="Ray: where Ray Train keeps its own results (a folder all nodes share, or an s3:// / gs:// "
         "URI); the run's final adapter and loss curve come back from there. Default: RUN_DIR/ray.",
     )
+    eval_on: Literal["auto", "driver", "worker"] = Field(
+        "auto", description="Ray: where `tunelab run` evaluates after training. worker: a Ray task holding one "
+        "worker's resources (its GPU), reading and writing the run folder, which every node must then share; "
+        "driver: this process. auto: a worker with use_gpu (the driver, e.g. a KubeRay head pod, may have no GPU) "
+        "unless storage_path is an object store (nodes share no folder), else the driver.",
+    )
 
     @model_validator(mode="after")
     def _workers_fit_the_hardware(self) -> ClusterConfig:
@@ -48,7 +54,17 @@ class ClusterConfig(Section):
         if not self.use_gpu and gpus:
             raise ValueError("cluster.resources_per_worker: reserves GPUs but cluster.use_gpu is false; "
                              "set use_gpu: true or drop GPU")
+        if self.eval_on == "worker" and self.storage_path and "://" in self.storage_path:
+            raise ValueError("cluster.eval_on: worker reads the run folder on a Ray worker, but with an object-store "
+                             "storage_path the nodes share no folder; use eval_on: driver (or a shared volume)")
         return self
+
+    def evaluates_on_worker(self) -> bool:
+        """Whether `tunelab run` evaluates in a Ray task (see eval_on)."""
+        if self.backend != "ray" or self.eval_on == "driver":
+            return False
+        shared_folder = not (self.storage_path and "://" in self.storage_path)
+        return self.eval_on == "worker" or (self.use_gpu and shared_folder)
 
     def worker_resources(self) -> dict[str, float]:
         """What each Ray worker reserves: the configured resources, or one CPU (and one GPU with use_gpu)."""
@@ -119,6 +135,10 @@ class K8sConfig(Section):
     head_cpu: str = Field("2", description="CPU of the Ray head pod (it runs the driver, not training).")
     head_memory: str = Field("8Gi", description="Memory of the Ray head pod.")
     ray_version: str = Field("2.60.0", description="Ray version in the image (KubeRay needs it to match).")
+    job: Literal["run", "train"] = Field(
+        "run", description="What the RayJob runs: run (prepare, train, evaluate base vs tuned and, with "
+        "track.register_as, register; a failed eval gate fails the job) or train (prepare and train only).",
+    )
     ttl_seconds_after_finished: int = Field(
         300, ge=0, description="Seconds the finished job's RayCluster (its pods, GPUs and pod logs) stays before "
         "KubeRay deletes it; the RayJob object itself stays. Long values keep idle GPUs reserved.",

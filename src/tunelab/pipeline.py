@@ -115,7 +115,10 @@ def preflight(cfg: RunConfig, resume: bool = False) -> list[str]:
         *model_facts(cfg).lines(cfg.data.max_length),
         f"precision: {_precision(cfg)}",
         f"training: {_training_place(cfg)}",
+        f"eval after training (tunelab run): {_eval_place(cfg)}",
         _gate_line(cfg),
+        *([f"register (tunelab run): as {cfg.track.register_as}, gate verdict included"] if cfg.track.register_as
+          else []),
         f"output: {run.root}",
         *harness,
     ]
@@ -167,6 +170,12 @@ def _training_place(cfg: RunConfig) -> str:
         return "this process"
     where = c.ray_address or "a local Ray cluster started for the run"
     return f"{c.num_workers} Ray {'GPU' if c.use_gpu else 'CPU'} workers ({c.strategy}) on {where}"
+
+
+def _eval_place(cfg: RunConfig) -> str:
+    if not cfg.cluster.evaluates_on_worker():
+        return "this process"
+    return f"a Ray task on a worker ({cfg.cluster.worker_resources()}; cluster.eval_on: {cfg.cluster.eval_on})"
 
 
 def stage_data(cfg: RunConfig, run: RunPaths, resume: bool = False, end_tracking: bool = False) -> Prepared:
@@ -281,15 +290,21 @@ def _both(tracker: Any, sink: Callable[[dict[str, Any]], None] | None) -> Callab
     return both
 
 
-def stage_eval(cfg: RunConfig, run: RunPaths, sample: bool = False) -> Any:
+def stage_eval(cfg: RunConfig, run: RunPaths, sample: bool = False, after_training: bool = False) -> Any:
     """Evaluate the run: its eval/ report, manifest and MLflow run hold the result (the evidence a registry
     version is promoted on). A `sample` (`tunelab eval --max-examples N`, a quick look) goes to eval-sample/ and
-    nowhere else: a score on a handful of examples must not replace the run's evidence."""
+    nowhere else: a score on a handful of examples must not replace the run's evidence. `after_training`: the
+    eval that follows training in `tunelab run`, placed by cluster.eval_on (a Ray worker's GPU)."""
     from tunelab.eval.run import evaluate_run
 
     if sample:
         return evaluate_run(cfg, run, run.eval_sample)
-    result = evaluate_run(cfg, run)
+    if after_training and cfg.cluster.evaluates_on_worker():
+        from tunelab.cluster.ray_eval import evaluate_on_worker
+
+        result = evaluate_on_worker(cfg, run)
+    else:
+        result = evaluate_run(cfg, run)
     suites = result.metrics["suites"]
     update_run_manifest(run, eval={name: suite["systems"] for name, suite in suites.items()},
                         forgetting=_forgetting_summary(result.metrics.get("forgetting")),
@@ -328,18 +343,25 @@ class RunSummary:
     run: RunPaths
     train: Any
     eval: Any
+    registered: Any = None  # the model version track.register_as made (MLflow's ModelVersion), and whether new
+    new_version: bool = False
 
 
 def run_all(cfg: RunConfig) -> RunSummary:
-    """prepare -> train -> eval in one go."""
+    """prepare -> train -> eval (-> register, with track.register_as) in one go."""
     if cfg.eval.harness is not None:  # a benchmark that cannot run should not wait for training to say so
         from tunelab.eval.harness import check_harness
 
         check_harness(cfg)
     with opened_run(cfg, starting_training=True) as run:
         train_result = stage_train(cfg, run)
-    eval_result = stage_eval(cfg, run)
-    return RunSummary(run=run, train=train_result, eval=eval_result)
+    eval_result = stage_eval(cfg, run, after_training=True)
+    summary = RunSummary(run=run, train=train_result, eval=eval_result)
+    if cfg.track.register_as is not None:  # also when the gate failed: the version records that, promotion refuses it
+        from tunelab.registry import register
+
+        summary.registered, summary.new_version = register(run.root, cfg.track.register_as)
+    return summary
 
 
 def update_run_manifest(run: RunPaths, **sections: Any) -> None:

@@ -137,6 +137,13 @@ def _write(cfg, path: Path) -> Path:
     return path
 
 
+def test_a_sweep_refuses_to_register_since_it_would_not_know_which_trial(tiny_config):
+    tiny_config.track.register_as = "animals"
+    problems = _problems(tiny_config, Flags(params=["method.r=4,8"]))
+    assert problems == ["track.register_as: a sweep registers no trial; once it ends, register the one you choose: "
+                        "tunelab registry register SWEEP_DIR/TRIAL --name NAME"]
+
+
 @pytest.mark.parametrize("args,expected", [
     (["--param", "train.learnin_rate=1e-4,1e-3"], "did you mean 'train.learning_rate'?"),
     (["--param", "method.r=4,8", "--constraint", "forgetting.drop <= 0.03"], "eval.forgetting is off"),

@@ -1,5 +1,5 @@
-"""Kubernetes manifests, from the run config: a KubeRay RayJob that runs `tunelab train`, and a KServe
-InferenceService that serves the base model with registered LoRA adapters on vLLM.
+"""Kubernetes manifests, from the run config: a KubeRay RayJob that runs `tunelab run` (or `tunelab train`), and a
+KServe InferenceService that serves the base model with registered LoRA adapters on vLLM.
 
 Both are plain dicts (no Kubernetes client needed) written as YAML; their shape follows the published APIs
 (KubeRay ray.io/v1 RayJob with its RayClusterSpec, KServe serving.kserve.io/v1beta1 InferenceService), and
@@ -76,6 +76,9 @@ def check_rayjob(cfg: RunConfig) -> None:
     if k.storage.uri and uri_credentials(k.storage.uri):
         problems.append("k8s.storage.uri: holds credentials, which the manifest would show in clear; give the pods "
                         "access through k8s.service_account or k8s.secret_env (e.g. AWS_SECRET_ACCESS_KEY)")
+    if k.job == "train" and cfg.track.register_as:
+        problems.append("track.register_as: the job only trains (k8s.job: train), so it would register nothing; set "
+                        "k8s.job: run (train, evaluate, register)")
     if k.storage.uri and "://" not in k.storage.uri:
         problems.append(f"k8s.storage.uri: expected an object-store URI such as s3://bucket/prefix, got {k.storage.uri!r}")
     if problems:
@@ -124,11 +127,14 @@ def job_config(cfg: RunConfig) -> RunConfig:
     job.cluster.ray_address = "auto"  # the RayJob's driver runs on the head of its own cluster
     if cfg.k8s.storage.uri:
         job.cluster.storage_path = cfg.k8s.storage.uri
+    if cfg.cluster.eval_on == "auto" and cfg.k8s.storage.pvc:
+        # The head pod is small and holds no GPU (it runs the driver only); the workers share the run folder.
+        job.cluster.eval_on = "worker"
     return job
 
 
 def rayjob_manifests(cfg: RunConfig, config_yaml: str) -> list[dict[str, Any]]:
-    """[ConfigMap with the run config, RayJob running `tunelab train` on it]."""
+    """[ConfigMap with the run config, RayJob running `tunelab run` (k8s.job) on it]."""
     check_rayjob(cfg)
     k, c = cfg.k8s, cfg.cluster
     name = k8s_name(k.name or Path(cfg.output.dir).name)
@@ -154,7 +160,7 @@ def rayjob_manifests(cfg: RunConfig, config_yaml: str) -> list[dict[str, Any]]:
     worker["spec"].update(_placement(cfg))
     replicas = _worker_pods(cfg)
     workdir = k.storage.mount_path if k.storage.pvc else None
-    command = f"tunelab train {shlex.quote(f'{CONFIG_MOUNT}/{CONFIG_KEY}')}"
+    command = f"tunelab {k.job} {shlex.quote(f'{CONFIG_MOUNT}/{CONFIG_KEY}')}"
     spec: dict[str, Any] = {
         "entrypoint": f"cd {shlex.quote(workdir)} && {command}" if workdir else command,
         "submissionMode": "K8sJobMode",

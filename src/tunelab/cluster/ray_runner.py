@@ -133,7 +133,7 @@ def train_on_ray(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool =
     resolve_model(cfg.model)  # convert a GGUF into the cache once, before the workers would race for it
     storage = _storage_path(cfg, run)
     worker_config = {
-        "cfg": _portable(cfg, run).model_dump(mode="json"),
+        "cfg": portable_config(cfg, run).model_dump(mode="json"),
         "run_root": str(run.root.resolve()),
         "dataset": dataset,  # shipped through Ray's object store: workers need no copy of the data folder
         "resume": resume,
@@ -242,7 +242,7 @@ def _tracking_stamp(run: RunPaths) -> str | None:
     return path.read_text() if path.is_file() else None
 
 
-def _portable(cfg: RunConfig, run: RunPaths) -> RunConfig:
+def portable_config(cfg: RunConfig, run: RunPaths) -> RunConfig:
     """The config with every local path made absolute: Ray workers do not start in the driver's folder."""
     copy = cfg.model_copy(deep=True)
     copy.output.dir = run.root.resolve()
@@ -313,21 +313,21 @@ def training_failure(err: BaseException) -> TunelabError:
     loss), else one line per failed worker (killed for memory, a lost node; details are in the Ray log)."""
     failures = getattr(err, "worker_failures", None) or {}
     for failure in failures.values():
-        cause = _user_error(failure)
+        cause = user_error(failure)
         if cause is not None:
             return cause
-    lines = [f"cluster: Ray worker {rank} failed: {_first_line(failure)}" for rank, failure in sorted(failures.items())]
-    return TunelabError(*(lines or [f"cluster: Ray training failed: {_first_line(err)}"]))
+    lines = [f"cluster: Ray worker {rank} failed: {first_line(failure)}" for rank, failure in sorted(failures.items())]
+    return TunelabError(*(lines or [f"cluster: Ray training failed: {first_line(err)}"]))
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     cause = getattr(err, "cause", None)
     err = cause if isinstance(cause, BaseException) else err
     text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def _user_error(failure: BaseException) -> TunelabError | None:
+def user_error(failure: BaseException) -> TunelabError | None:
     """Find a TunelabError inside a worker failure (Ray wraps it in its own exception types)."""
     seen: BaseException | None = failure
     while seen is not None:

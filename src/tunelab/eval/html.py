@@ -10,7 +10,8 @@ from typing import Any
 
 from tunelab.eval.charts import bar_chart, color_for, line_chart
 from tunelab.eval.probes import CATEGORIES
-from tunelab.eval.report import PERCENT_METRICS, format_metric, harness_note, order_rows, row_passed, score_with_stderr
+from tunelab.eval.report import (PERCENT_METRICS, format_metric, harness_note, order_rows, row_passed,
+                                 score_with_stderr, where_generated)
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1180px;color:#222}
@@ -42,7 +43,8 @@ def render_html(metrics: dict[str, Any], rows: list[dict[str, Any]], history: li
     systems = metrics["systems"]
     body = [f"<h1>Evaluation: {escape(title)}</h1>",
             f'<p class="muted">{metrics["timing"]["prompts_generated"]} answers generated in '
-            f'{metrics["timing"]["seconds"]:.0f} s, greedy decoding. Systems: {escape(", ".join(systems))}.</p>']
+            f'{metrics["timing"]["seconds"]:.0f} s{escape(where_generated(metrics["timing"]))}, greedy decoding. '
+            f'Systems: {escape(", ".join(systems))}.</p>']
     body += _gate(metrics.get("gate", []), metrics.get("gate_source") == "default")
     for suite, result in metrics["suites"].items():
         body.append(f"<h2>Suite: {escape(suite)} ({result['n_examples']} examples)</h2>")

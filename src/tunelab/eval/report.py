@@ -71,11 +71,21 @@ def score_with_stderr(scores: dict[str, Any], system: str) -> str:
     return f"{scores[system]:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
 
 
+def where_generated(timing: dict[str, Any]) -> str:
+    """ " on cuda: NVIDIA H100 (host, Ray worker (pid 7))", or nothing for an eval that did not record it."""
+    if "device" not in timing:
+        return ""
+    placement = timing.get("placement")
+    shown = f"{timing['host']}, {placement}" if placement and placement != "this process" else timing["host"]
+    return f" on {timing['device']} ({shown})"
+
+
 def render_markdown(metrics: dict[str, Any], rows: list[dict[str, Any]], title: str) -> str:
     systems = metrics["systems"]
     lines = [f"# Evaluation: {title}", "",
-             f"{metrics['timing']['prompts_generated']} answers generated in {metrics['timing']['seconds']:.0f} s, "
-             "greedy decoding. The HTML report (report.html) has the charts.", ""]
+             f"{metrics['timing']['prompts_generated']} answers generated in {metrics['timing']['seconds']:.0f} s"
+             f"{where_generated(metrics['timing'])}, greedy decoding. The HTML report (report.html) has the charts.",
+             ""]
     if metrics.get("gate_source") == "default" and metrics.get("gate"):
         lines.append("Gate: the default rules (set `eval.gate` to replace them, `eval.gate: []` to switch off).")
     for g in metrics.get("gate", []):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from tunelab.eval.result import EvalResult, gate_rows
 from tunelab.eval.systems import Models, System, as_chat, build_systems, few_shot_examples, fit_shots
 from tunelab.families import stop_texts, stop_token_ids
 from tunelab.losses import mean_token_loss, perplexity
-from tunelab.models import Precision, base_identity, cache_root, pick_device, resolve_model
+from tunelab.models import Precision, base_identity, cache_root, device_name, pick_device, resolve_model
 from tunelab.progress import console
 from tunelab.train.methods import load_trained
 
@@ -95,8 +96,10 @@ def _uncontaminated(cfg: RunConfig, suite: SuiteConfig, records: list[Record], t
     return [r for r in records if r.source not in leaked]
 
 
-def evaluate_run(cfg: RunConfig, run: RunPaths, folder: Path | None = None) -> EvalResult:
-    """Evaluate the run and write its report to `folder` (default: the run's eval/, its evidence)."""
+def evaluate_run(cfg: RunConfig, run: RunPaths, folder: Path | None = None, placement: str = "this process"
+                 ) -> EvalResult:
+    """Evaluate the run and write its report to `folder` (default: the run's eval/, its evidence). `placement` is
+    recorded with the device and host that generated the answers (a Ray worker's eval says so)."""
     import torch
 
     # Benchmark tasks resolve and load their documents before any weights do: a task that cannot run stops here.
@@ -140,7 +143,9 @@ def evaluate_run(cfg: RunConfig, run: RunPaths, folder: Path | None = None) -> E
     seconds = time.perf_counter() - started
     harness = run_harness(cfg, models, tokenizer, task_manager) if task_manager is not None else None
     metrics = manifest("eval", systems=[s.name for s in systems], suites=suites, forgetting=forgetting,
-                       harness=harness, timing={"seconds": round(seconds, 2), "prompts_generated": prompts_generated},
+                       harness=harness, timing={"seconds": round(seconds, 2), "prompts_generated": prompts_generated,
+                                                "device": device_name(precision.device), "host": socket.gethostname(),
+                                                "placement": placement},
                        trained_sha256=trained_sha256)
     if cfg.eval.judge is not None:
         from tunelab.eval.judge import judge_rows

@@ -114,6 +114,9 @@ def build_plan(cfg: RunConfig, origin: dict[str, str], flag_keys: set[str]) -> S
             _check_key(cfg, key, space[key], where[key])
         except ConfigError as err:
             problems += err.problems
+    if cfg.track.register_as is not None:  # which trial would it be? the sweep picks a best one after all ended
+        problems.append("track.register_as: a sweep registers no trial; once it ends, register the one you choose: "
+                        "tunelab registry register SWEEP_DIR/TRIAL --name NAME")
     if problems:
         raise ConfigError(*problems)
     search, count = resolve_search(space, s.search, s.samples, "sweep")
