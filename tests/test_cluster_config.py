@@ -35,6 +35,23 @@ def test_the_eval_after_training_goes_to_a_gpu_worker_unless_nodes_share_no_fold
     assert on_worker(backend="ray", eval_on="worker")
 
 
+def test_the_eval_task_holds_what_a_training_worker_holds():
+    from tunelab.cluster.ray_eval import task_options
+
+    gpu = cfg(cluster={"backend": "ray", "use_gpu": True, "resources_per_worker": {"CPU": 8}}).cluster
+    assert gpu.worker_resources() == {"CPU": 8, "GPU": 1.0}  # Ray Train adds the GPU use_gpu implies
+    assert task_options(gpu.worker_resources()) == {"num_cpus": 8, "num_gpus": 1.0, "max_retries": 0}
+    # memory is a task option of its own (as a custom resource Ray refuses it); other keys are custom resources
+    custom = task_options({"CPU": 2, "GPU": 0.5, "memory": 2**34, "accelerator_type:H100": 0.01})
+    assert custom == {"num_cpus": 2, "num_gpus": 0.5, "max_retries": 0, "memory": 2**34,
+                      "resources": {"accelerator_type:H100": 0.01}}
+
+
+def test_register_as_is_refused_for_a_full_fine_tune_before_training():
+    with pytest.raises(ConfigError, match="track.register_as: the registry versions adapters, and method full"):
+        cfg(method={"type": "full"}, track={"register_as": "orders"})
+
+
 @pytest.mark.parametrize(("cluster", "message"), [
     ({"strategy": "fsdp"}, "cluster.strategy: fsdp shards the model across GPUs and needs cluster.use_gpu: true"),
     ({"use_gpu": True, "resources_per_worker": {"GPU": 0}}, "GPU must be above 0 with cluster.use_gpu: true"),

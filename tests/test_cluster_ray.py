@@ -105,7 +105,8 @@ def test_two_ray_workers_train_like_one_process_and_resume_to_the_same_adapter(t
     assert max((resumed[k] - b[k]).abs().max().item() for k in b) < 1e-6
 
 
-def test_run_evaluates_on_a_ray_worker_and_registers_what_it_measured(tiny_config, tmp_path, ray_session):
+def test_run_evaluates_on_a_ray_worker_and_registers_what_it_measured(tiny_config, tmp_path, ray_session,
+                                                                       monkeypatch):
     """cluster.eval_on: worker (what a GPU job gets by default): the eval of `tunelab run` is a Ray task that reads
     the run folder and writes eval/ into it; the driver records it and registers the version (track.register_as)."""
     import os
@@ -141,21 +142,22 @@ def test_run_evaluates_on_a_ray_worker_and_registers_what_it_measured(tiny_confi
     assert version.tags[GATE_PASSED_TAG] == "true" and version.run_id == stamp["run_id"]
 
     # A user mistake met on the worker (a broken row in an eval suite file) is one line naming file and line, and
-    # the run's eval is left as it was.
-    bad = tmp_path / "suite.jsonl"
-    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}\n{oops\n')
+    # the run's eval is left as it was. The path is relative to the driver's folder, as written in a config.
+    monkeypatch.chdir(tmp_path)
+    Path("suite.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", '
+                                   '"content": "ok"}]}\n{oops\n')
     broken = cfg.model_copy(deep=True)
-    broken.eval.suites[0].files = [bad]
+    broken.eval.suites[0].files = [Path("suite.jsonl")]
     before = (run / "eval" / "metrics.json").read_bytes()
-    with pytest.raises(DataError, match=rf"{bad}:2"):
+    with pytest.raises(DataError, match=r"suite\.jsonl:2"):
         pipeline.stage_eval(broken, RunPaths(run), after_training=True)
     assert (run / "eval" / "metrics.json").read_bytes() == before
 
 
 def test_a_worker_that_does_not_see_the_run_folder_says_so(tiny_config, tmp_path):
-    from tunelab.cluster.ray_eval import _eval_task
+    from tunelab.cluster.ray_eval import _measure_task
     from tunelab.errors import RunFolderError
 
     with pytest.raises(RunFolderError, match="does not see the trained run in .*: a worker evaluates from the run "
                                              "folder, so it must be on storage every node shares"):
-        _eval_task(tiny_config.model_dump(mode="json"), str(tmp_path / "elsewhere"))
+        _measure_task(tiny_config.model_dump(mode="json"), str(tmp_path / "elsewhere"), str(tmp_path))

@@ -94,7 +94,8 @@ def test_rayjob_and_configmap_match_the_kuberay_api_and_carry_the_config():
 
 
 def test_cpu_job_with_object_store_storage():
-    cfg = config(cluster={"num_workers": 3}, k8s__storage={"uri": "s3://bucket/tunelab"})
+    # No folder the pods share: no worker can read the adapter, so evaluating on the head must be asked for.
+    cfg = config(cluster={"num_workers": 3, "eval_on": "driver"}, k8s__storage={"uri": "s3://bucket/tunelab"})
     config_map, rayjob = emit(cfg)
     jsonschema.validate(rayjob, RAY_JOB)
     [group] = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
@@ -102,9 +103,9 @@ def test_cpu_job_with_object_store_storage():
     assert "nvidia.com/gpu" not in group["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert rayjob["spec"]["entrypoint"] == "tunelab run /etc/tunelab/config.yaml"
     shipped = validate_config(yaml.safe_load(config_map["data"]["config.yaml"]))
-    assert shipped.cluster.storage_path == "s3://bucket/tunelab"
-    # No folder the nodes share: the eval stays with the driver, beside the run folder.
-    assert shipped.cluster.eval_on == "auto" and not shipped.cluster.evaluates_on_worker()
+    assert shipped.cluster.storage_path == "s3://bucket/tunelab" and not shipped.cluster.evaluates_on_worker()
+    trains = emit(config(cluster={"num_workers": 3}, k8s__storage={"uri": "s3://bucket/tunelab"}, k8s__job="train"))
+    assert trains[1]["spec"]["entrypoint"] == "tunelab train /etc/tunelab/config.yaml"
 
 
 def test_the_job_can_train_only_or_register_what_it_evaluated():
@@ -137,7 +138,8 @@ def test_the_rayjob_schema_refuses_what_the_api_would(mutate):
     ({"k8s__image": None}, "k8s.image: set the container image"),
     ({"k8s__gpu_per_worker": 0}, "k8s.gpu_per_worker: is 0 but cluster.use_gpu is true"),
     ({"cluster__resources_per_worker": {"GPU": 4}}, "asks 4 GPUs per worker but a worker pod has k8s.gpu_per_worker=2"),
-    ({"k8s__storage": {"uri": "s3://b/x"}, "track__tracking_uri": None}, "track.tracking_uri: with k8s.storage.uri"),
+    ({"k8s__storage": {"uri": "s3://b/x"}, "track__tracking_uri": None, "k8s__job": "train"},
+     "track.tracking_uri: with k8s.storage.uri"),
     # KubeRay gives each pod's Ray as many CPUs as its limit: 2 workers of 4 CPUs cannot share a 4-CPU pod.
     ({"k8s__cpu_per_worker": "4"}, "a worker pod holds 2 worker(s) asking 4 CPUs each, 8 in all, but has "
                                    "k8s.cpu_per_worker=4 (Ray sees 4); workers could never start: raise "
@@ -148,6 +150,12 @@ def test_the_rayjob_schema_refuses_what_the_api_would(mutate):
     ({"model__name": "https://mirror.example.com/m?token=abc123"}, "model.name: holds credentials, which the job's "
                                                                   "ConfigMap would show"),
     ({"k8s__job": "train", "track__register_as": "orders"}, "track.register_as: the job only trains (k8s.job: train)"),
+    ({"k8s__storage": {"uri": "s3://b/x"}}, "k8s.job: run evaluates after training, and with k8s.storage.uri the pods "
+                                            "share no run folder, so no GPU worker can read the adapter: the eval "
+                                            "would run on the head pod (no GPU, k8s.head_cpu=2, head_memory=8Gi)"),
+    # What the pods would read is validated here: a worker eval with no shared folder is refused now, not in the job.
+    ({"k8s__storage": {"uri": "s3://b/x"}, "cluster__eval_on": "worker", "k8s__job": "train"},
+     "cluster.eval_on: worker reads the run folder on a Ray worker, but with an object-store storage_path"),
 ])
 def test_rayjob_refuses_combinations_that_cannot_run(changes, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -394,3 +394,24 @@ def test_run_registers_the_evaluated_adapter_also_when_the_gate_fails(tiny_confi
     assert version.run_id == run_id(Path(cfg.output.dir)) and version.tags["tunelab.gate_passed"] == "false"
     with pytest.raises(TunelabError, match="version 1 did not pass its eval gate"):
         promote("animals", "1", "champion", force=False, reason=None, uri=uri)
+
+
+def test_a_registry_that_does_not_answer_after_the_run_keeps_the_run_and_says_how_to_register_later(tiny_config,
+                                                                                                   tmp_path):
+    from tunelab.config_file import dump_config
+
+    port = free_port()  # nothing listens there
+    cfg = tiny_config.model_copy(deep=True)
+    cfg.track.enabled, cfg.track.tracking_uri, cfg.track.register_as = False, f"http://127.0.0.1:{port}", "animals"
+    config = tmp_path / "run.yaml"
+    config.write_text(dump_config(cfg))
+    done = subprocess.run([sys.executable, "-m", "tunelab", "run", str(config)], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "250"})
+    run = Path(cfg.output.dir)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert errors[0].startswith(f"error: registry register: MLflow at http://127.0.0.1:{port} is not answering")
+    assert errors[1:] == [f"error: the run and its eval are kept; once the store answers: tunelab registry register "
+                          f"{run} --name animals"]
+    assert (run / "adapter").is_dir() and json.loads((run / "eval" / "metrics.json").read_text())["suites"]
+    assert str(run) in done.stdout  # the run's summary was printed before the error

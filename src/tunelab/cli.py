@@ -73,6 +73,11 @@ def run(config: ConfigArg, set_: SetOpt = None, dry_run: Annotated[bool, typer.O
     print_summary(summary.run.root, summary.train, summary.eval.metrics)
     if summary.registered is not None:
         _print_registered(summary.run.root, cfg.track.register_as, summary.registered, summary.new_version)
+    if summary.registry_error is not None:
+        _exit_on_failed_gate(summary.eval.metrics, exit_now=False)
+        summary.registry_error.problems.append(f"the run and its eval are kept; once the store answers: tunelab "
+                                               f"registry register {summary.run.root} --name {cfg.track.register_as}")
+        raise summary.registry_error
     _exit_on_failed_gate(summary.eval.metrics)
 
 
@@ -329,14 +334,14 @@ def _print_data_summary(folder: Path, report: dict[str, Any]) -> None:
     out.print(f"report: {folder / 'report.md'}")
 
 
-def _exit_on_failed_gate(metrics: dict[str, Any]) -> None:
+def _exit_on_failed_gate(metrics: dict[str, Any], exit_now: bool = True) -> None:
     from tunelab.eval.gate import describe_failure
     from tunelab.eval.result import failed_rules
 
     failed = failed_rules(metrics.get("gate", []))
     for g in failed:
         print(f"gate failed: {describe_failure(g)}", file=sys.stderr)
-    if failed:
+    if failed and exit_now:
         sys.exit(1)
 
 

@@ -374,6 +374,14 @@ class RunConfig(Section):
     k8s: K8sConfig = Field(default_factory=K8sConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
 
+    @model_validator(mode="after")
+    def _registers_an_adapter(self) -> RunConfig:
+        # Said before training: the registry versions adapters, and a full fine-tune leaves none to register.
+        if self.track.register_as is not None and self.method.type == "full":
+            raise ValueError("track.register_as: the registry versions adapters, and method full trains the whole "
+                             "model (no adapter); drop register_as, or train an adapter (lora, qlora, ...)")
+        return self
+
 
 def unsafe_output_dir(folder: Path, config_file: Path | None = None) -> str | None:
     """Why `folder` may not be a run folder (None when it may): it is the file system root, the home folder,

@@ -67,10 +67,12 @@ class ClusterConfig(Section):
         return self.eval_on == "worker" or (self.use_gpu and shared_folder)
 
     def worker_resources(self) -> dict[str, float]:
-        """What each Ray worker reserves: the configured resources, or one CPU (and one GPU with use_gpu)."""
-        if self.resources_per_worker:
-            return dict(self.resources_per_worker)
-        return {"CPU": 1.0, "GPU": 1.0} if self.use_gpu else {"CPU": 1.0}
+        """What each Ray worker reserves: the configured resources, or one CPU; with use_gpu one GPU unless they
+        say how many (Ray Train adds it so)."""
+        resources = dict(self.resources_per_worker) if self.resources_per_worker else {"CPU": 1.0}
+        if self.use_gpu:
+            resources.setdefault("GPU", 1.0)
+        return resources
 
 
 class K8sStorageConfig(Section):

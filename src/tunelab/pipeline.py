@@ -23,7 +23,7 @@ from tunelab.artifacts import (
 from tunelab.config import TRL_OBJECTIVES, RunConfig
 from tunelab.config_file import dump_config
 from tunelab.data.prepare import Prepared, build_dataset, prepare_data
-from tunelab.errors import RunFolderError
+from tunelab.errors import RunFolderError, TunelabError
 from tunelab.model_facts import model_facts
 from tunelab.models import ModelSource, locate_model, pick_precision
 from tunelab.preflight import check_compatibility, training_device
@@ -116,6 +116,9 @@ def preflight(cfg: RunConfig, resume: bool = False) -> list[str]:
         f"precision: {_precision(cfg)}",
         f"training: {_training_place(cfg)}",
         f"eval after training (tunelab run): {_eval_place(cfg)}",
+        *(["warning: cluster.strategy fsdp shards the model across GPUs to train it; the eval loads it whole, in "
+           "float32, on one worker's GPU"] if cfg.cluster.evaluates_on_worker() and cfg.cluster.strategy == "fsdp"
+          else []),
         _gate_line(cfg),
         *([f"register (tunelab run): as {cfg.track.register_as}, gate verdict included"] if cfg.track.register_as
           else []),
@@ -345,6 +348,7 @@ class RunSummary:
     eval: Any
     registered: Any = None  # the model version track.register_as made (MLflow's ModelVersion), and whether new
     new_version: bool = False
+    registry_error: TunelabError | None = None  # registering failed (a store that does not answer): said last
 
 
 def run_all(cfg: RunConfig) -> RunSummary:
@@ -360,7 +364,10 @@ def run_all(cfg: RunConfig) -> RunSummary:
     if cfg.track.register_as is not None:  # also when the gate failed: the version records that, promotion refuses it
         from tunelab.registry import register
 
-        summary.registered, summary.new_version = register(run.root, cfg.track.register_as)
+        try:
+            summary.registered, summary.new_version = register(run.root, cfg.track.register_as)
+        except TunelabError as err:  # the run and its eval are done and kept: register later by hand
+            summary.registry_error = err
     return summary
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from tunelab.config import RunConfig
+from tunelab.config_file import validate_config
 from tunelab.errors import ConfigError
 from tunelab.redaction import uri_credentials
 
@@ -76,6 +77,11 @@ def check_rayjob(cfg: RunConfig) -> None:
     if k.storage.uri and uri_credentials(k.storage.uri):
         problems.append("k8s.storage.uri: holds credentials, which the manifest would show in clear; give the pods "
                         "access through k8s.service_account or k8s.secret_env (e.g. AWS_SECRET_ACCESS_KEY)")
+    if k.job == "run" and k.storage.uri and cfg.cluster.eval_on != "driver":
+        problems.append("k8s.job: run evaluates after training, and with k8s.storage.uri the pods share no run folder, "
+                        "so no GPU worker can read the adapter: the eval would run on the head pod (no GPU, "
+                        f"k8s.head_cpu={k.head_cpu}, head_memory={k.head_memory}); set cluster.eval_on: driver (and "
+                        "size the head) to accept that, use k8s.storage.pvc, or set k8s.job: train")
     if k.job == "train" and cfg.track.register_as:
         problems.append("track.register_as: the job only trains (k8s.job: train), so it would register nothing; set "
                         "k8s.job: run (train, evaluate, register)")
@@ -121,16 +127,17 @@ def _credentials_outside_secrets(cfg: RunConfig) -> list[str]:
 
 
 def job_config(cfg: RunConfig) -> RunConfig:
-    """The config the job runs: Ray backend on the job's own cluster, Ray storage on the object store if any."""
-    job = cfg.model_copy(deep=True)
-    job.cluster.backend = "ray"
-    job.cluster.ray_address = "auto"  # the RayJob's driver runs on the head of its own cluster
+    """The config the job runs: Ray backend on the job's own cluster, Ray storage on the object store if any.
+    Validated here as a whole, as the pods will read it: a combination they would refuse is refused now."""
+    raw = cfg.model_dump(mode="json")
+    cluster = raw["cluster"]
+    cluster.update(backend="ray", ray_address="auto")  # the RayJob's driver runs on the head of its own cluster
     if cfg.k8s.storage.uri:
-        job.cluster.storage_path = cfg.k8s.storage.uri
+        cluster["storage_path"] = cfg.k8s.storage.uri
     if cfg.cluster.eval_on == "auto" and cfg.k8s.storage.pvc:
         # The head pod is small and holds no GPU (it runs the driver only); the workers share the run folder.
-        job.cluster.eval_on = "worker"
-    return job
+        cluster["eval_on"] = "worker"
+    return validate_config(raw, "the job's config")
 
 
 def rayjob_manifests(cfg: RunConfig, config_yaml: str) -> list[dict[str, Any]]:

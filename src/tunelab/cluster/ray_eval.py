@@ -1,17 +1,19 @@
 """The eval stage on a Ray worker: `tunelab run` with `cluster.eval_on` resolving to worker.
 
 Training ran on the workers; the driver that follows it may have no GPU at all (a KubeRay head pod is started
-with none, and with `num-cpus: 0`). Evaluating there would generate every answer of base, tuned and few-shot on
-its CPU. So the eval runs as one Ray task holding one training worker's resources (its GPU): the same
-`evaluate_run`, reading the adapter and the data splits from the run folder and writing eval/ back into it,
-which is why the run folder must be on storage every node sees. The driver then records the result (manifest,
-MLflow run) as after a local eval.
+with none, and with `num-cpus: 0`). Generating every answer of base, tuned and few-shot there would run on its
+CPU. So the part of the eval that needs the model (`measure_run`: generation and scoring) runs as one Ray task
+holding one training worker's resources, its GPU included, reading the adapter and the data splits from the run
+folder, which is why that folder must be on storage every node sees. The task writes nothing: its metrics and
+rows come back, and the driver records them as after a local eval (`record_eval`: the judge, whose endpoint and
+key are the driver's, the gate, the report files, the manifest and the MLflow run).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,38 +21,61 @@ from tunelab.artifacts import RunPaths
 from tunelab.cluster.ray_runner import connect_ray, first_line, portable_config, user_error
 from tunelab.config import RunConfig
 from tunelab.errors import RunFolderError, TunelabError
+from tunelab.progress import console
+
+NOSET_CUDA = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 
 
 def evaluate_on_worker(cfg: RunConfig, run: RunPaths) -> Any:
-    """evaluate_run(cfg, run) in a Ray task with one worker's resources; returns its EvalResult."""
+    """evaluate_run(cfg, run), its generation in a Ray task with one worker's resources; returns its EvalResult."""
     import ray
     from ray.exceptions import RayError
 
-    resources = cfg.cluster.worker_resources()
-    options: dict[str, Any] = {"num_cpus": resources.pop("CPU", 1.0), "num_gpus": resources.pop("GPU", 0.0),
-                               "max_retries": 0}  # a retry would write a second eval over the first one's
-    if resources:
-        options["resources"] = resources
-    task = ray.remote(_eval_task).options(**options)
+    from tunelab.eval.run import record_eval
+
+    options = task_options(cfg.cluster.worker_resources())
+    task = ray.remote(_measure_task).options(**options)
     started_here = connect_ray(cfg)
+    ref = None
     try:
-        return ray.get(task.remote(portable_config(cfg, run).model_dump(mode="json"), str(run.root.resolve())))
+        console.print(f"eval: on a Ray worker holding {cfg.cluster.worker_resources()} (cluster.eval_on: "
+                      f"{cfg.cluster.eval_on}); waiting for one to be free")
+        ref = task.remote(portable_config(cfg, run).model_dump(mode="json"), str(run.root.resolve()), os.getcwd())
+        metrics, rows = ray.get(ref)
     except RayError as err:
         cause = user_error(err)
         if cause is not None:
             raise cause from None
         raise TunelabError(f"cluster: the eval on a Ray worker failed: {first_line(err)} (cluster.eval_on: driver "
                            "evaluates in this process instead)") from None
+    except BaseException:  # Ctrl-C: the task must not go on, on a remote cluster, after this process gave up on it
+        if ref is not None:
+            ray.cancel(ref, force=True)
+        raise
     finally:
         if started_here:
             ray.shutdown()
+    return record_eval(cfg, run, metrics, rows)
 
 
-def _eval_task(cfg_json: dict[str, Any], root: str) -> Any:
+def task_options(resources: dict[str, float]) -> dict[str, Any]:
+    """ray.remote options holding what one training worker holds (Ray Train's resources_per_worker)."""
+    left = dict(resources)
+    options: dict[str, Any] = {"num_cpus": left.pop("CPU", 1.0), "num_gpus": left.pop("GPU", 0.0),
+                               "max_retries": 0}  # a retry would generate every answer again, unasked
+    if "memory" in left:  # bytes of memory to reserve: its own option for a task, not a custom resource
+        options["memory"] = left.pop("memory")
+    if left:
+        options["resources"] = left
+    return options
+
+
+def _measure_task(cfg_json: dict[str, Any], root: str, driver_cwd: str) -> tuple[dict[str, Any], list[Any]]:
     """The body of the Ray task (package level, so a worker can import it)."""
+    import ray
     import torch
 
-    from tunelab.eval.run import evaluate_run
+    from tunelab.eval.run import measure_run
 
     cfg = RunConfig.model_validate(cfg_json)
     run = RunPaths(Path(root))
@@ -58,7 +83,19 @@ def _eval_task(cfg_json: dict[str, Any], root: str) -> Any:
         raise RunFolderError(f"cluster.eval_on: the Ray worker on {socket.gethostname()} does not see the trained run "
                              f"in {root}: a worker evaluates from the run folder, so it must be on storage every "
                              "node shares; set cluster.eval_on: driver to evaluate in the driver instead")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(0)  # Ray shows the task its own GPU(s) only
-    return evaluate_run(cfg, run, placement=f"Ray worker (pid {os.getpid()})")
-
+    gpus = ray.get_gpu_ids() if ray.is_initialized() else []
+    if not gpus and cfg.model.device == "auto":
+        cfg.model.device = "cpu"  # Ray 2.60 hides no GPU from a task that reserved none: use none
+    elif gpus and torch.cuda.is_available():
+        # Ray shows the task only its own GPU(s), numbered from 0, unless told not to.
+        torch.cuda.set_device(int(gpus[0]) if os.environ.get(NOSET_CUDA) else 0)
+    # The eval's relative paths (suite files, a JSON Schema, a metric module beside the config) are the driver's.
+    here, path_before = os.getcwd(), list(sys.path)
+    if Path(driver_cwd).is_dir():
+        os.chdir(driver_cwd)
+        sys.path.insert(0, driver_cwd)
+    try:
+        return measure_run(cfg, run, placement=f"Ray worker (pid {os.getpid()})")
+    finally:
+        os.chdir(here)
+        sys.path[:] = path_before

@@ -96,18 +96,26 @@ def _uncontaminated(cfg: RunConfig, suite: SuiteConfig, records: list[Record], t
     return [r for r in records if r.source not in leaked]
 
 
-def evaluate_run(cfg: RunConfig, run: RunPaths, folder: Path | None = None, placement: str = "this process"
-                 ) -> EvalResult:
-    """Evaluate the run and write its report to `folder` (default: the run's eval/, its evidence). `placement` is
-    recorded with the device and host that generated the answers (a Ray worker's eval says so)."""
-    import torch
-
+def evaluate_run(cfg: RunConfig, run: RunPaths, folder: Path | None = None) -> EvalResult:
+    """Evaluate the run and write its report to `folder` (default: the run's eval/, its evidence)."""
     # Benchmark tasks resolve and load their documents before any weights do: a task that cannot run stops here.
     task_manager = check_harness(cfg) if cfg.eval.harness is not None else None
     if cfg.objective.type == "reward":
         from tunelab.eval.reward_accuracy import evaluate_reward_run
 
         return evaluate_reward_run(cfg, run, folder or run.eval)
+    metrics, rows = measure_run(cfg, run, task_manager=task_manager)
+    return record_eval(cfg, run, metrics, rows, folder)
+
+
+def measure_run(cfg: RunConfig, run: RunPaths, placement: str = "this process", task_manager: Any = None
+                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Generate and score (metrics, per-example rows), writing nothing: the part of an eval that needs the model,
+    which a Ray worker's GPU can run (`placement` says where, with the device and host)."""
+    import torch
+
+    if task_manager is None and cfg.eval.harness is not None:
+        task_manager = check_harness(cfg)
     # Which weights these numbers are about: the registry refuses to pair them with an adapter trained since.
     trained_sha256 = sha256_folder(run.trained)
     # Evaluate in float32 without autocast: eval numbers must not depend on the training precision.
@@ -147,10 +155,18 @@ def evaluate_run(cfg: RunConfig, run: RunPaths, folder: Path | None = None, plac
                                                 "device": device_name(precision.device), "host": socket.gethostname(),
                                                 "placement": placement},
                        trained_sha256=trained_sha256)
+    return metrics, rows
+
+
+def record_eval(cfg: RunConfig, run: RunPaths, metrics: dict[str, Any], rows: list[dict[str, Any]],
+                folder: Path | None = None) -> EvalResult:
+    """The rest of an eval, where the run is recorded: the judge (its endpoint and key are this process's), the
+    gate, and the report files in `folder` (default: the run's eval/), written whole or not at all."""
+    systems = metrics["systems"]
     if cfg.eval.judge is not None:
         from tunelab.eval.judge import judge_rows
 
-        metrics["judge"] = judge_rows(cfg.eval.judge, rows, [s.name for s in systems])
+        metrics["judge"] = judge_rows(cfg.eval.judge, rows, systems)
     rules, metrics["gate_source"] = gate_rules(cfg.eval, cfg.objective.type)
     metrics["gate"], gate_error = gate_rows(rules, metrics)  # a rule naming an unmeasured number: raised below
     history = _read_metrics(run.metrics)
@@ -159,7 +175,7 @@ def evaluate_run(cfg: RunConfig, run: RunPaths, folder: Path | None = None, plac
         write_jsonl_atomic(tmp / "predictions.jsonl", rows)
         write_text_atomic(tmp / "report.md", render_markdown(metrics, rows, run.root.name))
         write_text_atomic(tmp / "report.html", render_html(metrics, rows, history, run.root.name))
-    problems = harness_problems(harness) + (gate_error.problems if gate_error is not None else [])
+    problems = harness_problems(metrics.get("harness")) + (gate_error.problems if gate_error is not None else [])
     if problems:  # the measured numbers are written; what could not be read from them is said now
         raise ConfigError(*problems)
     return EvalResult(metrics=metrics, rows=rows)
