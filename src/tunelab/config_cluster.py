@@ -37,10 +37,10 @@ class ClusterConfig(Section):
         "URI); the run's final adapter and loss curve come back from there. Default: RUN_DIR/ray.",
     )
     eval_on: Literal["auto", "driver", "worker"] = Field(
-        "auto", description="Ray: where `tunelab run` evaluates after training. worker: a Ray task holding one "
-        "worker's resources (its GPU), reading and writing the run folder, which every node must then share; "
-        "driver: this process. auto: a worker with use_gpu (the driver, e.g. a KubeRay head pod, may have no GPU) "
-        "unless storage_path is an object store (nodes share no folder), else the driver.",
+        "auto", description="Ray: where `tunelab run` generates and scores after training. worker: a Ray task "
+        "holding one worker's resources (its GPU), reading the adapter and splits from the run folder, which every "
+        "node must then share; driver: this process. auto: a worker with use_gpu (the driver, e.g. a KubeRay head "
+        "pod, may have no GPU) unless storage_path is an object store (nodes share no folder), else the driver.",
     )
 
     @model_validator(mode="after")
