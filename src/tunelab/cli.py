@@ -73,12 +73,13 @@ def run(config: ConfigArg, set_: SetOpt = None, dry_run: Annotated[bool, typer.O
     print_summary(summary.run.root, summary.train, summary.eval.metrics)
     if summary.registered is not None:
         _print_registered(summary.run.root, cfg.track.register_as, summary.registered, summary.new_version)
-    if summary.registry_error is not None:
-        _exit_on_failed_gate(summary.eval.metrics, exit_now=False)
+    gate_failed = _report_failed_gate(summary.eval.metrics)
+    if summary.registry_error is not None:  # an error outranks the gate's exit status 1
         summary.registry_error.problems.append(f"the run and its eval are kept; once the store answers: tunelab "
                                                f"registry register {summary.run.root} --name {cfg.track.register_as}")
         raise summary.registry_error
-    _exit_on_failed_gate(summary.eval.metrics)
+    if gate_failed:
+        sys.exit(1)
 
 
 def _print_preflight(cfg: Any, checked: list[str] | None = None) -> None:
@@ -334,15 +335,20 @@ def _print_data_summary(folder: Path, report: dict[str, Any]) -> None:
     out.print(f"report: {folder / 'report.md'}")
 
 
-def _exit_on_failed_gate(metrics: dict[str, Any], exit_now: bool = True) -> None:
+def _exit_on_failed_gate(metrics: dict[str, Any]) -> None:
+    if _report_failed_gate(metrics):
+        sys.exit(1)
+
+
+def _report_failed_gate(metrics: dict[str, Any]) -> bool:
+    """Print each failed gate rule; whether any failed."""
     from tunelab.eval.gate import describe_failure
     from tunelab.eval.result import failed_rules
 
     failed = failed_rules(metrics.get("gate", []))
     for g in failed:
         print(f"gate failed: {describe_failure(g)}", file=sys.stderr)
-    if failed and exit_now:
-        sys.exit(1)
+    return bool(failed)
 
 
 def _quiet_library_noise() -> None:
