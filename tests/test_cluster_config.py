@@ -35,15 +35,15 @@ def test_the_eval_after_training_goes_to_a_gpu_worker_unless_nodes_share_no_fold
     assert on_worker(backend="ray", eval_on="worker")
 
 
-def test_the_eval_task_holds_what_a_training_worker_holds():
-    from tunelab.cluster.ray_eval import task_options
+def test_the_eval_actor_holds_what_a_training_worker_holds():
+    from tunelab.cluster.ray_eval import actor_options
 
     gpu = cfg(cluster={"backend": "ray", "use_gpu": True, "resources_per_worker": {"CPU": 8}}).cluster
     assert gpu.worker_resources() == {"CPU": 8, "GPU": 1.0}  # Ray Train adds the GPU use_gpu implies
-    assert task_options(gpu.worker_resources()) == {"num_cpus": 8, "num_gpus": 1.0, "max_retries": 0}
-    # memory is a task option of its own (as a custom resource Ray refuses it); other keys are custom resources
-    custom = task_options({"CPU": 2, "GPU": 0.5, "memory": 2**34, "accelerator_type:H100": 0.01})
-    assert custom == {"num_cpus": 2, "num_gpus": 0.5, "max_retries": 0, "memory": 2**34,
+    assert actor_options(gpu.worker_resources()) == {"num_cpus": 8, "num_gpus": 1.0, "max_restarts": 0, "max_task_retries": 0}
+    # memory is an option of its own (as a custom resource Ray refuses it); other keys are custom resources
+    custom = actor_options({"CPU": 2, "GPU": 0.5, "memory": 2**34, "accelerator_type:H100": 0.01})
+    assert custom == {"num_cpus": 2, "num_gpus": 0.5, "max_restarts": 0, "max_task_retries": 0, "memory": 2**34,
                       "resources": {"accelerator_type:H100": 0.01}}
 
 
@@ -157,7 +157,8 @@ def test_dry_run_checks_the_ray_backend_and_says_where_training_runs(tiny_config
     assert "eval after training (tunelab run): this process" in lines
     tiny_config.cluster.eval_on, tiny_config.track.register_as = "worker", "animals"
     lines = pipeline.preflight(tiny_config)
-    assert "eval after training (tunelab run): a Ray task on a worker ({'CPU': 1.0}; cluster.eval_on: worker)" in lines
+    assert ("eval after training (tunelab run): a Ray worker ({'CPU': 1.0}; cluster.eval_on: worker; waits up to 900 s "
+            "for one to be free)") in lines
     assert "register (tunelab run): as animals, gate verdict included" in lines
     tiny_config.objective.type = "kto"
     with pytest.raises(ConfigError, match="objective kto runs with cluster.backend: local"):

@@ -154,6 +154,43 @@ def test_run_evaluates_on_a_ray_worker_and_registers_what_it_measured(tiny_confi
     assert (run / "eval" / "metrics.json").read_bytes() == before
 
 
+def test_no_free_worker_for_the_eval_stops_after_eval_wait_s_and_harms_nothing(tiny_config, tmp_path, ray_session,
+                                                                               capsys):
+    """A busy cluster: the eval's actor cannot be placed (it asks for more CPUs than the cluster has free). The run
+    waits cluster.eval_wait_s, saying what is free, then stops with one error; its actor is gone (the cluster's
+    CPUs are free again for other work) and nothing was written into the run folder."""
+    import ray
+
+    from tunelab.artifacts import RunPaths
+    from tunelab.cluster.ray_eval import EvalWorker, evaluate_on_worker, wait_until_placed
+    from tunelab.errors import TunelabError
+
+    cfg = _config(tiny_config, tmp_path / "run", 8, {"backend": "ray", "eval_on": "worker", "eval_wait_s": 1.5,
+                                                     "resources_per_worker": {"CPU": 64}}, track=False)
+    run = RunPaths(tmp_path / "run")
+    started = time.monotonic()
+    with pytest.raises(TunelabError, match=r"cluster\.eval_wait_s: no Ray worker with \{'CPU': 64\.0\} came free "
+                                           r"within 1\.5 s \(free now: \{'CPU': 2\.0.*\); the trained run is kept"):
+        evaluate_on_worker(cfg, run)
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "run").exists()
+    assert ray.is_initialized()  # the test's session, not one started by the eval, stays up
+
+    # The actor gave back what it held: one that needs both CPUs is placed at once.
+    both = ray.remote(EvalWorker).options(num_cpus=2).remote()
+    assert wait_until_placed(both, {"CPU": 2.0}, wait_s=60)
+    ray.kill(both)
+
+    # While it waits it says so, with what is free.
+    capsys.readouterr()
+    stuck = ray.remote(EvalWorker).options(num_cpus=64).remote()
+    with pytest.raises(TunelabError):
+        wait_until_placed(stuck, {"CPU": 64.0}, wait_s=1.0, every_s=0.3)
+    ray.kill(stuck)
+    said = " ".join(capsys.readouterr().err.split())
+    assert said.count("eval: still waiting for a Ray worker with {'CPU': 64.0}; free now: {'CPU': 2.0, 'memory': '") >= 2
+
+
 def test_a_worker_that_does_not_see_the_run_folder_says_so(tiny_config, tmp_path):
     from tunelab.cluster.ray_eval import _measure_task
     from tunelab.errors import RunFolderError

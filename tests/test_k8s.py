@@ -376,8 +376,8 @@ def test_the_heads_preflight_checks_the_gpu_workers_device(gpu_only, cpu_error, 
     assert on_gpu_workers.returncode == 0, on_gpu_workers.stderr
     assert "ok training: 4 Ray GPU workers (fsdp) on auto" in on_gpu_workers.stdout
     assert "ok precision: chosen by each Ray GPU worker on its own GPU from model.dtype: " in on_gpu_workers.stdout
-    assert ("ok eval after training (tunelab run): a Ray task on a worker ({'CPU': 4.0, 'GPU': 1.0}; cluster.eval_on: "
-            "worker)") in on_gpu_workers.stdout
+    assert ("ok eval after training (tunelab run): a Ray worker ({'CPU': 4.0, 'GPU': 1.0}; cluster.eval_on: "
+            "worker; waits up to 900 s for one to be free)") in on_gpu_workers.stdout
     assert not (mount / "runs").exists()  # a dry run writes nothing
 
     on_cpu_workers = head_preflight(cpu_workers)

@@ -37,10 +37,15 @@ class ClusterConfig(Section):
         "URI); the run's final adapter and loss curve come back from there. Default: RUN_DIR/ray.",
     )
     eval_on: Literal["auto", "driver", "worker"] = Field(
-        "auto", description="Ray: where `tunelab run` generates and scores after training. worker: a Ray task "
+        "auto", description="Ray: where `tunelab run` generates and scores after training. worker: a Ray actor "
         "holding one worker's resources (its GPU), reading the adapter and splits from the run folder, which every "
         "node must then share; driver: this process. auto: a worker with use_gpu (the driver, e.g. a KubeRay head "
         "pod, may have no GPU) unless storage_path is an object store (nodes share no folder), else the driver.",
+    )
+
+    eval_wait_s: float = Field(
+        900.0, gt=0, description="Ray, eval on a worker: how long `tunelab run` waits for a worker's resources to "
+        "come free before it stops with an error (the trained run is kept; `tunelab eval RUN_DIR` evaluates it later).",
     )
 
     @model_validator(mode="after")
@@ -60,7 +65,7 @@ class ClusterConfig(Section):
         return self
 
     def evaluates_on_worker(self) -> bool:
-        """Whether `tunelab run` evaluates in a Ray task (see eval_on)."""
+        """Whether `tunelab run` evaluates in a Ray actor (see eval_on)."""
         if self.backend != "ray" or self.eval_on == "driver":
             return False
         shared_folder = not (self.storage_path and "://" in self.storage_path)

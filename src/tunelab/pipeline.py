@@ -178,7 +178,9 @@ def _training_place(cfg: RunConfig) -> str:
 def _eval_place(cfg: RunConfig) -> str:
     if not cfg.cluster.evaluates_on_worker():
         return "this process"
-    return f"a Ray task on a worker ({cfg.cluster.worker_resources()}; cluster.eval_on: {cfg.cluster.eval_on})"
+    c = cfg.cluster
+    return (f"a Ray worker ({c.worker_resources()}; cluster.eval_on: {c.eval_on}; waits up to {c.eval_wait_s:g} s "
+            "for one to be free)")
 
 
 def stage_data(cfg: RunConfig, run: RunPaths, resume: bool = False, end_tracking: bool = False) -> Prepared:
