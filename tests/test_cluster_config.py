@@ -40,10 +40,11 @@ def test_the_eval_actor_holds_what_a_training_worker_holds():
 
     gpu = cfg(cluster={"backend": "ray", "use_gpu": True, "resources_per_worker": {"CPU": 8}}).cluster
     assert gpu.worker_resources() == {"CPU": 8, "GPU": 1.0}  # Ray Train adds the GPU use_gpu implies
-    assert actor_options(gpu.worker_resources()) == {"num_cpus": 8, "num_gpus": 1.0, "max_restarts": 0, "max_task_retries": 0}
+    no_retry = {"max_restarts": 0, "max_task_retries": 0}
+    assert actor_options(gpu.worker_resources()) == {"num_cpus": 8, "num_gpus": 1.0, **no_retry}
     # memory is an option of its own (as a custom resource Ray refuses it); other keys are custom resources
     custom = actor_options({"CPU": 2, "GPU": 0.5, "memory": 2**34, "accelerator_type:H100": 0.01})
-    assert custom == {"num_cpus": 2, "num_gpus": 0.5, "max_restarts": 0, "max_task_retries": 0, "memory": 2**34,
+    assert custom == {"num_cpus": 2, "num_gpus": 0.5, **no_retry, "memory": 2**34,
                       "resources": {"accelerator_type:H100": 0.01}}
 
 
