@@ -42,7 +42,6 @@ class ClusterConfig(Section):
         "node must then share; driver: this process. auto: a worker with use_gpu (the driver, e.g. a KubeRay head "
         "pod, may have no GPU) unless storage_path is an object store (nodes share no folder), else the driver.",
     )
-
     eval_wait_s: float = Field(
         900.0, gt=0, description="Ray, eval on a worker: how long `tunelab run` waits for a worker's resources to "
         "come free before it stops with an error (the trained run is kept; `tunelab eval RUN_DIR` evaluates it later).",
