@@ -82,6 +82,18 @@ def test_mask_covers_exactly_the_answer_and_the_families_end_of_turn(family, fam
     assert example.input_ids[:len(prompt)] == prompt and example.labels[len(prompt)] != -100
 
 
+
+@pytest.mark.parametrize("family", zoo.FAMILIES)
+def test_an_earlier_answer_quoted_in_the_user_turn_before_it_is_masked_where_the_assistant_says_it(family,
+                                                                                                 family_models):
+    tokenizer = load_tokenizer(family_models[family])
+    conversation = [{"role": "user", "content": "Repeat after me: cat"}, {"role": "assistant", "content": "cat"},
+                    {"role": "user", "content": "cat again?"}, {"role": "assistant", "content": "dog"}]
+    example = tokenize_conversation(tokenizer, conversation)
+    eot = zoo.END_OF_TURN[family]
+    # Searching the text for "cat" would label the user's "cat" and the end of the user's turn instead.
+    assert [run.strip() for run in labelled_runs(tokenizer, example)] == [f"cat{eot}", f"dog{eot}"]
+
 @pytest.mark.parametrize("family", zoo.FAMILIES)
 def test_modelfile_go_template_renders_like_the_jinja_template(family, family_models):
     tokenizer = load_tokenizer(family_models[family])

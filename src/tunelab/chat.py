@@ -208,9 +208,8 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[Message])
     A span covers the answer and the template's end-of-turn marker (so the model learns to stop), but not
     the whitespace the template prints after it. The last answer must follow exactly the prompt that eval and
     serving render for the conversation before it (else ModelError: train and inference prompts would differ).
-    Earlier answers are found in order in the rendering: some templates (Mistral's) move the system text into
-    the last user turn, so the rendering of a shorter conversation need not be a prefix of the whole one.
-    """
+    Earlier answers are located in the whole rendering, not in renderings of shorter conversations: some
+    templates (Mistral's) move the system text into the last user turn, so those need not be its prefixes."""
     full = render_conversation(tokenizer, messages)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     spans: list[tuple[int, int]] = []
@@ -227,10 +226,13 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[Message])
     from tunelab.families import end_of_turn
 
     marker = end_of_turn(tokenizer)
+    # Where the template shows each answer; a search of the text would find the first place its words occur,
+    # such as a user turn quoting them ("Repeat after me: cat"). Templates that rewrite contents fall back to it.
+    located = {i: start for i, start, _end in _content_spans(tokenizer, messages, full, render_conversation) or []}
     cursor = 0
     for i in turns[:-1]:
         content = messages[i]["content"].strip()
-        start = full.find(content, cursor)
+        start = full.find(content, located.get(i, cursor))
         if not content or start < 0 or start >= len(prompt):
             raise ModelError(f"chat template does not write assistant message {i} as given; cannot mask its loss")
         spans.append((start, _answer_end(full, start + len(content), marker)))
@@ -253,7 +255,6 @@ def _answer_end(full: str, end: int, marker: str | None) -> int:
 
 def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> TokenizedExample:
     """Token ids of the whole conversation, with labels only on assistant tokens (IGNORE_INDEX elsewhere).
-
     Marker text inside a message's content is ordinary text, as in serving (encode_prompt_safely): a training
     row cannot forge a turn, and the model never learns to emit a marker from a message that quotes one."""
     text, spans = assistant_spans(tokenizer, messages)
@@ -281,16 +282,12 @@ def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Mes
     return TokenizedExample(ids, labels)
 
 
-
 def encode_records(
     tokenizer: PreTrainedTokenizerBase, records: list[Record], system_prompt: str | None, max_length: int
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Tokenize records for training or loss evaluation.
-
-    Returns the encoded examples ({"id", "input_ids", "labels"}, plus "replay": True for rehearsal rows) and
-    the ids of records dropped for exceeding `max_length` tokens (dropped, not truncated: truncation would cut
-    off the answer).
-    """
+    """Tokenize records for training or loss evaluation: the encoded examples ({"id", "input_ids", "labels"},
+    "replay": True for rehearsal rows) and the ids of records over `max_length` tokens (dropped, not truncated:
+    truncation would cut off the answer)."""
     encoded, too_long = [], []
     for record in records:
         ex = tokenize_conversation(tokenizer, with_system_prompt(record.messages, system_prompt))
@@ -362,14 +359,28 @@ def _encoder(tokenizer: PreTrainedTokenizerBase, split_special_tokens: bool) -> 
 def _content_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[Message], text: str,
                     render: Any) -> list[tuple[str, bool]] | None:
     """`text` (`render(tokenizer, messages)`: render_prompt or render_conversation) cut into (piece,
-    is_content) parts, or None where it cannot be. The contents are located by rendering with a unique
-    placeholder in place of each; templates that trim contents are allowed for."""
+    is_content) parts, or None where it cannot be."""
+    if (spans := _content_spans(tokenizer, messages, text, render)) is None:
+        return None
+    pieces, at = [], 0
+    for _, start, end in spans:
+        pieces += [(text[at:start], False), (text[start:end], True)]
+        at = end
+    return [*pieces, (text[at:], False)]
+
+
+def _content_spans(tokenizer: PreTrainedTokenizerBase, messages: list[Message], text: str,
+                   render: Any) -> list[tuple[int, int, int]] | None:
+    """(message index, start, end) of each message's content in `text`, in the order the template shows them,
+    or None where they cannot be told apart. The contents are located by rendering with a unique placeholder
+    in place of each (so a content quoted in another message is never mistaken for it); templates that trim
+    contents are allowed for."""
     import uuid
 
     tag = uuid.uuid4().hex
     holders = [f"{tag}{i}x" for i in range(len(messages))]
     masked = render(tokenizer, [{**m, "content": h} for m, h in zip(messages, holders)])
-    pieces: list[tuple[str, bool]] = []
+    spans: list[tuple[int, int, int]] = []
     at, rest = 0, masked
     # In the order the template shows them (Mistral's puts the system message into the last user turn).
     shown_order = sorted((masked.find(h), i) for i, h in enumerate(holders) if h in masked)
@@ -377,17 +388,13 @@ def _content_pieces(tokenizer: PreTrainedTokenizerBase, messages: list[Message],
         before, _, after = rest.partition(holders[i])
         if not text.startswith(before, at):
             return None
-        pieces.append((before, False))
         at += len(before)
         content = messages[i]["content"]
         shown = next((c for c in (content, content.strip(), content.lstrip(), content.rstrip())
                       if text.startswith(c, at)), None)
         if shown is None:
             return None
-        pieces.append((shown, True))
+        spans.append((i, at, at + len(shown)))
         at += len(shown)
         rest = after
-    if text[at:] != rest:
-        return None
-    pieces.append((rest, False))
-    return pieces
+    return spans if text[at:] == rest else None
