@@ -8,11 +8,14 @@ marker tokens) get a template from `data.chat_template`; its markers become trai
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -245,6 +248,13 @@ def test_cpt_on_a_base_model_needs_no_template(base_models, tmp_path):
     assert all(v["perplexity"] > 1 for v in suite["systems"].values())
     assert [g["rule"] for g in metrics["gate"]] == ["tuned.eval_loss < base.eval_loss"]
     assert "| tuned |" in (run.eval / "report.md").read_text()
+    # Served, the run and its base chat in that same template (a tokenizer without one was a 500 on every chat).
+    prompt = chat_tokenizer(run.adapter, None)(render_prompt(chat_tokenizer(run.adapter, None), TURN[:1]),
+                                               add_special_tokens=False)["input_ids"]
+    with _served(run) as client:
+        for model in ("tuned", "base"):
+            reply = client.chat.completions.create(model=model, messages=TURN[:1], max_tokens=2, temperature=0)
+            assert reply.usage.prompt_tokens == len(prompt)
 
 
 def _reload_with_plain_peft_matches(cfg, run, base_folder: Path) -> None:
@@ -310,22 +320,7 @@ def test_each_family_is_served_with_its_template_and_stop_token(family, family_r
 def _served_answers_are_evals(run, markers: tuple[str, ...]) -> None:
     """A real `tunelab serve` process answers eval's test prompts, through the openai client, exactly as eval did,
     stopping at the template's end of turn with no marker text in the answer."""
-    import os
-    import subprocess
-    import sys
-
-    from openai import OpenAI
-
-    from tests.serve.conftest import free_port, wait_until_healthy
-
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", f"tuned={run.root}", "--port",
-                                str(port)], env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until_healthy(url, process)
-        client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    with _served(run) as client:
         predictions = [json.loads(line) for line in (run.eval / "predictions.jsonl").read_text().splitlines()]
         for row in predictions[:3]:
             reply = client.chat.completions.create(
@@ -345,6 +340,27 @@ def _served_answers_are_evals(run, markers: tuple[str, ...]) -> None:
             again = client.chat.completions.create(
                 model="tuned", messages=[{"role": "user", "content": row["prompt"]}], max_tokens=40, temperature=0)
             assert again.choices[0].message.content == row["outputs"]["tuned"]
+
+
+@contextlib.contextmanager
+def _served(run) -> Iterator[Any]:
+    """An openai client of a real `tunelab serve` process serving `run` as `tuned` beside its base."""
+    import os
+    import subprocess
+    import sys
+
+    from openai import OpenAI
+
+    from tests.serve.conftest import free_port, wait_until_healthy
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", f"tuned={run.root}", "--port",
+                                str(port)], env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_healthy(url, process)
+        yield OpenAI(base_url=f"{url}/v1", api_key="unused")
     finally:
         process.terminate()
         process.wait(timeout=15)

@@ -29,6 +29,7 @@ class AdapterSpec:
     base_folder: Path
     system_prompt: str | None
     rank: int
+    chat_template: str | None = None  # the run's data.chat_template: what a run that saved no template chats in
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "run_dir": str(self.run_dir), "rank": self.rank}
@@ -139,7 +140,17 @@ def _resolve_adapter(name: str, source: str, roots: list[Path] | None, tracking_
     return AdapterSpec(
         name=name, run_dir=run_dir, source=source, adapter_dir=adapter_dir, base_folder=resolve_model(cfg.model),
         system_prompt=cfg.data.system_prompt, rank=int(adapter_config.get("r", 8)),
+        chat_template=cfg.data.chat_template,
     )
+
+
+def adapter_tokenizer(spec: AdapterSpec) -> Any:
+    """The tokenizer the adapter's run trained with, ready to chat. A run trained on raw text (cpt on a base
+    model) saved no template: it chats in its data.chat_template written as text, as eval and `tunelab chat` do."""
+    from tunelab.artifacts import RunPaths
+    from tunelab.chat import chat_tokenizer
+
+    return chat_tokenizer(RunPaths(spec.run_dir).trained, spec.chat_template)
 
 
 def check_same_base(spec: AdapterSpec, base_folder: Path | None) -> None:

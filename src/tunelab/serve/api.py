@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 
 from tunelab.errors import ModelError, ServeError
 from tunelab.families import gap_before_end, stop_texts, stop_token_ids
-from tunelab.serve.adapters import BASE_NAME, check_name, check_same_base, resolve_adapter
+from tunelab.serve.adapters import BASE_NAME, adapter_tokenizer, check_name, check_same_base, resolve_adapter
 from tunelab.serve.bodies import AdapterBody, ChatBody, CompletionBody, Sampling
 from tunelab.serve.engine import Engine, GenRequest
 from tunelab.serve.guard import Guard
@@ -148,10 +148,7 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
             spec = await asyncio.to_thread(resolve_adapter, body.name, body.path, settings.allowed_roots,
                                            settings.tracking_uri, settings.allowed_registry)
             check_same_base(spec, settings.base_folder)
-            from tunelab.artifacts import RunPaths
-            from tunelab.models import load_tokenizer
-
-            tokenizer = await asyncio.to_thread(load_tokenizer, RunPaths(spec.run_dir).trained)
+            tokenizer = await asyncio.to_thread(adapter_tokenizer, spec)
             await asyncio.to_thread(engine.load_adapter, spec)
             tokenizers[spec.name] = tokenizer
             return {"loaded": spec.describe(), "models": engine.model_names()}

@@ -17,6 +17,7 @@ from typing import Any
 from tunelab.serve.adapters import (
     AdapterSpec,
     ServeError,
+    adapter_tokenizer,
     check_same_base,
     parse_adapter_arg,
     registry_name,
@@ -132,7 +133,6 @@ def build_server(options: ServeOptions) -> tuple[Any, Any]:
     """(FastAPI app, Engine) with the base and every adapter loaded."""
     import torch
 
-    from tunelab.artifacts import RunPaths
     from tunelab.chat import setup_chat_template
     from tunelab.models import Precision, load_model, load_tokenizer, pick_device
     from tunelab.serve.api import ServerSettings, create_app
@@ -147,7 +147,7 @@ def build_server(options: ServeOptions) -> tuple[Any, Any]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if options.dtype != "auto":
         dtype = getattr(torch, options.dtype)
-    adapter_tokenizers = {spec.name: load_tokenizer(RunPaths(spec.run_dir).trained) for spec in specs}
+    adapter_tokenizers = {spec.name: adapter_tokenizer(spec) for spec in specs}
     base_tokenizer = load_tokenizer(base_folder)
     if not base_tokenizer.chat_template and adapter_tokenizers:
         # A base model without a template chats in its first adapter's (as `base` does in eval): the adapter's
