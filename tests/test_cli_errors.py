@@ -58,6 +58,21 @@ def copy_run(lora_run: Path, folder: Path, tracking_uri: str | None = None) -> P
     return folder
 
 
+@pytest.mark.parametrize(("args", "says"), [
+    (["run"], "Missing argument 'config'"),
+    (["run", "x.yaml", "--bogus"], "No such option: --bogus"),
+    (["serve", "--port", "abc"], "Invalid value for '--port'"),
+    (["run", "x.yaml", "--set"], "Option '--set' requires an argument"),
+    (["registry", "register", "runs/x"], "Missing option '--name'"),
+    (["nosuchcmd"], "No such command 'nosuchcmd'"),
+])
+def test_command_line_usage_mistakes_are_one_usage_error_not_a_traceback(args, says):
+    done = tunelab(*args)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and says in last, done.stderr[-3000:]
+
+
 def test_eval_refuses_a_negative_max_examples(lora_run):
     one_error(tunelab("eval", str(lora_run), "--max-examples", "-1"), "--max-examples -1")
     one_error(tunelab("eval", str(lora_run), "--max-examples", "0"), "--max-examples 0")  # not "no limit"

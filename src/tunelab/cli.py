@@ -12,10 +12,10 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.table import Table
 from typer.core import TyperOption
+from typer.exceptions import TyperException
 
 from tunelab import __version__
 from tunelab.cli_common import ConfigArg, SetOpt, UriOpt, out, print_summary
@@ -27,7 +27,7 @@ from tunelab.errors import ConfigError, TunelabError
 _type_column = TyperOption.display_type_rich
 
 
-def _no_type_on_flags(self: TyperOption, ctx: click.Context) -> str | None:
+def _no_type_on_flags(self: TyperOption, ctx: typer.Context) -> str | None:
     """Help's type column: a flag takes no value, so it shows none (typer would print `<bool>`)."""
     return None if self.is_flag else _type_column(self, ctx)
 
@@ -371,10 +371,10 @@ def main() -> None:
         for problem in err.problems:  # a message may quote an endpoint (a judge's, HF_ENDPOINT): no credentials
             print(f"error: {redact_uris(problem)}", file=sys.stderr)
         sys.exit(err.exit_code)
-    except click.exceptions.ClickException as err:
+    except TyperException as err:  # a usage mistake; typer carries its own click, whose errors are not click's
         err.show()
         sys.exit(err.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:
