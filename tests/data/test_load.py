@@ -147,7 +147,8 @@ def test_a_non_utf8_byte_in_a_csv_or_json_file_is_one_bad_row(tmp_path):
     loaded = load_source(csv_file, on_error="skip")
     assert [r.messages[0]["content"] for r in loaded.records] == ["first", "last"]
     assert [(s.where, s.problem) for s in loaded.skipped] == [
-        (f"{csv_file} row 3", "not valid UTF-8; re-save latin1.csv as UTF-8")]
+        (f"{csv_file} row 3", "not valid UTF-8 (bytes that are not UTF-8, or a lone \\ud800-\\udfff escape); re-save "
+                              "latin1.csv as UTF-8 text")]
     with pytest.raises(DataError, match=r"latin1.csv row 3: not valid UTF-8"):
         load_records(csv_file)
     json_file = tmp_path / "latin1.json"
@@ -158,6 +159,34 @@ def test_a_non_utf8_byte_in_a_csv_or_json_file_is_one_bad_row(tmp_path):
     header.write_bytes(b"instruction,outp\xfct\nfirst,x\n")
     with pytest.raises(DataError, match=r"header.csv row 1: the header is not valid UTF-8"):
         load_source(header, on_error="skip")
+
+
+def test_json_that_parses_but_is_not_data_is_one_bad_row_each(tmp_path):
+    # A lone surrogate escape is valid JSON but no text (the tokenizer raised a TypeError naming nothing); NaN
+    # would be written back as invalid JSON; a key given twice would silently keep the last value.
+    bad = {3: '{"instruction": "hi \\ud800", "output": "x"}', 5: '{"instruction": "a", "output": NaN}',
+           7: '{"instruction": "a", "output": "x", "output": "OTHER"}', 8: '{"instruction": {"a": 1, "a": 2}}'}
+    lines = [json.dumps(row) for row in animal_rows(10)]
+    for line, text in bad.items():
+        lines[line - 1] = text
+    path = tmp_path / "odd.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    loaded = load_source(path, on_error="skip")
+    assert len(loaded.records) == 6
+    assert [(s.where, s.problem.split(" (")[0].split(";")[0]) for s in loaded.skipped] == [
+        (f"{path}:3", "not valid UTF-8"), (f"{path}:5", "invalid JSON: NaN is not a JSON value"),
+        (f"{path}:7", "invalid JSON: key 'output' appears twice in one object"),
+        (f"{path}:8", "invalid JSON: key 'a' appears twice in one object")]
+    with pytest.raises(DataError, match=r"odd.jsonl:3: not valid UTF-8"):
+        load_records(path)
+    whole = tmp_path / "odd.json"
+    whole.write_text('[{"instruction": "a", "output": "x"}, {"instruction": "b", "output": Infinity}]')
+    with pytest.raises(DataError, match=r"odd.json: invalid JSON: Infinity is not a JSON value"):
+        load_records(whole)
+    csv_file = tmp_path / "twice.csv"
+    csv_file.write_text("instruction,output,output\nq,a,OTHER\n")
+    with pytest.raises(DataError, match=r"twice.csv row 1: column 'output' appears twice in the header"):
+        load_source(csv_file, on_error="skip")
 
 
 def test_explicit_format_is_enforced(tmp_path):

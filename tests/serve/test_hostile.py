@@ -39,17 +39,32 @@ def test_poisoned_requests_do_not_fail_the_innocent_ones_batched_with_them(serve
         lambda: chat(c, "alpha", "hi", temperature=0.7, seed=2**70),  # overflowed torch's seed: 500 for the batch
         lambda: chat(c, "alpha", "hi", temperature=1e-300),  # logits / 1e-300 = inf: NaN probabilities
         lambda: c.completions.create(model="base", prompt="", max_tokens=4).choices[0].text,
+        lambda: chat(c, "alpha", "hi", temperature=1.0, top_p=1e-60),  # 0 in float32: no token kept, a 500
+        # A lone surrogate escape is valid JSON but no text: no tokenizer or log line could encode it (a 500).
+        lambda: _raw_chat(server, b'"model": "alpha", "messages": [{"role": "user", "content": "hi \\ud800"}]'),
+        lambda: _raw_chat(server, b'"model": "\\udfff", "messages": [{"role": "user", "content": "hi"}]'),
     ]
     with ThreadPoolExecutor(max_workers=16) as pool:
         bad = [pool.submit(p) for p in poison * 2]
         good = [pool.submit(chat, c, model, prompt) for model, prompt in INNOCENT * 3]
         assert [f.result() for f in good] == alone * 3
         for i, f in enumerate(bad):
-            if i % 3 == 1:
-                assert f.result() == greedy  # a temperature below 1e-5 decodes greedily
+            if i % len(poison) in (1, 3):
+                assert f.result() == greedy  # temperature below 1e-5, or top_p keeping only the likeliest token
             else:
-                with pytest.raises(openai.BadRequestError, match="seed|prompt is empty"):
+                with pytest.raises(openai.BadRequestError, match="seed|prompt is empty|lone surrogate"):
                     f.result()
+
+
+def _raw_chat(url: str, fields: bytes) -> str:
+    """A chat request sent as raw JSON text (the openai client cannot send what is not text), errors raised as the
+    client raises them."""
+    reply = httpx.post(f"{url}/v1/chat/completions", content=b"{" + fields + b', "max_tokens": 8}', timeout=120,
+                       headers={**AUTH, "Content-Type": "application/json"})
+    if reply.status_code == 400:
+        raise openai.BadRequestError(reply.json()["error"]["message"], response=reply, body=reply.json())
+    reply.raise_for_status()
+    return reply.json()["choices"][0]["message"]["content"]
 
 
 def test_a_row_that_fails_inside_the_engine_fails_alone(live_server) -> None:

@@ -76,8 +76,8 @@ def _loads(text: str) -> Any:
     """json.loads, with what it raises for hostile input (runaway nesting, integers over Python's digit
     limit) turned into JSONDecodeError-like ValueErrors with a readable message."""
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
+        value = json.loads(text, object_pairs_hook=_object, parse_constant=_no_constant)
+    except (json.JSONDecodeError, _NotData):
         raise
     except RecursionError:
         raise ValueError(f"nested more than {MAX_ROW_DEPTH} levels deep") from None
@@ -86,6 +86,25 @@ def _loads(text: str) -> Any:
     if _depth(value) > MAX_ROW_DEPTH:
         raise ValueError(f"nested more than {MAX_ROW_DEPTH} levels deep")
     return value
+
+
+class _NotData(ValueError):
+    """JSON that parses but cannot be meant as data: its message is the problem."""
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object; a key given twice is refused (json would silently keep the last, e.g. the wrong answer)."""
+    row = dict(pairs)
+    if len(row) < len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _NotData(f"key {twice[:80]!r} appears twice in one object")
+    return row
+
+
+def _no_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON; Python's json reads them and writes them back as invalid JSON."""
+    raise _NotData(f"{name} is not a JSON value (write null or a number)")
 
 
 def _decode(raw: bytes) -> str:
@@ -99,7 +118,8 @@ def _not_utf8(row: Any, path: Path) -> BadRow | None:
     try:
         json.dumps(row, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
-        return BadRow(f"not valid UTF-8; re-save {path.name} as UTF-8")
+        return BadRow(f"not valid UTF-8 (bytes that are not UTF-8, or a lone \\ud800-\\udfff escape); re-save "
+                      f"{path.name} as UTF-8 text")
     return None
 
 
@@ -125,7 +145,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Row | BadRow]]:
             if not isinstance(row, dict):
                 yield where, BadRow(f"expected a JSON object per line, got {type(row).__name__}")
                 continue
-            yield where, row
+            yield where, _not_utf8(row, path) or row
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Row | BadRow]]:
@@ -165,6 +185,10 @@ def _read_csv(path: Path) -> Iterator[tuple[str, Row | BadRow]]:
             return
         if _not_utf8(header, path):  # every row's keys: the file, not a row, is unreadable
             raise DataError(f"{path} row 1: the header is not valid UTF-8; re-save {path.name} as UTF-8")
+        if len(set(header)) < len(header):
+            seen: set[str] = set()
+            twice = next(name for name in header if name in seen or seen.add(name))
+            raise DataError(f"{path} row 1: column {twice[:80]!r} appears twice in the header; rename one")
         rowno = 1
         for rowno, values in enumerate(reader, start=2):
             if not any(v.strip() for v in values):

@@ -10,10 +10,33 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tunelab.data.records import join_text_parts
 from tunelab.errors import NonTextPart
+
+
+class TextBody(BaseModel):
+    """A body whose strings are all text: JSON's \\ud800-\\udfff escapes parse into lone surrogates, which no
+    tokenizer or log line can encode (each was a 500 deep inside the request)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        stack = [data]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, dict):
+                stack += [*item.keys(), *item.values()]
+            elif isinstance(item, list):
+                stack += item
+            elif isinstance(item, str) and not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError("a string holds a lone surrogate escape (\\ud800-\\udfff), which is not "
+                                     "text") from None
+        return data
 
 
 class Message(BaseModel):
@@ -39,7 +62,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class Sampling(BaseModel):
+class Sampling(TextBody):
     model_config = ConfigDict(extra="ignore")
     model: str
     max_tokens: int | None = Field(None, gt=0)
@@ -93,7 +116,7 @@ class CompletionBody(Sampling):
             ("echo", self.echo), ("best_of", self.best_of not in (None, 1)), ("suffix", bool(self.suffix))) if is_set]
 
 
-class AdapterBody(BaseModel):
+class AdapterBody(TextBody):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(..., max_length=64)
     path: str = Field(..., max_length=4096)

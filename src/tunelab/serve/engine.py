@@ -224,7 +224,8 @@ class Engine:
         probs = torch.softmax(logits.cpu() / r.temperature, dim=-1)  # the seeded generator lives on the CPU
         if r.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
-            keep = sorted_probs.cumsum(-1) - sorted_probs < r.top_p  # always keeps the most likely token
+            keep = sorted_probs.cumsum(-1) - sorted_probs < r.top_p
+            keep[0] = True  # the most likely token, also where top_p rounds to 0 in float32 (1e-60)
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
         return int(torch.multinomial(probs, 1, generator=generator))
 
