@@ -106,6 +106,29 @@ def test_data_manifest_holds_no_uri_credentials(tmp_path, tiny_model_dir, monkey
     assert stored["data"]["system_prompt"] == raw["data"]["system_prompt"]
 
 
+def test_a_real_server_run_prints_no_credentials_of_its_tracking_uri(tmp_path, tiny_model_dir):
+    """MLflow prints "View run at URI/#/..." with the tracking URI as given: with user:password@ in it, that line
+    put the password in every log of `data prep` and training."""
+    from tests.conftest import animal_rows, write_jsonl
+    from tests.test_track import client_for, free_port, start_server, stop_server
+
+    (tmp_path / "server").mkdir()
+    port = free_port()
+    server = start_server(tmp_path / "server", port)
+    try:
+        write_jsonl(tmp_path / "train.jsonl", animal_rows(20))
+        raw = {"model": {"name": str(tiny_model_dir)}, "data": {"train": str(tmp_path / "train.jsonl")},
+               "track": {"tracking_uri": f"http://alice:s3cr3tpass@127.0.0.1:{port}"},
+               "output": {"dir": str(tmp_path / "run")}}
+        done = run_cli("data", "prep", str(write_yaml(tmp_path / "c.yaml", raw)))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert not leaks(done.stdout + done.stderr), done.stdout[-3000:]
+        logged = client_for(f"http://127.0.0.1:{port}").search_runs(["0", "1"])
+        assert [run.info.status for run in logged] == ["FINISHED"]  # it did log, through the credentialed URI
+    finally:
+        stop_server(server)
+
+
 K8S = {
     "data": {"train": "data/train.jsonl"},
     "output": {"dir": "runs/orders"},
