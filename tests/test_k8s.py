@@ -280,6 +280,9 @@ def test_inference_service_refuses_adapters_it_cannot_reach(registry):
     ok = lookup_version("models:/order-extractor@champion", registry)
     with pytest.raises(ConfigError, match="k8s.storage.pvc: the adapters are served from the shared volume"):
         inference_service(config(k8s__storage={"uri": "s3://b/x"}), "x", [("order-extractor", ok)])
+    with pytest.raises(ConfigError, match="--base-uri: holds credentials") as refused:
+        inference_service(config(), "x", [("order-extractor", ok)], "https://bob:hunter2@models.example.com/smol")
+    assert "hunter2" not in str(refused.value)
     local = lookup_version("models:/local-base@champion", registry)
     with pytest.raises(ConfigError, match="no download location known for base model '/models/llama'; pass --base-uri"):
         inference_service(config(), "x", [("local-base", local)])

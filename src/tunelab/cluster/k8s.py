@@ -278,7 +278,10 @@ def inference_service(cfg: RunConfig, name: str, adapters: list[tuple[str, Any]]
                         "one InferenceService serves one base")
     base = bases.pop() if len(bases) == 1 else cfg.model.name
     storage_uri = base_uri or BASE_MODEL_URIS.get(base)
-    if storage_uri is None:
+    if base_uri and uri_credentials(base_uri):
+        problems.append("--base-uri: holds credentials, which the manifest would show in clear; give the predictor "
+                        "access through k8s.service_account (or a storage secret it names) instead")
+    elif storage_uri is None:
         problems.append(f"kserve: no download location known for base model {base!r}; pass --base-uri "
                         "(hf://ORG/MODEL, s3://..., or pvc://CLAIM/path)")
     if not k.storage.pvc:
