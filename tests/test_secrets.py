@@ -259,3 +259,48 @@ def test_error_messages_name_endpoints_without_their_credentials(tmp_path):
     _record_error(run, TunelabError("eval.judge: the judge at https://judge:hunter2@llm.example.com/v1 failed"))
     recorded = (run.root / ERROR_FILE).read_text()
     assert "llm.example.com" in recorded and "hunter2" not in recorded
+
+
+def test_a_judge_that_echoes_the_key_it_was_sent_does_not_put_it_in_the_error(tmp_path, monkeypatch):
+    """A real HTTP endpoint answering 401 as OpenAI's does, quoting the key: the error names the endpoint only."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tunelab.artifacts import RunPaths
+    from tunelab.config import JudgeConfig
+    from tunelab.errors import TunelabError
+    from tunelab.eval.judge import judge_rows
+    from tunelab.redaction import redact_message
+    from tunelab.sweep.trial import ERROR_FILE, _record_error
+
+    class EchoesTheKey(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"error": {"message": f"Incorrect API key provided: {self.headers['Authorization']}",
+                                         "type": "invalid_request_error", "code": "invalid_api_key"}}).encode()
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), EchoesTheKey)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("MY_JUDGE", JUDGE_KEY)  # a name that does not look like a secret's: only judge.py knows
+        cfg = JudgeConfig(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="j", api_key_env="MY_JUDGE")
+        rows = [{"prompt": "q", "reference": "r", "outputs": {"tuned": "a"}}]
+        with pytest.raises(TunelabError, match="Incorrect API key provided: Bearer \\*\\*\\*") as failed:
+            judge_rows(cfg, rows, ["tuned"])
+        assert not leaks(str(failed.value))
+    finally:
+        server.shutdown()
+    # Secret-named variables' values are removed from any message shown (the CLI) or stored (a sweep trial's error).
+    monkeypatch.setenv("SOME_API_KEY", "s3cr3tpass-value")
+    assert redact_message("refused: Bearer s3cr3tpass-value") == "refused: Bearer ***"
+    run = RunPaths(tmp_path / "trial")
+    _record_error(run, TunelabError("the endpoint said: s3cr3tpass-value is not valid"))
+    assert not leaks((run.root / ERROR_FILE).read_text())

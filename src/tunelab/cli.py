@@ -366,10 +366,10 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except TunelabError as err:
-        from tunelab.redaction import redact_uris
+        from tunelab.redaction import redact_message
 
-        for problem in err.problems:  # a message may quote an endpoint (a judge's, HF_ENDPOINT): no credentials
-            print(f"error: {redact_uris(problem)}", file=sys.stderr)
+        for problem in err.problems:  # a message may quote an endpoint (a judge's, HF_ENDPOINT) or echo a key
+            print(f"error: {redact_message(problem)}", file=sys.stderr)
         sys.exit(err.exit_code)
     except TyperException as err:  # a usage mistake; typer carries its own click, whose errors are not click's
         err.show()

@@ -39,6 +39,14 @@ def uri_credentials(text: str) -> bool:
     return redact_uris(text) != text
 
 
+def redact_message(text: str) -> str:
+    """An error message or log line as it may be shown or stored: URI credentials, and the values of the
+    environment's secret-named variables (HF_TOKEN, JUDGE_API_KEY, ...; 8 characters or more) replaced by ***.
+    An endpoint's error may echo the key it was sent (`Incorrect API key provided: sk-...`)."""
+    secrets = [value for name, value in os.environ.items() if is_secret_key(name) and len(value) >= 8]
+    return redact(text, sorted(secrets, key=len, reverse=True))
+
+
 def redact_uris(text: str) -> str:
     """`text` with the credentials inside any URI replaced by ***: https://user:***@host/?token=***."""
     def one(match: re.Match[str]) -> str:

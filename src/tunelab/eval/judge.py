@@ -8,6 +8,7 @@ from typing import Any
 
 from tunelab.config import JudgeConfig
 from tunelab.errors import TunelabError
+from tunelab.redaction import redact
 
 PROMPT = """{rubric}
 
@@ -26,7 +27,8 @@ Reply with a single number from 1 to 5."""
 def judge_rows(cfg: JudgeConfig, rows: list[dict[str, Any]], systems: list[str]) -> dict[str, dict[str, float]]:
     from openai import OpenAI, OpenAIError
 
-    client = OpenAI(base_url=cfg.base_url, api_key=os.environ.get(cfg.api_key_env, "none"), timeout=60, max_retries=1)
+    key = os.environ.get(cfg.api_key_env, "none")
+    client = OpenAI(base_url=cfg.base_url, api_key=key, timeout=60, max_retries=1)
     results: dict[str, dict[str, float]] = {}
     for system in systems:
         scores = []
@@ -36,8 +38,8 @@ def judge_rows(cfg: JudgeConfig, rows: list[dict[str, Any]], systems: list[str])
             try:
                 reply = client.chat.completions.create(model=cfg.model, temperature=0, max_tokens=8,
                                                        messages=[{"role": "user", "content": content}])
-            except OpenAIError as err:
-                raise TunelabError(f"eval.judge: the judge at {cfg.base_url} failed: {err}") from None
+            except OpenAIError as err:  # an endpoint may echo the key it was sent ("Incorrect API key: sk-...")
+                raise TunelabError(redact(f"eval.judge: the judge at {cfg.base_url} failed: {err}", [key])) from None
             text = reply.choices[0].message.content or ""
             match = re.search(r"[1-5]", text)
             if match:

@@ -106,14 +106,15 @@ def _record_error(run: RunPaths, err: BaseException) -> None:
     """What went wrong, in the trial's folder: one line first (what the driver shows), then the traceback."""
     from tunelab.errors import TunelabError
 
-    from tunelab.redaction import redact_uris
+    from tunelab.redaction import redact_message
 
-    # The first line goes into sweep.json and an MLflow tag: any endpoint it quotes loses its credentials.
+    # The first line goes into sweep.json and an MLflow tag: any endpoint it quotes loses its credentials, any
+    # key an endpoint echoed is removed.
     summary = "; ".join(err.problems) if isinstance(err, TunelabError) else f"{type(err).__name__}: {err}"
-    summary = redact_uris(summary)
+    summary = redact_message(summary)
     try:
         run.root.mkdir(parents=True, exist_ok=True)
-        text = redact_uris("".join(traceback.format_exception(type(err), err, err.__traceback__)))
+        text = redact_message("".join(traceback.format_exception(type(err), err, err.__traceback__)))
         (run.root / ERROR_FILE).write_text(f"{summary.splitlines()[0] if summary else type(err).__name__}\n\n{text}",
                                            encoding="utf-8")
     except OSError:
