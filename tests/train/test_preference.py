@@ -227,3 +227,24 @@ def test_dpo_from_an_sft_adapter_is_measured_against_that_sft_model(tmp_path, ti
     (first,) = [json.loads(line) for line in run.metrics.read_text().splitlines() if '"loss"' in line]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/margins"]) < 1e-5
+
+
+def test_grpo_completions_end_at_the_templates_end_of_turn_on_a_base_model(tmp_path):
+    """A base model given ChatML: <|im_end|> is a new token, neither the tokenizer's eos nor in the model's
+    generation config, where TRL looks for the ids that end a completion."""
+    from tests import model_zoo as zoo
+    from tests.conftest import animal_rows
+    from tunelab.train.methods import build_trainable
+    from tunelab.train.preference import make_trainer
+    from tunelab.train.sft import training_inputs
+
+    base = zoo.build_base_model(tmp_path / "base", arch="llama")
+    cfg = make_config(tmp_path, base, "grpo", animal_rows(8), rewards=["exact_match"], num_generations=4)
+    cfg.data.chat_template = "chatml"
+    run = pipeline.open_run(cfg, starting_training=True)
+    precision, base_path, tokenizer, template = training_inputs(cfg)
+    model = build_trainable(cfg, base_path, precision, tokenizer, template)
+    rows = [{"prompt": [{"role": "user", "content": "Name an animal."}], "reference": "cat"}] * 8
+    trainer = make_trainer(cfg, run, model, tokenizer, rows, [])
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in trainer.eos_token_ids
+    assert tokenizer.eos_token_id in trainer.eos_token_ids

@@ -102,6 +102,11 @@ def make_trainer(cfg: RunConfig, run: RunPaths, model: Any, tokenizer: Any, trai
         options = {"num_generations": o.num_generations, "max_completion_length": o.max_completion_tokens,
                    "temperature": o.temperature, "beta": o.grpo_kl}
         extra = {"reward_funcs": resolve_rewards(o)}
+        # TRL ends a completion at the model's generation-config eos ids and the tokenizer's eos only: a template's
+        # end of turn that is neither (a base model given one) would let completions, and their rewards, run on.
+        from tunelab.families import stop_token_ids
+
+        model.generation_config.eos_token_id = stop_token_ids(tokenizer, model)
     elif objective == "orpo":
         from trl.experimental.orpo import ORPOConfig as Config
         from trl.experimental.orpo import ORPOTrainer as Trainer
