@@ -186,3 +186,22 @@ def test_task_scores_pick_the_published_number_and_point_drop_at_lost_ground():
     assert _task_scores("mmlu", base, tuned, None)["n"] == 252  # every document under the group
     missing = _task_scores("mmlu", base, tuned, "acc_norm")
     assert "drop" not in missing and "reports no 'acc_norm' (it reports acc,none)" in missing["error"]
+
+
+def test_generation_tasks_end_at_the_templates_end_of_turn_on_a_base_model(tmp_path):
+    """A base model given ChatML: lm-eval stops at the generation config's eos ids and at stop texts matched in
+    text decoded without special tokens, so <|im_end|> must be among the eos ids while the harness runs."""
+    from tests import model_zoo as zoo
+    from tunelab.chat import setup_chat_template
+    from tunelab.eval.harness import ending_turns
+    from tunelab.models import Precision, load_model, load_tokenizer
+
+    base = zoo.build_base_model(tmp_path / "base", arch="llama")
+    tokenizer = load_tokenizer(base)
+    setup_chat_template(tokenizer, "chatml")
+    net = load_model(base, Precision("cpu", None, None))
+    before = net.generation_config.eos_token_id
+    with ending_turns(net, tokenizer):
+        assert tokenizer.convert_tokens_to_ids("<|im_end|>") in net.generation_config.eos_token_id
+        assert tokenizer.eos_token_id in net.generation_config.eos_token_id
+    assert net.generation_config.eos_token_id == before

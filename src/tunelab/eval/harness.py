@@ -125,7 +125,7 @@ def run_harness(cfg: RunConfig, models: Models, tokenizer: Any, manager: Any) ->
     results: dict[str, dict[str, Any]] = {}
     for system in (System("base"), System("tuned", adapter="default")):
         console.print(f"[bold]harness[/]: {system.name} on {', '.join(harness.tasks)}")
-        with models.use(system) as net, _quiet_lm_eval():
+        with models.use(system) as net, _quiet_lm_eval(), ending_turns(net, tokenizer):
             results[system.name] = simple_evaluate(
                 _wrap(net, tokenizer, harness.batch_size or cfg.eval.batch_size),
                 tasks=list(harness.tasks), task_manager=manager, num_fewshot=harness.num_fewshot,
@@ -137,6 +137,22 @@ def run_harness(cfg: RunConfig, models: Models, tokenizer: Any, manager: Any) ->
     return {"tasks": tasks, "limit": harness.limit, "num_fewshot": harness.num_fewshot,
             "apply_chat_template": harness.apply_chat_template, "lm_eval_version": lm_eval_version,
             "seconds": round(time.perf_counter() - started, 2)}
+
+
+@contextlib.contextmanager
+def ending_turns(net: Any, tokenizer: Any) -> Iterator[None]:
+    """lm-eval's generation stops at the model's generation-config eos ids and at stop texts, which it matches in
+    text decoded without special tokens: a template's end-of-turn token that is neither (a base model given a
+    template) would never stop an answer. It is added to the eos ids while the harness runs."""
+    from tunelab.families import stop_token_ids
+
+    config = net.generation_config
+    before = config.eos_token_id
+    config.eos_token_id = stop_token_ids(tokenizer, net)
+    try:
+        yield
+    finally:
+        config.eos_token_id = before
 
 
 def _wrap(net: Any, tokenizer: Any, batch_size: int) -> Any:
