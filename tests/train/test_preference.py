@@ -248,3 +248,24 @@ def test_grpo_completions_end_at_the_templates_end_of_turn_on_a_base_model(tmp_p
     trainer = make_trainer(cfg, run, model, tokenizer, rows, [])
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in trainer.eos_token_ids
     assert tokenizer.eos_token_id in trainer.eos_token_ids
+
+
+def test_a_reward_model_on_a_base_model_trains_the_tokens_its_template_adds(tmp_path):
+    """A base model given ChatML: the run's tokenizer holds <|im_start|>/<|im_end|> past the base's vocabulary
+    (TRL's reward trainer raised IndexError on them); their rows now train and reload with the score head."""
+    from tests import model_zoo as zoo
+    from tunelab.train.grpo_rewards import resolve_rewards
+
+    base = zoo.build_base_model(tmp_path / "base", arch="llama")
+    cfg = make_config(tmp_path, base, "reward", preference_rows(30))
+    cfg.data.chat_template, cfg.data.test_fraction, cfg.train.max_steps = "chatml", 0.2, 4
+    run = pipeline.open_run(cfg, starting_training=True)
+    pipeline.stage_train(cfg, run)
+    trained = json.loads(run.adapter_config.read_text())
+    assert trained["task_type"] == "SEQ_CLS" and trained["trainable_token_indices"]
+    suite = pipeline.stage_eval(cfg, run).metrics["suites"]["test"]["systems"]["tuned"]
+    assert 0.0 <= suite["pairwise_accuracy"] <= 1.0
+    cfg.objective.rewards = [f"reward_model:{run.root}"]
+    (reward_model,) = resolve_rewards(cfg.objective)
+    vocab = json.loads((base / "config.json").read_text())["vocab_size"]
+    assert reward_model.get_input_embeddings().weight.shape[0] > vocab

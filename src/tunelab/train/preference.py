@@ -142,7 +142,7 @@ def train_preference(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bo
     if cfg.objective.type == "reward":
         from tunelab.train.reward_model import build_reward_model
 
-        model = build_reward_model(cfg, base_path, precision)
+        model = build_reward_model(cfg, base_path, precision, tokenizer, template)
     else:
         model = build_trainable(cfg, base_path, precision, tokenizer, template)
     trainable, total = count_parameters(model)

@@ -13,30 +13,34 @@ from typing import Any
 import torch
 
 from tunelab.artifacts import RunPaths
-from tunelab.chat import render_conversation
+from tunelab.chat import TemplateSetup, render_conversation
 from tunelab.config import ModelConfig, RunConfig
 from tunelab.errors import RunFolderError
 from tunelab.models import Precision, load_tokenizer, resolve_model
+from tunelab.vocab import attach_adapter, fit_embeddings, trainable_tokens
 
 
-def build_reward_model(cfg: RunConfig, base_folder: Path, precision: Precision) -> Any:
+def build_reward_model(cfg: RunConfig, base_folder: Path, precision: Precision, tokenizer: Any,
+                       template: TemplateSetup | None = None) -> Any:
+    """The base with a score head and LoRA; `tokenizer` is the run's (its chat template's added marker tokens, a
+    base model given a template, get embedding rows that train, as in build_trainable)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    tokenizer = load_tokenizer(base_folder)
     model = AutoModelForSequenceClassification.from_pretrained(
         base_folder, num_labels=1, dtype=precision.weights_dtype, pad_token_id=tokenizer.pad_token_id
     ).to(precision.device)
+    fit_embeddings(model, len(tokenizer))
+    new_ids = tokenizer.convert_tokens_to_ids(list(template.added_tokens)) if template else []
     m = cfg.method
     # SEQ_CLS makes PEFT train and save the new score head alongside the LoRA weights.
     config = LoraConfig(r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout, target_modules=m.target_modules,
-                        task_type="SEQ_CLS")
+                        task_type="SEQ_CLS", **trainable_tokens(model, new_ids))
     return get_peft_model(model, config)
 
 
 def load_reward_model(run_dir: Path) -> Any:
     """A trained reward model, merged into a plain model (what GRPO's reward_funcs accept)."""
-    from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
     run = RunPaths(run_dir)
@@ -49,7 +53,7 @@ def load_reward_model(run_dir: Path) -> Any:
     tokenizer = load_tokenizer(adapter)
     model = AutoModelForSequenceClassification.from_pretrained(
         base, num_labels=1, dtype=torch.float32, pad_token_id=tokenizer.pad_token_id)
-    return PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
+    return attach_adapter(model, adapter).merge_and_unload().eval()
 
 
 @torch.no_grad()
