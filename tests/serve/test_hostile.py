@@ -156,6 +156,29 @@ def test_health_stays_fast_while_a_1mb_prompt_is_tokenized(server: str) -> None:
 
 
 # -- 4. overload ----------------------------------------------------------------------------------------------
+def test_a_burst_of_huge_prompts_does_not_hold_up_an_ordinary_request(server: str) -> None:
+    """More huge prompts at once than the shared thread pool has threads: each is tokenized for a while, and the
+    small request that comes after them must not wait for them (it queued behind all of them before)."""
+    import os
+
+    burst = min(32, (os.cpu_count() or 1) + 4) + 2  # asyncio.to_thread's pool, and two more
+    finished: list[str] = []
+
+    def send(name: str, content: str) -> None:
+        httpx.post(f"{server}/v1/chat/completions", headers=AUTH, timeout=300, json={
+            "model": "alpha", "max_tokens": 2, "messages": [{"role": "user", "content": content}]})
+        finished.append(name)
+
+    with ThreadPoolExecutor(max_workers=burst + 1) as pool:
+        huge = [pool.submit(send, f"huge{i}", "The quick brown fox jumps. " * 12_000) for i in range(burst)]
+        time.sleep(0.5)  # all of them are in
+        small = pool.submit(send, "small", "What is two plus two?")
+        for future in [small, *huge]:
+            future.result()
+    # Huge prompts go one at a time on their own thread: at most the one being tokenized finishes first.
+    assert finished.index("small") <= 1, finished
+
+
 def test_overload_gives_429_or_504_never_500(live_server) -> None:
     url, engine = live_server(max_queue=4, max_batch=2, request_timeout=0.5)
 

@@ -11,6 +11,7 @@ import asyncio
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -32,6 +33,9 @@ from tunelab.serve.guard import Guard
 # Below this a temperature decodes greedily (vLLM's _SAMPLING_EPS): dividing logits by 1e-300 overflows.
 TEMPERATURE_FLOOR = 1e-5
 POLL_SECONDS = 0.25  # how often a waiting handler looks for a gone client and a stuck engine
+# Prompts longer than this (characters) are templated and tokenized one at a time on a thread of their own: a burst
+# of them (seconds each) would otherwise hold every thread of the shared pool, and ordinary requests queue behind.
+LARGE_PROMPT_CHARS = 100_000
 
 
 @dataclass
@@ -65,6 +69,7 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
     """`tokenizers` maps each model name to the tokenizer whose chat template renders its prompts."""
     app = FastAPI(title="tunelab serve", docs_url=None, redoc_url=None)
     metrics = engine.metrics
+    large_prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunelab-large-prompt")
 
     app.add_middleware(Guard, settings=settings, metrics=metrics, routes=app.router.routes)
 
@@ -129,7 +134,8 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
         # The adapter's own system prompt and template: the prompt it was trained on. Marker text inside the
         # messages stays text, so no one can forge a turn of the template.
         messages = with_system_prompt([m.model_dump() for m in body.messages], spec.system_prompt if spec else None)
-        return await _complete(body, lambda: encode_prompt_safely(tokenizer, messages), request, chat=True)
+        size = sum(len(m["content"]) for m in messages)
+        return await _complete(body, lambda: encode_prompt_safely(tokenizer, messages), request, chat=True, size=size)
 
     @app.post("/v1/completions")
     async def complete(body: CompletionBody, request: Request) -> Any:
@@ -139,7 +145,8 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
         if not body.prompt:
             raise ServeError("prompt is empty", 400, "invalid_prompt")
         # A completion prompt is the client's whole text, template markers included (as vLLM reads it).
-        return await _complete(body, lambda: token_ids(tokenizer, body.prompt), request, chat=False)
+        return await _complete(body, lambda: token_ids(tokenizer, body.prompt), request, chat=False,
+                               size=len(body.prompt))
 
     if settings.admin_key:  # without an admin key the admin endpoints do not exist (404)
         @app.post("/admin/adapters")
@@ -186,7 +193,7 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
                              "invalid_stop")
         return max_tokens, stops
 
-    async def _complete(body: Sampling, encode: Any, request: Request, chat: bool) -> Any:
+    async def _complete(body: Sampling, encode: Any, request: Request, chat: bool, size: int) -> Any:
         started = time.monotonic()
         tokenizer = _tokenizer(body.model)
         max_tokens, stops = _check_sampling(body)
@@ -194,7 +201,10 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
         end_texts, end_gap = (stop_texts(tokenizer), gap_before_end(tokenizer)) if chat else ([], "")
         # Templating and tokenizing a long prompt takes a while: off the event loop, so others are not held up.
         try:
-            prompt_ids = await asyncio.to_thread(encode)
+            if size > LARGE_PROMPT_CHARS:
+                prompt_ids = await asyncio.get_running_loop().run_in_executor(large_prompts, encode)
+            else:
+                prompt_ids = await asyncio.to_thread(encode)
         except (ModelError, TemplateError) as err:  # TemplateError: the template's own raise_exception()
             raise ServeError(f"cannot render this conversation: {err}", 400, "invalid_prompt") from None
         if not prompt_ids:
