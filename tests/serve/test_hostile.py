@@ -103,6 +103,10 @@ def test_limits_are_refused_up_front_in_openais_error_shape(server: str, live_se
     with pytest.raises(openai.BadRequestError, match="at most 4"):
         chat(c, "alpha", "hi", stop=[f"s{i}" for i in range(200_000)])
     assert time.monotonic() - started < 5
+    for field in ("max_tokens", "temperature", "seed"):  # true is not 1
+        reply = httpx.post(f"{server}/v1/chat/completions", headers=AUTH, timeout=60, json={
+            "model": "alpha", "messages": [{"role": "user", "content": "hi"}], field: True})
+        assert reply.status_code == 400 and f"{field}: Value error, expects a number" in reply.text, reply.text
     big = httpx.post(f"{server}/v1/completions", headers=AUTH, timeout=60,
                      json={"model": "base", "prompt": "x" * (5 << 20), "max_tokens": 1})
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"

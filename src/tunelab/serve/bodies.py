@@ -86,6 +86,14 @@ class Sampling(TextBody):
     functions: list[Any] | None = None
     function_call: Any = None
 
+    @field_validator("max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "seed", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: Any) -> Any:
+        """JSON's true is not a number (pydantic would read it as 1: `max_tokens: true` asked for one token)."""
+        if isinstance(value, bool):
+            raise ValueError("expects a number, got a boolean")
+        return value
+
     def unsupported(self) -> list[str]:
         """The OpenAI parameters this request sets to something tunelab does not do."""
         asked = {
