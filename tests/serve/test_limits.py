@@ -155,17 +155,29 @@ def test_dora_and_wrong_base_adapters_are_refused(tmp_path: Path, tiny_model_dir
     assert result.returncode == 2 and result.stderr.strip() == "error: --batching sometimes: choose continuous or static"
 
 
-def test_vllm_command_names_every_adapter(lora_runs: dict[str, Path], tiny_model_dir: Path) -> None:
+def test_vllm_command_names_every_adapter(lora_runs: dict[str, Path], tiny_model_dir: Path, tmp_path: Path) -> None:
     result = run_cli("serve", f"alpha={lora_runs['alpha']}", f"beta={lora_runs['beta']}", "--engine", "vllm",
                      "--port", "9000", env={"TUNELAB_API_KEY": "k"})
     assert result.returncode == 0, result.stderr
     words = result.stdout.split()
-    assert words[:3] == ["vllm", "serve", str(tiny_model_dir.resolve())]
+    # The key is never printed, and never an argument (a process list shows those): vLLM reads VLLM_API_KEY.
+    assert words[:4] == ['VLLM_API_KEY="$TUNELAB_API_KEY"', "vllm", "serve", str(tiny_model_dir.resolve())]
+    assert "--api-key" not in words
     assert "--enable-lora" in words and words[words.index("--max-lora-rank") + 1] == "8"
     i = words.index("--lora-modules")
     assert words[i + 1:i + 3] == [f"alpha={lora_runs['alpha'] / 'adapter'}", f"beta={lora_runs['beta'] / 'adapter'}"]
     assert words[words.index("--chat-template") + 1] == str(lora_runs["alpha"] / "chat_template.jinja")
-    assert words[words.index("--api-key") + 1] == "$TUNELAB_API_KEY"  # the key itself is never printed
     assert "system prompt" in result.stderr  # beta's system prompt is something vLLM will not add
     launch = run_cli("serve", str(lora_runs["alpha"]), "--engine", "vllm", "--launch", env={"PATH": "/nonexistent"})
     assert launch.returncode == 2 and "no `vllm` on PATH" in launch.stderr
+    # --launch runs `vllm` (here a stand-in that writes down what it got): the key in its environment, not its argv.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "vllm").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/argv\necho "$VLLM_API_KEY" > {tmp_path}/key\n')
+    (bin_dir / "vllm").chmod(0o755)
+    launch = run_cli("serve", str(lora_runs["alpha"]), "--engine", "vllm", "--launch",
+                     env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "TUNELAB_API_KEY": "k3yv4lue-secret"})
+    assert launch.returncode == 0, launch.stderr
+    argv = (tmp_path / "argv").read_text()
+    assert argv.startswith("serve ") and "k3yv4lue" not in argv and "--api-key" not in argv
+    assert (tmp_path / "key").read_text().strip() == "k3yv4lue-secret"

@@ -231,7 +231,8 @@ def vllm_command(options: ServeOptions) -> tuple[list[str], list[str]]:
             # The template the adapters were trained with, not whatever the base folder carries.
             command += ["--chat-template", str(chat_template)]
     if os.environ.get(options.api_key_env):
-        command += ["--api-key", f"${options.api_key_env}"]
+        # vLLM reads its key from VLLM_API_KEY: an --api-key argument would show the key to anyone who lists processes.
+        command = [f"VLLM_API_KEY=${options.api_key_env}", *command]
     notes = [f"note: adapter '{s.name}' was trained with a system prompt; vLLM will not add it: send it as the "
              "first message, or serve its merged export (tunelab export merge), whose template adds it"
              for s in specs if s.system_prompt]
@@ -241,9 +242,14 @@ def vllm_command(options: ServeOptions) -> tuple[list[str], list[str]]:
 def launch_vllm(command: list[str], options: ServeOptions) -> None:
     if shutil.which("vllm") is None:
         raise ServeError("--launch: no `vllm` on PATH; install vLLM (GPU) or run the printed command elsewhere")
-    argv = [os.environ.get(options.api_key_env, "") if a == f"${options.api_key_env}" else a for a in command]
-    os.execvp(argv[0], argv)
+    env = dict(os.environ)
+    if command[0].startswith("VLLM_API_KEY="):
+        env["VLLM_API_KEY"] = os.environ.get(options.api_key_env, "")
+        command = command[1:]
+    os.execvpe(command[0], command, env)
 
 
 def printable(command: list[str]) -> str:
-    return " ".join(a if a.startswith("$") else shlex.quote(a) for a in command)
+    """The command as a shell line; an environment assignment in front keeps its variable unexpanded until run."""
+    return " ".join(f'{a.split("=", 1)[0]}="{a.split("=", 1)[1]}"' if a.startswith("VLLM_API_KEY=") else shlex.quote(a)
+                    for a in command)
