@@ -409,3 +409,21 @@ def test_checkpoints_of_a_base_model_run_keep_only_the_new_token_rows_and_resume
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+
+
+def test_the_vllm_command_says_when_vllm_would_not_stop_at_the_templates_end_of_turn(family_models, tmp_path):
+    """vLLM stops at the tokenizer's eos and the base folder's generation-config eos ids. A Llama 3 base model
+    given the llama3 template (its vocabulary holds <|eot_id|>, its generation config names only <|end_of_text|>)
+    would answer past the turn: the command's notes say so and how to stop it."""
+    from tunelab.serve.server import _end_of_turn_vllm_misses
+
+    tokenizer = load_tokenizer(family_models["llama3"])
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert _end_of_turn_vllm_misses(tokenizer, family_models["llama3"]) is None  # the instruct model lists it
+    tokenizer.eos_token = "<|end_of_text|>"  # as the base model's own tokenizer has it
+    base = tmp_path / "llama3-base"
+    shutil.copytree(family_models["llama3"], base)
+    generation = json.loads((base / "generation_config.json").read_text())
+    generation["eos_token_id"] = tokenizer.convert_tokens_to_ids("<|end_of_text|>")
+    (base / "generation_config.json").write_text(json.dumps(generation))
+    assert tokenizer.eos_token_id != eot and _end_of_turn_vllm_misses(tokenizer, base) == ("<|eot_id|>", eot)

@@ -236,7 +236,33 @@ def vllm_command(options: ServeOptions) -> tuple[list[str], list[str]]:
     notes = [f"note: adapter '{s.name}' was trained with a system prompt; vLLM will not add it: send it as the "
              "first message, or serve its merged export (tunelab export merge), whose template adds it"
              for s in specs if s.system_prompt]
+    if specs and (unstopped := _end_of_turn_vllm_misses(adapter_tokenizer(specs[0]), base_folder)):
+        marker, token = unstopped
+        notes.append(f"note: the template's end of turn {marker} (token {token}) is neither the tokenizer's eos nor "
+                     "in the base model's generation config, so vLLM will not stop answers there: send "
+                     f"\"stop_token_ids\": [{token}] with each request, or serve the merged export (tunelab export "
+                     "merge), whose generation_config.json lists it")
     return command, notes
+
+
+def _end_of_turn_vllm_misses(tokenizer: Any, base_folder: Path) -> tuple[str, int] | None:
+    """The template's end-of-turn token when vLLM would not stop at it: vLLM stops at the tokenizer's eos and the
+    eos ids of the base folder's generation_config.json (a base model given a template whose markers its vocabulary
+    already holds, such as Llama 3's <|eot_id|>)."""
+    import json
+
+    from tunelab.families import end_of_turn, single_token_id
+
+    marker = end_of_turn(tokenizer) if tokenizer.chat_template else None
+    token = single_token_id(tokenizer, marker) if marker else None
+    if token is None:
+        return None
+    path = base_folder / "generation_config.json"
+    if not path.is_file():
+        path = base_folder / "config.json"
+    configured = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    known = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
+    return None if token in known else (marker, token)
 
 
 def launch_vllm(command: list[str], options: ServeOptions) -> None:
