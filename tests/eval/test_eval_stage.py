@@ -149,6 +149,28 @@ def test_few_shot_prompts_show_training_examples(trained):
     assert few_shot_examples(load_dataset(run.data).train, 2, seed=0) == shots  # seeded
 
 
+def test_the_few_shot_eval_loss_scores_the_reference_answer_only(trained):
+    """The few-shot prompt's example answers are context: scoring them too made few-shot's eval_loss a mean over
+    the demonstrations and the answer, not comparable with base and tuned."""
+    from tunelab.data.prepare import load_dataset
+    from tunelab.data.records import Record
+    from tunelab.eval.run import loss_examples
+    from tunelab.eval.systems import few_shot_examples
+    from tunelab.eval.systems import with_shots as _with_shots
+    from tunelab.models import load_tokenizer
+
+    cfg, run = trained
+    tokenizer = load_tokenizer(run.adapter)
+    shots = few_shot_examples(load_dataset(run.data).train, 2, seed=0)
+    record = Record("q", "t", "chat", [{"role": "user", "content": "Extract the animal: I saw a owl."},
+                                       {"role": "assistant", "content": "answer: owl"}])
+    [alone] = loss_examples(tokenizer, [record], [record.messages[:-1]], [])
+    [with_demos] = loss_examples(tokenizer, [record], [_with_shots(record.messages[:-1], shots)], shots)
+    scored = [[t for t in ex["labels"] if t != -100] for ex in (alone, with_demos)]
+    assert scored[0] == scored[1] and tokenizer.decode(scored[1]).startswith("answer: owl")
+    assert len(with_demos["input_ids"]) > len(alone["input_ids"]) + 10  # the demonstrations are in the prompt
+
+
 def test_few_shot_examples_are_dropped_until_the_prompt_fits_the_context():
     from tunelab.eval.systems import fit_shots
 

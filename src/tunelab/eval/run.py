@@ -200,8 +200,7 @@ def _run_suite(cfg: RunConfig, suite: SuiteConfig, records: list[Record], system
                                             cfg.eval.batch_size, label=f"{suite.name}: {system.name}")
             loss = None
             if "eval_loss" in suite.metrics:
-                with_answers = [Record(r.id, r.source, "chat", [*s, r.messages[-1]]) for r, s in zip(records, shown)]
-                encoded, _ = encode_records(tokenizer, with_answers, None, max_length=10**9)
+                encoded = loss_examples(tokenizer, records, shown, shots if system.few_shot else [])
                 loss = mean_token_loss(net, encoded, tokenizer.pad_token_id, cfg.eval.batch_size)
         scores[system.name] = {m: [fn(o, ref) for o, ref in zip(outputs[system.name], references)]
                                for m, fn in scorers.items()}
@@ -274,6 +273,17 @@ def _answers(models: Models, system: System, net: Any, tokenizer: Any, prompts: 
            "stops": [sorted(stop_token_ids(tokenizer, net)), stop_texts(tokenizer)]}
     answers = cached_answers(folder, key, generate)
     return answers if len(answers) == len(prompts) else generate()
+
+
+def loss_examples(tokenizer: Any, records: list[Record], shown: list[list[dict[str, Any]]],
+                  shots: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each record's reference answer after the prompt its system was shown, encoded for the eval loss. The
+    few-shot examples' answers are context (weight 0), not scored: the loss is on the reference answer as for
+    base and tuned."""
+    demos = {id(m) for m in shots}
+    context = [[{**m, "weight": 0} if id(m) in demos and m["role"] == "assistant" else m for m in s] for s in shown]
+    with_answers = [Record(r.id, r.source, "chat", [*c, r.messages[-1]]) for r, c in zip(records, context)]
+    return encode_records(tokenizer, with_answers, None, max_length=10**9)[0]
 
 
 def _fitted_shots(tokenizer: Any, conversations: list[list[dict[str, str]]], shots: list[dict[str, str]],
