@@ -60,6 +60,20 @@ def test_exact_dedup_ignores_case_space_and_punctuation():
     assert [r.id for r in result.kept] == ["1", "3"] and result.exact_pairs == [("1", "2")]
 
 
+def test_exact_dedup_sees_through_unicode_forms_but_not_operators():
+    import unicodedata
+
+    records = [chat(1, "Ship to Orléans: ＴＷＯ mugs"), chat(2, unicodedata.normalize("NFD", "Ship to Orléans: two mugs")),
+               chat(3, "Ship to Orl\u200béans: two mugs"),  # a zero-width space inside the word
+               chat(4, "Evaluate the expression: 12 + 3"), chat(5, "Evaluate the expression: 12 * 3"),
+               chat(6, "Evaluate the expression: 12 - 3"), chat(7, "Evaluate: 2^2"), chat(8, "Evaluate: 2*2")]
+    result = deduplicate(records, DedupConfig(near=False))
+    # Composed and decomposed accents, full-width letters and invisible characters are the same text; arithmetic
+    # that differs by its operator is not (it was, with every non-word character dropped).
+    assert [r.id for r in result.kept] == ["1", "4", "5", "6", "7", "8"]
+    assert result.exact_pairs == [("1", "2"), ("1", "3")]
+
+
 def test_near_dedup_finds_planted_twins_and_keeps_distinct_rows():
     rng = random.Random(0)
     vocab = [f"w{i}" for i in range(400)]

@@ -34,6 +34,15 @@ def test_planted_leaks_are_found_by_the_right_rule():
     assert result.per_source() == {"test": 2, "val": 1}
 
 
+def test_a_leak_typed_in_another_unicode_form_is_found():
+    import unicodedata
+
+    question = "Which river flows through Orléans and Nantes before reaching the Atlantic"
+    leaked = chat("nfd", unicodedata.normalize("NFD", question), "The Loire")  # as files saved on macOS often are
+    result = find_contamination([leaked], [EvalText.of(chat("e", question, "Loire"), "test")], ContaminationConfig())
+    assert [(h.train_id, h.kind) for h in result.hits] == [("nfd", "exact")]
+
+
 def test_near_twin_of_a_short_eval_row_is_found_only_with_minhash():
     # Too short for a 13-gram, prompt too short to match alone, texts not equal: only MinHash sees it.
     eval_rows = [EvalText.of(chat("e", "French: grey cat sleeps", "le petit chat gris dort tranquillement ce soir"), "test")]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,12 +17,20 @@ import numpy as np
 from tunelab.config import DedupConfig
 from tunelab.data.records import Record
 
-_PUNCT = re.compile(r"[^\w\s]")
+# Sentence punctuation (Unicode category P*) is not part of what a text says; operators are ("12 * 3" is not
+# "12 - 3"), and symbols (S*: + = < > ^ $) are kept by not being listed.
+_OPERATORS = set("*/%#&@-\\|~")
+_PUNCT = re.compile("[" + "".join(re.escape(chr(c)) for c in range(0x10000)
+                                  if unicodedata.category(chr(c)).startswith("P") and chr(c) not in _OPERATORS) + "]")
+_FORMAT = re.compile("[" + "".join(re.escape(chr(c)) for c in range(0x10000) if unicodedata.category(chr(c)) == "Cf")
+                     + "]")  # zero-width spaces, soft hyphens, direction marks: invisible, inside words
 
 
 def normalize_for_match(text: str) -> str:
-    """Lower case, punctuation removed, whitespace collapsed: what counts as 'the same text'."""
-    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+    """What counts as 'the same text': Unicode compatibility-composed (an accent typed as a separate mark, full-width
+    letters), invisible format characters removed, case folded, sentence punctuation removed, whitespace collapsed."""
+    text = _FORMAT.sub("", unicodedata.normalize("NFKC", text)).casefold()
+    return " ".join(_PUNCT.sub(" ", text).split())
 
 
 def text_of(record: Record, fields: str) -> str:
