@@ -33,6 +33,17 @@ def test_rules_compare_metrics_numbers_and_offsets():
     assert results[3].describe() == "FAIL forgetting.drop <= 0.02  (0.0500 vs 0.0200)"
 
 
+def test_rules_hold_within_float_rounding():
+    # 0.1 + 0.2 is 0.30000000000000004 and 0.14 - 0.09 is 0.05000000000000002: equal as measured, so >= and <=
+    # hold and > and < do not.
+    metrics = {"suites": {"test": {"systems": {"base": {"exact_match": 0.1}, "tuned": {"exact_match": 0.3}}}},
+               "forgetting": {"drop": 0.14 - 0.09}}
+    results = evaluate_gate(["tuned.exact_match >= base.exact_match + 0.2", "forgetting.drop <= 0.05",
+                             "tuned.exact_match > base.exact_match + 0.2", "forgetting.drop < 0.05",
+                             "tuned.exact_match >= base.exact_match + 0.2000001"], metrics)
+    assert [r.passed for r in results] == [True, True, False, False, False]
+
+
 def test_unmeasured_numbers_are_named():
     with pytest.raises(ConfigError, match="'tuned.rouge_l' was not measured"):
         evaluate_gate(["tuned.rouge_l >= 0.5"], METRICS)

@@ -16,7 +16,6 @@ first suite's first metric, is not worse than few-shot, and loses at most 5 poin
 
 from __future__ import annotations
 
-import operator
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -29,7 +28,16 @@ if TYPE_CHECKING:
 # harness.TASK.NUMBER comes first: lm-eval task names may hold dots and parentheses (longproc_countdown_0.5k).
 _REF = r"(?:harness\.[\w().-]+\.[A-Za-z_]\w*|[A-Za-z_][\w-]*(?:/[A-Za-z_][\w-]*)?\.[A-Za-z_]\w*)"
 _RULE = re.compile(rf"^\s*({_REF})\s*(>=|<=|>|<|==)\s*(?:({_REF})|(-?\d+(?:\.\d+)?))\s*(?:([+-])\s*(\d+(?:\.\d+)?))?\s*$")
-_OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
+# Comparisons within float rounding: 0.1 + 0.2 is 0.30000000000000004, and a 5-point probe drop computed as
+# 0.14 - 0.09 is 0.05000000000000002. Equal within a billionth counts as equal (>= and <= pass, > and < fail).
+_TOLERANCE = 1e-9
+_OPS = {">=": lambda a, b: a >= b - _tol(a, b), "<=": lambda a, b: a <= b + _tol(a, b),
+        ">": lambda a, b: a > b + _tol(a, b), "<": lambda a, b: a < b - _tol(a, b),
+        "==": lambda a, b: abs(a - b) <= _tol(a, b)}
+
+
+def _tol(a: float, b: float) -> float:
+    return _TOLERANCE * max(1.0, abs(a), abs(b))
 
 
 @dataclass

@@ -311,18 +311,24 @@ def _forgetting(cfg: RunConfig, systems: list[System], models: Models, tokenizer
     prompts = [render_prompt(tokenizer, with_system_prompt([{"role": "user", "content": p.prompt}],
                                                            cfg.data.system_prompt)) for p in PROBES]
     out: dict[str, Any] = {"n_probes": len(PROBES), "outputs": {}}
+    flags: dict[str, list[bool]] = {}
     for system in chosen:
         with models.use(system) as net:
             answers = _answers(models, system, net, tokenizer, prompts, 48, cfg.eval.batch_size,
                                label=f"probes: {system.name}")
-        passed = [p.passed(a) for p, a in zip(PROBES, answers)]
+        passed = flags[system.name] = [p.passed(a) for p, a in zip(PROBES, answers)]
         rates = {c: _rate([ok for p, ok in zip(PROBES, passed) if p.category == c]) for c in CATEGORIES}
         out[system.name] = {**rates, "overall": _rate(passed)}
         out["outputs"][system.name] = answers
     if "base" in out and "tuned" in out:
-        out["drop"] = out["base"]["overall"] - out["tuned"]["overall"]
+        # From the pass counts, so a drop of 5 probes in 100 is 0.05 exactly (0.14 - 0.09 is 0.05000000000000002).
+        def drop(category: str | None) -> float:
+            lost = [b - t for p, b, t in zip(PROBES, flags["base"], flags["tuned"]) if category in (None, p.category)]
+            return sum(lost) / len(lost) if lost else float("nan")
+
+        out["drop"] = drop(None)
         for c in CATEGORIES:
-            out[f"{c}_drop"] = out["base"][c] - out["tuned"][c]
+            out[f"{c}_drop"] = drop(c)
     return out
 
 
