@@ -43,6 +43,30 @@ def test_stratified_split_keeps_shares():
         assert share(test, topic) == pytest.approx(share(train, topic), abs=0.02)
 
 
+def test_many_small_strata_still_give_the_whole_split_its_share():
+    # 20 topics of 5 rows at 10%: each topic's 0.5 row rounded to nothing gave no val or test at all.
+    records = [chat(i, f"question {i}") for i in range(100)]
+    for i, r in enumerate(records):
+        r.meta = {"topic": f"t{i % 20}"}
+    train, val, test = split_records(records, 0.1, 0.1, seed=0, stratify_by="topic")
+    assert (len(train), len(val), len(test)) == (80, 10, 10)
+    # 10 topics of 15 rows at 10%: 15 rows, not each topic's 1.5 rounded up to 2 (20 rows, 13% of the data).
+    more = [chat(i, f"question {i}") for i in range(150)]
+    for i, r in enumerate(more):
+        r.meta = {"topic": f"t{i % 10}"}
+    assert [len(s) for s in split_records(more, 0.1, 0.1, seed=0, stratify_by="topic")] == [120, 15, 15]
+
+
+def test_one_large_group_does_not_fill_the_test_split():
+    records = [chat(i, f"question {i}") for i in range(100)]
+    for i, r in enumerate(records):
+        r.meta = {"user": "big" if i < 60 else f"u{i}"}  # one user wrote 60 of the 100 rows
+    for seed in range(5):
+        train, val, test = split_records(records, 0.1, 0.1, seed=seed, group_by="user")
+        assert len(test) == 10 and len(val) == 10  # it was 60 in test for some seeds
+        assert "big" in {r.meta["user"] for r in train}
+
+
 def test_grouped_split_never_straddles():
     train, val, test = split_records(rows(200), 0.1, 0.2, seed=0, group_by="user")
     users = [{r.meta["user"] for r in split} for split in (train, val, test)]

@@ -27,18 +27,32 @@ def split_records(records: list[Record], val_fraction: float, test_fraction: flo
     strata: dict[str, list[Record]] = defaultdict(list)
     for record in records:
         strata[_key(record, stratify_by, "stratify_by") if stratify_by else ""].append(record)
+    names = sorted(strata)
+    sizes = [len(strata[name]) for name in names]
+    # Shares of the whole split's size, not each stratum rounded on its own (20 strata of 5 rows at 10% would
+    # each round 0.5 down to nothing: no val or test at all).
+    n_tests, n_vals = _shares(sizes, test_fraction), _shares(sizes, val_fraction)
     train, val, test = [], [], []
-    for name in sorted(strata):
+    for name, n_test, n_val in zip(names, n_tests, n_vals):
         rows = strata[name][:]
         rng.shuffle(rows)
-        n_test = round(len(rows) * test_fraction)
-        n_val = round(len(rows) * val_fraction)
         test += rows[:n_test]
         val += rows[n_test : n_test + n_val]
         train += rows[n_test + n_val :]
     for rows in (train, val, test):
         rng.shuffle(rows)
     return train, val, test
+
+
+def _shares(sizes: list[int], fraction: float) -> list[int]:
+    """round(sum(sizes) x fraction) rows shared out over the strata in proportion to their sizes (largest
+    remainders get the rows left over; ties to the earlier stratum)."""
+    exact = [size * fraction for size in sizes]
+    shares = [int(x) for x in exact]
+    left = round(sum(sizes) * fraction) - sum(shares)
+    for i in sorted(range(len(sizes)), key=lambda i: (shares[i] - exact[i], i))[:max(0, left)]:
+        shares[i] += 1
+    return [min(share, size) for share, size in zip(shares, sizes)]
 
 
 def _split_groups(records: list[Record], val_fraction: float, test_fraction: float, rng: random.Random,
@@ -52,10 +66,12 @@ def _split_groups(records: list[Record], val_fraction: float, test_fraction: flo
     total = len(records)
     train, val, test = [], [], []
     for name in names:
-        if len(test) < test_fraction * total:
-            test += groups[name]
-        elif len(val) < val_fraction * total:
-            val += groups[name]
+        # A group joins test (then val) only where that brings the split nearer its target size: filling until
+        # the target was reached let one large group overshoot it (60% in test for a 10% target).
+        for split, target in ((test, test_fraction * total), (val, val_fraction * total)):
+            if abs(len(split) + len(groups[name]) - target) < abs(len(split) - target):
+                split += groups[name]
+                break
         else:
             train += groups[name]
     return train, val, test
