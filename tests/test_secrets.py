@@ -301,6 +301,8 @@ def test_a_judge_that_echoes_the_key_it_was_sent_does_not_put_it_in_the_error(tm
     # Secret-named variables' values are removed from any message shown (the CLI) or stored (a sweep trial's error).
     monkeypatch.setenv("SOME_API_KEY", "s3cr3tpass-value")
     assert redact_message("refused: Bearer s3cr3tpass-value") == "refused: Bearer ***"
+    monkeypatch.setenv("PWD", str(tmp_path))  # named like a password, but the working folder: paths stay readable
+    assert redact_message(f"{tmp_path}/x.yaml: not found") == f"{tmp_path}/x.yaml: not found"
     run = RunPaths(tmp_path / "trial")
     _record_error(run, TunelabError("the endpoint said: s3cr3tpass-value is not valid"))
     assert not leaks((run.root / ERROR_FILE).read_text())

@@ -39,11 +39,15 @@ def uri_credentials(text: str) -> bool:
     return redact_uris(text) != text
 
 
+_NOT_SECRETS = {"PWD", "OLDPWD"}  # the shell's working folders: named like a password ("pwd"), and every path
+
+
 def redact_message(text: str) -> str:
     """An error message or log line as it may be shown or stored: URI credentials, and the values of the
     environment's secret-named variables (HF_TOKEN, JUDGE_API_KEY, ...; 8 characters or more) replaced by ***.
     An endpoint's error may echo the key it was sent (`Incorrect API key provided: sk-...`)."""
-    secrets = [value for name, value in os.environ.items() if is_secret_key(name) and len(value) >= 8]
+    secrets = [value for name, value in os.environ.items()
+               if is_secret_key(name) and name not in _NOT_SECRETS and len(value) >= 8]
     return redact(text, sorted(secrets, key=len, reverse=True))
 
 
