@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tunelab import __version__
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # a complete checkpoint; a save in progress is staged elsewhere
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -184,8 +187,14 @@ class RunPaths:
 
     @property
     def holds_training(self) -> bool:
-        """Training has written here: a trained folder, or the checkpoints of an interrupted run."""
-        return self.holds_trained_folder or self.checkpoints.exists()
+        """Training has written here: a trained folder, or a checkpoint of an interrupted run (an empty
+        checkpoints/ folder, a run killed before its first checkpoint, holds nothing to keep or resume)."""
+        return self.holds_trained_folder or self.has_checkpoint
+
+    @property
+    def has_checkpoint(self) -> bool:
+        return self.checkpoints.is_dir() and any(CHECKPOINT.match(p.name) and p.is_dir()
+                                                 for p in self.checkpoints.iterdir())
 
     @property
     def chat_template(self) -> Path:

@@ -73,7 +73,8 @@ def replacing_trained_run(run: RunPaths, resume: bool, overwrite: bool) -> Itera
     """Around a training into `run`: move a trained run it replaces aside first, remove that old run once the new
     one has trained, and put it back if the new one stops with nothing to resume from."""
     aside = kept_aside(run)
-    if overwrite and not resume and run.holds_training:
+    # Not when a run is aside already: this folder then holds its unfinished replacement (settled as it opened).
+    if overwrite and not resume and run.holds_training and not aside.is_dir():
         _move_aside(run, aside)
     if not aside.is_dir():
         yield
@@ -108,7 +109,7 @@ def _move_aside(run: RunPaths, aside: Path) -> None:
 
 
 def _has_checkpoint(run: RunPaths) -> bool:
-    return run.checkpoints.is_dir() and any(run.checkpoints.iterdir())
+    return run.has_checkpoint
 
 
 def _put_back(run: RunPaths, aside: Path) -> None:

@@ -53,8 +53,8 @@ class Stop(KeyboardInterrupt):
     pass
 
 
-def interrupted_replacement(cfg) -> tuple[RunPaths, str]:
-    """A trained run, and a replacement of it stopped (Ctrl-C) after its first checkpoint."""
+def interrupted_replacement(cfg, stop_at: int = 6) -> tuple[RunPaths, str]:
+    """A trained run, and a replacement of it stopped (Ctrl-C) at step `stop_at` (checkpoints every 4 steps)."""
     run = trained(cfg)
     before = sha256_folder(run.root)
     cfg.output.overwrite = True
@@ -63,7 +63,7 @@ def interrupted_replacement(cfg) -> tuple[RunPaths, str]:
     cfg.train.save_steps = 4
 
     def stop_after_a_checkpoint(row):
-        if row.get("step", 0) >= 6 and "loss" in row:
+        if row.get("step", 0) >= stop_at and "loss" in row:
             raise Stop
 
     with pytest.raises(Stop):
@@ -115,3 +115,56 @@ def test_an_output_dir_that_is_a_link_keeps_its_link(tiny_config, tmp_path):
     assert link.is_symlink() and link.resolve() == real.resolve()
     assert (real / "adapter" / "adapter_model.safetensors").read_bytes() != old_adapter
     assert sorted(p.name for p in real.parent.iterdir()) == ["run"]  # nothing left aside
+
+
+def killed_before_its_first_checkpoint(cfg) -> tuple[RunPaths, str]:
+    """A trained run, and a replacement of it killed outright (SIGKILL) before its first checkpoint: the old run
+    aside, the new folder with its config, its data and the empty checkpoints/ folder training makes at start."""
+    import os
+    import shutil
+
+    run = trained(cfg)
+    before = sha256_folder(run.root)
+    aside = kept_aside(run)
+    os.rename(run.root, aside)
+    run.root.mkdir()
+    shutil.copy2(aside / "config.yaml", run.config)
+    shutil.copytree(aside / "data", run.data)
+    run.checkpoints.mkdir()
+    return run, before
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_replacement_killed_before_its_first_checkpoint_trains_again(tiny_config, overwrite):
+    # Both ways were refused before: "already holds a trained run" without overwrite, and with it the old run could
+    # not be moved aside (one was there already), while --resume rightly found no checkpoint.
+    run, before = killed_before_its_first_checkpoint(tiny_config)
+    assert not run.holds_training
+    tiny_config.output.overwrite = overwrite
+    tiny_config.train.seed = 7
+    result = pipeline.stage_train(tiny_config, pipeline.open_run(tiny_config, starting_training=True))
+    assert result.steps == tiny_config.train.max_steps and run.is_trained
+    assert not kept_aside(run).exists() and sha256_folder(run.root) != before
+
+
+def test_an_unusable_newest_checkpoint_is_passed_over_for_an_older_one(tiny_config, capsys):
+    run, _ = interrupted_replacement(tiny_config, stop_at=10)  # checkpoints after steps 4 and 8
+    (run.checkpoints / "checkpoint-8" / "optimizer.pt").unlink()  # resuming without it: another training, silently
+    tiny_config.output.overwrite = False
+    result = pipeline.stage_train(tiny_config, pipeline.open_run(tiny_config, starting_training=True, resume=True),
+                                  resume=True)
+    out = "".join(capsys.readouterr().err.split())  # rich wraps long lines, even inside a path
+    assert result.steps == 12 and "checkpoint-8cannotberesumedfrom:optimizer.ptismissing;passedover" in out
+    assert out.split("Resumingfrom")[1].split("train")[0].endswith("checkpoint-4")
+
+
+def test_a_checkpoint_cut_short_is_named_not_a_traceback(tiny_config):
+    run, _ = interrupted_replacement(tiny_config)
+    for checkpoint in run.checkpoints.iterdir():
+        weights = checkpoint / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+    tiny_config.output.overwrite = False
+    with pytest.raises(TrainingError, match=r"cannot be resumed from: adapter_model.safetensors: cut short, nor can "
+                                            r"any older checkpoint"):
+        pipeline.stage_train(tiny_config, pipeline.open_run(tiny_config, starting_training=True, resume=True),
+                             resume=True)

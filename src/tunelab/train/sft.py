@@ -34,6 +34,7 @@ from tunelab.train.trainer import (
     TunelabTrainer,
     UnpackAfterEval,
     WallTimeBudget,
+    checkpoint_problem,
     complete_checkpoints,
 )
 
@@ -166,11 +167,21 @@ def make_collator(cfg: RunConfig, policy: TrainingPolicy,
 
 
 def _resume_point(run: RunPaths) -> Path:
+    """The newest checkpoint that can be resumed from; an unusable newer one is named and passed over."""
     found = complete_checkpoints(run.checkpoints)
     if not found:
         raise TrainingError(f"--resume: no complete checkpoint in {run.checkpoints}; train without --resume")
-    console.print(f"Resuming from {found[-1]}")
-    return found[-1]
+    problems = []
+    for checkpoint in reversed(found):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            for skipped in problems:
+                console.print(f"[yellow]warning:[/] --resume: {skipped}; passed over")
+            console.print(f"Resuming from {checkpoint}")
+            return checkpoint
+        problems.append(f"{checkpoint} cannot be resumed from: {problem}")
+    raise TrainingError(f"--resume: {problems[0]}, nor can any older checkpoint; train without --resume (or with "
+                        "--set output.overwrite=true) to start over")
 
 
 def _loraplus_optimizer(cfg: RunConfig, model: Any) -> Any:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -26,10 +25,50 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from tunelab.artifacts import CHECKPOINT
 from tunelab.errors import TrainingError
 
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STAGING = ".staging"
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from (a file missing or cut short), or None. Staged writes make this rare;
+    a copy, a full disk or a hand edit still happen, and resuming without the optimizer's or the schedule's state
+    would continue a different training without a word."""
+    import json
+    import zipfile
+
+    for name in ("trainer_state.json", "optimizer.pt", "scheduler.pt"):
+        if not (checkpoint / name).is_file():
+            return f"{name} is missing"
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        for path in [checkpoint / "optimizer.pt", checkpoint / "scheduler.pt", *checkpoint.glob("rng_state*.pth")]:
+            zipfile.ZipFile(path).close()  # torch.save's zip: cut short, it has no central directory
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        return f"a file is unreadable or cut short ({type(err).__name__}: {str(err)[:80]})"
+    weights = sorted(checkpoint.glob("*.safetensors"))
+    if not weights:
+        return "it holds no weights (*.safetensors)"
+    for path in weights:
+        if (problem := _safetensors_problem(path)) is not None:
+            return f"{path.name}: {problem}"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file whose header does not parse or whose tensors run past the end of the file."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError):
+        return "not a readable safetensors file"
+    return None if path.stat().st_size >= 8 + length + end else "cut short"
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
