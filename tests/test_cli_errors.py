@@ -191,3 +191,24 @@ def test_a_tiny_run_prints_no_library_warnings(tmp_path, tiny_model_dir):
     assert list((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
     assert (tmp_path / "run" / "mlflow_run.json").is_file()
     assert "Warning" not in done.stderr, done.stderr[-3000:]
+
+
+def test_an_export_of_damaged_weights_is_one_error_and_stale_evidence_is_said(lora_run, tmp_path, capsys):
+    run = copy_run(lora_run, tmp_path / "cut")
+    weights = run / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # a copy cut short: safetensors raised from deep inside
+    error = one_error(tunelab("export", "merge", str(run), "--out", str(tmp_path / "m1")))
+    assert error == f"error: {run}: its trained weights cannot be loaded: {weights}: cut short; train it again"
+    weights.unlink()
+    assert "holds no weights" in one_error(tunelab("export", "merge", str(run), "--out", str(tmp_path / "m2")))
+    assert not (tmp_path / "m1").exists() and not (tmp_path / "m2").exists()
+    # Evidence of other weights (trained further since its eval): what an export says under what it wrote.
+    from tunelab.artifacts import RunPaths, sha256_folder
+    from tunelab.cli_ship import _warn_without_evidence
+
+    run = RunPaths(copy_run(lora_run, tmp_path / "stale"))
+    run.eval.mkdir(exist_ok=True)
+    for measured, stale in ((sha256_folder(run.trained), False), ("0" * 64, True)):
+        (run.eval / "metrics.json").write_text(json.dumps({"trained_sha256": measured, "gate": []}))
+        _warn_without_evidence("stale", run)
+        assert ("changed after it was evaluated" in " ".join(capsys.readouterr().err.split())) is stale

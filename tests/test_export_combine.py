@@ -94,6 +94,13 @@ def test_refusals_are_one_line(ranks_16_and_4, tiny_config, tmp_path):
     c = load_source(other_base, a.run)  # LoRA config, but another base
     with pytest.raises(ExportError, match="adapters combine only on the same base model"):
         combine_runs([a, c], "cat", [0.5, 0.5], tmp_path / "z")
+    prompted = load_source(a.cfg.model_copy(deep=True), b.run)
+    prompted.cfg.data.system_prompt = "Answer in one word."
+    with pytest.raises(ExportError, match="another data.system_prompt than"):
+        combine_runs([a, prompted], "cat", [0.5, 0.5], tmp_path / "z")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ExportError, match="is a file; choose a new folder"):
+        combine_runs([a, b], "cat", [0.5, 0.5], tmp_path / "file")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
 
 

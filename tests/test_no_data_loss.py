@@ -196,4 +196,12 @@ def test_exports_refuse_an_existing_out_unless_overwrite(tmp_path, tiny_model_di
         assert error == f"error: --out: {run.parent} holds the run folder {run}; choose a new folder"
         error = one_error(run_cli("export", *command, str(run), "--out", str(run / "data" / "x"), "--overwrite"))
         assert f"--out: {run / 'data' / 'x'} is inside the run's own data/ folder" in error
+    # Under a file (it failed after the whole merge), and the base model's own folder (the next merge would fold
+    # the adapter in twice): refused before any work.
+    error = one_error(run_cli("export", "merge", str(run), "--out", str(keep / "precious.txt" / "x")))
+    assert error == f"error: --out: {keep / 'precious.txt' / 'x'} is under {keep / 'precious.txt'}, which is a file; " \
+                    "choose a new folder"
+    error = one_error(run_cli("export", "merge", str(run), "--out", str(tiny_model_dir), "--overwrite"))
+    assert error == f"error: --out: {tiny_model_dir} holds the base model {tiny_model_dir} the run was trained on; " \
+                    "choose a new folder"
     assert (keep / "precious.txt").read_text() == "do not delete"

@@ -220,3 +220,31 @@ class RunPaths:
     @property
     def manifest(self) -> Path:
         return self.root / "manifest.json"
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file cannot be loaded: its header does not parse, or its tensors run past its end."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError):
+        return "not a readable safetensors file"
+    return None if path.stat().st_size >= 8 + length + end else "cut short"
+
+
+def trained_weights_problem(run: RunPaths) -> str | None:
+    """Why the run's trained folder cannot be loaded (a file missing, unreadable or cut short), or None."""
+    folder = run.trained
+    if run.has_adapter:
+        try:
+            json.loads(run.adapter_config.read_text())
+        except (OSError, ValueError):
+            return f"{run.adapter_config} is unreadable"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return f"{folder} holds no weights (*.safetensors)"
+    return next((f"{path}: {problem}" for path in weights if (problem := safetensors_problem(path))), None)

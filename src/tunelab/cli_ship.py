@@ -22,13 +22,18 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an exis
 
 def _export_source(run_dir: str, out_dir: Path | None, overwrite: bool) -> tuple[Any, Any]:
     """The run an export reads (a folder or a registry URI), with --out checked before any work."""
+    from tunelab.artifacts import trained_weights_problem
     from tunelab.config_file import load_run_config
+    from tunelab.errors import ExportError
     from tunelab.export.merge import check_out
     from tunelab.registry import resolve_run_dir
 
     cfg, run = load_run_config(resolve_run_dir(run_dir))
+    if run.is_trained and (problem := trained_weights_problem(run)):
+        raise ExportError(f"{run.root}: its trained weights cannot be loaded: {problem}; train it again")
     if out_dir is not None:
-        check_out(out_dir, run, overwrite)
+        local_base = Path(cfg.model.name).expanduser()
+        check_out(out_dir, run, overwrite, local_base if local_base.is_dir() else None)
     return cfg, run
 
 
@@ -37,6 +42,7 @@ def _warn_without_evidence(name: str, run: Any) -> None:
     knowingly: `registry promote` refuses such a version, so an export says so too, under what it wrote."""
     import json
 
+    from tunelab.artifacts import sha256_folder
     from tunelab.eval.gate import describe_failure
     from tunelab.eval.result import failed_rules
     from tunelab.progress import console
@@ -46,7 +52,12 @@ def _warn_without_evidence(name: str, run: Any) -> None:
         console.print(f"[yellow]warning:[/] {name} was never evaluated: there is no evidence it beats its base "
                       "(tunelab eval RUN)")
         return
-    for g in failed_rules(json.loads(path.read_text()).get("gate", [])):
+    measured = json.loads(path.read_text())
+    if measured.get("trained_sha256") and measured["trained_sha256"] != sha256_folder(run.trained):
+        console.print(f"[yellow]warning:[/] {name} changed after it was evaluated (trained further, or its weights "
+                      "replaced): its eval evidence is for other weights (tunelab eval RUN)")
+        return
+    for g in failed_rules(measured.get("gate", [])):
         console.print(f"[yellow]warning:[/] {name} failed its eval gate: {describe_failure(g)}; exported anyway")
 
 

@@ -22,7 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.artifacts import RunPaths, atomic_dir, manifest, write_json_atomic, write_text_atomic
+from tunelab.artifacts import (
+    RunPaths,
+    atomic_dir,
+    manifest,
+    trained_weights_problem,
+    write_json_atomic,
+    write_text_atomic,
+)
 from tunelab.config import RunConfig, SuiteConfig
 from tunelab.config_file import dump_config
 from tunelab.errors import ExportError
@@ -63,6 +70,11 @@ def check_sources(sources: list[Source], how: str, weights: list[float], density
             raise ExportError(f"combine: {s.run.root} is a DoRA adapter; PEFT cannot combine DoRA magnitudes")
         if not s.run.has_adapter:
             raise ExportError(f"combine: {s.run.root} has no trained adapter")
+        if problem := trained_weights_problem(s.run):
+            raise ExportError(f"combine: {s.run.root}: its adapter cannot be loaded: {problem}")
+        if s.cfg.data.system_prompt != first.cfg.data.system_prompt:
+            raise ExportError(f"combine: {s.run.root} was trained with another data.system_prompt than "
+                              f"{first.run.root}; a blend would be prompted unlike one of them")
         other = locate_model(s.cfg.model).path.resolve()
         if other != base:
             raise ExportError(f"combine: {s.run.root} was trained on {other}, {first.run.root} on {base}; "
@@ -94,6 +106,8 @@ def combine_runs(sources: list[Source], how: str, weights: list[float], out: Pat
     from peft import PeftModel
 
     check_sources(sources, how, weights, density)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out: {out} is a file; choose a new folder for the combined run")
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"--out: {out} is not empty; choose a new folder for the combined run")
     first = sources[0]

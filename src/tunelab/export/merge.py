@@ -9,6 +9,7 @@ worse than adapter" more than almost anything; here it cannot happen silently.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,10 @@ from tunelab.models import Precision, load_model, load_tokenizer, resolve_model
 MERGEABLE = ("lora", "qlora", "ia3")
 
 
-def check_out(out: Path, run: RunPaths, overwrite: bool) -> None:
+def check_out(out: Path, run: RunPaths, overwrite: bool, base: Path | None = None) -> None:
     """Refuse an export folder that would replace something: an existing, non-empty `out` without --overwrite,
-    and, even with it, the run folder itself (or a parent of it), the working folder or a parent, root, home."""
+    and, even with it, the run folder itself (or a parent of it), the base model's folder `base` (the next merge
+    would fold the adapter in twice), the working folder or a parent, root, home; and one that cannot be made."""
     from tunelab.config import unsafe_output_dir
 
     target = out.expanduser().resolve()
@@ -41,8 +43,17 @@ def check_out(out: Path, run: RunPaths, overwrite: bool) -> None:
     where = unsafe_output_dir(out)
     if where:
         raise ExportError(f"--out: {out} is {where}; choose a new folder")
-    if out.is_file() or out.is_symlink():
+    if out.is_symlink():
+        raise ExportError(f"--out: {out} is a link; choose a new folder (or the folder it points to)")
+    if out.is_file():
         raise ExportError(f"--out: {out} is a file; choose a new folder")
+    if base is not None and (target == base.resolve() or base.resolve() in target.parents):
+        raise ExportError(f"--out: {out} holds the base model {base} the run was trained on; choose a new folder")
+    above = next((p for p in target.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ExportError(f"--out: {out} is under {above}, which is a file; choose a new folder")
+    if above is not None and not os.access(above, os.W_OK | os.X_OK):
+        raise ExportError(f"--out: {out} cannot be created: {above} is not writable; choose a new folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"--out: {out} already exists and is not empty; choose a new folder or pass --overwrite "
                           "to replace it")

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from tunelab.artifacts import CHECKPOINT
+from tunelab.artifacts import CHECKPOINT, safetensors_problem
 from tunelab.errors import TrainingError
 
 STAGING = ".staging"
@@ -51,24 +51,9 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     if not weights:
         return "it holds no weights (*.safetensors)"
     for path in weights:
-        if (problem := _safetensors_problem(path)) is not None:
+        if (problem := safetensors_problem(path)) is not None:
             return f"{path.name}: {problem}"
     return None
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    """A safetensors file whose header does not parse or whose tensors run past the end of the file."""
-    import json
-    import struct
-
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError):
-        return "not a readable safetensors file"
-    return None if path.stat().st_size >= 8 + length + end else "cut short"
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
