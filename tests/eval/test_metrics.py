@@ -23,6 +23,9 @@ def test_exact_match_and_contains_normalize_case_space_and_final_stop():
     assert not exact_match("Paris, France", "Paris")
     assert contains("It is Paris, France.", "Paris") == 1.0
     assert contains("London", "Paris") == 0.0
+    # Whole words only: a substring inside another number or word is not the answer.
+    assert contains("The answer is 14", "4") == 0.0 and contains("The answer is 4.", "4") == 1.0
+    assert contains("Parisian food", "Paris") == 0.0 and contains("item: yoga mats | qty: 3", "yoga mats") == 1.0
 
 
 def test_token_f1_and_rouge_l():
@@ -53,13 +56,16 @@ def test_corpus_bleu():
 
 def test_json_metrics_and_regex(tmp_path):
     schema = tmp_path / "schema.json"
+    (tmp_path / "open.json").write_text("{}")  # any JSON conforms
     schema.write_text(json.dumps({"type": "object", "required": ["item", "qty"],
                                   "properties": {"qty": {"type": "integer"}}}))
     valid, conforming = resolve_metric("json_valid"), resolve_metric("json_schema", schema=schema)
     assert valid('{"a": 1}', "") == 1.0 and valid("not json", "") == 0.0
     assert valid('```json\n{"a": 1}\n```', "") == 1.0  # fenced JSON counts
+    assert valid("NaN", "") == 0.0 and valid('{"a": Infinity}', "") == 0.0  # Python reads them; JSON has neither
     assert conforming('{"item": "x", "qty": 2}', "") == 1.0
     assert conforming('{"item": "x", "qty": "two"}', "") == 0.0
+    assert resolve_metric("json_schema", schema=tmp_path / "open.json")('{"a": NaN}', "") == 0.0
     assert resolve_metric("regex", regex=r"qty: \d+")("qty: 12", "") == 1.0
 
 

@@ -41,7 +41,10 @@ def exact_match(prediction: str, reference: str) -> bool:
 
 
 def contains(prediction: str, reference: str) -> float:
-    return float(normalize_answer(reference) in normalize_answer(prediction))
+    """The reference appears in the prediction as whole words: "4" is not in "The answer is 14"."""
+    ref = normalize_answer(reference)
+    pattern = rf"(?<!\w){re.escape(ref)}(?!\w)" if ref else ""
+    return float(re.search(pattern, normalize_answer(prediction)) is not None)
 
 
 def token_f1(prediction: str, reference: str) -> float:
@@ -96,10 +99,18 @@ def corpus_bleu(predictions: list[str], references: list[str], max_n: int = 4) -
 
 def json_valid(prediction: str, reference: str = "") -> float:
     try:
-        json.loads(_strip_fences(prediction))
+        _strict_json(prediction)
         return 1.0
     except ValueError:
         return 0.0
+
+
+def _strict_json(text: str) -> Any:
+    """JSON as the standard has it: Python's json also reads NaN and Infinity, which no other parser accepts."""
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(_strip_fences(text), parse_constant=refuse)
 
 
 def _strip_fences(text: str) -> str:
@@ -119,7 +130,7 @@ def json_schema_metric(schema_path: Path) -> Callable[[str, str], float]:
 
     def json_schema(prediction: str, reference: str = "") -> float:
         try:
-            return float(validator.is_valid(json.loads(_strip_fences(prediction))))
+            return float(validator.is_valid(_strict_json(prediction)))
         except ValueError:
             return 0.0
 
