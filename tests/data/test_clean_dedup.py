@@ -42,9 +42,17 @@ def test_each_filter_counts_what_it_removed():
     cfg = CleanConfig(min_tokens=4, exclude_regex=[r"#\d{5}"], exclude_keywords=["forbidden"])
     result = clean_records(records, cfg, max_tokens=20, count_tokens=word_count)
     assert [r.id for r in result.kept] == ["1", "6"]
-    assert result.removed == {"empty": [], "regex": ["3"], "keyword": ["2"], "too_short": ["4"], "too_long": ["5"]}
+    assert result.removed == {"empty": [], "same_answers": [], "regex": ["3"], "keyword": ["2"], "too_short": ["4"],
+                              "too_long": ["5"]}
     assert result.changed["whitespace"] == 1
     assert result.kept[1].messages[0]["content"] == "spaced out text"
+
+
+def test_a_preference_pair_made_identical_by_cleaning_is_removed():
+    pair = Record("p", "t.jsonl:1", "preference", [{"role": "user", "content": "Capital of France?"}],
+                  chosen="Paris is the capital.", rejected="Paris  is the capital.")  # differs by a space only
+    result = clean_records([pair], CleanConfig(), max_tokens=100, count_tokens=word_count)
+    assert result.kept == [] and result.removed["same_answers"] == ["p"]
 
 
 def test_pii_scrub_is_counted_when_on():

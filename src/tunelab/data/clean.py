@@ -77,12 +77,16 @@ def clean_records(records: list[Record], cfg: CleanConfig, max_tokens: int,
 
     patterns = [re.compile(p) for p in cfg.exclude_regex]
     keywords = [k.lower() for k in cfg.exclude_keywords]
-    removed: dict[str, list[str]] = {"empty": [], "regex": [], "keyword": [], "too_short": [], "too_long": []}
+    removed: dict[str, list[str]] = {"empty": [], "same_answers": [], "regex": [], "keyword": [], "too_short": [],
+                                     "too_long": []}
     survivors = []
     for record in records:
         text = record.all_text()
         if _is_empty(record):
             removed["empty"].append(record.id)
+        elif record.kind == "preference" and record.chosen == record.rejected:
+            # The loader refuses identical answers; these became identical in the rewrites above ("a  b" / "a b").
+            removed["same_answers"].append(record.id)
         elif any(p.search(text) for p in patterns):
             removed["regex"].append(record.id)
         elif any(k in text.lower() for k in keywords):
