@@ -34,6 +34,17 @@ def test_planted_leaks_are_found_by_the_right_rule():
     assert result.per_source() == {"test": 2, "val": 1}
 
 
+def test_a_training_row_leaking_several_eval_rows_names_each_of_them():
+    # The same question in the test split and in a benchmark file, and a second test row it covers by n-grams:
+    # each is a hit (a suite drops each of them; the report counts both sources).
+    evals = [EvalText.of(chat("t1", LONG_QUESTION, "seventeen"), "test"),
+             EvalText.of(chat("b1", LONG_QUESTION, "seventeen"), "bench.jsonl"),
+             EvalText.of(chat("t2", f"{LONG_QUESTION} twice", "17"), "test")]
+    result = find_contamination([chat("leak", LONG_QUESTION, "seventeen")], evals, ContaminationConfig())
+    assert sorted((h.eval_id, h.kind) for h in result.hits) == [("b1", "exact"), ("t1", "exact"), ("t2", "ngram")]
+    assert result.per_source() == {"test": 1, "bench.jsonl": 1} and result.train_ids == {"leak"}
+
+
 def test_a_leak_typed_in_another_unicode_form_is_found():
     import unicodedata
 

@@ -120,7 +120,7 @@ def find_contamination(train: list[Record], evals: list[EvalText], cfg: Contamin
     """Training rows that overlap an eval row: the same text or prompt, long n-grams shared with it that
     cover at least `cfg.min_coverage` of its words (or of its prompt's), or (when `near` is given) a
     near-twin by MinHash, the same test dedup applies within a split."""
-    exact: dict[str, EvalText] = {}
+    exact: dict[str, list[EvalText]] = defaultdict(list)
     index: dict[str, list[tuple[int, int]]] = defaultdict(list)  # n-gram -> (eval row, position)
     words_of: list[list[str]] = []
     prompt_len: list[int] = []
@@ -128,8 +128,8 @@ def find_contamination(train: list[Record], evals: list[EvalText], cfg: Contamin
         normalized = normalize_for_match(item.text)
         prompt = normalize_for_match(item.prompt)
         for whole in (normalized, prompt):
-            if len(whole.split()) >= MIN_EXACT_WORDS or whole == normalized and whole:
-                exact.setdefault(whole, item)
+            if (len(whole.split()) >= MIN_EXACT_WORDS or whole == normalized and whole) and item not in exact[whole]:
+                exact[whole].append(item)
         words = normalized.split()
         words_of.append(words)
         prompt_len.append(len(prompt.split()) if normalized.startswith(prompt) else 0)
@@ -154,24 +154,21 @@ def find_contamination(train: list[Record], evals: list[EvalText], cfg: Contamin
 
     result = ContaminationResult(shared=shared)
     for record, words, keys in zip(train, train_words, train_keys):
-        normalized = " ".join(words)
-        whole = next((t for t in (normalized, normalize_for_match(record.prompt_text())) if t in exact), None)
-        if whole is not None:
-            item = exact[whole]
-            result.hits.append(Hit(record.id, item.id, item.source, "exact", whole[:200]))
-            continue
+        # Every eval row a training row leaks, not only the first: a suite drops each of them, and the report
+        # counts each source (a row that is both a test row and a benchmark question counts for both).
+        hits: dict[int, Hit] = {}
+        for whole in dict.fromkeys((" ".join(words), normalize_for_match(record.prompt_text()))):
+            for item in exact.get(whole, ()):
+                hits.setdefault(id(item), Hit(record.id, item.id, item.source, "exact", whole[:200]))
         matched: dict[int, set[int]] = defaultdict(set)
         for key in keys:
             for e, position in index.get(key, ()):
                 matched[e].add(position)
-        hit = None
         for e, starts in matched.items():
-            overlap = _covered(starts, words_of[e], prompt_len[e], cfg)
-            if overlap is not None:
-                hit = Hit(record.id, evals[e].id, evals[e].source, "ngram", overlap)
-                break
-        if hit is not None:
-            result.hits.append(hit)
+            if id(evals[e]) not in hits and (overlap := _covered(starts, words_of[e], prompt_len[e], cfg)):
+                hits[id(evals[e])] = Hit(record.id, evals[e].id, evals[e].source, "ngram", overlap)
+        if hits:
+            result.hits += hits.values()
             continue
         twin = twins.find(twins.signature(record.all_text())) if twins is not None else None
         if twin is not None:
