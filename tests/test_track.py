@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.serve.conftest import free_port  # one allocator of test ports for every worker
 from tunelab import pipeline
@@ -360,6 +361,9 @@ def test_a_sample_eval_leaves_the_runs_evidence_alone(tiny_config):
     evidence = sha256_folder(run / "eval"), (run / "manifest.json").read_bytes()
     n_examples = client_for(uri).get_run(run_id(run)).data.metrics["eval.test.n_examples"]
     assert n_examples > 1
+    stored = yaml.safe_load((run / "config.yaml").read_text())
+    stored["eval"]["suites"][0]["max_examples"] = 200  # the suite's own limit: --max-examples still wins
+    (run / "config.yaml").write_text(yaml.safe_dump(stored))
     done = subprocess.run([sys.executable, "-m", "tunelab", "eval", str(run), "--max-examples", "1"],
                           capture_output=True, text=True, env={**os.environ, "COLUMNS": "250"})
     assert done.returncode in (0, 1), done.stderr[-2000:]  # 1: the gate, measured on one example, may fail

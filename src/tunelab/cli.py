@@ -130,6 +130,8 @@ def eval_(run_dir: Annotated[str, typer.Argument(help="A run folder, or models:/
         if max_examples < 1:
             raise ConfigError(f"--max-examples {max_examples}: give a number of test examples, 1 or more")
         cfg.eval.max_examples = max_examples
+        for suite in cfg.eval.suites:  # a suite's own limit would otherwise win over the quick look asked for
+            suite.max_examples = min(suite.max_examples or max_examples, max_examples)
     sample = max_examples is not None
     result = pipeline.stage_eval(cfg, run_paths, sample=sample)
     print_summary(run_paths.root, None, result.metrics, sample=sample)
