@@ -68,6 +68,16 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_result(tiny_config, tmp_p
     assert steps[1] == steps[0] == sorted(set(steps[0]))
     losses = [[row["loss"] for row in curve if "loss" in row] for curve in curves]
     assert losses[1] == pytest.approx(losses[0], abs=1e-4)
+    # The run's recorded results cover the whole run, not only the part after the resume (its mean loss was the
+    # resumed part's loss over every step; first loss, tokens seen and the tokens column restarted).
+    trained = json.loads((tmp_path / "killed" / "manifest.json").read_text())["train"]
+    assert trained["first_loss"] == pytest.approx(reference.first_loss, abs=1e-4)
+    assert trained["train_loss"] == pytest.approx(reference.train_loss, rel=1e-3)
+    # Tokens are counted as batches are collated, and the data loader reads one batch ahead: the part before the
+    # checkpoint is taken from its last logged row, which already counted the batch the resumed run starts with.
+    assert trained["tokens_seen"] == pytest.approx(reference.tokens_seen, rel=0.02)  # it restarted at 0 (-60%)
+    tokens = [[row["tokens_seen"] for row in curve if "loss" in row] for curve in curves]
+    assert tokens[1] == pytest.approx(tokens[0], rel=0.05)
 
 
 def _logged_past_a_checkpoint(run_dir, at_least: int) -> bool:

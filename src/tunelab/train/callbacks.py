@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -27,7 +28,8 @@ class MetricsCallback(TrainerCallback):
         self.collator = collator
         self.tokens_per_epoch = tokens_per_epoch  # where no collator of ours counts: the data's tokens x epochs
         self.sink = sink  # e.g. the MLflow tracker
-        self.losses: list[float] = []
+        self.losses: list[float] = []  # every logged loss of the run, the interrupted part's too after a resume
+        self.tokens_before = 0  # tokens the run had seen when this process resumed it
         self._bar: Any = None
         self._task: Any = None
         self._started = 0.0
@@ -50,10 +52,18 @@ class MetricsCallback(TrainerCallback):
             self.path.unlink()  # a fresh run starts a fresh curve
         elif self.path.exists():
             _drop_rows_after(self.path, state.global_step)
+            self._continue_from(self.path)
         self._started = time.perf_counter()
         self._bar = progress_bar()
         self._bar.start()
         self._task = self._bar.add_task("train", total=state.max_steps, completed=state.global_step, info="")
+
+    def _continue_from(self, path: Path) -> None:
+        """A resumed run's numbers cover the whole run: the losses and tokens of the part before the checkpoint."""
+        rows = [r for r in _rows(path) if isinstance(r, dict) and "loss" in r]
+        self.losses = [float(r["loss"]) for r in rows]
+        if self.collator is not None:
+            self.tokens_before = max((r.get("tokens_seen") or 0 for r in rows), default=0)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._bar is not None:
@@ -68,7 +78,8 @@ class MetricsCallback(TrainerCallback):
         self.losses.append(loss)
         # Our collators count real tokens; TRL's trainers report theirs in the state, or (preference objectives,
         # whose batches have no one input to count) the data's tokens times the epochs done stand in.
-        tokens = self.collator.tokens_seen if self.collator is not None else (state.num_input_tokens_seen or None)
+        tokens = (self.collator.tokens_seen + self.tokens_before if self.collator is not None
+                  else (state.num_input_tokens_seen or None))
         if tokens is None and self.tokens_per_epoch:
             tokens = int(self.tokens_per_epoch * float(state.epoch or 0.0)) or None
         row = {
@@ -78,7 +89,7 @@ class MetricsCallback(TrainerCallback):
             "learning_rate": logs.get("learning_rate"),
             "grad_norm": _finite_or_none(logs.get("grad_norm")),
             "tokens_seen": tokens,
-            "tokens_per_second": round(tokens / elapsed, 1) if tokens and elapsed > 0 else None,
+            "tokens_per_second": round((tokens - self.tokens_before) / elapsed, 1) if tokens and elapsed > 0 else None,
             "elapsed_s": round(elapsed, 2),
         }
         # Objective-specific numbers (DPO reward margins and accuracy, KTO's KL, ...) go in as logged.
@@ -100,6 +111,14 @@ class MetricsCallback(TrainerCallback):
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(ValueError):
+            rows.append(json.loads(line))
+    return rows
 
 
 def _drop_rows_after(path: Path, step: int) -> None:

@@ -31,7 +31,7 @@ from tunelab.train.methods import build_trainable, count_parameters, training_in
 from tunelab.train.policy import process_group_size, training_policy
 from tunelab.train.preference_head import LogitsFreeCPO, LogitsFreeORPO
 from tunelab.train.preference_packing import PaddingFreeLogits, PaddingFreePreference
-from tunelab.train.sft import TrainResult, _resume_point, save_trained
+from tunelab.train.sft import TrainResult, _resume_point, run_train_loss, save_trained
 from tunelab.train.trainer import (
     StopOnNonFiniteLoss,
     WallTimeBudget,
@@ -169,7 +169,7 @@ def train_preference(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bo
     tokens = int(per_epoch * float(trainer.state.epoch or 0))
     losses = callback.losses or [float("nan")]
     return TrainResult(
-        steps=output.global_step, train_loss=float(output.training_loss), first_loss=losses[0],
+        steps=output.global_step, train_loss=run_train_loss(output, callback, checkpoint), first_loss=losses[0],
         last_loss=losses[-1], val_loss=float("nan"), train_seconds=round(seconds, 2), tokens_seen=tokens,
         tokens_per_second=round(tokens / seconds, 1), peak_memory_mb=round(peak_memory_mb(precision.device), 1),
         trainable_params=trainable, total_params=total, dropped_too_long=0, precision=precision.label,

@@ -148,15 +148,24 @@ def train_sft(cfg: RunConfig, run: RunPaths, dataset: Dataset, resume: bool = Fa
         save_trained(cfg, model, tokenizer, run, state_dict)
 
     losses = callback.losses or [float("nan")]
+    tokens = callback.tokens_before + collator.tokens_seen  # the whole run's, a resumed one's too
     return TrainResult(
-        steps=output.global_step, train_loss=float(output.training_loss), first_loss=losses[0],
+        steps=output.global_step, train_loss=run_train_loss(output, callback, checkpoint), first_loss=losses[0],
         last_loss=losses[-1], val_loss=val_loss, train_seconds=round(seconds, 2),
-        tokens_seen=collator.tokens_seen, tokens_per_second=round(collator.tokens_seen / seconds, 1),
+        tokens_seen=tokens, tokens_per_second=round(collator.tokens_seen / seconds, 1),
         peak_memory_mb=round(peak_memory_mb(precision.device), 1), trainable_params=trainable,
         total_params=total, dropped_too_long=len(dropped), precision=precision.label,
         stopped_early=bool(budget and budget.stopped_early), model=model,
         **({"chat_template": template.describe()} if template else {}),
     )
+
+
+def run_train_loss(output: Any, callback: MetricsCallback, checkpoint: Path | None) -> float:
+    """The mean training loss of the whole run. After a resume the Trainer's own figure divides the resumed part's
+    loss by every step; the logged losses (every train.logging_steps) cover the whole run instead."""
+    if checkpoint is None or not callback.losses:
+        return float(output.training_loss)
+    return sum(callback.losses) / len(callback.losses)
 
 
 def make_collator(cfg: RunConfig, policy: TrainingPolicy,
