@@ -47,6 +47,9 @@ def _training_changes(cfg: RunConfig, run: RunPaths) -> list[str]:
         before, now = getattr(stored, section).model_dump(mode="json"), getattr(cfg, section).model_dump(mode="json")
         changes += [f"{section}.{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys or sorted({*before, *now})
                     if before.get(k) != now.get(k)]
+    world = [c.cluster.num_workers if c.cluster.backend == "ray" else 1 for c in (stored, cfg)]
+    if world[0] != world[1]:  # the global batch is batch_size x accumulation x workers, and each rank's data share
+        changes.append(f"training processes (cluster.backend/num_workers): {world[0]} -> {world[1]}")
     if (run.data / "manifest.json").is_file() and not same_data(cfg, run):
         changes.append("the data (its sources or the data section)")
     return changes

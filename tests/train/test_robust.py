@@ -179,6 +179,10 @@ def test_resume_refuses_a_changed_config_or_data(tiny_config, tmp_path):
     with pytest.raises(TrainingError, match=r"--resume: .* started training with another config or data "
                                             r"\(train.learning_rate: 0.01 -> 0.5; train.seed: 42 -> 7\)"):
         pipeline.open_run(changed, starting_training=True, resume=True)
+    wider = tiny_config.model_copy(deep=True)
+    wider.cluster.backend, wider.cluster.num_workers = "ray", 4  # a global batch 4x as large
+    with pytest.raises(TrainingError, match=r"training processes \(cluster.backend/num_workers\): 1 -> 4"):
+        pipeline.open_run(wider, starting_training=True, resume=True)
     other_data = tiny_config.model_copy(deep=True)
     other_data.data.seed = 99  # another split: rows trained on could land in the test split
     with pytest.raises(TrainingError, match=r"the data \(its sources or the data section\)"):
