@@ -49,8 +49,9 @@ def test_shortened_quickstart_changes_behaviour(tmp_path):
     assert metrics["tuned"]["exact_match"] >= 0.5
     assert metrics["tuned"]["eval_loss"] < metrics["base"]["eval_loss"] / 4
     assert "test tuned exact_match (n=12)" in result.stdout
-    # The bundled general probes score the real base model where FACTS.md measured it (39%), and they see this cut
-    # of the recipe forget: without replay 16 steps at lr 1e-3 on one task lose general ability (measured 39% -> 14%).
+    # The bundled general probes score the real base model near where FACTS.md measured it (39%; 37% since the
+    # case and arithmetic probes are scored strictly), and they see this cut of the recipe forget: without replay
+    # 16 steps at lr 1e-3 on one task lose general ability (measured 37% -> 12%).
     probes = json.loads((tmp_path / "run/eval/metrics.json").read_text())["forgetting"]
     assert probes["n_probes"] == 100 and 0.3 <= probes["base"]["overall"] <= 0.5
     assert probes["drop"] >= 0.1 and "forgetting probes base -> tuned" in result.stdout

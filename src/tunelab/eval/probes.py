@@ -19,13 +19,22 @@ class Probe:
     category: str
     prompt: str
     answer: str
-    check: str = "contains"  # exact | contains | regex
+    check: str = "contains"  # exact | contains | regex | number
+    case_sensitive: bool = False  # regex: for the probes that ask for capitals or lower case
+    operands: tuple[int, ...] = ()  # number: the question's own numbers, which an answer often repeats
 
     def passed(self, output: str) -> bool:
         if self.check == "exact":
             return normalize_answer(output) == normalize_answer(self.answer)
         if self.check == "regex":
-            return re.search(self.answer, output, flags=re.I | re.S) is not None
+            return re.search(self.answer, output, flags=re.S | (0 if self.case_sensitive else re.I)) is not None
+        if self.check == "number":
+            # The result as a whole number (not inside 2.333 or 190), beyond the times the question's own numbers
+            # account for: "81 divided by 9 is 8" restates a 9 but does not answer 9.
+            said = len(_numbers(self.answer, output))
+            others = [str(n) for n in self.operands if str(n) != self.answer]
+            restated = bool(others) and all(_numbers(n, output) for n in others)
+            return said > (sum(1 for n in self.operands if str(n) == self.answer) if restated else 0)
         return normalize_answer(self.answer) in normalize_answer(output)
 
 
@@ -65,7 +74,7 @@ _INSTRUCTIONS = [
     ("Translate 'hello' into Spanish.", "hola", "contains"),
     ("Write a sentence that contains the word apple.", r"\bapple\b", "regex"),
     ("Count from one to three using digits separated by spaces.", r"1\s+2\s+3", "regex"),
-    ("Respond with the word done in lowercase.", "done", "exact"),
+    ("Respond with the word done in lowercase.", r"^\W*done\W*$", "regex"),
     ("What is the plural of mouse?", "mice", "contains"),
     ("What is the past tense of run?", "ran", "contains"),
     ("Which is bigger, an elephant or a mouse? Answer with one word.", "elephant", "contains"),
@@ -106,19 +115,32 @@ _FORMATS = [
 ]
 
 
+def _numbers(number: str, text: str) -> list[str]:
+    """`number` as a whole number in `text` (not inside 2.333 or 190)."""
+    return re.findall(rf"(?<![\d.]){number}(?![\d])(?!\.\d)", text)
+
+
+# The probes whose question is about letter case: scored case-sensitively ("hello" does not write HELLO).
+_CASE = {"Write the word hello in capital letters.", "Write the word water in uppercase.",
+         "Respond with the word done in lowercase.", "Write the word python in lowercase letters only.",
+         "Answer with an uppercase letter only: what letter does apple start with?"}
+
+
 def _arithmetic() -> list[Probe]:
     out = []
     for i, (a, b, op) in enumerate(_ARITHMETIC):
         result = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
         out.append(Probe(f"arith-{i:02d}", "arithmetic", f"What is {a} {_WORDS[op]} {b}? Answer with the number.",
-                         rf"\b{result}\b", "regex"))
+                         str(result), "number", operands=(a, b)))
     return out
 
 
 PROBES: list[Probe] = [
     *_arithmetic(),
     *[Probe(f"fact-{i:02d}", "facts", q, rf"\b({a})\b", "regex") for i, (q, a) in enumerate(_FACTS)],
-    *[Probe(f"instr-{i:02d}", "instructions", q, a, c) for i, (q, a, c) in enumerate(_INSTRUCTIONS)],
-    *[Probe(f"format-{i:02d}", "formats", q, a, "regex") for i, (q, a) in enumerate(_FORMATS)],
+    *[Probe(f"instr-{i:02d}", "instructions", q, a, c, case_sensitive=q in _CASE)
+      for i, (q, a, c) in enumerate(_INSTRUCTIONS)],
+    *[Probe(f"format-{i:02d}", "formats", q, a, "regex", case_sensitive=q in _CASE)
+      for i, (q, a) in enumerate(_FORMATS)],
 ]
 CATEGORIES = ("arithmetic", "facts", "instructions", "formats")
