@@ -37,6 +37,10 @@ def test_run_paths_tell_what_training_left(tmp_path):
     assert (run.kind, run.is_trained, run.holds_trained_folder, run.holds_training) == (None, False, False, False)
     assert run.trained_for("full") == run.model and run.trained_for("lora") == run.adapter
     run.checkpoints.mkdir(parents=True)
+    assert not run.holds_training  # made as training starts: a run killed before its first checkpoint holds nothing
+    (run.checkpoints / ".staging" / "checkpoint-4").mkdir(parents=True)
+    assert not run.holds_training  # a save cut short is not a checkpoint either
+    (run.checkpoints / "checkpoint-4").mkdir()
     assert run.holds_training and not run.holds_trained_folder  # an interrupted run: no weights yet
     run.model.mkdir()
     assert run.holds_trained_folder and run.kind is None  # a folder without config.json loads nothing

@@ -99,3 +99,7 @@ class NonTextPart(ValueError):
 
 class GoTemplateError(ValueError):
     """A Go template uses something export/gotemplate.py does not interpret."""
+
+
+class NotData(ValueError):
+    """JSON that parses but cannot be meant as data (a key given twice, NaN): the message is the problem."""

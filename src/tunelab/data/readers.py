@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import DataError
+from tunelab.errors import DataError, NotData
 
 Row = dict[str, Any]
 
@@ -77,7 +77,7 @@ def _loads(text: str) -> Any:
     limit) turned into JSONDecodeError-like ValueErrors with a readable message."""
     try:
         value = json.loads(text, object_pairs_hook=_object, parse_constant=_no_constant)
-    except (json.JSONDecodeError, _NotData):
+    except (json.JSONDecodeError, NotData):
         raise
     except RecursionError:
         raise ValueError(f"nested more than {MAX_ROW_DEPTH} levels deep") from None
@@ -88,23 +88,19 @@ def _loads(text: str) -> Any:
     return value
 
 
-class _NotData(ValueError):
-    """JSON that parses but cannot be meant as data: its message is the problem."""
-
-
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object; a key given twice is refused (json would silently keep the last, e.g. the wrong answer)."""
     row = dict(pairs)
     if len(row) < len(pairs):
         seen: set[str] = set()
         twice = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise _NotData(f"key {twice[:80]!r} appears twice in one object")
+        raise NotData(f"key {twice[:80]!r} appears twice in one object")
     return row
 
 
 def _no_constant(name: str) -> Any:
     """NaN and Infinity are not JSON; Python's json reads them and writes them back as invalid JSON."""
-    raise _NotData(f"{name} is not a JSON value (write null or a number)")
+    raise NotData(f"{name} is not a JSON value (write null or a number)")
 
 
 def _decode(raw: bytes) -> str:
