@@ -329,8 +329,12 @@ def _print_data_summary(folder: Path, report: dict[str, Any]) -> None:
         table.add_row(f"filter: {name}", str(n))
     table.add_row("exact duplicates", str(report["dedup"]["exact"]))
     table.add_row("near duplicates", str(report["dedup"]["near"]))
+    if report["dedup"].get("conflicts"):
+        table.add_row("conflicting verdicts", str(report["dedup"]["conflicts"]))
     contamination = report["contamination"]
     table.add_row(f"contaminated ({contamination['action']})", str(contamination["rows"]))
+    if contamination.get("val_rows"):
+        table.add_row(f"val rows overlapping test ({contamination['action']})", str(contamination["val_rows"]))
     for name, n in report["counts"].items():
         table.add_row(f"[bold]{name}[/]", f"[bold]{n}[/]")
     out.print(table)

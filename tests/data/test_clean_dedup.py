@@ -116,3 +116,46 @@ def test_pii_scrub_of_a_hostile_megabyte_row_ends(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "write to <EMAIL> or <PHONE>"
+
+
+def kto(i: str, prompt: str, completion: str, label: bool) -> Record:
+    return Record(i, f"k.jsonl:{i}", "kto", [{"role": "user", "content": prompt}], completion=completion, label=label)
+
+
+def pair(i: str, prompt: str, chosen: str, rejected: str) -> Record:
+    return Record(i, f"p.jsonl:{i}", "preference", [{"role": "user", "content": prompt}], chosen=chosen,
+                  rejected=rejected)
+
+
+def test_exact_dedup_removes_every_row_of_a_text_given_opposite_kto_labels():
+    records = [kto("a", "Is 7 prime?", "Yes, 7 is prime.", True), kto("b", "is 7 prime", "yes 7 is prime", False),
+               kto("c", "Is 7 prime?", "Yes, 7 is prime.", True), kto("d", "Is 9 prime?", "No.", True),
+               kto("e", "Is 9 prime?", "No.", True)]
+    result = deduplicate(records, DedupConfig(near=False))
+    # Keeping "a" would keep a verdict chosen by file order; the text's rows disagree, so none is kept.
+    assert [r.id for r in result.kept] == ["d"]
+    assert result.conflicts == [("a", "b")] and result.exact_pairs == [("a", "c"), ("d", "e")]
+
+
+def test_exact_dedup_removes_a_preference_pair_and_its_swap_but_keeps_a_repeat_as_a_duplicate():
+    records = [pair("p1", "Capital of France?", "Paris.", "Lyon."), pair("p2", "capital of france", "lyon", "paris"),
+               pair("p3", "Capital of Spain?", "Madrid.", "Seville."), pair("p4", "Capital of Spain?", "Madrid", "Seville")]
+    result = deduplicate(records, DedupConfig(near=False))
+    assert [r.id for r in result.kept] == ["p3"]
+    assert result.conflicts == [("p1", "p2")] and result.exact_pairs == [("p3", "p4")]
+
+
+def test_near_dedup_compares_kto_rows_of_one_label_only():
+    prompt = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu"
+    good = kto("g", prompt, "nu xi omicron pi rho sigma tau upsilon phi chi psi", True)
+    bad = kto("b", prompt, "nu xi omicron pi rho sigma tau upsilon phi chi omega", False)  # one word differs
+    bad_twin = kto("b2", prompt, "nu xi omicron pi rho sigma tau upsilon phi chi omega!", False)
+    result = deduplicate([good, bad, bad_twin], DedupConfig(exact=False))
+    # The desirable answer and its undesirable near-twin are the contrast KTO learns from: both stay.
+    assert [r.id for r in result.kept] == ["g", "b"] and [p[:2] for p in result.near_pairs] == [("b", "b2")]
+
+
+def test_with_fields_prompt_kto_labels_do_not_make_conflicts():
+    records = [kto("a", "Is 7 prime?", "Yes.", True), kto("b", "Is 7 prime?", "No.", False)]
+    result = deduplicate(records, DedupConfig(near=False, fields="prompt"))
+    assert [r.id for r in result.kept] == ["a"] and result.exact_pairs == [("a", "b")] and not result.conflicts

@@ -85,6 +85,37 @@ def test_contamination_fails_by_default_and_names_rows(tmp_path, tiny_model_dir)
     assert prepared.report["contamination"]["per_source"] == {"test": 1}
 
 
+def test_a_val_row_that_repeats_a_test_row_is_a_leak_too(tmp_path, tiny_model_dir):
+    # Every training-source row repeats a row of the explicit test file: whichever land in val steer checkpoint
+    # choice toward the test, so they are checked like the training rows.
+    rows = distinct_rows(40)
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    test = write_jsonl(tmp_path / "test.jsonl", [r | {"id": f"t{r['id']}"} for r in rows[:40]])
+    cfg = config(tmp_path, tiny_model_dir, train=str(train), test=str(test), val_fraction=0.25,
+                 contamination={"action": "warn"})
+    prepared = prepare_data(cfg, tmp_path / "run" / "data")
+    contamination = prepared.report["contamination"]
+    val_ids = {r.id for r in prepared.dataset.val}
+    assert len(val_ids) == 10 and contamination["val_rows"] == 10
+    assert {h["train_id"] for h in contamination["val_hits"]} == val_ids
+    assert all(h["eval_id"] == f"t{h['train_id']}" and h["eval_source"] == "test" for h in contamination["val_hits"])
+    assert "## Val rows that overlap test or benchmark data (warn)" in (tmp_path / "run" / "data" / "report.md").read_text()
+
+    cfg.data.contamination.action = "fail"
+    # Only the val rows repeat the test file: the training rows' check passes, the val rows' check stops it.
+    val_only = write_jsonl(tmp_path / "test2.jsonl", [
+        next(r for r in rows if r["id"] == v) | {"id": f"t{v}"} for v in sorted(val_ids)])
+    cfg = config(tmp_path, tiny_model_dir, train=str(train), test=str(val_only), val_fraction=0.25)
+    with pytest.raises(DataError, match=r"data.contamination: 10 val rows overlap test or benchmark data: q\d+ ~ "
+                                        r"test tq\d+ \(exact\)"):
+        prepare_data(cfg, tmp_path / "run" / "data3")
+    assert not (tmp_path / "run" / "data3").exists()
+    cfg.data.contamination.action = "drop"
+    prepared = prepare_data(cfg, tmp_path / "run" / "data4")
+    assert prepared.dataset.val == [] and prepared.report["contamination"]["val_rows"] == 10
+    assert len(prepared.dataset.train) == 30 and len(prepared.dataset.test) == 10
+
+
 def test_a_dropped_leak_takes_no_innocent_row_sharing_its_id(tmp_path, tiny_model_dir):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     # Two files of the same name, each numbering its rows from 0: the ids collide across them.

@@ -2,6 +2,11 @@
 
 Records are visited in priority order and the first of a pair is kept, so callers put the rows they
 must keep (eval rows) first. Every removal is reported as a (kept id, removed id) pair.
+
+Rows that say the same thing with opposite verdicts (a KTO completion labelled both desirable and undesirable, a
+preference pair and its swap) are not duplicates: keeping the first would keep a verdict picked by file order. They
+are conflicts, every such row is removed and each is reported. Near-dedup of KTO rows compares rows of one label
+only: a desirable answer and an undesirable near-twin of it are the contrast KTO learns from.
 """
 
 from __future__ import annotations
@@ -54,29 +59,45 @@ class DedupResult:
     kept: list[Record]
     exact_pairs: list[tuple[str, str]] = field(default_factory=list)
     near_pairs: list[tuple[str, str, float]] = field(default_factory=list)
+    conflicts: list[tuple[str, str]] = field(default_factory=list)  # (first row, a row with the opposite verdict)
 
 
 def deduplicate(records: list[Record], cfg: DedupConfig,
                 progress: Callable[[int], None] | None = None) -> DedupResult:
     result = DedupResult(kept=records)
     if cfg.exact:
-        result.kept, result.exact_pairs = _exact(result.kept, cfg.fields)
+        result.kept, result.exact_pairs, result.conflicts = _exact(result.kept, cfg.fields)
     if cfg.near:
         result.kept, result.near_pairs = _near(result.kept, cfg, progress)
     return result
 
 
-def _exact(records: list[Record], fields: str) -> tuple[list[Record], list[tuple[str, str]]]:
-    first: dict[str, str] = {}
-    kept, pairs = [], []
+def _exact_key(record: Record, fields: str) -> tuple[str, object]:
+    """The text that makes two rows the same, and the row's verdict on it (None where a row has none)."""
+    if fields == "all" and record.kind == "preference":
+        # A pair and its swap are one text with opposite verdicts: key on the answers in a fixed order.
+        chosen, rejected = normalize_for_match(record.chosen or ""), normalize_for_match(record.rejected or "")
+        text = "\n".join([normalize_for_match(record.prompt_text()), *sorted([chosen, rejected])])
+        return hashlib.sha1(text.encode()).hexdigest(), chosen <= rejected
+    key = hashlib.sha1(normalize_for_match(text_of(record, fields)).encode()).hexdigest()
+    return key, record.label if fields == "all" and record.kind == "kto" else None
+
+
+def _exact(records: list[Record], fields: str) -> tuple[list[Record], list[tuple[str, str]], list[tuple[str, str]]]:
+    first: dict[str, tuple[Record, object]] = {}  # key -> first row and its verdict, in the order seen
+    pairs, conflicts = [], []
+    conflicted: set[str] = set()
     for record in records:
-        key = hashlib.sha1(normalize_for_match(text_of(record, fields)).encode()).hexdigest()
-        if key in first:
-            pairs.append((first[key], record.id))
+        key, verdict = _exact_key(record, fields)
+        if key not in first:
+            first[key] = (record, verdict)
+        elif first[key][1] == verdict:
+            pairs.append((first[key][0].id, record.id))
         else:
-            first[key] = record.id
-            kept.append(record)
-    return kept, pairs
+            conflicts.append((first[key][0].id, record.id))
+            conflicted.add(key)
+    kept = [record for key, (record, _) in first.items() if key not in conflicted]
+    return kept, pairs, conflicts
 
 
 def _hash32(data: bytes) -> int:
@@ -120,9 +141,13 @@ class NearIndex:
 
 def _near(records: list[Record], cfg: DedupConfig,
           progress: Callable[[int], None] | None) -> tuple[list[Record], list[tuple[str, str, float]]]:
-    index = NearIndex(cfg.threshold, cfg.ngram, cfg.num_perm)
+    indexes: dict[object, NearIndex] = {}  # one per KTO label (see the module's docstring), else one
     kept, pairs = [], []
     for i, record in enumerate(records):
+        group = record.label if record.kind == "kto" else None
+        if group not in indexes:
+            indexes[group] = NearIndex(cfg.threshold, cfg.ngram, cfg.num_perm)
+        index = indexes[group]
         signature = index.signature(text_of(record, cfg.fields))
         twin = index.find(signature)
         if twin is None:

@@ -23,9 +23,9 @@ from tunelab.artifacts import (
     write_text_atomic,
 )
 from tunelab.chat import template_refusal, with_system_prompt
-from tunelab.config import ROW_KIND, DataConfig, RunConfig, SourceConfig
+from tunelab.config import ROW_KIND, ContaminationConfig, DataConfig, DedupConfig, RunConfig, SourceConfig
 from tunelab.data.clean import clean_records
-from tunelab.data.contamination import EvalText, benchmark_texts, find_contamination
+from tunelab.data.contamination import ContaminationResult, EvalText, benchmark_texts, find_contamination
 from tunelab.data.dedup import deduplicate
 from tunelab.data.load import Skipped, load_source
 from tunelab.data.records import Record
@@ -162,9 +162,11 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None, generate_replay: bool =
     train, val, test = split_records(pool, data.val_fraction, test_fraction, data.seed, data.stratify_by, data.group_by)
     test = given_test if data.test else test
 
-    evals = [EvalText.of(r, "val") for r in val] + [EvalText.of(r, "test") for r in test]
+    held_out = [EvalText.of(r, "test") for r in test]
     for path in data.contamination.benchmarks:
-        evals += benchmark_texts(path)
+        held_out += benchmark_texts(path)
+    val, val_leaks = _val_without_leaks(val, held_out, data.contamination, data.dedup)
+    evals = [EvalText.of(r, "val") for r in val] + held_out
     contamination = find_contamination(train, evals, data.contamination, data.dedup)
     leaked = contamination.train_ids
     if leaked and data.contamination.action == "fail":
@@ -198,8 +200,11 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None, generate_replay: bool =
         "dedup": {
             "exact": sum(len(d.exact_pairs) for d in deduped),
             "near": sum(len(d.near_pairs) for d in deduped),
+            "conflicts": len({i for d in deduped for pair in d.conflicts for i in pair}),
             "pairs": [{"kept": k, "removed": r, "how": "exact"} for d in deduped for k, r in d.exact_pairs]
-            + [{"kept": k, "removed": r, "how": f"near, similarity {s}"} for d in deduped for k, r, s in d.near_pairs],
+            + [{"kept": k, "removed": r, "how": f"near, similarity {s}"} for d in deduped for k, r, s in d.near_pairs]
+            + [{"kept": "(none)", "removed": f"{a} and {b}", "how": "same text, opposite verdicts"}
+               for d in deduped for a, b in d.conflicts],
         },
         "contamination": {
             "action": data.contamination.action, "ngram": data.contamination.ngram,
@@ -207,6 +212,7 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None, generate_replay: bool =
             "per_source": contamination.per_source(), "hits": [h.to_json() for h in contamination.hits],
             "ignore_common": data.contamination.ignore_common,
             "shared": [s.to_json() for s in contamination.shared],
+            "val_rows": len(val_leaks.train_ids), "val_hits": [h.to_json() for h in val_leaks.hits],
         },
         "replay": replay_report,
         "token_lengths": length_histogram({name: counter(getattr(dataset, name)) for name in SPLITS}),
@@ -219,6 +225,24 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None, generate_replay: bool =
         shown = f" (removed {', '.join(removed)})" if removed else ""
         raise NoTrainingRows(f"{sources}: no training examples left of {train_rows} rows{shown}", report)
     return Prepared(dataset, report)
+
+
+def _val_without_leaks(val: list[Record], held_out: list[EvalText], cfg: ContaminationConfig,
+                       near: DedupConfig) -> tuple[list[Record], ContaminationResult]:
+    """Val rows that overlap a test or benchmark row, handled by data.contamination.action like training rows:
+    val picks the best checkpoint and stops training early, so a test row in val steers the model toward the
+    test. (Dedup runs within each pool, so an explicit test file's twin in the training sources reaches here.)"""
+    leaks = find_contamination(val, held_out, cfg, near) if val and held_out else ContaminationResult()
+    leaked = leaks.train_ids
+    if leaked and cfg.action == "fail":
+        shown = "; ".join(f"{h.train_id} ~ {h.eval_source} {h.eval_id} ({h.kind})" for h in leaks.hits[:5])
+        raise DataError(f"data.contamination: {len(leaked)} val rows overlap test or benchmark data: {shown}"
+                        f"{' ...' if len(leaked) > 5 else ''}; remove them from the training sources, or set "
+                        "data.contamination.action to drop or warn")
+    if leaked and cfg.action == "warn":
+        console.print(f"[yellow]warning:[/] {len(leaked)} val rows overlap test or benchmark data (kept: action is "
+                      "warn)")
+    return ([r for r in val if r.id not in leaked] if cfg.action == "drop" else val), leaks
 
 
 def _check_system_prompt(tokenizer: Any, system_prompt: str | None) -> None:

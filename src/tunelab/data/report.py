@@ -56,6 +56,9 @@ def render_summary(report: dict[str, Any]) -> str:
         lines.append(f"| filter: {name} | {n} |")
     lines.append(f"| exact duplicates | {report['dedup']['exact']} |")
     lines.append(f"| near duplicates | {report['dedup']['near']} |")
+    if report["dedup"].get("conflicts"):
+        lines.append(f"| same text with opposite verdicts (label, or chosen/rejected swapped) | "
+                     f"{report['dedup']['conflicts']} |")
     contamination = report["contamination"]
     lines.append(f"| contamination ({contamination['action']}) | {contamination['dropped']} |")
     lines += ["", f"Rewritten: {report['rewritten']}", ""]
@@ -63,6 +66,13 @@ def render_summary(report: dict[str, Any]) -> str:
         lines += ["## Contamination hits", "", "| train row | eval row | eval source | kind | overlap |",
                   "|---|---|---|---|---|"]
         for hit in contamination["hits"][:EXAMPLES_SHOWN]:
+            overlap = hit["overlap"].replace("|", "\\|")[:120]
+            lines.append(f"| {hit['train_id']} | {hit['eval_id']} | {hit['eval_source']} | {hit['kind']} | {overlap} |")
+        lines.append("")
+    if contamination.get("val_hits"):
+        lines += [f"## Val rows that overlap test or benchmark data ({contamination['action']})", "",
+                  "| val row | eval row | eval source | kind | overlap |", "|---|---|---|---|---|"]
+        for hit in contamination["val_hits"][:EXAMPLES_SHOWN]:
             overlap = hit["overlap"].replace("|", "\\|")[:120]
             lines.append(f"| {hit['train_id']} | {hit['eval_id']} | {hit['eval_source']} | {hit['kind']} | {overlap} |")
         lines.append("")
