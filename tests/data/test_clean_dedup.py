@@ -139,7 +139,8 @@ def test_exact_dedup_removes_every_row_of_a_text_given_opposite_kto_labels():
 
 def test_exact_dedup_removes_a_preference_pair_and_its_swap_but_keeps_a_repeat_as_a_duplicate():
     records = [pair("p1", "Capital of France?", "Paris.", "Lyon."), pair("p2", "capital of france", "lyon", "paris"),
-               pair("p3", "Capital of Spain?", "Madrid.", "Seville."), pair("p4", "Capital of Spain?", "Madrid", "Seville")]
+               pair("p3", "Capital of Spain?", "Madrid.", "Seville."),
+               pair("p4", "Capital of Spain?", "Madrid", "Seville")]
     result = deduplicate(records, DedupConfig(near=False))
     assert [r.id for r in result.kept] == ["p3"]
     assert result.conflicts == [("p1", "p2")] and result.exact_pairs == [("p3", "p4")]

@@ -99,7 +99,8 @@ def test_a_val_row_that_repeats_a_test_row_is_a_leak_too(tmp_path, tiny_model_di
     assert len(val_ids) == 10 and contamination["val_rows"] == 10
     assert {h["train_id"] for h in contamination["val_hits"]} == val_ids
     assert all(h["eval_id"] == f"t{h['train_id']}" and h["eval_source"] == "test" for h in contamination["val_hits"])
-    assert "## Val rows that overlap test or benchmark data (warn)" in (tmp_path / "run" / "data" / "report.md").read_text()
+    summary = (tmp_path / "run" / "data" / "report.md").read_text()
+    assert "## Val rows that overlap test or benchmark data (warn)" in summary
 
     cfg.data.contamination.action = "fail"
     # Only the val rows repeat the test file: the training rows' check passes, the val rows' check stops it.
