@@ -151,7 +151,8 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None, generate_replay: bool =
     # could take it (`--dry-run` warns when data.max_length is longer).
     context = model_context(cfg)
     max_tokens = min(data.clean.max_tokens or data.max_length, context or data.max_length)
-    cleaned = [clean_records(records, data.clean, max_tokens, counter) for records in (pool, given_test)]
+    filter_counter = token_counter(tokenizer, data.system_prompt, longest=max_tokens)
+    cleaned = [clean_records(records, data.clean, max_tokens, filter_counter) for records in (pool, given_test)]
     deduped = [deduplicate(c.kept, data.dedup) for c in cleaned]
     pool, given_test = deduped[0].kept, deduped[1].kept
 
