@@ -95,3 +95,65 @@ def test_run_manifest_is_strict_json(tmp_path):
     text = run.manifest.read_text()
     assert "NaN" not in text
     assert json.loads(text)["train"] == {"val_loss": None, "last_loss": 0.5, "curve": [None, 1.0]}
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from tunelab.artifacts import atomic_dir
+with atomic_dir(Path(sys.argv[1])) as tmp:
+    (tmp / "weights.bin").write_bytes(b"x" * 4096)
+    print("writing", flush=True)
+    time.sleep(600)
+"""
+
+
+def _start_writer(final):
+    import subprocess
+    import sys
+
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(final)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    return writer
+
+
+def test_a_writer_killed_outright_leaves_nothing_the_next_writer_keeps(tmp_path):
+    import signal
+
+    final = tmp_path / "merged"
+    killed = _start_writer(final)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    [left] = tmp_path.iterdir()
+    assert f".{killed.pid}." in left.name and (left / "weights.bin").is_file()  # a kill cleans nothing up
+    live = _start_writer(final)  # the next export of the same folder: the dead writer's folder goes
+    try:
+        [temp] = tmp_path.iterdir()
+        assert f".{live.pid}." in temp.name
+        with atomic_dir(final) as tmp:  # and another, while that one is still writing
+            (tmp / "weights.bin").write_bytes(b"new")
+        left = sorted(p.name for p in tmp_path.iterdir())
+        # The dead writer's half-written folder is gone; the live writer's is untouched.
+        assert left[0] != "merged" and f".{live.pid}." in left[0] and left[1:] == ["merged"]
+        assert (final / "weights.bin").read_bytes() == b"new"
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_content_set_aside_by_a_killed_swap_is_put_back(tmp_path):
+    """Where there is no atomic exchange, a swap is two renames: a writer killed between them left the previous
+    content aside and the folder missing. The next writer puts it back before doing anything else."""
+    import subprocess
+    import sys
+
+    final = tmp_path / "merged"
+    aside = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                            "from tunelab.artifacts import _writer; f = Path(sys.argv[1]); "
+                            "o = f.with_name(_writer(f) + 'old'); o.mkdir(); (o / 'w').write_text('previous'); "
+                            "print(o)", str(final)], capture_output=True, text=True, check=True).stdout.strip()
+    assert not final.exists() and os.path.isdir(aside)
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final):
+            raise RuntimeError("the new export fails")
+    assert (final / "w").read_text() == "previous" and not os.path.exists(aside)

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -72,18 +73,71 @@ def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def _writer(final: Path) -> str:
+    """The start of a temporary name beside `final` that says who writes it: host and process. A writer killed
+    outright (SIGKILL, out of memory, power loss) cannot clean up; the next writer of `final` on the same host
+    sees from the name that the process is gone and removes what it left (a merged model is gigabytes)."""
+    return f".{final.name}.{socket.gethostname()}.{os.getpid()}."
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temps(final: Path) -> None:
+    """Remove the temporary siblings of `final` whose writer on this host is no longer running. A writer killed
+    between the two renames of a swap (systems without an atomic exchange) left the previous content aside and
+    `final` missing: that content is put back."""
+    host = socket.gethostname()
+    prefix = f".{final.name}."
+    with contextlib.suppress(OSError):
+        for path in final.parent.iterdir():
+            if not path.name.startswith(prefix):
+                continue
+            rest = path.name[len(prefix):]  # HOST.PID.<random or "part">.tmp, or HOST.PID.old; a host may hold dots
+            if rest.endswith(".tmp"):
+                writer = rest[: -len(".tmp")].rpartition(".")[0]
+            elif rest.endswith(".old"):
+                writer = rest[: -len(".old")]
+            else:
+                continue
+            writer_host, _, pid = writer.rpartition(".")
+            if writer_host != host or not pid.isdigit() or _running(int(pid)):
+                continue
+            if rest.endswith(".old") and not final.exists():
+                os.replace(path, final)
+            elif path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def partial_path(final: Path) -> Path:
+    """A temporary file name beside `final` for a writer that renames it into place (after remove_stale_temps)."""
+    return final.with_name(f"{_writer(final)}part.tmp")
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success it replaces `final`, on error it vanishes."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    remove_stale_temps(final)
+    tmp = Path(tempfile.mkdtemp(prefix=_writer(final), suffix=".tmp", dir=final.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only; a finished artifact is as readable as any folder
     try:
         yield tmp
         if final.exists() and exchange(tmp, final):  # one atomic step: `final` is never missing
             shutil.rmtree(tmp, ignore_errors=True)  # now the old content
         elif final.exists():  # no exchange here: two renames, with a moment between them where `final` is gone
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            old = final.with_name(f"{_writer(final)}old")
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)

@@ -23,7 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.artifacts import RunPaths, atomic_dir, manifest, sha256_file, write_json_atomic, write_text_atomic
+from tunelab.artifacts import (
+    RunPaths,
+    atomic_dir,
+    manifest,
+    partial_path,
+    remove_stale_temps,
+    sha256_file,
+    write_json_atomic,
+    write_text_atomic,
+)
 from tunelab.config import RunConfig
 from tunelab.errors import ExportError
 from tunelab.export import gguf_check, llamacpp
@@ -181,7 +190,8 @@ def base_model_gguf(cache: Path, base_hf: Path) -> Path:
     if not target.is_file():
         console.print("Converting the base model to an f16 GGUF (once) ...")
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        remove_stale_temps(target)
+        partial = partial_path(target)
         try:
             llamacpp.run_converter(cache, "convert_hf_to_gguf.py",
                                    [str(base_hf), "--outtype", "f16", "--outfile", str(partial),
