@@ -103,6 +103,11 @@ def test_bad_set_override_is_attributed_to_set(tmp_path):
         f"{path} (--set train.epoch): unknown key 'train.epoch'; did you mean 'train.epochs'?"
     ]
     assert problems(path, ["nonsense"]) == ["--set 'nonsense': expected KEY.PATH=VALUE, e.g. train.learning_rate=1e-4"]
+    # An empty name between dots was looked up as a key of the file and blamed on a line of it.
+    for bad in ("train..epochs=2", ".epochs=2", "train.=2"):
+        key = bad.partition("=")[0]
+        assert problems(path, [bad]) == [f"--set {key}: a key path has a name between each dot, e.g. train.epochs=2"]
+    assert load_config(path, [" train . epochs = 3"]).train.epochs == 3
 
 
 def test_invalid_yaml_names_the_line(tmp_path):

@@ -73,7 +73,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> set[tuple[str,
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. train.learning_rate=1e-4")
-        keys = tuple(key.strip().split("."))
+        keys = tuple(part.strip() for part in key.strip().split("."))
+        if not all(keys):  # "train..epochs", ".epochs", "train."
+            raise ConfigError(f"--set {key.strip()}: a key path has a name between each dot, e.g. train.epochs=2")
         node = raw
         for part in keys[:-1]:
             child = node.get(part)
