@@ -36,3 +36,23 @@ def test_an_arithmetic_answer_must_state_the_result():
     assert not three.passed("33 divided by 11 is 2.3333333333333333.") and three.passed("3")
     hundred = BY_PROMPT["What is 4 times 25? Answer with the number."]
     assert hundred.passed("4 times 25 is 100.") and not hundred.passed("4 times 25 is 1000.")
+
+
+def test_probes_go_in_batches_sized_by_the_tokens_an_eval_batch_may_hold(tiny_model_dir, tiny_tokenizer):
+    from tunelab.config_file import validate_config
+    from tunelab.eval.probes import PROBES
+    from tunelab.eval.run import _probe_batch
+
+    prompts = [p.prompt for p in PROBES]
+
+    def batch(**eval_and_data):
+        data = {"train": "t.jsonl", **{k: v for k, v in eval_and_data.items() if k == "max_length"}}
+        evals = {k: v for k, v in eval_and_data.items() if k == "batch_size"}
+        cfg = validate_config({"model": {"name": str(tiny_model_dir)}, "data": data, "eval": evals})
+        return _probe_batch(cfg, tiny_tokenizer, prompts)
+
+    assert batch() == 50  # 16 rows of up to 2,048 tokens hold 50 probes many times over
+    longest = max(len(tiny_tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts) + 48
+    assert batch(batch_size=4, max_length=2 * longest) == 8  # what 4 rows of the run's length hold
+    assert batch(batch_size=4, max_length=longest // 2) == 4  # never fewer than eval.batch_size
+    assert batch(batch_size=80) == 80  # nor more than asked for where the user asked for more
