@@ -38,18 +38,13 @@ def test_an_arithmetic_answer_must_state_the_result():
     assert hundred.passed("4 times 25 is 100.") and not hundred.passed("4 times 25 is 1000.")
 
 
-def test_probes_go_in_batches_sized_by_the_tokens_an_eval_batch_may_hold(tiny_model_dir, tiny_tokenizer):
-    from tunelab.config_file import validate_config
-    from tunelab.eval.probes import PROBES
-    from tunelab.eval.run import _probe_batch
+def test_probes_go_in_batches_sized_by_the_tokens_an_eval_batch_may_hold(tiny_tokenizer):
+    from tunelab.eval.generate import short_prompt_batch
 
     prompts = [p.prompt for p in PROBES]
 
-    def batch(**eval_and_data):
-        data = {"train": "t.jsonl", **{k: v for k, v in eval_and_data.items() if k == "max_length"}}
-        evals = {k: v for k, v in eval_and_data.items() if k == "batch_size"}
-        cfg = validate_config({"model": {"name": str(tiny_model_dir)}, "data": data, "eval": evals})
-        return _probe_batch(cfg, tiny_tokenizer, prompts)
+    def batch(batch_size=16, max_length=2048):
+        return short_prompt_batch(batch_size, max_length, tiny_tokenizer, prompts, 48)
 
     assert batch() == 50  # 16 rows of up to 2,048 tokens hold 50 probes many times over
     longest = max(len(tiny_tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts) + 48

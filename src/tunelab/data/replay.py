@@ -120,12 +120,13 @@ def _generate(cfg: RunConfig, folder: Path, tokenizer: Any, conversations: list[
     import torch
 
     from tunelab.chat import render_prompt
-    from tunelab.eval.generate import generate_with_ends
+    from tunelab.eval.generate import generate_with_ends, short_prompt_batch
     from tunelab.models import Precision, load_model, pick_device
 
     console.print(f"data.replay: the base model answers {len(conversations)} general instructions (once; cached) ...")
     model = load_model(folder, Precision(pick_device(cfg.model.device), None, torch.float32))
     prompts = [render_prompt(tokenizer, c) for c in conversations]
-    answers = generate_with_ends(model, tokenizer, prompts, cfg.data.replay.max_new_tokens, cfg.eval.batch_size,
-                                 label="replay: base answers")
+    new_tokens = cfg.data.replay.max_new_tokens
+    batch = short_prompt_batch(cfg.eval.batch_size, cfg.data.max_length, tokenizer, prompts, new_tokens)
+    answers = generate_with_ends(model, tokenizer, prompts, new_tokens, batch, label="replay: base answers")
     return [text if ended and text else None for text, ended in answers]

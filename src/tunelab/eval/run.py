@@ -34,7 +34,7 @@ from tunelab.data.tokens import refused_by_template
 from tunelab.errors import ConfigError, DataError, RunFolderError
 from tunelab.eval.base_cache import cached_answers, embedding_fingerprint
 from tunelab.eval.gate import gate_rules
-from tunelab.eval.generate import generate_greedy
+from tunelab.eval.generate import generate_greedy, short_prompt_batch
 from tunelab.eval.harness import check_harness, harness_problems, run_harness
 from tunelab.eval.html import render_html
 from tunelab.eval.metrics import corpus_bleu, resolve_metric
@@ -312,7 +312,8 @@ def _forgetting(cfg: RunConfig, systems: list[System], models: Models, tokenizer
                                                            cfg.data.system_prompt)) for p in PROBES]
     out: dict[str, Any] = {"n_probes": len(PROBES), "outputs": {}}
     flags: dict[str, list[bool]] = {}
-    batch = _probe_batch(cfg, tokenizer, prompts)
+    # Probes are short: they go in batches of what an eval batch of suite rows may hold (short_prompt_batch).
+    batch = short_prompt_batch(cfg.eval.batch_size, cfg.data.max_length, tokenizer, prompts, PROBE_NEW_TOKENS)
     for system in chosen:
         with models.use(system) as net:
             answers = _answers(models, system, net, tokenizer, prompts, PROBE_NEW_TOKENS, batch,
@@ -334,17 +335,6 @@ def _forgetting(cfg: RunConfig, systems: list[System], models: Models, tokenizer
 
 
 PROBE_NEW_TOKENS = 48
-PROBE_BATCH_MAX = 50
-
-
-def _probe_batch(cfg: RunConfig, tokenizer: Any, prompts: list[str]) -> int:
-    """Probes are a short question and 48 new tokens, so a batch of them holds far fewer tokens than an eval batch
-    of suite rows may (eval.batch_size rows of up to data.max_length): they go in batches of up to that many
-    tokens, at most 50 prompts. Greedy decoding pays per step more than per row (on a 2-core CPU 100 probes took
-    59 s in batches of 16 and 34 s in batches of 50, the answers alike)."""
-    longest = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]) + PROBE_NEW_TOKENS
-    budget = cfg.eval.batch_size * cfg.data.max_length // longest
-    return max(cfg.eval.batch_size, min(PROBE_BATCH_MAX, budget))
 
 
 def _rate(flags: list[bool]) -> float:
