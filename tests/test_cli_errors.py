@@ -8,19 +8,19 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.cli_process import run_tunelab
 from tests.conftest import tiny_run_config
 from tunelab.config_file import dump_config
 
 
-def tunelab(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "COLUMNS": "250", **(env or {})}, cwd=cwd)
+def tunelab(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+            fresh: bool = False) -> subprocess.CompletedProcess:
+    return run_tunelab(*args, timeout=600, env={**os.environ, "COLUMNS": "250", **(env or {})}, cwd=cwd, fresh=fresh)
 
 
 def one_error(done: subprocess.CompletedProcess, *named: str) -> str:
@@ -186,7 +186,7 @@ def test_a_tiny_run_prints_no_library_warnings(tmp_path, tiny_model_dir):
     cfg.train.save_steps = 6
     config = tmp_path / "config.yaml"
     config.write_text(dump_config(cfg))
-    done = tunelab("run", str(config), cwd=tmp_path)
+    done = tunelab("run", str(config), cwd=tmp_path, fresh=True)  # warnings at import time print only in a fresh one
     assert done.returncode == 0, done.stderr[-3000:]
     assert list((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
     assert (tmp_path / "run" / "mlflow_run.json").is_file()

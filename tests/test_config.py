@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.cli_process import run_tunelab
 from tunelab.config_file import dump_config, load_config, validate_config
 from tunelab.errors import ConfigError
 
@@ -136,7 +136,7 @@ def test_every_shipped_example_config_parses(path):
 
 def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, cwd=cwd, env=env)
+    return run_tunelab(*args, cwd=cwd, env=env)
 
 
 def test_cli_config_error_is_one_line_per_problem_and_no_traceback(tmp_path):

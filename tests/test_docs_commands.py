@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.cli_process import run_tunelab
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]
@@ -108,8 +108,7 @@ CHEAP = [(w, a) for w, a in COMMANDS if _cheap(a)]
 @pytest.mark.parametrize("where,argv", CHEAP, ids=[w for w, _ in CHEAP])
 def test_cheap_doc_command_runs(where, argv):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([sys.executable, "-m", "tunelab", *argv[1:]], capture_output=True, text=True, cwd=ROOT,
-                            env=env, timeout=600)
+    result = run_tunelab(*argv[1:], cwd=ROOT, env=env, timeout=600)
     assert result.returncode == 0, f"{where}: {' '.join(argv)}\n{result.stderr[-2000:]}"
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from tests.cli_process import run_tunelab
 from tunelab.config import MethodConfig
 from tunelab.config_file import dump_config
 from tunelab.estimate.memory import (
@@ -255,7 +255,7 @@ def _write_config(tiny_config, path: Path) -> Path:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160"}
-    return subprocess.run([sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    return run_tunelab(*args, cwd=ROOT, env=env)
 
 
 def test_cli_prints_the_table_and_json(tiny_config, tmp_path):

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from tests.cli_process import run_tunelab
 from tunelab import pipeline
 from tunelab.errors import ExportError
 from tunelab.export.merge import merge_run, probe_batch
@@ -52,8 +51,7 @@ def test_merged_model_loads_with_plain_transformers_and_matches_the_adapter(tiny
 def test_bf16_export_and_methods_that_cannot_merge(tiny_config, monkeypatch):
     run = pipeline.open_run(tiny_config, starting_training=True)
     pipeline.stage_train(tiny_config, run)
-    result = subprocess.run([sys.executable, "-m", "tunelab", "export", "merge", str(run.root), "--dtype", "bfloat16"],
-                            capture_output=True, text=True)
+    result = run_tunelab("export", "merge", str(run.root), "--dtype", "bfloat16")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "was never evaluated" in " ".join(result.stderr.split())
     config = json.loads((run.root / "export" / "merged" / "config.json").read_text())
@@ -62,9 +60,8 @@ def test_bf16_export_and_methods_that_cannot_merge(tiny_config, monkeypatch):
     failing = tiny_config.model_copy(deep=True)
     failing.eval.gate, failing.eval.systems, failing.eval.forgetting = ["tuned.exact_match >= 2"], ["tuned"], False
     pipeline.stage_eval(failing, run)
-    again = subprocess.run([sys.executable, "-m", "tunelab", "export", "merge", str(run.root), "--overwrite",
-                            "--out", str(run.root / "export" / "merged")], capture_output=True, text=True,
-                           env={**os.environ, "COLUMNS": "250"})
+    again = run_tunelab("export", "merge", str(run.root), "--overwrite", "--out", str(run.root / "export" / "merged"),
+                        env={**os.environ, "COLUMNS": "250"})
     assert again.returncode == 0, again.stderr[-2000:]
     assert re.search(r"failed its eval gate: tuned.exact_match >= 2 \(measured \d\.\d{4}, needed >= 2\.0000\); "
                      r"exported anyway", " ".join(again.stderr.split())), again.stderr

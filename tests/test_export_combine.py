@@ -4,12 +4,11 @@ accepts; one-line refusals."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from tests.cli_process import run_tunelab
 from tunelab import pipeline
 from tunelab.errors import ExportError
 from tunelab.export.combine import combine_runs, load_source
@@ -48,9 +47,8 @@ def test_combined_adapter_is_a_run_folder_eval_accepts(tiny_config, tmp_path):
     half = combine_runs([a, b], "linear", [0.5, 0.5], tmp_path / "half")
     assert (_logits(a.cfg, half.adapter, batch) - _logits(a.cfg, a.run.adapter, batch)).abs().max() > 1e-3
 
-    result = subprocess.run([sys.executable, "-m", "tunelab", "combine", str(a.run.root), str(b.run.root),
-                             "--how", "ties", "--density", "0.7", "--out", str(tmp_path / "ties")],
-                            capture_output=True, text=True)
+    result = run_tunelab("combine", str(a.run.root), str(b.run.root), "--how", "ties", "--density", "0.7", "--out",
+                         str(tmp_path / "ties"))
     assert result.returncode == 0, result.stderr[-3000:]
     combined = json.loads((tmp_path / "ties" / "manifest.json").read_text())
     assert combined["combined"]["how"] == "ties" and len(combined["combined"]["sources"]) == 2
@@ -77,8 +75,8 @@ def test_refusals_are_one_line(ranks_16_and_4, tiny_config, tmp_path):
 
     a, b = ranks_16_and_4
     assert (a.rank, b.rank) == (16, 4)
-    result = subprocess.run([sys.executable, "-m", "tunelab", "export", "combine", str(a.run.root), str(b.run.root),
-                             "--how", "linear", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    result = run_tunelab("export", "combine", str(a.run.root), str(b.run.root), "--how", "linear", "--out",
+                         str(tmp_path / "x"))
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr[-2000:]
     assert "--how linear needs adapters of one rank, got ranks 16, 4; use --how cat for mixed ranks" in result.stderr
     other_base = tiny_config.model_copy(deep=True)
@@ -86,8 +84,7 @@ def test_refusals_are_one_line(ranks_16_and_4, tiny_config, tmp_path):
     other_base.method.type = "ia3"
     other_base.output.dir = tmp_path / "ia3"
     ia3 = pipeline.open_run(other_base, starting_training=False)
-    result = subprocess.run([sys.executable, "-m", "tunelab", "export", "combine", str(a.run.root), str(ia3.root),
-                             "--out", str(tmp_path / "y")], capture_output=True, text=True)
+    result = run_tunelab("export", "combine", str(a.run.root), str(ia3.root), "--out", str(tmp_path / "y"))
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert "was trained with method 'ia3'; only LoRA adapters can be combined" in result.stderr
     other_base.method.type = "lora"

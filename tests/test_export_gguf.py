@@ -6,12 +6,11 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.cli_process import run_tunelab
 from tunelab import pipeline
 from tunelab.errors import ExportError, TemplateError
 from tunelab.export import gguf_check
@@ -118,7 +117,7 @@ def _greedy(llm, ids, n=gguf_check.PROBE_TOKENS):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "tunelab", "export", "gguf", *args], capture_output=True, text=True)
+    return run_tunelab("export", "gguf", *args)
 
 
 def test_bad_requests_are_one_line_errors(tiny_config):

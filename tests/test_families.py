@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.cli_process import run_tunelab
 from tests import model_zoo as zoo
 from tests.conftest import animal_rows, write_jsonl
 from tests.test_chat import labelled_runs
@@ -370,12 +371,10 @@ def test_vllm_and_gguf_lora_refuse_adapters_that_add_tokens(base_run):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "tunelab", "serve", str(base_run.root), "--engine", "vllm"],
-                            capture_output=True, text=True)
+    result = run_tunelab("serve", str(base_run.root), "--engine", "vllm")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "add chat-marker tokens" in result.stderr and "merged model" in result.stderr
-    result = subprocess.run([sys.executable, "-m", "tunelab", "export", "gguf", str(base_run.root), "--adapter-only"],
-                            capture_output=True, text=True)
+    result = run_tunelab("export", "gguf", str(base_run.root), "--adapter-only")
     assert result.returncode == 2 and "a GGUF LoRA cannot carry" in result.stderr
     assert not (base_run.root / "export" / "gguf-lora-f16").exists()
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.cli_process import run_tunelab
 from tests.conftest import animal_rows, write_jsonl
 from tunelab.config_file import load_config
 
@@ -22,8 +22,7 @@ HEAD = "data:\n  train: a.jsonl\n"  # lines 1-2 of every config below
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=120)
+    return run_tunelab(*args, cwd=ROOT, env=env, timeout=120)
 
 
 def one_error(result: subprocess.CompletedProcess) -> str:

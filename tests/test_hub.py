@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.cli_process import run_tunelab
 from tests.conftest import animal_rows, write_jsonl
 from tunelab import pipeline
 from tunelab.config import ModelConfig, SourceConfig
@@ -257,8 +256,7 @@ def test_cli_bad_hub_id_is_one_error_line_and_exit_code_2(hub, tiny_config, tmp_
     raw["model"]["name"] = "acme/missing"
     config.write_text(json.dumps(raw))  # JSON is YAML
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([sys.executable, "-m", "tunelab", "run", str(config), "--dry-run"],
-                            capture_output=True, text=True, env=env)
+    result = run_tunelab("run", str(config), "--dry-run", env=env)
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == [f"error: model.name: acme/missing: not in the Hugging Face cache ({hub}) "
                                           "and HF_HUB_OFFLINE is set; run once online to download it, or set "

@@ -16,6 +16,7 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.cli_process import run_tunelab
 from tests.cluster_schemas import CONFIG_MAP, INFERENCE_SERVICE, RAY_JOB
 from tunelab.cluster.k8s import dump_yaml, inference_service, job_config, rayjob_manifests
 from tunelab.config_file import dump_config, validate_config
@@ -361,8 +362,7 @@ def test_the_heads_preflight_checks_the_gpu_workers_device(gpu_only, cpu_error, 
     def head_preflight(cluster: dict) -> subprocess.CompletedProcess:
         job = tmp_path / "job.yaml"
         job.write_text(yaml.safe_dump({**raw, "cluster": cluster}))
-        emitted = subprocess.run([sys.executable, "-m", "tunelab", "k8s", "rayjob", str(job)],
-                                 capture_output=True, text=True)
+        emitted = run_tunelab("k8s", "rayjob", str(job))
         assert emitted.returncode == 0, emitted.stderr
         config_map, rayjob = yaml.safe_load_all(emitted.stdout)
         (etc / "config.yaml").write_text(config_map["data"]["config.yaml"])

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
 
+from tests.cli_process import run_tunelab
 from tests.cluster_schemas import CONFIG_MAP, RAY_JOB
 from tunelab import pipeline
 from tunelab.config_file import validate_config
@@ -26,7 +26,7 @@ SECRETS = ("hunter2", "k3yv4lue", "s3cr3tpass", JUDGE_KEY)
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    return run_tunelab(*args, cwd=ROOT, env=env)
 
 
 def leaks(text: str) -> list[str]:
@@ -77,8 +77,7 @@ def test_tracking_buffer_and_warning_hold_no_secret(tmp_path, monkeypatch, capsy
     # Uploading later: the stored config's URI is redacted, so the real one comes from the environment, and the
     # error still does not show it.
     env = {**os.environ, "MLFLOW_TRACKING_URI": "http://alice:s3cr3tpass@127.0.0.1:9"}
-    result = subprocess.run([sys.executable, "-m", "tunelab", "runs", "sync", str(run.root)], capture_output=True,
-                            text=True, cwd=ROOT, env=env)
+    result = run_tunelab("runs", "sync", str(run.root), cwd=ROOT, env=env)
     assert result.returncode == 2 and "http://alice:***@127.0.0.1:9" in result.stderr, result.stderr
     assert not leaks(result.stdout + result.stderr)
 

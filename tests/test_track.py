@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from tests.cli_process import run_tunelab
 from tests.serve.conftest import free_port  # one allocator of test ports for every worker
 from tunelab import pipeline
 from tunelab.artifacts import sha256_folder
@@ -134,8 +135,7 @@ def test_registry_promotes_only_on_evidence_and_resolves_models_uris(tiny_config
     assert base_folder == Path(good_cfg.model.name) and (spec.adapter_dir / "adapter_config.json").is_file()
 
     env = {**os.environ, "COLUMNS": "250"}
-    listed = subprocess.run([sys.executable, "-m", "tunelab", "runs", "list", "--tracking-uri", uri],
-                            capture_output=True, text=True, env=env)
+    listed = run_tunelab("runs", "list", "--tracking-uri", uri, env=env)
     assert listed.returncode == 0 and "good" in listed.stdout and "FAIL" in listed.stdout
     n_test = json.loads((Path(good_cfg.output.dir) / "eval/metrics.json").read_text())["suites"]["test"]["n_examples"]
     (good_line,) = [line for line in listed.stdout.splitlines() if " good " in line]
@@ -145,15 +145,13 @@ def test_registry_promotes_only_on_evidence_and_resolves_models_uris(tiny_config
     assert "lora" in again and "sft" in again and "pass" in again
     assert evaluated.data.tags["tunelab.source_run"] == good.run_id
     assert evaluated.data.tags["tunelab.registered_model"] == "animals/1"
-    compared = subprocess.run([sys.executable, "-m", "tunelab", "runs", "compare", str(good_cfg.output.dir),
-                               str(bad_cfg.output.dir)], capture_output=True, text=True, env=env)
+    compared = run_tunelab("runs", "compare", str(good_cfg.output.dir), str(bad_cfg.output.dir), env=env)
     assert compared.returncode == 0, compared.stderr[-2000:]
     assert "eval.gate" in compared.stdout and "test.tuned.eval_loss" in compared.stdout
     assert "not comparable" not in compared.stderr  # same test set, same probes
     # A registered version compares like a run folder (its local copy: the same adapter and metrics as `good`).
-    by_uri = subprocess.run([sys.executable, "-m", "tunelab", "runs", "compare", str(good_cfg.output.dir),
-                             "models:/animals@champion"], capture_output=True, text=True,
-                            env={**env, "MLFLOW_TRACKING_URI": uri})
+    by_uri = run_tunelab("runs", "compare", str(good_cfg.output.dir), "models:/animals@champion", env={**env,
+                         "MLFLOW_TRACKING_URI": uri})
     assert by_uri.returncode == 0, by_uri.stderr[-2000:]
     assert "test.tuned.eval_loss" in by_uri.stdout
 
@@ -168,8 +166,7 @@ def test_registry_promotes_only_on_evidence_and_resolves_models_uris(tiny_config
     cfg, run = load_run_config(bad_cfg.output.dir)
     cfg.track.enabled, cfg.eval.max_examples, cfg.eval.forgetting = False, 2, False
     pipeline.stage_eval(cfg, run)
-    compared = subprocess.run([sys.executable, "-m", "tunelab", "runs", "compare", str(good_cfg.output.dir),
-                               str(bad_cfg.output.dir)], capture_output=True, text=True, env=env)
+    compared = run_tunelab("runs", "compare", str(good_cfg.output.dir), str(bad_cfg.output.dir), env=env)
     assert compared.returncode == 0, compared.stderr[-2000:]
     assert f"test: good was evaluated on {n_test} examples and bad on 2" in " ".join(compared.stderr.split())
     # Weights changed since the eval (as after training again): the eval is no evidence for them.
@@ -212,11 +209,9 @@ def test_real_server_tracking_registry_and_buffering_when_it_goes_away(tiny_conf
     server = start_server(store, port)
     try:
         cfg, _ = tracked_run(tiny_config, "remote", ["tuned.eval_loss <= base.eval_loss"], uri=uri)
-        result = subprocess.run([sys.executable, "-m", "tunelab", "registry", "register", str(cfg.output.dir),
-                                 "--name", "remote-model"], capture_output=True, text=True)
+        result = run_tunelab("registry", "register", str(cfg.output.dir), "--name", "remote-model")
         assert result.returncode == 0, result.stderr[-2000:]
-        result = subprocess.run([sys.executable, "-m", "tunelab", "registry", "promote", "remote-model", "1",
-                                 "--alias", "champion", "--tracking-uri", uri], capture_output=True, text=True)
+        result = run_tunelab("registry", "promote", "remote-model", "1", "--alias", "champion", "--tracking-uri", uri)
         assert result.returncode == 0, result.stderr[-2000:]
         assert str(client_for(uri).get_model_version_by_alias("remote-model", "champion").version) == "1"
 
@@ -230,8 +225,7 @@ def test_real_server_tracking_registry_and_buffering_when_it_goes_away(tiny_conf
         buffered = (offline.output.dir / "tracking_buffer.jsonl").read_text().splitlines()
         assert sum(json.loads(line)["op"] == "metrics" for line in buffered) >= 12
         server = start_server(store, port)
-        synced = subprocess.run([sys.executable, "-m", "tunelab", "runs", "sync", str(offline.output.dir)],
-                                capture_output=True, text=True)
+        synced = run_tunelab("runs", "sync", str(offline.output.dir))
         assert synced.returncode == 0, synced.stderr[-2000:]
         history = client_for(uri).get_metric_history(run_id(offline.output.dir), "loss")
         assert [m.step for m in history] == list(range(1, 13))
@@ -249,8 +243,7 @@ def test_data_prep_training_and_export_log_to_the_run_folders_one_mlflow_run(tin
     config = tmp_path / "config.yaml"
     config.write_text(dump_config(cfg))
     env = {**os.environ, "COLUMNS": "250"}
-    prepared = subprocess.run([sys.executable, "-m", "tunelab", "data", "prep", str(config)],
-                              capture_output=True, text=True, env=env)
+    prepared = run_tunelab("data", "prep", str(config), env=env)
     assert prepared.returncode == 0, prepared.stderr[-2000:]
     client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
     first = client.get_run(run_id(cfg.output.dir))
@@ -266,8 +259,7 @@ def test_data_prep_training_and_export_log_to_the_run_folders_one_mlflow_run(tin
     assert trained.info.run_id == first.info.run_id and set(statuses) == {"RUNNING"}
     assert trained.info.status == "FINISHED" and len(client.get_metric_history(first.info.run_id, "loss")) == 2
 
-    exported = subprocess.run([sys.executable, "-m", "tunelab", "export", "merge", str(cfg.output.dir)],
-                              capture_output=True, text=True, env=env)
+    exported = run_tunelab("export", "merge", str(cfg.output.dir), env=env)
     assert exported.returncode == 0, exported.stderr[-2000:]
     run = client.get_run(first.info.run_id)
     merged = Path(cfg.output.dir) / "export" / "merged"
@@ -282,8 +274,7 @@ def test_registry_errors_are_one_line(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client_for(uri).search_registered_models()  # creates the store: `registry show` refuses one that does not exist
     env = {**os.environ, "COLUMNS": "250"}
-    result = subprocess.run([sys.executable, "-m", "tunelab", "registry", "show", "nope", "--tracking-uri", uri],
-                            capture_output=True, text=True, env=env)
+    result = run_tunelab("registry", "show", "nope", "--tracking-uri", uri, env=env)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: registry show: Registered Model with name=nope")
 
@@ -338,8 +329,7 @@ def test_training_goes_on_when_the_server_dies_mid_run_and_sync_uploads_the_rest
 
     server = start_server(store, port)
     try:
-        synced = subprocess.run([sys.executable, "-m", "tunelab", "runs", "sync", str(run.root)],
-                                capture_output=True, text=True)
+        synced = run_tunelab("runs", "sync", str(run.root))
         assert synced.returncode == 0, synced.stderr[-2000:]
         assert f"uploaded {len(buffered)} buffered tracking operations" in synced.stdout
         client = client_for(uri)
@@ -364,8 +354,7 @@ def test_a_sample_eval_leaves_the_runs_evidence_alone(tiny_config):
     stored = yaml.safe_load((run / "config.yaml").read_text())
     stored["eval"]["suites"][0]["max_examples"] = 200  # the suite's own limit: --max-examples still wins
     (run / "config.yaml").write_text(yaml.safe_dump(stored))
-    done = subprocess.run([sys.executable, "-m", "tunelab", "eval", str(run), "--max-examples", "1"],
-                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "250"})
+    done = run_tunelab("eval", str(run), "--max-examples", "1", env={**os.environ, "COLUMNS": "250"})
     assert done.returncode in (0, 1), done.stderr[-2000:]  # 1: the gate, measured on one example, may fail
     assert "a sample eval (--max-examples), not the run's evidence" in done.stdout + done.stderr
     sample = json.loads((run / "eval-sample" / "metrics.json").read_text())
@@ -388,8 +377,7 @@ def test_run_registers_the_evaluated_adapter_also_when_the_gate_fails(tiny_confi
     cfg.track.register_as = "animals"
     config = tmp_path / "run.yaml"
     config.write_text(dump_config(cfg))
-    done = subprocess.run([sys.executable, "-m", "tunelab", "run", str(config)], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "250"})
+    done = run_tunelab("run", str(config), env={**os.environ, "COLUMNS": "250"})
     assert done.returncode == 1, done.stderr[-2000:]
     assert "registered animals version 1 (gate passed: false)" in done.stdout
     assert "gate failed: tuned.exact_match" in done.stderr
@@ -409,8 +397,7 @@ def test_a_registry_that_does_not_answer_after_the_run_keeps_the_run_and_says_ho
     cfg.track.enabled, cfg.track.tracking_uri, cfg.track.register_as = False, f"http://127.0.0.1:{port}", "animals"
     config = tmp_path / "run.yaml"
     config.write_text(dump_config(cfg))
-    done = subprocess.run([sys.executable, "-m", "tunelab", "run", str(config)], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "250"})
+    done = run_tunelab("run", str(config), env={**os.environ, "COLUMNS": "250"})
     run = Path(cfg.output.dir)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 
+from tests.cli_process import run_tunelab
 from tunelab import pipeline
 from tunelab.artifacts import RunPaths
 from tunelab.chat import render_prompt
@@ -104,8 +103,7 @@ def test_cli_run_end_to_end_on_the_tiny_model(tiny_config, tmp_path):
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(dump_config(tiny_config))
     env = {**os.environ, "COLUMNS": "200"}
-    result = subprocess.run([sys.executable, "-m", "tunelab", "run", str(config_path), "--set", "train.max_steps=4"],
-                            capture_output=True, text=True, env=env)
+    result = run_tunelab("run", str(config_path), "--set", "train.max_steps=4", env=env)
     assert result.returncode == 0, result.stderr
     assert "test tuned exact_match (n=8)" in result.stdout
     run = RunPaths(tiny_config.output.dir)
@@ -124,8 +122,7 @@ def test_dry_run_validates_everything_but_loads_no_weights(tiny_config, tiny_mod
     config_path = tmp_path / "dry.yaml"
     config_path.write_text(dump_config(tiny_config).replace(str(tiny_model_dir), str(broken)))
     env = {**os.environ, "COLUMNS": "300"}
-    result = subprocess.run([sys.executable, "-m", "tunelab", "run", str(config_path), "--dry-run"],
-                            capture_output=True, text=True, env=env)
+    result = run_tunelab("run", str(config_path), "--dry-run", env=env)
     assert result.returncode == 0, result.stderr
     assert "43 train / 5 val / 8 test examples, all rows valid" in result.stdout
     config_text, checks = result.stdout.split("\nok ", 1)  # the resolved config, then the checks, last
@@ -136,8 +133,7 @@ def test_dry_run_validates_everything_but_loads_no_weights(tiny_config, tiny_mod
     # ...while a bad data row fails the dry run with the file and line.
     train_file = tiny_config.data.train[0].path
     train_file.write_text(train_file.read_text() + '{"messages": []}\n')
-    result = subprocess.run([sys.executable, "-m", "tunelab", "run", str(config_path), "--dry-run"],
-                            capture_output=True, text=True, env=env)
+    result = run_tunelab("run", str(config_path), "--dry-run", env=env)
     assert result.returncode == 2
     assert result.stderr.strip() == (f"error: {train_file}:49: field 'messages': expected a non-empty list of "
                                      "{role, content} objects")

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+from tests.cli_process import run_tunelab
 from tests.conftest import animal_rows, write_jsonl
 from tunelab.config_file import dump_config, validate_config
 from tunelab.data.prepare import load_dataset, prepare_data
@@ -186,15 +185,13 @@ def test_cli_data_prep_prints_summary_and_fails_cleanly(tmp_path, tiny_model_dir
     config_path = tmp_path / "c.yaml"
     config_path.write_text(dump_config(config(tmp_path, tiny_model_dir, train=str(path))))
     env = {**os.environ, "COLUMNS": "200"}
-    result = subprocess.run([sys.executable, "-m", "tunelab", "data", "prep", str(config_path)],
-                            capture_output=True, text=True, env=env)
+    result = run_tunelab("data", "prep", str(config_path), env=env)
     assert result.returncode == 0, result.stderr
     assert "near duplicates" in result.stdout and "train" in result.stdout
     assert json.loads((tmp_path / "run/data/report.json").read_text())["counts"]["train"] == 32
 
     path.write_text(path.read_text() + "{oops\n")
-    result = subprocess.run([sys.executable, "-m", "tunelab", "data", "prep", str(config_path)],
-                            capture_output=True, text=True, env=env)
+    result = run_tunelab("data", "prep", str(config_path), env=env)
     assert result.returncode == 2
     assert result.stderr.strip() == (f"error: {path}:41: invalid JSON: Expecting property name enclosed in double "
                                      "quotes at column 2")

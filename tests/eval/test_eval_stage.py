@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
+from tests.cli_process import run_tunelab
 from tests.conftest import animal_rows, tiny_run_config, write_jsonl
 from tunelab import pipeline
 from tunelab.config import JudgeConfig, SuiteConfig
@@ -238,14 +239,12 @@ def test_llm_judge_scores_each_system_through_an_openai_compatible_endpoint(trai
 def test_cli_eval_exits_non_zero_when_the_gate_fails(trained):
     cfg, run = trained
     env = {**os.environ, "COLUMNS": "200"}
-    command = [sys.executable, "-m", "tunelab", "eval", str(run.root), "--set", "eval.systems=[base, tuned]"]
-    failing = subprocess.run([*command, "--set", "eval.gate=['tuned.exact_match >= base.exact_match + 2']"],
-                             capture_output=True, text=True, env=env)
+    command = ["eval", str(run.root), "--set", "eval.systems=[base, tuned]"]
+    failing = run_tunelab(*command, "--set", "eval.gate=['tuned.exact_match >= base.exact_match + 2']", env=env)
     assert failing.returncode == 1, failing.stderr[-2000:]
     assert re.search(r"gate failed: tuned.exact_match >= base.exact_match \+ 2 \(measured \d\.\d{4}, "
                      r"needed >= 2\.\d{4}\)", failing.stderr), failing.stderr[-2000:]
-    passing = subprocess.run([*command, "--set", "eval.gate=['tuned.eval_loss <= base.eval_loss']"],
-                             capture_output=True, text=True, env=env)
+    passing = run_tunelab(*command, "--set", "eval.gate=['tuned.eval_loss <= base.eval_loss']", env=env)
     assert passing.returncode == 0, passing.stderr[-2000:]
     assert json.loads((run.eval / "metrics.json").read_text())["gate"][0]["passed"] is True
 
@@ -254,8 +253,7 @@ def test_the_default_gate_applies_when_the_config_names_none(trained):
     cfg, run = trained
     env = {**os.environ, "COLUMNS": "200"}
     # tiny_config switches the gate off; `eval.gate=null` is a config that never mentioned it.
-    done = subprocess.run([sys.executable, "-m", "tunelab", "eval", str(run.root), "--set", "eval.gate=null",
-                           "--set", "eval.systems=[base, tuned]"], capture_output=True, text=True, env=env)
+    done = run_tunelab("eval", str(run.root), "--set", "eval.gate=null", "--set", "eval.systems=[base, tuned]", env=env)
     metrics = json.loads((run.eval / "metrics.json").read_text())
     assert metrics["gate_source"] == "default"
     assert [g["rule"] for g in metrics["gate"]] == ["tuned.exact_match > base.exact_match"]

@@ -10,13 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.cli_process import run_tunelab
 from tunelab import pipeline
 from tunelab.config_file import dump_config
 from tunelab.config_harness import HarnessConfig
@@ -123,11 +122,10 @@ def test_cli_eval_fails_on_a_harness_gate_rule_and_mlflow_gets_the_scores(traine
     overrides = ["eval.systems=[base, tuned]", f"eval.harness.tasks=[{TASK}]",
                  f"eval.harness.include_path={TASK_DIR}", "eval.harness.limit=4", "track.enabled=true",
                  f"eval.gate=['harness.{TASK}.drop < -1']"]
-    command = [sys.executable, "-m", "tunelab", "eval", str(run.root)]
+    command = ["eval", str(run.root)]
     for override in overrides:
         command += ["--set", override]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
-                            env={**os.environ, "COLUMNS": "200"})
+    result = run_tunelab(*command, cwd=ROOT, env={**os.environ, "COLUMNS": "200"})
     assert result.returncode == 1, result.stderr[-3000:]
     assert f"gate failed: harness.{TASK}.drop < -1 (measured" in result.stderr
     harness = json.loads((run.eval / "metrics.json").read_text())["harness"]
@@ -145,8 +143,7 @@ def test_tasks_that_cannot_run_are_refused_before_any_weights_load(tiny_config, 
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(raw), encoding="utf-8")
     offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "400"}
-    result = subprocess.run([sys.executable, "-m", "tunelab", "run", str(config), "--dry-run"], capture_output=True,
-                            text=True, cwd=ROOT, env=offline)
+    result = run_tunelab("run", str(config), "--dry-run", cwd=ROOT, env=offline)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +13,7 @@ import httpx2 as httpx
 import openai
 import pytest
 
+from tests.cli_process import run_tunelab
 from tests.serve.conftest import make_lora_run
 
 
@@ -124,14 +124,12 @@ def test_request_that_waits_past_its_timeout_gets_504(live_server) -> None:
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+    return run_tunelab(*args, timeout=120, env={**os.environ, **(env or {})})
 
 
 def test_binding_beyond_loopback_needs_an_api_key(lora_runs: dict[str, Path]) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TUNELAB_API_KEY"}
-    result = subprocess.run([sys.executable, "-m", "tunelab", "serve", str(lora_runs["alpha"]), "--host", "0.0.0.0"],
-                            capture_output=True, text=True, timeout=120, env=env)
+    result = run_tunelab("serve", str(lora_runs["alpha"]), "--host", "0.0.0.0", timeout=120, env=env)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: --host 0.0.0.0 reaches beyond this machine: set an API key in $TUNELAB_API_KEY "

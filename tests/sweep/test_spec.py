@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.cli_process import run_tunelab
 from tunelab.errors import ConfigError
 from tunelab.sweep.goals import direction
 from tunelab.sweep.plan import Flags
@@ -152,8 +151,7 @@ def test_a_sweep_refuses_to_register_since_it_would_not_know_which_trial(tiny_co
 def test_the_command_refuses_a_bad_spec_in_one_line_and_writes_nothing(tiny_config, tmp_path, args, expected):
     config = _write(tiny_config, tmp_path / "sweep.yaml")
     out = Path(tiny_config.output.dir)
-    result = subprocess.run([sys.executable, "-m", "tunelab", "sweep", str(config), *args], capture_output=True,
-                            text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=120)
+    result = run_tunelab("sweep", str(config), *args, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
@@ -163,10 +161,9 @@ def test_the_command_refuses_a_bad_spec_in_one_line_and_writes_nothing(tiny_conf
 
 def test_dry_run_lists_the_trials(tiny_config, tmp_path):
     config = _write(tiny_config, tmp_path / "sweep.yaml")
-    result = subprocess.run([sys.executable, "-m", "tunelab", "sweep", str(config), "--param",
-                             "train.learning_rate=loguniform(1e-4,1e-2)", "--samples", "3", "--dry-run"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"})
+    result = run_tunelab("sweep", str(config), "--param", "train.learning_rate=loguniform(1e-4,1e-2)", "--samples",
+                         "3", "--dry-run", cwd=ROOT, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1",
+                         "COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     assert "random search over train.learning_rate in loguniform(0.0001, 0.01)" in result.stdout
     assert result.stdout.count("trial-00") == 3 and not Path(tiny_config.output.dir).exists()
