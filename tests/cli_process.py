@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 # What the preloaded libraries (torch, transformers, huggingface_hub, tokenizers) or the interpreter itself read at
@@ -80,6 +81,7 @@ for line in sys.stdin:
 """
 
 _server: subprocess.Popen | None = None
+_one_at_a_time = threading.Lock()
 _server_env: dict[str, str] = {}
 
 
@@ -109,9 +111,18 @@ def run_tunelab(*args: str, cwd: Path | str | None = None, env: dict[str, str] |
     """Like subprocess.run([sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, ...)."""
     env = dict(os.environ if env is None else env)
     cwd = str(cwd or os.getcwd())
-    if fresh or not _forkable(env):
+    # One command at a time goes through the server; one started while another runs (from another thread) gets a
+    # process of its own, so commands that must run side by side still do.
+    if fresh or not _forkable(env) or not _one_at_a_time.acquire(blocking=False):
         return subprocess.run([sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, cwd=cwd,
                               env=env, timeout=timeout)
+    try:
+        return _forked(args, cwd, env, timeout)
+    finally:
+        _one_at_a_time.release()
+
+
+def _forked(args: tuple[str, ...], cwd: str, env: dict[str, str], timeout: float | None) -> subprocess.CompletedProcess:
     server = _start()
     with tempfile.TemporaryDirectory(prefix="tunelab-cli-") as folder:
         out, err = Path(folder, "stdout"), Path(folder, "stderr")

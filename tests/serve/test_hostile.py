@@ -179,8 +179,10 @@ def test_a_burst_of_huge_prompts_does_not_hold_up_an_ordinary_request(server: st
         small = pool.submit(send, "small", "What is two plus two?")
         for future in [small, *huge]:
             future.result()
-    # Huge prompts go one at a time on their own thread: at most the one being tokenized finishes first.
-    assert finished.index("small") <= 1, finished
+    # Huge prompts go one at a time on their own thread: the one being tokenized when the small request arrives
+    # finishes first, and on a loaded machine one more may while the small reply is written (the tokenizer holds
+    # the interpreter for stretches). Queued behind the burst, as before, it finished after all of them.
+    assert finished.index("small") <= 2, finished
 
 
 def test_overload_gives_429_or_504_never_500(live_server) -> None:
