@@ -1,17 +1,17 @@
-"""`python -m tunelab ...` as the tests run it, without paying for torch's and transformers' import each time.
+"""`python -m tunelab ...` as the tests run it, without importing torch, transformers and MLflow each time.
 
 About a hundred tests run the CLI as a user would, in its own process, and check its exit status and output. Each
-such process spent ~5 s of CPU importing torch and transformers before doing a second of work. So each test worker
-keeps one small server process that has imported those two libraries (and nothing else: no torch op has run, so
-no thread pool exists to break across fork) and forks it for each command. The child is a process of its own: it
-takes the command's environment, working directory and umask, writes to its own stdout/stderr files, runs tunelab
-as `python -m tunelab` does (`runpy`, tunelab imported fresh: it reads COLUMNS, TUNELAB_* and the rest when a real
-process would) and exits as the interpreter would (non-daemon threads joined, atexit handlers run, streams flushed)
-without tearing down torch's modules.
+such process spent ~5 s of CPU importing torch and transformers, and ~5 s more importing MLflow (tracking is on by
+default), before doing a second of work. So each test worker keeps one small server process that has imported those
+libraries (and nothing else: no torch op has run, so no thread pool exists to break across fork) and forks it for
+each command. The child is a process of its own: it takes the command's environment, working directory and umask,
+writes to its own stdout/stderr files, runs tunelab as `python -m tunelab` does (`runpy`, tunelab imported fresh: it
+reads COLUMNS, TUNELAB_* and the rest when a real process would) and exits as the interpreter would (non-daemon
+threads joined, atexit handlers run, streams flushed) without tearing down torch's modules.
 
 Where that could differ from a fresh process, a fresh process runs instead: when the command's environment differs
-from the server's in a variable outside the list below (torch and the Hugging Face libraries read some of theirs at
-import time), or when a test asks for one (`fresh=True`: warnings printed at import time show only there).
+from the server's in a variable those libraries or the interpreter read at start-up (the list below), or when a test
+asks for one (`fresh=True`: warnings printed at import time show only there).
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ from pathlib import Path
 # start-up: a command whose environment differs from the server's in one of these gets a fresh process.
 _READ_AT_START = ("HF_", "HUGGINGFACE", "TRANSFORMERS_", "TORCH", "PYTORCH_", "OMP_", "MKL_", "KMP_", "GOMP_", "CUDA_",
                   "NVIDIA_", "TOKENIZERS_", "SAFETENSORS_", "ACCELERATE_", "USE_", "XDG_", "HOME", "TMP", "TEMP",
-                  "LANG", "LC_", "LD_", "PYTHON")
+                  "LANG", "LC_", "LD_", "PYTHON", "MLFLOW_", "ARROW_", "JE_")
 
 _SERVER = r"""
 import atexit, gc, json, os, runpy, sys, threading
 import torch, transformers  # noqa: F401  the expensive imports, done once
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (lazy modules resolved)
+import mlflow, mlflow.store.tracking.sqlalchemy_store  # noqa: F401  tracking is on by default: 5 s more a command
 
 replies = os.fdopen(os.dup(1), "w", buffering=1)
 devnull = os.open(os.devnull, os.O_RDWR)
@@ -94,8 +95,10 @@ def _start() -> subprocess.Popen:
     if not _alive():
         _server_env = dict(os.environ)
         # Unbuffered: select() on the pipe then tells whether the next line is there (nothing read ahead of it).
+        # pyarrow (imported by MLflow) starts jemalloc's background thread at load unless told not to: a process
+        # forked from one with a second thread running may inherit a lock that thread held.
         _server = subprocess.Popen([sys.executable, "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   bufsize=0, env=_server_env)
+                                   bufsize=0, env={**_server_env, "JE_ARROW_MALLOC_CONF": "background_thread:false"})
         atexit.register(_server.kill)
     return _server
 
