@@ -170,15 +170,8 @@ def build_dataset(cfg: RunConfig, tokenizer: Any = None, generate_replay: bool =
     evals = [EvalText.of(r, "val") for r in val] + held_out
     contamination = find_contamination(train, evals, data.contamination, data.dedup)
     leaked = contamination.train_ids
-    if leaked and data.contamination.action == "fail":
-        shown = "; ".join(f"{h.train_id} ~ {h.eval_source} {h.eval_id} ({h.kind})" for h in contamination.hits[:5])
-        raise DataError(f"data.contamination: {len(leaked)} training rows overlap eval data: {shown}"
-                        f"{' ...' if len(leaked) > 5 else ''}; remove them, or set data.contamination.action "
-                        "to drop or warn")
-    if leaked and data.contamination.action == "drop":
-        train = [r for r in train if r.id not in leaked]
-    if leaked and data.contamination.action == "warn":
-        console.print(f"[yellow]warning:[/] {len(leaked)} training rows overlap eval data (kept: action is warn)")
+    train = _apply_action(train, contamination, data.contamination.action, "training rows overlap eval data",
+                          "remove them")
     if contamination.shared:
         first = contamination.shared[0]
         console.print(f"[yellow]warning:[/] data.contamination: {len(contamination.shared)} eval rows are mostly "
@@ -234,16 +227,21 @@ def _val_without_leaks(val: list[Record], held_out: list[EvalText], cfg: Contami
     val picks the best checkpoint and stops training early, so a test row in val steers the model toward the
     test. (Dedup runs within each pool, so an explicit test file's twin in the training sources reaches here.)"""
     leaks = find_contamination(val, held_out, cfg, near) if val and held_out else ContaminationResult()
+    return _apply_action(val, leaks, cfg.action, "val rows overlap test or benchmark data",
+                         "remove them from the training sources"), leaks
+
+
+def _apply_action(rows: list[Record], leaks: ContaminationResult, action: str, what: str,
+                  remedy: str) -> list[Record]:
+    """data.contamination.action on the rows that leak: stop naming them, drop them, or warn and keep them."""
     leaked = leaks.train_ids
-    if leaked and cfg.action == "fail":
+    if leaked and action == "fail":
         shown = "; ".join(f"{h.train_id} ~ {h.eval_source} {h.eval_id} ({h.kind})" for h in leaks.hits[:5])
-        raise DataError(f"data.contamination: {len(leaked)} val rows overlap test or benchmark data: {shown}"
-                        f"{' ...' if len(leaked) > 5 else ''}; remove them from the training sources, or set "
-                        "data.contamination.action to drop or warn")
-    if leaked and cfg.action == "warn":
-        console.print(f"[yellow]warning:[/] {len(leaked)} val rows overlap test or benchmark data (kept: action is "
-                      "warn)")
-    return ([r for r in val if r.id not in leaked] if cfg.action == "drop" else val), leaks
+        raise DataError(f"data.contamination: {len(leaked)} {what}: {shown}{' ...' if len(leaked) > 5 else ''}; "
+                        f"{remedy}, or set data.contamination.action to drop or warn")
+    if leaked and action == "warn":
+        console.print(f"[yellow]warning:[/] {len(leaked)} {what} (kept: action is warn)")
+    return [r for r in rows if r.id not in leaked] if leaked and action == "drop" else rows
 
 
 def _check_system_prompt(tokenizer: Any, system_prompt: str | None) -> None:
