@@ -121,7 +121,9 @@ def remove_stale_temps(final: Path) -> None:
 
 
 def partial_path(final: Path) -> Path:
-    """A temporary file name beside `final` for a writer that renames it into place (after remove_stale_temps)."""
+    """A temporary file name beside `final` for a writer that renames it into place; what a killed writer of `final`
+    left there is removed first."""
+    remove_stale_temps(final)
     return final.with_name(f"{_writer(final)}part.tmp")
 
 

