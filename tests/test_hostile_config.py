@@ -124,6 +124,46 @@ def prep_config(tmp_path: Path, model_dir: Path, train: Path, **data: object) ->
     return path
 
 
+PATH_CASES = {  # key -> (YAML value, with {tmp} for the test's folder; what the error says)
+    "under_a_file": ("output:\n  dir: {tmp}/notes.txt/run\n", 6, "output.dir: {tmp}/notes.txt is a file, not a folder"),
+    "long_name": ("output:\n  dir: {tmp}/" + "x" * 300 + "\n", 6,
+                  "output.dir: the name '" + "x" * 40 + "...' is 300 bytes long; file systems allow 255"),
+    "nul_byte": ("", 4, "data.train.path: the path holds a NUL byte"),
+    "link_loop": ("", 4, "data.train.path: Too many levels of symbolic links"),
+    "sqlite_under_a_file": ("track:\n  tracking_uri: sqlite:///{tmp}/notes.txt/mlflow.db\n", 6,
+                            "track.tracking_uri: {tmp}/notes.txt is a file, not a folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(PATH_CASES))
+def test_a_path_no_file_system_can_open_is_named_before_anything_is_written(tmp_path, tiny_model_dir, case):
+    """Before: an OSError traceback (NotADirectoryError, File name too long, embedded null byte, a symlink
+    loop's RuntimeError) from the first stage that opened it, the tracking one after the run folder was written."""
+    tail, line, expected = PATH_CASES[case]
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    (tmp_path / "loop").symlink_to("loop")
+    train = {"nul_byte": '"{tmp}/a\\0.jsonl"', "link_loop": "{tmp}/loop"}.get(case, "{tmp}/a.jsonl")
+    write_jsonl(tmp_path / "a.jsonl", animal_rows(20))
+    path = tmp_path / "paths.yaml"
+    path.write_text(("model:\n  name: " + str(tiny_model_dir) + "\ndata:\n  train: " + train + "\n" + tail
+                     + ("output:\n  dir: {tmp}/run\n" if "output" not in tail else "")).format(tmp=tmp_path))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for command in (("run", str(path), "--dry-run"), ("run", str(path))):
+        error = one_error(run_cli(*command))
+        assert error == f"{path}:{line}: {expected.format(tmp=tmp_path)}", error
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run folder, no store
+
+
+def test_a_path_the_file_system_refuses_later_is_one_line(tmp_path, tiny_model_dir):
+    """A folder that looks fine but cannot be made (/proc takes no new entries): the OSError is one line naming
+    it, not a traceback."""
+    write_jsonl(tmp_path / "a.jsonl", animal_rows(20))
+    path = tmp_path / "proc.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": str(tiny_model_dir)}, "data": {"train": str(tmp_path / "a.jsonl")},
+                                    "track": {"enabled": False}, "output": {"dir": "/proc/tunelab-run"}}))
+    assert one_error(run_cli("data", "prep", str(path))) == "/proc/tunelab-run: No such file or directory"
+
+
 def test_byte_order_mark_in_jsonl_and_csv_is_accepted(tmp_path, tiny_model_dir):
     jsonl = tmp_path / "bom.jsonl"
     jsonl.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in animal_rows(20)).encode())

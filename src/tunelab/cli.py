@@ -386,4 +386,11 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as err:  # the file system refused a path the user gave (permissions, a full disk, a loop)
+        if not err.filename:
+            raise
+        from tunelab.redaction import redact_message
+
+        print(f"error: {redact_message(f'{err.filename}: {err.strerror or err}')}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)

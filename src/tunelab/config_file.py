@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from tunelab.artifacts import RunPaths
 from tunelab.config import RunConfig, unsafe_output_dir
 from tunelab.config_guards import MAX_DEPTH, check_nesting, check_yaml_tree, read_config_text
+from tunelab.config_paths import config_path_problems
 from tunelab.errors import ConfigError, RunFolderError
 from tunelab.redaction import redacted_config
 
@@ -111,6 +112,9 @@ def validate_config(
         raise ConfigError(*[message for _, message in sorted(non_finite.values(), key=lambda p: p[0])])
     _refuse_non_finite(cfg, source, lines, overridden)  # and what pydantic parsed from text ("inf" via --set)
     _refuse_secret_in_prompt(cfg, source, lines, overridden)
+    if bad_paths := config_path_problems(cfg):
+        raise ConfigError(*[f"{_where(source, lines, overridden, key_path)}: {'.'.join(key_path)}: {problem}"
+                            for key_path, problem in bad_paths])
     return cfg
 
 

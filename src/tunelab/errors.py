@@ -1,8 +1,9 @@
 """Every error class tunelab raises, in one place.
 
 A `TunelabError` is a mistake the user can fix (bad config, bad data row, missing file). The CLI prints
-its message as one line per problem and exits non-zero, never with a traceback. Anything else that
-escapes is a bug in tunelab and keeps its traceback.
+its message as one line per problem and exits non-zero, never with a traceback. So does an OSError that names
+a file (the file system refusing a path the user gave: permissions, a full disk). Anything else that escapes is
+a bug in tunelab and keeps its traceback.
 
 `RowError` and `GoTemplateError` are signals inside a stage, not messages for the user: the stage that catches
 them (a row loader skipping or reporting a bad row, the Modelfile writer trying the next template variant)

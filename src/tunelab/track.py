@@ -44,10 +44,13 @@ def mlflow_client(uri: str, existing: bool = False) -> Any:
     only reads, so a sqlite store that does not exist is an error rather than a new, empty store."""
     for key, value in MLFLOW_SETTINGS.items():
         os.environ.setdefault(key, value)
+    from tunelab.config_paths import path_problem
     from tunelab.redaction import uri_credentials
 
     if uri_credentials(uri):  # MLflow prints "View run at URI/#/..." with the URI as given, password and all
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    if uri.startswith("sqlite:///") and (problem := path_problem(Path(uri[len("sqlite:///"):]))):
+        raise TrackingError(f"MLflow store {uri[len('sqlite:///'):]}: {problem}")
     if existing and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise TrackingError(f"no MLflow store at {uri[len('sqlite:///'):]}; pass --tracking-uri (or set "
                             "MLFLOW_TRACKING_URI) to the store the runs were tracked in")
