@@ -147,6 +147,29 @@ def test_a_row_without_the_stratify_column_is_one_bad_row(tmp_path, tiny_model_d
     assert [s["where"] for s in prepared.report["skipped"]["examples"]] == [f"{path}:8", f"{path}:10"]
 
 
+def test_a_missing_number_in_parquet_is_absent_not_nan_in_the_dataset_files(tmp_path, tiny_model_dir):
+    """Parquet (and pandas) write a missing float as NaN. Kept as metadata it was written into train.jsonl as
+    `NaN`, which no strict JSON reader (tunelab's own included) accepts; as a stratify column it made a stratum."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = distinct_rows(40)
+    for i, row in enumerate(rows):
+        row["score"] = float("nan") if i % 5 == 0 else i / 10
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    prepared = prepare_data(config(tmp_path, tiny_model_dir, train=str(tmp_path / "t.parquet")),
+                            tmp_path / "run" / "data")
+    for split in ("train", "val", "test"):
+        text = (tmp_path / "run" / "data" / f"{split}.jsonl").read_text()
+        for line in text.splitlines():
+            json.loads(line, parse_constant=lambda name: pytest.fail(f"{split}.jsonl holds {name}"))
+    scores = {r.id: r.meta.get("score") for r in prepared.dataset.train}
+    assert None in scores.values() and all(v is None or v == v for v in scores.values())
+    cfg = config(tmp_path, tiny_model_dir, train=str(tmp_path / "t.parquet"), stratify_by="score")
+    with pytest.raises(DataError, match=r"t.parquet row 1: data.stratify_by column 'score' is missing or null"):
+        prepare_data(cfg, tmp_path / "run2" / "data")
+
+
 def test_benchmark_files_are_checked(tmp_path, tiny_model_dir):
     train = write_jsonl(tmp_path / "train.jsonl", distinct_rows(20) + [{"id": "leaky", "instruction": LEAK, "output": "x"}])
     bench = write_jsonl(tmp_path / "bench.jsonl", [{"question": LEAK, "answer": "17"}])

@@ -6,6 +6,8 @@ instead, so one broken line does not cost a 100k-row dataset.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,7 +96,9 @@ def _record_id(row: dict[str, Any], name: str, label: str, where: str) -> str:
 
 def _meta(row: dict[str, Any], fmt: str) -> dict[str, Any]:
     used = set(COLUMNS[fmt]) | {"id"}
-    return {k: v for k, v in row.items() if k not in used and isinstance(v, (str, int, float, bool))}
+    # A NaN is how Parquet and pandas write a missing number: absent, like a null (and JSON has no NaN to write)
+    return {k: v for k, v in row.items() if k not in used and isinstance(v, (str, int, float, bool))
+            and not (isinstance(v, float) and not math.isfinite(v))}
 
 
 def load_records(path: Path, fmt: str = "auto") -> list[Record]:
