@@ -141,6 +141,23 @@ def test_non_utf8_empty_and_missing_files(tmp_path):
         load_records(tmp_path / "x.txt")
 
 
+def test_a_nan_or_a_repeated_key_in_a_json_array_is_one_bad_item(tmp_path):
+    """Before: the whole file failed with "invalid JSON: NaN is not a JSON value" and no item named."""
+    path = tmp_path / "arr.json"
+    path.write_text('[\n {"instruction": "a", "output": "1"},\n {"instruction": "b", "output": NaN},\n'
+                    ' {"instruction": "c", "instruction": "d", "output": "3"} , {"instruction": "e", "output": "4"}\n]')
+    with pytest.raises(DataError, match=r"arr.json item 2: invalid JSON: NaN is not a JSON value \(write null or a number\)"):
+        load_records(path)
+    loaded = load_source(path, on_error="skip")
+    assert [r.messages[0]["content"] for r in loaded.records] == ["a", "e"]
+    assert [(s.where, s.problem) for s in loaded.skipped] == [
+        (f"{path} item 2", "invalid JSON: NaN is not a JSON value (write null or a number)"),
+        (f"{path} item 3", "invalid JSON: key 'instruction' appears twice in one object")]
+    path.write_text('{"rows": [{"instruction": "a", "output": NaN}]}')  # inside a wrapper: the file, as before
+    with pytest.raises(DataError, match=r"arr.json: invalid JSON: NaN is not a JSON value"):
+        load_records(path)
+
+
 def test_a_non_utf8_byte_in_a_csv_or_json_file_is_one_bad_row(tmp_path):
     csv_file = tmp_path / "latin1.csv"
     csv_file.write_bytes(b"instruction,output\nfirst,x\ncaf\xe9,y\nlast,z\n")
@@ -181,7 +198,7 @@ def test_json_that_parses_but_is_not_data_is_one_bad_row_each(tmp_path):
         load_records(path)
     whole = tmp_path / "odd.json"
     whole.write_text('[{"instruction": "a", "output": "x"}, {"instruction": "b", "output": Infinity}]')
-    with pytest.raises(DataError, match=r"odd.json: invalid JSON: Infinity is not a JSON value"):
+    with pytest.raises(DataError, match=r"odd.json item 2: invalid JSON: Infinity is not a JSON value"):
         load_records(whole)
     csv_file = tmp_path / "twice.csv"
     csv_file.write_text("instruction,output,output\nq,a,OTHER\n")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -154,6 +156,11 @@ def _read_json(path: Path) -> Iterator[tuple[str, Row | BadRow]]:
             yield from _read_jsonl(path)
             return
         raise DataError(f"{path}:{err.lineno}: invalid JSON: {_decode_problem(err)}") from None
+    except NotData as err:
+        if not text.lstrip().startswith("["):
+            raise DataError(f"{path}: invalid JSON: {err}") from None
+        yield from _array_items(path, text)  # the item that holds it, named and skippable like any bad row
+        return
     except ValueError as err:
         raise DataError(f"{path}: invalid JSON: {err}") from None
     if isinstance(data, dict):  # {"data": [...]} or {"rows": [...]} wrappers
@@ -168,6 +175,26 @@ def _read_json(path: Path) -> Iterator[tuple[str, Row | BadRow]]:
             yield f"{path} item {i}", BadRow(f"expected an object, got {type(row).__name__}")
             continue
         yield f"{path} item {i}", _not_utf8(row, path) or row
+
+
+def _array_items(path: Path, text: str) -> Iterator[tuple[str, Row | BadRow]]:
+    """The items of `text`, a JSON array that parses but holds something that cannot be data (a NaN, a key
+    given twice), read one at a time so that each such item is a bad row of its own."""
+    strict = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_no_constant)
+    space = re.compile(r"[ \t\n\r]*,?[ \t\n\r]*")
+    at = space.match(text, text.index("[") + 1).end()
+    for i in itertools.count(1):
+        if text.startswith("]", at):
+            return
+        try:
+            row, end = strict.raw_decode(text, at)
+        except NotData as err:
+            yield f"{path} item {i}", BadRow(f"invalid JSON: {err}")
+            _, end = json.JSONDecoder().raw_decode(text, at)  # the whole text parsed without the hooks
+        else:
+            yield f"{path} item {i}", (_not_utf8(row, path) or row if isinstance(row, dict)
+                                       else BadRow(f"expected an object, got {type(row).__name__}"))
+        at = space.match(text, end).end()
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, Row | BadRow]]:
