@@ -160,7 +160,15 @@ def test_health_stays_fast_while_a_1mb_prompt_is_tokenized(server: str) -> None:
 
 
 # -- 4. overload ----------------------------------------------------------------------------------------------
-def test_a_burst_of_huge_prompts_does_not_hold_up_an_ordinary_request(server: str) -> None:
+HUGE_PROMPTS = {  # two shapes of a prompt that takes seconds to template and tokenize, each under the body limit
+    "one long message": [{"role": "user", "content": "The quick brown fox jumps. " * 12_000}],
+    # Counted by content alone this was a small prompt: 8 of them held the shared pool for ~47 s.
+    "many empty messages": [{"role": "user", "content": ""}] * 60_000,
+}
+
+
+@pytest.mark.parametrize("shape", list(HUGE_PROMPTS))
+def test_a_burst_of_huge_prompts_does_not_hold_up_an_ordinary_request(server: str, shape: str) -> None:
     """More huge prompts at once than the shared thread pool has threads: each is tokenized for a while, and the
     small request that comes after them must not wait for them (it queued behind all of them before)."""
     import os
@@ -168,15 +176,15 @@ def test_a_burst_of_huge_prompts_does_not_hold_up_an_ordinary_request(server: st
     burst = min(32, (os.cpu_count() or 1) + 4) + 2  # asyncio.to_thread's pool, and two more
     finished: list[str] = []
 
-    def send(name: str, content: str) -> None:
+    def send(name: str, messages: list[dict[str, str]]) -> None:
         httpx.post(f"{server}/v1/chat/completions", headers=AUTH, timeout=300, json={
-            "model": "alpha", "max_tokens": 2, "messages": [{"role": "user", "content": content}]})
+            "model": "alpha", "max_tokens": 2, "messages": messages})
         finished.append(name)
 
     with ThreadPoolExecutor(max_workers=burst + 1) as pool:
-        huge = [pool.submit(send, f"huge{i}", "The quick brown fox jumps. " * 12_000) for i in range(burst)]
+        huge = [pool.submit(send, f"huge{i}", HUGE_PROMPTS[shape]) for i in range(burst)]
         time.sleep(0.5)  # all of them are in
-        small = pool.submit(send, "small", "What is two plus two?")
+        small = pool.submit(send, "small", [{"role": "user", "content": "What is two plus two?"}])
         for future in [small, *huge]:
             future.result()
     # Huge prompts go one at a time on their own thread: the one being tokenized when the small request arrives
