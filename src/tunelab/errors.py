@@ -15,6 +15,11 @@ from __future__ import annotations
 from typing import Any
 
 
+def cut(text: str, limit: int = 80) -> str:
+    """`text` as an error message quotes it: a name a client or file sent may be megabytes long."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 class TunelabError(Exception):
     """A problem in the user's input, described so they can fix it.
 

@@ -138,6 +138,11 @@ def test_missing_or_wrong_api_key_is_401(server: str) -> None:
 def test_unknown_model_is_404(server: str) -> None:
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client(server).chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    # A name of a megabyte is quoted cut short (the whole name came back, a 1 MB error body)
+    reply = httpx.post(f"{server}/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                       json={"model": "n" * 1_000_000, "messages": [{"role": "user", "content": "hi"}]})
+    assert reply.status_code == 404 and len(reply.content) < 1000, len(reply.content)
+    assert "'" + "n" * 80 + "... (1000000 characters)' does not exist" in reply.json()["error"]["message"]
 
 
 def test_text_content_parts_are_the_same_prompt_and_other_parts_are_400(server: str) -> None:
@@ -166,7 +171,12 @@ def test_malformed_bodies_are_400(server: str) -> None:
                             "character 1)",
               b"[" * 100_000 + b"]" * 100_000: "could not be parsed as JSON (not UTF-8, or nested too deeply)",
               hi + b', "temperature": NaN}': "temperature: Input should be a finite number",
-              hi + b', "top_p": Infinity}': "top_p: Input should be a finite number"}
+              hi + b', "top_p": Infinity}': "top_p: Input should be a finite number",
+              # OpenAI's API refuses these; read leniently, "yes" turned streaming on
+              hi + b', "stream": "yes"}': "stream: Input should be a valid boolean",
+              hi + b', "max_tokens": "4"}': "max_tokens: Input should be a valid integer",
+              hi + b', "max_tokens": 3.0}': "max_tokens: Input should be a valid integer",
+              hi + b', "temperature": "0.5"}': "temperature: Input should be a valid number"}
     for body, message in bodies.items():
         raw = httpx.post(f"{server}/v1/chat/completions", content=body, headers=headers)
         assert raw.status_code == 400 and raw.json()["error"]["code"] == "invalid_request", raw.text

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import ServeError
+from tunelab.errors import ServeError, cut
 
 BASE_NAME = "base"
 # Letters, digits, dot, dash, underscore; no slashes, so a name can never become a path.
@@ -37,9 +37,9 @@ class AdapterSpec:
 
 def check_name(name: str) -> str:
     if name == BASE_NAME or name == "__base__":
-        raise ServeError(f"adapter name '{name}' is reserved for the base model")
+        raise ServeError(f"adapter name '{cut(name)}' is reserved for the base model")
     if not NAME_PATTERN.fullmatch(name):  # fullmatch: `$` alone would let a trailing newline through
-        raise ServeError(f"adapter name '{name}': use 1-64 letters, digits, '.', '-' or '_', starting with a letter "
+        raise ServeError(f"adapter name '{cut(name)}': use 1-64 letters, digits, '.', '-' or '_', starting with a letter "
                          "or digit")
     return name
 

@@ -23,7 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
-from tunelab.errors import ModelError, ServeError
+from tunelab.errors import ModelError, ServeError, cut
 from tunelab.families import gap_before_end, stop_texts, stop_token_ids
 from tunelab.serve.adapters import BASE_NAME, adapter_tokenizer, check_name, check_same_base, resolve_adapter
 from tunelab.serve.bodies import AdapterBody, ChatBody, CompletionBody, Sampling
@@ -171,7 +171,7 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
 
     def _tokenizer(model: str) -> Any:
         if model != BASE_NAME and model not in engine.adapters:
-            raise ServeError(f"model '{model}' does not exist; loaded: {', '.join(engine.model_names())}", 404,
+            raise ServeError(f"model '{cut(model)}' does not exist; loaded: {', '.join(engine.model_names())}", 404,
                              "model_not_found")
         return tokenizers[model]
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.errors import ServeError
+from tunelab.errors import ServeError, cut
 from tunelab.serve.adapters import BASE_NAME, AdapterSpec
 from tunelab.serve.metrics import Metrics
 
@@ -134,7 +134,7 @@ class Engine:
     def unload_adapter(self, name: str) -> None:
         with self.lock:
             if name not in self.adapters:
-                raise ServeError(f"no adapter named '{name}' is loaded", 404, "model_not_found")
+                raise ServeError(f"no adapter named '{cut(name)}' is loaded", 404, "model_not_found")
             del self.adapters[name]
             if self.adapters:
                 self.peft.delete_adapter(name)
@@ -157,7 +157,7 @@ class Engine:
     # -- requests -------------------------------------------------------------------------------------
     def submit(self, request: GenRequest) -> None:
         if request.model != BASE_NAME and request.model not in self.adapters:
-            raise ServeError(f"model '{request.model}' does not exist; loaded: {', '.join(self.model_names())}",
+            raise ServeError(f"model '{cut(request.model)}' does not exist; loaded: {', '.join(self.model_names())}",
                              404, "model_not_found")
         if not self.alive():
             raise ServeError("the generation worker has stopped; restart the server", 503, "engine_dead")
