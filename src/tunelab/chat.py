@@ -267,7 +267,7 @@ def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Mes
             raise ModelError("a message holds special-token text, and this chat template rewrites message contents "
                              "so that they cannot be kept apart from its own markers")
     ids: list[int] = []
-    starts: list[int] = []
+    offsets: list[tuple[int, int]] = []
     at = 0
     for piece, is_content in pieces:
         if piece:
@@ -275,10 +275,12 @@ def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Mes
             enc = _encoder(tokenizer, is_content)(piece, add_special_tokens=False, return_offsets_mapping=True,
                                                   split_special_tokens=is_content)
             ids += enc["input_ids"]
-            starts += [at + start for start, _end in enc["offset_mapping"]]
+            offsets += [(at + start, at + end) for start, end in enc["offset_mapping"]]
             at += len(piece)
-    # A token belongs to an answer when it starts inside the answer's span.
-    labels = [ids[k] if any(s <= start < e for s, e in spans) else IGNORE_INDEX for k, start in enumerate(starts)]
+    # A token belongs to an answer when it holds any of the answer's characters: one that starts on the space a
+    # template writes before an answer (Mistral's " " + content: "Ġfox") is the answer's first token.
+    labels = [ids[k] if any(start < e and s < max(end, start + 1) for s, e in spans) else IGNORE_INDEX
+              for k, (start, end) in enumerate(offsets)]
     return TokenizedExample(ids, labels)
 
 
