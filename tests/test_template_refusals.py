@@ -137,3 +137,66 @@ def test_a_custom_generation_prompt_ending_in_a_space_is_refused(tiny_model_dir,
                                          r"the answer's first token \(it ends with '.*assistant: '\)"):
         setup_chat_template(load_tokenizer(tiny_model_dir), str(spaced))
     setup_chat_template(load_tokenizer(tiny_model_dir), str(tight))
+
+
+# Real templates' shapes (written here, not copied): each passed data prep's checks and stopped training at the
+# first such row with a message that named no row.
+_TURNS = ("{% for m in messages %}{% if m['role'] == 'user' %}<|user|>\n{{ m['content'] }}<|end|>\n"
+          "{% elif m['role'] == 'assistant' %}<|assistant|>\n{{ ANSWER }}<|end|>\n{% endif %}{% endfor %}")
+# Phi-3-mini's first template: no branch for a system message, so it is left out without a word.
+DROPS_SYSTEM = _TURNS.replace("ANSWER", "m['content']") + "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+# Mistral v0.3's: the system text goes into the last user turn only when that turn is the last message, i.e. at
+# inference, never in a conversation that ends in an answer.
+SYSTEM_AT_THE_END = (
+    "{% set rest = messages[1:] if messages[0]['role'] == 'system' else messages %}{% for m in rest %}"
+    "{% if m['role'] == 'user' %}[INST] {% if loop.last and messages[0]['role'] == 'system' %}"
+    "{{ messages[0]['content'] }}\n\n{% endif %}{{ m['content'] }}[/INST]{% else %} {{ m['content'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}")
+# Qwen3's: an earlier answer's reasoning (before </think>) is dropped from the history.
+DROPS_EARLIER_REASONING = _TURNS.replace(
+    "{{ ANSWER }}", "{% if loop.last %}{{ m['content'] }}{% else %}{{ m['content'].split('</think>')[-1] }}{% endif %}"
+) + "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+# DeepSeek-R1-Distill's: the generation prompt opens a think block a finished answer does not have.
+THINKS_AT_INFERENCE = DROPS_SYSTEM.replace("{% if add_generation_prompt %}<|assistant|>\n",
+                                           "{% if add_generation_prompt %}<|assistant|>\n<think>\n")
+
+
+@pytest.mark.parametrize("template", ["DROPS_SYSTEM", "SYSTEM_AT_THE_END"])
+def test_a_template_that_leaves_the_system_message_out_names_the_row_and_the_config_key(models, tmp_path,
+                                                                                        template):
+    path = tmp_path / "t.jinja"
+    path.write_text(globals()[template])
+    cfg = config(models["base"], with_system(animal_rows(20), every=7), tmp_path, chat_template=str(path))
+    with pytest.raises(DataError, match=r"train\.jsonl:1: the model's chat template leaves the system message out "
+                                        r"of a conversation that ends in an answer"):
+        prepare_data(cfg, tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+    cfg.data.on_error = "skip"
+    assert sum(prepare_data(cfg, tmp_path / "data").dataset.counts().values()) == 17
+    cfg = config(models["base"], animal_rows(12), tmp_path, chat_template=str(path), system_prompt="Be brief.")
+    with pytest.raises(ConfigError, match="data.system_prompt: the model's chat template leaves the system message "
+                                          "out of a conversation that ends in an answer"):
+        prepare_data(cfg, tmp_path / "data2")
+
+
+def test_an_earlier_answer_the_template_rewrites_is_a_row_error_in_data_prep(models, tmp_path):
+    path = tmp_path / "t.jinja"
+    path.write_text(DROPS_EARLIER_REASONING)
+    rows = animal_rows(12)
+    rows[3]["messages"] += [{"role": "user", "content": "And?"}, {"role": "assistant", "content": "answer: owl"}]
+    rows[3]["messages"][1]["content"] = "<think>It is a cat.</think>" + rows[3]["messages"][1]["content"]
+    with pytest.raises(DataError, match=r"train\.jsonl:4: cannot mask the loss of this conversation: chat template "
+                                        r"does not write assistant message 1 as given"):
+        prepare_data(config(models["base"], rows, tmp_path, chat_template=str(path)), tmp_path / "data")
+
+
+def test_a_generation_prompt_a_finished_answer_does_not_follow_is_refused_at_set_up(models, tmp_path):
+    path = tmp_path / "t.jinja"
+    path.write_text(THINKS_AT_INFERENCE)
+    with pytest.raises(ModelError, match=r"data.chat_template: .*t.jinja: chat template is not prefix-stable: .*"
+                                         r"\(the prompt goes on '<think>\\n' where the conversation has 'Hi.<\|end\|>"):
+        setup_chat_template(load_tokenizer(models["base"]), str(path))
+    cfg = config(models["base"], animal_rows(12), tmp_path, chat_template=str(path))
+    run = tmp_path / "run.yaml"
+    run.write_text(dump_config(cfg))
+    one_error(tunelab("run", str(run), "--dry-run"), "data.chat_template:", "not prefix-stable")

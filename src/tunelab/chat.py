@@ -55,8 +55,10 @@ def setup_chat_template(tokenizer: PreTrainedTokenizerBase, choice: str | None,
     caller grows the model's embeddings: tunelab.vocab)."""
     from tunelab.families import DEFAULT_FAMILY, FAMILIES, describe, missing_markers, template_for
 
+    from tunelab.template_checks import check_prompt_tokens, check_template
+
     if choice is None and tokenizer.chat_template:
-        _check_renders(tokenizer, "the model's own chat template")
+        check_template(tokenizer, "the model's own chat template")
         return TemplateSetup(describe(tokenizer), "model")
     name = choice or DEFAULT_FAMILY
     if name in FAMILIES:
@@ -70,7 +72,7 @@ def setup_chat_template(tokenizer: PreTrainedTokenizerBase, choice: str | None,
             tokenizer.chat_template = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             raise ModelError(f"data.chat_template: cannot read {path}: {err}") from None
-        _check_renders(tokenizer, f"data.chat_template: {path}")
+        check_template(tokenizer, f"data.chat_template: {path}")
     missing = missing_markers(tokenizer) if add_tokens else []
     if missing:
         from tokenizers import AddedToken
@@ -79,56 +81,12 @@ def setup_chat_template(tokenizer: PreTrainedTokenizerBase, choice: str | None,
         tokens = [AddedToken(m, special=True, normalized=False, rstrip=rstrip) for m in missing]
         tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_extra_special_tokens=False)
     if name not in FAMILIES:
-        _check_prompt_tokens(tokenizer, f"data.chat_template: {name}")
+        check_prompt_tokens(tokenizer, f"data.chat_template: {name}")
     if choice is None and tokenizer.name_or_path not in _WARNED_NO_TEMPLATE:  # once per model, not per stage
         _WARNED_NO_TEMPLATE.add(tokenizer.name_or_path)
         console.print(f"[yellow]warning:[/] the model has no chat template; using {name} for train, eval and serve "
                       "(set data.chat_template to choose another)")
     return TemplateSetup(describe(tokenizer), "chosen" if choice else "default", tuple(missing))
-
-
-def _check_renders(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
-    """A template that does not compile, or cannot render one user question and its answer, is unusable:
-    say so here, in one line, rather than in a traceback from the first row that renders."""
-    from jinja2 import TemplateError, TemplateSyntaxError
-
-    try:
-        render_conversation(tokenizer, [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hi."}])
-    except TemplateSyntaxError as err:
-        line = f"line {err.lineno}: " if err.lineno else ""
-        raise ModelError(f"{where}: {line}template syntax error: {err.message}") from None
-    except TemplateError as err:
-        raise ModelError(f"{where}: cannot render a user question and its answer: {err}") from None
-
-
-def _check_prompt_tokens(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
-    """The generation prompt must tokenize as the start of the conversation it opens. One that ends in a space
-    ("Assistant: ") does not: the answer's first token takes that space ("Ġitem"), so training labels the answer
-    from its second token on and inference feeds a lone space token the model never saw before an answer."""
-    # "the": the merge every byte-level BPE vocabulary has first ("Ġthe"; "Ġt" in a tiny one).
-    messages = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "the answer."}]
-    prompt = render_prompt(tokenizer, messages[:1])
-    prompt_ids = token_ids(tokenizer, prompt)
-    if token_ids(tokenizer, render_conversation(tokenizer, messages))[: len(prompt_ids)] != prompt_ids:
-        raise ModelError(f"{where}: its generation prompt ends inside the answer's first token (it ends with "
-                         f"{prompt[-12:]!r}): training and inference would split it differently; end the "
-                         "generation prompt without trailing whitespace")
-
-
-def template_refusal(tokenizer: PreTrainedTokenizerBase, conversations: list[list[Message]]) -> str | None:
-    """Why the chat template refuses to render one of `conversations` (a template's own `raise_exception`:
-    roles that must alternate, no system role), or None. Named per row by data prep, per request by serving."""
-    from jinja2 import TemplateError
-
-    for messages in conversations:
-        try:
-            render_conversation(tokenizer, messages)
-        except TemplateError as err:
-            if messages and messages[0]["role"] == "system" and template_refusal(tokenizer, [messages[1:]]) is None:
-                return (f"the model's chat template takes no system message ({err}); put the system text into the "
-                        "first user turn")
-            return f"the model's chat template refuses this conversation: {err}"
-    return None
 
 
 def chat_tokenizer(folder: Path, choice: str | None) -> PreTrainedTokenizerBase:
@@ -221,8 +179,8 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[Message])
     if not (full.startswith(through_answer) and through_answer.startswith(prompt)):
         raise ModelError(
             "chat template is not prefix-stable: rendering a conversation does not start with the rendering "
-            f"of its first {last} messages plus the generation prompt, so train and inference prompts would differ"
-        )
+            f"of its first {last} messages plus the generation prompt ({_parting(prompt, through_answer)}), so "
+            "train and inference prompts would differ")
     from tunelab.families import end_of_turn
 
     marker = end_of_turn(tokenizer)
@@ -234,7 +192,8 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[Message])
         content = messages[i]["content"].strip()
         start = full.find(content, located.get(i, cursor))
         if not content or start < 0 or start >= len(prompt):
-            raise ModelError(f"chat template does not write assistant message {i} as given; cannot mask its loss")
+            raise ModelError(f"chat template does not write assistant message {i} as given (it rewrites or leaves "
+                             "out part of it, as templates that drop earlier turns' reasoning do); cannot mask its loss")
         spans.append((start, _answer_end(full, start + len(content), marker)))
         cursor = spans[-1][1]
     answer = through_answer[len(prompt):].rstrip()
@@ -243,6 +202,12 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[Message])
     end = _answer_end(full, len(prompt) + at + len(content), marker) if at >= 0 else len(prompt) + len(answer)
     spans.append((len(prompt), end))
     return full, spans
+
+
+def _parting(prompt: str, rendered: str) -> str:
+    """Where a generation prompt and the finished conversation it should open part ways, in a few words."""
+    at = next((i for i, (a, b) in enumerate(zip(prompt, rendered)) if a != b), min(len(prompt), len(rendered)))
+    return f"the prompt goes on {prompt[at:at + 24]!r} where the conversation has {rendered[at:at + 24]!r}"
 
 
 def _answer_end(full: str, end: int, marker: str | None) -> int:

@@ -22,7 +22,7 @@ from tunelab.artifacts import (
     write_jsonl_atomic,
     write_text_atomic,
 )
-from tunelab.chat import template_refusal, with_system_prompt
+from tunelab.chat import with_system_prompt
 from tunelab.config import ROW_KIND, ContaminationConfig, DataConfig, DedupConfig, RunConfig, SourceConfig
 from tunelab.data.clean import clean_records
 from tunelab.data.contamination import ContaminationResult, EvalText, benchmark_texts, find_contamination
@@ -42,6 +42,7 @@ from tunelab.hub import dataset_record, is_hub_dataset
 from tunelab.model_facts import model_context
 from tunelab.progress import console
 from tunelab.redaction import env_secrets, redact, redact_uris
+from tunelab.template_checks import template_refusal
 
 SPLITS = ("train", "val", "test")
 
@@ -248,10 +249,13 @@ def _check_system_prompt(tokenizer: Any, system_prompt: str | None) -> None:
     if not system_prompt:
         return
     probe = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hi."}]
-    if template_refusal(tokenizer, [with_system_prompt(probe, system_prompt)]) is not None:
+    refusal = template_refusal(tokenizer, [with_system_prompt(probe, system_prompt)])
+    if refusal is not None:
         # (a template that refuses even the plain question and answer was refused when it was set up)
-        raise ConfigError("data.system_prompt: the model's chat template takes no system message; leave "
-                          "data.system_prompt unset, or put the text into the first user turn of your rows")
+        why = ("leaves the system message out of a conversation that ends in an answer" if "leaves" in refusal
+               else "takes no system message")
+        raise ConfigError(f"data.system_prompt: the model's chat template {why}; leave data.system_prompt unset, or "
+                          "put the text into the first user turn of your rows")
 
 
 def _renderable(records: list[Record], tokenizer: Any, data: DataConfig, skipped: list[Skipped]) -> list[Record]:

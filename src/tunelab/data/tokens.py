@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tunelab.chat import render_conversation, template_refusal, with_system_prompt
+from tunelab.chat import render_conversation, with_system_prompt
 from tunelab.data.records import Record
+from tunelab.template_checks import template_refusal
 
 
 def _texts(record: Record, tokenizer: Any, system_prompt: str | None) -> list[str]:
