@@ -242,6 +242,41 @@ def _marker_in(tokenizer: Any, after: str) -> str | None:
     return words[0] if words else None
 
 
+def answer_opening(tokenizer: Any) -> str:
+    """What the template writes, whitespace aside, between its generation prompt and the content of a final
+    answer (Qwen3: an empty `<think>\n\n</think>` block), or "". Training teaches the model to write it, as the
+    answer's first tokens; it is not part of the answer, so eval and serving take it off (`after_opening`)."""
+    key = (tokenizer.chat_template, "opening")
+    if key not in _OPENINGS:
+        _OPENINGS[key] = _find_opening(tokenizer) if tokenizer.chat_template else ""
+    return _OPENINGS[key]
+
+
+_OPENINGS: dict[tuple[str | None, str], str] = {}
+
+
+def _find_opening(tokenizer: Any) -> str:
+    question = PROBE[1]
+    try:
+        prompt = render(tokenizer, [question], True)
+        full = render(tokenizer, [question, {"role": "assistant", "content": _ANSWER}], False)
+    except Exception:  # noqa: BLE001 - a template that cannot render this has no opening to take off
+        return ""
+    at = full.find(_ANSWER, len(prompt))
+    return full[len(prompt):at].strip() if full.startswith(prompt) and at >= 0 else ""
+
+
+def after_opening(text: str, opening: str) -> str | None:
+    """`text`, an answer as generated, without the template's `opening` and the whitespace after it; None while
+    `text` may still become the opening (a stream holds it back). Text that does not open so is returned as is."""
+    if not opening:
+        return text
+    head = text.lstrip()
+    if head.startswith(opening):
+        return head[len(opening):].lstrip()
+    return None if opening.startswith(head) else text
+
+
 def single_token_id(tokenizer: Any, text: str) -> int | None:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids[0] if len(ids) == 1 else None

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 
-from tunelab.families import gap_before_end, stop_texts, stop_token_ids
+from tunelab.families import after_opening, answer_opening, gap_before_end, stop_texts, stop_token_ids
 from tunelab.serve.engine import Engine, GenRequest
 from tunelab.serve.metrics import Metrics
 
@@ -22,7 +22,8 @@ def plain_tokenizer(tiny_tokenizer):
     return tokenizer
 
 
-def generate(tokenizer, text: str, stop: list[str] | None = None, then_eos: bool = False) -> tuple[list[str], str]:
+def generate(tokenizer, text: str, stop: list[str] | None = None, then_eos: bool = False,
+             opening: str = "") -> tuple[list[str], str]:
     """Feed `text`'s tokens one at a time through the engine's decoding step, as a model generating it would:
     (the deltas emitted, the finish reason)."""
     engine = Engine.__new__(Engine)  # the decoding step needs no model
@@ -38,7 +39,8 @@ def generate(tokenizer, text: str, stop: list[str] | None = None, then_eos: bool
             done.append(payload["finish_reason"])
 
     request = GenRequest(model="base", prompt_ids=[1], max_tokens=100, emit=emit, stop=stop or [],
-                         end_texts=stop_texts(tokenizer), end_gap=gap_before_end(tokenizer), tokenizer=tokenizer)
+                         end_texts=stop_texts(tokenizer), end_gap=gap_before_end(tokenizer), tokenizer=tokenizer,
+                         opening=opening)
     tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
     for token in [*tokens, *([tokenizer.eos_token_id] if then_eos else [])]:
         engine._advance(request, token)
@@ -69,3 +71,27 @@ def test_templates_with_the_marker_right_after_the_answer_have_no_gap(tiny_token
     assert gap_before_end(tiny_tokenizer) == ""
     deltas, finish = generate(tiny_tokenizer, "the cat\n", then_eos=True)
     assert "".join(deltas) == "the cat\n" and finish == "stop"  # nothing of the answer is taken away
+
+
+# Qwen3's shape: the final answer opens with an empty think block that the generation prompt does not hold.
+OPENS_WITH_THINK = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' and loop.last %}"
+                    "<think>\n\n</think>\n\n{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_what_the_template_writes_ahead_of_every_answer_is_not_sent(tiny_tokenizer):
+    """A model trained on such a template writes the block before each answer (the loss covers what follows the
+    generation prompt); served and scored with it, a right answer read '<think>...</think> cat' (0% exact match)."""
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = OPENS_WITH_THINK
+    opening = answer_opening(tokenizer)
+    assert opening == "<think>\n\n</think>" and answer_opening(tiny_tokenizer) == ""
+    deltas, finish = generate(tokenizer, "<think>\n\n</think>\n\nthe cat", then_eos=True, opening=opening)
+    assert "".join(deltas) == "the cat" and finish == "stop"
+    assert not any("<" in d or ">" in d for d in deltas)  # no piece of the block went out while it was written
+    deltas, _ = generate(tokenizer, "the cat", then_eos=True, opening=opening)  # an answer without it: as is
+    assert "".join(deltas) == "the cat"
+    deltas, _ = generate(tokenizer, "<thin cat", then_eos=True, opening=opening)  # started like it, then not
+    assert "".join(deltas) == "<thin cat"
+    assert after_opening("<think>\n\n</think>\n\nthe cat", opening) == "the cat"  # eval scores this
+    assert after_opening("<think>\n", opening) is None and after_opening("  the cat", "") == "  the cat"

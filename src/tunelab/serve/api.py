@@ -24,7 +24,7 @@ from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
 from tunelab.errors import ModelError, ServeError, cut
-from tunelab.families import gap_before_end, stop_texts, stop_token_ids
+from tunelab.families import answer_opening, gap_before_end, stop_texts, stop_token_ids
 from tunelab.serve.adapters import BASE_NAME, adapter_tokenizer, check_name, check_same_base, resolve_adapter
 from tunelab.serve.bodies import AdapterBody, ChatBody, CompletionBody, Sampling
 from tunelab.serve.engine import Engine, GenRequest
@@ -202,6 +202,7 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
         max_tokens, stops = _check_sampling(body)
         # A template whose end-of-turn marker is not a single token ends an answer at its text.
         end_texts, end_gap = (stop_texts(tokenizer), gap_before_end(tokenizer)) if chat else ([], "")
+        opening = answer_opening(tokenizer) if chat else ""
         # Templating and tokenizing a long prompt takes a while: off the event loop, so others are not held up.
         try:
             if size > LARGE_PROMPT_CHARS:
@@ -224,6 +225,7 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
             temperature=0.0 if body.temperature < TEMPERATURE_FLOOR else body.temperature,
             top_p=body.top_p, stop=stops, seed=body.seed, deadline=deadline,
             stop_ids=frozenset(stop_token_ids(tokenizer)), tokenizer=tokenizer, end_texts=end_texts, end_gap=end_gap,
+            opening=opening,
             # Fair admission across peer addresses, then across the end users (OpenAI's `user`) behind each.
             client=(request.client.host if request.client else "", body.user or ""),
             emit=lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload)),

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunelab.errors import ServeError, cut
+from tunelab.families import after_opening
 from tunelab.serve.adapters import BASE_NAME, AdapterSpec
 from tunelab.serve.metrics import Metrics
 
@@ -41,6 +42,7 @@ class GenRequest:
     stop_ids: frozenset[int] = frozenset()  # end-of-turn ids of the request's own template (besides the base's)
     end_texts: list[str] = field(default_factory=list)  # its template's end-of-turn text, where not a single token
     end_gap: str = ""  # whitespace its template writes before the end of a turn: dropped from a finished answer
+    opening: str = ""  # what its template writes ahead of every answer (families.answer_opening): not sent
     tokenizer: Any = None  # the request's own tokenizer (an adapter may have added tokens), else the base's
     seed: int | None = None
     deadline: float = float("inf")
@@ -255,6 +257,11 @@ class Engine:
             text, finish = text[:cut], "stop"
         if turn_ended and r.end_gap:
             text = text.rstrip(r.end_gap)
+        if r.opening:
+            shown = after_opening(text, r.opening)
+            if shown is None and finish is None:
+                return  # it may still be the opening: nothing of the answer yet
+            text = text if shown is None else shown
         if finish is None:
             safe = _certain_length(text, [*r.stop, *r.end_texts], r.end_gap)
             if safe > r.sent:
