@@ -76,6 +76,12 @@ def test_a_path_that_is_not_there_is_named_as_a_missing_folder(tmp_path):
     with pytest.raises(ModelError) as info:
         locate_model(ModelConfig(name=str(tmp_path / "runs" / "merged")))
     assert info.value.problems == [f"model.name: folder {tmp_path / 'runs' / 'merged'} not found"]
+    weights = tmp_path / "model.safetensors"  # a file that is there: said so (it was "folder ... not found")
+    weights.write_bytes(b"")
+    with pytest.raises(ModelError) as info:
+        locate_model(ModelConfig(name=str(weights)))
+    assert info.value.problems == [f"model.name: {weights} is a file; give the model's folder ({tmp_path}) or a "
+                                   ".gguf file"]
 
 
 def _copy(folder, to, drop=()):

@@ -200,3 +200,21 @@ def test_a_generation_prompt_a_finished_answer_does_not_follow_is_refused_at_set
     run = tmp_path / "run.yaml"
     run.write_text(dump_config(cfg))
     one_error(tunelab("run", str(run), "--dry-run"), "data.chat_template:", "not prefix-stable")
+
+
+def test_a_custom_template_without_the_bos_the_model_was_pretrained_with_is_warned_about(models, tmp_path):
+    """A family's template gets the tokenizer's bos in front; a .jinja file is used as written, and one without
+    it trained the model on texts it never saw unopened (silently, before)."""
+    bare, opened = tmp_path / "bare.jinja", tmp_path / "opened.jinja"
+    bare.write_text(DROPS_SYSTEM)
+    opened.write_text("{{ bos_token }}" + DROPS_SYSTEM)
+    said = {}
+    for path in (bare, opened):
+        run = tmp_path / f"{path.stem}.yaml"
+        run.write_text(dump_config(config(models["base"], animal_rows(12), tmp_path, chat_template=str(path))))
+        done = tunelab("run", str(run), "--dry-run")
+        assert done.returncode == 0, done.stderr[-2000:]
+        said[path.stem] = " ".join((done.stdout + done.stderr).split())
+    assert (f"warning: data.chat_template: {bare} does not write the tokenizer's bos '<|begin_of_text|>'"
+            in said["bare"]), said["bare"][-2000:]
+    assert "{{ bos_token }}" in said["bare"] and "does not write the tokenizer's bos" not in said["opened"]

@@ -73,6 +73,13 @@ def setup_chat_template(tokenizer: PreTrainedTokenizerBase, choice: str | None,
         except (OSError, UnicodeDecodeError) as err:
             raise ModelError(f"data.chat_template: cannot read {path}: {err}") from None
         check_template(tokenizer, f"data.chat_template: {path}")
+        bos = default_bos(tokenizer)  # a family's template gets it in front (template_for); a file is as written
+        if bos and not render_conversation(tokenizer, [{"role": "user", "content": "Hi?"}]).startswith(bos):
+            from rich.markup import escape
+
+            console.print(f"[yellow]warning:[/] {escape(f'data.chat_template: {path}')} does not write the tokenizer's "
+                          f"bos {escape(repr(bos))}, which this model had in front of every text it was pretrained on; "
+                          "start the template with {{ bos_token }} unless the model is meant to go without")
     missing = missing_markers(tokenizer) if add_tokens else []
     if missing:
         from tokenizers import AddedToken

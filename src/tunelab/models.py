@@ -89,6 +89,8 @@ def locate_model(cfg: ModelConfig) -> ModelSource:
         files = [p.relative_to(path).as_posix() for p in path.iterdir() if p.is_file()]
         check_model_files(f"model.name: {path}", path, files, cfg.trust_remote_code, "folder")
         return ModelSource(name, "folder", _allow_code(cfg, path))
+    if path.is_file():  # model.safetensors, config.json: the file, where its folder was meant
+        raise ModelError(f"model.name: {path} is a file; give the model's folder ({path.parent}) or a .gguf file")
     if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:  # a path, not ORG/NAME
         raise ModelError(f"model.name: folder {path} not found")
     if is_hub_id(name):
