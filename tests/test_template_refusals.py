@@ -205,16 +205,16 @@ def test_a_generation_prompt_a_finished_answer_does_not_follow_is_refused_at_set
 def test_a_custom_template_without_the_bos_the_model_was_pretrained_with_is_warned_about(models, tmp_path):
     """A family's template gets the tokenizer's bos in front; a .jinja file is used as written, and one without
     it trained the model on texts it never saw unopened (silently, before)."""
+    from tunelab.progress import console
+
     bare, opened = tmp_path / "bare.jinja", tmp_path / "opened.jinja"
     bare.write_text(DROPS_SYSTEM)
     opened.write_text("{{ bos_token }}" + DROPS_SYSTEM)
     said = {}
     for path in (bare, opened):
-        run = tmp_path / f"{path.stem}.yaml"
-        run.write_text(dump_config(config(models["base"], animal_rows(12), tmp_path, chat_template=str(path))))
-        done = tunelab("run", str(run), "--dry-run")
-        assert done.returncode == 0, done.stderr[-2000:]
-        said[path.stem] = " ".join((done.stdout + done.stderr).split())
-    assert (f"warning: data.chat_template: {bare} does not write the tokenizer's bos '<|begin_of_text|>'"
-            in said["bare"]), said["bare"][-2000:]
-    assert "{{ bos_token }}" in said["bare"] and "does not write the tokenizer's bos" not in said["opened"]
+        with console.capture() as captured:
+            setup_chat_template(load_tokenizer(models["base"]), str(path))
+        said[path.stem] = "".join(captured.get().split())  # the terminal's wrapping aside
+    expected = f"warning: data.chat_template: {bare} does not write the tokenizer's bos '<|begin_of_text|>'"
+    assert said["bare"].startswith("".join(expected.split())), said["bare"]
+    assert "{{bos_token}}" in said["bare"] and said["opened"] == ""

@@ -200,7 +200,8 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[Message])
         start = full.find(content, located.get(i, cursor))
         if not content or start < 0 or start >= len(prompt):
             raise ModelError(f"chat template does not write assistant message {i} as given (it rewrites or leaves "
-                             "out part of it, as templates that drop earlier turns' reasoning do); cannot mask its loss")
+                             "out part of it, as templates that drop earlier turns' reasoning do); cannot mask its "
+                             "loss")
         spans.append((start, _answer_end(full, start + len(content), marker)))
         cursor = spans[-1][1]
     answer = through_answer[len(prompt):].rstrip()

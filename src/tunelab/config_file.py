@@ -20,6 +20,7 @@ from tunelab.artifacts import RunPaths
 from tunelab.config import RunConfig, unsafe_output_dir
 from tunelab.config_guards import MAX_DEPTH, check_nesting, check_yaml_tree, read_config_text
 from tunelab.config_paths import config_path_problems
+from tunelab.config_section import leaves
 from tunelab.errors import ConfigError, RunFolderError
 from tunelab.redaction import redacted_config
 
@@ -154,17 +155,9 @@ def _line_of(lines: dict[tuple[str, ...], int], overridden: set[tuple[str, ...]]
     return line or float("inf")
 
 
-def _non_finite(value: Any, key_path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], float]]:
+def _non_finite(value: Any) -> list[tuple[tuple[str, ...], float]]:
     """Every float in the config that is inf or nan (YAML's .inf / .nan; a learning rate, epochs, a weight)."""
-    if isinstance(value, float):
-        return [] if math.isfinite(value) else [(key_path, value)]
-    if isinstance(value, BaseModel):
-        return [hit for name in type(value).model_fields for hit in _non_finite(getattr(value, name), (*key_path, name))]
-    if isinstance(value, (list, tuple)):
-        return [hit for item in value for hit in _non_finite(item, key_path)]
-    if isinstance(value, dict):
-        return [hit for k, item in value.items() for hit in _non_finite(item, (*key_path, str(k)))]
-    return []
+    return [(key_path, leaf) for key_path, leaf in leaves(value) if isinstance(leaf, float) and not math.isfinite(leaf)]
 
 
 def _where(source: str, lines: dict[tuple[str, ...], int], overridden: set[tuple[str, ...]],

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from tunelab.config_section import leaves
 
 NAME_MAX = 255  # bytes in one path component on ext4, xfs, btrfs, APFS, NTFS (UTF-16 units there)
 
@@ -26,18 +26,10 @@ def config_path_problems(cfg: Any) -> list[tuple[tuple[str, ...], str]]:
     return problems
 
 
-def path_problems(value: Any, key_path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], str]]:
+def path_problems(value: Any) -> list[tuple[tuple[str, ...], str]]:
     """(key path, what is wrong) for each unusable path in `value`, a validated config or part of one."""
-    if isinstance(value, Path):
-        problem = path_problem(value)
-        return [(key_path, problem)] if problem else []
-    if isinstance(value, BaseModel):
-        return [hit for name in type(value).model_fields for hit in path_problems(getattr(value, name), (*key_path, name))]
-    if isinstance(value, (list, tuple)):
-        return [hit for item in value for hit in path_problems(item, key_path)]
-    if isinstance(value, dict):
-        return [hit for k, item in value.items() for hit in path_problems(item, (*key_path, str(k)))]
-    return []
+    return [(key_path, problem) for key_path, leaf in leaves(value)
+            if isinstance(leaf, Path) and (problem := path_problem(leaf))]
 
 
 def path_problem(path: Path) -> str | None:

@@ -146,7 +146,8 @@ def test_a_nan_or_a_repeated_key_in_a_json_array_is_one_bad_item(tmp_path):
     path = tmp_path / "arr.json"
     path.write_text('[\n {"instruction": "a", "output": "1"},\n {"instruction": "b", "output": NaN},\n'
                     ' {"instruction": "c", "instruction": "d", "output": "3"} , {"instruction": "e", "output": "4"}\n]')
-    with pytest.raises(DataError, match=r"arr.json item 2: invalid JSON: NaN is not a JSON value \(write null or a number\)"):
+    with pytest.raises(DataError, match=r"arr.json item 2: invalid JSON: NaN is not a JSON value \(write null or a "
+                                        r"number\)"):
         load_records(path)
     loaded = load_source(path, on_error="skip")
     assert [r.messages[0]["content"] for r in loaded.records] == ["a", "e"]

@@ -155,6 +155,9 @@ def test_text_content_parts_are_the_same_prompt_and_other_parts_are_400(server: 
     with pytest.raises(openai.BadRequestError, match="only text parts"):
         c.chat.completions.create(model="alpha", messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}]}])
+    with pytest.raises(openai.BadRequestError, match="part 1 is a text part whose text is NoneType, not a string"):
+        c.chat.completions.create(model="alpha", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "hi"}, {"type": "text", "text": None}]}])  # was "... is a text part; only text"
 
 
 def test_malformed_bodies_are_400(server: str) -> None:

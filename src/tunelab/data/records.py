@@ -26,7 +26,9 @@ def join_text_parts(parts: list[Any]) -> str:
     texts = []
     for k, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text" or not isinstance(part.get("text"), str):
+        if kind == "text" and not isinstance(part.get("text"), str):
+            raise NonTextPart(k, f"a text part whose text is {type(part.get('text')).__name__}, not a string")
+        if kind != "text":
             raise NonTextPart(k, f"a {kind} part" if isinstance(kind, str) else f"a {type(part).__name__}")
         texts.append(part["text"])
     return "\n".join(texts)

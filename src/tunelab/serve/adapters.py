@@ -39,8 +39,8 @@ def check_name(name: str) -> str:
     if name == BASE_NAME or name == "__base__":
         raise ServeError(f"adapter name '{cut(name)}' is reserved for the base model")
     if not NAME_PATTERN.fullmatch(name):  # fullmatch: `$` alone would let a trailing newline through
-        raise ServeError(f"adapter name '{cut(name)}': use 1-64 letters, digits, '.', '-' or '_', starting with a letter "
-                         "or digit")
+        raise ServeError(f"adapter name '{cut(name)}': use 1-64 letters, digits, '.', '-' or '_', starting with a "
+                         "letter or digit")
     return name
 
 

@@ -67,12 +67,13 @@ class Sampling(TextBody):
     model: str
     max_tokens: int | None = Field(None, gt=0, strict=True)
     max_completion_tokens: int | None = Field(None, gt=0, strict=True)
-    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False, strict=True)  # JSON parsers accept NaN and Infinity
+    # allow_inf_nan: JSON parsers accept NaN and Infinity. strict: "0.5" is not a number, "yes" not a boolean.
+    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False, strict=True)
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, strict=True)
     n: int = Field(1, ge=1, le=1, strict=True, description="Only one choice per request.")
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1, strict=True)  # what torch.Generator.manual_seed takes
-    stream: bool = Field(False, strict=True)  # "yes" is not true: a client that sent it expects no stream
+    stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256, description="End-user id: batch slots are shared fairly by it.")
     presence_penalty: float | None = None
