@@ -173,3 +173,21 @@ def test_a_template_without_an_end_marker_stops_at_the_next_turn(tiny_model_dir,
     tokenizer = load_tokenizer(tiny_model_dir)
     setup_chat_template(tokenizer, str(template))
     assert end_of_turn(tokenizer) == "User:"  # the next turn's opener, not the whole next line
+
+
+def test_a_served_prompt_whose_system_message_the_template_leaves_out_is_refused(tiny_tokenizer):
+    """Phi-3-mini's first template has no system branch: a request's system message vanished from the prompt and
+    the answer ignored it without a word. Serving maps the ModelError to that request's 400."""
+    import copy
+
+    from tunelab.chat import encode_prompt_safely
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] != 'system' %}<|im_start|>{{ m['role'] }}\n"
+                         "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    asked = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Name an animal."}]
+    with pytest.raises(ModelError, match="the chat template leaves the system message out of the prompt"):
+        encode_prompt_safely(tok, asked)
+    assert encode_prompt_safely(tok, asked[1:])  # without one: as before
+    assert encode_prompt_safely(tiny_tokenizer, asked)  # a template that writes it: as before

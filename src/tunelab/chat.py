@@ -282,8 +282,12 @@ def encode_prompt_safely(tokenizer: PreTrainedTokenizerBase, messages: list[Mess
     Messages holding no special token's text get exactly the ids of tokenizing the rendering as a whole.
     Otherwise the rendering is cut at the contents: the template's pieces are tokenized with special tokens
     parsed, the contents with `split_special_tokens=True`. ModelError if the template rewrites contents so that
-    they cannot be found in its rendering."""
+    they cannot be found in its rendering, or leaves out a system message (the answer would ignore it unsaid)."""
     text = render_prompt(tokenizer, messages)
+    system = messages[0]["content"].strip() if messages and messages[0]["role"] == "system" else ""
+    if system and system not in text:  # Phi-3-mini's first template has no system branch: the text is just gone
+        raise ModelError("the chat template leaves the system message out of the prompt; put the system text into "
+                         "the first user turn")
     if not holds_special_text(tokenizer, messages):
         return token_ids(tokenizer, text)
     pieces = _content_pieces(tokenizer, messages, text, render_prompt)
