@@ -284,8 +284,7 @@ def encode_prompt_safely(tokenizer: PreTrainedTokenizerBase, messages: list[Mess
     parsed, the contents with `split_special_tokens=True`. ModelError if the template rewrites contents so that
     they cannot be found in its rendering, or leaves out a system message (the answer would ignore it unsaid)."""
     text = render_prompt(tokenizer, messages)
-    system = messages[0]["content"].strip() if messages and messages[0]["role"] == "system" else ""
-    if system and system not in text:  # Phi-3-mini's first template has no system branch: the text is just gone
+    if leaves_out_system(messages, text):
         raise ModelError("the chat template leaves the system message out of the prompt; put the system text into "
                          "the first user turn")
     if not holds_special_text(tokenizer, messages):
@@ -299,6 +298,13 @@ def encode_prompt_safely(tokenizer: PreTrainedTokenizerBase, messages: list[Mess
         if piece:
             ids += token_ids(tokenizer, piece, split_special_tokens=is_content)
     return ids
+
+
+def leaves_out_system(messages: list[Message], rendered: str) -> bool:
+    """Whether `rendered`, a rendering of `messages`, lacks the text of their system message: a template with no
+    system branch (Phi-3-mini's first) or one that writes it only at inference (Mistral v0.3's) drops it unsaid."""
+    system = messages[0]["content"].strip() if messages and messages[0]["role"] == "system" else ""
+    return bool(system) and system not in rendered
 
 
 def holds_special_text(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tunelab.chat import assistant_spans, render_conversation, render_prompt, token_ids
+from tunelab.chat import assistant_spans, leaves_out_system, render_conversation, render_prompt, token_ids
 from tunelab.errors import ModelError
 
 if TYPE_CHECKING:
@@ -71,8 +71,7 @@ def template_refusal(tokenizer: PreTrainedTokenizerBase, conversations: list[lis
                 return (f"the model's chat template takes no system message ({err}); put the system text into the "
                         "first user turn")
             return f"the model's chat template refuses this conversation: {err}"
-        system = messages[0]["content"].strip() if messages and messages[0]["role"] == "system" else ""
-        if system and system not in full:
+        if leaves_out_system(messages, full):
             return ("the model's chat template leaves the system message out of a conversation that ends in an "
                     "answer, so it would be trained without it; put the system text into the first user turn")
         if any(m["role"] == "assistant" for m in messages):

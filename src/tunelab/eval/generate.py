@@ -66,7 +66,8 @@ def generate_with_ends(
                     for marker in cut_at:
                         ended = ended or marker in text
                         text = text.split(marker, 1)[0]
-                    answers[i] = ((after_opening(text, opening) or text).strip(), ended)
+                    shown = after_opening(text, opening)  # None: cut off inside the opening, kept as written
+                    answers[i] = ((text if shown is None else shown).strip(), ended)
                 bar.advance(task, len(idx))
     finally:
         tokenizer.padding_side = side
