@@ -221,6 +221,7 @@ def test_a_sweep_killed_with_sigkill_resumes_and_runs_only_the_unfinished_trials
     evaluated = {n for n in under_way if (root / n / "eval" / "metrics.json").is_file()}
     stamps |= {n: _stamp(root / n) for n in evaluated}
 
+    resumed_at = time.time()
     resumed = subprocess.run([sys.executable, "-m", "tunelab", "sweep", str(config), "--resume"], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -232,7 +233,10 @@ def test_a_sweep_killed_with_sigkill_resumes_and_runs_only_the_unfinished_trials
     rerun = [n for n in after if n not in done | evaluated]
     assert rerun and all(after[n]["attempts"] >= 1 and (root / n / "eval" / "metrics.json").is_file() for n in rerun)
     cut_short = [n for n in under_way if n not in evaluated]
-    assert all(after[n]["attempts"] == 2 for n in cut_short), (before, after)  # started over in a clean folder
+    for n in cut_short:  # started over in a clean folder; or, where the killed sweep's Ray worker outlived it long
+        # enough to finish the trial (a loaded machine: it notices its raylet is gone only later), counted as finished
+        by_the_killed_sweep = (root / n / "eval" / "metrics.json").stat().st_mtime < resumed_at
+        assert after[n]["attempts"] == 2 or (after[n]["attempts"] == 1 and by_the_killed_sweep), (before, after)
     print(f"killed after {len(done)} finished trials ({len(cut_short)} under way); the resume ran {len(rerun)}")
     assert all(n in resumed.stdout for n in after)  # the table lists every trial
     best = min(after.values(), key=lambda t: t["objective"])
