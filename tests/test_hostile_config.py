@@ -155,6 +155,24 @@ def test_a_path_no_file_system_can_open_is_named_before_anything_is_written(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run folder, no store
 
 
+def test_a_tracking_uri_mlflow_has_no_store_for_is_said_before_anything_is_written(tmp_path, tiny_model_dir):
+    """Before: data prep wrote the run folder (config.yaml, data/) and only then the tracker refused the URI."""
+    write_jsonl(tmp_path / "a.jsonl", animal_rows(20))
+    path = tmp_path / "ftp.yaml"
+    raw = {"model": {"name": str(tiny_model_dir)}, "data": {"train": str(tmp_path / "a.jsonl")},
+           "track": {"tracking_uri": "ftp://user:TrackPw55@host/x"}, "output": {"dir": str(tmp_path / "run")}}
+    path.write_text(yaml.safe_dump(raw))
+    for command in (("run", str(path), "--dry-run"), ("data", "prep", str(path))):
+        error = one_error(run_cli(*command))
+        assert error.startswith("track.tracking_uri: Model registry functionality is unavailable; got unsupported "
+                                "URI 'ftp://user:***@host/x'"), error
+    assert not (tmp_path / "run").exists()
+    raw["track"]["tracking_uri"] = "http://127.0.0.1:9"  # a server URI is checked offline: nothing answers there
+    path.write_text(yaml.safe_dump(raw))
+    done = run_cli("run", str(path), "--dry-run")
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_a_path_the_file_system_refuses_later_is_one_line(tmp_path, tiny_model_dir):
     """A folder that looks fine but cannot be made (/proc takes no new entries): the OSError is one line naming
     it, not a traceback."""

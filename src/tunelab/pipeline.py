@@ -91,9 +91,12 @@ def preflight(cfg: RunConfig, resume: bool = False) -> list[str]:
 
     Returns human-readable lines describing what was checked; raises a TunelabError on the first failure.
     """
+    from tunelab.track import check_store_uri
+
     source = check_before_training(cfg)
     run = RunPaths(cfg.output.dir)
     check_inputs_outside(cfg, run)
+    check_store_uri(cfg)
     prepared = build_dataset(cfg, generate_replay=False)
     dataset = prepared.dataset
     if run.holds_training and not cfg.output.overwrite and not resume:
@@ -198,6 +201,9 @@ def stage_data(cfg: RunConfig, run: RunPaths, resume: bool = False, end_tracking
 
 def _prepare_and_log(cfg: RunConfig, run: RunPaths, resume: bool) -> tuple[Prepared, Any]:
     """stage_data, returning also the tracker it logged with (None: nothing logged), for training to go on with."""
+    from tunelab.track import check_store_uri
+
+    check_store_uri(cfg)  # the tracker starts once the data is valid; a URI it cannot use is said before
     trained = run.holds_training and not resume
     if trained and not cfg.output.overwrite and not same_data(cfg, run):
         raise RunFolderError(f"output.dir: {run.root} already holds a trained run made from other data; choose "

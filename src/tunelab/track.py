@@ -99,6 +99,24 @@ def _first_line(err: BaseException | str) -> str:
     return text.splitlines()[0].split(" See https://")[0].strip() if text else type(err).__name__
 
 
+def check_store_uri(cfg: RunConfig) -> None:
+    """A tracking URI MLflow has no store for (ftp://...) is the config's mistake: said before a stage writes
+    anything, where the tracker itself starts only once the data is valid. A client for a server connects to
+    nothing yet; file and sqlite stores are not opened here (that would create them)."""
+    uri = tracking_uri(cfg)
+    if cfg.track.enabled and "://" in uri and not uri.startswith(("sqlite:", "file:")):
+        _configured_client(uri)
+
+
+def _configured_client(uri: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow_client(uri)
+    except MlflowException as err:  # a URI MLflow has no store for: the config's mistake, not an outage
+        raise ConfigError(redact_uris(f"track.tracking_uri: {_first_line(err)}")) from None
+
+
 def tracking_uri(cfg: RunConfig) -> str:
     if cfg.track.tracking_uri and REDACTED in cfg.track.tracking_uri and os.environ.get("MLFLOW_TRACKING_URI"):
         # A stored config has its URI's credentials redacted: the environment holds the real one.
@@ -138,14 +156,9 @@ class Tracker:
     """Logs one run folder's stages to its MLflow run; falls back to a local buffer when MLflow is away."""
 
     def __init__(self, cfg: RunConfig, run: RunPaths) -> None:
-        from mlflow.exceptions import MlflowException
-
         self.cfg, self.run = cfg, run
         self.secrets = env_secrets(cfg.model_dump(mode="json"))
-        try:
-            self.client = mlflow_client(tracking_uri(cfg))
-        except MlflowException as err:  # a URI MLflow has no store for: the config's mistake, not an outage
-            raise ConfigError(redact_uris(f"track.tracking_uri: {_first_line(err)}")) from None
+        self.client = _configured_client(tracking_uri(cfg))
         self.offline = False
         self.run_id = self._run_id()
 
