@@ -203,13 +203,19 @@ def gap_before_end(tokenizer: Any) -> str:
 
 
 def _answer_ending(tokenizer: Any) -> tuple[str | None, str]:
-    key = (tokenizer.chat_template, tokenizer.eos_token)  # asked once per training example: remember it
-    if key not in _ANSWER_ENDINGS:
-        _ANSWER_ENDINGS[key] = _find_end_of_turn(tokenizer)
-    return _ANSWER_ENDINGS[key]
+    return _remembered(tokenizer, _find_end_of_turn)
 
 
-_ANSWER_ENDINGS: dict[tuple[str | None, str | None], tuple[str | None, str]] = {}
+# What a template's renderings say, by (finder, template, eos): asked once per training example or served
+# answer, found once.
+_FOUND: dict[tuple[Any, str | None, str | None], Any] = {}
+
+
+def _remembered(tokenizer: Any, find: Any) -> Any:
+    key = (find, tokenizer.chat_template, tokenizer.eos_token)
+    if key not in _FOUND:
+        _FOUND[key] = find(tokenizer)
+    return _FOUND[key]
 
 
 def _find_end_of_turn(tokenizer: Any) -> tuple[str | None, str]:
@@ -246,13 +252,7 @@ def answer_opening(tokenizer: Any) -> str:
     """What the template writes, whitespace aside, between its generation prompt and the content of a final
     answer (Qwen3: an empty `<think>\n\n</think>` block), or "". Training teaches the model to write it, as the
     answer's first tokens; it is not part of the answer, so eval and serving take it off (`after_opening`)."""
-    key = (tokenizer.chat_template, "opening")
-    if key not in _OPENINGS:
-        _OPENINGS[key] = _find_opening(tokenizer) if tokenizer.chat_template else ""
-    return _OPENINGS[key]
-
-
-_OPENINGS: dict[tuple[str | None, str], str] = {}
+    return _remembered(tokenizer, _find_opening) if tokenizer.chat_template else ""
 
 
 def _find_opening(tokenizer: Any) -> str:
