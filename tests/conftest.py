@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from tunelab.track import MLFLOW_SETTINGS
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# What tunelab sets for MLflow whenever it makes a client, set from the start: a worker's environment then stays the
+# same whether or not a test has tracked in-process yet (see _environment_as_it_was).
+for _key, _value in MLFLOW_SETTINGS.items():
+    os.environ.setdefault(_key, _value)
 
 # `make test` runs the suite in parallel workers (pytest-xdist). torch gives each process one thread per core, so
 # two workers on a 2-core machine would run four busy threads; share the cores out instead. Set before torch is
@@ -17,6 +23,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
+
+@pytest.fixture(autouse=True)
+def _environment_as_it_was() -> object:
+    """Each test starts from the worker's environment: tunelab sets variables when called in-process (MLflow's
+    retry settings, Ray's), and a variable left behind would leak into the next test. It would also send every
+    later CLI command to a fresh process instead of a fork of the worker's preloaded one (tests/cli_process.py
+    forks only when the environment matches the one that process started with)."""
+    before = dict(os.environ)
+    yield
+    if os.environ != before:
+        os.environ.clear()
+        os.environ.update(before)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
