@@ -31,6 +31,10 @@ _READ_AT_START = ("HF_", "HUGGINGFACE", "TRANSFORMERS_", "TORCH", "PYTORCH_", "O
                   "NVIDIA_", "TOKENIZERS_", "SAFETENSORS_", "ACCELERATE_", "USE_", "XDG_", "HOME", "TMP", "TEMP",
                   "LANG", "LC_", "LD_", "PYTHON", "MLFLOW_", "ARROW_", "JE_")
 
+# ... except these: output buffering (a command's output is read once it has exited, streams flushed), and
+# PYTHONBREAKPOINT, read at each breakpoint() call (Ray sets it in a process that starts a cluster, a test's too).
+_READ_LATER = ("PYTHONUNBUFFERED", "PYTHONBREAKPOINT")
+
 _SERVER = r"""
 import atexit, gc, json, os, runpy, sys, threading
 import torch, transformers  # noqa: F401  the expensive imports, done once
@@ -106,7 +110,7 @@ def _start() -> subprocess.Popen:
 def _forkable(env: dict[str, str]) -> bool:
     start = _server_env if _alive() else dict(os.environ)
     differ = {k for k in env.keys() | start.keys() if env.get(k) != start.get(k)}
-    return not any(k.startswith(_READ_AT_START) and k != "PYTHONUNBUFFERED" for k in differ)
+    return not any(k.startswith(_READ_AT_START) and k not in _READ_LATER for k in differ)
 
 
 def run_tunelab(*args: str, cwd: Path | str | None = None, env: dict[str, str] | None = None,

@@ -14,6 +14,7 @@ from tests.cli_process import run_tunelab
 from tunelab import pipeline
 from tunelab.errors import ExportError, TemplateError
 from tunelab.export import gguf_check
+from tunelab.export.gotemplate import render_go
 from tunelab.export.modelfile import modelfile_text, translate
 
 needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
@@ -167,3 +168,28 @@ def test_modelfile_translates_chatml_and_refuses_other_templates(tiny_tokenizer)
     assert tokenizer.chat_template != SMOLLM2
     with pytest.raises(TemplateError):
         translate(tokenizer)
+
+
+QWEN3 = (Path(__file__).parent / "templates" / "qwen3.jinja").read_text(encoding="utf-8")
+
+
+def test_a_modelfile_prompt_ends_with_what_the_template_writes_ahead_of_every_answer(tiny_tokenizer):
+    """Qwen3's template (byte for byte) writes an empty think block ahead of every final answer, which its
+    generation prompt does not hold: a model trained on it writes the block first, and Ollama would show it. The
+    Modelfile's prompt holds it instead, so the prompt is exactly the training text up to the answer."""
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = QWEN3
+    ollama = translate(tokenizer)
+    assert ollama.family.name == "chatml"
+    for conversation in ([{"role": "user", "content": "Which animal? The cat sat."}],
+                         [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Animal?"},
+                          {"role": "assistant", "content": "dog"}, {"role": "user", "content": "And now?"}]):
+        go = render_go(ollama.go_template, {"Messages": [{"Role": m["role"], "Content": m["content"]}
+                                                         for m in conversation]})
+        prompt = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        trained = tokenizer.apply_chat_template([*conversation, {"role": "assistant", "content": "cat"}],
+                                                tokenize=False)
+        assert go == prompt + "<think>\n\n</think>\n\n" and trained.startswith(go + "cat")
+    assert "<|im_start|>assistant\n<think>\n\n</think>\n\n{{ end }}" in modelfile_text("./m.gguf", ollama, None)
+    plain = translate(tiny_tokenizer)  # a template without such text: the prompt is the generation prompt
+    assert "<|im_start|>assistant\n{{ end }}" in plain.go_template

@@ -58,6 +58,14 @@ def test_templates_are_the_official_ones_byte_for_byte(family):
     assert zoo.chat_template(family) == vendored
 
 
+def test_the_qwen3_template_is_the_official_one_byte_for_byte():
+    spec = importlib.util.find_spec("trl")
+    vendored = Path(spec.origin).parent / "chat_templates" / "qwen3.jinja" if spec and spec.origin else None
+    if vendored is None or not vendored.is_file():
+        pytest.skip("no vendored copy installed to compare with")
+    assert (zoo.TEMPLATES / "qwen3.jinja").read_bytes() == vendored.read_bytes()
+
+
 @pytest.mark.parametrize("family", zoo.FAMILIES)
 def test_family_model_folder(family, family_dirs):
     from transformers import AutoConfig, GenerationConfig

@@ -33,14 +33,15 @@ class Family:
 
 
 # Ollama (Go text/template) renderings of each family. `@EOS@` stands for the tokenizer's eos text and
-# `@PREAMBLE@` for text a template writes at the head of every system turn (Llama 3.1's knowledge-date lines);
-# export/modelfile.py fills them in and keeps a variant only if it renders the probes exactly as the Jinja does.
+# `@PREAMBLE@` for text a template writes at the head of every system turn (Llama 3.1's knowledge-date lines),
+# `@OPENING@` for what it writes ahead of every answer (answer_lead); export/modelfile.py fills them in and keeps
+# a variant only if it renders the probes exactly as the Jinja does.
 _LAST = "{{- $last := eq (len (slice $.Messages $i)) 1 -}}"
 _CHATML_GO = ("{{- range $i, $_ := .Messages }}\n" + _LAST + """
 <|im_start|>{{ .Role }}
 {{ .Content }}<|im_end|>
 {{ if and $last (ne .Role "assistant") }}<|im_start|>assistant
-{{ end }}
+@OPENING@{{ end }}
 {{- end }}""")
 _LLAMA3_GO = ("{{- range $i, $_ := .Messages }}\n" + _LAST + """
 <|start_header_id|>{{ .Role }}<|end_header_id|>
@@ -48,7 +49,7 @@ _LLAMA3_GO = ("{{- range $i, $_ := .Messages }}\n" + _LAST + """
 {{ .Content }}<|eot_id|>
 {{- if and $last (ne .Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>
 
-{{ end }}
+@OPENING@{{ end }}
 {{- end }}""")
 # Llama 3.1-3.3: a system turn always comes first, opened by the knowledge-date preamble.
 _LLAMA31_GO = ("""{{- $sys := false }}
@@ -64,7 +65,7 @@ _LLAMA31_GO = ("""{{- $sys := false }}
 {{ if eq .Role "system" }}@PREAMBLE@{{ end }}{{ .Content }}<|eot_id|>
 {{- if and $last (ne .Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>
 
-{{ end }}
+@OPENING@{{ end }}
 {{- end }}""")
 _GEMMA_GO = """{{- $system := "" }}
 {{- range $i, $_ := .Messages }}
@@ -75,7 +76,7 @@ _GEMMA_GO = """{{- $system := "" }}
 
 {{ $system = "" }}{{ end }}{{ .Content }}<end_of_turn>
 {{ if $last }}<start_of_turn>model
-{{ end }}
+@OPENING@{{ end }}
 {{- else }}<start_of_turn>model
 {{ .Content }}<end_of_turn>
 {{ end }}
@@ -104,7 +105,7 @@ _PHI3_GO = ("{{- range $i, $_ := .Messages }}\n" + _LAST + """
 <|{{ .Role }}|>
 {{ .Content }}<|end|>
 {{ if and $last (ne .Role "assistant") }}<|assistant|>
-{{ end }}
+@OPENING@{{ end }}
 {{- end }}""")
 
 
@@ -252,10 +253,18 @@ def answer_opening(tokenizer: Any) -> str:
     """What the template writes, whitespace aside, between its generation prompt and the content of a final
     answer (Qwen3: an empty `<think>\n\n</think>` block), or "". Training teaches the model to write it, as the
     answer's first tokens; it is not part of the answer, so eval and serving take it off (`after_opening`)."""
-    return _remembered(tokenizer, _find_opening) if tokenizer.chat_template else ""
+    return answer_lead(tokenizer).strip()
 
 
-def _find_opening(tokenizer: Any) -> str:
+def answer_lead(tokenizer: Any) -> str:
+    """The same text with its whitespace, exactly as the template writes it ahead of an answer's content
+    ("<think>\n\n</think>\n\n"), or "" where that is whitespace or nothing. An Ollama Modelfile ends its prompt
+    with it, so that the model there answers straight away as it learnt to after writing it."""
+    lead = _remembered(tokenizer, _find_lead) if tokenizer.chat_template else ""
+    return lead if lead.strip() else ""
+
+
+def _find_lead(tokenizer: Any) -> str:
     question = PROBE[1]
     try:
         prompt = render(tokenizer, [question], True)
@@ -263,7 +272,7 @@ def _find_opening(tokenizer: Any) -> str:
     except Exception:  # noqa: BLE001 - a template that cannot render this has no opening to take off
         return ""
     at = full.find(_ANSWER, len(prompt))
-    return full[len(prompt):at].strip() if full.startswith(prompt) and at >= 0 else ""
+    return full[len(prompt):at] if full.startswith(prompt) and at >= 0 else ""
 
 
 def after_opening(text: str, opening: str) -> str | None:

@@ -7,6 +7,10 @@ with the Go template itself (export/gotemplate.py) and with the Jinja one, and k
 agrees on every probe, the way Ollama would prompt the model (its Modelfile SYSTEM inserted as the first
 message when a request has none). A template that matches nothing is refused with an error rather than
 approximated: a subtly wrong template silently degrades a fine-tuned model.
+
+A template that writes fixed text ahead of every answer (Qwen3's empty `<think>\n\n</think>\n\n`) taught the model
+to write it first; Ollama would show it as the start of each answer. The Modelfile's prompt ends with that text
+instead (families.answer_lead), so the model goes straight on to the answer, as `tunelab serve` and eval show it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 from tunelab.chat import without_default_bos
 from tunelab.errors import GoTemplateError, TemplateError
 from tunelab.export.gotemplate import render_go
-from tunelab.families import FAMILIES, Family, detect, end_of_turn
+from tunelab.families import FAMILIES, Family, answer_lead, detect, end_of_turn
 
 Message = dict[str, str]
 
@@ -58,13 +62,17 @@ def _between(rendered: str, target: str) -> str | None:
     return None
 
 
-def _candidates(family: Family, eos: str, first: str, jinja_first: str) -> list[tuple[str, str | None]]:
+def _filled(variant: str, eos: str, lead: str) -> str:
+    return variant.replace("@EOS@", eos).replace("@OPENING@", lead)
+
+
+def _candidates(family: Family, eos: str, lead: str, first: str, jinja_first: str) -> list[tuple[str, str | None]]:
     """(Go template, default system) pairs to check: each variant with its placeholders read off the Jinja
     rendering of a lone user message."""
     user = [{"role": "user", "content": first}]
     found = []
     for variant in family.go_templates:
-        template = variant.replace("@EOS@", eos)
+        template = _filled(variant, eos, lead)
         if "@PREAMBLE@" in template:
             preamble = _between(_go(template.replace("@PREAMBLE@", _SENTINEL), user), jinja_first)
             if preamble is None:
@@ -81,10 +89,15 @@ def _candidates(family: Family, eos: str, first: str, jinja_first: str) -> list[
 
 def translate(tokenizer: Any) -> OllamaTemplate:
     """The Ollama template equivalent to `tokenizer.chat_template`, or a TemplateError naming what is known."""
+    lead = answer_lead(tokenizer)
+    if "{{" in lead:
+        raise TemplateError(f"the chat template writes {lead!r} ahead of every answer, which cannot be written into an "
+                            "Ollama template; cannot write an Ollama Modelfile (pass --no-modelfile)")
+
     def render(messages: list[Message]) -> str:
         # When the tokenizer adds a bos by default, so does Ollama: the Go template must not write it again.
         return without_default_bos(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False,
-                                                                             add_generation_prompt=True))
+                                                                             add_generation_prompt=True)) + lead
 
     family = detect(tokenizer)
     known = ", ".join(FAMILIES)
@@ -104,7 +117,8 @@ def translate(tokenizer: Any) -> OllamaTemplate:
                                 "cannot write an Ollama Modelfile (pass --no-modelfile)") from None
     first = probes[0][0]["content"]
     closest = None  # the first difference seen, to show the user what did not match
-    for template, system in _candidates(family, tokenizer.eos_token or "", first, rendered[0]):
+    eos = tokenizer.eos_token or ""
+    for template, system in _candidates(family, eos, lead, first, rendered[0]):
         try:
             for messages, text in zip(probes, rendered):
                 go_text = _go(template, _with_system(messages, system))
@@ -116,7 +130,7 @@ def translate(tokenizer: Any) -> OllamaTemplate:
         except GoTemplateError:
             continue
     if closest is None:  # no variant even fits a lone user message: show the plainest one against it
-        plain = family.go_templates[0].replace("@EOS@", tokenizer.eos_token or "").replace("@PREAMBLE@", "")
+        plain = _filled(family.go_templates[0], eos, lead).replace("@PREAMBLE@", "")
         with contextlib.suppress(GoTemplateError):
             closest = _first_difference(rendered[0], _go(plain, list(probes[0])))
     shown = f" ({closest})" if closest else ""
