@@ -426,3 +426,34 @@ def test_the_vllm_command_says_when_vllm_would_not_stop_at_the_templates_end_of_
     generation["eos_token_id"] = tokenizer.convert_tokens_to_ids("<|end_of_text|>")
     (base / "generation_config.json").write_text(json.dumps(generation))
     assert tokenizer.eos_token_id != eot and _end_of_turn_vllm_misses(tokenizer, base) == ("<|eot_id|>", eot)
+
+
+def test_a_reasoning_run_is_scored_on_its_answers_and_served_with_its_reasoning_apart(tmp_path):
+    """Qwen3's template (byte for byte) and rows whose answers reason first, in its <think> block: eval scores the
+    answer after the block against the reference's answer after its block (before, the reasoning was scored with
+    it: a right answer reasoned in other words was no exact match), and the server returns the block as
+    `reasoning_content`, apart from `content`, streamed or not (before, all of it was the content)."""
+    from tests.conftest import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "model")
+    tokenizer = load_tokenizer(model)
+    tokenizer.chat_template = (Path(__file__).parent / "templates" / "qwen3.jinja").read_text(encoding="utf-8")
+    tokenizer.save_pretrained(model)
+    rows = [{"messages": [{"role": "user", "content": f"Extract the animal: on day {i} I saw a cat."},
+                          {"role": "assistant", "content": "<think>\nIt says cat.\n</think>\n\nanswer: cat"}]}
+            for i in range(56)]
+    cfg = run_config(model, tmp_path, train=str(write_jsonl(tmp_path / "reasoning.jsonl", rows[:48])),
+                     test=str(write_jsonl(tmp_path / "reasoning-test.jsonl", rows[48:])))
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"max_new_tokens": 30})})
+    run = pipeline.run_all(cfg).run
+    predictions = [json.loads(line) for line in (run.eval / "predictions.jsonl").read_text().splitlines()]
+    assert {(p["reference"], p["outputs"]["tuned"]) for p in predictions} == {("answer: cat", "answer: cat")}
+    with _served(run) as client:
+        question = [{"role": "user", "content": "Extract the animal: on day 99 I saw a cat."}]
+        reply = client.chat.completions.create(model="tuned", messages=question, max_tokens=30, temperature=0)
+        message = reply.choices[0].message
+        assert (message.content, message.model_extra.get("reasoning_content")) == ("answer: cat", "It says cat.")
+        chunks = [c.choices[0].delta for c in client.chat.completions.create(
+            model="tuned", messages=question, max_tokens=30, temperature=0, stream=True) if c.choices]
+        assert "".join(d.content or "" for d in chunks) == "answer: cat"
+        assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in chunks) == "It says cat."

@@ -286,6 +286,42 @@ def after_opening(text: str, opening: str) -> str | None:
     return None if opening.startswith(head) else text
 
 
+def reasoning_markers(tokenizer: Any) -> tuple[str, str] | None:
+    """(opening tag, closing tag) where what the template writes ahead of every answer is an empty reasoning block,
+    the two tags with only whitespace between (Qwen3's `<think>\n\n</think>`): a model trained on it may write its
+    reasoning there, which serving returns apart from the answer and eval does not score. None otherwise."""
+    tags = answer_opening(tokenizer).split()
+    if len(tags) == 2 and tags[0][:1] and tags[1] == tags[0][:1] + "/" + tags[0][1:]:
+        return tags[0], tags[1]
+    return None
+
+
+def split_reasoning(text: str, markers: tuple[str, str]) -> tuple[str | None, str, bool] | None:
+    """(reasoning, answer, closed) of an answer as generated: reasoning None where the text does not open with the
+    opening tag (all of it is the answer); closed False while the block is still being written (the answer is "",
+    the reasoning all of it so far). None while the text may still become the opening tag (a stream holds it)."""
+    opening, closing = markers
+    head = text.lstrip()
+    if not head.startswith(opening):
+        return None if opening.startswith(head) else (None, text, True)
+    rest = head[len(opening):]
+    if closing not in rest:
+        return rest.lstrip(), "", False
+    thought, answer = rest.split(closing, 1)
+    return thought.strip(), answer.lstrip(), True
+
+
+def answer_part(tokenizer: Any, text: str) -> str:
+    """What eval scores of an answer, as generated or as a reference: the text after a reasoning block (nothing, if
+    it was cut off inside one) or after the template's fixed opening; text cut off inside the opening as written."""
+    markers = reasoning_markers(tokenizer)
+    split = split_reasoning(text, markers) if markers else None
+    if split is not None:
+        return split[1]
+    shown = after_opening(text, answer_opening(tokenizer))
+    return text if shown is None else shown
+
+
 def single_token_id(tokenizer: Any, text: str) -> int | None:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids[0] if len(ids) == 1 else None

@@ -7,7 +7,8 @@ import copy
 
 import pytest
 
-from tunelab.families import after_opening, answer_opening, gap_before_end, stop_texts, stop_token_ids
+from tunelab.families import (after_opening, answer_opening, answer_part, gap_before_end, reasoning_markers,
+                              stop_texts, stop_token_ids)
 from tunelab.serve.engine import Engine, GenRequest
 from tunelab.serve.metrics import Metrics
 
@@ -22,10 +23,10 @@ def plain_tokenizer(tiny_tokenizer):
     return tokenizer
 
 
-def generate(tokenizer, text: str, stop: list[str] | None = None, then_eos: bool = False,
-             opening: str = "") -> tuple[list[str], str]:
+def generate(tokenizer, text: str, stop: list[str] | None = None, then_eos: bool = False, opening: str = "",
+             reasoning: tuple[str, str] | None = None, thoughts: list[str] | None = None) -> tuple[list[str], str]:
     """Feed `text`'s tokens one at a time through the engine's decoding step, as a model generating it would:
-    (the deltas emitted, the finish reason)."""
+    (the deltas emitted, the finish reason); the reasoning deltas go to `thoughts`."""
     engine = Engine.__new__(Engine)  # the decoding step needs no model
     engine.tokenizer, engine.metrics = tokenizer, Metrics()
     engine.stop_ids = set(stop_token_ids(tokenizer))
@@ -35,12 +36,14 @@ def generate(tokenizer, text: str, stop: list[str] | None = None, then_eos: bool
     def emit(kind, payload):
         if kind == "delta":
             deltas.append(payload)
+        elif kind == "reasoning":
+            thoughts.append(payload)
         elif kind == "done":
             done.append(payload["finish_reason"])
 
     request = GenRequest(model="base", prompt_ids=[1], max_tokens=100, emit=emit, stop=stop or [],
                          end_texts=stop_texts(tokenizer), end_gap=gap_before_end(tokenizer), tokenizer=tokenizer,
-                         opening=opening)
+                         opening=opening, reasoning=reasoning)
     tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
     for token in [*tokens, *([tokenizer.eos_token_id] if then_eos else [])]:
         engine._advance(request, token)
@@ -95,3 +98,31 @@ def test_what_the_template_writes_ahead_of_every_answer_is_not_sent(tiny_tokeniz
     assert "".join(deltas) == "<thin cat"
     assert after_opening("<think>\n\n</think>\n\nthe cat", opening) == "the cat"  # eval scores this
     assert after_opening("<think>\n", opening) is None and after_opening("  the cat", "") == "  the cat"
+
+
+def test_a_reasoning_block_goes_out_apart_from_the_answer_as_it_is_written(tiny_tokenizer):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = OPENS_WITH_THINK
+    markers = reasoning_markers(tokenizer)
+    assert markers == ("<think>", "</think>") and reasoning_markers(tiny_tokenizer) is None
+
+    def served(text: str) -> tuple[str, list[str], list[str], str]:
+        thoughts: list[str] = []
+        deltas, finish = generate(tokenizer, text, then_eos=True, opening=answer_opening(tokenizer),
+                                  reasoning=markers, thoughts=thoughts)
+        return "".join(thoughts), thoughts, deltas, finish
+
+    reasoning, thoughts, deltas, finish = served("<think>\nThe sentence names a cat.\n</think>\n\nthe cat")
+    assert (reasoning, "".join(deltas), finish) == ("The sentence names a cat.", "the cat", "stop")
+    assert len(thoughts) > 3  # sent while it was written, not at its end
+    assert not any("<" in piece or ">" in piece for piece in thoughts + deltas)  # no piece of a tag went out
+    _, thoughts, deltas, _ = served("<think>\n\n</think>\n\nthe cat")  # an empty block: no reasoning at all
+    assert (thoughts, "".join(deltas)) == ([], "the cat")
+    reasoning, _, deltas, finish = served("<think>\nStill thinking about")  # ended inside the block: no answer
+    assert (reasoning, deltas, finish) == ("Still thinking about", [], "stop")
+    _, thoughts, deltas, _ = served("the cat")  # no block: all of it is the answer
+    assert (thoughts, "".join(deltas)) == ([], "the cat")
+    # What eval scores, of an output or a reference: the answer after the block.
+    assert answer_part(tokenizer, "<think>\nIt is a cat.\n</think>\n\nthe cat") == "the cat"
+    assert answer_part(tokenizer, "<think>\nIt is a") == "" and answer_part(tokenizer, "the cat") == "the cat"
+    assert answer_part(tiny_tokenizer, "<think>\nx\n</think>\n\ncat") == "<think>\nx\n</think>\n\ncat"

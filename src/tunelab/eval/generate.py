@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from tunelab.families import after_opening, answer_opening, stop_texts, stop_token_ids
+from tunelab.families import answer_part, stop_texts, stop_token_ids
 from tunelab.progress import progress_bar
 
 
@@ -46,7 +46,6 @@ def generate_with_ends(
         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
     )
     cut_at = stop_texts(tokenizer)  # an end-of-turn marker that is not one token cannot stop generation
-    opening = answer_opening(tokenizer)  # what the template writes ahead of every answer (Qwen3's empty think)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[tuple[str, bool]] = [("", False)] * len(prompts)
     side = tokenizer.padding_side
@@ -66,9 +65,9 @@ def generate_with_ends(
                     for marker in cut_at:
                         ended = ended or marker in text
                         text = text.split(marker, 1)[0]
-                    shown = after_opening(text, opening)  # None: cut off inside the opening, kept as written
-                    answers[i] = ((text if shown is None else shown).strip(), ended)
+                    answers[i] = (answer_part(tokenizer, text).strip(), ended)
                 bar.advance(task, len(idx))
     finally:
         tokenizer.padding_side = side
     return answers
+

@@ -32,6 +32,7 @@ from tunelab.data.prepare import Dataset, load_dataset
 from tunelab.data.records import Record
 from tunelab.data.tokens import refused_by_template
 from tunelab.errors import ConfigError, DataError, RunFolderError
+from tunelab.families import answer_part
 from tunelab.eval.base_cache import cached_answers, embedding_fingerprint
 from tunelab.eval.gate import gate_rules
 from tunelab.eval.generate import generate_greedy, short_prompt_batch
@@ -184,7 +185,8 @@ def record_eval(cfg: RunConfig, run: RunPaths, metrics: dict[str, Any], rows: li
 def _run_suite(cfg: RunConfig, suite: SuiteConfig, records: list[Record], systems: list[System], models: Models,
                tokenizer: Any, shots: list[dict[str, str]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     conversations = [with_system_prompt(r.messages[:-1], cfg.data.system_prompt) for r in records]
-    references = [r.messages[-1]["content"] for r in records]
+    # Scored against the answer a reference gives, after any reasoning block its template would write before it.
+    references = [answer_part(tokenizer, r.messages[-1]["content"]) for r in records]
     scorers = {m: resolve_metric(m, suite.regex, suite.json_schema) for m in suite.metrics if m not in ("bleu", "eval_loss")}
     outputs: dict[str, list[str]] = {}
     scores: dict[str, dict[str, list[float]]] = {}

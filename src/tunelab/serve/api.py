@@ -24,7 +24,7 @@ from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
 from tunelab.errors import ModelError, ServeError, cut
-from tunelab.families import answer_opening, gap_before_end, stop_texts, stop_token_ids
+from tunelab.families import answer_opening, gap_before_end, reasoning_markers, stop_texts, stop_token_ids
 from tunelab.serve.adapters import BASE_NAME, adapter_tokenizer, check_name, check_same_base, resolve_adapter
 from tunelab.serve.bodies import AdapterBody, ChatBody, CompletionBody, Sampling
 from tunelab.serve.engine import Engine, GenRequest
@@ -225,7 +225,7 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
             temperature=0.0 if body.temperature < TEMPERATURE_FLOOR else body.temperature,
             top_p=body.top_p, stop=stops, seed=body.seed, deadline=deadline,
             stop_ids=frozenset(stop_token_ids(tokenizer)), tokenizer=tokenizer, end_texts=end_texts, end_gap=end_gap,
-            opening=opening,
+            opening=opening, reasoning=reasoning_markers(tokenizer) if chat else None,
             # Fair admission across peer addresses, then across the end users (OpenAI's `user`) behind each.
             client=(request.client.host if request.client else "", body.user or ""),
             emit=lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload)),
@@ -258,7 +258,7 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
                     "total_tokens": len(prompt_ids) + completion_tokens}
 
         if not body.stream:
-            parts = []
+            parts, thoughts = [], []
             try:
                 while True:
                     event = await next_event()
@@ -267,6 +267,8 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
                     kind, payload = event
                     if kind == "delta":
                         parts.append(payload)
+                    elif kind == "reasoning":
+                        thoughts.append(payload)
                     elif kind == "error":
                         raise payload
                     else:
@@ -277,6 +279,8 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
             text = "".join(parts)
             choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
                                       else {"index": 0, "text": text, "logprobs": None})
+            if thoughts:  # a reasoning model's block, apart from the answer (vLLM's and DeepSeek's field)
+                choice["message"]["reasoning_content"] = "".join(thoughts)
             choice["finish_reason"] = payload["finish_reason"]
             return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
                     "model": body.model, "choices": [choice], "usage": usage(payload["completion_tokens"])}
@@ -287,10 +291,10 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
             with_usage = bool(body.stream_options and body.stream_options.include_usage)
             ended = False
 
-            def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
+            def chunk(delta: str | None, finish: str | None, first: bool = False, field: str = "content") -> str:
                 if chat:
                     d: dict[str, Any] = {"role": "assistant", "content": ""} if first else (
-                        {"content": delta} if delta is not None else {})
+                        {field: delta} if delta is not None else {})
                     choice = {"index": 0, "delta": d, "finish_reason": finish}
                 else:
                     choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
@@ -310,6 +314,8 @@ def create_app(engine: Engine, settings: ServerSettings, tokenizers: dict[str, A
                     kind, payload = event
                     if kind == "delta":
                         yield chunk(payload, None)
+                    elif kind == "reasoning":
+                        yield chunk(payload, None, field="reasoning_content")
                     elif kind == "error":
                         ended = True
                         error = {"error": {"message": str(payload), "type": "server_error", "code": payload.code}}

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunelab.errors import ServeError, cut
-from tunelab.families import after_opening
+from tunelab.families import after_opening, split_reasoning
 from tunelab.serve.adapters import BASE_NAME, AdapterSpec
 from tunelab.serve.metrics import Metrics
 
@@ -30,7 +30,8 @@ BATCHING = ("continuous", "static")
 @dataclass
 class GenRequest:
     """One completion to produce. `emit(kind, payload)` is called from the worker thread: kind is "delta"
-    (new text), "done" (finish reason) or "error" (a ServeError)."""
+    (new text of the answer), "reasoning" (new text of its reasoning block), "done" (finish reason) or "error" (a
+    ServeError)."""
 
     model: str
     prompt_ids: list[int]
@@ -43,6 +44,7 @@ class GenRequest:
     end_texts: list[str] = field(default_factory=list)  # its template's end-of-turn text, where not a single token
     end_gap: str = ""  # whitespace its template writes before the end of a turn: dropped from a finished answer
     opening: str = ""  # what its template writes ahead of every answer (families.answer_opening): not sent
+    reasoning: tuple[str, str] | None = None  # where that is an empty reasoning block: its tags (reasoning_markers)
     tokenizer: Any = None  # the request's own tokenizer (an adapter may have added tokens), else the base's
     seed: int | None = None
     deadline: float = float("inf")
@@ -52,6 +54,7 @@ class GenRequest:
     # Filled in while decoding.
     tokens: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the answer already emitted
+    reasoning_sent: int = 0  # ... and of its reasoning
     finish_reason: str | None = None
 
 
@@ -257,7 +260,12 @@ class Engine:
             text, finish = text[:cut], "stop"
         if turn_ended and r.end_gap:
             text = text.rstrip(r.end_gap)
-        if r.opening:
+        if r.reasoning:
+            answer = _past_reasoning(r, text, finish)
+            if answer is None:
+                return  # it may still be the opening tag: nothing sent yet
+            text = answer
+        elif r.opening:
             shown = after_opening(text, r.opening)
             if shown is None and finish is None:
                 return  # it may still be the opening: nothing of the answer yet
@@ -282,6 +290,23 @@ def _fail(r: GenRequest, err: Exception) -> None:
             r.emit("error", ServeError(f"generation failed for this request: {err}", 500, "internal_error"))
         except RuntimeError:  # its event loop is gone
             pass
+
+
+def _past_reasoning(r: GenRequest, text: str, finish: str | None) -> str | None:
+    """The answer part of `text`, after emitting what is certain of the reasoning block before it; None while the
+    text may still become the block's opening tag."""
+    split = split_reasoning(text, r.reasoning)
+    if split is None:
+        return None if finish is None else text  # finished inside the opening tag: kept as written
+    thought, answer, closed = split
+    if thought is not None:
+        # While the block is open, hold back what may be the start of its closing tag and trailing whitespace (a
+        # closed block's reasoning is stripped).
+        ready = thought if closed or finish else thought[:_certain_length(thought, [r.reasoning[1]], "")].rstrip()
+        if len(ready) > r.reasoning_sent:
+            r.emit("reasoning", ready[r.reasoning_sent:])
+            r.reasoning_sent = len(ready)
+    return answer
 
 
 def _certain_length(text: str, stops: list[str], gap: str) -> int:
