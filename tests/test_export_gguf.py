@@ -15,7 +15,7 @@ from tunelab import pipeline
 from tunelab.errors import ExportError, TemplateError
 from tunelab.export import gguf_check
 from tunelab.export.gotemplate import render_go
-from tunelab.export.modelfile import modelfile_text, translate
+from tunelab.export.modelfile import modelfile_text, reasoned_in_training, translate
 
 needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                      reason="llama-cpp-python is not installed")
@@ -193,3 +193,11 @@ def test_a_modelfile_prompt_ends_with_what_the_template_writes_ahead_of_every_an
     assert "<|im_start|>assistant\n<think>\n\n</think>\n\n{{ end }}" in modelfile_text("./m.gguf", ollama, None)
     plain = translate(tiny_tokenizer)  # a template without such text: the prompt is the generation prompt
     assert "<|im_start|>assistant\n{{ end }}" in plain.go_template
+    # A run whose answers reasoned inside the block: the prompt leaves the block to the model.
+    assert reasoned_in_training(tokenizer, ["cat", "<think>\nIt is a cat.\n</think>\n\ncat"])
+    assert not reasoned_in_training(tokenizer, ["cat", "<think>\n\n</think>\n\ncat"])
+    assert not reasoned_in_training(tiny_tokenizer, ["<think>\nIt is a cat.\n</think>\n\ncat"])
+    unfilled = translate(tokenizer, prefill_opening=False)
+    conversation = [{"role": "user", "content": "Animal?"}]
+    assert render_go(unfilled.go_template, {"Messages": [{"Role": "user", "Content": "Animal?"}]}) == (
+        tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))

@@ -457,3 +457,10 @@ def test_a_reasoning_run_is_scored_on_its_answers_and_served_with_its_reasoning_
             model="tuned", messages=question, max_tokens=30, temperature=0, stream=True) if c.choices]
         assert "".join(d.content or "" for d in chunks) == "answer: cat"
         assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in chunks) == "It says cat."
+    if importlib.util.find_spec("llama_cpp") is not None:
+        from tunelab.export.gguf import export_gguf
+
+        # Its Modelfile leaves the block to the model: an empty one in the prompt would keep it from reasoning.
+        result = export_gguf(cfg, run, "f16", run.root / "export" / "gguf-f16")
+        assert result.verification["passed"]
+        assert "<|im_start|>assistant\n{{ end }}" in (result.folder / "Modelfile").read_text()

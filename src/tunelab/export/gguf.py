@@ -36,7 +36,8 @@ from tunelab.config import RunConfig
 from tunelab.errors import ExportError
 from tunelab.export import gguf_check, llamacpp
 from tunelab.export.merge import merge_run, probe_prompts
-from tunelab.export.modelfile import modelfile_text, translate
+from tunelab.data.prepare import load_dataset
+from tunelab.export.modelfile import modelfile_text, reasoned_in_training, translate
 from tunelab.models import cache_root, load_tokenizer, resolve_model
 from tunelab.progress import console
 
@@ -96,13 +97,24 @@ def _as_llama_cpp_scales_it(adapter: Path, work: Path) -> Path:
     return copy
 
 
+def _trained_answers(run: RunPaths) -> Any:
+    """The answers the run trained on (a preference row's chosen one, a KTO row's completion)."""
+    for record in load_dataset(run.data).train:
+        if record.kind == "chat":
+            yield from (m["content"] for m in record.messages if m["role"] == "assistant")
+        else:
+            yield record.chosen or record.completion or ""
+
+
 def export_gguf(cfg: RunConfig, run: RunPaths, quant: str, out: Path, adapter_only: bool = False,
                 write_modelfile: bool = True) -> GgufResult:
     started = time.perf_counter()
     check_request(cfg, run, quant, adapter_only)
     trained = run.trained_for(cfg.method.type)
     tokenizer = load_tokenizer(trained)
-    template = translate(tokenizer) if write_modelfile else None  # refuse an untranslatable template up front
+    # Refuse an untranslatable template up front.
+    reasoned = write_modelfile and reasoned_in_training(tokenizer, _trained_answers(run))
+    template = translate(tokenizer, prefill_opening=not reasoned) if write_modelfile else None
     cache = cache_root(cfg.model)
     probes = probe_prompts(cfg, run, tokenizer)
     prompts = [text for text, _ in probes]

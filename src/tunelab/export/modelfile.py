@@ -11,6 +11,8 @@ approximated: a subtly wrong template silently degrades a fine-tuned model.
 A template that writes fixed text ahead of every answer (Qwen3's empty `<think>\n\n</think>\n\n`) taught the model
 to write it first; Ollama would show it as the start of each answer. The Modelfile's prompt ends with that text
 instead (families.answer_lead), so the model goes straight on to the answer, as `tunelab serve` and eval show it.
+Not where the run's answers reasoned inside that block (`reasoned_in_training`): an empty block in the prompt would
+keep the model from reasoning, so it writes its block, and Ollama shows it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 from tunelab.chat import without_default_bos
 from tunelab.errors import GoTemplateError, TemplateError
 from tunelab.export.gotemplate import render_go
-from tunelab.families import FAMILIES, Family, answer_lead, detect, end_of_turn
+from tunelab.families import FAMILIES, Family, answer_lead, detect, end_of_turn, reasoning_markers, split_reasoning
 
 Message = dict[str, str]
 
@@ -87,9 +89,18 @@ def _candidates(family: Family, eos: str, lead: str, first: str, jinja_first: st
     return found
 
 
-def translate(tokenizer: Any) -> OllamaTemplate:
-    """The Ollama template equivalent to `tokenizer.chat_template`, or a TemplateError naming what is known."""
-    lead = answer_lead(tokenizer)
+def reasoned_in_training(tokenizer: Any, answers: Any) -> bool:
+    """Whether any of the run's trained answers reasons inside the block its template opens every answer with."""
+    markers = reasoning_markers(tokenizer)
+    if markers is None:
+        return False
+    return any((split := split_reasoning(answer or "", markers)) is not None and split[0] for answer in answers)
+
+
+def translate(tokenizer: Any, prefill_opening: bool = True) -> OllamaTemplate:
+    """The Ollama template equivalent to `tokenizer.chat_template`, or a TemplateError naming what is known; with
+    `prefill_opening`, its prompt ends with what the template writes ahead of every answer."""
+    lead = answer_lead(tokenizer) if prefill_opening else ""
     if "{{" in lead:
         raise TemplateError(f"the chat template writes {lead!r} ahead of every answer, which cannot be written into an "
                             "Ollama template; cannot write an Ollama Modelfile (pass --no-modelfile)")
