@@ -291,7 +291,7 @@ def reasoning_markers(tokenizer: Any) -> tuple[str, str] | None:
     the two tags with only whitespace between (Qwen3's `<think>\n\n</think>`): a model trained on it may write its
     reasoning there, which serving returns apart from the answer and eval does not score. None otherwise."""
     tags = answer_opening(tokenizer).split()
-    if len(tags) == 2 and tags[0][:1] and tags[1] == tags[0][:1] + "/" + tags[0][1:]:
+    if len(tags) == 2 and tags[1] == tags[0][:1] + "/" + tags[0][1:]:
         return tags[0], tags[1]
     return None
 

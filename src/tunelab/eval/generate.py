@@ -70,4 +70,3 @@ def generate_with_ends(
     finally:
         tokenizer.padding_side = side
     return answers
-

@@ -32,7 +32,6 @@ from tunelab.data.prepare import Dataset, load_dataset
 from tunelab.data.records import Record
 from tunelab.data.tokens import refused_by_template
 from tunelab.errors import ConfigError, DataError, RunFolderError
-from tunelab.families import answer_part
 from tunelab.eval.base_cache import cached_answers, embedding_fingerprint
 from tunelab.eval.gate import gate_rules
 from tunelab.eval.generate import generate_greedy, short_prompt_batch
@@ -43,6 +42,7 @@ from tunelab.eval.probes import CATEGORIES, PROBES
 from tunelab.eval.report import render_markdown
 from tunelab.eval.result import EvalResult, gate_rows
 from tunelab.eval.systems import Models, System, as_chat, build_systems, few_shot_examples, fit_shots
+from tunelab.families import answer_part
 from tunelab.families import stop_texts, stop_token_ids
 from tunelab.losses import mean_token_loss, perplexity
 from tunelab.models import Precision, base_identity, cache_root, device_name, pick_device, resolve_model

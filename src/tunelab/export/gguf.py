@@ -33,10 +33,10 @@ from tunelab.artifacts import (
     write_text_atomic,
 )
 from tunelab.config import RunConfig
+from tunelab.data.prepare import load_dataset
 from tunelab.errors import ExportError
 from tunelab.export import gguf_check, llamacpp
 from tunelab.export.merge import merge_run, probe_prompts
-from tunelab.data.prepare import load_dataset
 from tunelab.export.modelfile import modelfile_text, reasoned_in_training, translate
 from tunelab.models import cache_root, load_tokenizer, resolve_model
 from tunelab.progress import console
@@ -112,8 +112,8 @@ def export_gguf(cfg: RunConfig, run: RunPaths, quant: str, out: Path, adapter_on
     check_request(cfg, run, quant, adapter_only)
     trained = run.trained_for(cfg.method.type)
     tokenizer = load_tokenizer(trained)
-    # Refuse an untranslatable template up front.
     reasoned = write_modelfile and reasoned_in_training(tokenizer, _trained_answers(run))
+    # An untranslatable template is refused up front.
     template = translate(tokenizer, prefill_opening=not reasoned) if write_modelfile else None
     cache = cache_root(cfg.model)
     probes = probe_prompts(cfg, run, tokenizer)
