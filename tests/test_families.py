@@ -457,6 +457,14 @@ def test_a_reasoning_run_is_scored_on_its_answers_and_served_with_its_reasoning_
             model="tuned", messages=question, max_tokens=30, temperature=0, stream=True) if c.choices]
         assert "".join(d.content or "" for d in chunks) == "answer: cat"
         assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in chunks) == "It says cat."
+    # As a base model, its replay answers (data.replay: self) keep the reasoning: training on them keeps how it
+    # answers, where eval's answer part would teach it to stop reasoning.
+    from tunelab.data.replay import _generate
+    from tunelab.export.merge import merge_run
+
+    merged = merge_run(cfg, run, run.root / "export" / "merged").folder
+    replayed = _generate(cfg, merged, load_tokenizer(merged), [question])
+    assert replayed == ["<think>\nIt says cat.\n</think>\n\nanswer: cat"]
     if importlib.util.find_spec("llama_cpp") is not None:
         from tunelab.export.gguf import export_gguf
 

@@ -311,10 +311,12 @@ def split_reasoning(text: str, markers: tuple[str, str]) -> tuple[str | None, st
     return thought.strip(), answer.lstrip(), True
 
 
-def answer_part(tokenizer: Any, text: str) -> str:
+def answer_part(tokenizer: Any, text: str, keep_reasoning: bool = False) -> str:
     """What eval scores of an answer, as generated or as a reference: the text after a reasoning block (nothing, if
-    it was cut off inside one) or after the template's fixed opening; text cut off inside the opening as written."""
-    markers = reasoning_markers(tokenizer)
+    it was cut off inside one) or after the template's fixed opening; text cut off inside the opening as written.
+    `keep_reasoning`: only the fixed (empty) opening is taken off, a block with reasoning in it is kept (replay rows
+    train the model to answer as the base did, reasoning included)."""
+    markers = None if keep_reasoning else reasoning_markers(tokenizer)
     split = split_reasoning(text, markers) if markers else None
     if split is not None:
         return split[1]

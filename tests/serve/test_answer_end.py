@@ -126,3 +126,7 @@ def test_a_reasoning_block_goes_out_apart_from_the_answer_as_it_is_written(tiny_
     assert answer_part(tokenizer, "<think>\nIt is a cat.\n</think>\n\nthe cat") == "the cat"
     assert answer_part(tokenizer, "<think>\nIt is a") == "" and answer_part(tokenizer, "the cat") == "the cat"
     assert answer_part(tiny_tokenizer, "<think>\nx\n</think>\n\ncat") == "<think>\nx\n</think>\n\ncat"
+    # Replay keeps a block with reasoning in it, and takes off only the empty one.
+    assert answer_part(tokenizer, "<think>\nIt is a cat.\n</think>\n\nthe cat", keep_reasoning=True) == (
+        "<think>\nIt is a cat.\n</think>\n\nthe cat")
+    assert answer_part(tokenizer, "<think>\n\n</think>\n\nthe cat", keep_reasoning=True) == "the cat"

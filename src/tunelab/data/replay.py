@@ -128,5 +128,7 @@ def _generate(cfg: RunConfig, folder: Path, tokenizer: Any, conversations: list[
     prompts = [render_prompt(tokenizer, c) for c in conversations]
     new_tokens = cfg.data.replay.max_new_tokens
     batch = short_prompt_batch(cfg.eval.batch_size, cfg.data.max_length, tokenizer, prompts, new_tokens)
-    answers = generate_with_ends(model, tokenizer, prompts, new_tokens, batch, label="replay: base answers")
+    # The base's answers as it gives them, reasoning included: training on them keeps how it answers.
+    answers = generate_with_ends(model, tokenizer, prompts, new_tokens, batch, label="replay: base answers",
+                                 keep_reasoning=True)
     return [text if ended and text else None for text, ended in answers]

@@ -34,9 +34,10 @@ def short_prompt_batch(batch_size: int, max_length: int, tokenizer: Any, prompts
 @torch.no_grad()
 def generate_with_ends(
     model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int, label: str = "generate",
-    show_progress: bool = True,
+    show_progress: bool = True, keep_reasoning: bool = False,
 ) -> list[tuple[str, bool]]:
-    """(greedy answer, whether it ended at an end-of-turn within the budget) for each rendered prompt."""
+    """(greedy answer, whether it ended at an end-of-turn within the budget) for each rendered prompt; the answer
+    after any reasoning block, unless `keep_reasoning` (families.answer_part)."""
     from transformers import GenerationConfig
 
     model.eval()
@@ -65,7 +66,7 @@ def generate_with_ends(
                     for marker in cut_at:
                         ended = ended or marker in text
                         text = text.split(marker, 1)[0]
-                    answers[i] = (answer_part(tokenizer, text).strip(), ended)
+                    answers[i] = (answer_part(tokenizer, text, keep_reasoning).strip(), ended)
                 bar.advance(task, len(idx))
     finally:
         tokenizer.padding_side = side
